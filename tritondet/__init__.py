@@ -1,0 +1,6 @@
+"""tritondet: Triton GPU kernels for two-stage object detection, drop-in for torchvision.ops."""
+
+from . import ops
+
+__version__ = "0.1.0"
+__all__ = ["ops"]

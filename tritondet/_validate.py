@@ -1,0 +1,41 @@
+"""Argument checks shared by every public op: clear errors that name the argument."""
+
+from __future__ import annotations
+
+import torch
+
+
+def check_tensor(name: str, value, *, min_dim: int = 0, last_dim: int | None = None) -> torch.Tensor:
+    """Raise ``TypeError``/``ValueError`` unless ``value`` is a real-valued tensor of the given rank."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.dtype == torch.bool or value.is_complex():
+        raise TypeError(f"{name} must hold real numbers, got dtype {value.dtype}")
+    if value.dim() < min_dim:
+        raise ValueError(f"{name} must have at least {min_dim} dimensions, got shape {tuple(value.shape)}")
+    if last_dim is not None and (value.dim() == 0 or value.shape[-1] != last_dim):
+        raise ValueError(f"{name} must have shape [..., {last_dim}], got shape {tuple(value.shape)}")
+    return value
+
+
+def check_floating(name: str, value: torch.Tensor) -> torch.Tensor:
+    if not value.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
+    return value
+
+
+def check_same_device(**tensors: torch.Tensor) -> torch.device:
+    """The common device of ``tensors``; ``ValueError`` naming both arguments when they differ."""
+    names = list(tensors)
+    first = names[0]
+    for name in names[1:]:
+        if tensors[name].device != tensors[first].device:
+            raise ValueError(
+                f"{first} and {name} must be on the same device, got {tensors[first].device} and {tensors[name].device}"
+            )
+    return tensors[first].device
+
+
+def check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
