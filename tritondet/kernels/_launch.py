@@ -59,12 +59,17 @@ def _check_declared(kernel, args, meta) -> None:
         raise AssertionError(f"launched specialization is not declared in any AOT_SPECS: {key}")
 
 
+def launch_total() -> int:
+    """Kernel launches made by this process so far."""
+    return _launches
+
+
 class LaunchCount:
     """The number of Triton kernel launches made inside a :func:`count_launches` block."""
 
     def __init__(self) -> None:
         self.start = _launches
-        self.stop: int | None = None
+        self.stop: int | None = None  # set when the block ends
 
     @property
     def launches(self) -> int:

@@ -1,0 +1,45 @@
+"""The sync detector and the counters the no-sync tests and benchmarks rely on can fail."""
+
+import pytest
+import torch
+import torchvision
+
+from tests.boxes import random_boxes
+from tritondet import ops
+from tritondet.dispatch_audit import DispatchCounter, HostSyncError, NoHostSync
+
+
+@pytest.mark.parametrize(
+    "syncing",
+    [
+        lambda x: x.nonzero(),
+        lambda x: x[x > 0],
+        lambda x: x.masked_select(x > 0),
+        lambda x: x.sum().item(),
+        lambda x: torch.unique(x),
+        lambda x: torch.repeat_interleave(torch.tensor([1, 2])),
+        lambda x: bool(x.sum() > 0),
+        lambda x: torchvision.ops.nms(random_boxes(4), torch.rand(4), 0.5),
+    ],
+)
+def test_no_host_sync_catches_syncing_ops(syncing):
+    with pytest.raises(HostSyncError), NoHostSync():
+        syncing(torch.randn(8))
+
+
+def test_no_host_sync_allows_fixed_size_work():
+    x = torch.randn(8)
+    with NoHostSync() as mode:
+        torch.repeat_interleave(torch.tensor([1, 2]), torch.tensor([2, 1]), output_size=3)
+        x.topk(3).values.sort()
+        torch.where(x > 0, x, 0)
+    assert mode.syncs == 0 and mode.aten_ops > 0
+
+
+def test_counter_sees_inside_tritondet_custom_ops(backend):
+    boxes = random_boxes(9)
+    with DispatchCounter() as counter:
+        ops.box_iou(boxes, boxes)
+    assert counter.aten_ops > 1  # the ops inside tritondet::pairwise_box_iou, not just the op itself
+    assert counter.syncs == 0
+    assert counter.launches == (1 if backend == "triton" else 0)
