@@ -50,7 +50,6 @@ from PIL import Image, ImageDraw
 from pycocotools import mask as coco_mask
 from pycocotools.coco import COCO
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler
-from torchvision.io import ImageReadMode, decode_image
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -148,10 +147,11 @@ class _DetectionDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict]:
         sample = self._samples[index]
         try:
-            image = decode_image(str(sample.path), mode=ImageReadMode.RGB)
-        except (RuntimeError, OSError) as error:
+            with Image.open(sample.path) as file:
+                pixels = np.array(file.convert("RGB"))
+        except OSError as error:
             raise ValueError(f"cannot read image {sample.path} (image id {sample.image_id}): {error}") from error
-        image = image.float().div_(255.0)
+        image = torch.from_numpy(pixels).permute(2, 0, 1).float().div_(255.0)
         height, width = image.shape[-2:]
         boxes = torch.from_numpy(sample.boxes).reshape(-1, 4).clone()
         boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
@@ -434,8 +434,9 @@ class DetectionTransform:
     then, when ``train``, flips horizontally with probability ``flip_prob``. Normalization (mean/std)
     is not done here: the model does it (see the module docstring).
 
-    The flip draws from ``generator`` when given, else from torch's global generator, which
-    :func:`make_data_loader` seeds per worker, so a seeded loader flips reproducibly.
+    The flip draws from ``generator`` when given, else from torch's global generator: in
+    :func:`make_data_loader`'s worker processes that one is seeded from the loader's ``seed``; with
+    ``num_workers=0`` it is the main process's (seed it with ``torch.manual_seed`` for a reproducible run).
     """
 
     min_size: int = 600  # the paper's shorter side (Fast R-CNN, Faster R-CNN Section 3.3)
@@ -486,7 +487,8 @@ def make_data_loader(
     changes. Note that it pads the last round with repeated images so every rank gets the same count:
     deduplicate by ``image_id`` when gathering evaluation results. Otherwise a seeded ``RandomSampler``
     (``shuffle``) or a ``SequentialSampler``. The loader's generator, seeded with ``seed``, also
-    seeds each worker's torch generator (and so :class:`DetectionTransform`'s flips).
+    seeds each worker process's torch generator (and so :class:`DetectionTransform`'s flips); with
+    ``num_workers=0`` the transforms draw from the main process's generator instead.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
