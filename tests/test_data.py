@@ -58,6 +58,14 @@ def test_synthetic_set_is_byte_identical_for_a_seed(tmp_path, tiny_set):
     assert first == second
 
 
+def test_worker_processes_draw_the_same_bytes(tmp_path):
+    config = SyntheticConfig(image_size=24, num_train=data._MIN_IMAGES_PER_POOL, num_val=0)
+    for workers in (0, 2):
+        data.generate_synthetic_split(config, "train", tmp_path / f"{workers}", tmp_path / f"{workers}.json", workers)
+    assert folder_bytes(tmp_path / "0") == folder_bytes(tmp_path / "2")
+    assert (tmp_path / "0.json").read_bytes() == (tmp_path / "2.json").read_bytes()
+
+
 def test_another_seed_gives_other_images(tmp_path, tiny_set):
     other = ensure_synthetic_dataset(tmp_path, seed=1, **TINY)
     assert other.root != tiny_set.root

@@ -31,10 +31,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import io
 import json
 import math
+import multiprocessing
 import os
 import shutil
 import warnings
@@ -447,7 +449,9 @@ class DetectionTransform:
 
     def __call__(self, image: torch.Tensor, target: dict) -> tuple[torch.Tensor, dict]:
         target = dict(target)
-        image, target["boxes"] = resize_image_and_boxes(image, target.get("boxes"), self.min_size, self.max_size)
+        image, boxes = resize_image_and_boxes(image, target.get("boxes"), self.min_size, self.max_size)
+        if boxes is not None:
+            target["boxes"] = boxes
         if self.train and torch.rand((), generator=self.generator).item() < self.flip_prob:
             image = image.flip(-1)
             boxes = target.get("boxes")
@@ -597,7 +601,10 @@ def _paths(folder: Path, config: SyntheticConfig) -> SyntheticPaths:
 
 
 def ensure_synthetic_dataset(
-    root: str | os.PathLike | None = None, config: SyntheticConfig | None = None, **overrides
+    root: str | os.PathLike | None = None,
+    config: SyntheticConfig | None = None,
+    workers: int | None = None,
+    **overrides,
 ) -> SyntheticPaths:
     """Generate the synthetic data set under ``root`` unless it is already there; return its paths.
 
@@ -606,6 +613,8 @@ def ensure_synthetic_dataset(
     ``root/synthetic-v<version>-<hash of the recipe>``, so a changed recipe or version regenerates
     into a new folder. Generation writes to a temporary folder renamed into place at the end: an
     interrupted run leaves no half data set, and processes racing (e.g. ranks of one job) are safe.
+    ``workers`` processes draw the images (default: the CPU count, at most 8); the bytes do not
+    depend on it.
     """
     config = dataclasses.replace(config or SyntheticConfig(), **overrides)
     root = Path(root) if root is not None else default_cache_dir()
@@ -618,8 +627,8 @@ def ensure_synthetic_dataset(
     shutil.rmtree(staging, ignore_errors=True)
     paths = _paths(staging, config)
     paths.train_annotations.parent.mkdir(parents=True)
-    generate_synthetic_split(config, "train", paths.train_images, paths.train_annotations)
-    generate_synthetic_split(config, "val", paths.val_images, paths.val_annotations)
+    generate_synthetic_split(config, "train", paths.train_images, paths.train_annotations, workers)
+    generate_synthetic_split(config, "val", paths.val_images, paths.val_annotations, workers)
     (staging / "stamp.json").write_text(json.dumps(config.stamp(), sort_keys=True, indent=1) + "\n")
     if folder.exists() and not stamp_file.is_file():
         shutil.rmtree(folder)  # a folder without a stamp is not ours to keep (e.g. copied by hand, incomplete)
@@ -633,42 +642,36 @@ def ensure_synthetic_dataset(
 
 
 _SPLIT_CODES = {"train": 0, "val": 1}  # part of every image's seed, so the splits never share an image
+# PNG compression level 1: 3x faster to write than the default 6 for files ~35% larger (~45 KB at 256 px).
+_PNG_COMPRESS_LEVEL = 1
+# Below this many images a process pool costs more than it saves.
+_MIN_IMAGES_PER_POOL = 64
 
 
-def generate_synthetic_split(config: SyntheticConfig, split: str, image_dir: Path, annotation_file: Path) -> None:
+def generate_synthetic_split(
+    config: SyntheticConfig, split: str, image_dir: Path, annotation_file: Path, workers: int | None = None
+) -> None:
     """Draw the ``split`` ("train" or "val") images into ``image_dir`` as PNGs and write the COCO JSON.
 
     Image i is drawn from ``numpy.random.default_rng([seed, split code, i])`` alone, so images are
-    independent of each other and of the split sizes; the bytes depend only on the recipe.
+    independent of each other, of the split sizes and of the number of ``workers`` processes.
     """
     if split not in _SPLIT_CODES:
         raise ValueError(f"split must be one of {tuple(_SPLIT_CODES)}, got {split!r}")
     count = config.num_train if split == "train" else config.num_val
     image_dir.mkdir(parents=True, exist_ok=True)
+    workers = min(os.cpu_count() or 1, 8) if workers is None else workers
+    draw = functools.partial(_write_synthetic_image, config, _SPLIT_CODES[split], image_dir)
+    if workers > 1 and count >= _MIN_IMAGES_PER_POOL:
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            drawn = pool.map(draw, range(count), chunksize=16)
+    else:
+        drawn = [draw(index) for index in range(count)]
     images, annotations = [], []
-    for index in range(count):
-        rng = np.random.default_rng([config.seed, _SPLIT_CODES[split], index])
-        pixels, objects = _draw_image(rng, config)
-        file_name = f"{index:06d}.png"
-        Image.fromarray(pixels).save(image_dir / file_name, format="PNG")
-        image_id = index + 1
-        height, width = pixels.shape[:2]
-        images.append({"id": image_id, "file_name": file_name, "width": width, "height": height})
-        for category, visible in objects:
-            rows, cols = np.nonzero(visible.any(axis=1))[0], np.nonzero(visible.any(axis=0))[0]
-            x1, y1, x2, y2 = int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
-            rle = coco_mask.encode(np.asfortranarray(visible.astype(np.uint8)))
-            annotations.append(
-                {
-                    "id": len(annotations) + 1,
-                    "image_id": image_id,
-                    "category_id": category + 1,
-                    "bbox": [float(x1), float(y1), float(x2 - x1), float(y2 - y1)],
-                    "area": float(visible.sum()),
-                    "iscrowd": 0,
-                    "segmentation": {"size": list(rle["size"]), "counts": rle["counts"].decode("ascii")},
-                }
-            )
+    for image, objects in drawn:
+        images.append(image)
+        for ann in objects:
+            annotations.append({"id": len(annotations) + 1, "image_id": image["id"], **ann})
     coco = {
         "info": {"description": "tritondet synthetic shapes", "split": split, **config.stamp()},
         "licenses": [],
@@ -679,6 +682,30 @@ def generate_synthetic_split(config: SyntheticConfig, split: str, image_dir: Pat
         ],
     }
     annotation_file.write_text(json.dumps(coco, separators=(",", ":")))
+
+
+def _write_synthetic_image(config: SyntheticConfig, split_code: int, image_dir: Path, index: int):
+    """Draw and save image ``index``; return its COCO image record and annotations (without ids)."""
+    pixels, objects = _draw_image(np.random.default_rng([config.seed, split_code, index]), config)
+    file_name = f"{index:06d}.png"
+    Image.fromarray(pixels).save(image_dir / file_name, format="PNG", compress_level=_PNG_COMPRESS_LEVEL)
+    height, width = pixels.shape[:2]
+    image = {"id": index + 1, "file_name": file_name, "width": width, "height": height}
+    annotations = []
+    for category, visible in objects:
+        rows, cols = np.nonzero(visible.any(axis=1))[0], np.nonzero(visible.any(axis=0))[0]
+        x1, y1, x2, y2 = int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
+        rle = coco_mask.encode(np.asfortranarray(visible.astype(np.uint8)))
+        annotations.append(
+            {
+                "category_id": category + 1,
+                "bbox": [float(x1), float(y1), float(x2 - x1), float(y2 - y1)],
+                "area": float(visible.sum()),
+                "iscrowd": 0,
+                "segmentation": {"size": list(rle["size"]), "counts": rle["counts"].decode("ascii")},
+            }
+        )
+    return image, annotations
 
 
 def _log_uniform(rng: np.random.Generator, low: float, high: float) -> float:
