@@ -1,18 +1,29 @@
 """COCO box evaluation: perfect, shifted, empty and mislabelled predictions; per-class AP; the table."""
 
 import math
+import multiprocessing
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from tritondet.detector.data import (
     CocoDetection,
     DetectionTransform,
     _make_coco,
     ensure_synthetic_dataset,
+    make_data_loader,
     resize_boxes,
 )
-from tritondet.detector.evaluate import SUMMARY_KEYS, evaluate_coco, format_coco_table, predictions_to_coco_results
+from tritondet.detector.evaluate import (
+    SUMMARY_KEYS,
+    evaluate_coco,
+    evaluate_model,
+    format_coco_table,
+    gather_predictions,
+    predict,
+    predictions_to_coco_results,
+)
 
 # Non-contiguous category ids, to exercise the label -> category id mapping; "zebra" has no instance.
 CATEGORIES = [{"id": 3, "name": "cat"}, {"id": 7, "name": "dog"}, {"id": 11, "name": "zebra"}]
@@ -161,3 +172,81 @@ def test_synthetic_val_targets_mapped_back_score_ap_one(tmp_path):
     results = evaluate_coco(dataset.coco, predictions, dataset.label_to_category_id)
     assert results["AP"] == pytest.approx(1.0)
     assert set(results["per_class_AP"]) == set(dataset.categories[1:])
+
+
+class WholeImageModel(torch.nn.Module):
+    """Predicts one box, the whole image, with label 1 (a stand-in for the detector's interface)."""
+
+    def forward(self, images):
+        assert not self.training
+        return [
+            {
+                "boxes": torch.tensor([[0.0, 0.0, image.shape[-1], image.shape[-2]]]),
+                "scores": torch.tensor([0.9]),
+                "labels": torch.tensor([1]),
+            }
+            for image in images
+        ]
+
+
+@pytest.fixture(scope="module")
+def resized_val(tmp_path_factory):
+    paths = ensure_synthetic_dataset(tmp_path_factory.mktemp("val"), image_size=40, num_train=0, num_val=5)
+    return CocoDetection(
+        paths.val_images, paths.val_annotations, transforms=DetectionTransform(min_size=64, max_size=90)
+    )
+
+
+def test_predict_maps_boxes_to_the_image_files(resized_val):
+    model = WholeImageModel().train()
+    predictions = predict(model, make_data_loader(resized_val, batch_size=2, shuffle=False))
+    assert model.training, "the model's mode is restored"
+    assert [p["image_id"] for p in predictions] == resized_val.image_ids
+    for prediction in predictions:
+        info = resized_val.coco.imgs[prediction["image_id"]]
+        torch.testing.assert_close(prediction["boxes"], torch.tensor([[0.0, 0.0, info["width"], info["height"]]]))
+
+
+def test_evaluate_model_scores_the_predicted_images(resized_val, tmp_path):
+    loader = make_data_loader(torch.utils.data.Subset(resized_val, [0, 1]), batch_size=2, shuffle=False)
+    results = evaluate_model(WholeImageModel(), loader, resized_val.coco, resized_val.label_to_category_id)
+    expected = evaluate_coco(
+        resized_val.coco, predict(WholeImageModel(), loader), resized_val.label_to_category_id, [1, 2]
+    )
+    assert results == expected
+    everything = evaluate_model(WholeImageModel(), make_data_loader(resized_val, batch_size=3, shuffle=False))
+    assert set(everything["per_class_AP"]) == set(resized_val.categories[1:])
+
+
+def test_gather_predictions_in_a_process_group(tmp_path):
+    predictions = [{"image_id": 1, "boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0)}]
+    assert gather_predictions(predictions) == predictions
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        gathered = gather_predictions(predictions)
+        assert len(gathered) == 1 and gathered[0]["image_id"] == 1
+    finally:
+        dist.destroy_process_group()
+
+
+def _gather_on_rank(rank, rendezvous, queue):
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)
+    try:
+        mine = [{"image_id": 10 + rank, "boxes": torch.full((1, 4), float(rank)), "scores": [0.5], "labels": [1]}]
+        queue.put((rank, [(p["image_id"], p["boxes"].tolist()) for p in gather_predictions(mine)]))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_gather_predictions_across_two_processes(tmp_path):
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    processes = [context.Process(target=_gather_on_rank, args=(r, tmp_path / "rendezvous", queue)) for r in (0, 1)]
+    for process in processes:
+        process.start()
+    results = dict(queue.get(timeout=60) for _ in processes)
+    for process in processes:
+        process.join(timeout=60)
+        assert process.exitcode == 0
+    expected = [(10, [[0.0] * 4]), (11, [[1.0] * 4])]
+    assert results == {0: expected, 1: expected}

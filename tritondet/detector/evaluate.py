@@ -22,10 +22,21 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-__all__ = ["SUMMARY_KEYS", "evaluate_coco", "format_coco_table", "predictions_to_coco_results"]
+from .data import resize_boxes
+
+__all__ = [
+    "SUMMARY_KEYS",
+    "evaluate_coco",
+    "evaluate_model",
+    "format_coco_table",
+    "gather_predictions",
+    "predict",
+    "predictions_to_coco_results",
+]
 
 # Names for COCOeval.stats[0:6] and [8] (bbox), in COCOeval's order.
 SUMMARY_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -156,3 +167,65 @@ def format_coco_table(results: Mapping, title: str = "COCO box evaluation") -> s
         lines += ["", f"{'class'.ljust(name_width)}  {'AP':>5}", f"{'-' * name_width}  {'-' * 5}"]
         lines += [f"{name.ljust(name_width)}  {cell(ap):>5}" for name, ap in per_class.items()]
     return "\n".join(lines)
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, loader: Iterable, device: torch.device | str | None = None) -> list[dict]:
+    """Run ``model`` over ``loader``'s ``(images, targets)`` batches; return predictions for :func:`evaluate_coco`.
+
+    ``model(images)`` takes a list of ``Tensor[3, H, W]`` and returns one dict per image with ``boxes``
+    (in the pixels of the image it was given), ``scores`` and ``labels`` (torchvision's interface).
+    Boxes are mapped back to the image files' pixels with ``target["orig_size"]`` and moved to the CPU.
+    The model is put in eval mode and its mode restored afterwards.
+    """
+    was_training = model.training
+    model.eval()
+    predictions = []
+    try:
+        for images, targets in loader:
+            if device is not None:
+                images = [image.to(device, non_blocking=True) for image in images]
+            outputs = model(images)
+            for image, target, output in zip(images, targets, outputs, strict=True):
+                size = target.get("orig_size", image.shape[-2:])
+                predictions.append(
+                    {
+                        "image_id": int(target["image_id"]),
+                        "boxes": resize_boxes(output["boxes"].float(), image.shape[-2:], size).cpu(),
+                        "scores": output["scores"].float().cpu(),
+                        "labels": output["labels"].cpu(),
+                    }
+                )
+    finally:
+        model.train(was_training)
+    return predictions
+
+
+def gather_predictions(predictions: list[dict]) -> list[dict]:
+    """All ranks' predictions on every rank (``torch.distributed``); the input itself when not distributed."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return list(predictions)
+    gathered: list[list[dict] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, list(predictions))
+    return [prediction for part in gathered for prediction in part]
+
+
+def evaluate_model(
+    model: torch.nn.Module,
+    loader: Iterable,
+    coco_gt: COCO | None = None,
+    label_to_category_id: Mapping[int, int] | None = None,
+    device: torch.device | str | None = None,
+) -> dict:
+    """:func:`predict` over ``loader``, gathered from every rank, then :func:`evaluate_coco`.
+
+    ``coco_gt`` and ``label_to_category_id`` default to ``loader.dataset``'s. Only the images that
+    were predicted (on any rank) are evaluated, so a loader over part of a data set scores that part.
+    """
+    dataset = getattr(loader, "dataset", None)
+    coco_gt = coco_gt if coco_gt is not None else dataset.coco
+    if label_to_category_id is None:
+        label_to_category_id = dataset.label_to_category_id
+    predictions = gather_predictions(predict(model, loader, device))
+    image_ids = sorted({int(p["image_id"]) for p in predictions})
+    return evaluate_coco(coco_gt, predictions, label_to_category_id, image_ids=image_ids)
