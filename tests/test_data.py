@@ -242,6 +242,20 @@ def test_coco_options_and_unreadable_image(bad_coco):
         dataset[1]
 
 
+def test_hand_made_coco_without_iscrowd_or_area(tmp_path):
+    images = [{"id": 1, "file_name": "1.png", "width": 8, "height": 8}]
+    annotations = [
+        {"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 1, 2, 3]},
+        {"id": 2, "image_id": 1, "category_id": 1, "bbox": [1, "one", 2, 3]},
+    ]
+    image_dir, annotation_file = write_coco(tmp_path, images, annotations, [{"id": 1, "name": "a"}])
+    Image.new("RGB", (8, 8)).save(image_dir / "1.png")
+    with pytest.warns(UserWarning, match=r"annotation id 2 \(image 1.png\): bbox must hold numbers"):
+        dataset = CocoDetection(image_dir, annotation_file)
+    assert dataset.coco.anns[1]["iscrowd"] == 0 and dataset.coco.anns[1]["area"] == 6
+    assert dataset[0][1]["boxes"].tolist() == [[1, 1, 3, 4]]
+
+
 def test_images_without_annotations_kept_or_removed(tmp_path):
     images = [{"id": i, "file_name": f"{i}.png", "width": 8, "height": 8} for i in (1, 2)]
     annotations = [{"id": 1, "image_id": 2, "category_id": 1, "bbox": [1, 1, 2, 2], "area": 4, "iscrowd": 0}]

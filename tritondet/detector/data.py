@@ -53,6 +53,8 @@ from pycocotools import mask as coco_mask
 from pycocotools.coco import COCO
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler
 
+from .._validate import check_choice
+
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
@@ -100,11 +102,6 @@ def _report_problems(problems: list[str], on_bad: str, what: str) -> None:
     if on_bad == "raise":
         raise ValueError(f"bad data in {what} ({len(problems)} problems):\n  {text}")
     warnings.warn(f"skipping bad data in {what} ({len(problems)} problems):\n  {text}", stacklevel=3)
-
-
-def _check_on_bad(on_bad: str) -> None:
-    if on_bad not in BAD_DATA_CHOICES:
-        raise ValueError(f"on_bad must be one of {BAD_DATA_CHOICES}, got {on_bad!r}")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -198,7 +195,7 @@ class CocoDetection(_DetectionDataset):
         remove_images_without_annotations: bool = False,
     ) -> None:
         super().__init__(transforms)
-        _check_on_bad(on_bad)
+        check_choice("on_bad", on_bad, BAD_DATA_CHOICES)
         self.image_dir = Path(image_dir)
         self.annotation_file = Path(annotation_file)
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
@@ -227,7 +224,9 @@ class CocoDetection(_DetectionDataset):
                 image = coco.imgs.get(ann.get("image_id"), {}).get("file_name", "?")
                 problems.append(f"{where}: annotation id {ann.get('id')} (image {image}): {problem}")
             elif ann["image_id"] in known_images:
-                kept_annotations.append(ann)
+                # COCOeval reads "iscrowd" and "area", which hand-made files may leave out.
+                _, _, w, h = (float(v) for v in ann["bbox"])
+                kept_annotations.append({"iscrowd": 0, "area": w * h, **ann})
         _report_problems(problems, on_bad, where)
 
         per_image: dict[int, list[dict]] = {image_id: [] for image_id in known_images}
@@ -263,7 +262,10 @@ class CocoDetection(_DetectionDataset):
         bbox = ann.get("bbox")
         if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
             return f"bbox must be [x, y, width, height], got {bbox!r}"
-        x, y, w, h = (float(v) for v in bbox)
+        try:
+            x, y, w, h = (float(v) for v in bbox)
+        except (TypeError, ValueError):
+            return f"bbox must hold numbers, got {bbox!r}"
         if not all(math.isfinite(v) for v in (x, y, w, h)):
             return f"bbox has non-finite values {bbox}"
         if w <= 0 or h <= 0:
@@ -309,7 +311,7 @@ class VOCDetection(_DetectionDataset):
         on_bad: str = "skip",
     ) -> None:
         super().__init__(transforms)
-        _check_on_bad(on_bad)
+        check_choice("on_bad", on_bad, BAD_DATA_CHOICES)
         self.root = Path(root)
         self.split = split
         self.categories = ["__background__", *classes]
@@ -656,8 +658,7 @@ def generate_synthetic_split(
     Image i is drawn from ``numpy.random.default_rng([seed, split code, i])`` alone, so images are
     independent of each other, of the split sizes and of the number of ``workers`` processes.
     """
-    if split not in _SPLIT_CODES:
-        raise ValueError(f"split must be one of {tuple(_SPLIT_CODES)}, got {split!r}")
+    check_choice("split", split, _SPLIT_CODES)
     count = config.num_train if split == "train" else config.num_val
     image_dir.mkdir(parents=True, exist_ok=True)
     workers = min(os.cpu_count() or 1, 8) if workers is None else workers
