@@ -306,7 +306,8 @@ def voc_root(tmp_path):
         (root / "Annotations" / f"{name}.xml").write_text(voc_xml(f"{name}.jpg", objs))
     for name in ("000005", "000007"):
         Image.new("RGB", (40, 30), (200, 10, 10)).save(root / "JPEGImages" / f"{name}.jpg")
-    (root / "ImageSets" / "Main" / "trainval.txt").write_text("000005\n000007\n000009\n")
+    (root / "Annotations" / "000011.xml").write_text("<annotation><object>")
+    (root / "ImageSets" / "Main" / "trainval.txt").write_text("000005\n000007\n000009\n000011\n000013\n")
     return root
 
 
@@ -317,6 +318,7 @@ def test_voc_dataset_keeps_difficult_and_reports_bad_objects(voc_root):
     assert "000005.xml: object 2: unknown class name 'unicorn'" in message
     assert "000007.xml: object 0 (car): non-positive width" in message
     assert "000009.jpg is missing" in message
+    assert "000011.xml: malformed XML" in message and "000013.xml: annotation file is missing" in message
     assert len(dataset) == 2 and dataset.num_classes == 21 and dataset.image_ids == [1, 2]
     image, target = dataset[0]
     assert image.shape == (3, 30, 40)

@@ -295,8 +295,8 @@ class VOCDetection(_DetectionDataset):
         keep_difficult: keep ``difficult`` objects in the training targets (flagged in
             ``target["difficult"]``); they are always in ``coco``, as crowd regions, so that
             COCOeval ignores them as the VOC benchmark does.
-        on_bad: ``"skip"`` or ``"raise"`` for a missing annotation or image file, an unknown class
-            name, or a box with non-positive width or height; problems name the XML file and object index.
+        on_bad: ``"skip"`` or ``"raise"`` for a missing or malformed annotation file, a missing image
+            file, an unknown class name, or a box with non-positive width or height; problems name the XML file and object index.
 
     Image ids are the 1-based positions in the split file.
     """
@@ -329,7 +329,11 @@ class VOCDetection(_DetectionDataset):
             if not xml_path.is_file():
                 problems.append(f"{xml_path}: annotation file is missing")
                 continue
-            tree = ET.parse(xml_path).getroot()
+            try:
+                tree = ET.parse(xml_path).getroot()
+            except ET.ParseError as error:
+                problems.append(f"{xml_path}: malformed XML ({error})")
+                continue
             file_name = tree.findtext("filename") or f"{name}.jpg"
             image_path = self.root / "JPEGImages" / file_name
             if not image_path.is_file():
