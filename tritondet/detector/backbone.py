@@ -1,0 +1,92 @@
+"""Backbones: torchvision classification networks cut for detection (never downloads weights).
+
+Every backbone maps ``images [B, 3, H, W]`` to an ordered dict of feature maps ``[B, C, H_l, W_l]``
+and has ``out_channels`` (C). FPN: keys ``"0".."L-1"`` for the returned ResNet stages plus
+``"pool"`` (torchvision's ``BackboneWithFPN``, so its state-dict keys are torchvision's); single
+level: one key ``"0"`` at stride 16.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+import torchvision
+from torch import Tensor, nn
+from torchvision.models._utils import IntermediateLayerGetter
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from .config import BackboneConfig
+
+_RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+_RESNET_STAGES = ("layer4", "layer3", "layer2", "layer1", "conv1")
+# VGG-16 ``features`` indices where conv blocks 2..5 start; conv5_3's ReLU ends at 30 (the last
+# max-pooling, index 30, is dropped: the paper pools RoIs from conv5_3 at stride 16).
+_VGG16_BLOCK_STARTS = (5, 10, 17, 24)
+_VGG16_CONV5_END = 30
+
+
+class SingleLevelBackbone(nn.Module):
+    """One feature map at stride 16, as the ordered dict ``{"0": features}``."""
+
+    def __init__(self, body: nn.Module, out_channels: int) -> None:
+        super().__init__()
+        self.body = body
+        self.out_channels = out_channels
+
+    def forward(self, images: Tensor) -> OrderedDict[str, Tensor]:
+        features = self.body(images)
+        if isinstance(features, dict):
+            features = next(iter(features.values()))
+        return OrderedDict([("0", features)])
+
+
+def _freeze_resnet(body: nn.Module, trainable_layers: int) -> None:
+    """Freeze all but the top ``trainable_layers`` stages (torchvision's rule; 5 trains ``bn1`` too)."""
+    train = list(_RESNET_STAGES[:trainable_layers]) + (["bn1"] if trainable_layers == 5 else [])
+    for name, parameter in body.named_parameters():
+        if not any(name.startswith(stage) for stage in train):
+            parameter.requires_grad_(False)
+
+
+def build_backbone(config: BackboneConfig) -> nn.Module:
+    """The backbone module for ``config`` with random weights (load weights with the compat module)."""
+    if not 0 <= config.trainable_layers <= 5:
+        raise ValueError(f"trainable_layers must be in [0, 5], got {config.trainable_layers}")
+    norm_layer = FrozenBatchNorm2d if config.frozen_batchnorm else nn.BatchNorm2d
+    if config.name in _RESNETS:
+        body = getattr(torchvision.models, config.name)(weights=None, norm_layer=norm_layer)
+        _freeze_resnet(body, config.trainable_layers)
+        stage2_channels = body.inplanes // 8  # layer1's output channels (64 or 256)
+        if not config.fpn:
+            return SingleLevelBackbone(IntermediateLayerGetter(body, {"layer3": "0"}), stage2_channels * 4)
+        layers = tuple(config.returned_layers)
+        if not layers or min(layers) < 1 or max(layers) > 4:
+            raise ValueError(f"returned_layers must be ResNet stages in [1, 4], got {layers}")
+        return BackboneWithFPN(
+            body,
+            {f"layer{stage}": str(i) for i, stage in enumerate(layers)},
+            [stage2_channels * 2 ** (stage - 1) for stage in layers],
+            config.fpn_channels,
+            extra_blocks=LastLevelMaxPool(),
+        )
+    if config.name == "vgg16":
+        if config.fpn:
+            raise ValueError("the vgg16 backbone is single-level: set fpn=False")
+        features = torchvision.models.vgg16(weights=None).features[:_VGG16_CONV5_END]
+        frozen_blocks = 5 - config.trainable_layers  # the paper fine-tunes conv3_1 and up (3 blocks)
+        if frozen_blocks > 0:
+            for parameter in features[: _VGG16_BLOCK_STARTS[frozen_blocks - 1]].parameters():
+                parameter.requires_grad_(False)
+        return SingleLevelBackbone(features, 512)
+    raise ValueError(f"unknown backbone {config.name!r}: expected one of {_RESNETS + ('vgg16',)}")
+
+
+def feature_strides(features: list[Tensor], padded_size: tuple[int, int]) -> list[tuple[int, int]]:
+    """Pixels per feature-map position of every level: padded image size // feature size
+    (torchvision's anchor strides; Python ints from shapes, no host sync)."""
+    height, width = padded_size
+    return [(height // f.shape[-2], width // f.shape[-1]) for f in features]
+

@@ -1,0 +1,127 @@
+"""torchvision compatibility: take a torchvision Faster R-CNN (or its state dict) and run it on
+tritondet's ops.
+
+- :func:`from_torchvision` reads a ``torchvision.models.detection.FasterRCNN``'s configuration
+  (preprocessing, anchors, RPN and RoI-head settings), copies its backbone (and any non-standard box
+  head, e.g. ``fasterrcnn_resnet50_fpn_v2``'s conv-FC head) and loads its RPN head, two-FC head and
+  predictor weights. The detections are torchvision's (see the parity tests).
+- :func:`load_torchvision_state_dict` loads a ``fasterrcnn_resnet50_fpn`` state dict (e.g. the
+  COCO weights users already have) into :func:`~tritondet.detector.config.resnet50_fpn`: the keys
+  are the same; old RPN-head keys (``rpn.head.conv.weight``) are renamed as torchvision does.
+"""
+
+from __future__ import annotations
+
+import copy
+
+from torch import nn
+from torchvision.models.detection import faster_rcnn as tv_faster_rcnn
+
+from .config import AnchorConfig, FasterRCNNConfig, RoIHeadsConfig, RPNConfig, TransformConfig, resnet50_fpn
+from .faster_rcnn import FasterRCNN
+from .roi_heads import FastRCNNPredictor, TwoMLPHead
+
+
+def _single(value, name: str):
+    values = tuple(value) if isinstance(value, (list, tuple)) else (value,)
+    if len(set(values)) != 1:
+        raise ValueError(f"{name} = {value!r}: only one value is supported")
+    return values[0]
+
+
+def config_from_torchvision(model: nn.Module) -> FasterRCNNConfig:
+    """The :class:`FasterRCNNConfig` of a torchvision ``FasterRCNN`` (``backbone`` left None: the
+    module is copied, not described)."""
+    transform, rpn, heads = model.transform, model.rpn, model.roi_heads
+    if getattr(transform, "fixed_size", None) is not None:
+        raise ValueError("torchvision transforms with fixed_size are not supported")
+    pool = heads.box_roi_pool
+    if (getattr(pool, "canonical_scale", 224), getattr(pool, "canonical_level", 4)) != (224, 4):
+        raise ValueError("only MultiScaleRoIAlign with canonical_scale 224 and canonical_level 4 is supported")
+    predictor = heads.box_predictor
+    return FasterRCNNConfig(
+        transform=TransformConfig(
+            min_size=int(_single(transform.min_size, "transform.min_size")),
+            max_size=int(transform.max_size),
+            image_mean=tuple(float(v) for v in transform.image_mean),
+            image_std=tuple(float(v) for v in transform.image_std),
+            size_divisible=int(transform.size_divisible),
+        ),
+        backbone=None,
+        anchors=AnchorConfig(
+            sizes=tuple(tuple(s) for s in rpn.anchor_generator.sizes),
+            aspect_ratios=tuple(tuple(r) for r in rpn.anchor_generator.aspect_ratios),
+        ),
+        rpn=RPNConfig(
+            conv_depth=len(rpn.head.conv),
+            pre_nms_top_n=(rpn._pre_nms_top_n["training"], rpn._pre_nms_top_n["testing"]),
+            post_nms_top_n=(rpn._post_nms_top_n["training"], rpn._post_nms_top_n["testing"]),
+            nms_thresh=float(rpn.nms_thresh),
+            min_size=float(rpn.min_size),
+            score_thresh=float(rpn.score_thresh),
+            fg_iou_thresh=float(rpn.proposal_matcher.high_threshold),
+            bg_iou_thresh=float(rpn.proposal_matcher.low_threshold),
+            batch_size_per_image=int(rpn.fg_bg_sampler.batch_size_per_image),
+            positive_fraction=float(rpn.fg_bg_sampler.positive_fraction),
+        ),
+        roi_heads=RoIHeadsConfig(
+            num_classes=predictor.cls_score.out_features,
+            featmap_names=tuple(pool.featmap_names),
+            output_size=int(_single(pool.output_size, "box_roi_pool.output_size")),
+            sampling_ratio=int(pool.sampling_ratio),
+            representation_size=predictor.cls_score.in_features,
+            fg_iou_thresh=float(heads.proposal_matcher.high_threshold),
+            bg_iou_thresh=float(heads.proposal_matcher.low_threshold),
+            batch_size_per_image=int(heads.fg_bg_sampler.batch_size_per_image),
+            positive_fraction=float(heads.fg_bg_sampler.positive_fraction),
+            bbox_reg_weights=tuple(float(w) for w in heads.box_coder.weights),
+            score_thresh=float(heads.score_thresh),
+            nms_thresh=float(heads.nms_thresh),
+            detections_per_img=int(heads.detections_per_img),
+        ),
+    )
+
+
+def from_torchvision(model: nn.Module) -> FasterRCNN:
+    """A :class:`FasterRCNN` computing what the torchvision ``FasterRCNN`` ``model`` computes, on
+    tritondet's ops. The backbone (and a non-``TwoMLPHead`` box head) is deep-copied; the other
+    weights are loaded. The result is in ``model``'s training mode, on its device."""
+    if not isinstance(model, tv_faster_rcnn.FasterRCNN):
+        raise TypeError(f"expected a torchvision FasterRCNN, got {type(model).__name__}")
+    if model.roi_heads.has_mask() or model.roi_heads.has_keypoint():
+        raise ValueError("Mask and keypoint heads are not supported")
+    config = config_from_torchvision(model)
+    tv_head = model.roi_heads.box_head
+    box_head = None if isinstance(tv_head, tv_faster_rcnn.TwoMLPHead) else copy.deepcopy(tv_head)
+    if box_head is None:
+        box_head = TwoMLPHead(tv_head.fc6.in_features, tv_head.fc6.out_features)
+        box_head.load_state_dict(tv_head.state_dict())
+    predictor = FastRCNNPredictor(config.roi_heads.representation_size, config.roi_heads.num_classes)
+    predictor.load_state_dict(model.roi_heads.box_predictor.state_dict())
+    ours = FasterRCNN(config, backbone=copy.deepcopy(model.backbone), box_head=box_head, box_predictor=predictor)
+    ours.rpn.head.load_state_dict(model.rpn.head.state_dict())
+    device = next(model.parameters()).device
+    return ours.to(device).train(model.training)
+
+
+def load_torchvision_state_dict(model: FasterRCNN, state_dict: dict) -> FasterRCNN:
+    """Load a torchvision ``fasterrcnn_resnet50_fpn`` state dict into ``model`` (strict)."""
+    state_dict = dict(state_dict)
+    for kind in ("weight", "bias"):  # torchvision's RPNHead version-1 keys
+        old = f"rpn.head.conv.{kind}"
+        if old in state_dict:
+            state_dict[f"rpn.head.conv.0.0.{kind}"] = state_dict.pop(old)
+    model.load_state_dict(state_dict)
+    return model
+
+
+def fasterrcnn_resnet50_fpn(state_dict: dict | None = None, num_classes: int | None = None) -> FasterRCNN:
+    """torchvision's ``fasterrcnn_resnet50_fpn`` architecture on tritondet's ops; with
+    ``state_dict`` (torchvision's, e.g. its COCO weights loaded with ``torch.load``) its weights.
+    ``num_classes`` defaults to the state dict's (91 without one)."""
+    if num_classes is None:
+        num_classes = state_dict["roi_heads.box_predictor.cls_score.weight"].shape[0] if state_dict else 91
+    model = FasterRCNN(resnet50_fpn(num_classes))
+    if state_dict is not None:
+        load_torchvision_state_dict(model, state_dict)
+    return model

@@ -1,0 +1,204 @@
+"""Faster R-CNN (Ren, He, Girshick, Sun 2015) on tritondet's ops.
+
+Shapes: B images; after preprocessing a padded batch ``[B, 3, H, W]`` with ``image_sizes [B, 2]``
+(h, w before padding); P proposals and D = detections_per_img detections per image.
+
+Pipeline: preprocessing (normalize, resize, pad: torchvision's ``GeneralizedRCNNTransform``) ->
+backbone (+FPN) -> RPN (:mod:`.rpn`) -> Fast R-CNN head (:mod:`.roi_heads`). All detection ops are
+``tritondet.ops``; torchvision provides the backbone networks and the preprocessing.
+
+Two inference interfaces:
+
+- ``model(images)``: torchvision's - a list of ``[3, H_i, W_i]`` images in, a list of
+  ``{"boxes", "scores", "labels"}`` dicts in original image coordinates out (one host sync, to
+  learn each image's detection count).
+- ``model.forward_padded(images, image_sizes)``: an already resized, zero-padded batch in; padded
+  ``boxes [B, D, 4]``, ``scores [B, D]``, ``labels [B, D]``, ``num_valid [B]`` out, with no host sync,
+  traceable by ``torch.compile(fullgraph=True)``.
+
+Training: ``model(images, targets)`` returns torchvision's loss dict.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
+
+from .. import ops
+from .backbone import build_backbone, feature_strides
+from .config import FasterRCNNConfig, resnet50_fpn
+from .roi_heads import RoIHeads
+from .rpn import RegionProposalNetwork
+from .targets import check_targets, pack_targets
+
+LOSS_NAMES = ("loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg")
+
+
+def check_images(images, channels: int) -> None:
+    """Raise ``ValueError`` naming the first image that is not a floating ``[channels, H, W]`` tensor."""
+    if not isinstance(images, (list, tuple)) or not images:
+        raise ValueError(f"images must be a non-empty list of [C, H, W] tensors, got {type(images).__name__}")
+    for i, image in enumerate(images):
+        if not isinstance(image, Tensor):
+            raise ValueError(f"images[{i}] must be a Tensor, got {type(image).__name__}")
+        if image.dim() != 3 or image.shape[0] != channels or image.shape[1] == 0 or image.shape[2] == 0:
+            raise ValueError(f"images[{i}] must have shape [{channels}, H, W] with H, W > 0, got {tuple(image.shape)}")
+        if not image.is_floating_point():
+            raise ValueError(f"images[{i}] must be a floating-point tensor (values in [0, 1]), got {image.dtype}")
+
+
+def normalize_padded(images: Tensor, image_sizes: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+    """``(images - mean) / std`` with the padding (outside ``image_sizes``) zero, as torchvision
+    pads after normalizing. ``images [B, 3, H, W]``, ``image_sizes [B, 2]`` (h, w); no host sync."""
+    normalized = (images - mean.to(images)[:, None, None]) / std.to(images)[:, None, None]
+    rows = torch.arange(images.shape[-2], device=images.device)
+    cols = torch.arange(images.shape[-1], device=images.device)
+    sizes = image_sizes.to(images.device)
+    inside = (rows[None, :, None] < sizes[:, 0, None, None]) & (cols[None, None, :] < sizes[:, 1, None, None])
+    return normalized * inside[:, None].to(normalized.dtype)
+
+
+class FasterRCNN(nn.Module):
+    """Faster R-CNN with torchvision's interface and state-dict layout.
+
+    Args:
+        config (FasterRCNNConfig): defaults in :mod:`tritondet.detector.config`
+            (:func:`~tritondet.detector.config.resnet50_fpn` when omitted).
+        backbone (nn.Module, optional): replaces the one ``config.backbone`` describes; must return
+            an ordered dict of feature maps and have ``out_channels``.
+        box_head, box_predictor (nn.Module, optional): replace the two-FC head and the predictor.
+    """
+
+    def __init__(
+        self,
+        config: FasterRCNNConfig | None = None,
+        *,
+        backbone: nn.Module | None = None,
+        box_head: nn.Module | None = None,
+        box_predictor: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        config = config or resnet50_fpn()
+        self.config = config
+        transform = config.transform
+        self.transform = GeneralizedRCNNTransform(
+            transform.min_size,
+            transform.max_size,
+            list(transform.image_mean),
+            list(transform.image_std),
+            size_divisible=transform.size_divisible,
+        )
+        if backbone is None:
+            if config.backbone is None:
+                raise ValueError("config.backbone is None: pass a backbone module")
+            backbone = build_backbone(config.backbone)
+        self.backbone = backbone
+        # Not persistent: the state dict keeps torchvision's keys.
+        self.register_buffer("image_mean", torch.tensor(transform.image_mean), persistent=False)
+        self.register_buffer("image_std", torch.tensor(transform.image_std), persistent=False)
+        self.rpn = RegionProposalNetwork(config.rpn, config.anchors, backbone.out_channels)
+        self.roi_heads = RoIHeads(config.roi_heads, backbone.out_channels, box_head, box_predictor)
+
+    @classmethod
+    def from_torchvision(cls, model: nn.Module) -> FasterRCNN:
+        """See :func:`tritondet.detector.compat.from_torchvision`."""
+        from .compat import from_torchvision  # compat builds FasterRCNNs: imported on use
+
+        return from_torchvision(model)
+
+    # -- shared stages ---------------------------------------------------------------------------
+
+    def _anchors(self, features: list[Tensor], strides: list[tuple[int, int]]) -> Tensor:
+        return ops.grid_anchors(
+            [tuple(f.shape[-2:]) for f in features],
+            strides,
+            self.config.anchors.sizes,
+            self.config.anchors.aspect_ratios,
+            device=features[0].device,
+        )
+
+    def _detect(
+        self, padded: Tensor, image_sizes: Tensor, image_shapes: list[tuple[int, int]]
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        features = self.backbone(padded)
+        levels = list(features.values())
+        objectness, deltas = self.rpn.head(levels)
+        strides = feature_strides(levels, tuple(padded.shape[-2:]))
+        proposals, num_valid = self.rpn.proposals(objectness, deltas, image_sizes, strides)
+        return self.roi_heads(features, proposals, num_valid, image_sizes, image_shapes)
+
+    def _losses(self, padded: Tensor, image_sizes: Tensor, image_shapes, targets, generator) -> dict[str, Tensor]:
+        gt = pack_targets(targets, padded.device)
+        features = self.backbone(padded)
+        levels = list(features.values())
+        objectness, deltas = self.rpn.head(levels)
+        strides = feature_strides(levels, tuple(padded.shape[-2:]))
+        anchors = self._anchors(levels, strides)
+        if self.config.roi_heads.box_pooling == "crop_pool":  # joint training: box loss reaches RPN boxes
+            proposals, num_valid = self.rpn.differentiable_proposals(objectness, deltas, image_sizes, strides, anchors)
+        else:
+            proposals, num_valid = self.rpn.proposals(objectness, deltas, image_sizes, strides)
+        losses = self.rpn.loss(objectness, deltas, anchors, gt, generator)
+        losses.update(self.roi_heads.loss(features, proposals, num_valid, gt, image_shapes, generator))
+        return losses
+
+    # -- torchvision's interface -----------------------------------------------------------------
+
+    def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None, generator=None):
+        """Training (``targets`` given, ``model.train()``): the loss dict. Inference: a list of
+        ``{"boxes" [D_i, 4], "scores" [D_i], "labels" [D_i]}`` in original image coordinates.
+        ``generator`` (optional ``torch.Generator``) drives the training samplers."""
+        check_images(images, len(self.config.transform.image_mean))
+        if self.training:
+            if targets is None:
+                raise ValueError("targets must be given in training mode")
+            check_targets(targets, len(images), self.config.roi_heads.num_classes)
+        original_sizes = [tuple(image.shape[-2:]) for image in images]
+        image_list, targets = self.transform(images, targets)
+        image_shapes = [tuple(int(v) for v in size) for size in image_list.image_sizes]
+        padded = image_list.tensors
+        image_sizes = torch.tensor(image_shapes, dtype=torch.int64).to(padded.device, non_blocking=True)
+        if self.training:
+            return self._losses(padded, image_sizes, image_shapes, targets, generator)
+        boxes, scores, labels, num_valid = self._detect(padded, image_sizes, image_shapes)
+        counts = num_valid.tolist()  # the list interface's one host sync
+        detections = [
+            {"boxes": boxes[i, :n], "scores": scores[i, :n], "labels": labels[i, :n]} for i, n in enumerate(counts)
+        ]
+        return self.transform.postprocess(detections, image_shapes, original_sizes)
+
+    # -- sync-free batched inference -------------------------------------------------------------
+
+    def forward_padded(
+        self, images: Tensor, image_sizes: Tensor, original_image_sizes: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Detections on an already resized, zero-padded batch, with fixed shapes and no host sync.
+
+        Args:
+            images (Tensor[B, 3, H, W]): pixel values in [0, 1] (normalized here); H, W ideally
+                multiples of ``size_divisible``.
+            image_sizes (Tensor[B, 2]): (h, w) of each image before padding.
+            original_image_sizes (Tensor[B, 2], optional): rescale the boxes from ``image_sizes``
+                to these sizes (torchvision's postprocessing).
+
+        Returns:
+            boxes (Tensor[B, D, 4]) fp32, scores (Tensor[B, D]), labels (Tensor[B, D]) int64 and
+            num_valid (Tensor[B]) int64; slots past num_valid hold zeros.
+
+        The RoI level scales are inferred from the padded size (``model(images)`` uses the largest
+        image's size, as torchvision); both give the same powers of two unless images are smaller
+        than their padding by a factor of about 1.4.
+        """
+        if not isinstance(images, Tensor) or images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be a Tensor[B, 3, H, W], got {getattr(images, 'shape', type(images))}")
+        if not isinstance(image_sizes, Tensor) or image_sizes.shape != (images.shape[0], 2):
+            raise ValueError(
+                f"image_sizes must be a Tensor[B, 2] = [{images.shape[0]}, 2], got {getattr(image_sizes, 'shape', None)}"
+            )
+        padded = normalize_padded(images, image_sizes, self.image_mean, self.image_std)
+        boxes, scores, labels, num_valid = self._detect(padded, image_sizes, [tuple(images.shape[-2:])])
+        if original_image_sizes is not None:
+            ratio = original_image_sizes.to(boxes) / image_sizes.to(boxes)  # [B, 2] (h, w)
+            boxes = boxes * ratio[:, None, [1, 0, 1, 0]]
+        return boxes, scores, labels, num_valid

@@ -1,0 +1,178 @@
+"""The Fast R-CNN detection head on RPN proposals (Faster R-CNN, Section 3.2; Fast R-CNN).
+
+Shapes: B images, P proposals per image (padded), S sampled RoIs per image in training, K = B * P
+(or B * S) pooled RoIs, C classes (background 0 included), D = detections_per_img.
+
+Each proposal is pooled to a fixed ``[channels, 7, 7]`` grid (``ops.MultiScaleRoIAlign``, or on a
+single map ``ops.roi_pool`` / ``ops.crop_pool``), passed through two FC layers, then a classifier
+(C scores) and a class-specific box regressor (4C deltas, weights 10, 10, 5, 5). Inference decodes
+every class's box (``ops.decode_boxes``), clips, and keeps the best D per image with per-class NMS
+(``ops.batched_nms_padded``); fixed shapes, no host sync.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import ops
+from .config import RoIHeadsConfig
+from .rpn import clip_to_images
+from .targets import GroundTruth, proposal_target_layer
+
+POOLINGS = ("roi_align", "roi_pool", "crop_pool")
+
+
+class TwoMLPHead(nn.Module):
+    """fc6 and fc7 with ReLU (torchvision's ``TwoMLPHead``; its state-dict keys)."""
+
+    def __init__(self, in_channels: int, representation_size: int) -> None:
+        super().__init__()
+        self.fc6 = nn.Linear(in_channels, representation_size)
+        self.fc7 = nn.Linear(representation_size, representation_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.relu(self.fc7(F.relu(self.fc6(x.flatten(start_dim=1)))))
+
+
+class FastRCNNPredictor(nn.Module):
+    """Class logits ``[K, C]`` and class-specific deltas ``[K, 4C]`` (torchvision's keys)."""
+
+    def __init__(self, in_channels: int, num_classes: int) -> None:
+        super().__init__()
+        self.cls_score = nn.Linear(in_channels, num_classes)
+        self.bbox_pred = nn.Linear(in_channels, num_classes * 4)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        x = x.flatten(start_dim=1)
+        return self.cls_score(x), self.bbox_pred(x)
+
+
+def rois_from_padded(boxes: Tensor) -> Tensor:
+    """``[B, P, 4]`` -> ``[B * P, 5]`` rows ``(image index, x1, y1, x2, y2)``."""
+    batch, count = boxes.shape[:2]
+    index = torch.arange(batch, device=boxes.device, dtype=boxes.dtype).repeat_interleave(count, output_size=batch * count)
+    return torch.cat([index[:, None], boxes.reshape(-1, 4)], dim=1)
+
+
+class RoIHeads(nn.Module):
+    """Box pooling, box head, predictor; losses in training, padded detections in inference.
+
+    ``box_head``/``box_predictor`` default to :class:`TwoMLPHead` / :class:`FastRCNNPredictor`; any
+    modules with the same interface can be given (e.g. torchvision's ``FastRCNNConvFCHead``).
+    """
+
+    def __init__(
+        self,
+        config: RoIHeadsConfig,
+        in_channels: int,
+        box_head: nn.Module | None = None,
+        box_predictor: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        if config.box_pooling not in POOLINGS:
+            raise ValueError(f"box_pooling must be one of {POOLINGS}, got {config.box_pooling!r}")
+        if config.box_pooling != "roi_align" and len(config.featmap_names) != 1:
+            raise ValueError(f"box_pooling={config.box_pooling!r} pools from one feature map; got {config.featmap_names}")
+        self.config = config
+        if config.box_pooling == "roi_align":
+            self.box_roi_pool = ops.MultiScaleRoIAlign(
+                list(config.featmap_names), config.output_size, config.sampling_ratio
+            )
+        resolution = config.output_size
+        self.box_head = box_head or TwoMLPHead(in_channels * resolution**2, config.representation_size)
+        self.box_predictor = box_predictor or FastRCNNPredictor(config.representation_size, config.num_classes)
+
+    def pool(self, features: dict[str, Tensor], boxes: Tensor, image_shapes: list[tuple[int, int]]) -> Tensor:
+        """``boxes [B, R, 4]`` (image coordinates) -> ``[B * R, channels, 7, 7]``. ``image_shapes``:
+        the images' (h, w) from which the level scales are inferred (torchvision's rule)."""
+        config = self.config
+        if config.box_pooling == "roi_align":
+            return self.box_roi_pool(features, list(boxes.unbind(0)), image_shapes)
+        feature = features[config.featmap_names[0]]
+        largest = max(h for h, _ in image_shapes)
+        scale = 2.0 ** round(math.log2(feature.shape[-2] / largest))
+        rois = rois_from_padded(boxes)
+        if config.box_pooling == "roi_pool":
+            return ops.roi_pool(feature, rois, config.output_size, scale)
+        return ops.crop_pool(feature, rois, config.output_size, scale, config.sampling_ratio)
+
+    def predict(self, pooled: Tensor) -> tuple[Tensor, Tensor]:
+        return self.box_predictor(self.box_head(pooled))
+
+    def postprocess(
+        self, class_logits: Tensor, box_regression: Tensor, proposals: Tensor, num_valid: Tensor, image_sizes: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Detections ``boxes [B, D, 4]`` fp32, ``scores [B, D]``, ``labels [B, D]`` int64 (0 in
+        padding), ``num_valid [B]``: torchvision's ``postprocess_detections`` with fixed shapes."""
+        config = self.config
+        batch, count = proposals.shape[:2]
+        num_classes = class_logits.shape[-1]
+        deltas = box_regression.float().view(batch, count, 4 * num_classes)
+        boxes = ops.decode_boxes(deltas, proposals.float(), config.bbox_reg_weights)
+        boxes = clip_to_images(boxes.view(batch, count, num_classes, 4), image_sizes)[:, :, 1:]
+        scores = F.softmax(class_logits.float().view(batch, count, num_classes), dim=-1)[:, :, 1:]
+        widths, heights = boxes[..., 2] - boxes[..., 0], boxes[..., 3] - boxes[..., 1]
+        real = torch.arange(count, device=proposals.device) < num_valid[:, None]
+        keep = (widths >= config.min_size) & (heights >= config.min_size) & real[..., None]
+        # Dropped candidates score -1: below any score threshold (softmax scores are >= 0).
+        scores = torch.where(keep, scores, -1.0)
+        det_boxes, det_scores, det_labels, _, det_count = ops.batched_nms_padded(
+            boxes,
+            scores,
+            config.nms_thresh,
+            config.detections_per_img,
+            score_threshold=config.score_thresh,
+        )
+        filled = torch.arange(config.detections_per_img, device=det_labels.device) < det_count[:, None]
+        return det_boxes, det_scores, torch.where(filled, det_labels + 1, 0), det_count
+
+    def forward(
+        self,
+        features: dict[str, Tensor],
+        proposals: Tensor,
+        num_valid: Tensor,
+        image_sizes: Tensor,
+        image_shapes: list[tuple[int, int]],
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Inference on padded ``proposals [B, P, 4]``: see :meth:`postprocess`."""
+        class_logits, box_regression = self.predict(self.pool(features, proposals, image_shapes))
+        return self.postprocess(class_logits, box_regression, proposals, num_valid, image_sizes)
+
+    def loss(
+        self,
+        features: dict[str, Tensor],
+        proposals: Tensor,
+        num_valid: Tensor,
+        gt: GroundTruth,
+        image_shapes: list[tuple[int, int]],
+        generator: torch.Generator | None = None,
+    ) -> dict[str, Tensor]:
+        """``loss_classifier`` and ``loss_box_reg`` on sampled proposals (the proposal target
+        layer). If ``proposals`` carry gradients (``crop_pool`` joint training), the pooled boxes
+        keep them; the targets are computed on detached boxes."""
+        config = self.config
+        targets = proposal_target_layer(proposals.detach(), num_valid, gt, config, generator)
+        rois = targets.proposals
+        if proposals.requires_grad:
+            candidates = torch.cat([proposals, gt.boxes.to(proposals.dtype)], dim=1)
+            index = targets.sampled_idx.clamp(min=0)
+            rois = candidates.gather(1, index[..., None].expand(-1, -1, 4)) * (targets.sampled_idx >= 0)[..., None]
+        class_logits, box_regression = self.predict(self.pool(features, rois, image_shapes))
+        batch, slots = targets.labels.shape
+        sampled = (targets.labels >= 0).to(torch.float32).view(-1)
+        num_sampled = sampled.sum().clamp(min=1.0)
+        ce = F.cross_entropy(class_logits.float(), targets.labels.clamp(min=0).view(-1), reduction="none")
+        box = F.smooth_l1_loss(
+            box_regression.float().view(batch, slots, -1, 4),
+            targets.regression_targets.float(),
+            beta=config.smooth_l1_beta,
+            reduction="none",
+        )
+        return {
+            "loss_classifier": (ce * sampled).sum() / num_sampled,
+            "loss_box_reg": (box * targets.regression_weights).sum() / num_sampled,
+        }

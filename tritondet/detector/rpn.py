@@ -1,0 +1,210 @@
+"""Region Proposal Network (Faster R-CNN, Section 3.1).
+
+Shapes: B images, L levels, A anchors per position, H_l x W_l positions on level l,
+N_A = sum_l H_l * W_l * A anchors in all, P = post_nms_top_n proposals per image.
+
+A 3x3 convolution + ReLU slides over every level, then two sibling 1x1 convolutions give the
+objectness (k logits, or the paper's 2k softmax scores) and 4k box deltas per position. Proposals:
+:func:`tritondet.ops.rpn_proposals` straight from the head's outputs (anchors implicit, decode, clip,
+filter, NMS per level, top P) with fixed shapes and no host sync. Training: the anchor target layer
+(:func:`tritondet.ops.anchor_targets`) and the loss of Eqn. (1), normalized as torchvision does or as
+the paper does (see :class:`~tritondet.detector.config.RPNConfig`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import ops
+from .config import AnchorConfig, RPNConfig
+from .targets import GroundTruth, anchor_target_layer
+
+RPN_BOX_WEIGHTS = (1.0, 1.0, 1.0, 1.0)
+
+
+class RPNHead(nn.Module):
+    """``conv_depth`` 3x3 conv + ReLU, then 1x1 objectness and 1x1 box-delta convolutions, shared
+    by every level. State-dict keys are torchvision's ``RPNHead``'s (``conv.0.0.weight``, ...).
+
+    ``objectness="sigmoid"``: A logits per position. ``"softmax"``: 2A logits per position,
+    background for all anchors then foreground (py-faster-rcnn's layout); the head still returns
+    one logit per anchor, ``fg - bg``, whose sigmoid is the softmax foreground probability.
+    """
+
+    def __init__(self, in_channels: int, num_anchors: int, conv_depth: int = 1, objectness: str = "sigmoid") -> None:
+        super().__init__()
+        if objectness not in ("sigmoid", "softmax"):
+            raise ValueError(f"objectness must be 'sigmoid' or 'softmax', got {objectness!r}")
+        self.objectness = objectness
+        self.num_anchors = num_anchors
+        self.conv = nn.Sequential(
+            *(
+                nn.Sequential(nn.Conv2d(in_channels, in_channels, kernel_size=3, padding=1), nn.ReLU(inplace=True))
+                for _ in range(conv_depth)
+            )
+        )
+        scores_per_anchor = 1 if objectness == "sigmoid" else 2
+        self.cls_logits = nn.Conv2d(in_channels, scores_per_anchor * num_anchors, kernel_size=1)
+        self.bbox_pred = nn.Conv2d(in_channels, 4 * num_anchors, kernel_size=1)
+        for layer in self.modules():  # the paper's initialization: N(0, 0.01^2), zero bias
+            if isinstance(layer, nn.Conv2d):
+                nn.init.normal_(layer.weight, std=0.01)
+                nn.init.zeros_(layer.bias)
+
+    def forward(self, features: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+        """``features`` (L x ``[B, C, H_l, W_l]``) -> objectness logits (L x ``[B, A, H_l, W_l]``)
+        and deltas (L x ``[B, 4A, H_l, W_l]``)."""
+        objectness, deltas = [], []
+        for feature in features:
+            hidden = self.conv(feature)
+            logits = self.cls_logits(hidden)
+            if self.objectness == "softmax":
+                logits = logits[:, self.num_anchors :] - logits[:, : self.num_anchors]
+            objectness.append(logits)
+            deltas.append(self.bbox_pred(hidden))
+        return objectness, deltas
+
+
+def flatten_head_outputs(objectness: list[Tensor], deltas: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """Per-level head outputs -> ``[B, N_A]`` logits and ``[B, N_A, 4]`` deltas in anchor order
+    (level, y, x, anchor), the order of :func:`tritondet.ops.grid_anchors`."""
+    flat_objectness, flat_deltas = [], []
+    for logits, level_deltas in zip(objectness, deltas, strict=True):
+        batch, anchors, height, width = logits.shape
+        flat_objectness.append(logits.permute(0, 2, 3, 1).reshape(batch, -1))
+        level_deltas = level_deltas.view(batch, anchors, 4, height, width).permute(0, 3, 4, 1, 2)
+        flat_deltas.append(level_deltas.reshape(batch, -1, 4))
+    return torch.cat(flat_objectness, dim=1), torch.cat(flat_deltas, dim=1)
+
+
+def clip_to_images(boxes: Tensor, image_sizes: Tensor) -> Tensor:
+    """Clamp ``boxes [B, ..., 4]`` to ``[0, w] x [0, h]`` of each image (``image_sizes [B, 2]``);
+    differentiable, no host sync."""
+    shape = (boxes.shape[0],) + (1,) * (boxes.dim() - 2)
+    height = image_sizes[:, 0].to(boxes.dtype).view(shape)
+    width = image_sizes[:, 1].to(boxes.dtype).view(shape)
+    zero = torch.zeros((), dtype=boxes.dtype, device=boxes.device)
+    x1, y1, x2, y2 = boxes.unbind(-1)
+    return torch.stack(
+        [
+            torch.minimum(torch.maximum(x1, zero), width),
+            torch.minimum(torch.maximum(y1, zero), height),
+            torch.minimum(torch.maximum(x2, zero), width),
+            torch.minimum(torch.maximum(y2, zero), height),
+        ],
+        dim=-1,
+    )
+
+
+class RegionProposalNetwork(nn.Module):
+    """The RPN: head, proposals and (in training) the anchor target layer and loss."""
+
+    def __init__(self, config: RPNConfig, anchors: AnchorConfig, in_channels: int) -> None:
+        super().__init__()
+        if config.loss not in ("torchvision", "paper"):
+            raise ValueError(f"RPN loss must be 'torchvision' or 'paper', got {config.loss!r}")
+        self.config = config
+        self.anchors = anchors
+        self.head = RPNHead(in_channels, anchors.num_anchors(), config.conv_depth, config.objectness)
+
+    def _top_n(self, values: tuple[int, int]) -> int:
+        return values[0] if self.training else values[1]
+
+    def proposals(
+        self, objectness: list[Tensor], deltas: list[Tensor], image_sizes: Tensor, strides: list[tuple[int, int]]
+    ) -> tuple[Tensor, Tensor]:
+        """Fixed-shape proposals: ``boxes [B, P, 4]`` fp32 (detached) and ``num_valid [B]``."""
+        config = self.config
+        boxes, _scores, num_valid = ops.rpn_proposals(
+            [o.detach() for o in objectness],
+            [d.detach() for d in deltas],
+            image_sizes,
+            self.anchors.sizes,
+            self.anchors.aspect_ratios,
+            strides,
+            self._top_n(config.pre_nms_top_n),
+            self._top_n(config.post_nms_top_n),
+            nms_thresh=config.nms_thresh,
+            min_size=config.min_size,
+            score_thresh=config.score_thresh,
+        )
+        return boxes, num_valid
+
+    def differentiable_proposals(
+        self,
+        objectness: list[Tensor],
+        deltas: list[Tensor],
+        image_sizes: Tensor,
+        strides: list[tuple[int, int]],
+        anchors: Tensor,
+    ) -> tuple[Tensor, Tensor]:
+        """The same proposals as :meth:`proposals`, composed from ops so that the boxes keep their
+        gradient to the RPN's deltas (for ``crop_pool`` joint training): per-level top-k, decode
+        (``ops.decode_boxes``), clip, then ``ops.batched_nms_padded`` with levels as classes,
+        whose ``indices`` gather the differentiable boxes. No host sync."""
+        config = self.config
+        pre_nms_top_n, post_nms_top_n = self._top_n(config.pre_nms_top_n), self._top_n(config.post_nms_top_n)
+        flat_objectness, flat_deltas = flatten_head_outputs(objectness, deltas)
+        batch = flat_objectness.shape[0]
+        candidates, levels, start = [], [], 0
+        for level, logits in enumerate(objectness):
+            count = logits[0].numel()
+            k = min(pre_nms_top_n, count)
+            top = flat_objectness[:, start : start + count].detach().topk(k, dim=1).indices + start
+            candidates.append(top)
+            levels.append(torch.full((k,), level, device=top.device))
+            start += count
+        index = torch.cat(candidates, dim=1)  # [B, N]
+        level = torch.cat(levels)  # [N]
+        logits = flat_objectness.gather(1, index)
+        picked = flat_deltas.float().gather(1, index[..., None].expand(-1, -1, 4))
+        boxes = ops.decode_boxes(picked, anchors[index], RPN_BOX_WEIGHTS)
+        boxes = clip_to_images(boxes, image_sizes)
+        scores = torch.sigmoid(logits.detach().float())
+        widths, heights = boxes[..., 2] - boxes[..., 0], boxes[..., 3] - boxes[..., 1]
+        keep = (widths >= config.min_size) & (heights >= config.min_size) & (scores >= config.score_thresh)
+        # Dropped candidates score -1, below the threshold 0 that NMS applies (sigmoids are >= 0).
+        scores = torch.where(keep, scores, -1.0)
+        per_level = torch.where(
+            level[:, None] == torch.arange(len(objectness), device=level.device), scores[..., None], -1.0
+        )
+        _, _, _, kept, num_valid = ops.batched_nms_padded(
+            boxes.detach(), per_level, config.nms_thresh, post_nms_top_n, score_threshold=-0.5
+        )
+        proposals = boxes.gather(1, kept.clamp(min=0)[..., None].expand(batch, -1, 4))
+        return proposals * (kept >= 0)[..., None], num_valid
+
+    def loss(
+        self,
+        objectness: list[Tensor],
+        deltas: list[Tensor],
+        anchors: Tensor,
+        gt: GroundTruth,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, Tensor]:
+        """``loss_objectness`` and ``loss_rpn_box_reg`` (see :class:`RPNConfig` for the two
+        normalizations). ``anchors [N_A, 4]`` in the order of :func:`flatten_head_outputs`."""
+        config = self.config
+        targets = anchor_target_layer(anchors, gt, config, generator)
+        logits, pred_deltas = flatten_head_outputs(objectness, deltas)
+        sampled = (targets.labels >= 0).to(torch.float32)
+        positive = (targets.labels == 1).to(torch.float32)
+        num_sampled = sampled.sum().clamp(min=1.0)
+        bce = F.binary_cross_entropy_with_logits(
+            logits.float(), targets.labels.clamp(min=0).to(torch.float32), reduction="none"
+        )
+        loss_objectness = (bce * sampled).sum() / num_sampled
+        paper = config.loss == "paper"
+        beta = config.paper_smooth_l1_beta if paper else config.smooth_l1_beta
+        box = F.smooth_l1_loss(
+            pred_deltas.float(), targets.regression_targets.float(), beta=beta, reduction="none"
+        ).sum(-1)
+        box_sum = (box * positive).sum()
+        if paper:  # lambda / N_reg, N_reg = anchor locations of the batch
+            locations = sum(o.shape[-2] * o.shape[-1] for o in objectness) * logits.shape[0]
+            loss_box = config.paper_lambda * box_sum / locations
+        else:
+            loss_box = box_sum / num_sampled
+        return {"loss_objectness": loss_objectness, "loss_rpn_box_reg": loss_box}
