@@ -14,7 +14,7 @@ import torch
 import torchvision
 from torch import Tensor
 
-from ._validate import check_choice, check_same_device, check_tensor
+from ._validate import check_choice, check_counts, check_same_device, check_tensor
 from .kernels import box_iou as _box_iou_family
 
 __all__ = [
@@ -23,6 +23,7 @@ __all__ = [
     "complete_box_iou",
     "distance_box_iou",
     "generalized_box_iou",
+    "match_boxes",
 ]
 
 _ROTATED_FORMATS = ("cxcywhr", "xywhr", "xyxyxyxy")
@@ -132,3 +133,76 @@ def batched_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
             f"boxes1 and boxes2 must have the same batch size, got {boxes1.shape[0]} and {boxes2.shape[0]}"
         )
     return _pairwise(boxes1, boxes2, "iou")
+
+
+# ----------------------------------------------------------------------------------------------
+# Training targets: matching
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_gt(gt_boxes: Tensor, gt_count) -> Tensor:
+    """Validate ``gt_boxes [B, G, 4]`` and ``gt_count [B]``; the counts as int64 on the boxes' device."""
+    check_tensor("gt_boxes", gt_boxes, last_dim=4)
+    if gt_boxes.dim() != 3:
+        raise ValueError(f"gt_boxes must have shape [B, G, 4], got {tuple(gt_boxes.shape)}")
+    if not isinstance(gt_count, Tensor):
+        gt_count = torch.as_tensor(gt_count)
+    if gt_count.shape != (gt_boxes.shape[0],):
+        raise ValueError(f"gt_count must have shape [B] = [{gt_boxes.shape[0]}], got {tuple(gt_count.shape)}")
+    check_counts("gt_count", gt_count, gt_boxes.shape[1])
+    return gt_count.to(device=gt_boxes.device, dtype=torch.int64, non_blocking=True).contiguous()
+
+
+def _batched_boxes(name: str, boxes: Tensor, batch: int) -> Tensor:
+    """``[A, 4]`` (shared by every image, expanded without a copy) or ``[B, A, 4]`` -> ``[B, A, 4]``."""
+    check_tensor(name, boxes, last_dim=4)
+    if boxes.dim() == 2:
+        return boxes.expand(batch, *boxes.shape)
+    if boxes.dim() != 3 or boxes.shape[0] != batch:
+        raise ValueError(f"{name} must have shape [A, 4] or [B, A, 4] with B = {batch}, got {tuple(boxes.shape)}")
+    return boxes
+
+
+def _match(anchors: Tensor, gt_boxes: Tensor, gt_count, high: float, low: float, allow_low: bool, floor: float):
+    if not low <= high:
+        raise ValueError(f"low must be <= high, got low={low} and high={high}")
+    gt_count = _check_gt(gt_boxes, gt_count)
+    anchors = _batched_boxes("anchors_or_proposals", anchors, gt_boxes.shape[0])
+    check_same_device(anchors_or_proposals=anchors, gt_boxes=gt_boxes)
+    if anchors.dtype != gt_boxes.dtype:
+        common = torch.promote_types(anchors.dtype, gt_boxes.dtype)
+        anchors, gt_boxes = anchors.to(common), gt_boxes.to(common)
+    return torch.ops.tritondet.match_boxes(
+        anchors, gt_boxes, gt_count, float(high), float(low), float(floor), bool(allow_low)
+    )
+
+
+def match_boxes(
+    anchors_or_proposals: Tensor,
+    gt_boxes: Tensor,
+    gt_count,
+    high: float,
+    low: float,
+    allow_low_quality_matches: bool = False,
+) -> Tensor:
+    """Match every anchor (or proposal) to a ground-truth box, as torchvision's ``Matcher``.
+
+    Equal, image by image, to ``Matcher(high, low, allow_low_quality_matches)`` applied to
+    ``box_iou(gt_boxes[b, :gt_count[b]], anchors)``, without building the IoU matrix on the GPU:
+    two kernel launches, O(B·(A + G)) extra memory, no host sync.
+
+    Args:
+        anchors_or_proposals (Tensor[A, 4] or Tensor[B, A, 4]): xyxy boxes, shared or per image.
+        gt_boxes (Tensor[B, G, 4]): xyxy ground truth, padded; only the first ``gt_count[b]``
+            rows of image ``b`` are used.
+        gt_count (Tensor[B] or sequence of int): real ground-truth boxes per image, in ``[0, G]``.
+        high (float): IoU at or above which a match is kept.
+        low (float): IoU below which an anchor is background (-1); ``[low, high)`` gives -2.
+        allow_low_quality_matches (bool): also keep the best match of every anchor that attains
+            some ground truth's highest IoU (ties included).
+
+    Returns:
+        Tensor[B, A] int64: matched ground-truth index, -1 (below ``low``) or -2 (between);
+        -1 everywhere for images without ground truth (torchvision raises there).
+    """
+    return _match(anchors_or_proposals, gt_boxes, gt_count, high, low, allow_low_quality_matches, float("-inf"))
