@@ -14,14 +14,17 @@ import torch
 import torchvision
 from torch import Tensor
 
-from ._validate import check_choice, check_same_device, check_tensor
+from ._validate import check_choice, check_floating, check_same_device, check_tensor
+from .kernels import box_coder as _box_coder_family
 from .kernels import box_iou as _box_iou_family
 
 __all__ = [
     "batched_box_iou",
     "box_iou",
     "complete_box_iou",
+    "decode_boxes",
     "distance_box_iou",
+    "encode_boxes",
     "generalized_box_iou",
 ]
 
@@ -132,3 +135,93 @@ def batched_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
             f"boxes1 and boxes2 must have the same batch size, got {boxes1.shape[0]} and {boxes2.shape[0]}"
         )
     return _pairwise(boxes1, boxes2, "iou")
+
+
+# ----------------------------------------------------------------------------------------------
+# Box coding (Faster R-CNN regression targets), anchors and RPN proposals
+# ----------------------------------------------------------------------------------------------
+
+
+def _box_coder_weights(weights) -> list[float]:
+    """Four Python floats from a sequence or a 4-element tensor (a CUDA tensor is read back once)."""
+    if isinstance(weights, torch.Tensor):
+        if weights.numel() != 4:
+            raise ValueError(f"weights must have 4 elements (wx, wy, ww, wh), got shape {tuple(weights.shape)}")
+        return [float(w) for w in weights.detach().reshape(4).tolist()]
+    try:
+        values = [float(w) for w in weights]
+    except (TypeError, ValueError) as error:
+        raise TypeError(f"weights must be 4 numbers (wx, wy, ww, wh), got {weights!r}") from error
+    if len(values) != 4:
+        raise ValueError(f"weights must have 4 elements (wx, wy, ww, wh), got {len(values)}")
+    return values
+
+
+def encode_boxes(reference_boxes: Tensor, proposals: Tensor, weights) -> Tensor:
+    """Regression targets of ``reference_boxes`` relative to ``proposals`` (torchvision's ``encode_boxes``).
+
+    Args:
+        reference_boxes (Tensor[..., 4]): ``(x1, y1, x2, y2)`` boxes to encode (ground truth).
+        proposals (Tensor[..., 4]): the boxes they are encoded against (anchors, proposals); same shape.
+        weights (Tensor[4] or 4 floats): ``(wx, wy, ww, wh)``; ``(1, 1, 1, 1)`` for the RPN,
+            ``(10, 10, 5, 5)`` for the box head.
+
+    Returns:
+        Tensor[..., 4]: ``(dx, dy, dw, dh)`` in the boxes' dtype, computed in fp32 (fp64 for fp64).
+        Differentiable in both box arguments.
+    """
+    check_tensor("reference_boxes", reference_boxes, min_dim=1, last_dim=4)
+    check_tensor("proposals", proposals, min_dim=1, last_dim=4)
+    check_floating("reference_boxes", reference_boxes)
+    check_floating("proposals", proposals)
+    check_same_device(reference_boxes=reference_boxes, proposals=proposals)
+    if reference_boxes.shape != proposals.shape:
+        raise ValueError(
+            f"reference_boxes and proposals must have the same shape, got {tuple(reference_boxes.shape)} and "
+            f"{tuple(proposals.shape)}"
+        )
+    values = _box_coder_weights(weights)
+    dtype = torch.promote_types(reference_boxes.dtype, proposals.dtype)
+    shape = reference_boxes.shape
+    result = torch.ops.tritondet.encode_boxes(
+        reference_boxes.to(dtype).reshape(-1, 4), proposals.to(dtype).reshape(-1, 4), values
+    )
+    return result.to(dtype).reshape(shape)
+
+
+def decode_boxes(
+    deltas: Tensor, boxes: Tensor, weights, bbox_xform_clip: float = _box_coder_family.DEFAULT_XFORM_CLIP
+) -> Tensor:
+    """Boxes from regression deltas relative to ``boxes`` (torchvision's ``BoxCoder.decode_single``).
+
+    Args:
+        deltas (Tensor[..., 4K]): ``(dx, dy, dw, dh)`` for K boxes per reference box (e.g. per class).
+        boxes (Tensor[..., 4]): ``(x1, y1, x2, y2)`` reference boxes (anchors, proposals); the same
+            leading dimensions as ``deltas``.
+        weights (Tensor[4] or 4 floats): ``(wx, wy, ww, wh)``, as for :func:`encode_boxes`.
+        bbox_xform_clip (float): ``dw / ww`` and ``dh / wh`` are clamped to it before ``exp``.
+
+    Returns:
+        Tensor[..., 4K]: ``(x1, y1, x2, y2)`` boxes in ``deltas``' dtype, computed in fp32 (fp64 for
+        fp64). Differentiable in ``deltas`` and ``boxes``.
+    """
+    check_tensor("deltas", deltas, min_dim=1)
+    check_tensor("boxes", boxes, min_dim=1, last_dim=4)
+    check_floating("deltas", deltas)
+    check_floating("boxes", boxes)
+    check_same_device(deltas=deltas, boxes=boxes)
+    if deltas.shape[-1] % 4 != 0:
+        raise ValueError(f"deltas must have shape [..., 4K], got {tuple(deltas.shape)}")
+    if deltas.shape[:-1] != boxes.shape[:-1]:
+        raise ValueError(
+            f"deltas and boxes must have the same leading dimensions, got {tuple(deltas.shape)} and "
+            f"{tuple(boxes.shape)}"
+        )
+    values = _box_coder_weights(weights)
+    if 0.0 in values:
+        raise ValueError(f"weights must be non-zero to decode, got {values}")
+    shape = deltas.shape
+    result = torch.ops.tritondet.decode_boxes(
+        deltas.reshape(-1, shape[-1]), boxes.reshape(-1, 4), values, float(bbox_xform_clip)
+    )
+    return result.to(deltas.dtype).reshape(shape)
