@@ -12,13 +12,15 @@ import math
 
 import torch
 import torchvision
-from torch import Tensor
+from torch import Tensor, nn
 
 from ._validate import check_choice, check_floating, check_same_device, check_tensor
+from .kernels import anchors as _anchors_family
 from .kernels import box_coder as _box_coder_family
 from .kernels import box_iou as _box_iou_family
 
 __all__ = [
+    "AnchorGenerator",
     "batched_box_iou",
     "box_iou",
     "complete_box_iou",
@@ -26,6 +28,7 @@ __all__ = [
     "distance_box_iou",
     "encode_boxes",
     "generalized_box_iou",
+    "grid_anchors",
 ]
 
 _ROTATED_FORMATS = ("cxcywhr", "xywhr", "xyxyxyxy")
@@ -225,3 +228,93 @@ def decode_boxes(
         deltas.reshape(-1, shape[-1]), boxes.reshape(-1, 4), values, float(bbox_xform_clip)
     )
     return result.to(deltas.dtype).reshape(shape)
+
+
+def grid_anchors(
+    grid_sizes, strides, sizes, aspect_ratios, *, dtype: torch.dtype = torch.float32, device=None
+) -> Tensor:
+    """The anchors of every position of every feature map, torchvision's values and order.
+
+    Args:
+        grid_sizes (list of (H_l, W_l)): feature-map sizes, one pair per level.
+        strides (list of (s_h, s_w)): pixels between neighbouring positions, one pair per level.
+        sizes, aspect_ratios: as for :class:`AnchorGenerator` (per level, or one size per level and
+            shared ratios); aspect ratio = height / width.
+        dtype, device: of the result (values are computed in fp32).
+
+    Returns:
+        Tensor[sum_l H_l * W_l * A_l, 4]: ``(x1, y1, x2, y2)``, level by level, each in
+        (y, x, anchor) order, anchors ratio-major as torchvision's ``cell_anchors``.
+    """
+    sizes, aspect_ratios = _anchors_family.normalize_config(sizes, aspect_ratios)
+    grid_sizes, strides = [tuple(int(v) for v in g) for g in grid_sizes], [tuple(int(v) for v in s) for s in strides]
+    if not len(grid_sizes) == len(strides) == len(sizes):
+        raise ValueError(
+            f"grid_sizes, strides and sizes must have one entry per feature map, got {len(grid_sizes)}, "
+            f"{len(strides)} and {len(sizes)}"
+        )
+    if any(len(g) != 2 or min(g) < 0 for g in grid_sizes):
+        raise ValueError(f"grid_sizes must be (height, width) pairs of non-negative sizes, got {grid_sizes}")
+    if any(len(s) != 2 or min(s) <= 0 for s in strides):
+        raise ValueError(f"strides must be (height, width) pairs of positive strides, got {strides}")
+    anchor_sizes, anchor_ratios, counts = _anchors_family.anchor_parameters(sizes, aspect_ratios)
+    anchors = torch.ops.tritondet.grid_anchors(
+        [v for g in grid_sizes for v in g],
+        [v for s in strides for v in s],
+        anchor_sizes,
+        anchor_ratios,
+        counts,
+        torch.device(device) if device is not None else torch.device("cpu"),
+    )
+    return anchors.to(dtype)
+
+
+class AnchorGenerator(nn.Module):
+    """Anchors for a batch of images and their feature maps (torchvision's ``AnchorGenerator``).
+
+    Args:
+        sizes (tuple of tuples of int): anchor sizes (square roots of areas) per feature map;
+            ``((32,), (64,), (128,), (256,), (512,))`` for FPN, ``((128, 256, 512),)`` for the
+            single-level network of the Faster R-CNN paper.
+        aspect_ratios (tuple of tuples of float): height / width ratios per feature map, e.g.
+            ``((0.5, 1.0, 2.0),) * 5`` (FPN) or ``((0.5, 1.0, 2.0),)`` (the paper: 9 anchors).
+
+    ``forward(image_list, feature_maps)`` returns one ``Tensor[sum_l H_l * W_l * A_l, 4]`` per image
+    (the same tensor for every image: anchors depend only on the padded batch size), in the feature
+    maps' dtype and device; the stride of level l is the padded image size // ``(H_l, W_l)``.
+    Computed in one kernel launch from (level, y, x, anchor); no host sync.
+    """
+
+    def __init__(self, sizes=((128, 256, 512),), aspect_ratios=((0.5, 1.0, 2.0),)) -> None:
+        super().__init__()
+        self._sizes, self._aspect_ratios = _anchors_family.normalize_config(sizes, aspect_ratios)
+        if not isinstance(sizes[0], (list, tuple)):
+            sizes = tuple((s,) for s in sizes)
+        if not isinstance(aspect_ratios[0], (list, tuple)):
+            aspect_ratios = (aspect_ratios,) * len(sizes)
+        self.sizes = sizes
+        self.aspect_ratios = aspect_ratios
+        self.cell_anchors = [
+            _anchors_family.cell_anchors_reference(s, r) for s, r in zip(self._sizes, self._aspect_ratios, strict=True)
+        ]
+
+    def num_anchors_per_location(self) -> list[int]:
+        return [len(s) * len(a) for s, a in zip(self._sizes, self._aspect_ratios, strict=True)]
+
+    def forward(self, image_list, feature_maps: list[Tensor]) -> list[Tensor]:
+        if len(feature_maps) != len(self._sizes):
+            raise ValueError(
+                f"feature_maps has {len(feature_maps)} levels but the generator has sizes for {len(self._sizes)}"
+            )
+        grid_sizes = [tuple(feature_map.shape[-2:]) for feature_map in feature_maps]
+        image_height, image_width = image_list.tensors.shape[-2:]
+        strides = [(image_height // height, image_width // width) for height, width in grid_sizes]
+        anchors = grid_anchors(
+            grid_sizes,
+            strides,
+            self._sizes,
+            self._aspect_ratios,
+            dtype=feature_maps[0].dtype,
+            device=feature_maps[0].device,
+        )
+        return [anchors] * len(image_list.image_sizes)

@@ -4,9 +4,10 @@ Every module in :data:`FAMILIES` defines ``AOT_SPECS`` (the specializations its 
 ``PUBLIC_OPS`` (the names in :mod:`tritondet.ops` it serves).
 """
 
-from . import box_coder, box_iou
+from . import anchors, box_coder, box_iou
 
 FAMILIES = {
     "box_iou": box_iou,
     "box_coder": box_coder,
+    "anchors": anchors,
 }
