@@ -12,17 +12,23 @@ import math
 
 import torch
 import torchvision
-from torch import Tensor
+from torch import Tensor, nn
 
-from ._validate import check_choice, check_counts, check_same_device, check_tensor
+from ._validate import check_choice, check_counts, check_floating, check_same_device, check_tensor
+from .kernels import anchors as _anchors_family
+from .kernels import box_coder as _box_coder_family
 from .kernels import box_iou as _box_iou_family
 
 __all__ = [
+    "AnchorGenerator",
     "batched_box_iou",
     "box_iou",
     "complete_box_iou",
+    "decode_boxes",
     "distance_box_iou",
+    "encode_boxes",
     "generalized_box_iou",
+    "grid_anchors",
     "match_boxes",
 ]
 
@@ -133,6 +139,186 @@ def batched_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
             f"boxes1 and boxes2 must have the same batch size, got {boxes1.shape[0]} and {boxes2.shape[0]}"
         )
     return _pairwise(boxes1, boxes2, "iou")
+
+
+# ----------------------------------------------------------------------------------------------
+# Box coding (Faster R-CNN regression targets), anchors and RPN proposals
+# ----------------------------------------------------------------------------------------------
+
+
+def _box_coder_weights(weights) -> list[float]:
+    """Four Python floats from a sequence or a 4-element tensor (a CUDA tensor is read back once)."""
+    if isinstance(weights, torch.Tensor):
+        if weights.numel() != 4:
+            raise ValueError(f"weights must have 4 elements (wx, wy, ww, wh), got shape {tuple(weights.shape)}")
+        return [float(w) for w in weights.detach().reshape(4).tolist()]
+    try:
+        values = [float(w) for w in weights]
+    except (TypeError, ValueError) as error:
+        raise TypeError(f"weights must be 4 numbers (wx, wy, ww, wh), got {weights!r}") from error
+    if len(values) != 4:
+        raise ValueError(f"weights must have 4 elements (wx, wy, ww, wh), got {len(values)}")
+    return values
+
+
+def encode_boxes(reference_boxes: Tensor, proposals: Tensor, weights) -> Tensor:
+    """Regression targets of ``reference_boxes`` relative to ``proposals`` (torchvision's ``encode_boxes``).
+
+    Args:
+        reference_boxes (Tensor[..., 4]): ``(x1, y1, x2, y2)`` boxes to encode (ground truth).
+        proposals (Tensor[..., 4]): the boxes they are encoded against (anchors, proposals); same shape.
+        weights (Tensor[4] or 4 floats): ``(wx, wy, ww, wh)``; ``(1, 1, 1, 1)`` for the RPN,
+            ``(10, 10, 5, 5)`` for the box head.
+
+    Returns:
+        Tensor[..., 4]: ``(dx, dy, dw, dh)`` in the boxes' dtype, computed in fp32 (fp64 for fp64).
+        Differentiable in both box arguments.
+    """
+    check_tensor("reference_boxes", reference_boxes, min_dim=1, last_dim=4)
+    check_tensor("proposals", proposals, min_dim=1, last_dim=4)
+    check_floating("reference_boxes", reference_boxes)
+    check_floating("proposals", proposals)
+    check_same_device(reference_boxes=reference_boxes, proposals=proposals)
+    if reference_boxes.shape != proposals.shape:
+        raise ValueError(
+            f"reference_boxes and proposals must have the same shape, got {tuple(reference_boxes.shape)} and "
+            f"{tuple(proposals.shape)}"
+        )
+    values = _box_coder_weights(weights)
+    dtype = torch.promote_types(reference_boxes.dtype, proposals.dtype)
+    shape = reference_boxes.shape
+    result = torch.ops.tritondet.encode_boxes(
+        reference_boxes.to(dtype).reshape(-1, 4), proposals.to(dtype).reshape(-1, 4), values
+    )
+    return result.to(dtype).reshape(shape)
+
+
+def decode_boxes(
+    deltas: Tensor, boxes: Tensor, weights, bbox_xform_clip: float = _box_coder_family.DEFAULT_XFORM_CLIP
+) -> Tensor:
+    """Boxes from regression deltas relative to ``boxes`` (torchvision's ``BoxCoder.decode_single``).
+
+    Args:
+        deltas (Tensor[..., 4K]): ``(dx, dy, dw, dh)`` for K boxes per reference box (e.g. per class).
+        boxes (Tensor[..., 4]): ``(x1, y1, x2, y2)`` reference boxes (anchors, proposals); the same
+            leading dimensions as ``deltas``.
+        weights (Tensor[4] or 4 floats): ``(wx, wy, ww, wh)``, as for :func:`encode_boxes`.
+        bbox_xform_clip (float): ``dw / ww`` and ``dh / wh`` are clamped to it before ``exp``.
+
+    Returns:
+        Tensor[..., 4K]: ``(x1, y1, x2, y2)`` boxes in ``deltas``' dtype, computed in fp32 (fp64 for
+        fp64). Differentiable in ``deltas`` and ``boxes``.
+    """
+    check_tensor("deltas", deltas, min_dim=1)
+    check_tensor("boxes", boxes, min_dim=1, last_dim=4)
+    check_floating("deltas", deltas)
+    check_floating("boxes", boxes)
+    check_same_device(deltas=deltas, boxes=boxes)
+    if deltas.shape[-1] % 4 != 0:
+        raise ValueError(f"deltas must have shape [..., 4K], got {tuple(deltas.shape)}")
+    if deltas.shape[:-1] != boxes.shape[:-1]:
+        raise ValueError(
+            f"deltas and boxes must have the same leading dimensions, got {tuple(deltas.shape)} and "
+            f"{tuple(boxes.shape)}"
+        )
+    values = _box_coder_weights(weights)
+    if 0.0 in values:
+        raise ValueError(f"weights must be non-zero to decode, got {values}")
+    shape = deltas.shape
+    result = torch.ops.tritondet.decode_boxes(
+        deltas.reshape(-1, shape[-1]), boxes.reshape(-1, 4), values, float(bbox_xform_clip)
+    )
+    return result.to(deltas.dtype).reshape(shape)
+
+
+def grid_anchors(
+    grid_sizes, strides, sizes, aspect_ratios, *, dtype: torch.dtype = torch.float32, device=None
+) -> Tensor:
+    """The anchors of every position of every feature map, torchvision's values and order.
+
+    Args:
+        grid_sizes (list of (H_l, W_l)): feature-map sizes, one pair per level.
+        strides (list of (s_h, s_w)): pixels between neighbouring positions, one pair per level.
+        sizes, aspect_ratios: as for :class:`AnchorGenerator` (per level, or one size per level and
+            shared ratios); aspect ratio = height / width.
+        dtype, device: of the result (values are computed in fp32).
+
+    Returns:
+        Tensor[sum_l H_l * W_l * A_l, 4]: ``(x1, y1, x2, y2)``, level by level, each in
+        (y, x, anchor) order, anchors ratio-major as torchvision's ``cell_anchors``.
+    """
+    sizes, aspect_ratios = _anchors_family.normalize_config(sizes, aspect_ratios)
+    grid_sizes, strides = [tuple(int(v) for v in g) for g in grid_sizes], [tuple(int(v) for v in s) for s in strides]
+    if not len(grid_sizes) == len(strides) == len(sizes):
+        raise ValueError(
+            f"grid_sizes, strides and sizes must have one entry per feature map, got {len(grid_sizes)}, "
+            f"{len(strides)} and {len(sizes)}"
+        )
+    if any(len(g) != 2 or min(g) < 0 for g in grid_sizes):
+        raise ValueError(f"grid_sizes must be (height, width) pairs of non-negative sizes, got {grid_sizes}")
+    if any(len(s) != 2 or min(s) <= 0 for s in strides):
+        raise ValueError(f"strides must be (height, width) pairs of positive strides, got {strides}")
+    anchor_sizes, anchor_ratios, counts = _anchors_family.anchor_parameters(sizes, aspect_ratios)
+    anchors = torch.ops.tritondet.grid_anchors(
+        [v for g in grid_sizes for v in g],
+        [v for s in strides for v in s],
+        anchor_sizes,
+        anchor_ratios,
+        counts,
+        torch.device(device) if device is not None else torch.device("cpu"),
+    )
+    return anchors.to(dtype)
+
+
+class AnchorGenerator(nn.Module):
+    """Anchors for a batch of images and their feature maps (torchvision's ``AnchorGenerator``).
+
+    Args:
+        sizes (tuple of tuples of int): anchor sizes (square roots of areas) per feature map;
+            ``((32,), (64,), (128,), (256,), (512,))`` for FPN, ``((128, 256, 512),)`` for the
+            single-level network of the Faster R-CNN paper.
+        aspect_ratios (tuple of tuples of float): height / width ratios per feature map, e.g.
+            ``((0.5, 1.0, 2.0),) * 5`` (FPN) or ``((0.5, 1.0, 2.0),)`` (the paper: 9 anchors).
+
+    ``forward(image_list, feature_maps)`` returns one ``Tensor[sum_l H_l * W_l * A_l, 4]`` per image
+    (the same tensor for every image: anchors depend only on the padded batch size), in the feature
+    maps' dtype and device; the stride of level l is the padded image size // ``(H_l, W_l)``.
+    Computed in one kernel launch from (level, y, x, anchor); no host sync.
+    """
+
+    def __init__(self, sizes=((128, 256, 512),), aspect_ratios=((0.5, 1.0, 2.0),)) -> None:
+        super().__init__()
+        self._sizes, self._aspect_ratios = _anchors_family.normalize_config(sizes, aspect_ratios)
+        if not isinstance(sizes[0], (list, tuple)):
+            sizes = tuple((s,) for s in sizes)
+        if not isinstance(aspect_ratios[0], (list, tuple)):
+            aspect_ratios = (aspect_ratios,) * len(sizes)
+        self.sizes = sizes
+        self.aspect_ratios = aspect_ratios
+        self.cell_anchors = [
+            _anchors_family.cell_anchors_reference(s, r) for s, r in zip(self._sizes, self._aspect_ratios, strict=True)
+        ]
+
+    def num_anchors_per_location(self) -> list[int]:
+        return [len(s) * len(a) for s, a in zip(self._sizes, self._aspect_ratios, strict=True)]
+
+    def forward(self, image_list, feature_maps: list[Tensor]) -> list[Tensor]:
+        if len(feature_maps) != len(self._sizes):
+            raise ValueError(
+                f"feature_maps has {len(feature_maps)} levels but the generator has sizes for {len(self._sizes)}"
+            )
+        grid_sizes = [tuple(feature_map.shape[-2:]) for feature_map in feature_maps]
+        image_height, image_width = image_list.tensors.shape[-2:]
+        strides = [(image_height // height, image_width // width) for height, width in grid_sizes]
+        anchors = grid_anchors(
+            grid_sizes,
+            strides,
+            self._sizes,
+            self._aspect_ratios,
+            dtype=feature_maps[0].dtype,
+            device=feature_maps[0].device,
+        )
+        return [anchors] * len(image_list.image_sizes)
 
 
 # ----------------------------------------------------------------------------------------------
