@@ -18,9 +18,11 @@ from ._validate import check_choice, check_counts, check_floating, check_same_de
 from .kernels import anchors as _anchors_family
 from .kernels import box_coder as _box_coder_family
 from .kernels import box_iou as _box_iou_family
+from .kernels import targets as _targets_family
 
 __all__ = [
     "AnchorGenerator",
+    "anchor_targets",
     "batched_box_iou",
     "box_iou",
     "complete_box_iou",
@@ -30,6 +32,8 @@ __all__ = [
     "generalized_box_iou",
     "grid_anchors",
     "match_boxes",
+    "proposal_targets",
+    "sample_balanced",
 ]
 
 _ROTATED_FORMATS = ("cxcywhr", "xywhr", "xyxyxyxy")
@@ -392,3 +396,194 @@ def match_boxes(
         -1 everywhere for images without ground truth (torchvision raises there).
     """
     return _match(anchors_or_proposals, gt_boxes, gt_count, high, low, allow_low_quality_matches, float("-inf"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Training targets: balanced sampling, anchor target layer, proposal target layer
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_sampling(batch_size_per_image: int, positive_fraction: float, generator) -> None:
+    if isinstance(batch_size_per_image, bool) or not isinstance(batch_size_per_image, int) or batch_size_per_image < 0:
+        raise ValueError(f"batch_size_per_image must be a non-negative int, got {batch_size_per_image!r}")
+    if not 0.0 <= positive_fraction <= 1.0:
+        raise ValueError(f"positive_fraction must lie in [0, 1], got {positive_fraction!r}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+
+
+def sample_balanced(
+    matched_idx: Tensor,
+    batch_size_per_image: int,
+    positive_fraction: float,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Sample positives and negatives per image, as torchvision's ``BalancedPositiveNegativeSampler``.
+
+    Per image: positives are ``matched_idx >= 0``, negatives ``matched_idx == -1`` (-2 and other
+    negative values are ignored); ``num_pos = min(int(batch_size_per_image * positive_fraction),
+    #positives)`` and ``num_neg = min(batch_size_per_image - num_pos, #negatives)`` are drawn
+    uniformly at random. Batched, fixed shapes, no host sync; the same ``generator`` state gives
+    the same masks.
+
+    Args:
+        matched_idx (Tensor[B, N] integer): e.g. the output of :func:`match_boxes`.
+        batch_size_per_image (int): e.g. 256 for the RPN, 512 (torchvision) or 128 for the box head.
+        positive_fraction (float): e.g. 0.5 for the RPN, 0.25 for the box head.
+        generator (torch.Generator, optional): on ``matched_idx``'s device.
+
+    Returns:
+        (Tensor[B, N] bool, Tensor[B, N] bool): the sampled positives and negatives.
+    """
+    check_tensor("matched_idx", matched_idx)
+    if matched_idx.is_floating_point() or matched_idx.dim() != 2:
+        raise ValueError(
+            f"matched_idx must be an integer tensor of shape [B, N], got {matched_idx.dtype} {tuple(matched_idx.shape)}"
+        )
+    _check_sampling(batch_size_per_image, positive_fraction, generator)
+    return _targets_family.sample_balanced(matched_idx, batch_size_per_image, positive_fraction, generator)
+
+
+def _check_weights(weights) -> tuple[float, ...]:
+    if isinstance(weights, Tensor):
+        raise TypeError("weights must be 4 Python numbers (a tensor would be read back from the device)")
+    return tuple(_box_coder_weights(weights))
+
+
+def anchor_targets(
+    anchors: Tensor,
+    gt_boxes: Tensor,
+    gt_count,
+    fg_iou_thresh: float = 0.7,
+    bg_iou_thresh: float = 0.3,
+    batch_size_per_image: int = 256,
+    positive_fraction: float = 0.5,
+    weights=(1.0, 1.0, 1.0, 1.0),
+    generator: torch.Generator | None = None,
+) -> _targets_family.AnchorTargets:
+    """Anchor target layer (RPN training targets) for a batch of images in one call.
+
+    As torchvision's RPN: ``Matcher(fg_iou_thresh, bg_iou_thresh, allow_low_quality_matches=True)``,
+    ``BalancedPositiveNegativeSampler(batch_size_per_image, positive_fraction)`` and
+    ``BoxCoder(weights).encode``; images without ground truth are all background.
+
+    Args:
+        anchors (Tensor[A, 4] or Tensor[B, A, 4]): xyxy anchors, shared or per image.
+        gt_boxes (Tensor[B, G, 4]), gt_count (Tensor[B] or sequence of int): padded ground truth.
+        generator (torch.Generator, optional): for the sampler, on the anchors' device.
+
+    Returns:
+        AnchorTargets: labels ``[B, A]`` int64 (1 sampled foreground, 0 sampled background,
+        -1 not sampled), regression_targets ``[B, A, 4]`` (fp32, fp64 for fp64 boxes; zero except
+        at sampled foreground), matched_idx ``[B, A]`` (see :func:`match_boxes`).
+    """
+    values = _check_weights(weights)
+    _check_sampling(batch_size_per_image, positive_fraction, generator)
+    if not bg_iou_thresh <= fg_iou_thresh:
+        raise ValueError(f"bg_iou_thresh must be <= fg_iou_thresh, got {bg_iou_thresh} and {fg_iou_thresh}")
+    gt_count = _check_gt(gt_boxes, gt_count)
+    anchors = _batched_boxes("anchors", anchors, gt_boxes.shape[0])
+    check_same_device(anchors=anchors, gt_boxes=gt_boxes)
+    check_floating("anchors", anchors)
+    gt_boxes = gt_boxes.to(anchors.dtype)
+    return _targets_family.anchor_targets(
+        anchors,
+        gt_boxes,
+        gt_count,
+        fg_iou_thresh,
+        bg_iou_thresh,
+        batch_size_per_image,
+        positive_fraction,
+        values,
+        generator,
+    )
+
+
+def proposal_targets(
+    proposals: Tensor,
+    gt_boxes: Tensor,
+    gt_labels: Tensor,
+    gt_count,
+    num_classes: int,
+    proposal_count=None,
+    fg_iou_thresh: float = 0.5,
+    bg_iou_thresh: float = 0.5,
+    bg_iou_thresh_low: float = 0.0,
+    batch_size_per_image: int = 512,
+    positive_fraction: float = 0.25,
+    weights=(10.0, 10.0, 5.0, 5.0),
+    generator: torch.Generator | None = None,
+) -> _targets_family.ProposalTargets:
+    """Proposal target layer (box-head training targets) for a batch of images in one call.
+
+    Appends the ground truth to the proposals, matches at ``fg_iou_thresh`` (foreground: IoU at or
+    above it), takes background from ``[bg_iou_thresh_low, bg_iou_thresh)`` (torchvision: 0.0 and
+    0.5; Girshick's Fast R-CNN: 0.1 and 0.5; IoUs below ``bg_iou_thresh_low`` are ignored), samples
+    ``batch_size_per_image`` with ``positive_fraction`` foreground (torchvision 512 / 0.25, the
+    original 128 / 0.25) and encodes class-specific regression targets with ``weights``.
+
+    Args:
+        proposals (Tensor[B, P, 4]): xyxy proposals, padded; the first ``proposal_count[b]`` are real.
+        gt_boxes (Tensor[B, G, 4]), gt_labels (Tensor[B, G] integer classes in [1, num_classes)),
+        gt_count (Tensor[B] or sequence of int): padded ground truth.
+        num_classes (int): C, background (0) included.
+        proposal_count (Tensor[B] or sequence of int, optional): all P when omitted.
+        generator (torch.Generator, optional): for the sampler, on the proposals' device.
+
+    Returns:
+        ProposalTargets with S = ``batch_size_per_image`` slots per image: proposals ``[B, S, 4]``,
+        labels ``[B, S]`` (class, 0 background, -1 padding), regression_targets and
+        regression_weights ``[B, S, C, 4]``, matched_idx ``[B, S]``, sampled_idx ``[B, S]``.
+    """
+    values = _check_weights(weights)
+    _check_sampling(batch_size_per_image, positive_fraction, generator)
+    if not bg_iou_thresh_low <= bg_iou_thresh <= fg_iou_thresh:
+        raise ValueError(
+            "need bg_iou_thresh_low <= bg_iou_thresh <= fg_iou_thresh, got "
+            f"{bg_iou_thresh_low}, {bg_iou_thresh} and {fg_iou_thresh}"
+        )
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    gt_count = _check_gt(gt_boxes, gt_count)
+    check_tensor("proposals", proposals, last_dim=4)
+    if proposals.dim() != 3 or proposals.shape[0] != gt_boxes.shape[0]:
+        raise ValueError(
+            f"proposals must have shape [B, P, 4] with B = {gt_boxes.shape[0]}, got {tuple(proposals.shape)}"
+        )
+    check_floating("proposals", proposals)
+    check_same_device(proposals=proposals, gt_boxes=gt_boxes)
+    if proposals.shape[1] + gt_boxes.shape[1] == 0:
+        raise ValueError("proposals and gt_boxes are both empty: there is nothing to sample")
+    batch, num_gt = gt_boxes.shape[:2]
+    check_tensor("gt_labels", gt_labels)
+    if gt_labels.is_floating_point() or gt_labels.shape != (batch, num_gt):
+        raise ValueError(
+            f"gt_labels must be an integer tensor of shape [B, G] = [{batch}, {num_gt}], got "
+            f"{gt_labels.dtype} {tuple(gt_labels.shape)}"
+        )
+    real_gt = torch.arange(num_gt, device=gt_boxes.device) < gt_count[:, None]
+    check_counts("gt_labels", torch.where(real_gt, gt_labels.to(gt_boxes.device), 0), num_classes - 1)
+    if proposal_count is None:
+        proposal_count = torch.full((batch,), proposals.shape[1], dtype=torch.int64, device=proposals.device)
+    else:
+        if not isinstance(proposal_count, Tensor):
+            proposal_count = torch.as_tensor(proposal_count)
+        if proposal_count.shape != (batch,):
+            raise ValueError(f"proposal_count must have shape [B] = [{batch}], got {tuple(proposal_count.shape)}")
+        check_counts("proposal_count", proposal_count, proposals.shape[1])
+        proposal_count = proposal_count.to(device=proposals.device, dtype=torch.int64, non_blocking=True)
+    return _targets_family.proposal_targets(
+        proposals,
+        proposal_count,
+        gt_boxes.to(proposals.dtype),
+        gt_labels.to(proposals.device),
+        gt_count,
+        num_classes,
+        fg_iou_thresh,
+        bg_iou_thresh,
+        bg_iou_thresh_low,
+        batch_size_per_image,
+        positive_fraction,
+        values,
+        generator,
+    )

@@ -371,4 +371,6 @@ def _aot_specs() -> list[KernelSpec]:
 
 
 AOT_SPECS = _aot_specs()
-PUBLIC_OPS = ("match_boxes",)
+# The target layers (targets.py) compose these kernels with the box coder's: listed here, since
+# their compiled code is this family's.
+PUBLIC_OPS = ("match_boxes", "sample_balanced", "anchor_targets", "proposal_targets")
