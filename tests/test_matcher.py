@@ -200,3 +200,17 @@ def test_fpn_size_250k_anchors_100_gt(backend, device):
     anchors = random_boxes(250_000, generator=generator, scale=600.0).to(device)
     gt_boxes = random_boxes(100, generator=generator, scale=600.0, batch=(1,)).to(device)
     check(anchors, gt_boxes, torch.tensor([100]), 0.7, 0.3, True)
+
+
+@pytest.mark.parametrize("allow_low", [False, True])
+def test_ties_across_tiles_and_chunks(backend, device, allow_low):
+    """Identical GT boxes 17 slots apart (different GT chunks) and duplicate anchors 200 apart
+    (different anchor tiles): first argmax wins, every tied anchor gets the low-quality match."""
+    generator = torch.Generator().manual_seed(31)
+    anchors = random_boxes(300, generator=generator)
+    anchors[200:260] = anchors[0:60]
+    gt_boxes = random_boxes(24, generator=generator, batch=(2,))
+    gt_boxes[:, 20] = gt_boxes[:, 3]
+    gt_boxes[1, 5] = anchors[7]  # IoU exactly 1 with anchors 7 and 207
+    ours = check(anchors.to(device), gt_boxes.to(device), torch.tensor([24, 21]), 0.5, 0.3, allow_low)
+    assert ours[1, 7] == ours[1, 207] == 5
