@@ -285,3 +285,22 @@ def test_anchor_targets_bad_input():
         ops.anchor_targets(torch.zeros(3, 5, 4), torch.zeros(1, 2, 4), [1])
     with pytest.raises(TypeError, match="weights must be 4 Python numbers"):
         ops.anchor_targets(torch.zeros(5, 4), torch.zeros(1, 2, 4), [1], weights=torch.ones(4))
+
+
+def test_sampler_and_target_layers_compile_fullgraph(backend, device):
+    generator = torch.Generator().manual_seed(10)
+    anchors = random_boxes(200, generator=generator).to(device)
+    gt_boxes = random_boxes(4, generator=generator, batch=(2,)).to(device)
+    gt_count = torch.tensor([4, 1], device=device)
+    gt_labels = torch.tensor([[1, 2, 3, 1], [2, 0, 0, 0]], device=device)
+    proposals = random_boxes(50, generator=generator, batch=(2,)).to(device)
+    eager = ops.anchor_targets(anchors, gt_boxes, gt_count)
+    compiled = torch.compile(ops.anchor_targets, fullgraph=True, backend="aot_eager")(anchors, gt_boxes, gt_count)
+    assert torch.equal(compiled.matched_idx, eager.matched_idx)
+    assert torch.equal((compiled.labels == 1).sum(1), (eager.labels == 1).sum(1))
+    assert torch.equal((compiled.labels == 0).sum(1), (eager.labels == 0).sum(1))
+    fn = lambda p, g, labels, c: ops.proposal_targets(p, g, labels, c, 4, batch_size_per_image=32)
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")(proposals, gt_boxes, gt_labels, gt_count)
+    eager = fn(proposals, gt_boxes, gt_labels, gt_count)
+    assert compiled.regression_targets.shape == eager.regression_targets.shape == (2, 32, 4, 4)
+    assert torch.equal((compiled.labels > 0).sum(1), (eager.labels > 0).sum(1))
