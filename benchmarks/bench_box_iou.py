@@ -33,32 +33,35 @@ def _check(ours: torch.Tensor, theirs: torch.Tensor) -> None:
     torch.testing.assert_close(ours, theirs.to(ours.dtype), atol=tolerance, rtol=tolerance, equal_nan=True)
 
 
+def _boxes(n: int, m: int, dtype: torch.dtype, device: torch.device):
+    def inputs():
+        generator = torch.Generator().manual_seed(n + m)
+        boxes1 = random_boxes(n, scale=_IMAGE_SCALE, generator=generator)
+        boxes2 = random_boxes(m, scale=_IMAGE_SCALE, generator=generator)
+        return boxes1.to(device, dtype), boxes2.to(device, dtype)
+
+    return inputs
+
+
 def cases(device: torch.device, sizes: str) -> list[Case]:
-    generator = torch.Generator().manual_seed(0)
     dtypes = [torch.float32, torch.float16] if device.type == "cuda" else [torch.float32]
-    result = []
-    for n, m in _SIZES[sizes][device.type]:
-        boxes1 = random_boxes(n, scale=_IMAGE_SCALE, generator=generator).to(device)
-        boxes2 = random_boxes(m, scale=_IMAGE_SCALE, generator=generator).to(device)
-        for dtype in dtypes:
-            a, b = boxes1.to(dtype), boxes2.to(dtype)
+    return [
+        Case(
+            op=name,
+            size=f"{n}x{m}",
+            dtype=dtype,
+            device=device,
+            inputs=_boxes(n, m, dtype, device),
+            ours=getattr(ops, name),
+            torchvision=getattr(torchvision.ops, name),
             # Read both box sets once, write the fp32 [N, M] matrix once.
-            min_bytes = (n + m) * 4 * a.element_size() + n * m * 4
-            for name in ("box_iou", "generalized_box_iou"):
-                ours_op, their_op = getattr(ops, name), getattr(torchvision.ops, name)
-                result.append(
-                    Case(
-                        op=name,
-                        size=f"{n}x{m}",
-                        dtype=dtype,
-                        device=device,
-                        ours=lambda ours_op=ours_op, a=a, b=b: ours_op(a, b),
-                        torchvision=lambda their_op=their_op, a=a, b=b: their_op(a, b),
-                        min_bytes=min_bytes,
-                        check=_check,
-                    )
-                )
-    return result
+            min_bytes=(n + m) * 4 * dtype.itemsize + n * m * 4,
+            check=_check,
+        )
+        for n, m in _SIZES[sizes][device.type]
+        for dtype in dtypes
+        for name in ("box_iou", "generalized_box_iou")
+    ]
 
 
 @pytest.mark.parametrize("case", cases(bench_device(), bench_sizes()), ids=lambda case: case.id)

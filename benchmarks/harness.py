@@ -68,17 +68,23 @@ def bench_device() -> torch.device:
 
 @dataclasses.dataclass
 class Case:
-    """One benchmark: two zero-argument callables over the same inputs, built by a family file."""
+    """One benchmark, built by a family file: both sides called on the same inputs.
+
+    ``inputs()`` builds the inputs when the case runs (and they are freed after it), so that
+    collecting many full-size cases costs no memory; ``ours(*inputs)`` and
+    ``torchvision(*inputs)`` are the calls compared. Inputs that require grad have their
+    ``.grad`` reset between timed calls (forward+backward cases).
+    """
 
     op: str
     size: str  # a label such as "12000x100"
     dtype: torch.dtype
     device: torch.device
-    ours: Callable[[], Any]
-    torchvision: Callable[[], Any]
+    inputs: Callable[[], tuple]
+    ours: Callable[..., Any]
+    torchvision: Callable[..., Any]
     min_bytes: int  # bytes the op must read and write at least (inputs once, outputs once)
     check: Callable[[Any, Any], None] | None = None  # raises if our result differs from torchvision's
-    grad_to_none: tuple[torch.Tensor, ...] = ()  # leaves whose .grad is reset between timed calls
 
     @property
     def id(self) -> str:
@@ -129,6 +135,11 @@ class KernelCounter(DispatchCounter):
         return self.launches + self.kernel_ops
 
 
+def _reset_grads(leaves) -> None:
+    for leaf in leaves:
+        leaf.grad = None
+
+
 @dataclasses.dataclass
 class Counts:
     launches: int
@@ -136,8 +147,9 @@ class Counts:
     aten_ops: int
 
 
-def count(fn: Callable[[], Any]) -> Counts:
-    """Launches, host syncs and ATen ops of one call of ``fn``."""
+def count(fn: Callable[[], Any], leaves: tuple[torch.Tensor, ...] = ()) -> Counts:
+    """Launches, host syncs and ATen ops of one call of ``fn`` (with the ``.grad`` of ``leaves`` reset)."""
+    _reset_grads(leaves)
     with KernelCounter() as counter:
         fn()
     return Counts(counter.device_launches, counter.syncs, counter.aten_ops)
@@ -188,8 +200,7 @@ def _time_cpu_samples(fn: Callable[[], Any], grad_to_none) -> Timing:
     samples: list[float] = []
     started = time.perf_counter()
     while len(samples) < CPU_REPEATS and (not samples or time.perf_counter() - started < CPU_BUDGET_S):
-        for tensor in grad_to_none:
-            tensor.grad = None
+        _reset_grads(grad_to_none)
         begin = time.perf_counter()
         fn()
         samples.append((time.perf_counter() - begin) * 1e3)
@@ -216,9 +227,27 @@ def peak_bandwidth_gbps(device: torch.device) -> float | None:
 # ----------------------------------------------------------------------------------------------
 
 
-def check(case: Case) -> None:
-    """Our result against torchvision's on the case's inputs (a benchmark of different work is void)."""
-    ours, theirs = case.ours(), case.torchvision()
+@dataclasses.dataclass
+class _Bound:
+    """A case with its inputs built: zero-argument calls for timing and counting."""
+
+    ours: Callable[[], Any]
+    torchvision: Callable[[], Any]
+    leaves: tuple[torch.Tensor, ...]
+
+
+def _bind(case: Case) -> _Bound:
+    inputs = case.inputs()
+    leaves = tuple(t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad)
+    return _Bound(lambda: case.ours(*inputs), lambda: case.torchvision(*inputs), leaves)
+
+
+def _check(case: Case, bound: _Bound) -> None:
+    """Our result against torchvision's on the same inputs (a benchmark of different work is void)."""
+    _reset_grads(bound.leaves)
+    ours = bound.ours()
+    _reset_grads(bound.leaves)
+    theirs = bound.torchvision()
     if case.check is not None:
         case.check(ours, theirs)
     else:
@@ -226,10 +255,11 @@ def check(case: Case) -> None:
 
 
 def measure(case: Case) -> Row:
-    check(case)
-    ours_counts, torchvision_counts = count(case.ours), count(case.torchvision)
-    ours = time_call(case.ours, case.device, case.grad_to_none)
-    theirs = time_call(case.torchvision, case.device, case.grad_to_none)
+    bound = _bind(case)
+    _check(case, bound)
+    ours_counts, torchvision_counts = count(bound.ours, bound.leaves), count(bound.torchvision, bound.leaves)
+    ours = time_call(bound.ours, case.device, bound.leaves)
+    theirs = time_call(bound.torchvision, case.device, bound.leaves)
     peak = peak_bandwidth_gbps(case.device)
     cuda = case.device.type == "cuda"
     return Row(
@@ -285,16 +315,18 @@ def _synchronized(fn: Callable[[], Any], device: torch.device) -> Callable[[], A
 def run_benchmark(benchmark, case: Case) -> None:
     """The body of every benchmark test.
 
-    With ``--benchmark-disable`` (the default) a smoke test: both sides run once, their results
-    are compared and the counters run; nothing is timed. Otherwise the full row is measured and
-    appended to the CSV (``TRITONDET_BENCH_CSV``, default ``bench/results.csv``), and
-    pytest-benchmark times our op too (its table, grouped per op, carries the row as extra info).
+    With ``--benchmark-disable`` (the default) a smoke test: both sides run once on the same
+    inputs, their results are compared and the counters run; nothing is timed. Otherwise the full
+    row is measured and appended to the CSV (``TRITONDET_BENCH_CSV``, default
+    ``bench/results.csv``), and pytest-benchmark times our op too (its table, grouped per op,
+    carries the row as extra info).
     """
     if benchmark.disabled:
-        check(case)
-        count(case.ours)
-        count(case.torchvision)
-        benchmark(case.ours)
+        bound = _bind(case)
+        _check(case, bound)
+        count(bound.ours, bound.leaves)
+        count(bound.torchvision, bound.leaves)
+        benchmark(bound.ours)
         return
     row = measure(case)
     append_csv([row], csv_path())
@@ -302,4 +334,11 @@ def run_benchmark(benchmark, case: Case) -> None:
     benchmark.extra_info.update(
         {key: value for key, value in dataclasses.asdict(row).items() if value is not None and key != "op"}
     )
-    benchmark.pedantic(_synchronized(case.ours, case.device), rounds=3, iterations=1, warmup_rounds=1)
+    bound = _bind(case)
+    benchmark.pedantic(
+        _synchronized(bound.ours, case.device),
+        setup=lambda: _reset_grads(bound.leaves),
+        rounds=3,
+        iterations=1,
+        warmup_rounds=1,
+    )

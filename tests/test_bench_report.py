@@ -117,8 +117,9 @@ def test_measure_compares_the_same_work_and_fills_a_row():
         size="50x7",
         dtype=torch.float32,
         device=torch.device("cpu"),
-        ours=lambda: ops.box_iou(boxes1, boxes2),
-        torchvision=lambda: torchvision.ops.box_iou(boxes1, boxes2),
+        inputs=lambda: (boxes1, boxes2),
+        ours=ops.box_iou,
+        torchvision=torchvision.ops.box_iou,
         min_bytes=57 * 16 + 350 * 4,
     )
     row = harness.measure(case)
@@ -126,7 +127,7 @@ def test_measure_compares_the_same_work_and_fills_a_row():
     assert row.ratio == pytest.approx(row.torchvision_ms / row.ours_ms)
     assert row.ours_ms_q20 <= row.ours_ms <= row.ours_ms_q80
     assert row.ours_gbps is None and row.ours_peak_mem is None  # CUDA-only figures
-    wrong = dataclasses.replace(case, ours=lambda: ops.generalized_box_iou(boxes1, boxes2))
+    wrong = dataclasses.replace(case, ours=ops.generalized_box_iou)
     with pytest.raises(AssertionError):
         harness.measure(wrong)
 
@@ -141,3 +142,26 @@ def test_bench_command_writes_the_report(tmp_path, monkeypatch, capsys):
     assert all(row.ratio > 0 for row in rows)
     assert (out / "box_iou.png").exists() and (out / "results.md").exists()
     assert "| op | size | dtype | device |" in capsys.readouterr().out
+
+
+def test_forward_backward_cases_reset_grads_between_calls():
+    def inputs():
+        return random_boxes(20).requires_grad_(), random_boxes(5).requires_grad_()
+
+    def forward_backward(boxes1, boxes2):
+        torchvision.ops.generalized_box_iou(boxes1, boxes2).sum().backward()
+        return boxes1.grad.clone()
+
+    case = harness.Case(
+        op="giou_fwd_bwd",
+        size="20x5",
+        dtype=torch.float32,
+        device=torch.device("cpu"),
+        inputs=inputs,
+        ours=forward_backward,
+        torchvision=forward_backward,
+        min_bytes=0,
+    )
+    row = harness.measure(case)  # the check compares the two grads: equal only if reset in between
+    # Same call on both sides, so the same counts: no gradient accumulation op on the second one.
+    assert row.ours_aten_ops == row.torchvision_aten_ops and row.ours_launches == row.torchvision_launches
