@@ -163,7 +163,7 @@ def _soft_nms_kernel(
     count = 0
     searching = N > 0
     while searching:
-        best_score = -float("inf")
+        best_score = tl.full((), -float("inf"), dtype)
         best_index = N
         for chunk in range(0, N, BLOCK):
             offsets = chunk + lanes
