@@ -19,6 +19,7 @@ from .kernels import anchors as _anchors_family
 from .kernels import box_coder as _box_coder_family
 from .kernels import box_iou as _box_iou_family
 from .kernels import nms as _nms_family
+from .kernels import rpn_proposals as _rpn_family
 
 __all__ = [
     "AnchorGenerator",
@@ -33,6 +34,7 @@ __all__ = [
     "generalized_box_iou",
     "grid_anchors",
     "nms",
+    "rpn_proposals",
     "soft_nms",
 ]
 
@@ -303,6 +305,7 @@ def soft_nms(
     )
 
 
+# ----------------------------------------------------------------------------------------------
 # Box coding (Faster R-CNN regression targets), anchors and RPN proposals
 # ----------------------------------------------------------------------------------------------
 
@@ -480,3 +483,114 @@ class AnchorGenerator(nn.Module):
             device=feature_maps[0].device,
         )
         return [anchors] * len(image_list.image_sizes)
+
+
+def _per_level_strides(strides, num_levels: int) -> list[int]:
+    """Flattened (s_h, s_w) per level from ints or pairs."""
+    if not isinstance(strides, (list, tuple)) or len(strides) != num_levels:
+        raise ValueError(f"strides must have one entry per level ({num_levels}), got {strides!r}")
+    flat = []
+    for stride in strides:
+        pair = (stride, stride) if isinstance(stride, int) else tuple(stride)
+        if len(pair) != 2 or any(not isinstance(s, int) or s <= 0 for s in pair):
+            raise ValueError(f"strides must be positive ints or (height, width) pairs of them, got {strides!r}")
+        flat += pair
+    return flat
+
+
+def rpn_proposals(
+    objectness: list[Tensor],
+    deltas: list[Tensor],
+    image_sizes: Tensor,
+    anchor_sizes,
+    aspect_ratios,
+    strides,
+    pre_nms_top_n: int,
+    post_nms_top_n: int,
+    nms_thresh: float = 0.7,
+    min_size: float = 1e-3,
+    score_thresh: float = 0.0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Region proposals from the raw RPN head outputs: torchvision's ``RegionProposalNetwork``
+    post-processing (anchors, ``BoxCoder.decode``, ``filter_proposals``) with fixed shapes.
+
+    Per image: the ``pre_nms_top_n`` best anchors of each level, decoded (weights 1, ``dw``/``dh``
+    clamped to ``log(1000 / 16)``), clipped to the image, boxes with a side below ``min_size`` and
+    sigmoid scores below ``score_thresh`` dropped, NMS at ``nms_thresh`` per level, the best
+    ``post_nms_top_n`` kept.
+
+    Args:
+        objectness (list of L Tensor[B, A_l, H_l, W_l]): logits, as the head emits them (any strides).
+        deltas (list of L Tensor[B, 4 A_l, H_l, W_l]): box deltas, as the head emits them.
+        image_sizes (Tensor[B, 2]): (height, width) of each image before padding.
+        anchor_sizes, aspect_ratios: as for :class:`AnchorGenerator` (one entry per level).
+        strides (list of L ints or (s_h, s_w) pairs): pixels per feature-map position.
+        pre_nms_top_n (int): candidates per level and image before NMS (2000 train, 1000 test).
+        post_nms_top_n (int): proposals returned per image (2000 train, 1000 test).
+
+    Returns:
+        boxes (Tensor[B, post_nms_top_n, 4]) and scores (Tensor[B, post_nms_top_n]) fp32 by
+        decreasing score, num_valid (Tensor[B] int64): the slots past num_valid hold zeros.
+
+    No host sync. Kernel launches on the Triton backend: 4 whatever B and L (objectness gather,
+    decode, and the 2 of :func:`batched_nms_padded`), plus one ``torch.topk`` and a fixed number of
+    other ATen ops; the computation is fp32 whatever the head's dtype.
+    """
+    if not isinstance(objectness, (list, tuple)) or not isinstance(deltas, (list, tuple)):
+        raise TypeError("objectness and deltas must be lists of per-level tensors")
+    if len(objectness) != len(deltas) or len(objectness) == 0:
+        raise ValueError(
+            f"objectness and deltas must have the same non-zero number of levels, got {len(objectness)} and "
+            f"{len(deltas)}"
+        )
+    sizes, ratios = _anchors_family.normalize_config(anchor_sizes, aspect_ratios)
+    num_levels = len(objectness)
+    if len(sizes) != num_levels:
+        raise ValueError(f"anchor_sizes has {len(sizes)} levels but objectness has {num_levels}")
+    flat_strides = _per_level_strides(strides, num_levels)
+    flat_sizes, flat_ratios, counts = _anchors_family.anchor_parameters(sizes, ratios)
+    check_tensor("image_sizes", image_sizes)
+    if image_sizes.dim() != 2 or image_sizes.shape[1] != 2:
+        raise ValueError(f"image_sizes must have shape [B, 2] (height, width), got {tuple(image_sizes.shape)}")
+    batch = image_sizes.shape[0]
+    for level, (logits, codes) in enumerate(zip(objectness, deltas, strict=True)):
+        check_tensor(f"objectness[{level}]", logits)
+        check_tensor(f"deltas[{level}]", codes)
+        expected = (batch, counts[level], *logits.shape[2:])
+        if logits.dim() != 4 or tuple(logits.shape) != expected:
+            raise ValueError(
+                f"objectness[{level}] must have shape [B, A, H, W] = {expected} (B from image_sizes, A = "
+                f"{counts[level]} anchors per position), got {tuple(logits.shape)}"
+            )
+        if tuple(codes.shape) != (batch, 4 * counts[level], *logits.shape[2:]):
+            raise ValueError(
+                f"deltas[{level}] must have shape [B, 4A, H, W] = {(batch, 4 * counts[level], *logits.shape[2:])}, "
+                f"got {tuple(codes.shape)}"
+            )
+        if logits.dtype not in _rpn_family.HEAD_DTYPES or codes.dtype != logits.dtype:
+            raise TypeError(
+                f"objectness[{level}] and deltas[{level}] must share one floating dtype of "
+                f"{_rpn_family.HEAD_DTYPES}, got {logits.dtype} and {codes.dtype}"
+            )
+        check_same_device(image_sizes=image_sizes, objectness=logits, deltas=codes)
+    if objectness[0].dtype != objectness[-1].dtype or len({o.dtype for o in objectness}) != 1:
+        raise TypeError(f"all levels must share one dtype, got {[o.dtype for o in objectness]}")
+    for name, value in (("pre_nms_top_n", pre_nms_top_n), ("post_nms_top_n", post_nms_top_n)):
+        if not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+    boxes, scores = torch.ops.tritondet.rpn_candidates(
+        list(objectness),
+        list(deltas),
+        image_sizes,
+        flat_strides,
+        flat_sizes,
+        flat_ratios,
+        counts,
+        pre_nms_top_n,
+        float(min_size),
+        float(score_thresh),
+        _box_coder_family.DEFAULT_XFORM_CLIP,
+    )
+    # Dropped candidates carry score -inf: a threshold of -inf passes every kept one (even 0).
+    boxes, scores, _, _, num_valid = batched_nms_padded(boxes, scores, nms_thresh, post_nms_top_n, float("-inf"))
+    return boxes, scores, num_valid
