@@ -60,6 +60,16 @@ def pairwise_iou_tile(ax1, ay1, ax2, ay2, area_a, bx1, by1, bx2, by2, area_b):
 
 
 @triton.jit
+def _intersection_union(ax1, ay1, ax2, ay2, area_a, bx1, by1, bx2, by2, area_b):
+    """Intersection and union areas of box pairs (torchvision's formulas and order); the first box's
+    corners and area broadcast against the second's. Shared with the NMS kernels."""
+    inter_w = tl.minimum(ax2, bx2) - tl.maximum(ax1, bx1)
+    inter_h = tl.minimum(ay2, by2) - tl.maximum(ay1, by1)
+    inter = tl.maximum(inter_w, 0.0) * tl.maximum(inter_h, 0.0)
+    return inter, area_a + area_b - inter
+
+
+@triton.jit
 def _pairwise_iou_kernel(
     # pointers
     boxes1_ptr,  # [B, N, 4], any strides
