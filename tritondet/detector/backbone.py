@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-import torch
 import torchvision
 from torch import Tensor, nn
 from torchvision.models._utils import IntermediateLayerGetter
@@ -89,4 +88,3 @@ def feature_strides(features: list[Tensor], padded_size: tuple[int, int]) -> lis
     (torchvision's anchor strides; Python ints from shapes, no host sync)."""
     height, width = padded_size
     return [(height // f.shape[-2], width // f.shape[-1]) for f in features]
-

@@ -117,10 +117,11 @@ class RPNConfig:
 class RoIHeadsConfig:
     """Fast R-CNN detection head (Section 3.2 and Fast R-CNN).
 
-    ``box_pooling``: ``"roi_align"`` (torchvision: ``MultiScaleRoIAlign`` over ``featmap_names``, or
-    ``roi_align`` at ``spatial_scale`` on a single map), ``"roi_pool"`` (the paper's RoI max pooling,
+    ``box_pooling``: ``"roi_align"`` (torchvision's ``MultiScaleRoIAlign`` over ``featmap_names``,
+    one or several maps), ``"roi_pool"`` (the paper's RoI max pooling,
     single map) or ``"crop_pool"`` (bilinear crops differentiable in the box coordinates, so the
     box-head loss also trains the RPN's boxes: the joint training of Section 3.2 (iii)).
+    Map scales are inferred from the feature and image sizes (torchvision's rule), e.g. 1/16 for C4.
     Training targets (the proposal target layer): IoU >= ``fg_iou_thresh`` foreground, background in
     ``[bg_iou_thresh_low, bg_iou_thresh)`` (torchvision 0.0; Fast R-CNN 0.1), ``batch_size_per_image``
     RoIs at ``positive_fraction`` foreground (torchvision 512 / 0.25; the paper 128 / 0.25).
@@ -135,7 +136,6 @@ class RoIHeadsConfig:
     box_pooling: str = "roi_align"
     output_size: int = 7
     sampling_ratio: int = 2
-    spatial_scale: float = 1.0 / 16
     representation_size: int = 1024
     fg_iou_thresh: float = 0.5
     bg_iou_thresh: float = 0.5
@@ -223,9 +223,7 @@ def tiny(num_classes: int = 4) -> FasterRCNNConfig:
     images, with small anchors and few proposals and RoIs: fast in the Triton interpreter."""
     return FasterRCNNConfig(
         transform=TransformConfig(min_size=64, max_size=96),
-        backbone=BackboneConfig(
-            name="resnet18", returned_layers=(2, 3, 4), fpn_channels=16, trainable_layers=5
-        ),
+        backbone=BackboneConfig(name="resnet18", returned_layers=(2, 3, 4), fpn_channels=16, trainable_layers=5),
         anchors=AnchorConfig(sizes=((8,), (16,), (32,), (64,)), aspect_ratios=((0.5, 1.0, 2.0),) * 4),
         rpn=RPNConfig(pre_nms_top_n=(64, 32), post_nms_top_n=(32, 16), batch_size_per_image=32),
         roi_heads=RoIHeadsConfig(

@@ -54,7 +54,9 @@ class FastRCNNPredictor(nn.Module):
 def rois_from_padded(boxes: Tensor) -> Tensor:
     """``[B, P, 4]`` -> ``[B * P, 5]`` rows ``(image index, x1, y1, x2, y2)``."""
     batch, count = boxes.shape[:2]
-    index = torch.arange(batch, device=boxes.device, dtype=boxes.dtype).repeat_interleave(count, output_size=batch * count)
+    index = torch.arange(batch, device=boxes.device, dtype=boxes.dtype).repeat_interleave(
+        count, output_size=batch * count
+    )
     return torch.cat([index[:, None], boxes.reshape(-1, 4)], dim=1)
 
 
@@ -76,7 +78,9 @@ class RoIHeads(nn.Module):
         if config.box_pooling not in POOLINGS:
             raise ValueError(f"box_pooling must be one of {POOLINGS}, got {config.box_pooling!r}")
         if config.box_pooling != "roi_align" and len(config.featmap_names) != 1:
-            raise ValueError(f"box_pooling={config.box_pooling!r} pools from one feature map; got {config.featmap_names}")
+            raise ValueError(
+                f"box_pooling={config.box_pooling!r} pools from one feature map; got {config.featmap_names}"
+            )
         self.config = config
         if config.box_pooling == "roi_align":
             self.box_roi_pool = ops.MultiScaleRoIAlign(
