@@ -80,7 +80,7 @@ def build_backbone(config: BackboneConfig) -> nn.Module:
             for parameter in features[: _VGG16_BLOCK_STARTS[frozen_blocks - 1]].parameters():
                 parameter.requires_grad_(False)
         return SingleLevelBackbone(features, 512)
-    raise ValueError(f"unknown backbone {config.name!r}: expected one of {_RESNETS + ('vgg16',)}")
+    raise ValueError(f"unknown backbone {config.name!r}: expected one of {(*_RESNETS, 'vgg16')}")
 
 
 def feature_strides(features: list[Tensor], padded_size: tuple[int, int]) -> list[tuple[int, int]]:
