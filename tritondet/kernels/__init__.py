@@ -4,8 +4,9 @@ Every module in :data:`FAMILIES` defines ``AOT_SPECS`` (the specializations its 
 ``PUBLIC_OPS`` (the names in :mod:`tritondet.ops` it serves).
 """
 
-from . import box_iou
+from . import box_iou, roi_align
 
 FAMILIES = {
     "box_iou": box_iou,
+    "roi_align": roi_align,
 }
