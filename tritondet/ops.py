@@ -14,16 +14,20 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
+from . import _validate
 from ._validate import check_choice, check_counts, check_floating, check_same_device, check_tensor
 from .kernels import anchors as _anchors_family
 from .kernels import box_coder as _box_coder_family
 from .kernels import box_iou as _box_iou_family
 from .kernels import nms as _nms_family
+from .kernels import roi_align as _roi_align_family
 from .kernels import rpn_proposals as _rpn_family
 from .kernels import targets as _targets_family
 
 __all__ = [
     "AnchorGenerator",
+    "MultiScaleRoIAlign",
+    "RoIAlign",
     "anchor_targets",
     "batched_box_iou",
     "batched_nms",
@@ -38,6 +42,7 @@ __all__ = [
     "match_boxes",
     "nms",
     "proposal_targets",
+    "roi_align",
     "rpn_proposals",
     "sample_balanced",
     "soft_nms",
@@ -863,3 +868,191 @@ def rpn_proposals(
     # Dropped candidates carry score -inf: a threshold of -inf passes every kept one (even 0).
     boxes, scores, _, _, num_valid = batched_nms_padded(boxes, scores, nms_thresh, post_nms_top_n, float("-inf"))
     return boxes, scores, num_valid
+
+
+# RoIAlign family
+# ----------------------------------------------------------------------------------------------
+
+
+def _pair_size(name: str, value) -> tuple[int, int]:
+    size = (value, value) if isinstance(value, int) else tuple(value)
+    if len(size) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size):
+        raise ValueError(f"{name} must be a positive int or a pair of positive ints, got {value!r}")
+    return size
+
+
+def _check_feature_map(name: str, value) -> Tensor:
+    check_tensor(name, value)
+    if value.dim() != 4:
+        raise ValueError(f"{name} must be [N, C, H, W], got shape {tuple(value.shape)}")
+    if not value.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
+    return value
+
+
+def _rois_from_boxes(boxes, num_images: int, device: torch.device) -> Tensor:
+    """``Tensor[K, 5]`` (checked) or ``list[Tensor[L, 4]]`` (one per image) -> ``Tensor[K, 5]``."""
+    if isinstance(boxes, Tensor):
+        check_tensor("boxes", boxes)
+        if boxes.dim() != 2 or boxes.shape[1] != 5:
+            raise ValueError(f"boxes must be a Tensor[K, 5] or a list of Tensor[L, 4], got shape {tuple(boxes.shape)}")
+        rois = boxes
+    elif isinstance(boxes, (list, tuple)) and boxes:
+        for i, image_boxes in enumerate(boxes):
+            check_tensor(f"boxes[{i}]", image_boxes)
+            if image_boxes.dim() != 2 or image_boxes.shape[1] != 4:
+                raise ValueError(f"boxes[{i}] must be a Tensor[L, 4], got shape {tuple(image_boxes.shape)}")
+        # One small tensor per image (a short, fixed loop): the batch-index column.
+        ids = [torch.full_like(b[:, :1], i) for i, b in enumerate(boxes)]
+        rois = torch.cat([torch.cat(ids), torch.cat(list(boxes))], dim=1)
+    else:
+        raise TypeError(f"boxes must be a Tensor[K, 5] or a non-empty list of Tensor[L, 4], got {type(boxes).__name__}")
+    if rois.device != device:
+        raise ValueError(f"input and boxes must be on the same device, got {device} and {rois.device}")
+    if not rois.is_floating_point():
+        rois = rois.float()
+    if _validate.validation_enabled(device):
+        _validate.check_roi_batch_indices("boxes", rois, num_images)
+    return rois
+
+
+def roi_align(
+    input: Tensor,
+    boxes: Tensor | list[Tensor],
+    output_size: int | tuple[int, int],
+    spatial_scale: float = 1.0,
+    sampling_ratio: int = -1,
+    aligned: bool = False,
+) -> Tensor:
+    """RoI Align (Mask R-CNN): average of bilinear samples over each bin of each region.
+
+    Args:
+        input (Tensor[N, C, H, W]): feature maps, fp16/bf16/fp32/fp64, NCHW or channels_last
+            (read in place), any strides.
+        boxes (Tensor[K, 5] or List[Tensor[L, 4]]): ``(batch_index, x1, y1, x2, y2)`` rows, or one
+            ``(x1, y1, x2, y2)`` tensor per image. A batch index that is not an integer in
+            ``[0, N)`` raises ``ValueError`` on CPU tensors (and with ``TRITONDET_VALIDATE=1``);
+            otherwise that RoI's output is zero.
+        output_size (int or Tuple[int, int]): ``(PH, PW)`` bins.
+        spatial_scale (float): factor from box coordinates to input coordinates.
+        sampling_ratio (int): samples per bin along each axis; ``<= 0``: ``ceil(roi_size / bins)``.
+        aligned (bool): shift the boxes by -0.5 pixel (Detectron2); False: legacy, RoIs at least 1x1.
+
+    Returns:
+        Tensor[K, C, PH, PW]: contiguous (NCHW) in ``input``'s dtype, whatever ``input``'s layout;
+        computed in fp32 (fp64 for fp64 input).
+    """
+    _check_feature_map("input", input)
+    ph, pw = _pair_size("output_size", output_size)
+    rois = _rois_from_boxes(boxes, input.shape[0], input.device)
+    return torch.ops.tritondet.roi_align(
+        [input], rois, [float(spatial_scale)], ph, pw, int(sampling_ratio), bool(aligned), 0, 224.0, 4.0
+    )
+
+
+class RoIAlign(torch.nn.Module):
+    """See :func:`roi_align`."""
+
+    def __init__(self, output_size, spatial_scale: float, sampling_ratio: int, aligned: bool = False):
+        super().__init__()
+        self.output_size = output_size
+        self.spatial_scale = spatial_scale
+        self.sampling_ratio = sampling_ratio
+        self.aligned = aligned
+
+    def forward(self, input: Tensor, rois: Tensor | list[Tensor]) -> Tensor:
+        return roi_align(input, rois, self.output_size, self.spatial_scale, self.sampling_ratio, self.aligned)
+
+    def __repr__(self) -> str:
+        return (
+            f"{self.__class__.__name__}(output_size={self.output_size}, spatial_scale={self.spatial_scale}, "
+            f"sampling_ratio={self.sampling_ratio}, aligned={self.aligned})"
+        )
+
+
+def _level_scale(feature: Tensor, image_size: tuple[int, int]) -> float:
+    """The power of two nearest to the feature map's height over the image's (torchvision's rule)."""
+    return 2.0 ** round(math.log2(feature.shape[-2] / image_size[0]))
+
+
+class MultiScaleRoIAlign(torch.nn.Module):
+    """Multi-scale RoIAlign (FPN): each box is pooled from the level of Eqn. (1) of the FPN paper,
+    ``floor(canonical_level + log2(sqrt(area) / canonical_scale))`` clamped to the available
+    levels, with torchvision's scales (inferred from feature and image sizes) and results.
+
+    All levels are pooled in one kernel launch (each RoI picks its level's pointer, shape and scale
+    from a small table in the kernel), without per-level gathers or host syncs. At most
+    ``MAX_LEVELS`` (5) levels.
+
+    Args:
+        featmap_names (List[str]): the keys of the feature maps to pool from.
+        output_size (int or Tuple[int, int]): ``(PH, PW)``.
+        sampling_ratio (int): as in :func:`roi_align` (``aligned=False``, as torchvision).
+        canonical_scale (int), canonical_level (int): ``224`` and ``k0 = 4`` of Eqn. (1).
+
+    Forward: ``x`` (dict of Tensor[N, C, H_l, W_l]), ``boxes`` (List[Tensor[L_i, 4]] in image
+    coordinates), ``image_shapes`` (List[Tuple[int, int]]) -> Tensor[sum L_i, C, PH, PW] in the
+    first level's dtype.
+    """
+
+    def __init__(
+        self,
+        featmap_names: list[str],
+        output_size: int | tuple[int, int] | list[int],
+        sampling_ratio: int,
+        *,
+        canonical_scale: int = 224,
+        canonical_level: int = 4,
+    ):
+        super().__init__()
+        if isinstance(output_size, int):
+            output_size = (output_size, output_size)
+        self.featmap_names = featmap_names
+        self.sampling_ratio = sampling_ratio
+        self.output_size = tuple(output_size)
+        self.scales: list[float] | None = None
+        self.k_min: int | None = None
+        self.canonical_scale = canonical_scale
+        self.canonical_level = canonical_level
+
+    def _setup_scales(self, features: list[Tensor], image_shapes: list[tuple[int, int]]) -> None:
+        if not image_shapes:
+            raise ValueError("image_shapes must not be empty")
+        largest = (max(s[0] for s in image_shapes), max(s[1] for s in image_shapes))
+        self.scales = [_level_scale(f, largest) for f in features]
+        self.k_min = int(-math.log2(self.scales[0]))
+
+    def forward(self, x: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]) -> Tensor:
+        features = [v for k, v in x.items() if k in self.featmap_names]
+        if not 1 <= len(features) <= _roi_align_family.MAX_LEVELS:
+            raise ValueError(
+                f"featmap_names must select 1 to {_roi_align_family.MAX_LEVELS} feature maps of x, got {len(features)}"
+            )
+        for name, f in zip(self.featmap_names, features, strict=False):
+            _check_feature_map(f"x[{name!r}]", f)
+        first = features[0]
+        if any(f.shape[:2] != first.shape[:2] or f.device != first.device for f in features):
+            raise ValueError("the feature maps must share batch size, channel count and device")
+        features = [f.to(first.dtype) for f in features]
+        if self.scales is None or self.k_min is None:
+            self._setup_scales(features, image_shapes)
+        ph, pw = _pair_size("output_size", self.output_size)
+        rois = _rois_from_boxes(list(boxes), first.shape[0], first.device)
+        return torch.ops.tritondet.roi_align(
+            features,
+            rois,
+            self.scales,
+            ph,
+            pw,
+            int(self.sampling_ratio),
+            False,
+            self.k_min,
+            float(self.canonical_scale),
+            float(self.canonical_level),
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"{self.__class__.__name__}(featmap_names={self.featmap_names}, "
+            f"output_size={self.output_size}, sampling_ratio={self.sampling_ratio})"
+        )
