@@ -170,7 +170,9 @@ def _padded_batch():
     return images, sizes
 
 
-def test_forward_padded_equals_the_list_interface_without_host_sync(backend):
+def test_forward_padded_equals_the_list_interface_without_host_sync(backend, monkeypatch):
+    # RoIAlign's batch-index check reads values back on CPU tensors only (off by default on CUDA).
+    monkeypatch.setenv("TRITONDET_VALIDATE", "0")
     ours = FasterRCNN.from_torchvision(torchvision_twin(box_score_thresh=0.0)).eval()
     images, sizes = _padded_batch()
     with torch.no_grad():
