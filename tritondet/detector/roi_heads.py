@@ -119,9 +119,9 @@ class RoIHeads(nn.Module):
         boxes = ops.decode_boxes(deltas, proposals.float(), config.bbox_reg_weights)
         boxes = clip_to_images(boxes.view(batch, count, num_classes, 4), image_sizes)[:, :, 1:]
         scores = F.softmax(class_logits.float().view(batch, count, num_classes), dim=-1)[:, :, 1:]
-        widths, heights = boxes[..., 2] - boxes[..., 0], boxes[..., 3] - boxes[..., 1]
+        large = (boxes[..., 2:] - boxes[..., :2] >= config.min_size).all(dim=-1)
         real = torch.arange(count, device=proposals.device) < num_valid[:, None]
-        keep = (widths >= config.min_size) & (heights >= config.min_size) & real[..., None]
+        keep = large & real[..., None]
         # Dropped candidates score -1: below any score threshold (softmax scores are >= 0).
         scores = torch.where(keep, scores, -1.0)
         det_boxes, det_scores, det_labels, _, det_count = ops.batched_nms_padded(

@@ -81,21 +81,9 @@ def flatten_head_outputs(objectness: list[Tensor], deltas: list[Tensor]) -> tupl
 
 def clip_to_images(boxes: Tensor, image_sizes: Tensor) -> Tensor:
     """Clamp ``boxes [B, ..., 4]`` to ``[0, w] x [0, h]`` of each image (``image_sizes [B, 2]``);
-    differentiable, no host sync."""
-    shape = (boxes.shape[0],) + (1,) * (boxes.dim() - 2)
-    height = image_sizes[:, 0].to(boxes.dtype).view(shape)
-    width = image_sizes[:, 1].to(boxes.dtype).view(shape)
-    zero = torch.zeros((), dtype=boxes.dtype, device=boxes.device)
-    x1, y1, x2, y2 = boxes.unbind(-1)
-    return torch.stack(
-        [
-            torch.minimum(torch.maximum(x1, zero), width),
-            torch.minimum(torch.maximum(y1, zero), height),
-            torch.minimum(torch.maximum(x2, zero), width),
-            torch.minimum(torch.maximum(y2, zero), height),
-        ],
-        dim=-1,
-    )
+    differentiable, no host sync, a handful of ATen ops whatever B."""
+    limits = image_sizes.flip(-1).repeat(1, 2).to(boxes.dtype)  # [B, 4]: (w, h, w, h)
+    return torch.minimum(boxes.clamp(min=0), limits.view(limits.shape[0], *[1] * (boxes.dim() - 2), 4))
 
 
 class RegionProposalNetwork(nn.Module):
@@ -163,8 +151,8 @@ class RegionProposalNetwork(nn.Module):
         boxes = ops.decode_boxes(picked, anchors[index], RPN_BOX_WEIGHTS)
         boxes = clip_to_images(boxes, image_sizes)
         scores = torch.sigmoid(logits.detach().float())
-        widths, heights = boxes[..., 2] - boxes[..., 0], boxes[..., 3] - boxes[..., 1]
-        keep = (widths >= config.min_size) & (heights >= config.min_size) & (scores >= config.score_thresh)
+        large = (boxes[..., 2:] - boxes[..., :2] >= config.min_size).all(dim=-1)
+        keep = large & (scores >= config.score_thresh)
         # Dropped candidates score -1, below the threshold 0 that NMS applies (sigmoids are >= 0).
         scores = torch.where(keep, scores, -1.0)
         per_level = torch.where(
