@@ -4,9 +4,10 @@ Every module in :data:`FAMILIES` defines ``AOT_SPECS`` (the specializations its 
 ``PUBLIC_OPS`` (the names in :mod:`tritondet.ops` it serves).
 """
 
-from . import box_iou, roi_align
+from . import box_iou, roi_align, roi_pool
 
 FAMILIES = {
     "box_iou": box_iou,
     "roi_align": roi_align,
+    "roi_pool": roi_pool,
 }
