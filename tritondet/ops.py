@@ -28,6 +28,7 @@ __all__ = [
     "AnchorGenerator",
     "MultiScaleRoIAlign",
     "RoIAlign",
+    "RoIPool",
     "anchor_targets",
     "batched_box_iou",
     "batched_nms",
@@ -43,6 +44,7 @@ __all__ = [
     "nms",
     "proposal_targets",
     "roi_align",
+    "roi_pool",
     "rpn_proposals",
     "sample_balanced",
     "soft_nms",
@@ -1056,3 +1058,38 @@ class MultiScaleRoIAlign(torch.nn.Module):
             f"{self.__class__.__name__}(featmap_names={self.featmap_names}, "
             f"output_size={self.output_size}, sampling_ratio={self.sampling_ratio})"
         )
+
+
+def roi_pool(
+    input: Tensor, boxes: Tensor | list[Tensor], output_size: int | tuple[int, int], spatial_scale: float = 1.0
+) -> Tensor:
+    """RoI Pool (Fast R-CNN): the maximum over each bin of each region.
+
+    Args:
+        input (Tensor[N, C, H, W]): feature maps, any dtype of floats, any strides.
+        boxes (Tensor[K, 5] or List[Tensor[L, 4]]): as in :func:`roi_align`.
+        output_size (int or Tuple[int, int]): ``(PH, PW)`` bins.
+        spatial_scale (float): factor from box coordinates to input coordinates.
+
+    Returns:
+        Tensor[K, C, PH, PW]: contiguous, in ``input``'s dtype; empty bins are 0.
+    """
+    _check_feature_map("input", input)
+    ph, pw = _pair_size("output_size", output_size)
+    rois = _rois_from_boxes(boxes, input.shape[0], input.device)
+    return torch.ops.tritondet.roi_pool(input, rois, float(spatial_scale), ph, pw)[0]
+
+
+class RoIPool(torch.nn.Module):
+    """See :func:`roi_pool`."""
+
+    def __init__(self, output_size, spatial_scale: float):
+        super().__init__()
+        self.output_size = output_size
+        self.spatial_scale = spatial_scale
+
+    def forward(self, input: Tensor, rois: Tensor | list[Tensor]) -> Tensor:
+        return roi_pool(input, rois, self.output_size, self.spatial_scale)
+
+    def __repr__(self) -> str:
+        return f"{self.__class__.__name__}(output_size={self.output_size}, spatial_scale={self.spatial_scale})"
