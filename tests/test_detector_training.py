@@ -11,7 +11,7 @@ import torch
 
 from tests.test_detector import tiny_images, torchvision_twin
 from tritondet import _backend
-from tritondet.detector import LOSS_NAMES, FasterRCNN, tiny
+from tritondet.detector import LOSS_NAMES, FasterRCNN, paper_vgg16, tiny
 from tritondet.detector.backbone import feature_strides
 
 # Every candidate sampled, so that torchvision's random sampler and ours pick the same sets: all
@@ -207,3 +207,27 @@ def test_crop_pool_sends_the_box_head_loss_into_the_rpn_boxes(pooling):
         assert grad is not None and grad.abs().sum() > 0
     else:
         assert grad is None or not grad.any()
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=pytest.mark.slow)])
+def test_paper_single_level_model_with_roi_pool_trains_and_detects(backend, monkeypatch):
+    """The paper's single-level model (9 anchors at stride 16, 7x7 RoI max pooling, 128-RoI
+    sampling with background IoU in [0.1, 0.5)) on a ResNet-18 C4 at test size (256 channels:
+    ~90 s in the interpreter, hence slow there)."""
+    monkeypatch.setenv(_backend.BACKEND_VARIABLE, backend)
+    config = paper_vgg16(num_classes=4).replace(
+        transform=dict(min_size=96, max_size=128),
+        backbone=dict(name="resnet18", trainable_layers=3),
+        rpn=dict(pre_nms_top_n=(64, 32), post_nms_top_n=(32, 16), batch_size_per_image=32),
+        roi_heads=dict(representation_size=32, batch_size_per_image=16),
+    )
+    assert config.roi_heads.box_pooling == "roi_pool" and config.anchors.num_anchors() == 9
+    torch.manual_seed(0)
+    model = FasterRCNN(config).train()
+    losses, grads = _step(model, tiny_images(), tiny_targets(), torch.Generator().manual_seed(0))
+    assert all(math.isfinite(v.item()) for v in losses.values())
+    assert any(name.startswith("backbone.") for name in grads) and "roi_heads.box_head.fc6.weight" in grads
+    model.eval()
+    with torch.no_grad():
+        detections = model(tiny_images())
+    assert all(d["boxes"].shape[1] == 4 for d in detections)
