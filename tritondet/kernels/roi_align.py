@@ -622,7 +622,8 @@ def _sampling_matrix(
     aligned: bool,
     mapper: tuple[int, float, float],
 ) -> torch.Tensor:
-    """CSR ``[K * PH * PW, sum_l N * H_l * W_l]``: row = output bin, column = input pixel."""
+    """(CSR ``[K * PH * PW, sum_l N * H_l * W_l]``, ``[K]`` RoI order): row = output bin of RoI
+    ``order[row // (PH * PW)]``, column = input pixel."""
     compute_dtype = _compute_dtype(features[0].dtype)
     device = rois.device
     rois = rois.to(compute_dtype)
@@ -654,51 +655,80 @@ def _sampling_matrix(
     grid_h = torch.where(valid, grid_h, 0).clamp(min=0)
     grid_w = torch.where(valid, grid_w, 0).clamp(min=0)
     count = (grid_h * grid_w).clamp(min=1)
-    # The padded sample grid: the largest RoI's (a host read, fine on the CPU path).
-    max_h = int(grid_h.max()) if k else 0
-    max_w = int(grid_w.max()) if k else 0
+    image_start = level_start + b.where(valid, 0).to(torch.int64) * heights * widths
+    # RoIs grouped by sampling grid (one group when sampling_ratio > 0; a few dozen at most for
+    # adaptive grids): each group's samples are a dense broadcast with no padding. The grid sizes
+    # are read on the host, fine on the CPU path.
+    grids = (grid_h * (grid_w.max() + 1 if k else 1) + grid_w).long()
+    order = torch.argsort(grids, stable=True)
+    _, group_sizes = torch.unique_consecutive(grids[order], return_counts=True)
+    columns, weights, row_counts = [], [], []
+    start = 0
+    for size in group_sizes.tolist():
+        members = order[start : start + size]
+        start += size
+        gh, gw = int(grid_h[members[0]]), int(grid_w[members[0]])
 
-    def axis(start, bin_size, grid, bins, size, max_grid):
-        i = torch.arange(max_grid, device=device, dtype=compute_dtype)
-        p = torch.arange(bins, device=device, dtype=compute_dtype)
-        coord = (
-            start[:, None, None]
-            + p[None, :, None] * bin_size[:, None, None]
-            + ((i + 0.5) * bin_size[:, None, None]) / grid[:, None, None]
-        )
-        return _axis_taps(coord, size[:, None, None], i < grid[:, None, None])  # [K, bins, max_grid, 2]
+        def axis(first, bin_size, samples, bins, extent, members=members):
+            i = torch.arange(samples, device=device, dtype=compute_dtype)
+            p = torch.arange(bins, device=device, dtype=compute_dtype)
+            bin_size = bin_size[members, None, None]
+            coord = first[members, None, None] + p[:, None] * bin_size + ((i + 0.5) * bin_size) / samples
+            used = torch.ones_like(coord, dtype=torch.bool)
+            taps, tap_weights = _axis_taps(coord, extent[members, None, None], used)  # [G, bins, samples, 2]
+            if sampling_ratio > 0 or samples < 3:
+                return taps, tap_weights
+            # Adaptive grids sample about once per pixel, so the 2 * samples taps of a bin hit at
+            # most samples + 2 consecutive rows: sum them into that window (fewer matrix entries).
+            window = samples + 2
+            first = taps[:, :, :1, :1]
+            # Out-of-map samples have weight 0, so clamping their position is harmless.
+            relative = (taps - first).clamp(0, window - 1).flatten(2)
+            dense = tap_weights.new_zeros(*taps.shape[:2], window).scatter_add_(2, relative, tap_weights.flatten(2))
+            rows = (first[..., 0] + torch.arange(window, device=device)).clamp(max=extent[members, None, None] - 1)
+            return rows[..., None], dense[..., None]  # [G, bins, window, 1]
 
-    y_taps, y_weights = axis(start_h, bin_h, grid_h, ph_count, heights, max_h)
-    x_taps, x_weights = axis(start_w, bin_w, grid_w, pw_count, widths, max_w)
-    # [K, PH, PW, GH, GW, 2 (y tap), 2 (x tap)]
-    row_base = (level_start + b.where(valid, 0).to(torch.int64) * heights * widths)[
-        :, None, None, None, None, None, None
-    ]
-    columns = (
-        row_base
-        + y_taps[:, :, None, :, None, :, None] * widths[:, None, None, None, None, None, None]
-        + x_taps[:, None, :, None, :, None, :]
-    )
-    weights = (y_weights[:, :, None, :, None, :, None] * x_weights[:, None, :, None, :, None, :]) / count[
-        :, None, None, None, None, None, None
-    ]
-    per_row = max_h * max_w * 4
-    rows = k * ph_count * pw_count
-    crow = torch.arange(rows + 1, device=device, dtype=torch.int64) * per_row
-    return torch.sparse_csr_tensor(
+        y_taps, y_weights = axis(start_h, bin_h, gh, ph_count, heights)
+        x_taps, x_weights = axis(start_w, bin_w, gw, pw_count, widths)
+        row_offset = (y_taps * widths[members, None, None, None])[:, :, None, :, None, :, None]
+        group_columns = image_start[members, None, None, None, None, None, None] + row_offset
+        group_columns = group_columns + x_taps[:, None, :, None, :, None, :]  # [G, PH, PW, gh, gw, 2, 2] (or windows)
+        group_weights = y_weights[:, :, None, :, None, :, None] * x_weights[:, None, :, None, :, None, :]
+        columns.append(group_columns.reshape(-1))
+        weights.append((group_weights / count[members, None, None, None, None, None, None]).reshape(-1))
+        row_counts.append(torch.full((size * ph_count * pw_count,), group_columns[0, 0, 0].numel(), device=device))
+    crow = torch.zeros(k * ph_count * pw_count + 1, dtype=torch.int64, device=device)
+    if k:
+        torch.cumsum(torch.cat(row_counts), 0, out=crow[1:])
+    matrix = torch.sparse_csr_tensor(
         crow,
-        columns.reshape(-1),
-        weights.reshape(-1).to(compute_dtype),
-        size=(rows, sum(pixels)),
+        torch.cat(columns) if k else crow[:0],
+        torch.cat(weights).to(compute_dtype) if k else crow[:0].to(compute_dtype),
+        size=(k * ph_count * pw_count, sum(pixels)),
         check_invariants=False,
+    )
+    return matrix, order
+
+
+def _transpose(matrix: torch.Tensor) -> torch.Tensor:
+    """The CSR transpose of a CSR matrix: entries stably sorted by column."""
+    rows, cols = matrix.shape
+    columns = matrix.col_indices()
+    crow = matrix.crow_indices()
+    row_of_entry = torch.repeat_interleave(torch.arange(rows, device=columns.device), crow.diff())
+    by_column = torch.argsort(columns, stable=True)
+    crow_t = torch.zeros(cols + 1, dtype=torch.int64, device=columns.device)
+    torch.cumsum(torch.bincount(columns, minlength=cols), 0, out=crow_t[1:])
+    return torch.sparse_csr_tensor(
+        crow_t, row_of_entry[by_column], matrix.values()[by_column], size=(cols, rows), check_invariants=False
     )
 
 
 def _pixel_rows(features: list[torch.Tensor], compute_dtype: torch.dtype) -> torch.Tensor:
-    """``[sum_l N * H_l * W_l, C]``: every level's pixels as rows of channels (a view for
-    channels_last maps)."""
+    """``[sum_l N * H_l * W_l, C]`` contiguous: every level's pixels as rows of channels (no copy
+    for one channels_last map)."""
     rows = [f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]) for f in features]
-    return (rows[0] if len(rows) == 1 else torch.cat(rows)).to(compute_dtype)
+    return (rows[0] if len(rows) == 1 else torch.cat(rows)).to(compute_dtype).contiguous()
 
 
 def roi_align_reference(
@@ -713,11 +743,12 @@ def roi_align_reference(
     """``L x [N, C, H_l, W_l], [K, 5] -> [K, C, PH, PW]`` contiguous, in the features' dtype."""
     first = features[0]
     compute_dtype = _compute_dtype(first.dtype)
-    matrix = _sampling_matrix(features, rois, scales, output_size, sampling_ratio, aligned, mapper)
-    out = torch.sparse.mm(matrix, _pixel_rows(features, compute_dtype)) if matrix.shape[0] else None
+    matrix, order = _sampling_matrix(features, rois, scales, output_size, sampling_ratio, aligned, mapper)
     k, (ph, pw), c = rois.shape[0], output_size, first.shape[1]
-    if out is None:
+    if k == 0:
         return first.new_empty((0, c, ph, pw))
+    grouped = torch.sparse.mm(matrix, _pixel_rows(features, compute_dtype)).reshape(k, ph * pw, c)
+    out = torch.empty_like(grouped).index_copy_(0, order, grouped)
     return out.reshape(k, ph, pw, c).permute(0, 3, 1, 2).contiguous().to(first.dtype)
 
 
@@ -734,10 +765,9 @@ def roi_align_backward_reference(
     """The transpose of :func:`roi_align_reference` applied to ``grad`` ``[K, C, PH, PW]``."""
     compute_dtype = _compute_dtype(features[0].dtype)
     c = features[0].shape[1]
-    matrix = _sampling_matrix(features, rois, scales, output_size, sampling_ratio, aligned, mapper)
-    grad_rows = grad.permute(0, 2, 3, 1).reshape(-1, c).to(compute_dtype)
-    transpose = matrix.to_sparse_coo().t().to_sparse_csr()
-    pixel_grads = torch.sparse.mm(transpose, grad_rows)
+    matrix, order = _sampling_matrix(features, rois, scales, output_size, sampling_ratio, aligned, mapper)
+    grad_rows = grad.permute(0, 2, 3, 1)[order].reshape(-1, c).to(compute_dtype)
+    pixel_grads = torch.sparse.mm(_transpose(matrix), grad_rows)
     grads, start = [], 0
     for f in features:
         n, _, h, w = f.shape
