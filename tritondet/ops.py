@@ -26,6 +26,7 @@ __all__ = [
     "batched_box_iou",
     "box_iou",
     "complete_box_iou",
+    "crop_pool",
     "distance_box_iou",
     "generalized_box_iou",
     "roi_align",
@@ -363,3 +364,33 @@ class RoIPool(torch.nn.Module):
 
     def __repr__(self) -> str:
         return f"{self.__class__.__name__}(output_size={self.output_size}, spatial_scale={self.spatial_scale})"
+
+
+def crop_pool(
+    input: Tensor,
+    boxes: Tensor | list[Tensor],
+    output_size: int | tuple[int, int],
+    spatial_scale: float = 1.0,
+    sampling_ratio: int = 2,
+) -> Tensor:
+    """Crop pooling ("Spatial Transformer Networks"): an ``affine_grid`` + ``grid_sample``
+    bilinear crop of ``(PH * S) x (PW * S)`` samples from each box (corners included, zeros
+    outside the map), max-pooled by ``S x S``; differentiable with respect to ``input`` and the box
+    coordinates, so a loss on the crops reaches the boxes. See :mod:`tritondet.kernels.crop_pool`.
+
+    Args:
+        input (Tensor[N, C, H, W]): feature maps, any float dtype, any strides.
+        boxes (Tensor[K, 5] or List[Tensor[L, 4]]): as in :func:`roi_align`.
+        output_size (int or Tuple[int, int]): ``(PH, PW)``.
+        spatial_scale (float): factor from box coordinates to input coordinates.
+        sampling_ratio (int): ``S >= 1`` samples per bin along each axis.
+
+    Returns:
+        Tensor[K, C, PH, PW]: contiguous, in ``input``'s dtype.
+    """
+    _check_feature_map("input", input)
+    ph, pw = _pair_size("output_size", output_size)
+    if isinstance(sampling_ratio, bool) or not isinstance(sampling_ratio, int) or sampling_ratio < 1:
+        raise ValueError(f"sampling_ratio must be a positive int, got {sampling_ratio!r}")
+    rois = _rois_from_boxes(boxes, input.shape[0], input.device)
+    return torch.ops.tritondet.crop_pool(input, rois, float(spatial_scale), ph, pw, sampling_ratio)[0]

@@ -4,10 +4,11 @@ Every module in :data:`FAMILIES` defines ``AOT_SPECS`` (the specializations its 
 ``PUBLIC_OPS`` (the names in :mod:`tritondet.ops` it serves).
 """
 
-from . import box_iou, roi_align, roi_pool
+from . import box_iou, crop_pool, roi_align, roi_pool
 
 FAMILIES = {
     "box_iou": box_iou,
     "roi_align": roi_align,
     "roi_pool": roi_pool,
+    "crop_pool": crop_pool,
 }
