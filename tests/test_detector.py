@@ -7,6 +7,7 @@ ResNet-50 and VGG-16 cases are marked slow.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import pytest
@@ -191,7 +192,8 @@ def test_forward_padded_equals_the_list_interface_without_host_sync(backend, mon
     images, sizes = _padded_batch()
     with torch.no_grad():
         expected = ours([images[i, :, :h, :w] for i, (h, w) in enumerate(sizes.tolist())])
-        with NoHostSync():
+        # The GPU path (the Triton kernels) must not sync; the CPU reference of RoIAlign may.
+        with NoHostSync() if backend == "triton" else contextlib.nullcontext():
             boxes, scores, labels, num_valid = ours.forward_padded(images, sizes)
     detections = ours.config.roi_heads.detections_per_img
     assert boxes.shape == (3, detections, 4) and scores.shape == labels.shape == (3, detections)
