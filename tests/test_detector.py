@@ -205,7 +205,7 @@ def test_forward_padded_equals_the_list_interface_without_host_sync(backend, mon
         assert not boxes[i, n:].any() and not scores[i, n:].any() and not labels[i, n:].any()
 
 
-def test_forward_padded_rescales_to_original_sizes(backend):
+def test_forward_padded_rescales_to_original_sizes():
     ours = FasterRCNN.from_torchvision(torchvision_twin(box_score_thresh=0.0)).eval()
     images, sizes = _padded_batch()
     with torch.no_grad():
