@@ -227,9 +227,15 @@ class _LargestAllocation(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         body = _custom_op_body(func)
-        result = body(*args, **(kwargs or {})) if body is not None else func(*args, **(kwargs or {}))
+        if body is not None:
+            with self:
+                return body(*args, **(kwargs or {}))
+        result = func(*args, **(kwargs or {}))
+        # Views and in-place ops (the interpreter's set_/copy_ of the kernels' buffers) allocate nothing.
+        if func.is_view or func._schema.name.endswith("_"):
+            return result
         for tensor in pytree.tree_leaves(result):
-            if isinstance(tensor, torch.Tensor) and not func.is_view:
+            if isinstance(tensor, torch.Tensor):
                 self.largest = max(self.largest, tensor.numel())
         return result
 
