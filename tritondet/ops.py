@@ -353,20 +353,6 @@ def _batched_boxes(name: str, boxes: Tensor, batch: int) -> Tensor:
     return boxes
 
 
-def _match(anchors: Tensor, gt_boxes: Tensor, gt_count, high: float, low: float, allow_low: bool, floor: float):
-    if not low <= high:
-        raise ValueError(f"low must be <= high, got low={low} and high={high}")
-    gt_count = _check_gt(gt_boxes, gt_count)
-    anchors = _batched_boxes("anchors_or_proposals", anchors, gt_boxes.shape[0])
-    check_same_device(anchors_or_proposals=anchors, gt_boxes=gt_boxes)
-    if anchors.dtype != gt_boxes.dtype:
-        common = torch.promote_types(anchors.dtype, gt_boxes.dtype)
-        anchors, gt_boxes = anchors.to(common), gt_boxes.to(common)
-    return torch.ops.tritondet.match_boxes(
-        anchors, gt_boxes, gt_count, float(high), float(low), float(floor), bool(allow_low)
-    )
-
-
 def match_boxes(
     anchors_or_proposals: Tensor,
     gt_boxes: Tensor,
@@ -395,7 +381,18 @@ def match_boxes(
         Tensor[B, A] int64: matched ground-truth index, -1 (below ``low``) or -2 (between);
         -1 everywhere for images without ground truth (torchvision raises there).
     """
-    return _match(anchors_or_proposals, gt_boxes, gt_count, high, low, allow_low_quality_matches, float("-inf"))
+    if not low <= high:
+        raise ValueError(f"low must be <= high, got low={low} and high={high}")
+    gt_count = _check_gt(gt_boxes, gt_count)
+    anchors = _batched_boxes("anchors_or_proposals", anchors_or_proposals, gt_boxes.shape[0])
+    check_same_device(anchors_or_proposals=anchors, gt_boxes=gt_boxes)
+    if anchors.dtype != gt_boxes.dtype:
+        common = torch.promote_types(anchors.dtype, gt_boxes.dtype)
+        anchors, gt_boxes = anchors.to(common), gt_boxes.to(common)
+    # floor -inf: the public op never returns the internal -3 (see kernels/matcher.py).
+    return torch.ops.tritondet.match_boxes(
+        anchors, gt_boxes, gt_count, float(high), float(low), float("-inf"), bool(allow_low_quality_matches)
+    )
 
 
 # ----------------------------------------------------------------------------------------------
