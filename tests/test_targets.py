@@ -82,6 +82,11 @@ def test_sampler_no_host_sync(device):
         ((torch.zeros(2, 3), 8, 0.5), ValueError, "matched_idx must be an integer tensor of shape"),
         ((torch.zeros(3, dtype=torch.long), 8, 0.5), ValueError, r"shape \[B, N\]"),
         ((torch.zeros(2, 3, dtype=torch.long), 8, 0.5, 3), TypeError, "generator"),
+        (
+            (torch.zeros(2, 3, dtype=torch.long, device="meta"), 8, 0.5, torch.Generator()),
+            ValueError,
+            "generator must be on",
+        ),
     ],
 )
 def test_sampler_bad_input(args, error, match):

@@ -400,13 +400,17 @@ def match_boxes(
 # ----------------------------------------------------------------------------------------------
 
 
-def _check_sampling(batch_size_per_image: int, positive_fraction: float, generator) -> None:
+def _check_sampling(batch_size_per_image: int, positive_fraction: float, generator, device: torch.device) -> None:
     if isinstance(batch_size_per_image, bool) or not isinstance(batch_size_per_image, int) or batch_size_per_image < 0:
         raise ValueError(f"batch_size_per_image must be a non-negative int, got {batch_size_per_image!r}")
     if not 0.0 <= positive_fraction <= 1.0:
         raise ValueError(f"positive_fraction must lie in [0, 1], got {positive_fraction!r}")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    if generator is not None and generator.device.type != device.type:
+        raise ValueError(
+            f"generator must be on the {device.type} device of the boxes, got a {generator.device.type} one"
+        )
 
 
 def sample_balanced(
@@ -437,7 +441,7 @@ def sample_balanced(
         raise ValueError(
             f"matched_idx must be an integer tensor of shape [B, N], got {matched_idx.dtype} {tuple(matched_idx.shape)}"
         )
-    _check_sampling(batch_size_per_image, positive_fraction, generator)
+    _check_sampling(batch_size_per_image, positive_fraction, generator, matched_idx.device)
     return _targets_family.sample_balanced(matched_idx, batch_size_per_image, positive_fraction, generator)
 
 
@@ -475,10 +479,10 @@ def anchor_targets(
         at sampled foreground), matched_idx ``[B, A]`` (see :func:`match_boxes`).
     """
     values = _check_weights(weights)
-    _check_sampling(batch_size_per_image, positive_fraction, generator)
     if not bg_iou_thresh <= fg_iou_thresh:
         raise ValueError(f"bg_iou_thresh must be <= fg_iou_thresh, got {bg_iou_thresh} and {fg_iou_thresh}")
     gt_count = _check_gt(gt_boxes, gt_count)
+    _check_sampling(batch_size_per_image, positive_fraction, generator, gt_boxes.device)
     anchors = _batched_boxes("anchors", anchors, gt_boxes.shape[0])
     check_same_device(anchors=anchors, gt_boxes=gt_boxes)
     check_floating("anchors", anchors)
@@ -533,7 +537,6 @@ def proposal_targets(
         regression_weights ``[B, S, C, 4]``, matched_idx ``[B, S]``, sampled_idx ``[B, S]``.
     """
     values = _check_weights(weights)
-    _check_sampling(batch_size_per_image, positive_fraction, generator)
     if not bg_iou_thresh_low <= bg_iou_thresh <= fg_iou_thresh:
         raise ValueError(
             "need bg_iou_thresh_low <= bg_iou_thresh <= fg_iou_thresh, got "
@@ -542,6 +545,7 @@ def proposal_targets(
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
     gt_count = _check_gt(gt_boxes, gt_count)
+    _check_sampling(batch_size_per_image, positive_fraction, generator, gt_boxes.device)
     check_tensor("proposals", proposals, last_dim=4)
     if proposals.dim() != 3 or proposals.shape[0] != gt_boxes.shape[0]:
         raise ValueError(
