@@ -39,3 +39,18 @@ def check_same_device(**tensors: torch.Tensor) -> torch.device:
 def check_choice(name: str, value, choices) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+
+
+def check_counts(name: str, counts: torch.Tensor, upper: int) -> None:
+    """Every value of the integer tensor ``counts`` lies in ``[0, upper]``, checked without a host sync.
+
+    ``torch._assert_async`` raises at once on the CPU (re-raised here as a ``ValueError`` naming
+    the argument) and becomes a device-side assert on CUDA, so the check never waits for the GPU.
+    """
+    if counts.is_floating_point() or counts.dtype == torch.bool or counts.is_complex():
+        raise TypeError(f"{name} must be an integer tensor, got dtype {counts.dtype}")
+    message = f"{name} values must lie in [0, {upper}]"
+    try:
+        torch._assert_async(((counts >= 0) & (counts <= upper)).all(), message)
+    except RuntimeError as error:
+        raise ValueError(message) from error

@@ -1,9 +1,10 @@
-"""The ``tritondet`` command: ``ops``, ``compile-report`` (more subcommands arrive with the detector)."""
+"""The ``tritondet`` command: ``ops``, ``compile-report``, ``bench`` (more subcommands arrive with the detector)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 
@@ -47,6 +48,28 @@ def _cmd_compile_report(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import os
+
+    # Before the harness is imported: the CPU thread count both sides are timed with.
+    os.environ["TRITONDET_BENCH_THREADS"] = str(args.threads)
+    from . import bench, compile_report
+
+    sizes = "quick" if args.quick else "full"
+    print(f"running the {sizes} benchmark suite")
+    rows = bench.run_suite(sizes, only=args.only or ())
+    compiled = None if args.no_compile_report else compile_report.compile_all()
+    compile_table = None if compiled is None else compile_report.format_table(compiled)
+    bench.write_report(rows, args.out, bench.environment(sizes, args.threads), compile_table)
+    print()
+    print(bench.markdown_table(rows))
+    if compiled is not None:
+        failed = sum(not result.ok for _, result in compiled)
+        print(f"\ncompile report: {len(compiled)} kernel compilations for sm_80/sm_90, {failed} failed or spilled")
+    print(f"wrote {args.out}/results.csv, {args.out}/results.md (with the compile report) and one PNG per op")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tritondet",
@@ -65,6 +88,17 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--arch", type=int, action="append", help="compute capability, e.g. 80 (repeatable)")
     report.add_argument("--no-cache", action="store_true", help="recompile instead of reading the cached report")
     report.set_defaults(run=_cmd_compile_report)
+
+    bench = commands.add_parser(
+        "bench",
+        help="benchmark every op against torchvision (needs a source checkout): CSV, markdown table, ratio plots",
+    )
+    bench.add_argument("--quick", action="store_true", help="a few small sizes instead of the detector's sizes")
+    bench.add_argument("--out", type=Path, default=Path("bench"), help="output directory (default: bench/)")
+    bench.add_argument("--only", action="append", help="only benchmark files whose name contains this (repeatable)")
+    bench.add_argument("--threads", type=int, default=1, help="torch CPU threads while timing on the CPU (default 1)")
+    bench.add_argument("--no-compile-report", action="store_true", help="leave the sm_80/sm_90 compile report out")
+    bench.set_defaults(run=_cmd_bench)
     return parser
 
 

@@ -12,17 +12,28 @@ import math
 
 import torch
 import torchvision
-from torch import Tensor
+from torch import Tensor, nn
 
-from ._validate import check_choice, check_same_device, check_tensor
+from ._validate import check_choice, check_counts, check_floating, check_same_device, check_tensor
+from .kernels import anchors as _anchors_family
+from .kernels import box_coder as _box_coder_family
 from .kernels import box_iou as _box_iou_family
+from .kernels import targets as _targets_family
 
 __all__ = [
+    "AnchorGenerator",
+    "anchor_targets",
     "batched_box_iou",
     "box_iou",
     "complete_box_iou",
+    "decode_boxes",
     "distance_box_iou",
+    "encode_boxes",
     "generalized_box_iou",
+    "grid_anchors",
+    "match_boxes",
+    "proposal_targets",
+    "sample_balanced",
 ]
 
 _ROTATED_FORMATS = ("cxcywhr", "xywhr", "xyxyxyxy")
@@ -132,3 +143,448 @@ def batched_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
             f"boxes1 and boxes2 must have the same batch size, got {boxes1.shape[0]} and {boxes2.shape[0]}"
         )
     return _pairwise(boxes1, boxes2, "iou")
+
+
+# ----------------------------------------------------------------------------------------------
+# Box coding (Faster R-CNN regression targets), anchors and RPN proposals
+# ----------------------------------------------------------------------------------------------
+
+
+def _box_coder_weights(weights) -> list[float]:
+    """Four Python floats from a sequence or a 4-element tensor (a CUDA tensor is read back once)."""
+    if isinstance(weights, torch.Tensor):
+        if weights.numel() != 4:
+            raise ValueError(f"weights must have 4 elements (wx, wy, ww, wh), got shape {tuple(weights.shape)}")
+        return [float(w) for w in weights.detach().reshape(4).tolist()]
+    try:
+        values = [float(w) for w in weights]
+    except (TypeError, ValueError) as error:
+        raise TypeError(f"weights must be 4 numbers (wx, wy, ww, wh), got {weights!r}") from error
+    if len(values) != 4:
+        raise ValueError(f"weights must have 4 elements (wx, wy, ww, wh), got {len(values)}")
+    return values
+
+
+def encode_boxes(reference_boxes: Tensor, proposals: Tensor, weights) -> Tensor:
+    """Regression targets of ``reference_boxes`` relative to ``proposals`` (torchvision's ``encode_boxes``).
+
+    Args:
+        reference_boxes (Tensor[..., 4]): ``(x1, y1, x2, y2)`` boxes to encode (ground truth).
+        proposals (Tensor[..., 4]): the boxes they are encoded against (anchors, proposals); same shape.
+        weights (Tensor[4] or 4 floats): ``(wx, wy, ww, wh)``; ``(1, 1, 1, 1)`` for the RPN,
+            ``(10, 10, 5, 5)`` for the box head.
+
+    Returns:
+        Tensor[..., 4]: ``(dx, dy, dw, dh)`` in the boxes' dtype, computed in fp32 (fp64 for fp64).
+        Differentiable in both box arguments.
+    """
+    check_tensor("reference_boxes", reference_boxes, min_dim=1, last_dim=4)
+    check_tensor("proposals", proposals, min_dim=1, last_dim=4)
+    check_floating("reference_boxes", reference_boxes)
+    check_floating("proposals", proposals)
+    check_same_device(reference_boxes=reference_boxes, proposals=proposals)
+    if reference_boxes.shape != proposals.shape:
+        raise ValueError(
+            f"reference_boxes and proposals must have the same shape, got {tuple(reference_boxes.shape)} and "
+            f"{tuple(proposals.shape)}"
+        )
+    values = _box_coder_weights(weights)
+    dtype = torch.promote_types(reference_boxes.dtype, proposals.dtype)
+    shape = reference_boxes.shape
+    result = torch.ops.tritondet.encode_boxes(
+        reference_boxes.to(dtype).reshape(-1, 4), proposals.to(dtype).reshape(-1, 4), values
+    )
+    return result.to(dtype).reshape(shape)
+
+
+def decode_boxes(
+    deltas: Tensor, boxes: Tensor, weights, bbox_xform_clip: float = _box_coder_family.DEFAULT_XFORM_CLIP
+) -> Tensor:
+    """Boxes from regression deltas relative to ``boxes`` (torchvision's ``BoxCoder.decode_single``).
+
+    Args:
+        deltas (Tensor[..., 4K]): ``(dx, dy, dw, dh)`` for K boxes per reference box (e.g. per class).
+        boxes (Tensor[..., 4]): ``(x1, y1, x2, y2)`` reference boxes (anchors, proposals); the same
+            leading dimensions as ``deltas``.
+        weights (Tensor[4] or 4 floats): ``(wx, wy, ww, wh)``, as for :func:`encode_boxes`.
+        bbox_xform_clip (float): ``dw / ww`` and ``dh / wh`` are clamped to it before ``exp``.
+
+    Returns:
+        Tensor[..., 4K]: ``(x1, y1, x2, y2)`` boxes in ``deltas``' dtype, computed in fp32 (fp64 for
+        fp64). Differentiable in ``deltas`` and ``boxes``.
+    """
+    check_tensor("deltas", deltas, min_dim=1)
+    check_tensor("boxes", boxes, min_dim=1, last_dim=4)
+    check_floating("deltas", deltas)
+    check_floating("boxes", boxes)
+    check_same_device(deltas=deltas, boxes=boxes)
+    if deltas.shape[-1] % 4 != 0:
+        raise ValueError(f"deltas must have shape [..., 4K], got {tuple(deltas.shape)}")
+    if deltas.shape[:-1] != boxes.shape[:-1]:
+        raise ValueError(
+            f"deltas and boxes must have the same leading dimensions, got {tuple(deltas.shape)} and "
+            f"{tuple(boxes.shape)}"
+        )
+    values = _box_coder_weights(weights)
+    if 0.0 in values:
+        raise ValueError(f"weights must be non-zero to decode, got {values}")
+    shape = deltas.shape
+    result = torch.ops.tritondet.decode_boxes(
+        deltas.reshape(-1, shape[-1]), boxes.reshape(-1, 4), values, float(bbox_xform_clip)
+    )
+    return result.to(deltas.dtype).reshape(shape)
+
+
+def grid_anchors(
+    grid_sizes, strides, sizes, aspect_ratios, *, dtype: torch.dtype = torch.float32, device=None
+) -> Tensor:
+    """The anchors of every position of every feature map, torchvision's values and order.
+
+    Args:
+        grid_sizes (list of (H_l, W_l)): feature-map sizes, one pair per level.
+        strides (list of (s_h, s_w)): pixels between neighbouring positions, one pair per level.
+        sizes, aspect_ratios: as for :class:`AnchorGenerator` (per level, or one size per level and
+            shared ratios); aspect ratio = height / width.
+        dtype, device: of the result (values are computed in fp32).
+
+    Returns:
+        Tensor[sum_l H_l * W_l * A_l, 4]: ``(x1, y1, x2, y2)``, level by level, each in
+        (y, x, anchor) order, anchors ratio-major as torchvision's ``cell_anchors``.
+    """
+    sizes, aspect_ratios = _anchors_family.normalize_config(sizes, aspect_ratios)
+    grid_sizes, strides = [tuple(int(v) for v in g) for g in grid_sizes], [tuple(int(v) for v in s) for s in strides]
+    if not len(grid_sizes) == len(strides) == len(sizes):
+        raise ValueError(
+            f"grid_sizes, strides and sizes must have one entry per feature map, got {len(grid_sizes)}, "
+            f"{len(strides)} and {len(sizes)}"
+        )
+    if any(len(g) != 2 or min(g) < 0 for g in grid_sizes):
+        raise ValueError(f"grid_sizes must be (height, width) pairs of non-negative sizes, got {grid_sizes}")
+    if any(len(s) != 2 or min(s) <= 0 for s in strides):
+        raise ValueError(f"strides must be (height, width) pairs of positive strides, got {strides}")
+    anchor_sizes, anchor_ratios, counts = _anchors_family.anchor_parameters(sizes, aspect_ratios)
+    anchors = torch.ops.tritondet.grid_anchors(
+        [v for g in grid_sizes for v in g],
+        [v for s in strides for v in s],
+        anchor_sizes,
+        anchor_ratios,
+        counts,
+        torch.device(device) if device is not None else torch.device("cpu"),
+    )
+    return anchors.to(dtype)
+
+
+class AnchorGenerator(nn.Module):
+    """Anchors for a batch of images and their feature maps (torchvision's ``AnchorGenerator``).
+
+    Args:
+        sizes (tuple of tuples of int): anchor sizes (square roots of areas) per feature map;
+            ``((32,), (64,), (128,), (256,), (512,))`` for FPN, ``((128, 256, 512),)`` for the
+            single-level network of the Faster R-CNN paper.
+        aspect_ratios (tuple of tuples of float): height / width ratios per feature map, e.g.
+            ``((0.5, 1.0, 2.0),) * 5`` (FPN) or ``((0.5, 1.0, 2.0),)`` (the paper: 9 anchors).
+
+    ``forward(image_list, feature_maps)`` returns one ``Tensor[sum_l H_l * W_l * A_l, 4]`` per image
+    (the same tensor for every image: anchors depend only on the padded batch size), in the feature
+    maps' dtype and device; the stride of level l is the padded image size // ``(H_l, W_l)``.
+    Computed in one kernel launch from (level, y, x, anchor); no host sync.
+    """
+
+    def __init__(self, sizes=((128, 256, 512),), aspect_ratios=((0.5, 1.0, 2.0),)) -> None:
+        super().__init__()
+        self._sizes, self._aspect_ratios = _anchors_family.normalize_config(sizes, aspect_ratios)
+        if not isinstance(sizes[0], (list, tuple)):
+            sizes = tuple((s,) for s in sizes)
+        if not isinstance(aspect_ratios[0], (list, tuple)):
+            aspect_ratios = (aspect_ratios,) * len(sizes)
+        self.sizes = sizes
+        self.aspect_ratios = aspect_ratios
+        self.cell_anchors = [
+            _anchors_family.cell_anchors_reference(s, r) for s, r in zip(self._sizes, self._aspect_ratios, strict=True)
+        ]
+
+    def num_anchors_per_location(self) -> list[int]:
+        return [len(s) * len(a) for s, a in zip(self._sizes, self._aspect_ratios, strict=True)]
+
+    def forward(self, image_list, feature_maps: list[Tensor]) -> list[Tensor]:
+        if len(feature_maps) != len(self._sizes):
+            raise ValueError(
+                f"feature_maps has {len(feature_maps)} levels but the generator has sizes for {len(self._sizes)}"
+            )
+        grid_sizes = [tuple(feature_map.shape[-2:]) for feature_map in feature_maps]
+        image_height, image_width = image_list.tensors.shape[-2:]
+        strides = [(image_height // height, image_width // width) for height, width in grid_sizes]
+        anchors = grid_anchors(
+            grid_sizes,
+            strides,
+            self._sizes,
+            self._aspect_ratios,
+            dtype=feature_maps[0].dtype,
+            device=feature_maps[0].device,
+        )
+        return [anchors] * len(image_list.image_sizes)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training targets: matching
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_gt(gt_boxes: Tensor, gt_count) -> Tensor:
+    """Validate ``gt_boxes [B, G, 4]`` and ``gt_count [B]``; the counts as int64 on the boxes' device."""
+    check_tensor("gt_boxes", gt_boxes, last_dim=4)
+    if gt_boxes.dim() != 3:
+        raise ValueError(f"gt_boxes must have shape [B, G, 4], got {tuple(gt_boxes.shape)}")
+    if not isinstance(gt_count, Tensor):
+        gt_count = torch.as_tensor(gt_count)
+    if gt_count.shape != (gt_boxes.shape[0],):
+        raise ValueError(f"gt_count must have shape [B] = [{gt_boxes.shape[0]}], got {tuple(gt_count.shape)}")
+    check_counts("gt_count", gt_count, gt_boxes.shape[1])
+    return gt_count.to(device=gt_boxes.device, dtype=torch.int64, non_blocking=True).contiguous()
+
+
+def _batched_boxes(name: str, boxes: Tensor, batch: int) -> Tensor:
+    """``[A, 4]`` (shared by every image, expanded without a copy) or ``[B, A, 4]`` -> ``[B, A, 4]``."""
+    check_tensor(name, boxes, last_dim=4)
+    if boxes.dim() == 2:
+        return boxes.expand(batch, *boxes.shape)
+    if boxes.dim() != 3 or boxes.shape[0] != batch:
+        raise ValueError(f"{name} must have shape [A, 4] or [B, A, 4] with B = {batch}, got {tuple(boxes.shape)}")
+    return boxes
+
+
+def match_boxes(
+    anchors_or_proposals: Tensor,
+    gt_boxes: Tensor,
+    gt_count,
+    high: float,
+    low: float,
+    allow_low_quality_matches: bool = False,
+) -> Tensor:
+    """Match every anchor (or proposal) to a ground-truth box, as torchvision's ``Matcher``.
+
+    Equal, image by image, to ``Matcher(high, low, allow_low_quality_matches)`` applied to
+    ``box_iou(gt_boxes[b, :gt_count[b]], anchors)``, without building the IoU matrix on the GPU:
+    two kernel launches, O(B·(A + G)) extra memory, no host sync.
+
+    Args:
+        anchors_or_proposals (Tensor[A, 4] or Tensor[B, A, 4]): xyxy boxes, shared or per image.
+        gt_boxes (Tensor[B, G, 4]): xyxy ground truth, padded; only the first ``gt_count[b]``
+            rows of image ``b`` are used.
+        gt_count (Tensor[B] or sequence of int): real ground-truth boxes per image, in ``[0, G]``.
+        high (float): IoU at or above which a match is kept.
+        low (float): IoU below which an anchor is background (-1); ``[low, high)`` gives -2.
+        allow_low_quality_matches (bool): also keep the best match of every anchor that attains
+            some ground truth's highest IoU (ties included).
+
+    Returns:
+        Tensor[B, A] int64: matched ground-truth index, -1 (below ``low``) or -2 (between);
+        -1 everywhere for images without ground truth (torchvision raises there).
+    """
+    if not low <= high:
+        raise ValueError(f"low must be <= high, got low={low} and high={high}")
+    gt_count = _check_gt(gt_boxes, gt_count)
+    anchors = _batched_boxes("anchors_or_proposals", anchors_or_proposals, gt_boxes.shape[0])
+    check_same_device(anchors_or_proposals=anchors, gt_boxes=gt_boxes)
+    if anchors.dtype != gt_boxes.dtype:
+        common = torch.promote_types(anchors.dtype, gt_boxes.dtype)
+        anchors, gt_boxes = anchors.to(common), gt_boxes.to(common)
+    # floor -inf: the public op never returns the internal -3 (see kernels/matcher.py).
+    return torch.ops.tritondet.match_boxes(
+        anchors, gt_boxes, gt_count, float(high), float(low), float("-inf"), bool(allow_low_quality_matches)
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Training targets: balanced sampling, anchor target layer, proposal target layer
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_sampling(batch_size_per_image: int, positive_fraction: float, generator, device: torch.device) -> None:
+    if isinstance(batch_size_per_image, bool) or not isinstance(batch_size_per_image, int) or batch_size_per_image < 0:
+        raise ValueError(f"batch_size_per_image must be a non-negative int, got {batch_size_per_image!r}")
+    if not 0.0 <= positive_fraction <= 1.0:
+        raise ValueError(f"positive_fraction must lie in [0, 1], got {positive_fraction!r}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    if generator is not None and generator.device.type != device.type:
+        raise ValueError(
+            f"generator must be on the {device.type} device of the boxes, got a {generator.device.type} one"
+        )
+
+
+def sample_balanced(
+    matched_idx: Tensor,
+    batch_size_per_image: int,
+    positive_fraction: float,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Sample positives and negatives per image, as torchvision's ``BalancedPositiveNegativeSampler``.
+
+    Per image: positives are ``matched_idx >= 0``, negatives ``matched_idx == -1`` (-2 and other
+    negative values are ignored); ``num_pos = min(int(batch_size_per_image * positive_fraction),
+    #positives)`` and ``num_neg = min(batch_size_per_image - num_pos, #negatives)`` are drawn
+    uniformly at random. Batched, fixed shapes, no host sync; the same ``generator`` state gives
+    the same masks.
+
+    Args:
+        matched_idx (Tensor[B, N] integer): e.g. the output of :func:`match_boxes`.
+        batch_size_per_image (int): e.g. 256 for the RPN, 512 (torchvision) or 128 for the box head.
+        positive_fraction (float): e.g. 0.5 for the RPN, 0.25 for the box head.
+        generator (torch.Generator, optional): on ``matched_idx``'s device.
+
+    Returns:
+        (Tensor[B, N] bool, Tensor[B, N] bool): the sampled positives and negatives.
+    """
+    check_tensor("matched_idx", matched_idx)
+    if matched_idx.is_floating_point() or matched_idx.dim() != 2:
+        raise ValueError(
+            f"matched_idx must be an integer tensor of shape [B, N], got {matched_idx.dtype} {tuple(matched_idx.shape)}"
+        )
+    _check_sampling(batch_size_per_image, positive_fraction, generator, matched_idx.device)
+    return _targets_family.sample_balanced(matched_idx, batch_size_per_image, positive_fraction, generator)
+
+
+def _check_weights(weights) -> tuple[float, ...]:
+    if isinstance(weights, Tensor):
+        raise TypeError("weights must be 4 Python numbers (a tensor would be read back from the device)")
+    return tuple(_box_coder_weights(weights))
+
+
+def anchor_targets(
+    anchors: Tensor,
+    gt_boxes: Tensor,
+    gt_count,
+    fg_iou_thresh: float = 0.7,
+    bg_iou_thresh: float = 0.3,
+    batch_size_per_image: int = 256,
+    positive_fraction: float = 0.5,
+    weights=(1.0, 1.0, 1.0, 1.0),
+    generator: torch.Generator | None = None,
+) -> _targets_family.AnchorTargets:
+    """Anchor target layer (RPN training targets) for a batch of images in one call.
+
+    As torchvision's RPN: ``Matcher(fg_iou_thresh, bg_iou_thresh, allow_low_quality_matches=True)``,
+    ``BalancedPositiveNegativeSampler(batch_size_per_image, positive_fraction)`` and
+    ``BoxCoder(weights).encode``; images without ground truth are all background.
+
+    Args:
+        anchors (Tensor[A, 4] or Tensor[B, A, 4]): xyxy anchors, shared or per image.
+        gt_boxes (Tensor[B, G, 4]), gt_count (Tensor[B] or sequence of int): padded ground truth.
+        generator (torch.Generator, optional): for the sampler, on the anchors' device.
+
+    Returns:
+        AnchorTargets: labels ``[B, A]`` int64 (1 sampled foreground, 0 sampled background,
+        -1 not sampled), regression_targets ``[B, A, 4]`` (fp32, fp64 for fp64 boxes; zero except
+        at sampled foreground), matched_idx ``[B, A]`` (see :func:`match_boxes`).
+    """
+    values = _check_weights(weights)
+    if not bg_iou_thresh <= fg_iou_thresh:
+        raise ValueError(f"bg_iou_thresh must be <= fg_iou_thresh, got {bg_iou_thresh} and {fg_iou_thresh}")
+    gt_count = _check_gt(gt_boxes, gt_count)
+    _check_sampling(batch_size_per_image, positive_fraction, generator, gt_boxes.device)
+    anchors = _batched_boxes("anchors", anchors, gt_boxes.shape[0])
+    check_same_device(anchors=anchors, gt_boxes=gt_boxes)
+    check_floating("anchors", anchors)
+    gt_boxes = gt_boxes.to(anchors.dtype)
+    return _targets_family.anchor_targets(
+        anchors,
+        gt_boxes,
+        gt_count,
+        fg_iou_thresh,
+        bg_iou_thresh,
+        batch_size_per_image,
+        positive_fraction,
+        values,
+        generator,
+    )
+
+
+def proposal_targets(
+    proposals: Tensor,
+    gt_boxes: Tensor,
+    gt_labels: Tensor,
+    gt_count,
+    num_classes: int,
+    proposal_count=None,
+    fg_iou_thresh: float = 0.5,
+    bg_iou_thresh: float = 0.5,
+    bg_iou_thresh_low: float = 0.0,
+    batch_size_per_image: int = 512,
+    positive_fraction: float = 0.25,
+    weights=(10.0, 10.0, 5.0, 5.0),
+    generator: torch.Generator | None = None,
+) -> _targets_family.ProposalTargets:
+    """Proposal target layer (box-head training targets) for a batch of images in one call.
+
+    Appends the ground truth to the proposals, matches at ``fg_iou_thresh`` (foreground: IoU at or
+    above it), takes background from ``[bg_iou_thresh_low, bg_iou_thresh)`` (torchvision: 0.0 and
+    0.5; Girshick's Fast R-CNN: 0.1 and 0.5; IoUs below ``bg_iou_thresh_low`` are ignored), samples
+    ``batch_size_per_image`` with ``positive_fraction`` foreground (torchvision 512 / 0.25, the
+    original 128 / 0.25) and encodes class-specific regression targets with ``weights``.
+
+    Args:
+        proposals (Tensor[B, P, 4]): xyxy proposals, padded; the first ``proposal_count[b]`` are real.
+        gt_boxes (Tensor[B, G, 4]), gt_labels (Tensor[B, G] integer classes in [1, num_classes)),
+        gt_count (Tensor[B] or sequence of int): padded ground truth.
+        num_classes (int): C, background (0) included.
+        proposal_count (Tensor[B] or sequence of int, optional): all P when omitted.
+        generator (torch.Generator, optional): for the sampler, on the proposals' device.
+
+    Returns:
+        ProposalTargets with S = ``batch_size_per_image`` slots per image: proposals ``[B, S, 4]``,
+        labels ``[B, S]`` (class, 0 background, -1 padding), regression_targets and
+        regression_weights ``[B, S, C, 4]``, matched_idx ``[B, S]``, sampled_idx ``[B, S]``.
+    """
+    values = _check_weights(weights)
+    if not bg_iou_thresh_low <= bg_iou_thresh <= fg_iou_thresh:
+        raise ValueError(
+            "need bg_iou_thresh_low <= bg_iou_thresh <= fg_iou_thresh, got "
+            f"{bg_iou_thresh_low}, {bg_iou_thresh} and {fg_iou_thresh}"
+        )
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    gt_count = _check_gt(gt_boxes, gt_count)
+    _check_sampling(batch_size_per_image, positive_fraction, generator, gt_boxes.device)
+    check_tensor("proposals", proposals, last_dim=4)
+    if proposals.dim() != 3 or proposals.shape[0] != gt_boxes.shape[0]:
+        raise ValueError(
+            f"proposals must have shape [B, P, 4] with B = {gt_boxes.shape[0]}, got {tuple(proposals.shape)}"
+        )
+    check_floating("proposals", proposals)
+    check_same_device(proposals=proposals, gt_boxes=gt_boxes)
+    if proposals.shape[1] + gt_boxes.shape[1] == 0:
+        raise ValueError("proposals and gt_boxes are both empty: there is nothing to sample")
+    batch, num_gt = gt_boxes.shape[:2]
+    check_tensor("gt_labels", gt_labels)
+    if gt_labels.is_floating_point() or gt_labels.shape != (batch, num_gt):
+        raise ValueError(
+            f"gt_labels must be an integer tensor of shape [B, G] = [{batch}, {num_gt}], got "
+            f"{gt_labels.dtype} {tuple(gt_labels.shape)}"
+        )
+    real_gt = torch.arange(num_gt, device=gt_boxes.device) < gt_count[:, None]
+    check_counts("gt_labels", torch.where(real_gt, gt_labels.to(gt_boxes.device), 0), num_classes - 1)
+    if proposal_count is None:
+        proposal_count = torch.full((batch,), proposals.shape[1], dtype=torch.int64, device=proposals.device)
+    else:
+        if not isinstance(proposal_count, Tensor):
+            proposal_count = torch.as_tensor(proposal_count)
+        if proposal_count.shape != (batch,):
+            raise ValueError(f"proposal_count must have shape [B] = [{batch}], got {tuple(proposal_count.shape)}")
+        check_counts("proposal_count", proposal_count, proposals.shape[1])
+        proposal_count = proposal_count.to(device=proposals.device, dtype=torch.int64, non_blocking=True)
+    return _targets_family.proposal_targets(
+        proposals,
+        proposal_count,
+        gt_boxes.to(proposals.dtype),
+        gt_labels.to(proposals.device),
+        gt_count,
+        num_classes,
+        fg_iou_thresh,
+        bg_iou_thresh,
+        bg_iou_thresh_low,
+        batch_size_per_image,
+        positive_fraction,
+        values,
+        generator,
+    )

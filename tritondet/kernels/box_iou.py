@@ -47,6 +47,19 @@ def _corners(raw0, raw1, raw2, raw3, FMT: tl.constexpr):
 
 
 @triton.jit
+def pairwise_iou_tile(ax1, ay1, ax2, ay2, area_a, bx1, by1, bx2, by2, area_b):
+    """IoU and union ``[N, M]`` of corner vectors ``[N]`` x ``[M]`` (torchvision's formula and order).
+
+    Shared with the matcher (``matcher.py``), whose two passes must see bit-identical IoUs.
+    """
+    inter_w = tl.minimum(ax2[:, None], bx2[None, :]) - tl.maximum(ax1[:, None], bx1[None, :])
+    inter_h = tl.minimum(ay2[:, None], by2[None, :]) - tl.maximum(ay1[:, None], by1[None, :])
+    inter = tl.maximum(inter_w, 0.0) * tl.maximum(inter_h, 0.0)
+    union = area_a[:, None] + area_b[None, :] - inter
+    return inter / union, union
+
+
+@triton.jit
 def _pairwise_iou_kernel(
     # pointers
     boxes1_ptr,  # [B, N, 4], any strides
@@ -103,11 +116,7 @@ def _pairwise_iou_kernel(
         area_a = r2 * r3
         area_b = c2 * c3
 
-    inter_w = tl.minimum(ax2[:, None], bx2[None, :]) - tl.maximum(ax1[:, None], bx1[None, :])
-    inter_h = tl.minimum(ay2[:, None], by2[None, :]) - tl.maximum(ay1[:, None], by1[None, :])
-    inter = tl.maximum(inter_w, 0.0) * tl.maximum(inter_h, 0.0)
-    union = area_a[:, None] + area_b[None, :] - inter
-    iou = inter / union
+    iou, union = pairwise_iou_tile(ax1, ay1, ax2, ay2, area_a, bx1, by1, bx2, by2, area_b)
 
     if KIND == 0:
         result = iou

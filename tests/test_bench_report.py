@@ -1,0 +1,167 @@
+"""The benchmark report (tritondet.bench, tritondet bench) and the harness's counting and rows."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torchvision
+
+from benchmarks import harness
+from tests.boxes import random_boxes
+from tritondet import bench, cli, ops
+
+
+def _row(**changes) -> bench.Row:
+    fields = dict(
+        op="box_iou",
+        size="2000x100",
+        dtype="float32",
+        device="cpu",
+        ours_backend="reference",
+        ours_ms=2.0,
+        ours_ms_q20=1.5,
+        ours_ms_q80=2.5,
+        torchvision_ms=3.0,
+        torchvision_ms_q20=2.9,
+        torchvision_ms_q80=3.1,
+        ratio=1.5,
+        ours_launches=1,
+        torchvision_launches=14,
+        ours_syncs=0,
+        torchvision_syncs=2,
+        ours_aten_ops=3,
+        torchvision_aten_ops=34,
+        min_bytes=833600,
+    )
+    fields.update(changes)
+    return bench.Row(**fields)
+
+
+def test_csv_round_trip_keeps_types_and_missing_values(tmp_path):
+    rows = [
+        _row(),
+        _row(size="12000x100", device="cuda", ours_gbps=512.5, peak_gbps=2039.0, ours_peak_mem=4800000),
+    ]
+    path = tmp_path / "out" / "results.csv"
+    bench.append_csv(rows[:1], path)
+    bench.append_csv(rows[1:], path)  # appends, one header
+    assert path.read_text().count("op,size") == 1
+    assert bench.read_csv(path) == rows
+    assert bench.read_csv(path)[0].ours_gbps is None
+
+
+def test_markdown_table_has_the_columns_and_one_line_per_row():
+    table = bench.markdown_table([_row(), _row(op="nms", size="12000", ratio=0.25)])
+    lines = table.splitlines()
+    assert lines[0] == "| op | size | dtype | device | ours ms | torchvision ms | ratio | launches | syncs |"
+    assert len(lines) == 4
+    assert "| box_iou | 2000x100 | float32 | cpu | 2 | 3 | 1.50x | 1 / 14 | 0 / 2 |" in lines
+    assert "| 0.25x |" in lines[3]
+    assert "GB/s" not in table  # no bandwidth column without CUDA rows
+
+
+def test_markdown_table_shows_bandwidth_against_peak_on_cuda():
+    table = bench.markdown_table([_row(device="cuda", ours_gbps=1000.0, peak_gbps=2000.0)])
+    assert "ours GB/s (% of peak)" in table and "| 1000 (50%) |" in table
+
+
+def test_report_has_environment_table_and_compile_report():
+    report = bench.markdown_report([_row()], {"device": "CPU (test)"}, "family  kernel\nbox_iou  k")
+    assert "- device: CPU (test)" in report
+    assert bench.markdown_table([_row()]) in report
+    assert "## Ahead-of-time compile report" in report and "box_iou  k" in report
+    assert "compile report" not in bench.markdown_report([_row()], {}, None)
+
+
+def test_write_report_replaces_the_csv_and_draws_one_png_per_op(tmp_path):
+    pytest.importorskip("matplotlib")
+    bench.append_csv([_row(op="stale")], tmp_path / "results.csv")
+    rows = [_row(), _row(size="12000x100", ratio=0.5), _row(op="nms", size="1000"), _row(op="nms", dtype="float16")]
+    bench.write_report(rows, tmp_path, {"device": "test"}, None)
+    assert bench.read_csv(tmp_path / "results.csv") == rows
+    assert (tmp_path / "results.md").read_text().count("| box_iou |") == 2
+    for op in ("box_iou", "nms"):
+        png = (tmp_path / f"{op}.png").read_bytes()
+        assert png.startswith(b"\x89PNG") and len(png) > 5000
+    assert not (tmp_path / "stale.png").exists()
+
+
+def test_benchmark_modules_are_found_in_the_checkout():
+    root = bench.find_checkout()
+    assert "benchmarks.bench_box_iou" in bench.benchmark_modules(root)
+
+
+def test_counts_see_kernel_ops_syncs_and_launches(backend):
+    boxes = random_boxes(9)
+    ours = harness.count(lambda: ops.box_iou(boxes, boxes))
+    theirs = harness.count(lambda: torchvision.ops.box_iou(boxes, boxes))
+    assert theirs.syncs == 0 and theirs.launches > 3 and theirs.aten_ops >= theirs.launches
+    if backend == "triton":
+        # One Triton launch; the interpreter adds its own copies, so only a lower bound here.
+        assert ours.launches >= 1
+    else:
+        assert ours.launches > 3
+    scores = torch.rand(9)
+    syncing = harness.count(lambda: torchvision.ops.nms(boxes, scores, 0.5))
+    assert syncing.syncs == 1 and syncing.launches == 1  # torchvision::nms is one op that syncs
+    views = harness.count(lambda: boxes.view(3, 3, 4).transpose(0, 1).unsqueeze(0))
+    assert views.launches == 0 and views.aten_ops == 3
+
+
+def test_measure_compares_the_same_work_and_fills_a_row():
+    boxes1, boxes2 = random_boxes(50), random_boxes(7)
+    case = harness.Case(
+        op="box_iou",
+        size="50x7",
+        dtype=torch.float32,
+        device=torch.device("cpu"),
+        inputs=lambda: (boxes1, boxes2),
+        ours=ops.box_iou,
+        torchvision=torchvision.ops.box_iou,
+        min_bytes=57 * 16 + 350 * 4,
+    )
+    row = harness.measure(case)
+    assert row.op == "box_iou" and row.device == "cpu" and row.ours_backend == "reference"
+    assert row.ratio == pytest.approx(row.torchvision_ms / row.ours_ms)
+    assert row.ours_ms_q20 <= row.ours_ms <= row.ours_ms_q80
+    assert row.ours_gbps is None and row.ours_peak_mem is None  # CUDA-only figures
+    wrong = dataclasses.replace(case, ours=ops.generalized_box_iou)
+    with pytest.raises(AssertionError):
+        harness.measure(wrong)
+
+
+def test_bench_command_writes_the_report(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("matplotlib")
+    monkeypatch.setenv(harness.THREADS_VARIABLE, "1")
+    out = tmp_path / "bench"
+    assert cli.main(["bench", "--quick", "--only", "box_iou", "--no-compile-report", "--out", str(out)]) == 0
+    rows = bench.read_csv(out / "results.csv")
+    assert {row.op for row in rows} == {"box_iou", "generalized_box_iou"}
+    assert all(row.ratio > 0 for row in rows)
+    assert (out / "box_iou.png").exists() and (out / "results.md").exists()
+    assert "| op | size | dtype | device |" in capsys.readouterr().out
+
+
+def test_forward_backward_cases_reset_grads_between_calls():
+    def inputs():
+        return random_boxes(20).requires_grad_(), random_boxes(5).requires_grad_()
+
+    def forward_backward(boxes1, boxes2):
+        torchvision.ops.generalized_box_iou(boxes1, boxes2).sum().backward()
+        return boxes1.grad.clone()
+
+    case = harness.Case(
+        op="giou_fwd_bwd",
+        size="20x5",
+        dtype=torch.float32,
+        device=torch.device("cpu"),
+        inputs=inputs,
+        ours=forward_backward,
+        torchvision=forward_backward,
+        min_bytes=0,
+    )
+    row = harness.measure(case)  # the check compares the two grads: equal only if reset in between
+    # Same call on both sides, so the same counts: no gradient accumulation op on the second one.
+    assert row.ours_aten_ops == row.torchvision_aten_ops and row.ours_launches == row.torchvision_launches

@@ -1,0 +1,178 @@
+"""Box coding against torchvision's BoxCoder and our reference, on both backends."""
+
+import math
+
+import pytest
+import torch
+from torchvision.models.detection._utils import BoxCoder
+
+from tests.boxes import random_boxes
+from tests.tolerances import FLOAT_DTYPES, assert_close
+from tritondet import ops
+from tritondet.kernels.box_coder import BOX_HEAD_WEIGHTS, RPN_WEIGHTS, decode_reference, encode_reference
+
+WEIGHTS = [RPN_WEIGHTS, BOX_HEAD_WEIGHTS]
+
+
+def _pair(n, seed, scale=100.0):
+    generator = torch.Generator().manual_seed(seed)
+    return random_boxes(n, generator=generator, scale=scale), random_boxes(n, generator=generator, scale=scale)
+
+
+@pytest.mark.parametrize("weights", WEIGHTS)
+@pytest.mark.parametrize("n", [0, 1, 7, 300])
+def test_encode_matches_torchvision(backend, device, weights, n):
+    gt, anchors = _pair(n, n)
+    gt, anchors = gt.to(device), anchors.to(device)
+    ours = ops.encode_boxes(gt, anchors, weights)
+    theirs = BoxCoder(weights).encode_single(gt, anchors)
+    assert ours.shape == theirs.shape == (n, 4)
+    assert ours.dtype == theirs.dtype
+    assert_close(ours, theirs, torch.float32)
+    # A weights tensor, as torchvision's encode_boxes takes it.
+    assert_close(ops.encode_boxes(gt, anchors, torch.tensor(weights)), theirs, torch.float32)
+
+
+@pytest.mark.parametrize("weights", WEIGHTS)
+@pytest.mark.parametrize("n,k", [(0, 1), (1, 1), (7, 3), (300, 1), (33, 91)])
+def test_decode_matches_torchvision(backend, device, weights, n, k):
+    generator = torch.Generator().manual_seed(n + k)
+    boxes = random_boxes(n, generator=generator).to(device)
+    deltas = (torch.randn(n, 4 * k, generator=generator) * 2).to(device)
+    ours = ops.decode_boxes(deltas, boxes, weights)
+    theirs = BoxCoder(weights).decode_single(deltas, boxes)
+    assert ours.shape == theirs.shape == (n, 4 * k)
+    assert_close(ours, theirs, torch.float32)
+
+
+@pytest.mark.parametrize("weights", WEIGHTS)
+def test_round_trip(backend, device, weights):
+    # Sizes 20..120: no ratio reaches the 62.5x clamp, so decoding inverts encoding.
+    generator = torch.Generator().manual_seed(3)
+    corners = torch.rand(2, 50, 2, generator=generator) * 100
+    gt, anchors = torch.cat([corners, corners + 20 + 100 * torch.rand(2, 50, 2, generator=generator)], dim=-1)
+    gt, anchors = gt.to(device), anchors.to(device)
+    assert_close(ops.decode_boxes(ops.encode_boxes(gt, anchors, weights), anchors, weights), gt, torch.float32)
+
+
+def test_extreme_deltas_are_clamped_before_exp(backend, device):
+    boxes = torch.tensor([[0.0, 0.0, 16.0, 16.0], [10.0, 20.0, 30.0, 25.0]], device=device)
+    deltas = torch.tensor([[0.0, 0.0, 1e4, 1e4], [1e3, -1e3, -1e4, 50.0]], device=device)
+    ours = ops.decode_boxes(deltas, boxes, RPN_WEIGHTS)
+    assert torch.isfinite(ours).all()
+    # exp(log(1000 / 16)) * 16 = 1000: a 16 px anchor grows to at most 1000 px.
+    assert_close(ours[0], torch.tensor([-492.0, -492.0, 508.0, 508.0], device=device), torch.float32)
+    assert_close(ours, BoxCoder(RPN_WEIGHTS).decode_single(deltas, boxes), torch.float32)
+    custom = ops.decode_boxes(deltas, boxes, RPN_WEIGHTS, bbox_xform_clip=1.0)
+    assert_close(custom, BoxCoder(RPN_WEIGHTS, bbox_xform_clip=1.0).decode_single(deltas, boxes), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_dtypes(backend, device, dtype):
+    gt, anchors = _pair(65, 5, scale=60.0)
+    gt, anchors = gt.to(device, dtype), anchors.to(device, dtype)
+    encoded = ops.encode_boxes(gt, anchors, BOX_HEAD_WEIGHTS)
+    assert encoded.dtype == dtype
+    # fp32 math from upcast inputs: compare with torchvision on the upcast boxes.
+    wide = torch.float64 if dtype == torch.float64 else torch.float32
+    expected = BoxCoder(BOX_HEAD_WEIGHTS).encode_single(gt.to(wide), anchors.to(wide))
+    assert_close(encoded, expected.to(dtype), dtype)
+    assert_close(encode_reference(gt, anchors, list(BOX_HEAD_WEIGHTS)).to(dtype), encoded, dtype)
+    deltas = (torch.randn(65, 8, generator=torch.Generator().manual_seed(1))).to(device, dtype)
+    decoded = ops.decode_boxes(deltas, anchors, BOX_HEAD_WEIGHTS)
+    assert decoded.dtype == dtype
+    expected = BoxCoder(BOX_HEAD_WEIGHTS).decode_single(deltas.to(wide), anchors.to(wide))
+    assert_close(decoded, expected.to(dtype), dtype)
+
+
+def test_mixed_dtypes_fp16_deltas_fp32_anchors(backend, device):
+    generator = torch.Generator().manual_seed(2)
+    anchors = random_boxes(40, generator=generator).to(device)
+    deltas = torch.randn(40, 4, generator=generator).to(device, torch.float16)
+    ours = ops.decode_boxes(deltas, anchors, RPN_WEIGHTS)
+    assert ours.dtype == torch.float16
+    assert_close(ours, BoxCoder(RPN_WEIGHTS).decode_single(deltas.float(), anchors).half(), torch.float16)
+
+
+def test_non_contiguous_and_batched(backend, device):
+    gt, anchors = _pair(24, 9)
+    gt = gt.to(device).t().contiguous().t()  # column-major
+    anchors = torch.cat([anchors, anchors], dim=1).to(device)[:, ::2]  # strided columns... of a copy
+    anchors = anchors.reshape(4, 6, 4)
+    gt = gt.reshape(4, 6, 4)
+    ours = ops.encode_boxes(gt, anchors, BOX_HEAD_WEIGHTS)
+    assert ours.shape == (4, 6, 4)
+    assert_close(
+        ours,
+        BoxCoder(BOX_HEAD_WEIGHTS).encode_single(gt.reshape(-1, 4), anchors.reshape(-1, 4)).reshape(4, 6, 4),
+        torch.float32,
+    )
+    deltas = torch.randn(12, 24, generator=torch.Generator().manual_seed(4)).to(device).t()
+    boxes = random_boxes(24, generator=torch.Generator().manual_seed(5)).to(device)
+    assert not deltas.is_contiguous()
+    assert_close(
+        ops.decode_boxes(deltas, boxes, RPN_WEIGHTS), BoxCoder(RPN_WEIGHTS).decode_single(deltas, boxes), torch.float32
+    )
+
+
+def test_gradients(backend, device):
+    gt, anchors = _pair(6, 13)
+    gt = gt.to(device, torch.float64).requires_grad_()
+    anchors = anchors.to(device, torch.float64).requires_grad_()
+    torch.autograd.gradcheck(lambda g, a: ops.encode_boxes(g, a, BOX_HEAD_WEIGHTS), (gt, anchors))
+    deltas = torch.randn(6, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(6)).to(device)
+    deltas.requires_grad_()
+    torch.autograd.gradcheck(lambda d, a: ops.decode_boxes(d, a, BOX_HEAD_WEIGHTS), (deltas, anchors))
+    # fp32 gradients equal torchvision's autograd through its formulas.
+    d32 = deltas.detach().float().requires_grad_()
+    a32 = anchors.detach().float().requires_grad_()
+    ops.decode_boxes(d32, a32, BOX_HEAD_WEIGHTS).square().sum().backward()
+    d_tv = deltas.detach().float().requires_grad_()
+    a_tv = anchors.detach().float().requires_grad_()
+    BoxCoder(BOX_HEAD_WEIGHTS).decode_single(d_tv, a_tv).square().sum().backward()
+    assert_close(d32.grad, d_tv.grad, torch.float32)
+    assert_close(a32.grad, a_tv.grad, torch.float32)
+
+
+def test_opcheck(backend, device):
+    gt, anchors = _pair(9, 21)
+    gt, anchors = gt.to(device), anchors.to(device)
+    torch.library.opcheck(torch.ops.tritondet.encode_boxes, (gt, anchors, list(RPN_WEIGHTS)))
+    deltas = torch.randn(9, 8, generator=torch.Generator().manual_seed(8)).to(device)
+    torch.library.opcheck(torch.ops.tritondet.decode_boxes, (deltas, anchors, list(BOX_HEAD_WEIGHTS), 4.0))
+
+
+def test_torch_compile(backend, device):
+    gt, anchors = _pair(10, 22)
+    gt, anchors = gt.to(device), anchors.to(device)
+
+    def fn(g, a):
+        return ops.decode_boxes(ops.encode_boxes(g, a, BOX_HEAD_WEIGHTS), a, BOX_HEAD_WEIGHTS)
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    assert_close(compiled(gt, anchors), fn(gt, anchors), torch.float32)
+
+
+def test_reference_is_torchvision_exact(device):
+    deltas = torch.randn(50, 4, generator=torch.Generator().manual_seed(1)).to(device)
+    boxes = random_boxes(50, generator=torch.Generator().manual_seed(2)).to(device)
+    expected = BoxCoder(RPN_WEIGHTS).decode_single(deltas, boxes)
+    torch.testing.assert_close(decode_reference(deltas, boxes, list(RPN_WEIGHTS), math.log(1000 / 16)), expected)
+
+
+def test_bad_input(device):
+    boxes = torch.zeros(3, 4, device=device)
+    with pytest.raises(ValueError, match="weights"):
+        ops.encode_boxes(boxes, boxes, (1.0, 1.0, 1.0))
+    with pytest.raises(TypeError, match="weights"):
+        ops.decode_boxes(boxes, boxes, "abcd")
+    with pytest.raises(ValueError, match="weights"):
+        ops.decode_boxes(boxes, boxes, (0.0, 1.0, 1.0, 1.0))
+    with pytest.raises(ValueError, match="proposals"):
+        ops.encode_boxes(boxes, torch.zeros(2, 4, device=device), RPN_WEIGHTS)
+    with pytest.raises(ValueError, match="deltas"):
+        ops.decode_boxes(torch.zeros(3, 6, device=device), boxes, RPN_WEIGHTS)
+    with pytest.raises(ValueError, match="deltas and boxes"):
+        ops.decode_boxes(torch.zeros(2, 4, device=device), boxes, RPN_WEIGHTS)
+    with pytest.raises(TypeError, match="reference_boxes"):
+        ops.encode_boxes(boxes.long(), boxes, RPN_WEIGHTS)

@@ -1,0 +1,195 @@
+"""Training targets: balanced sampling, the anchor target layer (RPN) and the proposal target layer
+(box head), batched over images with fixed shapes and no host sync.
+
+Shapes: B images, A anchors, P proposals, G ground-truth slots (the first ``gt_count[b]`` real),
+S = ``batch_size_per_image`` sampled proposals, C classes (background included).
+
+These compose the Triton kernels of the matcher (``matcher.py``) and the box coder
+(``box_coder.py``) with a few fixed-shape PyTorch ops (random keys, ``topk``, ``gather``,
+``scatter``), so they run on either backend and are listed in the matcher family's ``PUBLIC_OPS``.
+Only the sampler draws random numbers (from ``generator``); everything else is deterministic.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from .box_coder import compute_dtype_of
+from .matcher import BELOW_FLOOR
+
+# Keys of non-members: above every torch.rand key in [0, 1), so members are taken first.
+_NON_MEMBER_KEY = 2.0
+
+
+def _smallest_keys_mask(keys: torch.Tensor, members: torch.Tensor, counts: torch.Tensor, k: int) -> torch.Tensor:
+    """``[B, N]`` mask of the ``counts[b] <= k`` members of each row with the smallest keys."""
+    order = torch.where(members, keys, _NON_MEMBER_KEY).topk(k, dim=1, largest=False).indices  # [B, k]
+    chosen = torch.arange(k, device=keys.device) < counts[:, None]
+    return torch.zeros_like(members).scatter_(1, order, chosen)
+
+
+def sample_balanced(
+    matched_idx: torch.Tensor,
+    batch_size_per_image: int,
+    positive_fraction: float,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[B, N]`` matched indices -> (positive mask, negative mask), both ``[B, N]`` bool.
+
+    torchvision's ``BalancedPositiveNegativeSampler`` per image: positives are ``matched >= 0``,
+    negatives ``matched == -1``; ``num_pos = min(int(batch_size_per_image * positive_fraction),
+    #positives)``, ``num_neg = min(batch_size_per_image - num_pos, #negatives)``, each a uniformly
+    random subset. One fp64 uniform key per element (from ``generator``) and two fixed-size
+    ``topk`` calls replace torchvision's per-image ``randperm``, so nothing waits for the device.
+    """
+    batch, n = matched_idx.shape
+    positive = matched_idx >= 0
+    negative = matched_idx == -1
+    max_positive = int(batch_size_per_image * positive_fraction)
+    num_pos = positive.sum(dim=1).clamp(max=max_positive)
+    num_neg = torch.minimum(negative.sum(dim=1), batch_size_per_image - num_pos)
+    # fp64 keys: 2^53 values make ties (which topk breaks by position) practically impossible.
+    keys = torch.rand((batch, n), generator=generator, dtype=torch.float64, device=matched_idx.device)
+    pos_mask = _smallest_keys_mask(keys, positive, num_pos, min(max_positive, n))
+    neg_mask = _smallest_keys_mask(keys, negative, num_neg, min(batch_size_per_image, n))
+    return pos_mask, neg_mask
+
+
+def _gather_boxes(boxes: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``[B, M, 4]`` gathered at ``[B, K]`` indices -> ``[B, K, 4]``; M = 0 gives zero boxes."""
+    if boxes.shape[1] == 0:  # a static shape decision: one zero slot keeps the gather valid
+        boxes = boxes.new_zeros((boxes.shape[0], 1, 4))
+    return boxes.gather(1, index[..., None].expand(*index.shape, 4))
+
+
+def _encode(reference_boxes: torch.Tensor, boxes: torch.Tensor, weights: tuple[float, ...]) -> torch.Tensor:
+    """``[B, K, 4]`` regression targets of ``reference_boxes`` relative to ``boxes`` (compute dtype)."""
+    shape = boxes.shape
+    encoded = torch.ops.tritondet.encode_boxes(reference_boxes.reshape(-1, 4), boxes.reshape(-1, 4), list(weights))
+    return encoded.reshape(shape)
+
+
+class AnchorTargets(NamedTuple):
+    """labels ``[B, A]`` int64: 1 sampled foreground, 0 sampled background, -1 not sampled;
+    regression_targets ``[B, A, 4]``: encoded matched ground truth for sampled foreground, else 0;
+    matched_idx ``[B, A]`` int64: the matcher's output (before sampling)."""
+
+    labels: torch.Tensor
+    regression_targets: torch.Tensor
+    matched_idx: torch.Tensor
+
+
+def anchor_targets(
+    anchors: torch.Tensor,
+    gt_boxes: torch.Tensor,
+    gt_count: torch.Tensor,
+    fg_iou_thresh: float,
+    bg_iou_thresh: float,
+    batch_size_per_image: int,
+    positive_fraction: float,
+    weights: tuple[float, ...],
+    generator: torch.Generator | None,
+) -> AnchorTargets:
+    """Anchor target layer on validated ``[B, A, 4]`` anchors (see ``tritondet.ops.anchor_targets``)."""
+    matched = torch.ops.tritondet.match_boxes(
+        anchors, gt_boxes, gt_count, fg_iou_thresh, bg_iou_thresh, float("-inf"), True
+    )
+    pos_mask, neg_mask = sample_balanced(matched, batch_size_per_image, positive_fraction, generator)
+    labels = torch.where(pos_mask, 1, torch.where(neg_mask, 0, -1))
+    compute_dtype = compute_dtype_of(anchors.dtype)
+    matched_gt = _gather_boxes(gt_boxes, matched.clamp(min=0)).to(compute_dtype)
+    encoded = _encode(matched_gt, anchors.to(compute_dtype).expand_as(matched_gt), weights)
+    regression = torch.where(pos_mask[..., None], encoded, 0)
+    return AnchorTargets(labels, regression, matched)
+
+
+class ProposalTargets(NamedTuple):
+    """S = batch_size_per_image slots per image, sampled positives and negatives first in index order.
+
+    proposals ``[B, S, 4]``: the sampled boxes (zeros in padding slots);
+    labels ``[B, S]`` int64: matched ground truth's class for foreground, 0 background, -1 padding;
+    regression_targets ``[B, S, C, 4]``: encoded matched ground truth in the label's class row, 0 elsewhere;
+    regression_weights ``[B, S, C, 4]``: 1 where regression_targets is a foreground target, else 0;
+    matched_idx ``[B, S]`` int64: matched ground-truth index for foreground, -1 otherwise;
+    sampled_idx ``[B, S]`` int64: index into ``cat([proposals, gt_boxes], 1)``, -1 for padding."""
+
+    proposals: torch.Tensor
+    labels: torch.Tensor
+    regression_targets: torch.Tensor
+    regression_weights: torch.Tensor
+    matched_idx: torch.Tensor
+    sampled_idx: torch.Tensor
+
+
+def proposal_targets(
+    proposals: torch.Tensor,
+    proposal_count: torch.Tensor,
+    gt_boxes: torch.Tensor,
+    gt_labels: torch.Tensor,
+    gt_count: torch.Tensor,
+    num_classes: int,
+    fg_iou_thresh: float,
+    bg_iou_thresh: float,
+    bg_iou_thresh_low: float,
+    batch_size_per_image: int,
+    positive_fraction: float,
+    weights: tuple[float, ...],
+    generator: torch.Generator | None,
+) -> ProposalTargets:
+    """Proposal target layer on validated inputs (see ``tritondet.ops.proposal_targets``)."""
+    batch, num_proposals, num_gt = proposals.shape[0], proposals.shape[1], gt_boxes.shape[1]
+    device = proposals.device
+    candidates = torch.cat([proposals, gt_boxes], dim=1)  # [B, P + G, 4]: ground truth appended
+    num_candidates = num_proposals + num_gt
+    valid = torch.cat(
+        [
+            torch.arange(num_proposals, device=device) < proposal_count[:, None],
+            torch.arange(num_gt, device=device) < gt_count[:, None],
+        ],
+        dim=1,
+    )
+    # >= fg: foreground; [bg_low, bg_high): background (-1); below bg_low and padding: -3, never sampled.
+    matched = torch.ops.tritondet.match_boxes(
+        candidates, gt_boxes, gt_count, fg_iou_thresh, bg_iou_thresh, bg_iou_thresh_low, False
+    )
+    matched = torch.where(valid, matched, BELOW_FLOOR)
+    pos_mask, neg_mask = sample_balanced(matched, batch_size_per_image, positive_fraction, generator)
+
+    # Compact the sampled candidates to the front in index order (torchvision's order).
+    positions = torch.arange(num_candidates, device=device).expand(batch, num_candidates)
+    sampled = pos_mask | neg_mask
+    order_keys = torch.where(sampled, positions, positions + num_candidates)
+    slots = min(batch_size_per_image, num_candidates)
+    index = order_keys.topk(slots, dim=1, largest=False).indices  # [B, slots], sorted ascending
+    filled = torch.arange(slots, device=device) < sampled.sum(dim=1)[:, None]
+    pad = batch_size_per_image - slots
+    if pad:  # fewer candidates than slots: pad statically
+        index = torch.cat([index, index.new_zeros((batch, pad))], dim=1)
+        filled = torch.cat([filled, filled.new_zeros((batch, pad))], dim=1)
+
+    compute_dtype = compute_dtype_of(candidates.dtype)
+    sampled_boxes = torch.where(filled[..., None], _gather_boxes(candidates, index), 0).to(compute_dtype)
+    sampled_matched = matched.gather(1, index)
+    foreground = filled & (sampled_matched >= 0)
+    gt_index = sampled_matched.clamp(min=0)
+    if num_gt == 0:
+        gt_labels = gt_labels.new_zeros((batch, 1))
+    labels = torch.where(foreground, gt_labels.gather(1, gt_index).to(torch.int64), 0)
+    labels = torch.where(filled, labels, -1)
+
+    matched_gt = _gather_boxes(gt_boxes, gt_index).to(compute_dtype)
+    encoded = _encode(matched_gt, sampled_boxes, weights)  # [B, S, 4]
+    classes = torch.arange(num_classes, device=device)
+    class_rows = (classes == labels[..., None]) & foreground[..., None]  # [B, S, C]
+    regression_weights = class_rows[..., None].expand(batch, batch_size_per_image, num_classes, 4)
+    regression = torch.where(regression_weights, encoded[:, :, None, :], 0)
+    return ProposalTargets(
+        sampled_boxes,
+        labels,
+        regression,
+        regression_weights.to(compute_dtype),
+        torch.where(foreground, sampled_matched, -1),
+        torch.where(filled, index, -1),
+    )
