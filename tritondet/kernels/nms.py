@@ -371,6 +371,20 @@ _REFERENCE_BLOCK = 128
 _REFERENCE_SYNC_FREE_BLOCK = 32
 
 
+def _overlaps_above(boxes1: torch.Tensor, boxes2: torch.Tensor, iou_threshold: float) -> torch.Tensor:
+    """``[..., K, 4] x [..., M, 4] -> [..., K, M]`` bool: IoU > iou_threshold.
+
+    The formulas and order of :func:`tritondet.kernels.box_iou._iou_and_union`, restated on 2-D
+    temporaries updated in place: this inner loop of the CPU path runs about 3x faster so.
+    """
+    ax1, ay1, ax2, ay2 = (c.unsqueeze(-1) for c in boxes1.unbind(-1))
+    bx1, by1, bx2, by2 = (c.unsqueeze(-2) for c in boxes2.unbind(-1))
+    width = torch.minimum(ax2, bx2).sub_(torch.maximum(ax1, bx1)).clamp_(min=0)
+    inter = torch.minimum(ay2, by2).sub_(torch.maximum(ay1, by1)).clamp_(min=0).mul_(width)
+    union = ((ax2 - ax1) * (ay2 - ay1)) + ((bx2 - bx1) * (by2 - by1))
+    return inter.div_(union.sub_(inter)).gt_(iou_threshold).bool()
+
+
 def _padded_segment_keep_reference(
     boxes: torch.Tensor, valid: torch.Tensor, iou_threshold: float, sync_free: bool
 ) -> torch.Tensor:
@@ -391,8 +405,7 @@ def _padded_segment_keep_reference(
         end = min(begin + block_size, length)
         block = boxes[:, begin:end]
         size = end - begin
-        iou, _ = _iou_and_union(block, block, "xyxy")
-        suppress = ((iou > iou_threshold) & upper[:size, :size]).to(boxes.dtype)
+        suppress = (_overlaps_above(block, block, iou_threshold) & upper[:size, :size]).to(boxes.dtype)
         candidates = keep[:, begin:end]
         kept = candidates
         for _ in range(size):
@@ -404,14 +417,14 @@ def _padded_segment_keep_reference(
         keep[:, begin:end] = kept
         if end < length:
             rest = boxes[:, end:]
-            if not sync_free and boxes.shape[0] == 1:  # plain NMS: only rows still alive matter
+            if not sync_free and boxes.shape[0] == 1:  # plain NMS: only kept rows and alive columns
                 alive = keep[0, end:].nonzero().squeeze(1)
                 chosen = kept[0].nonzero().squeeze(1)
-                iou, _ = _iou_and_union(block[0, chosen], rest[0, alive], "xyxy")
-                keep[0, end + alive[(iou > iou_threshold).any(0)]] = False
+                hit = _overlaps_above(block[0, chosen], rest[0, alive], iou_threshold).any(0)
+                keep[0, end + alive[hit]] = False
             else:
-                iou, _ = _iou_and_union(block, rest, "xyxy")
-                keep[:, end:] &= ~((iou > iou_threshold) & kept.unsqueeze(-1)).any(1)
+                hit = _overlaps_above(block, rest, iou_threshold) & kept.unsqueeze(-1)
+                keep[:, end:] &= ~hit.any(1)
     return keep
 
 
