@@ -62,7 +62,8 @@ def test_large_sets_match_torchvision(backend, device, n):
     assert torch.equal(ops.nms(boxes, scores, 0.7).cpu(), torchvision.ops.nms(boxes.cpu(), scores.cpu(), 0.7))
     idxs = torch.randint(0, 80, (n,), generator=torch.Generator().manual_seed(1)).to(device)
     expected = torchvision.ops.batched_nms(boxes.cpu(), scores.cpu(), idxs.cpu(), 0.5)
-    assert torch.equal(ops.batched_nms(boxes, scores, idxs, 0.5).cpu(), expected)
+    # torch.rand repeats a few values among 12000; torchvision's per-class path orders ties unstably.
+    assert_same_keep(ops.batched_nms(boxes, scores, idxs, 0.5), expected, scores.cpu())
 
 
 def test_negative_and_sparse_class_ids(backend, device):
