@@ -58,6 +58,8 @@ def test_batched_nms_matches_torchvision(backend, device, n, num_classes):
 @pytest.mark.slow
 @pytest.mark.parametrize("n", [5000, 12000])
 def test_large_sets_match_torchvision(backend, device, n):
+    if n > 5000 and backend == "triton" and device.type == "cpu":
+        pytest.skip("12000 boxes take minutes in the Triton interpreter")
     boxes, scores = random_set(n, seed=n, scale=400.0, device=device)
     assert torch.equal(ops.nms(boxes, scores, 0.7).cpu(), torchvision.ops.nms(boxes.cpu(), scores.cpu(), 0.7))
     idxs = torch.randint(0, 80, (n,), generator=torch.Generator().manual_seed(1)).to(device)
