@@ -375,13 +375,11 @@ def soft_nms_triton(
 # 128 rows per block: the in-block fixed point costs 128^2 per iteration, the cross-block IoU is
 # [128, rest]; measured fastest on CPU at N = 2000 and 12000.
 _REFERENCE_BLOCK = 128
-# 32768 pairs per elementwise op: at most PyTorch's parallel grain size (at::internal::GRAIN_SIZE),
-# so each op runs on one thread; on shared or busy CPUs, splitting these small ops over threads
-# was up to 10x slower than one thread (measured at N = 2000 and 12000).
+# 32768 pairs per element-wise op: at most PyTorch's parallel grain size (at::internal::GRAIN_SIZE),
+# so each op runs on one thread from cache-resident temporaries; on shared or busy CPUs, splitting
+# these small ops over threads was up to 10x slower (measured at N = 2000 and 12000, and for the
+# padded op at B=1, N=1000, C=91, where whole-batch temporaries were also memory bound).
 _REFERENCE_PAIRS_PER_OP = 32768
-# 2^18 pairs (1 MiB per fp32 temporary) per batched op: cache-resident temporaries made the
-# padded CPU path ~4x faster than whole-batch ops at B=1, N=1000, C=91 (memory bound otherwise).
-_REFERENCE_CACHED_PAIRS = 2**18
 # Sync-free, every block runs block-size fixed-point iterations: 32 rows keep that cubic cost small.
 _REFERENCE_SYNC_FREE_BLOCK = 32
 
@@ -406,15 +404,17 @@ def _padded_segment_keep_reference(
 ) -> torch.Tensor:
     """``[S, L, 4]`` boxes (decreasing score along L), ``[S, L]`` taking part -> ``[S, L]`` kept.
 
-    Blocks of rows in score order. Inside a block, "kept = taking part and not suppressed by a kept
-    earlier row" is iterated to its fixed point (after k iterations the first k rows are final,
-    so at most block-size iterations; without ``sync_free`` the loop stops as soon as nothing
-    changes). A block's kept rows then suppress all later rows at once. Greedy NMS is inherently
-    sequential, so the sync-free variant runs the fixed number of iterations that is always
-    enough: its Python loops depend on shapes only.
+    Blocks of rows in score order. Inside a block, without ``sync_free``, "kept = taking part and
+    not suppressed by a kept earlier row" is iterated until nothing changes (after k iterations the
+    first k rows are final, so it ends after at most block-size iterations, usually a few). Greedy
+    NMS is inherently sequential, so the sync-free variant, whose Python loops must depend on
+    shapes only, settles the rows of a block one at a time instead (the same step count as the
+    worst case of the fixed point, on smaller tensors). A block's kept rows then suppress all
+    later rows at once. Element-wise work is split into pieces of at most
+    ``_REFERENCE_PAIRS_PER_OP`` pairs.
     """
     keep = valid.clone()
-    length = boxes.shape[1]
+    num_segments, length = boxes.shape[:2]
     block_size = _REFERENCE_SYNC_FREE_BLOCK if sync_free else _REFERENCE_BLOCK
     steps = torch.arange(block_size, device=boxes.device)
     upper = steps[:, None] < steps[None, :]  # strictly later rows
@@ -422,19 +422,30 @@ def _padded_segment_keep_reference(
         end = min(begin + block_size, length)
         block = boxes[:, begin:end]
         size = end - begin
-        suppress = (_overlaps_above(block, block, iou_threshold) & upper[:size, :size]).to(boxes.dtype)
+        group = max(1, _REFERENCE_PAIRS_PER_OP // (size * size))
+        suppress = torch.cat(
+            [
+                _overlaps_above(block[first : first + group], block[first : first + group], iou_threshold)
+                for first in range(0, num_segments, group)
+            ]
+        )
+        suppress &= upper[:size, :size]
         candidates = keep[:, begin:end]
-        kept = candidates
-        for _ in range(size):
-            suppressed = torch.bmm(kept.to(boxes.dtype).unsqueeze(1), suppress).squeeze(1) > 0
-            update = candidates & ~suppressed
-            if not sync_free and torch.equal(update, kept):
-                break
-            kept = update
+        if sync_free:
+            kept = candidates.clone()
+            for row in range(1, size):
+                kept[:, row] &= ~(kept[:, :row] & suppress[:, :row, row]).any(1)
+        else:
+            kept = candidates
+            for _ in range(size):
+                update = candidates & ~(kept.unsqueeze(-1) & suppress).any(1)
+                if torch.equal(update, kept):
+                    break
+                kept = update
         keep[:, begin:end] = kept
         if end < length:
             rest = boxes[:, end:]
-            if not sync_free and boxes.shape[0] == 1:  # plain NMS: only kept rows and alive columns
+            if not sync_free and num_segments == 1:  # plain NMS: only kept rows and alive columns
                 alive = keep[0, end:].nonzero().squeeze(1)
                 chosen = block[0, kept[0]]
                 step = max(1, _REFERENCE_PAIRS_PER_OP // max(1, chosen.shape[0]))
@@ -443,9 +454,8 @@ def _padded_segment_keep_reference(
                     hit = _overlaps_above(chosen, rest[0, columns], iou_threshold).any(0)
                     keep[0, end + columns[hit]] = False
             else:
-                # Segments in groups whose temporaries stay in the CPU's cache.
-                group = max(1, _REFERENCE_CACHED_PAIRS // (size * rest.shape[1]))
-                for first in range(0, boxes.shape[0], group):
+                group = max(1, _REFERENCE_PAIRS_PER_OP // (size * rest.shape[1]))
+                for first in range(0, num_segments, group):
                     last = first + group
                     hit = _overlaps_above(block[first:last], rest[first:last], iou_threshold)
                     keep[first:last, end:] &= ~(hit & kept[first:last].unsqueeze(-1)).any(1)
@@ -547,7 +557,7 @@ def batched_nms_padded_impl(
         1, (position + torch.arange(segments, device=device)[:, None] * pool_size).reshape(batch, segments * length)
     )
     work = candidate_boxes.to(_compute_dtype(boxes.dtype)).reshape(batch * segments, length, 4)
-    if segments * length == 0:  # nothing to choose from: every slot is padding
+    if batch * segments * length == 0:  # nothing to choose from: every slot is padding
         candidate_boxes = boxes.new_zeros(batch, 1, 4)
         candidate_scores, box_index, label = (
             scores.new_zeros(batch, 1),
