@@ -189,8 +189,8 @@ def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: floa
     Returns:
         Tensor[K]: int64 indices of the kept boxes, by decreasing score. All categories run as
         independent segments in two kernel launches (a block-diagonal bit mask, one bit per box
-        pair of a category: 100,000 boxes of one category take 1.25 GB). Host syncs: three (the
-        category boundaries, the mask size, then K); no Python loop over categories.
+        pair of a category: 100,000 boxes of one category take 1.25 GB). Host syncs: two (the mask
+        size, then K); no Python loop over categories.
     """
     _check_nms_inputs(boxes, scores, idxs=idxs)
     if idxs.is_floating_point():
