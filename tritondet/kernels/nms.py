@@ -417,7 +417,9 @@ def _padded_segment_keep_reference(
     num_segments, length = boxes.shape[:2]
     block_size = _REFERENCE_SYNC_FREE_BLOCK if sync_free else _REFERENCE_BLOCK
     steps = torch.arange(block_size, device=boxes.device)
-    upper = steps[:, None] < steps[None, :]  # strictly later rows
+    # IoU is symmetric (bit for bit: min, max and the sum of areas commute), so every overlap
+    # test below is laid out [later row, earlier row] and reduced along its contiguous last axis.
+    earlier = steps[:, None] > steps[None, :]
     for begin in range(0, length, block_size):
         end = min(begin + block_size, length)
         block = boxes[:, begin:end]
@@ -429,16 +431,16 @@ def _padded_segment_keep_reference(
                 for first in range(0, num_segments, group)
             ]
         )
-        suppress &= upper[:size, :size]
+        suppress &= earlier[:size, :size]  # [S, row j, earlier row i]: i suppresses j if i is kept
         candidates = keep[:, begin:end]
         if sync_free:
             kept = candidates.clone()
             for row in range(1, size):
-                kept[:, row] &= ~(kept[:, :row] & suppress[:, :row, row]).any(1)
+                kept[:, row] &= ~(kept[:, :row] & suppress[:, row, :row]).any(-1)
         else:
             kept = candidates
             for _ in range(size):
-                update = candidates & ~(kept.unsqueeze(-1) & suppress).any(1)
+                update = candidates & ~(kept.unsqueeze(-2) & suppress).any(-1)
                 if torch.equal(update, kept):
                     break
                 kept = update
@@ -447,18 +449,21 @@ def _padded_segment_keep_reference(
             rest = boxes[:, end:]
             if not sync_free and num_segments == 1:  # plain NMS: only kept rows and alive columns
                 alive = keep[0, end:].nonzero().squeeze(1)
+                alive_boxes = rest[0].index_select(0, alive)  # one gather per block, sliced below
                 chosen = block[0, kept[0]]
                 step = max(1, _REFERENCE_PAIRS_PER_OP // max(1, chosen.shape[0]))
-                for first in range(0, alive.shape[0], step):
-                    columns = alive[first : first + step]
-                    hit = _overlaps_above(chosen, rest[0, columns], iou_threshold).any(0)
-                    keep[0, end + columns[hit]] = False
+                hits = [
+                    _overlaps_above(alive_boxes[first : first + step], chosen, iou_threshold).any(-1)
+                    for first in range(0, alive.shape[0], step)
+                ]
+                if hits:
+                    keep[0, end + alive[torch.cat(hits)]] = False
             else:
                 group = max(1, _REFERENCE_PAIRS_PER_OP // (size * rest.shape[1]))
                 for first in range(0, num_segments, group):
                     last = first + group
-                    hit = _overlaps_above(block[first:last], rest[first:last], iou_threshold)
-                    keep[first:last, end:] &= ~(hit & kept[first:last].unsqueeze(-1)).any(1)
+                    hit = _overlaps_above(rest[first:last], block[first:last], iou_threshold)
+                    keep[first:last, end:] &= ~(hit & kept[first:last].unsqueeze(-2)).any(-1)
     return keep
 
 
