@@ -234,7 +234,7 @@ def batched_nms_padded(
 
     Kernel launches: 2 on the Triton backend (suppression mask, greedy pass), whatever the data;
     no host sync on either backend. The work is static, sized by the shapes: the CPU path costs
-    ``B * segments * L^2 / 2`` box pairs (about 0.3 s per image at N = 1000, C = 91 on one core),
+    ``B * segments * L^2 / 2`` box pairs (0.3-0.7 s per image at N = 1000, C = 91 on one core),
     so bound L with ``pre_nms_top_n`` where the pool is large.
     """
     check_tensor("boxes", boxes, last_dim=4)
