@@ -4,10 +4,11 @@ Every module in :data:`FAMILIES` defines ``AOT_SPECS`` (the specializations its 
 ``PUBLIC_OPS`` (the names in :mod:`tritondet.ops` it serves).
 """
 
-from . import anchors, box_coder, box_iou, matcher
+from . import anchors, box_coder, box_iou, matcher, nms
 
 FAMILIES = {
     "box_iou": box_iou,
+    "nms": nms,
     "box_coder": box_coder,
     "anchors": anchors,
     "matcher": matcher,
