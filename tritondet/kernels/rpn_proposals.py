@@ -64,8 +64,9 @@ def _head_pointer(address, HEAD_DTYPE: tl.constexpr):
 @triton.jit
 def _grid_position(index, row_ptr):
     """(y, x, a) of anchor ``index`` of a level in (y, x, anchor) order."""
-    width = tl.load(row_ptr + F_WIDTH)
-    num_anchors = tl.load(row_ptr + F_NUM_ANCHORS)
+    # int32 division: a level has far fewer than 2^31 anchors, and int64 division is slow on GPUs.
+    width = tl.load(row_ptr + F_WIDTH).to(tl.int32)
+    num_anchors = tl.load(row_ptr + F_NUM_ANCHORS).to(tl.int32)
     a = index % num_anchors
     position = index // num_anchors
     return position // width, position % width, a
@@ -88,7 +89,7 @@ def _gather_objectness_kernel(
     num_levels = tl.num_programs(1)
     row_ptr = table_ptr + level * row_width
     count = tl.load(row_ptr + F_HEIGHT) * tl.load(row_ptr + F_WIDTH) * tl.load(row_ptr + F_NUM_ANCHORS)
-    index = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    index = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     in_level = index < count
     y, x, a = _grid_position(index, row_ptr)
     objectness = _head_pointer(tl.load(row_ptr + F_OBJECTNESS), HEAD_DTYPE)
@@ -133,7 +134,7 @@ def _decode_proposals_kernel(
     selected = j < tl.minimum(count, pre_nms_top_n)  # torchvision's per-level top n
     top = (image * num_levels + level) * K + j
     logits = tl.load(top_logits_ptr + top, mask=selected, other=0.0)
-    index = tl.load(top_index_ptr + top, mask=selected, other=0)
+    index = tl.load(top_index_ptr + top, mask=selected, other=0).to(tl.int32)
     y, x, a = _grid_position(index, row_ptr)
     ax1, ay1, ax2, ay2 = level_anchor(row_ptr, y, x, a)
 
