@@ -263,3 +263,20 @@ def test_clip_constant_is_torchvision():
     from tritondet.kernels.box_coder import DEFAULT_XFORM_CLIP
 
     assert math.log(1000.0 / 16) == DEFAULT_XFORM_CLIP
+
+
+def test_opcheck_and_torch_compile(backend, device):
+    config = (((32,), (64,)), ((0.5, 1.0, 2.0),) * 2, [8, 16])
+    image_sizes = [(60, 61), (64, 50)]
+    objectness, deltas = head_outputs(config, (64, 64), 2, seed=3, device=device)
+    sizes = torch.tensor(image_sizes, device=device)
+    flat_sizes, flat_ratios, counts = anchor_parameters(*normalize_config(config[0], config[1]))
+    args = (objectness, deltas, sizes, [8, 8, 16, 16], flat_sizes, flat_ratios, counts, 20, 1e-3, 0.0, 4.0)
+    torch.library.opcheck(torch.ops.tritondet.rpn_candidates, args)
+
+    def fn(o, d, s):
+        return ops.rpn_proposals(o, d, s, config[0], config[1], config[2], 20, 10)
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    for mine, expected in zip(compiled(objectness, deltas, sizes), fn(objectness, deltas, sizes), strict=True):
+        torch.testing.assert_close(mine, expected)

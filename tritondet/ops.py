@@ -573,7 +573,7 @@ def rpn_proposals(
                 f"{_rpn_family.HEAD_DTYPES}, got {logits.dtype} and {codes.dtype}"
             )
         check_same_device(image_sizes=image_sizes, objectness=logits, deltas=codes)
-    if objectness[0].dtype != objectness[-1].dtype or len({o.dtype for o in objectness}) != 1:
+    if len({o.dtype for o in objectness}) != 1:
         raise TypeError(f"all levels must share one dtype, got {[o.dtype for o in objectness]}")
     for name, value in (("pre_nms_top_n", pre_nms_top_n), ("post_nms_top_n", post_nms_top_n)):
         if not isinstance(value, int) or value < 0:
