@@ -280,3 +280,20 @@ def test_opcheck_and_torch_compile(backend, device):
     compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
     for mine, expected in zip(compiled(objectness, deltas, sizes), fn(objectness, deltas, sizes), strict=True):
         torch.testing.assert_close(mine, expected)
+
+
+def test_no_candidates_and_empty_levels(backend, device):
+    config = (((32,), (64,)), ((0.5, 1.0, 2.0),) * 2, [8, 16])
+    objectness, deltas = head_outputs(config, (64, 64), 2, seed=1, device=device)
+    image_sizes = [(60, 60), (64, 64)]
+    boxes, scores, num_valid = ours(config, image_sizes, objectness, deltas, (0, 5))
+    assert boxes.shape == (2, 5, 4) and scores.shape == (2, 5) and num_valid.tolist() == [0, 0]
+    assert (boxes == 0).all() and (scores == 0).all()
+    boxes, scores, num_valid = ours(config, image_sizes, objectness, deltas, (5, 0))
+    assert boxes.shape == (2, 0, 4) and num_valid.tolist() == [0, 0]
+    # An empty second level proposes nothing; the first level's proposals are unchanged.
+    empty = ([objectness[0], objectness[1][:, :, :0]], [deltas[0], deltas[1][:, :, :0]])
+    single = tuple(c[:1] for c in config)
+    expected = ours(single, image_sizes, objectness[:1], deltas[:1], (5, 4))
+    for mine, theirs in zip(ours(config, image_sizes, *empty, (5, 4)), expected, strict=True):
+        torch.testing.assert_close(mine, theirs)

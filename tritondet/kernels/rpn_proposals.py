@@ -268,7 +268,10 @@ def rpn_candidates_reference(
     k = candidate_count(counts, pre_nms_top_n)
     # (y, x, anchor) order, as torchvision's permute_and_flatten.
     logits = [o.permute(0, 2, 3, 1).reshape(batch, -1).float() for o in objectness]
-    codes = [d.reshape(batch, -1, 4, *d.shape[2:]).permute(0, 3, 4, 1, 2).reshape(batch, -1, 4).float() for d in deltas]
+    codes = [
+        d.reshape(batch, d.shape[1] // 4, 4, *d.shape[2:]).permute(0, 3, 4, 1, 2).reshape(batch, -1, 4).float()
+        for d in deltas
+    ]
     grid_sizes = [v for o in objectness for v in o.shape[2:]]
     anchors = grid_anchors_reference(grid_sizes, strides, anchor_sizes, anchor_ratios, anchors_per_level, device)
     anchors = _pad_levels([a[None] for a in anchors.split(counts)], max_count, 0.0)[0]  # [L, max_count, 4]
