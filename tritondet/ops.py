@@ -591,9 +591,6 @@ def rpn_proposals(
         float(score_thresh),
         _box_coder_family.DEFAULT_XFORM_CLIP,
     )
-    if boxes.shape[1] == 0:  # no candidates (pre_nms_top_n 0 or empty feature maps): a static shape
-        num_valid = torch.zeros(batch, dtype=torch.int64, device=image_sizes.device)
-        return boxes.new_zeros(batch, post_nms_top_n, 4), scores.new_zeros(batch, post_nms_top_n), num_valid
     # Dropped candidates carry score -inf: a threshold of -inf passes every kept one (even 0).
     boxes, scores, _, _, num_valid = batched_nms_padded(boxes, scores, nms_thresh, post_nms_top_n, float("-inf"))
     return boxes, scores, num_valid
