@@ -277,7 +277,9 @@ def rpn_candidates_reference(
     anchors = _pad_levels([a[None] for a in anchors.split(counts)], max_count, 0.0)[0]  # [L, max_count, 4]
 
     top_logits, top_index = _pad_levels(logits, max_count, float("-inf")).topk(k, dim=2)  # [N, L, K]
-    selected = torch.arange(k, device=device) < torch.tensor(counts, device=device).clamp(max=pre_nms_top_n)[:, None]
+    # Built on the device (no host-to-device copy): candidate j of level l is one of its top n.
+    top_n = torch.stack([torch.full((), min(c, pre_nms_top_n), device=device) for c in counts])
+    selected = torch.arange(k, device=device) < top_n[:, None]
     top_codes = _pad_levels(codes, max_count, 0.0).gather(2, top_index[..., None].expand(-1, -1, -1, 4))
     top_anchors = anchors[torch.arange(len(counts), device=device)[:, None], top_index]  # [N, L, K, 4]
     boxes = decode_reference(top_codes, top_anchors, list(RPN_WEIGHTS), clip)
