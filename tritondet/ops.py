@@ -524,7 +524,8 @@ def rpn_proposals(
         deltas (list of L Tensor[B, 4 A_l, H_l, W_l]): box deltas, as the head emits them.
         image_sizes (Tensor[B, 2]): (height, width) of each image before padding.
         anchor_sizes, aspect_ratios: as for :class:`AnchorGenerator` (one entry per level).
-        strides (list of L ints or (s_h, s_w) pairs): pixels per feature-map position.
+        strides (list of L ints or (s_h, s_w) pairs): pixels per feature-map position
+            (torchvision's anchor generator uses padded image size // feature-map size).
         pre_nms_top_n (int): candidates per level and image before NMS (2000 train, 1000 test).
         post_nms_top_n (int): proposals returned per image (2000 train, 1000 test).
 
