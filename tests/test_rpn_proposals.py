@@ -181,8 +181,8 @@ def test_score_threshold_leaves_zero_valid(backend, device):
     assert_same_proposals(ours(config, image_sizes, objectness, deltas, top_n, score_thresh=1e-9), expected, top_n)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_precision_heads(backend, device, dtype):
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_head_dtypes(backend, device, dtype):
     config = (((32,), (64,)), ((0.5, 1.0, 2.0),) * 2, [8, 16])
     padded, image_sizes, top_n = (96, 128), [(90, 121), (96, 100)], (60, 30)
     objectness, deltas = head_outputs(config, padded, 2, seed=11, device=device)
