@@ -68,6 +68,25 @@ def test_large_sets_match_torchvision(backend, device, n):
     assert_same_keep(ops.batched_nms(boxes, scores, idxs, 0.5), expected, scores.cpu())
 
 
+@pytest.mark.parametrize("num_classes", [1, 80])
+def test_launches_and_host_syncs(backend, device, num_classes):
+    """Fixed launches whatever the classes; nms syncs only to learn K, batched_nms twice."""
+    boxes, scores = random_set(200, seed=num_classes, device=device)
+    idxs = torch.arange(200, device=device) % num_classes
+    with DispatchCounter() as counter:
+        ops.nms(boxes, scores, 0.5)
+    assert counter.launches == (2 if backend == "triton" else 0)
+    if backend == "triton":
+        assert counter.syncs == 1
+    with DispatchCounter() as counter:
+        ops.batched_nms(boxes, scores, idxs, 0.5)
+    assert counter.launches == (2 if backend == "triton" else 0)
+    if backend == "triton":
+        # K; the other sync, the mask size, is a .tolist(), which reads the tensor without an
+        # ATen call the dispatch mode could see.
+        assert counter.syncs == 1
+
+
 def test_negative_and_sparse_class_ids(backend, device):
     boxes, scores = random_set(70, seed=3, device=device)
     idxs = torch.tensor([-5, 10**12, 3, 3, -5, 0, 7] * 10, device=device)
@@ -254,7 +273,7 @@ def padded_expected(boxes, scores, iou_threshold, max_output, score_threshold, c
     """Per image: torchvision batched_nms over the candidates passing the threshold, truncated."""
     results = []
     for image in range(scores.shape[0]):
-        image_scores = scores[image].reshape(scores.shape[1], -1)
+        image_scores = scores[image].reshape(scores.shape[1], scores.shape[2] if scores.dim() == 3 else 1)
         index, label = (image_scores > score_threshold).nonzero(as_tuple=True)
         cand_scores = image_scores[index, label]
         if top_n is not None:  # the top n of each class (of the image when agnostic)
@@ -351,6 +370,30 @@ def test_padded_nan_and_dtypes(backend, device):
             k = len(indices)
             got = sorted(zip(outputs[3][image, :k].tolist(), outputs[2][image, :k].tolist(), strict=True))
             assert got == sorted(zip(indices.tolist(), labels.tolist(), strict=True))
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    batch=st.integers(1, 3),
+    n=st.integers(0, 12),
+    num_classes=st.integers(1, 3),
+    class_specific=st.booleans(),
+    class_agnostic=st.booleans(),
+    max_output=st.integers(0, 10),
+    score_threshold=st.sampled_from([-1.0, 0.0, 0.5]),
+    seed=st.integers(0, 2**16),
+)
+def test_property_padded_equals_per_image_batched_nms(
+    batch, n, num_classes, class_specific, class_agnostic, max_output, score_threshold, seed
+):
+    boxes, scores = padded_inputs(batch, n, num_classes, class_specific, seed, "cpu")
+    boxes, scores = boxes.div(10).round().mul(10), scores.mul(4).round().div(4)  # overlaps and ties
+    outputs = ops.batched_nms_padded(boxes, scores, 0.3, max_output, score_threshold, class_agnostic)
+    expected = padded_expected(boxes, scores, 0.3, max_output, score_threshold, class_agnostic)
+    # Tie-tolerant: scores in order and counts must agree; with ties the chosen boxes may differ.
+    assert outputs[4].tolist() == [len(e[3]) for e in expected]
+    for image, (_, expected_scores, _, _) in enumerate(expected):
+        torch.testing.assert_close(outputs[1][image, : len(expected_scores)], expected_scores, rtol=0, atol=0)
 
 
 def test_padded_has_no_host_sync_and_fixed_launches(backend, device):

@@ -197,7 +197,8 @@ def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: floa
     Returns:
         Tensor[K]: int64 indices of the kept boxes, by decreasing score. All categories run as
         independent segments in two kernel launches (a block-diagonal bit mask, one bit per box
-        pair of a category); host syncs: the category sizes, then K.
+        pair of a category: 100,000 boxes of one category take 1.25 GB). Host syncs: two (the mask
+        size, then K); no Python loop over categories.
     """
     _check_nms_inputs(boxes, scores, idxs=idxs)
     if idxs.is_floating_point():
@@ -239,7 +240,10 @@ def batched_nms_padded(
         num_valid (Tensor[B], int64): slots past ``num_valid`` hold zeros (indices -1). Within an
         image, detections are by decreasing score (ties: lower class first, then input order).
 
-    Kernel launches: 2 on the Triton backend (suppression mask, greedy pass), whatever the data.
+    Kernel launches: 2 on the Triton backend (suppression mask, greedy pass), whatever the data;
+    no host sync on either backend. The work is static, sized by the shapes: the CPU path costs
+    ``B * segments * L^2 / 2`` box pairs (about 0.3 s per image at N = 1000, C = 91 on one core),
+    so bound L with ``pre_nms_top_n`` where the pool is large.
     """
     check_tensor("boxes", boxes, last_dim=4)
     check_floating("boxes", boxes)

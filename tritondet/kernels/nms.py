@@ -305,7 +305,7 @@ def _padded_segment_keep_triton(boxes: torch.Tensor, valid_count: torch.Tensor, 
 
 
 def _packed_segment_keep_triton(boxes: torch.Tensor, seg_len: torch.Tensor, iou_threshold: float) -> torch.Tensor:
-    """``[R, 4]`` boxes in consecutive segments of ``seg_len`` rows -> ``[R]`` keep.
+    """``[R, 4]`` boxes in consecutive segments of ``seg_len`` rows (some may be empty) -> ``[R]`` keep.
 
     One host sync to size the mask and the grid (total words, row tiles, longest segment).
     """
@@ -468,15 +468,20 @@ def _score_order(scores: torch.Tensor) -> torch.Tensor:
 
 
 def _segments_by_class(scores: torch.Tensor, idxs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(order, rank, seg_len): ``order`` sorts by decreasing score; rows ``order[rank]`` are grouped
-    by class, each class by decreasing score, ``seg_len`` rows per class (one host sync)."""
+    """(order, rank, seg_len), no host sync: ``order`` sorts by decreasing score; rows
+    ``order[rank]`` are grouped by class, each class by decreasing score; ``seg_len[r]`` is the
+    size of the class starting at row r, 0 on rows that start none (empty segments cost nothing)."""
     order = _score_order(scores)
     classes, rank = torch.sort(idxs[order], stable=True)
+    rows = classes.shape[0]
+    position = torch.arange(rows, device=classes.device)
     starts = torch.ones_like(classes, dtype=torch.bool)
     starts[1:] = classes[1:] != classes[:-1]
-    first = starts.nonzero().squeeze(1)
-    seg_len = torch.diff(first, append=first.new_tensor([classes.shape[0]]))
-    return order, rank, seg_len
+    # The next class start after each row (rows when none): a reversed running minimum.
+    later_start = torch.where(starts, position, rows).roll(-1)
+    later_start[-1] = rows
+    next_start = later_start.flip(0).cummin(0).values.flip(0)
+    return order, rank, torch.where(starts, next_start - position, 0)
 
 
 def _kept_in_score_order(order: torch.Tensor, keep_at_rank: torch.Tensor) -> torch.Tensor:
@@ -511,6 +516,7 @@ def batched_nms_impl(
         keep_rows = _packed_segment_keep_triton(sorted_boxes.contiguous(), seg_len, iou_threshold)
     else:
         # Pad the classes into [S, longest, 4] (the reference's layout).
+        seg_len = seg_len[seg_len > 0]
         num_segments, longest = seg_len.shape[0], int(seg_len.max())
         segment = torch.repeat_interleave(torch.arange(num_segments, device=boxes.device), seg_len)
         position = torch.arange(rows.shape[0], device=boxes.device) - (torch.cumsum(seg_len, 0) - seg_len)[segment]
