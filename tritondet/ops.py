@@ -19,6 +19,7 @@ from .kernels import anchors as _anchors_family
 from .kernels import box_coder as _box_coder_family
 from .kernels import box_iou as _box_iou_family
 from .kernels import nms as _nms_family
+from .kernels import rpn_proposals as _rpn_family
 from .kernels import targets as _targets_family
 
 __all__ = [
@@ -37,6 +38,7 @@ __all__ = [
     "match_boxes",
     "nms",
     "proposal_targets",
+    "rpn_proposals",
     "sample_balanced",
     "soft_nms",
 ]
@@ -148,6 +150,168 @@ def batched_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
             f"boxes1 and boxes2 must have the same batch size, got {boxes1.shape[0]} and {boxes2.shape[0]}"
         )
     return _pairwise(boxes1, boxes2, "iou")
+
+
+# ----------------------------------------------------------------------------------------------
+# NMS family
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_nms_inputs(boxes: Tensor, scores: Tensor, **extra: Tensor) -> None:
+    check_tensor("boxes", boxes, last_dim=4)
+    check_floating("boxes", boxes)
+    check_tensor("scores", scores)
+    check_floating("scores", scores)
+    if boxes.dim() != 2:
+        raise ValueError(f"boxes must have shape [N, 4], got {tuple(boxes.shape)}")
+    if scores.dim() != 1 or scores.shape[0] != boxes.shape[0]:
+        raise ValueError(f"scores must have shape [N] = [{boxes.shape[0]}] like boxes, got {tuple(scores.shape)}")
+    for name, value in extra.items():
+        check_tensor(name, value)
+        if value.dim() != 1 or value.shape[0] != boxes.shape[0]:
+            raise ValueError(f"{name} must have shape [N] = [{boxes.shape[0]}] like boxes, got {tuple(value.shape)}")
+    check_same_device(boxes=boxes, scores=scores, **extra)
+
+
+def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
+    """Greedy non-maximum suppression: drop every box whose IoU with a higher-scoring kept box is
+    greater than ``iou_threshold``.
+
+    Args:
+        boxes (Tensor[N, 4]): ``(x1, y1, x2, y2)`` boxes (floating point); IoU in fp32 (fp64 for fp64).
+        scores (Tensor[N]): one score per box. Equal scores keep their input order; NaN scores
+            count as lower than every other score (never kept ahead of a finite score).
+        iou_threshold (float): suppress when IoU > iou_threshold (strictly).
+
+    Returns:
+        Tensor[K]: int64 indices of the kept boxes, by decreasing score. On the GPU the greedy pass
+        runs on the device; the only host sync is learning K.
+    """
+    _check_nms_inputs(boxes, scores)
+    return torch.ops.tritondet.nms(boxes, scores, float(iou_threshold))
+
+
+def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:
+    """Non-maximum suppression within each category: boxes with different ``idxs`` never suppress
+    each other.
+
+    Args:
+        boxes (Tensor[N, 4]), scores (Tensor[N]), iou_threshold (float): as in :func:`nms`.
+        idxs (Tensor[N]): integer category of each box.
+
+    Returns:
+        Tensor[K]: int64 indices of the kept boxes, by decreasing score. All categories run as
+        independent segments in two kernel launches (a block-diagonal bit mask, one bit per box
+        pair of a category: 100,000 boxes of one category take 1.25 GB). Host syncs: two (the mask
+        size, then K); no Python loop over categories.
+    """
+    _check_nms_inputs(boxes, scores, idxs=idxs)
+    if idxs.is_floating_point():
+        raise TypeError(f"idxs must be an integer tensor, got dtype {idxs.dtype}")
+    return torch.ops.tritondet.batched_nms(boxes, scores, idxs, float(iou_threshold))
+
+
+def batched_nms_padded(
+    boxes: Tensor,
+    scores: Tensor,
+    iou_threshold: float,
+    max_output: int,
+    score_threshold: float = 0.0,
+    class_agnostic: bool = False,
+    pre_nms_top_n: int | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Per-image, per-class NMS with fixed output shapes and no host sync (like TensorRT's
+    EfficientNMS): it traces under ``torch.compile(fullgraph=True)`` and captures in CUDA graphs.
+
+    Per image, the result equals torchvision's ``batched_nms`` (labels as categories) over the
+    candidates whose score is greater than ``score_threshold``, truncated to ``max_output``.
+
+    Args:
+        boxes (Tensor[B, N, 4] or Tensor[B, N, C, 4]): ``(x1, y1, x2, y2)`` boxes, shared by all
+            classes or one per class.
+        scores (Tensor[B, N] or Tensor[B, N, C]): a candidate is a (box, class) pair; ``[B, N]``
+            means one class (label 0).
+        iou_threshold (float): suppress when IoU > iou_threshold.
+        max_output (int): detections returned per image.
+        score_threshold (float): candidates need score > score_threshold (NaN never passes).
+        class_agnostic (bool): one NMS over all classes of an image instead of one per class.
+        pre_nms_top_n (int, optional): keep only the highest-scoring ``pre_nms_top_n`` candidates
+            of each class (of each image when class agnostic) before NMS. Bounds the work: the
+            GPU mask takes ``B * segments * L * ceil(L / 32)`` int32 words, L = min(pool, top n).
+
+    Returns:
+        boxes (Tensor[B, max_output, 4]), scores (Tensor[B, max_output]),
+        labels (Tensor[B, max_output], int64), indices (Tensor[B, max_output], int64, into N),
+        num_valid (Tensor[B], int64): slots past ``num_valid`` hold zeros (indices -1). Within an
+        image, detections are by decreasing score (ties: lower class first, then input order).
+
+    Kernel launches: 2 on the Triton backend (suppression mask, greedy pass), whatever the data;
+    no host sync on either backend. The work is static, sized by the shapes: the CPU path costs
+    ``B * segments * L^2 / 2`` box pairs (0.3-0.7 s per image at N = 1000, C = 91 on one core),
+    so bound L with ``pre_nms_top_n`` where the pool is large.
+    """
+    check_tensor("boxes", boxes, last_dim=4)
+    check_floating("boxes", boxes)
+    check_tensor("scores", scores)
+    check_floating("scores", scores)
+    if scores.dim() not in (2, 3):
+        raise ValueError(f"scores must have shape [B, N] or [B, N, C], got {tuple(scores.shape)}")
+    if tuple(boxes.shape[:2]) != tuple(scores.shape[:2]) or boxes.dim() not in (3, 4):
+        raise ValueError(
+            f"boxes must have shape [B, N, 4] or [B, N, C, 4] with scores' B, N, got {tuple(boxes.shape)} "
+            f"for scores {tuple(scores.shape)}"
+        )
+    if boxes.dim() == 4 and (scores.dim() != 3 or boxes.shape[2] != scores.shape[2]):
+        raise ValueError(
+            f"class-specific boxes {tuple(boxes.shape)} need scores of shape [B, N, C] with the same C, "
+            f"got {tuple(scores.shape)}"
+        )
+    check_same_device(boxes=boxes, scores=scores)
+    if not isinstance(max_output, int) or max_output < 0:
+        raise ValueError(f"max_output must be a non-negative int, got {max_output!r}")
+    if pre_nms_top_n is not None and (not isinstance(pre_nms_top_n, int) or pre_nms_top_n < 0):
+        raise ValueError(f"pre_nms_top_n must be None or a non-negative int, got {pre_nms_top_n!r}")
+    return torch.ops.tritondet.batched_nms_padded(
+        boxes,
+        scores,
+        float(iou_threshold),
+        max_output,
+        float(score_threshold),
+        bool(class_agnostic),
+        pre_nms_top_n,
+    )
+
+
+def soft_nms(
+    boxes: Tensor,
+    scores: Tensor,
+    iou_threshold: float = 0.3,
+    sigma: float = 0.5,
+    score_threshold: float = 0.001,
+    method: str = "gaussian",
+) -> tuple[Tensor, Tensor]:
+    """Soft-NMS (Bodla et al. 2017): instead of dropping overlapping boxes, decay their scores.
+
+    Repeatedly select the remaining box with the highest score (the lowest index among ties),
+    then multiply every other remaining score by ``exp(-IoU^2 / sigma)`` (``"gaussian"``) or, where
+    IoU > ``iou_threshold``, by ``1 - IoU`` (``"linear"``); boxes whose score falls below
+    ``score_threshold`` are dropped. NaN scores are never selected.
+
+    Args:
+        boxes (Tensor[N, 4]): ``(x1, y1, x2, y2)`` boxes.
+        scores (Tensor[N]): initial scores.
+
+    Returns:
+        keep (Tensor[K], int64): selected indices in selection order (decreasing new score).
+        scores (Tensor[K]): their decayed scores when selected, in scores' dtype.
+    """
+    _check_nms_inputs(boxes, scores)
+    check_choice("method", method, _nms_family.SOFT_NMS_METHODS)
+    if not sigma > 0:
+        raise ValueError(f"sigma must be positive, got {sigma!r}")
+    return torch.ops.tritondet.soft_nms(
+        boxes, scores, float(iou_threshold), float(sigma), float(score_threshold), method
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -328,6 +492,118 @@ class AnchorGenerator(nn.Module):
             device=feature_maps[0].device,
         )
         return [anchors] * len(image_list.image_sizes)
+
+
+def _per_level_strides(strides, num_levels: int) -> list[int]:
+    """Flattened (s_h, s_w) per level from ints or pairs."""
+    if not isinstance(strides, (list, tuple)) or len(strides) != num_levels:
+        raise ValueError(f"strides must have one entry per level ({num_levels}), got {strides!r}")
+    flat = []
+    for stride in strides:
+        pair = (stride, stride) if isinstance(stride, int) else tuple(stride)
+        if len(pair) != 2 or any(not isinstance(s, int) or s <= 0 for s in pair):
+            raise ValueError(f"strides must be positive ints or (height, width) pairs of them, got {strides!r}")
+        flat += pair
+    return flat
+
+
+def rpn_proposals(
+    objectness: list[Tensor],
+    deltas: list[Tensor],
+    image_sizes: Tensor,
+    anchor_sizes,
+    aspect_ratios,
+    strides,
+    pre_nms_top_n: int,
+    post_nms_top_n: int,
+    nms_thresh: float = 0.7,
+    min_size: float = 1e-3,
+    score_thresh: float = 0.0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Region proposals from the raw RPN head outputs: torchvision's ``RegionProposalNetwork``
+    post-processing (anchors, ``BoxCoder.decode``, ``filter_proposals``) with fixed shapes.
+
+    Per image: the ``pre_nms_top_n`` best anchors of each level, decoded (weights 1, ``dw``/``dh``
+    clamped to ``log(1000 / 16)``), clipped to the image, boxes with a side below ``min_size`` and
+    sigmoid scores below ``score_thresh`` dropped, NMS at ``nms_thresh`` per level, the best
+    ``post_nms_top_n`` kept.
+
+    Args:
+        objectness (list of L Tensor[B, A_l, H_l, W_l]): logits, as the head emits them (any strides).
+        deltas (list of L Tensor[B, 4 A_l, H_l, W_l]): box deltas, as the head emits them.
+        image_sizes (Tensor[B, 2]): (height, width) of each image before padding.
+        anchor_sizes, aspect_ratios: as for :class:`AnchorGenerator` (one entry per level).
+        strides (list of L ints or (s_h, s_w) pairs): pixels per feature-map position
+            (torchvision's anchor generator uses padded image size // feature-map size).
+        pre_nms_top_n (int): candidates per level and image before NMS (2000 train, 1000 test).
+        post_nms_top_n (int): proposals returned per image (2000 train, 1000 test).
+
+    Returns:
+        boxes (Tensor[B, post_nms_top_n, 4]) and scores (Tensor[B, post_nms_top_n]) fp32 by
+        decreasing score, num_valid (Tensor[B] int64): the slots past num_valid hold zeros.
+
+    No host sync. Kernel launches on the Triton backend: 4 whatever B and L (objectness gather,
+    decode, and the 2 of :func:`batched_nms_padded`), plus one ``torch.topk`` and a fixed number of
+    other ATen ops; the computation is fp32 whatever the head's dtype.
+    """
+    if not isinstance(objectness, (list, tuple)) or not isinstance(deltas, (list, tuple)):
+        raise TypeError("objectness and deltas must be lists of per-level tensors")
+    if len(objectness) != len(deltas) or len(objectness) == 0:
+        raise ValueError(
+            f"objectness and deltas must have the same non-zero number of levels, got {len(objectness)} and "
+            f"{len(deltas)}"
+        )
+    sizes, ratios = _anchors_family.normalize_config(anchor_sizes, aspect_ratios)
+    num_levels = len(objectness)
+    if len(sizes) != num_levels:
+        raise ValueError(f"anchor_sizes has {len(sizes)} levels but objectness has {num_levels}")
+    flat_strides = _per_level_strides(strides, num_levels)
+    flat_sizes, flat_ratios, counts = _anchors_family.anchor_parameters(sizes, ratios)
+    check_tensor("image_sizes", image_sizes)
+    if image_sizes.dim() != 2 or image_sizes.shape[1] != 2:
+        raise ValueError(f"image_sizes must have shape [B, 2] (height, width), got {tuple(image_sizes.shape)}")
+    batch = image_sizes.shape[0]
+    for level, (logits, codes) in enumerate(zip(objectness, deltas, strict=True)):
+        check_tensor(f"objectness[{level}]", logits)
+        check_tensor(f"deltas[{level}]", codes)
+        expected = (batch, counts[level], *logits.shape[2:])
+        if logits.dim() != 4 or tuple(logits.shape) != expected:
+            raise ValueError(
+                f"objectness[{level}] must have shape [B, A, H, W] = {expected} (B from image_sizes, A = "
+                f"{counts[level]} anchors per position), got {tuple(logits.shape)}"
+            )
+        if tuple(codes.shape) != (batch, 4 * counts[level], *logits.shape[2:]):
+            raise ValueError(
+                f"deltas[{level}] must have shape [B, 4A, H, W] = {(batch, 4 * counts[level], *logits.shape[2:])}, "
+                f"got {tuple(codes.shape)}"
+            )
+        if logits.dtype not in _rpn_family.HEAD_DTYPES or codes.dtype != logits.dtype:
+            raise TypeError(
+                f"objectness[{level}] and deltas[{level}] must share one floating dtype of "
+                f"{_rpn_family.HEAD_DTYPES}, got {logits.dtype} and {codes.dtype}"
+            )
+        check_same_device(image_sizes=image_sizes, objectness=logits, deltas=codes)
+    if len({o.dtype for o in objectness}) != 1:
+        raise TypeError(f"all levels must share one dtype, got {[o.dtype for o in objectness]}")
+    for name, value in (("pre_nms_top_n", pre_nms_top_n), ("post_nms_top_n", post_nms_top_n)):
+        if not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+    boxes, scores = torch.ops.tritondet.rpn_candidates(
+        list(objectness),
+        list(deltas),
+        image_sizes,
+        flat_strides,
+        flat_sizes,
+        flat_ratios,
+        counts,
+        pre_nms_top_n,
+        float(min_size),
+        float(score_thresh),
+        _box_coder_family.DEFAULT_XFORM_CLIP,
+    )
+    # Dropped candidates carry score -inf: a threshold of -inf passes every kept one (even 0).
+    boxes, scores, _, _, num_valid = batched_nms_padded(boxes, scores, nms_thresh, post_nms_top_n, float("-inf"))
+    return boxes, scores, num_valid
 
 
 # ----------------------------------------------------------------------------------------------
@@ -592,166 +868,4 @@ def proposal_targets(
         positive_fraction,
         values,
         generator,
-    )
-
-
-# ----------------------------------------------------------------------------------------------
-# NMS family
-# ----------------------------------------------------------------------------------------------
-
-
-def _check_nms_inputs(boxes: Tensor, scores: Tensor, **extra: Tensor) -> None:
-    check_tensor("boxes", boxes, last_dim=4)
-    check_floating("boxes", boxes)
-    check_tensor("scores", scores)
-    check_floating("scores", scores)
-    if boxes.dim() != 2:
-        raise ValueError(f"boxes must have shape [N, 4], got {tuple(boxes.shape)}")
-    if scores.dim() != 1 or scores.shape[0] != boxes.shape[0]:
-        raise ValueError(f"scores must have shape [N] = [{boxes.shape[0]}] like boxes, got {tuple(scores.shape)}")
-    for name, value in extra.items():
-        check_tensor(name, value)
-        if value.dim() != 1 or value.shape[0] != boxes.shape[0]:
-            raise ValueError(f"{name} must have shape [N] = [{boxes.shape[0]}] like boxes, got {tuple(value.shape)}")
-    check_same_device(boxes=boxes, scores=scores, **extra)
-
-
-def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
-    """Greedy non-maximum suppression: drop every box whose IoU with a higher-scoring kept box is
-    greater than ``iou_threshold``.
-
-    Args:
-        boxes (Tensor[N, 4]): ``(x1, y1, x2, y2)`` boxes (floating point); IoU in fp32 (fp64 for fp64).
-        scores (Tensor[N]): one score per box. Equal scores keep their input order; NaN scores
-            count as lower than every other score (never kept ahead of a finite score).
-        iou_threshold (float): suppress when IoU > iou_threshold (strictly).
-
-    Returns:
-        Tensor[K]: int64 indices of the kept boxes, by decreasing score. On the GPU the greedy pass
-        runs on the device; the only host sync is learning K.
-    """
-    _check_nms_inputs(boxes, scores)
-    return torch.ops.tritondet.nms(boxes, scores, float(iou_threshold))
-
-
-def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:
-    """Non-maximum suppression within each category: boxes with different ``idxs`` never suppress
-    each other.
-
-    Args:
-        boxes (Tensor[N, 4]), scores (Tensor[N]), iou_threshold (float): as in :func:`nms`.
-        idxs (Tensor[N]): integer category of each box.
-
-    Returns:
-        Tensor[K]: int64 indices of the kept boxes, by decreasing score. All categories run as
-        independent segments in two kernel launches (a block-diagonal bit mask, one bit per box
-        pair of a category: 100,000 boxes of one category take 1.25 GB). Host syncs: two (the mask
-        size, then K); no Python loop over categories.
-    """
-    _check_nms_inputs(boxes, scores, idxs=idxs)
-    if idxs.is_floating_point():
-        raise TypeError(f"idxs must be an integer tensor, got dtype {idxs.dtype}")
-    return torch.ops.tritondet.batched_nms(boxes, scores, idxs, float(iou_threshold))
-
-
-def batched_nms_padded(
-    boxes: Tensor,
-    scores: Tensor,
-    iou_threshold: float,
-    max_output: int,
-    score_threshold: float = 0.0,
-    class_agnostic: bool = False,
-    pre_nms_top_n: int | None = None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Per-image, per-class NMS with fixed output shapes and no host sync (like TensorRT's
-    EfficientNMS): it traces under ``torch.compile(fullgraph=True)`` and captures in CUDA graphs.
-
-    Per image, the result equals torchvision's ``batched_nms`` (labels as categories) over the
-    candidates whose score is greater than ``score_threshold``, truncated to ``max_output``.
-
-    Args:
-        boxes (Tensor[B, N, 4] or Tensor[B, N, C, 4]): ``(x1, y1, x2, y2)`` boxes, shared by all
-            classes or one per class.
-        scores (Tensor[B, N] or Tensor[B, N, C]): a candidate is a (box, class) pair; ``[B, N]``
-            means one class (label 0).
-        iou_threshold (float): suppress when IoU > iou_threshold.
-        max_output (int): detections returned per image.
-        score_threshold (float): candidates need score > score_threshold (NaN never passes).
-        class_agnostic (bool): one NMS over all classes of an image instead of one per class.
-        pre_nms_top_n (int, optional): keep only the highest-scoring ``pre_nms_top_n`` candidates
-            of each class (of each image when class agnostic) before NMS. Bounds the work: the
-            GPU mask takes ``B * segments * L * ceil(L / 32)`` int32 words, L = min(pool, top n).
-
-    Returns:
-        boxes (Tensor[B, max_output, 4]), scores (Tensor[B, max_output]),
-        labels (Tensor[B, max_output], int64), indices (Tensor[B, max_output], int64, into N),
-        num_valid (Tensor[B], int64): slots past ``num_valid`` hold zeros (indices -1). Within an
-        image, detections are by decreasing score (ties: lower class first, then input order).
-
-    Kernel launches: 2 on the Triton backend (suppression mask, greedy pass), whatever the data;
-    no host sync on either backend. The work is static, sized by the shapes: the CPU path costs
-    ``B * segments * L^2 / 2`` box pairs (0.3-0.7 s per image at N = 1000, C = 91 on one core),
-    so bound L with ``pre_nms_top_n`` where the pool is large.
-    """
-    check_tensor("boxes", boxes, last_dim=4)
-    check_floating("boxes", boxes)
-    check_tensor("scores", scores)
-    check_floating("scores", scores)
-    if scores.dim() not in (2, 3):
-        raise ValueError(f"scores must have shape [B, N] or [B, N, C], got {tuple(scores.shape)}")
-    if tuple(boxes.shape[:2]) != tuple(scores.shape[:2]) or boxes.dim() not in (3, 4):
-        raise ValueError(
-            f"boxes must have shape [B, N, 4] or [B, N, C, 4] with scores' B, N, got {tuple(boxes.shape)} "
-            f"for scores {tuple(scores.shape)}"
-        )
-    if boxes.dim() == 4 and (scores.dim() != 3 or boxes.shape[2] != scores.shape[2]):
-        raise ValueError(
-            f"class-specific boxes {tuple(boxes.shape)} need scores of shape [B, N, C] with the same C, "
-            f"got {tuple(scores.shape)}"
-        )
-    check_same_device(boxes=boxes, scores=scores)
-    if not isinstance(max_output, int) or max_output < 0:
-        raise ValueError(f"max_output must be a non-negative int, got {max_output!r}")
-    if pre_nms_top_n is not None and (not isinstance(pre_nms_top_n, int) or pre_nms_top_n < 0):
-        raise ValueError(f"pre_nms_top_n must be None or a non-negative int, got {pre_nms_top_n!r}")
-    return torch.ops.tritondet.batched_nms_padded(
-        boxes,
-        scores,
-        float(iou_threshold),
-        max_output,
-        float(score_threshold),
-        bool(class_agnostic),
-        pre_nms_top_n,
-    )
-
-
-def soft_nms(
-    boxes: Tensor,
-    scores: Tensor,
-    iou_threshold: float = 0.3,
-    sigma: float = 0.5,
-    score_threshold: float = 0.001,
-    method: str = "gaussian",
-) -> tuple[Tensor, Tensor]:
-    """Soft-NMS (Bodla et al. 2017): instead of dropping overlapping boxes, decay their scores.
-
-    Repeatedly select the remaining box with the highest score (the lowest index among ties),
-    then multiply every other remaining score by ``exp(-IoU^2 / sigma)`` (``"gaussian"``) or, where
-    IoU > ``iou_threshold``, by ``1 - IoU`` (``"linear"``); boxes whose score falls below
-    ``score_threshold`` are dropped. NaN scores are never selected.
-
-    Args:
-        boxes (Tensor[N, 4]): ``(x1, y1, x2, y2)`` boxes.
-        scores (Tensor[N]): initial scores.
-
-    Returns:
-        keep (Tensor[K], int64): selected indices in selection order (decreasing new score).
-        scores (Tensor[K]): their decayed scores when selected, in scores' dtype.
-    """
-    _check_nms_inputs(boxes, scores)
-    check_choice("method", method, _nms_family.SOFT_NMS_METHODS)
-    if not sigma > 0:
-        raise ValueError(f"sigma must be positive, got {sigma!r}")
-    return torch.ops.tritondet.soft_nms(
-        boxes, scores, float(iou_threshold), float(sigma), float(score_threshold), method
     )

@@ -4,12 +4,13 @@ Every module in :data:`FAMILIES` defines ``AOT_SPECS`` (the specializations its 
 ``PUBLIC_OPS`` (the names in :mod:`tritondet.ops` it serves).
 """
 
-from . import anchors, box_coder, box_iou, matcher, nms
+from . import anchors, box_coder, box_iou, matcher, nms, rpn_proposals
 
 FAMILIES = {
     "box_iou": box_iou,
     "nms": nms,
     "box_coder": box_coder,
     "anchors": anchors,
+    "rpn_proposals": rpn_proposals,
     "matcher": matcher,
 }

@@ -1,0 +1,376 @@
+"""RPN proposals before NMS: from the raw head outputs of every level to padded candidate boxes.
+
+Shapes (N images, L levels, A_l anchors per position on an ``H_l x W_l`` grid):
+objectness ``[N, A_l, H_l, W_l]`` logits and deltas ``[N, 4 A_l, H_l, W_l]`` per level, exactly as an
+RPN head emits them (read in place through their strides, any layout), image_sizes ``[N, 2]``
+(height, width) -> candidates ``boxes [N, K, L, 4]`` and ``scores [N, K, L]`` with
+``K = min(pre_nms_top_n, max_l H_l W_l A_l)``: candidate j of level l is level l's j-th best anchor.
+This is the class-specific layout of :func:`tritondet.ops.batched_nms_padded` with levels as classes.
+
+Stages, each one launch for all images and levels (the level table of
+:mod:`tritondet.kernels.anchors` carries every level's grid, anchors, addresses and strides):
+
+1. ``_gather_objectness_kernel``: logits of every level in (y, x, anchor) order into one
+   ``[N, L, max_l H_l W_l A_l]`` fp32 buffer padded with -inf; ``torch.topk`` then selects the
+   ``min(pre_nms_top_n, H_l W_l A_l)`` best anchors of every level and image at once.
+2. ``_decode_proposals_kernel``: for each selected anchor, the anchor from (level, y, x, a) in
+   registers, its 4 deltas read from the head output, decoding (weights 1, ``dw``/``dh`` clamped to
+   ``log(1000 / 16)``), clipping to the image, the small-box test (``w, h >= min_size``), sigmoid and
+   the score test (``>= score_thresh``). Failing candidates get score -inf.
+
+All math is fp32 (fp16/bf16 heads are upcast on load). torchvision computes in the head's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .._backend import use_triton
+from ._aot import KernelSpec
+from ._launch import launch
+from .anchors import (
+    F_DELTAS,
+    F_DELTAS_STRIDES,
+    F_HEIGHT,
+    F_NUM_ANCHORS,
+    F_OBJECTNESS,
+    F_OBJECTNESS_STRIDES,
+    F_WIDTH,
+    grid_anchors_reference,
+    level_anchor,
+    level_table,
+)
+from .box_coder import RPN_WEIGHTS, decode_box, decode_reference
+
+HEAD_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_HEAD_CODE = {dtype: code for code, dtype in enumerate(HEAD_DTYPES)}
+
+
+@triton.jit
+def _head_pointer(address, HEAD_DTYPE: tl.constexpr):
+    """A typed pointer from an address in the level table."""
+    if HEAD_DTYPE == 0:
+        return address.to(tl.pointer_type(tl.float32), bitcast=True)
+    elif HEAD_DTYPE == 1:
+        return address.to(tl.pointer_type(tl.float16), bitcast=True)
+    elif HEAD_DTYPE == 2:
+        return address.to(tl.pointer_type(tl.bfloat16), bitcast=True)
+    else:
+        return address.to(tl.pointer_type(tl.float64), bitcast=True)
+
+
+@triton.jit
+def _grid_position(index, row_ptr):
+    """(y, x, a) of anchor ``index`` of a level in (y, x, anchor) order."""
+    # int32 division: a level has far fewer than 2^31 anchors, and int64 division is slow on GPUs.
+    width = tl.load(row_ptr + F_WIDTH).to(tl.int32)
+    num_anchors = tl.load(row_ptr + F_NUM_ANCHORS).to(tl.int32)
+    a = index % num_anchors
+    position = index // num_anchors
+    return position // width, position % width, a
+
+
+@triton.jit
+def _gather_objectness_kernel(
+    # pointers
+    table_ptr,  # [L, row_width] int64 level table (with head addresses and strides)
+    out_ptr,  # [N, L, max_count] fp32 contiguous logits, -inf past each level's count
+    # sizes
+    row_width,
+    max_count,  # max_l H_l W_l A_l
+    # meta-parameters
+    HEAD_DTYPE: tl.constexpr,  # index into HEAD_DTYPES
+    BLOCK: tl.constexpr,
+):
+    level = tl.program_id(1)
+    image = tl.program_id(2).to(tl.int64)
+    num_levels = tl.num_programs(1)
+    row_ptr = table_ptr + level * row_width
+    count = tl.load(row_ptr + F_HEIGHT) * tl.load(row_ptr + F_WIDTH) * tl.load(row_ptr + F_NUM_ANCHORS)
+    index = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    in_level = index < count
+    y, x, a = _grid_position(index, row_ptr)
+    objectness = _head_pointer(tl.load(row_ptr + F_OBJECTNESS), HEAD_DTYPE)
+    offset = (
+        image * tl.load(row_ptr + F_OBJECTNESS_STRIDES)
+        + a * tl.load(row_ptr + F_OBJECTNESS_STRIDES + 1)
+        + y * tl.load(row_ptr + F_OBJECTNESS_STRIDES + 2)
+        + x * tl.load(row_ptr + F_OBJECTNESS_STRIDES + 3)
+    )
+    logits = tl.load(objectness + offset, mask=in_level, other=float("-inf")).to(tl.float32)
+    tl.store(out_ptr + (image * num_levels + level) * max_count + index, logits, mask=index < max_count)
+
+
+@triton.jit
+def _decode_proposals_kernel(
+    # pointers
+    table_ptr,  # [L, row_width] int64 level table (with head addresses and strides)
+    top_logits_ptr,  # [N, L, K] fp32 contiguous: the best logits of each level
+    top_index_ptr,  # [N, L, K] int64 contiguous: their anchors' indices within the level
+    image_sizes_ptr,  # [N, 2] fp32 contiguous (height, width)
+    boxes_ptr,  # [N, K, L, 4] fp32 contiguous
+    scores_ptr,  # [N, K, L] fp32 contiguous, -inf for dropped candidates
+    # sizes
+    row_width,
+    K,
+    pre_nms_top_n,
+    # scalars
+    min_size,
+    score_thresh,
+    clip,
+    # meta-parameters
+    HEAD_DTYPE: tl.constexpr,  # index into HEAD_DTYPES
+    BLOCK: tl.constexpr,
+):
+    level = tl.program_id(1)
+    image = tl.program_id(2).to(tl.int64)
+    num_levels = tl.num_programs(1)
+    row_ptr = table_ptr + level * row_width
+    count = tl.load(row_ptr + F_HEIGHT) * tl.load(row_ptr + F_WIDTH) * tl.load(row_ptr + F_NUM_ANCHORS)
+    j = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    in_buffer = j < K
+    selected = j < tl.minimum(count, pre_nms_top_n)  # torchvision's per-level top n
+    top = (image * num_levels + level) * K + j
+    logits = tl.load(top_logits_ptr + top, mask=selected, other=0.0)
+    index = tl.load(top_index_ptr + top, mask=selected, other=0).to(tl.int32)
+    y, x, a = _grid_position(index, row_ptr)
+    ax1, ay1, ax2, ay2 = level_anchor(row_ptr, y, x, a)
+
+    deltas = _head_pointer(tl.load(row_ptr + F_DELTAS), HEAD_DTYPE)
+    stride_c = tl.load(row_ptr + F_DELTAS_STRIDES + 1)
+    pd = deltas + (
+        image * tl.load(row_ptr + F_DELTAS_STRIDES)
+        + (4 * a) * stride_c
+        + y * tl.load(row_ptr + F_DELTAS_STRIDES + 2)
+        + x * tl.load(row_ptr + F_DELTAS_STRIDES + 3)
+    )
+    dx = tl.load(pd, mask=selected, other=0).to(tl.float32)
+    dy = tl.load(pd + stride_c, mask=selected, other=0).to(tl.float32)
+    dw = tl.load(pd + 2 * stride_c, mask=selected, other=0).to(tl.float32)
+    dh = tl.load(pd + 3 * stride_c, mask=selected, other=0).to(tl.float32)
+    x1, y1, x2, y2 = decode_box(ax1, ay1, ax2, ay2, dx, dy, dw, dh, 1.0, 1.0, 1.0, 1.0, clip)
+
+    # Clip to the image before padding (torchvision's clip_boxes_to_image: clamp(min=0, max=size)).
+    height = tl.load(image_sizes_ptr + image * 2)
+    width = tl.load(image_sizes_ptr + image * 2 + 1)
+    x1 = tl.minimum(tl.maximum(x1, 0.0), width)
+    y1 = tl.minimum(tl.maximum(y1, 0.0), height)
+    x2 = tl.minimum(tl.maximum(x2, 0.0), width)
+    y2 = tl.minimum(tl.maximum(y2, 0.0), height)
+    probability = tl.sigmoid(logits)
+    keep = selected & ((x2 - x1) >= min_size) & ((y2 - y1) >= min_size) & (probability >= score_thresh)
+
+    out = (image * K + j) * num_levels + level
+    tl.store(scores_ptr + out, tl.where(keep, probability, float("-inf")), mask=in_buffer)
+    pb = boxes_ptr + out * 4
+    tl.store(pb, tl.where(selected, x1, 0.0), mask=in_buffer)
+    tl.store(pb + 1, tl.where(selected, y1, 0.0), mask=in_buffer)
+    tl.store(pb + 2, tl.where(selected, x2, 0.0), mask=in_buffer)
+    tl.store(pb + 3, tl.where(selected, y2, 0.0), mask=in_buffer)
+
+
+_NUM_WARPS = 4
+# Gather: 1024 logits per program (8 per thread at 4 warps), a pure copy whose reads are strided
+# across anchors; wide programs keep the grid of a 200x336x3 FPN level at ~200 programs per image.
+_GATHER_BLOCK = 1024
+# Decode: 256 candidates per program (2 per thread), each ~40 live fp32 values (anchor, deltas,
+# box, table entries); 2000 candidates per level are 8 programs per level and image.
+_DECODE_BLOCK = 256
+
+
+def candidate_count(counts: list[int], pre_nms_top_n: int) -> int:
+    """K: candidates per level in the padded output."""
+    return min(pre_nms_top_n, max(counts)) if counts else 0
+
+
+def _level_counts(objectness: list[torch.Tensor]) -> list[int]:
+    return [o.shape[1] * o.shape[2] * o.shape[3] for o in objectness]
+
+
+def rpn_candidates_triton(
+    objectness, deltas, image_sizes, strides, anchor_sizes, anchor_ratios, anchors_per_level, pre_nms_top_n,
+    min_size, score_thresh, clip,
+):  # fmt: skip
+    """Two launches and one ``torch.topk``, whatever the number of images and levels."""
+    batch, num_levels = image_sizes.shape[0], len(objectness)
+    device = image_sizes.device
+    counts = _level_counts(objectness)
+    max_count = max(counts)
+    k = candidate_count(counts, pre_nms_top_n)
+    grid_sizes = [v for o in objectness for v in o.shape[2:]]
+    table = level_table(
+        grid_sizes, strides, anchor_sizes, anchor_ratios, anchors_per_level, device, heads=(objectness, deltas)
+    )
+    head_code = _HEAD_CODE[objectness[0].dtype]
+    logits = torch.empty((batch, num_levels, max_count), dtype=torch.float32, device=device)
+    grid = (triton.cdiv(max_count, _GATHER_BLOCK), num_levels, batch)
+    launch(
+        _gather_objectness_kernel,
+        grid,
+        table,
+        logits,
+        table.shape[1],
+        max_count,
+        HEAD_DTYPE=head_code,
+        BLOCK=_GATHER_BLOCK,
+        num_warps=_NUM_WARPS,
+    )
+    top_logits, top_index = logits.topk(k, dim=2)
+    boxes = torch.empty((batch, k, num_levels, 4), dtype=torch.float32, device=device)
+    scores = torch.empty((batch, k, num_levels), dtype=torch.float32, device=device)
+    sizes = image_sizes.to(torch.float32).contiguous()
+    launch(
+        _decode_proposals_kernel,
+        (triton.cdiv(k, _DECODE_BLOCK), num_levels, batch),
+        table,
+        top_logits,
+        top_index,
+        sizes,
+        boxes,
+        scores,
+        table.shape[1],
+        k,
+        pre_nms_top_n,
+        float(min_size),
+        float(score_thresh),
+        float(clip),
+        HEAD_DTYPE=head_code,
+        BLOCK=_DECODE_BLOCK,
+        num_warps=_NUM_WARPS,
+    )
+    return boxes, scores
+
+
+# ----------------------------------------------------------------------------------------------
+# Reference: vectorized PyTorch (loops over the few levels only), the test oracle and CPU path.
+# ----------------------------------------------------------------------------------------------
+
+
+def _pad_levels(per_level: list[torch.Tensor], length: int, value: float) -> torch.Tensor:
+    """Stack ``[N, n_l, ...]`` tensors into ``[N, L, length, ...]``, padding dim 1 with ``value``."""
+    padded = []
+    for t in per_level:
+        pad = t.new_full((t.shape[0], length - t.shape[1], *t.shape[2:]), value)
+        padded.append(torch.cat([t, pad], dim=1))
+    return torch.stack(padded, dim=1)
+
+
+def rpn_candidates_reference(
+    objectness, deltas, image_sizes, strides, anchor_sizes, anchor_ratios, anchors_per_level, pre_nms_top_n,
+    min_size, score_thresh, clip,
+):  # fmt: skip
+    batch = image_sizes.shape[0]
+    device = image_sizes.device
+    counts = _level_counts(objectness)
+    max_count = max(counts)
+    k = candidate_count(counts, pre_nms_top_n)
+    # (y, x, anchor) order, as torchvision's permute_and_flatten.
+    logits = [o.permute(0, 2, 3, 1).reshape(batch, -1).float() for o in objectness]
+    codes = [
+        d.reshape(batch, d.shape[1] // 4, 4, *d.shape[2:]).permute(0, 3, 4, 1, 2).reshape(batch, -1, 4).float()
+        for d in deltas
+    ]
+    grid_sizes = [v for o in objectness for v in o.shape[2:]]
+    anchors = grid_anchors_reference(grid_sizes, strides, anchor_sizes, anchor_ratios, anchors_per_level, device)
+    anchors = _pad_levels([a[None] for a in anchors.split(counts)], max_count, 0.0)[0]  # [L, max_count, 4]
+
+    top_logits, top_index = _pad_levels(logits, max_count, float("-inf")).topk(k, dim=2)  # [N, L, K]
+    # Built on the device (no host-to-device copy): candidate j of level l is one of its top n.
+    top_n = torch.stack([torch.full((), min(c, pre_nms_top_n), device=device) for c in counts])
+    selected = torch.arange(k, device=device) < top_n[:, None]
+    top_codes = _pad_levels(codes, max_count, 0.0).gather(2, top_index[..., None].expand(-1, -1, -1, 4))
+    top_anchors = anchors[torch.arange(len(counts), device=device)[:, None], top_index]  # [N, L, K, 4]
+    boxes = decode_reference(top_codes, top_anchors, list(RPN_WEIGHTS), clip)
+    size = image_sizes.to(torch.float32)[:, None, None, :]  # (height, width)
+    upper = torch.stack([size[..., 1], size[..., 0], size[..., 1], size[..., 0]], dim=-1)
+    boxes = torch.minimum(boxes.clamp(min=0), upper)
+    probability = torch.sigmoid(top_logits)
+    keep = selected & (boxes[..., 2] - boxes[..., 0] >= min_size) & (boxes[..., 3] - boxes[..., 1] >= min_size)
+    keep = keep & (probability >= score_thresh)
+    scores = torch.where(keep, probability, float("-inf"))
+    boxes = torch.where(selected[..., None], boxes, 0.0)
+    return boxes.transpose(1, 2).contiguous(), scores.transpose(1, 2).contiguous()
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.library registration (not differentiable: torchvision detaches the proposals too)
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("tritondet::rpn_candidates", mutates_args=())
+def rpn_candidates(
+    objectness: list[torch.Tensor],
+    deltas: list[torch.Tensor],
+    image_sizes: torch.Tensor,
+    strides: list[int],
+    anchor_sizes: list[float],
+    anchor_ratios: list[float],
+    anchors_per_level: list[int],
+    pre_nms_top_n: int,
+    min_size: float,
+    score_thresh: float,
+    clip: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``boxes [N, K, L, 4]``, ``scores [N, K, L]`` fp32 (see the module docstring)."""
+    args = (objectness, deltas, image_sizes, strides, anchor_sizes, anchor_ratios, anchors_per_level)
+    if use_triton(image_sizes.device):
+        return rpn_candidates_triton(*args, pre_nms_top_n, min_size, score_thresh, clip)
+    return rpn_candidates_reference(*args, pre_nms_top_n, min_size, score_thresh, clip)
+
+
+@rpn_candidates.register_fake
+def _(objectness, deltas, image_sizes, strides, anchor_sizes, anchor_ratios, anchors_per_level, pre_nms_top_n, *_):
+    batch, num_levels = image_sizes.shape[0], len(objectness)
+    k = candidate_count(_level_counts(objectness), pre_nms_top_n)
+    boxes = image_sizes.new_empty((batch, k, num_levels, 4), dtype=torch.float32)
+    return boxes, image_sizes.new_empty((batch, k, num_levels), dtype=torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Ahead-of-time specializations: one per head dtype and kernel.
+# ----------------------------------------------------------------------------------------------
+
+
+def _aot_specs() -> list[KernelSpec]:
+    specs = []
+    for dtype, code in _HEAD_CODE.items():
+        label = f"head {str(dtype).removeprefix('torch.')}"
+        gather_constexprs = {"HEAD_DTYPE": code, "BLOCK": _GATHER_BLOCK}
+        gather_signature = {
+            "table_ptr": "*i64",
+            "out_ptr": "*fp32",
+            "row_width": "i32",
+            "max_count": "i32",
+            "HEAD_DTYPE": "constexpr",
+            "BLOCK": "constexpr",
+        }
+        specs.append(
+            KernelSpec(_gather_objectness_kernel, gather_signature, gather_constexprs, label, num_warps=_NUM_WARPS)
+        )
+        decode_constexprs = {"HEAD_DTYPE": code, "BLOCK": _DECODE_BLOCK}
+        decode_signature = {
+            "table_ptr": "*i64",
+            "top_logits_ptr": "*fp32",
+            "top_index_ptr": "*i64",
+            "image_sizes_ptr": "*fp32",
+            "boxes_ptr": "*fp32",
+            "scores_ptr": "*fp32",
+            "row_width": "i32",
+            "K": "i32",
+            "pre_nms_top_n": "i32",
+            "min_size": "fp32",
+            "score_thresh": "fp32",
+            "clip": "fp32",
+            "HEAD_DTYPE": "constexpr",
+            "BLOCK": "constexpr",
+        }
+        specs.append(
+            KernelSpec(_decode_proposals_kernel, decode_signature, decode_constexprs, label, num_warps=_NUM_WARPS)
+        )
+    return specs
+
+
+AOT_SPECS = _aot_specs()
+PUBLIC_OPS = ("rpn_proposals",)
