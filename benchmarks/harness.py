@@ -236,9 +236,20 @@ class _Bound:
     leaves: tuple[torch.Tensor, ...]
 
 
+def _tensors(value) -> list[torch.Tensor]:
+    """The tensors in ``value``, looking into tuples, lists and dict values."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (tuple, list)):
+        return [t for item in value for t in _tensors(item)]
+    return []
+
+
 def _bind(case: Case) -> _Bound:
     inputs = case.inputs()
-    leaves = tuple(t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad)
+    leaves = tuple(t for t in _tensors(inputs) if t.requires_grad)
     return _Bound(lambda: case.ours(*inputs), lambda: case.torchvision(*inputs), leaves)
 
 
