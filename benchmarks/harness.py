@@ -191,12 +191,12 @@ def _threads(count: int) -> Iterator[None]:
 
 
 def _time_cpu(fn: Callable[[], Any], grad_to_none) -> Timing:
+    """The calls :func:`measure` makes before timing (the check and the count) are the warm-up."""
     with _threads(cpu_threads()):
         return _time_cpu_samples(fn, grad_to_none)
 
 
 def _time_cpu_samples(fn: Callable[[], Any], grad_to_none) -> Timing:
-    fn()  # warm-up
     samples: list[float] = []
     started = time.perf_counter()
     while len(samples) < CPU_REPEATS and (not samples or time.perf_counter() - started < CPU_BUDGET_S):

@@ -73,6 +73,13 @@ def test_report_has_environment_table_and_compile_report():
     assert bench.markdown_table([_row()]) in report
     assert "## Ahead-of-time compile report" in report and "box_iou  k" in report
     assert "compile report" not in bench.markdown_report([_row()], {}, None)
+    assert "the CPU path" in report  # CPU rows say whose counts they are
+
+
+def test_report_lists_failed_cases():
+    report = bench.markdown_report([_row()], {}, None, ["nms-12000-float32-cpu: AssertionError: differ"])
+    assert "## Failed cases" in report and "- nms-12000-float32-cpu: AssertionError: differ" in report
+    assert "Failed" not in bench.markdown_report([_row()], {}, None)
 
 
 def test_write_report_replaces_the_csv_and_draws_one_png_per_op(tmp_path):
