@@ -16,7 +16,8 @@ A family file defines ``cases(device, sizes) -> list[Case]`` and one pytest test
 Sizes (``TRITONDET_BENCH_SIZES``): ``tiny`` (the default: the CI smoke run, ``pytest benchmarks/``
 with pytest's default ``--benchmark-disable`` runs each case once and times nothing), ``quick``
 (``tritondet bench --quick``) and ``full`` (the sizes a detector really uses, named in each op's
-issue): ``TRITONDET_BENCH_SIZES=full pytest benchmarks/ --benchmark-only`` or ``tritondet bench``.
+issue): ``TRITONDET_BENCH_SIZES=full pytest benchmarks/ --benchmark-only`` (one process, see
+benchmarks/conftest.py) or ``tritondet bench``.
 """
 
 from __future__ import annotations
@@ -346,10 +347,12 @@ def run_benchmark(benchmark, case: Case) -> None:
         {key: value for key, value in dataclasses.asdict(row).items() if value is not None and key != "op"}
     )
     bound = _bind(case)
-    benchmark.pedantic(
-        _synchronized(bound.ours, case.device),
-        setup=lambda: _reset_grads(bound.leaves),
-        rounds=3,
-        iterations=1,
-        warmup_rounds=1,
-    )
+    threads = _threads(cpu_threads()) if case.device.type == "cpu" else contextlib.nullcontext()
+    with threads:  # the same CPU threads as the row's timings
+        benchmark.pedantic(
+            _synchronized(bound.ours, case.device),
+            setup=lambda: _reset_grads(bound.leaves),
+            rounds=3,
+            iterations=1,
+            warmup_rounds=1,
+        )
