@@ -224,7 +224,9 @@ def run_suite(sizes: str, only: Sequence[str] = ()) -> tuple[list[Row], list[str
             continue
         try:
             cases = importlib.import_module(name).cases(harness.bench_device(), sizes)
-        except Exception as error:
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as error:  # also pytest's module-level skip (an op not there yet)
             failures.append(f"{name}: {type(error).__name__}: {error}")
             continue
         for case in cases:
