@@ -22,6 +22,7 @@ from .kernels import roi_align as _roi_align_family
 __all__ = [
     "MultiScaleRoIAlign",
     "PSRoIAlign",
+    "PSRoIPool",
     "RoIAlign",
     "RoIPool",
     "batched_box_iou",
@@ -31,6 +32,7 @@ __all__ = [
     "distance_box_iou",
     "generalized_box_iou",
     "ps_roi_align",
+    "ps_roi_pool",
     "roi_align",
     "roi_pool",
 ]
@@ -441,3 +443,43 @@ class PSRoIAlign(torch.nn.Module):
             f"{self.__class__.__name__}(output_size={self.output_size}, spatial_scale={self.spatial_scale}, "
             f"sampling_ratio={self.sampling_ratio})"
         )
+
+
+def ps_roi_pool(
+    input: Tensor, boxes: Tensor | list[Tensor], output_size: int | tuple[int, int], spatial_scale: float = 1.0
+) -> Tensor:
+    """Position-sensitive RoI Pool (R-FCN): bin ``(ph, pw)`` of output channel ``c`` is the mean of
+    input channel ``c * PH * PW + ph * PW + pw`` over the bin's pixels (torchvision's rounding,
+    exclusive RoI end, bins clipped to ``[0, H - 1]`` and ``[0, W - 1]`` as torchvision does); an
+    empty bin is 0. The gradient is torchvision's, whose backward clips bins to ``[0, H]`` and
+    ``[0, W]`` instead (so bins on the last row or column spread their gradient differently from
+    the forward's average).
+
+    Args:
+        input (Tensor[N, C * PH * PW, H, W]), boxes (Tensor[K, 5] or List[Tensor[L, 4]]),
+        output_size, spatial_scale: as in :func:`roi_pool`.
+
+    Returns:
+        Tensor[K, C, PH, PW]: contiguous, in ``input``'s dtype.
+    """
+    _check_feature_map("input", input)
+    ph, pw = _pair_size("output_size", output_size)
+    if input.shape[1] % (ph * pw):
+        raise ValueError(f"input must have a multiple of {ph * pw} channels, got {input.shape[1]}")
+    rois = _rois_from_boxes(boxes, input.shape[0], input.device)
+    return torch.ops.tritondet.ps_roi_pool(input, rois, float(spatial_scale), ph, pw)
+
+
+class PSRoIPool(torch.nn.Module):
+    """See :func:`ps_roi_pool`."""
+
+    def __init__(self, output_size, spatial_scale: float):
+        super().__init__()
+        self.output_size = output_size
+        self.spatial_scale = spatial_scale
+
+    def forward(self, input: Tensor, rois: Tensor | list[Tensor]) -> Tensor:
+        return ps_roi_pool(input, rois, self.output_size, self.spatial_scale)
+
+    def __repr__(self) -> str:
+        return f"{self.__class__.__name__}(output_size={self.output_size}, spatial_scale={self.spatial_scale})"
