@@ -54,3 +54,30 @@ def check_counts(name: str, counts: torch.Tensor, upper: int) -> None:
         torch._assert_async(((counts >= 0) & (counts <= upper)).all(), message)
     except RuntimeError as error:
         raise ValueError(message) from error
+
+
+VALIDATE_VARIABLE = "TRITONDET_VALIDATE"
+
+
+def validation_enabled(device: torch.device) -> bool:
+    """Whether data-dependent checks (which read values back to the host) run: with
+    ``TRITONDET_VALIDATE=1`` always, with ``0`` never, unset on CPU tensors only; never while
+    compiling."""
+    import os
+
+    if torch.compiler.is_compiling():
+        return False
+    choice = os.environ.get(VALIDATE_VARIABLE, "")
+    return choice == "1" or (choice != "0" and device.type == "cpu")
+
+
+def check_roi_batch_indices(name: str, rois: torch.Tensor, num_images: int) -> None:
+    """``ValueError`` naming the first row of ``rois`` ``[K, 5]`` whose batch index (column 0) is
+    not an integer in ``[0, num_images)``."""
+    index = rois[:, 0]
+    bad = ~((index >= 0) & (index < num_images) & (index == index.floor()))
+    if bool(bad.any()):
+        first = int(bad.int().argmax())
+        raise ValueError(
+            f"{name}[{first}] has batch index {index[first].item()}, which is not an integer in [0, {num_images})"
+        )

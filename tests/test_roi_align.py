@@ -1,0 +1,288 @@
+"""RoIAlign and MultiScaleRoIAlign against torchvision and our reference, on both backends."""
+
+from collections import OrderedDict
+
+import pytest
+import torch
+import torchvision
+
+from tests.tolerances import FLOAT_DTYPES, assert_close
+from tritondet import ops
+from tritondet.dispatch_audit import NoHostSync
+from tritondet.kernels import roi_align as family
+
+OUTPUT_SIZES = [1, 7, (7, 5)]
+SAMPLING_RATIOS = [-1, 0, 1, 2]
+
+
+def make_rois(k: int, images: int, height: int, width: int, scale: float, generator) -> torch.Tensor:
+    """``[k + 4, 5]`` RoIs in box coordinates (map size / ``scale``): random ones inside and partly
+    outside the map, plus one wholly outside, one zero-size, one inverted and one covering all."""
+    size = torch.tensor([width, height, width, height]) / scale
+    corner = (torch.rand(k, 2, generator=generator) * 1.2 - 0.1) * size[:2]
+    extent = torch.rand(k, 2, generator=generator) * size[:2] * 0.6
+    boxes = torch.cat([corner, corner + extent], 1)
+    special = torch.stack(
+        [
+            size * torch.tensor([1.2, 1.3, 1.6, 1.5]),  # wholly outside
+            size * torch.tensor([0.5, 0.5, 0.5, 0.5]),  # zero size
+            size * torch.tensor([0.6, 0.7, 0.2, 0.3]),  # inverted
+            size * torch.tensor([-0.1, -0.1, 1.1, 1.1]),  # covering the map
+        ]
+    )
+    boxes = torch.cat([boxes, special])
+    batch = torch.randint(0, images, (boxes.shape[0], 1), generator=generator).float()
+    return torch.cat([batch, boxes], 1)
+
+
+def features(images, channels, height, width, generator, dtype=torch.float32):
+    return torch.randn(images, channels, height, width, generator=generator).to(dtype)
+
+
+@pytest.mark.parametrize("output_size", OUTPUT_SIZES)
+@pytest.mark.parametrize("sampling_ratio", SAMPLING_RATIOS)
+@pytest.mark.parametrize("aligned", [False, True])
+def test_forward_matches_torchvision_13x17(backend, device, output_size, sampling_ratio, aligned):
+    generator = torch.Generator().manual_seed(sampling_ratio + 10 * aligned)
+    x = features(3, 2, 13, 17, generator).to(device)
+    rois = make_rois(6, 3, 13, 17, 0.5, generator).to(device)
+    ours = ops.roi_align(x, rois, output_size, 0.5, sampling_ratio, aligned)
+    theirs = torchvision.ops.roi_align(x, rois, output_size, 0.5, sampling_ratio, aligned)
+    assert ours.shape == theirs.shape and ours.dtype == theirs.dtype and ours.is_contiguous()
+    assert_close(ours, theirs, torch.float32)
+
+
+@pytest.mark.parametrize("sampling_ratio", [-1, 2])
+@pytest.mark.parametrize("aligned", [False, True])
+def test_forward_and_backward_match_torchvision_50x68(backend, device, sampling_ratio, aligned):
+    generator = torch.Generator().manual_seed(3 + sampling_ratio)
+    x = features(1, 2, 50, 68, generator, torch.float64).to(device)
+    rois = make_rois(8, 1, 50, 68, 0.25, generator).double().to(device)
+    grad = torch.randn(rois.shape[0], 2, 7, 5, generator=generator, dtype=torch.float64).to(device)
+    results = []
+    for fn in (ops.roi_align, torchvision.ops.roi_align):
+        leaf = x.clone().requires_grad_()
+        out = fn(leaf, rois, (7, 5), 0.25, sampling_ratio, aligned)
+        out.backward(grad)
+        results.append((out, leaf.grad))
+    assert_close(results[0][0], results[1][0], torch.float64)
+    assert_close(results[0][1], results[1][1], torch.float64)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_dtypes(backend, device, dtype):
+    generator = torch.Generator().manual_seed(5)
+    x = features(2, 3, 13, 17, generator).to(dtype).to(device)
+    rois = make_rois(6, 2, 13, 17, 1.0, generator).to(device)
+    ours = ops.roi_align(x, rois, 7, 1.0, 2, True)
+    # torchvision has no bf16 kernel: compare with its result on the upcast input.
+    theirs = torchvision.ops.roi_align(x.double(), rois.double(), 7, 1.0, 2, True)
+    assert ours.dtype == dtype
+    assert_close(ours.double(), theirs.to(dtype).double(), dtype)
+    reference = family.roi_align_reference([x], rois, [1.0], (7, 7), 2, True)
+    assert_close(ours, reference, dtype)
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "sliced", "transposed_hw"])
+def test_layouts_are_read_in_place(backend, device, layout):
+    generator = torch.Generator().manual_seed(7)
+    base = features(2, 6, 13, 17, generator).to(device)
+    if layout == "channels_last":
+        x = base.contiguous(memory_format=torch.channels_last)
+    elif layout == "sliced":
+        x = base[:, ::2]
+    else:
+        x = base.transpose(2, 3).contiguous().transpose(2, 3)
+    rois = make_rois(6, 2, 13, 17, 1.0, generator).to(device)
+    ours = ops.roi_align(x, rois, (7, 5), 1.0, -1, False)
+    assert ours.is_contiguous()
+    assert_close(ours, torchvision.ops.roi_align(x.contiguous(), rois, (7, 5), 1.0, -1, False), torch.float32)
+    leaf = x.detach().clone(memory_format=torch.preserve_format).requires_grad_()
+    ops.roi_align(leaf, rois, (7, 5), 1.0, -1, False).sum().backward()
+    expected = x.contiguous().requires_grad_()
+    torchvision.ops.roi_align(expected, rois, (7, 5), 1.0, -1, False).sum().backward()
+    assert_close(leaf.grad, expected.grad, torch.float32)
+
+
+def test_hand_computed_values_on_a_4x4_map(backend, device):
+    x = torch.arange(16.0).reshape(1, 1, 4, 4).to(device)  # value 4 * y + x, which bilinear keeps exact
+
+    def pool(box, size, sampling_ratio, aligned):
+        rois = torch.tensor([[0.0, *box]], device=device)
+        return ops.roi_align(x, rois, size, 1.0, sampling_ratio, aligned).flatten().tolist()
+
+    # samples at 0.5 and 1.5 -> mean position (1, 1)
+    assert pool((0, 0, 2, 2), 1, 2, False) == [5.0]
+    # shifted by -0.5: samples at 0 and 1 -> (0.5, 0.5)
+    assert pool((0, 0, 2, 2), 1, 2, True) == [2.5]
+    # samples at 3 and 5: only (3, 3) is inside (y, x <= 4 = H), clamped to the last row/column;
+    # the other three count as zeros
+    assert pool((2, 2, 6, 6), 1, 2, False) == [15.0 / 4]
+    # one sample per bin at 1 and 3
+    assert pool((0, 0, 4, 4), 2, 1, False) == [5.0, 7.0, 13.0, 15.0]
+    # legacy mode widens the zero-size RoI at (1, 2) to 1x1: one sample at (2.5, 1.5)
+    assert pool((1, 2, 1, 2), 1, -1, False) == [11.5]
+    # aligned mode keeps it empty: no samples, zero
+    assert pool((1, 2, 1, 2), 1, -1, True) == [0.0]
+    # sample at (-1, -1) still counts (clamped to (0, 0)), one at -1.5 does not
+    assert pool((-2, -2, 0, 0), 1, 1, False) == [0.0]
+    assert pool((-2.0, -2.0, -1.0, -1.0), 1, 1, False) == [0.0]
+
+
+def test_box_list_and_empty_boxes(backend, device):
+    generator = torch.Generator().manual_seed(11)
+    x = features(3, 2, 13, 17, generator).to(device)
+    boxes = [make_rois(3, 1, 13, 17, 1.0, generator)[:, 1:].to(device) for _ in range(3)]
+    boxes[1] = boxes[1][:0]
+    assert_close(ops.roi_align(x, boxes, 3), torchvision.ops.roi_align(x, boxes, 3), torch.float32)
+    empty = ops.roi_align(x, torch.zeros(0, 5, device=device), (7, 5))
+    assert empty.shape == (0, 2, 7, 5)
+    leaf = x.clone().requires_grad_()
+    ops.roi_align(leaf, torch.zeros(0, 5, device=device), 7).sum().backward()
+    assert torch.equal(leaf.grad, torch.zeros_like(x))
+
+
+def test_bad_batch_indices(backend, device):
+    x = torch.ones(2, 1, 4, 4, device=device)
+    rois = torch.tensor([[0, 0, 0, 2, 2], [1.5, 0, 0, 2, 2], [2, 0, 0, 2, 2], [-1, 0, 0, 2, 2]], device=device)
+    if device.type == "cpu":
+        with pytest.raises(ValueError, match=r"boxes\[1\] has batch index 1.5"):
+            ops.roi_align(x, rois, 2)
+    # The op itself never reads out of bounds: those RoIs pool zeros and get no gradient.
+    leaf = x.clone().requires_grad_()
+    out = torch.ops.tritondet.roi_align([leaf], rois, [1.0], 2, 2, -1, False, 0, 224.0, 4.0)
+    assert torch.equal(out[0], torch.ones(1, 2, 2, device=device)) and not out[1:].any()
+    out.sum().backward()
+    assert leaf.grad[1].sum() == 0 and leaf.grad[0].sum() == 4
+
+
+@pytest.mark.parametrize("aligned", [False, True])
+@pytest.mark.parametrize("sampling_ratio", [-1, 2])
+def test_gradcheck(backend, device, aligned, sampling_ratio):
+    generator = torch.Generator().manual_seed(13)
+    x = features(2, 1, 5, 6, generator, torch.float64).to(device).requires_grad_()
+    rois = make_rois(2, 2, 5, 6, 1.0, generator).double().to(device)
+    # fast mode: a few random directions instead of every input and output element (interpreter)
+    assert torch.autograd.gradcheck(
+        lambda t: ops.roi_align(t, rois, (3, 2), 1.0, sampling_ratio, aligned), (x,), fast_mode=True
+    )
+
+
+def test_deterministic_backward_is_bitwise_reproducible(backend, device):
+    generator = torch.Generator().manual_seed(17)
+    x = features(2, 3, 13, 17, generator).to(device)
+    rois = make_rois(6, 2, 13, 17, 1.0, generator).to(device)
+    grad = torch.randn(rois.shape[0], 3, 3, 2, generator=generator).to(device)
+
+    def backward():
+        leaf = x.clone().requires_grad_()
+        ops.roi_align(leaf, rois, (3, 2)).backward(grad)
+        return leaf.grad
+
+    expected = x.clone().requires_grad_()
+    torchvision.ops.roi_align(expected, rois, (3, 2)).backward(grad)
+    torch.use_deterministic_algorithms(True)
+    try:
+        first, second = backward(), backward()
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert torch.equal(first, second)
+    assert_close(first, expected.grad, torch.float32)
+    assert_close(backward(), expected.grad, torch.float32)
+
+
+def test_opcheck(backend, device):
+    generator = torch.Generator().manual_seed(19)
+    x = features(2, 2, 6, 7, generator).to(device).requires_grad_()
+    rois = make_rois(1, 2, 6, 7, 1.0, generator).to(device)
+    for args in ((2, 3, -1, False), (1, 1, 2, True)):
+        torch.library.opcheck(torch.ops.tritondet.roi_align.default, ([x], rois, [1.0], *args, 0, 224.0, 4.0))
+
+
+def test_torch_compile_fullgraph(backend, device):
+    generator = torch.Generator().manual_seed(23)
+    x = features(2, 2, 13, 17, generator).to(device)
+    rois = make_rois(4, 2, 13, 17, 1.0, generator).to(device)
+    module = ops.RoIAlign((7, 5), 1.0, 2)
+    compiled = torch.compile(lambda a, b: module(a, b).relu().sum(), fullgraph=True, backend="aot_eager")
+    assert_close(compiled(x, rois), module(x, rois).relu().sum(), torch.float32)
+
+
+def test_module_repr_matches_torchvision():
+    assert repr(ops.RoIAlign((7, 5), 0.25, 2, True)) == repr(torchvision.ops.RoIAlign((7, 5), 0.25, 2, True))
+    assert repr(ops.MultiScaleRoIAlign(["0", "1"], 7, 2)) == repr(torchvision.ops.MultiScaleRoIAlign(["0", "1"], 7, 2))
+
+
+def test_bad_arguments():
+    x = torch.zeros(1, 1, 4, 4)
+    with pytest.raises(ValueError, match="input"):
+        ops.roi_align(x[0], torch.zeros(0, 5), 2)
+    with pytest.raises(ValueError, match="boxes"):
+        ops.roi_align(x, torch.zeros(3, 4), 2)
+    with pytest.raises(ValueError, match="output_size"):
+        ops.roi_align(x, torch.zeros(0, 5), (2, 0))
+    with pytest.raises(TypeError, match="input"):
+        ops.roi_align(x.long(), torch.zeros(0, 5), 2)
+
+
+# ----------------------------------------------------------------------------------------------
+# MultiScaleRoIAlign
+# ----------------------------------------------------------------------------------------------
+
+
+def fpn_inputs(generator, images=2, channels=2, image_size=(60, 76)):
+    h, w = image_size
+    x = OrderedDict()
+    for level in range(2, 6):
+        x[f"p{level}"] = torch.randn(images, channels, -(-h // 2**level), -(-w // 2**level), generator=generator)
+    x["pool"] = torch.randn(images, channels, 1, 1, generator=generator)  # not pooled from
+    boxes = []
+    for _ in range(images):
+        corner = torch.rand(7, 2, generator=generator) * torch.tensor([w, h]) * 0.8
+        # Sizes from 4 to ~200 px span every level at canonical_scale 32.
+        extent = 2 ** (torch.rand(7, 2, generator=generator) * 5.6 + 2)
+        boxes.append(torch.cat([corner, corner + extent], 1))
+    return x, boxes, [(h, w), (h - 5, w - 3)][:images]
+
+
+@pytest.mark.parametrize("output_size,sampling_ratio", [(7, 2), ((3, 2), -1)])
+def test_multiscale_matches_torchvision(backend, device, output_size, sampling_ratio):
+    generator = torch.Generator().manual_seed(29)
+    x, boxes, image_shapes = fpn_inputs(generator)
+    x = OrderedDict((k, v.to(device)) for k, v in x.items())
+    boxes = [b.to(device) for b in boxes]
+    names = ["p2", "p3", "p4", "p5"]
+    ours = ops.MultiScaleRoIAlign(names, output_size, sampling_ratio, canonical_scale=32, canonical_level=4)
+    theirs = torchvision.ops.MultiScaleRoIAlign(names, output_size, sampling_ratio, canonical_scale=32)
+    result = ours(x, boxes, image_shapes)
+    expected = theirs(x, boxes, image_shapes)
+    assert_close(result, expected, torch.float32)
+    assert ours.scales == theirs.scales
+    levels = family.roi_levels_reference(
+        torch.cat([torch.zeros(14, 1, device=device), torch.cat(boxes)], 1), 4, 2, 32, 4
+    )
+    assert len(set(levels.tolist())) == 4  # every level is used
+
+
+def test_multiscale_one_launch_no_host_sync_and_gradients(device, monkeypatch):
+    monkeypatch.setenv("TRITONDET_BACKEND", "triton")
+    monkeypatch.setenv("TRITONDET_VALIDATE", "0")  # the CPU batch-index check reads values back
+    generator = torch.Generator().manual_seed(31)
+    x, boxes, image_shapes = fpn_inputs(generator)
+    x = OrderedDict((k, v.to(device).double().requires_grad_()) for k, v in x.items())
+    boxes = [b.to(device).double() for b in boxes]
+    names = ["p2", "p3", "p4", "p5"]
+    ours = ops.MultiScaleRoIAlign(names, 3, 2, canonical_scale=32)
+    ours(x, boxes, image_shapes)  # sets up the scales (host arithmetic on sizes), as torchvision
+    with NoHostSync() as audit:
+        result = ours(x, boxes, image_shapes)
+    assert audit.launches == 1 and audit.syncs == 0
+    grad = torch.randn(14, 2, 3, 3, generator=generator, dtype=torch.float64).to(device)
+    result.backward(grad)
+    theirs = torchvision.ops.MultiScaleRoIAlign(names, 3, 2, canonical_scale=32)
+    leaves = OrderedDict((k, v.detach().clone().requires_grad_()) for k, v in x.items())
+    expected = theirs(leaves, boxes, image_shapes)
+    assert_close(result, expected, torch.float64)
+    expected.backward(grad)
+    for name in names:
+        assert_close(x[name].grad, leaves[name].grad, torch.float64)

@@ -1,0 +1,1052 @@
+"""RoIAlign over one or several feature maps (Mask R-CNN; FPN's multi-scale pooling) and RoIPool.
+
+Shapes: features ``L`` levels ``[N, C, H_l, W_l]`` (any strides: NCHW and channels_last are read
+in place), rois ``[K, 5]`` rows ``(batch_index, x1, y1, x2, y2)`` -> ``[K, C, PH, PW]``, always
+contiguous (NCHW). With ``L == 1`` this is torchvision's ``roi_align``; with ``L > 1`` every RoI
+picks its level inside the kernel with FPN's Eqn. (1) (torchvision's ``LevelMapper``), so
+``MultiScaleRoIAlign`` is one launch with no per-level gather and no host sync.
+
+Order of this file: Triton helpers and kernels -> host launchers -> pure-PyTorch reference (test
+oracle and CPU path) -> ``torch.library`` registration -> AOT specializations.
+
+Numerics: sampling positions, bilinear weights and sums are computed in fp32 (fp64 for fp64
+features) in torchvision's formulas and order; fp16/bf16 features are upcast as they are loaded
+and the result is rounded once to the feature dtype. The backward is the exact transpose of the
+forward. With ``torch.use_deterministic_algorithms(True)`` the backward gathers instead of
+scattering (one program owns each tile of the input gradient and visits the RoIs in order), so the
+gradient is bitwise identical run to run, needs no float atomics and no per-RoI buffers.
+
+Out-of-bounds safety: a RoI whose batch index is not an integer in ``[0, N)`` (or whose corners are
+not finite) samples nothing: its output is zero and it receives no gradient.
+"""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+
+import torch
+import triton
+import triton.language as tl
+
+from .._backend import use_triton
+from ._aot import KernelSpec
+from ._launch import launch, triton_pointer_type
+
+# FPN uses levels P2..P5 (torchvision: 4 maps) or P2..P6; five feature pointers cover both.
+MAX_LEVELS = 5
+# Per-level geometry table columns (int64): H, W, then the feature's and the gradient's strides.
+_GEOMETRY_COLUMNS = tl.constexpr(10)
+# torchvision's LevelMapper epsilon.
+LEVEL_EPS = tl.constexpr(1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton helpers shared by the kernels
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _load_roi(rois_ptr, k, stride_rk, stride_rc, N, compute_dtype: tl.constexpr):
+    """(batch index, valid, x1, y1, x2, y2) of RoI ``k``; invalid when the batch index is not an
+    integer in [0, N) or a corner is not finite."""
+    row = rois_ptr + k * stride_rk.to(tl.int64)
+    b = tl.load(row).to(compute_dtype)
+    x1 = tl.load(row + stride_rc).to(compute_dtype)
+    y1 = tl.load(row + 2 * stride_rc).to(compute_dtype)
+    x2 = tl.load(row + 3 * stride_rc).to(compute_dtype)
+    y2 = tl.load(row + 4 * stride_rc).to(compute_dtype)
+    # |v| < inf is false for NaN and +-inf.
+    finite = (tl.abs(x1) < float("inf")) & (tl.abs(y1) < float("inf"))
+    finite = finite & (tl.abs(x2) < float("inf")) & (tl.abs(y2) < float("inf"))
+    valid = (b >= 0) & (b < N) & (b == tl.floor(b)) & finite
+    batch = tl.where(valid, b, 0).to(tl.int64)
+    return batch, valid, x1, y1, x2, y2
+
+
+@triton.jit
+def _roi_level(x1, y1, x2, y2, num_levels, k_min, canonical_scale, canonical_level):
+    """FPN Eqn. (1) as torchvision's LevelMapper: floor(k0 + log2(sqrt(area) / s0) + eps), clamped."""
+    size = tl.sqrt(((x2 - x1) * (y2 - y1)).to(tl.float32))
+    target = tl.floor(canonical_level + tl.log2(size / canonical_scale) + LEVEL_EPS)
+    target = tl.minimum(tl.maximum(target, k_min), k_min + num_levels - 1)
+    level = tl.where(num_levels > 1, (target - k_min).to(tl.int32), 0)
+    return level
+
+
+@triton.jit
+def _pick(level, p0, p1, p2, p3, p4):
+    """The pointer of ``level`` among the (at most five) per-level pointers."""
+    p = tl.where(level == 1, p1, p0)
+    p = tl.where(level == 2, p2, p)
+    p = tl.where(level == 3, p3, p)
+    return tl.where(level == 4, p4, p)
+
+
+@triton.jit
+def _bin_grid(x1, y1, x2, y2, scale, aligned, PH, PW, sampling_ratio, valid):
+    """torchvision's RoIAlign geometry: start, bin size and sampling grid per axis, sample count."""
+    offset = tl.where(aligned != 0, 0.5, 0.0)
+    start_w = x1 * scale - offset
+    start_h = y1 * scale - offset
+    roi_w = x2 * scale - offset - start_w
+    roi_h = y2 * scale - offset - start_h
+    # Legacy (non-aligned) mode forces malformed RoIs to be 1x1.
+    roi_w = tl.where(aligned != 0, roi_w, tl.maximum(roi_w, 1.0))
+    roi_h = tl.where(aligned != 0, roi_h, tl.maximum(roi_h, 1.0))
+    bin_h = roi_h / PH
+    bin_w = roi_w / PW
+    grid_h = tl.where(sampling_ratio > 0, sampling_ratio, tl.ceil(roi_h / PH).to(tl.int32))
+    grid_w = tl.where(sampling_ratio > 0, sampling_ratio, tl.ceil(roi_w / PW).to(tl.int32))
+    grid_h = tl.where(valid, grid_h, 0)
+    grid_w = tl.where(valid, grid_w, 0)
+    count = tl.maximum(grid_h * grid_w, 1).to(bin_h.dtype)
+    return start_h, start_w, bin_h, bin_w, grid_h, grid_w, count
+
+
+@triton.jit
+def _axis_weights(coord, size):
+    """Bilinear taps along one axis, torchvision's boundary rules: (low, high, w_low, w_high, inside).
+
+    A sample further than one pixel outside the map (coord < -1 or coord > size) contributes
+    nothing; otherwise it is clamped to [0, size - 1]."""
+    inside = (coord >= -1.0) & (coord <= size)
+    c = tl.where(inside, tl.maximum(coord, 0.0), 0.0)
+    low = c.to(tl.int32)
+    at_edge = low >= size - 1
+    low = tl.where(at_edge, size - 1, low)
+    high = tl.where(at_edge, size - 1, low + 1)
+    c = tl.where(at_edge, low.to(c.dtype), c)
+    w_high = c - low
+    w_low = 1.0 - w_high
+    return low, high, w_low, w_high, inside
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward: one program per (RoI, channel block, bin block).
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _roi_align_fwd_kernel(
+    # pointers
+    rois_ptr,  # [K, 5] any strides
+    feat0,  # level feature maps [N, C, H_l, W_l], any strides; unused levels repeat feat0
+    feat1,
+    feat2,
+    feat3,
+    feat4,
+    geometry_ptr,  # [L, 10] int64: H, W, feature strides (n, c, h, w), gradient strides
+    scales_ptr,  # [L] spatial scale per level, in the compute dtype
+    out_ptr,  # [K, C, PH, PW] contiguous
+    # sizes
+    N,
+    C,
+    PH,
+    PW,
+    # strides (in elements)
+    stride_rk,
+    stride_rc,
+    # scalars
+    sampling_ratio,
+    aligned,
+    num_levels,
+    k_min,
+    canonical_scale,
+    canonical_level,
+    # meta-parameters
+    COMPUTE_FP64: tl.constexpr,
+    POSITION_SENSITIVE: tl.constexpr,  # R-FCN: bin (ph, pw) of output channel c reads input channel c * PH * PW + ph * PW + pw
+    BLOCK_C: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
+    k = tl.program_id(0)
+    channels = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    bins = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
+    compute_dtype = tl.float64 if COMPUTE_FP64 else tl.float32
+    c_ok = channels < C
+    p_ok = bins < PH * PW
+    ph = bins // PW
+    pw = bins % PW
+
+    batch, valid, x1, y1, x2, y2 = _load_roi(rois_ptr, k, stride_rk, stride_rc, N, compute_dtype)
+    level = _roi_level(x1, y1, x2, y2, num_levels, k_min, canonical_scale, canonical_level)
+    geometry = geometry_ptr + level * _GEOMETRY_COLUMNS
+    H = tl.load(geometry).to(tl.int32)
+    W = tl.load(geometry + 1).to(tl.int32)
+    base = _pick(level, feat0, feat1, feat2, feat3, feat4) + batch * tl.load(geometry + 2)
+    if POSITION_SENSITIVE:
+        chan_offsets = (channels.to(tl.int64)[:, None] * (PH * PW) + bins[None, :]) * tl.load(geometry + 3)
+    else:
+        chan_offsets = channels.to(tl.int64)[:, None] * tl.load(geometry + 3)
+    stride_h = tl.load(geometry + 4)
+    stride_w = tl.load(geometry + 5)
+    scale = tl.load(scales_ptr + level)
+    start_h, start_w, bin_h, bin_w, grid_h, grid_w, count = _bin_grid(
+        x1, y1, x2, y2, scale, aligned, PH, PW, sampling_ratio, valid
+    )
+
+    acc = tl.zeros((BLOCK_C, BLOCK_P), dtype=compute_dtype)
+    mask_cp = c_ok[:, None] & p_ok[None, :]
+    for iy in range(grid_h):
+        y = start_h + ph * bin_h + ((iy + 0.5) * bin_h) / grid_h
+        y_low, y_high, wy_low, wy_high, y_in = _axis_weights(y, H)
+        row_low = y_low.to(tl.int64) * stride_h
+        row_high = y_high.to(tl.int64) * stride_h
+        for ix in range(grid_w):
+            x = start_w + pw * bin_w + ((ix + 0.5) * bin_w) / grid_w
+            x_low, x_high, wx_low, wx_high, x_in = _axis_weights(x, W)
+            col_low = x_low.to(tl.int64) * stride_w
+            col_high = x_high.to(tl.int64) * stride_w
+            mask = mask_cp & (y_in & x_in)[None, :]
+            v1 = tl.load(base + chan_offsets + (row_low + col_low)[None, :], mask=mask, other=0)
+            v2 = tl.load(base + chan_offsets + (row_low + col_high)[None, :], mask=mask, other=0)
+            v3 = tl.load(base + chan_offsets + (row_high + col_low)[None, :], mask=mask, other=0)
+            v4 = tl.load(base + chan_offsets + (row_high + col_high)[None, :], mask=mask, other=0)
+            w1 = (wy_low * wx_low)[None, :]
+            w2 = (wy_low * wx_high)[None, :]
+            w3 = (wy_high * wx_low)[None, :]
+            w4 = (wy_high * wx_high)[None, :]
+            acc += (
+                w1 * v1.to(compute_dtype)
+                + w2 * v2.to(compute_dtype)
+                + w3 * v3.to(compute_dtype)
+                + w4 * v4.to(compute_dtype)
+            )
+    acc = acc / count
+    out_offsets = (k.to(tl.int64) * C + channels)[:, None] * (PH * PW) + bins[None, :]
+    tl.store(out_ptr + out_offsets, acc.to(out_ptr.dtype.element_ty), mask=mask_cp)
+
+
+# ----------------------------------------------------------------------------------------------
+# Backward, default mode: the forward's program layout, scattering with atomic adds.
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _roi_align_bwd_atomic_kernel(
+    # pointers
+    rois_ptr,  # [K, 5] any strides
+    grad_out_ptr,  # [K, C, PH, PW] contiguous
+    grad0,  # level input gradients (fp32, fp64 for fp64 features), zero-filled
+    grad1,
+    grad2,
+    grad3,
+    grad4,
+    geometry_ptr,  # [L, 10] int64, as in the forward
+    scales_ptr,  # [L] compute dtype
+    # sizes
+    N,
+    C,
+    PH,
+    PW,
+    # strides (in elements)
+    stride_rk,
+    stride_rc,
+    # scalars
+    sampling_ratio,
+    aligned,
+    num_levels,
+    k_min,
+    canonical_scale,
+    canonical_level,
+    # meta-parameters
+    COMPUTE_FP64: tl.constexpr,
+    POSITION_SENSITIVE: tl.constexpr,  # R-FCN: bin (ph, pw) of output channel c reads input channel c * PH * PW + ph * PW + pw
+    BLOCK_C: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
+    k = tl.program_id(0)
+    channels = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    bins = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
+    compute_dtype = tl.float64 if COMPUTE_FP64 else tl.float32
+    c_ok = channels < C
+    p_ok = bins < PH * PW
+    ph = bins // PW
+    pw = bins % PW
+
+    batch, valid, x1, y1, x2, y2 = _load_roi(rois_ptr, k, stride_rk, stride_rc, N, compute_dtype)
+    level = _roi_level(x1, y1, x2, y2, num_levels, k_min, canonical_scale, canonical_level)
+    geometry = geometry_ptr + level * _GEOMETRY_COLUMNS
+    H = tl.load(geometry).to(tl.int32)
+    W = tl.load(geometry + 1).to(tl.int32)
+    base = _pick(level, grad0, grad1, grad2, grad3, grad4) + batch * tl.load(geometry + 6)
+    if POSITION_SENSITIVE:
+        chan_offsets = (channels.to(tl.int64)[:, None] * (PH * PW) + bins[None, :]) * tl.load(geometry + 7)
+    else:
+        chan_offsets = channels.to(tl.int64)[:, None] * tl.load(geometry + 7)
+    stride_h = tl.load(geometry + 8)
+    stride_w = tl.load(geometry + 9)
+    scale = tl.load(scales_ptr + level)
+    start_h, start_w, bin_h, bin_w, grid_h, grid_w, count = _bin_grid(
+        x1, y1, x2, y2, scale, aligned, PH, PW, sampling_ratio, valid
+    )
+
+    mask_cp = c_ok[:, None] & p_ok[None, :]
+    out_offsets = (k.to(tl.int64) * C + channels)[:, None] * (PH * PW) + bins[None, :]
+    grad = tl.load(grad_out_ptr + out_offsets, mask=mask_cp, other=0).to(compute_dtype) / count
+    for iy in range(grid_h):
+        y = start_h + ph * bin_h + ((iy + 0.5) * bin_h) / grid_h
+        y_low, y_high, wy_low, wy_high, y_in = _axis_weights(y, H)
+        row_low = y_low.to(tl.int64) * stride_h
+        row_high = y_high.to(tl.int64) * stride_h
+        for ix in range(grid_w):
+            x = start_w + pw * bin_w + ((ix + 0.5) * bin_w) / grid_w
+            x_low, x_high, wx_low, wx_high, x_in = _axis_weights(x, W)
+            col_low = x_low.to(tl.int64) * stride_w
+            col_high = x_high.to(tl.int64) * stride_w
+            mask = mask_cp & (y_in & x_in)[None, :]
+            tl.atomic_add(base + chan_offsets + (row_low + col_low)[None, :], grad * (wy_low * wx_low)[None, :], mask)
+            tl.atomic_add(base + chan_offsets + (row_low + col_high)[None, :], grad * (wy_low * wx_high)[None, :], mask)
+            tl.atomic_add(base + chan_offsets + (row_high + col_low)[None, :], grad * (wy_high * wx_low)[None, :], mask)
+            tl.atomic_add(
+                base + chan_offsets + (row_high + col_high)[None, :], grad * (wy_high * wx_high)[None, :], mask
+            )
+
+
+# ----------------------------------------------------------------------------------------------
+# Backward, deterministic mode: one program per (input tile, channel block) gathers from the
+# RoIs in index order. The bilinear weight of a sample factorizes into a row weight and a column
+# weight (a sample outside the map in either axis is zero in both factors' product), so a RoI
+# bin adds grad * Ay[h] * Ax[w] to the tile: no atomics, fixed summation order.
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _axis_tap_weight(coord, size, positions):
+    """Weight of the bilinear taps of ``coord`` on each of ``positions`` (one axis); zero when the
+    sample is outside the map along this axis, so the product of the two axes' weights is the
+    forward's weight."""
+    low, high, w_low, w_high, inside = _axis_weights(coord, size)
+    weight = tl.where(positions == low, w_low, 0.0) + tl.where(positions == high, w_high, 0.0)
+    return tl.where(inside, weight, 0.0)
+
+
+@triton.jit
+def _roi_align_bwd_gather_kernel(
+    # pointers
+    rois_ptr,  # [K, 5] any strides
+    grad_out_ptr,  # [K, C, PH, PW] contiguous
+    grad0,  # level input gradients (fp32, fp64 for fp64 features), fully written here
+    grad1,
+    grad2,
+    grad3,
+    grad4,
+    geometry_ptr,  # [L, 10] int64, as in the forward
+    scales_ptr,  # [L] compute dtype
+    tiles_ptr,  # [L + 1] int32: first tile index of each level (prefix sums), then the total
+    # sizes
+    K,
+    N,
+    C,
+    PH,
+    PW,
+    # strides (in elements)
+    stride_rk,
+    stride_rc,
+    # scalars
+    sampling_ratio,
+    aligned,
+    num_levels,
+    k_min,
+    canonical_scale,
+    canonical_level,
+    # meta-parameters
+    COMPUTE_FP64: tl.constexpr,
+    POSITION_SENSITIVE: tl.constexpr,  # R-FCN: bin (ph, pw) of output channel c reads input channel c * PH * PW + ph * PW + pw
+    BLOCK_C: tl.constexpr,
+    TILE_H: tl.constexpr,
+    TILE_W: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    channels = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    compute_dtype = tl.float64 if COMPUTE_FP64 else tl.float32
+    c_ok = channels < C
+
+    level = 0
+    for lvl in range(1, num_levels):
+        level = tl.where(tile >= tl.load(tiles_ptr + lvl), lvl, level)
+    geometry = geometry_ptr + level * _GEOMETRY_COLUMNS
+    H = tl.load(geometry).to(tl.int32)
+    W = tl.load(geometry + 1).to(tl.int32)
+    tiles_h = tl.cdiv(H, TILE_H)
+    tiles_w = tl.cdiv(W, TILE_W)
+    local = tile - tl.load(tiles_ptr + level)
+    image = local // (tiles_h * tiles_w)
+    tile_y0 = (local // tiles_w) % tiles_h * TILE_H
+    tile_x0 = local % tiles_w * TILE_W
+    pixels = tl.arange(0, TILE_H * TILE_W)
+    rows = tile_y0 + pixels // TILE_W
+    cols = tile_x0 + pixels % TILE_W
+    scale = tl.load(scales_ptr + level)
+
+    acc = tl.zeros((BLOCK_C, TILE_H * TILE_W), dtype=compute_dtype)
+    for k in range(K):
+        batch, valid, x1, y1, x2, y2 = _load_roi(rois_ptr, k, stride_rk, stride_rc, N, compute_dtype)
+        roi_level = _roi_level(x1, y1, x2, y2, num_levels, k_min, canonical_scale, canonical_level)
+        start_h, start_w, bin_h, bin_w, grid_h, grid_w, count = _bin_grid(
+            x1, y1, x2, y2, scale, aligned, PH, PW, sampling_ratio, valid
+        )
+        # Samples lie between start and start + PH * bin; their taps one pixel around (a
+        # conservative footprint: the weights below are exact either way).
+        end_h = start_h + PH * bin_h
+        end_w = start_w + PW * bin_w
+        mine = valid & (roi_level == level) & (batch == image)
+        mine = mine & (tl.minimum(start_h, end_h) <= tile_y0 + TILE_H) & (tl.maximum(start_h, end_h) >= tile_y0 - 1)
+        mine = mine & (tl.minimum(start_w, end_w) <= tile_x0 + TILE_W) & (tl.maximum(start_w, end_w) >= tile_x0 - 1)
+        if mine:
+            if POSITION_SENSITIVE:  # C counts input channels here, C // (PH * PW) outputs
+                grad_row = grad_out_ptr + (k * (C // (PH * PW)) + channels // (PH * PW)).to(tl.int64) * (PH * PW)
+            else:
+                grad_row = grad_out_ptr + (k * C + channels).to(tl.int64) * (PH * PW)
+            for ph in range(PH):
+                bin_y0 = start_h + ph * bin_h
+                near_y = (tl.minimum(bin_y0, bin_y0 + bin_h) <= tile_y0 + TILE_H) & (
+                    tl.maximum(bin_y0, bin_y0 + bin_h) >= tile_y0 - 1
+                )
+                if near_y:
+                    wy = tl.zeros((TILE_H * TILE_W,), dtype=compute_dtype)
+                    for iy in range(grid_h):
+                        y = bin_y0 + ((iy + 0.5) * bin_h) / grid_h
+                        wy += _axis_tap_weight(y, H, rows)
+                    for pw in range(PW):
+                        bin_x0 = start_w + pw * bin_w
+                        near_x = (tl.minimum(bin_x0, bin_x0 + bin_w) <= tile_x0 + TILE_W) & (
+                            tl.maximum(bin_x0, bin_x0 + bin_w) >= tile_x0 - 1
+                        )
+                        if near_x:
+                            grad_mask = c_ok
+                            if POSITION_SENSITIVE:
+                                grad_mask = grad_mask & (channels % (PH * PW) == ph * PW + pw)
+                            grad = tl.load(grad_row + ph * PW + pw, mask=grad_mask, other=0).to(compute_dtype) / count
+                            wx = tl.zeros((TILE_H * TILE_W,), dtype=compute_dtype)
+                            for ix in range(grid_w):
+                                x = bin_x0 + ((ix + 0.5) * bin_w) / grid_w
+                                wx += _axis_tap_weight(x, W, cols)
+                            acc += grad[:, None] * (wy * wx)[None, :]
+    in_map = (rows < H) & (cols < W)
+    base = _pick(level, grad0, grad1, grad2, grad3, grad4) + image.to(tl.int64) * tl.load(geometry + 6)
+    offsets = (
+        channels.to(tl.int64)[:, None] * tl.load(geometry + 7)
+        + (rows.to(tl.int64) * tl.load(geometry + 8) + cols.to(tl.int64) * tl.load(geometry + 9))[None, :]
+    )
+    tl.store(base + offsets, acc, mask=c_ok[:, None] & in_map[None, :])
+
+
+# ----------------------------------------------------------------------------------------------
+# Host launchers
+# ----------------------------------------------------------------------------------------------
+
+_NUM_WARPS = 4
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _pool_blocks(num_bins: int, compute_dtype: torch.dtype) -> tuple[int, int]:
+    """(BLOCK_C, BLOCK_P) of the forward and atomic backward programs.
+
+    Bins: 16 lanes cover output sizes up to 4x4, 64 lanes a 7x7 output (49 bins) in one block;
+    larger outputs take several bin blocks. Channels fill the tile to 1024 fp32 elements (512
+    fp64): 8 accumulators per thread at 4 warps plus the four gathered taps, no spills on
+    sm_80/sm_90 (`tritondet compile-report`).
+    """
+    block_p = 16 if num_bins <= 16 else 64
+    tile = 512 if compute_dtype == torch.float64 else 1024
+    return tile // block_p, block_p
+
+
+def _gather_tile(compute_dtype: torch.dtype) -> tuple[int, int, int]:
+    """(BLOCK_C, TILE_H, TILE_W) of the deterministic backward: an 8x16 pixel tile (16 columns
+    are 64 contiguous bytes of an fp32 row) times 16 channels (4 for fp64: 8 spill on sm_90 in position-sensitive mode): 16 accumulators per
+    thread at 4 warps."""
+    return (4 if compute_dtype == torch.float64 else 16), 8, 16
+
+
+def _geometry(features: list[torch.Tensor], grads: list[torch.Tensor], scales: list[float]):
+    """The per-level tables the kernels read: int64 [L, 10] geometry and [L] scales in the
+    compute dtype (torchvision scales fp64 maps by the fp64 scale, others by the fp32 one)."""
+    rows = [[f.shape[2], f.shape[3], *f.stride(), *g.stride()] for f, g in zip(features, grads, strict=True)]
+    device = features[0].device
+    geometry = torch.tensor(rows, dtype=torch.int64, device=device)
+    return geometry, torch.tensor(scales, dtype=_compute_dtype(features[0].dtype), device=device)
+
+
+def _level_pointers(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [*tensors, *[tensors[0]] * (MAX_LEVELS - len(tensors))]
+
+
+def _mapper_args(num_levels: int, k_min: int, canonical_scale: float, canonical_level: float) -> tuple:
+    return (num_levels, k_min, float(canonical_scale), float(canonical_level))
+
+
+def roi_align_triton(
+    features: list[torch.Tensor],
+    rois: torch.Tensor,
+    scales: list[float],
+    output_size: tuple[int, int],
+    sampling_ratio: int,
+    aligned: bool,
+    mapper: tuple[int, float, float],
+    position_sensitive: bool = False,
+) -> torch.Tensor:
+    """``L x [N, C, H_l, W_l], [K, 5] -> [K, C, PH, PW]`` in one launch (``C / (PH * PW)`` output
+    channels when position-sensitive)."""
+    first = features[0]
+    compute_dtype = _compute_dtype(first.dtype)
+    rois = rois.to(compute_dtype)
+    n, c = first.shape[:2]
+    ph, pw = output_size
+    c = c // (ph * pw) if position_sensitive else c
+    out = torch.empty((rois.shape[0], c, ph, pw), dtype=first.dtype, device=first.device)
+    geometry, scale_table = _geometry(features, features, scales)
+    block_c, block_p = _pool_blocks(ph * pw, compute_dtype)
+    grid = (rois.shape[0], triton.cdiv(c, block_c), triton.cdiv(ph * pw, block_p))
+    launch(
+        _roi_align_fwd_kernel,
+        grid,
+        rois,
+        *_level_pointers(features),
+        geometry,
+        scale_table,
+        out,
+        n,
+        c,
+        ph,
+        pw,
+        *rois.stride(),
+        sampling_ratio,
+        int(aligned),
+        *_mapper_args(len(features), *mapper),
+        COMPUTE_FP64=compute_dtype == torch.float64,
+        POSITION_SENSITIVE=position_sensitive,
+        BLOCK_C=block_c,
+        BLOCK_P=block_p,
+        num_warps=_NUM_WARPS,
+    )
+    return out
+
+
+def roi_align_backward_triton(
+    grad: torch.Tensor,
+    features: list[torch.Tensor],
+    rois: torch.Tensor,
+    scales: list[float],
+    output_size: tuple[int, int],
+    sampling_ratio: int,
+    aligned: bool,
+    mapper: tuple[int, float, float],
+    position_sensitive: bool = False,
+) -> list[torch.Tensor]:
+    """Input gradients, one launch: atomic scatter, or the gather kernel in deterministic mode."""
+    first = features[0]
+    compute_dtype = _compute_dtype(first.dtype)
+    rois = rois.to(compute_dtype)
+    grad = grad.contiguous()
+    n, c = first.shape[:2]
+    ph, pw = output_size
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    make = torch.empty_like if deterministic else torch.zeros_like
+    grads = [make(f, dtype=compute_dtype) for f in features]
+    geometry, scale_table = _geometry(features, grads, scales)
+    common = (*rois.stride(), sampling_ratio, int(aligned), *_mapper_args(len(features), *mapper))
+    fp64 = compute_dtype == torch.float64
+    if deterministic:
+        block_c, tile_h, tile_w = _gather_tile(compute_dtype)
+        counts = [n * triton.cdiv(f.shape[2], tile_h) * triton.cdiv(f.shape[3], tile_w) for f in features]
+        starts = [sum(counts[:i]) for i in range(len(counts) + 1)]
+        tiles = torch.tensor(starts, dtype=torch.int32, device=first.device)
+        launch(
+            _roi_align_bwd_gather_kernel,
+            (starts[-1], triton.cdiv(c, block_c)),
+            rois,
+            grad,
+            *_level_pointers(grads),
+            geometry,
+            scale_table,
+            tiles,
+            rois.shape[0],
+            n,
+            c,
+            ph,
+            pw,
+            *common,
+            COMPUTE_FP64=fp64,
+            POSITION_SENSITIVE=position_sensitive,
+            BLOCK_C=block_c,
+            TILE_H=tile_h,
+            TILE_W=tile_w,
+            num_warps=_NUM_WARPS,
+        )
+    else:
+        block_c, block_p = _pool_blocks(ph * pw, compute_dtype)
+        c_out = c // (ph * pw) if position_sensitive else c
+        launch(
+            _roi_align_bwd_atomic_kernel,
+            (rois.shape[0], triton.cdiv(c_out, block_c), triton.cdiv(ph * pw, block_p)),
+            rois,
+            grad,
+            *_level_pointers(grads),
+            geometry,
+            scale_table,
+            n,
+            c_out,
+            ph,
+            pw,
+            *common,
+            COMPUTE_FP64=fp64,
+            POSITION_SENSITIVE=position_sensitive,
+            BLOCK_C=block_c,
+            BLOCK_P=block_p,
+            num_warps=_NUM_WARPS,
+        )
+    return [g.to(f.dtype) for g, f in zip(grads, features, strict=True)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Reference: vectorized PyTorch, the test oracle and the CPU path. RoIAlign is a sparse linear
+# map from the input pixels to the output bins: each bin row holds its samples' four bilinear
+# taps. The reference builds that matrix (CSR, rows in output order, so no sort) and multiplies
+# it with the pixels as rows of channels; the backward multiplies with its transpose.
+# ----------------------------------------------------------------------------------------------
+
+
+def roi_levels_reference(
+    rois: torch.Tensor, num_levels: int, k_min: int, canonical_scale: float, canonical_level: float
+) -> torch.Tensor:
+    """``[K, 5] -> [K]`` int64 level index (0 for a single level), FPN Eqn. (1) in fp32."""
+    if num_levels == 1:
+        return torch.zeros(rois.shape[0], dtype=torch.int64, device=rois.device)
+    boxes = rois[:, 1:].to(torch.float32)
+    size = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).sqrt()
+    target = torch.floor(canonical_level + torch.log2(size / canonical_scale) + LEVEL_EPS.value)
+    return (target.clamp(k_min, k_min + num_levels - 1) - k_min).to(torch.int64)
+
+
+def _axis_taps(coord: torch.Tensor, size: torch.Tensor, used: torch.Tensor):
+    """Reference of ``_axis_weights``: taps ``[..., 2]`` (low, high) and their weights."""
+    size = size.to(coord.dtype)
+    inside = (coord >= -1.0) & (coord <= size) & used
+    c = torch.where(inside, coord.clamp(min=0), 0)
+    low = c.floor()
+    at_edge = low >= size - 1
+    low = torch.where(at_edge, size - 1, low)
+    high = torch.where(at_edge, size - 1, low + 1)
+    c = torch.where(at_edge, low, c)
+    w_high = torch.where(inside, c - low, 0)
+    w_low = torch.where(inside, 1 - (c - low), 0)
+    return torch.stack([low, high], -1).to(torch.int64), torch.stack([w_low, w_high], -1)
+
+
+def _csr(crow, columns, values, size) -> torch.Tensor:
+    """A CSR tensor without invariant checks (rows are built in order) or the beta warning."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return torch.sparse_csr_tensor(crow, columns, values, size=size, check_invariants=False)
+
+
+def _sampling_matrix(
+    features: list[torch.Tensor],
+    rois: torch.Tensor,
+    scales: list[float],
+    output_size: tuple[int, int],
+    sampling_ratio: int,
+    aligned: bool,
+    mapper: tuple[int, float, float],
+) -> torch.Tensor:
+    """(CSR ``[K * PH * PW, sum_l N * H_l * W_l]``, ``[K]`` RoI order): row = output bin of RoI
+    ``order[row // (PH * PW)]``, column = input pixel."""
+    compute_dtype = _compute_dtype(features[0].dtype)
+    device = rois.device
+    rois = rois.to(compute_dtype)
+    num_levels = len(features)
+    n = features[0].shape[0]
+    ph_count, pw_count = output_size
+    k = rois.shape[0]
+    level = roi_levels_reference(rois, num_levels, *mapper)
+    heights = torch.tensor([f.shape[2] for f in features], device=device)[level]
+    widths = torch.tensor([f.shape[3] for f in features], device=device)[level]
+    pixels = [n * f.shape[2] * f.shape[3] for f in features]
+    level_start = torch.tensor([sum(pixels[:i]) for i in range(num_levels)], device=device)[level]
+    scale = torch.tensor(scales, dtype=compute_dtype, device=device)[level]
+
+    b, x1, y1, x2, y2 = rois.unbind(1)
+    finite = torch.isfinite(rois[:, 1:]).all(1)
+    valid = (b >= 0) & (b < n) & (b == b.floor()) & finite
+    offset = 0.5 if aligned else 0.0
+    start_w, start_h = x1 * scale - offset, y1 * scale - offset
+    roi_w, roi_h = x2 * scale - offset - start_w, y2 * scale - offset - start_h
+    if not aligned:
+        roi_w, roi_h = roi_w.clamp(min=1.0), roi_h.clamp(min=1.0)
+    bin_h, bin_w = roi_h / ph_count, roi_w / pw_count
+    if sampling_ratio > 0:
+        grid_h = torch.full_like(bin_h, sampling_ratio)
+        grid_w = torch.full_like(bin_w, sampling_ratio)
+    else:
+        grid_h, grid_w = torch.ceil(roi_h / ph_count), torch.ceil(roi_w / pw_count)
+    grid_h = torch.where(valid, grid_h, 0).clamp(min=0)
+    grid_w = torch.where(valid, grid_w, 0).clamp(min=0)
+    count = (grid_h * grid_w).clamp(min=1)
+    image_start = level_start + b.where(valid, 0).to(torch.int64) * heights * widths
+    # RoIs grouped by sampling grid (one group when sampling_ratio > 0; a few dozen at most for
+    # adaptive grids): each group's samples are a dense broadcast with no padding. The grid sizes
+    # are read on the host, fine on the CPU path.
+    grids = (grid_h * (grid_w.max() + 1 if k else 1) + grid_w).long()
+    order = torch.argsort(grids, stable=True)
+    _, group_sizes = torch.unique_consecutive(grids[order], return_counts=True)
+    columns, weights, row_counts = [], [], []
+    start = 0
+    for size in group_sizes.tolist():
+        members = order[start : start + size]
+        start += size
+        gh, gw = int(grid_h[members[0]]), int(grid_w[members[0]])
+
+        def axis(first, bin_size, samples, bins, extent, members=members):
+            i = torch.arange(samples, device=device, dtype=compute_dtype)
+            p = torch.arange(bins, device=device, dtype=compute_dtype)
+            bin_size = bin_size[members, None, None]
+            coord = first[members, None, None] + p[:, None] * bin_size + ((i + 0.5) * bin_size) / samples
+            used = torch.ones_like(coord, dtype=torch.bool)
+            taps, tap_weights = _axis_taps(coord, extent[members, None, None], used)  # [G, bins, samples, 2]
+            if sampling_ratio > 0 or samples < 3:
+                return taps, tap_weights
+            # Adaptive grids sample about once per pixel, so the 2 * samples taps of a bin hit at
+            # most samples + 2 consecutive rows: sum them into that window (fewer matrix entries).
+            window = samples + 2
+            first = taps[:, :, :1, :1]
+            # Out-of-map samples have weight 0, so clamping their position is harmless.
+            relative = (taps - first).clamp(0, window - 1).flatten(2)
+            dense = tap_weights.new_zeros(*taps.shape[:2], window).scatter_add_(2, relative, tap_weights.flatten(2))
+            rows = (first[..., 0] + torch.arange(window, device=device)).clamp(max=extent[members, None, None] - 1)
+            return rows[..., None], dense[..., None]  # [G, bins, window, 1]
+
+        y_taps, y_weights = axis(start_h, bin_h, gh, ph_count, heights)
+        x_taps, x_weights = axis(start_w, bin_w, gw, pw_count, widths)
+        row_offset = (y_taps * widths[members, None, None, None])[:, :, None, :, None, :, None]
+        group_columns = image_start[members, None, None, None, None, None, None] + row_offset
+        group_columns = group_columns + x_taps[:, None, :, None, :, None, :]  # [G, PH, PW, gh, gw, 2, 2] (or windows)
+        group_weights = y_weights[:, :, None, :, None, :, None] * x_weights[:, None, :, None, :, None, :]
+        columns.append(group_columns.reshape(-1))
+        weights.append((group_weights / count[members, None, None, None, None, None, None]).reshape(-1))
+        row_counts.append(torch.full((size * ph_count * pw_count,), group_columns[0, 0, 0].numel(), device=device))
+    crow = torch.zeros(k * ph_count * pw_count + 1, dtype=torch.int64, device=device)
+    if k:
+        torch.cumsum(torch.cat(row_counts), 0, out=crow[1:])
+    matrix = _csr(
+        crow,
+        torch.cat(columns) if k else crow[:0],
+        torch.cat(weights).to(compute_dtype) if k else crow[:0].to(compute_dtype),
+        (k * ph_count * pw_count, sum(pixels)),
+    )
+    return matrix, order
+
+
+def _transpose(matrix: torch.Tensor) -> torch.Tensor:
+    """The CSR transpose of a CSR matrix: entries stably sorted by column."""
+    rows, cols = matrix.shape
+    columns = matrix.col_indices()
+    crow = matrix.crow_indices()
+    row_of_entry = torch.repeat_interleave(torch.arange(rows, device=columns.device), crow.diff())
+    by_column = torch.argsort(columns, stable=True)
+    crow_t = torch.zeros(cols + 1, dtype=torch.int64, device=columns.device)
+    torch.cumsum(torch.bincount(columns, minlength=cols), 0, out=crow_t[1:])
+    return _csr(crow_t, row_of_entry[by_column], matrix.values()[by_column], (cols, rows))
+
+
+def _pixel_rows(features: list[torch.Tensor], compute_dtype: torch.dtype) -> torch.Tensor:
+    """``[sum_l N * H_l * W_l, C]`` contiguous: every level's pixels as rows of channels (no copy
+    for one channels_last map)."""
+    rows = [f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]) for f in features]
+    return (rows[0] if len(rows) == 1 else torch.cat(rows)).to(compute_dtype).contiguous()
+
+
+def roi_align_reference(
+    features: list[torch.Tensor],
+    rois: torch.Tensor,
+    scales: list[float],
+    output_size: tuple[int, int],
+    sampling_ratio: int,
+    aligned: bool,
+    mapper: tuple[int, float, float] = (0, 224.0, 4.0),
+) -> torch.Tensor:
+    """``L x [N, C, H_l, W_l], [K, 5] -> [K, C, PH, PW]`` contiguous, in the features' dtype."""
+    first = features[0]
+    compute_dtype = _compute_dtype(first.dtype)
+    matrix, order = _sampling_matrix(features, rois, scales, output_size, sampling_ratio, aligned, mapper)
+    k, (ph, pw), c = rois.shape[0], output_size, first.shape[1]
+    if k == 0:
+        return first.new_empty((0, c, ph, pw))
+    grouped = torch.sparse.mm(matrix, _pixel_rows(features, compute_dtype)).reshape(k, ph * pw, c)
+    out = torch.empty_like(grouped).index_copy_(0, order, grouped)
+    return out.reshape(k, ph, pw, c).permute(0, 3, 1, 2).contiguous().to(first.dtype)
+
+
+def roi_align_backward_reference(
+    grad: torch.Tensor,
+    features: list[torch.Tensor],
+    rois: torch.Tensor,
+    scales: list[float],
+    output_size: tuple[int, int],
+    sampling_ratio: int,
+    aligned: bool,
+    mapper: tuple[int, float, float] = (0, 224.0, 4.0),
+) -> list[torch.Tensor]:
+    """The transpose of :func:`roi_align_reference` applied to ``grad`` ``[K, C, PH, PW]``."""
+    compute_dtype = _compute_dtype(features[0].dtype)
+    c = features[0].shape[1]
+    matrix, order = _sampling_matrix(features, rois, scales, output_size, sampling_ratio, aligned, mapper)
+    grad_rows = grad.permute(0, 2, 3, 1)[order].reshape(-1, c).to(compute_dtype)
+    pixel_grads = torch.sparse.mm(_transpose(matrix), grad_rows)
+    grads, start = [], 0
+    for f in features:
+        n, _, h, w = f.shape
+        block = pixel_grads[start : start + n * h * w].reshape(n, h, w, c).permute(0, 3, 1, 2)
+        grads.append(block.to(f.dtype))
+        start += n * h * w
+    return grads
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.library registration: one forward and one backward op for one or several levels.
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("tritondet::roi_align", mutates_args=())
+def roi_align_op(
+    features: list[torch.Tensor],
+    rois: torch.Tensor,
+    scales: list[float],
+    pooled_height: int,
+    pooled_width: int,
+    sampling_ratio: int,
+    aligned: bool,
+    k_min: int,
+    canonical_scale: float,
+    canonical_level: float,
+) -> torch.Tensor:
+    """``L x [N, C, H_l, W_l], [K, 5] -> [K, C, PH, PW]`` (contiguous, the features' dtype)."""
+    args = (scales, (pooled_height, pooled_width), sampling_ratio, aligned, (k_min, canonical_scale, canonical_level))
+    if use_triton(rois.device):
+        return roi_align_triton(features, rois, *args)
+    return roi_align_reference(features, rois, *args)
+
+
+@roi_align_op.register_fake
+def _(features, rois, scales, pooled_height, pooled_width, sampling_ratio, aligned, k_min, canonical_scale, level):
+    first = features[0]
+    return first.new_empty((rois.shape[0], first.shape[1], pooled_height, pooled_width))
+
+
+@torch.library.custom_op("tritondet::roi_align_backward", mutates_args=())
+def roi_align_backward_op(
+    grad: torch.Tensor,
+    features: list[torch.Tensor],
+    rois: torch.Tensor,
+    scales: list[float],
+    pooled_height: int,
+    pooled_width: int,
+    sampling_ratio: int,
+    aligned: bool,
+    k_min: int,
+    canonical_scale: float,
+    canonical_level: float,
+) -> list[torch.Tensor]:
+    """Gradients with respect to each level's features (``features`` give shapes and strides)."""
+    args = (scales, (pooled_height, pooled_width), sampling_ratio, aligned, (k_min, canonical_scale, canonical_level))
+    if use_triton(rois.device):
+        return roi_align_backward_triton(grad, features, rois, *args)
+    return roi_align_backward_reference(grad, features, rois, *args)
+
+
+@roi_align_backward_op.register_fake
+def _(grad, features, rois, *args):
+    return [torch.empty_like(f) for f in features]
+
+
+def _setup_context(ctx, inputs, output):
+    features, rois, *args = inputs
+    ctx.save_for_backward(*features, rois)
+    ctx.args = args
+
+
+def _backward(ctx, grad):
+    *features, rois = ctx.saved_tensors
+    grads = torch.ops.tritondet.roi_align_backward(grad, features, rois, *ctx.args)
+    return (grads, None, *[None] * len(ctx.args))
+
+
+roi_align_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# Position-sensitive RoIAlign (R-FCN): the same sampling, bin (ph, pw) of output channel c read
+# from input channel c * PH * PW + ph * PW + pw, boxes always shifted by -0.5 pixel (aligned).
+
+
+def _diagonal_index(c_out: int, ph: int, pw: int, device) -> tuple[torch.Tensor, ...]:
+    """Indices of the position-sensitive bins in a ``[K, C_out * PH * PW, PH, PW]`` pooled map."""
+    rows = torch.arange(ph, device=device).view(1, ph, 1)
+    cols = torch.arange(pw, device=device).view(1, 1, pw)
+    channels = torch.arange(c_out, device=device).view(c_out, 1, 1) * (ph * pw) + rows * pw + cols
+    return channels, rows, cols
+
+
+def ps_roi_align_reference(input, rois, spatial_scale, output_size, sampling_ratio):
+    """Every input channel pooled over every bin, then each output's own bin selected."""
+    full = roi_align_reference([input], rois, [spatial_scale], output_size, sampling_ratio, True)
+    channels, rows, cols = _diagonal_index(
+        input.shape[1] // (output_size[0] * output_size[1]), *output_size, input.device
+    )
+    return full[:, channels, rows, cols]
+
+
+@torch.library.custom_op("tritondet::ps_roi_align", mutates_args=())
+def ps_roi_align_op(
+    input: torch.Tensor,
+    rois: torch.Tensor,
+    spatial_scale: float,
+    pooled_height: int,
+    pooled_width: int,
+    sampling_ratio: int,
+) -> torch.Tensor:
+    """``[N, C * PH * PW, H, W], [K, 5] -> [K, C, PH, PW]`` (contiguous, the input dtype)."""
+    size = (pooled_height, pooled_width)
+    if use_triton(rois.device):
+        return roi_align_triton([input], rois, [spatial_scale], size, sampling_ratio, True, (0, 224.0, 4.0), True)
+    return ps_roi_align_reference(input, rois, spatial_scale, size, sampling_ratio).contiguous()
+
+
+@ps_roi_align_op.register_fake
+def _(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio):
+    c_out = input.shape[1] // (pooled_height * pooled_width)
+    return input.new_empty((rois.shape[0], c_out, pooled_height, pooled_width))
+
+
+@torch.library.custom_op("tritondet::ps_roi_align_backward", mutates_args=())
+def ps_roi_align_backward_op(
+    grad: torch.Tensor,
+    input: torch.Tensor,
+    rois: torch.Tensor,
+    spatial_scale: float,
+    pooled_height: int,
+    pooled_width: int,
+    sampling_ratio: int,
+) -> torch.Tensor:
+    """Gradient with respect to ``input`` (which gives shape and strides)."""
+    size = (pooled_height, pooled_width)
+    if use_triton(rois.device):
+        args = ([spatial_scale], size, sampling_ratio, True, (0, 224.0, 4.0), True)
+        return roi_align_backward_triton(grad, [input], rois, *args)[0]
+    full = grad.new_zeros((rois.shape[0], input.shape[1], *size))
+    full[(slice(None), *_diagonal_index(grad.shape[1], *size, grad.device))] = grad
+    return roi_align_backward_reference(full, [input], rois, [spatial_scale], size, sampling_ratio, True)[0]
+
+
+@ps_roi_align_backward_op.register_fake
+def _(grad, input, *args):
+    return torch.empty_like(input)
+
+
+def _ps_setup_context(ctx, inputs, output):
+    input, rois, *args = inputs
+    ctx.save_for_backward(input, rois)
+    ctx.args = args
+
+
+def _ps_backward(ctx, grad):
+    input, rois = ctx.saved_tensors
+    return torch.ops.tritondet.ps_roi_align_backward(grad, input, rois, *ctx.args), None, None, None, None, None
+
+
+ps_roi_align_op.register_autograd(_ps_backward, setup_context=_ps_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------
+# Ahead-of-time specializations: every (dtype, block shape) the launchers can produce.
+# ----------------------------------------------------------------------------------------------
+
+_SCALAR_ARGS = {
+    "sampling_ratio": "i32",
+    "aligned": "i32",
+    "num_levels": "i32",
+    "k_min": "i32",
+    "canonical_scale": "fp32",
+    "canonical_level": "fp32",
+}
+
+
+def _aot_specs() -> list[KernelSpec]:
+    specs = []
+    for dtype, ps in itertools.product((torch.float16, torch.bfloat16, torch.float32, torch.float64), (False, True)):
+        compute_dtype = _compute_dtype(dtype)
+        compute = triton_pointer_type(compute_dtype)
+        feature = triton_pointer_type(dtype)
+        name = str(dtype).removeprefix("torch.") + (",position_sensitive" if ps else "")
+        common = {
+            "geometry_ptr": "*i64",
+            "scales_ptr": compute,
+            "N": "i32",
+            "C": "i32",
+            "PH": "i32",
+            "PW": "i32",
+            "stride_rk": "i32",
+            "stride_rc": "i32",
+            **_SCALAR_ARGS,
+        }
+        for num_bins in (16, 49):  # the two bin-block widths of _pool_blocks
+            block_c, block_p = _pool_blocks(num_bins, compute_dtype)
+            constexprs = {
+                "COMPUTE_FP64": dtype == torch.float64,
+                "POSITION_SENSITIVE": ps,
+                "BLOCK_C": block_c,
+                "BLOCK_P": block_p,
+            }
+            levels = {f"feat{i}": feature for i in range(MAX_LEVELS)}
+            signature = {"rois_ptr": compute, **levels, **common, "out_ptr": feature}
+            signature = {name_: signature[name_] for name_ in _roi_align_fwd_kernel.arg_names if name_ in signature}
+            specs.append(
+                KernelSpec(
+                    _roi_align_fwd_kernel,
+                    {**signature, **dict.fromkeys(constexprs, "constexpr")},
+                    constexprs,
+                    f"{name},BLOCK_P={block_p}",
+                    num_warps=_NUM_WARPS,
+                )
+            )
+            grads = {f"grad{i}": compute for i in range(MAX_LEVELS)}
+            signature = {"rois_ptr": compute, "grad_out_ptr": feature, **grads, **common}
+            signature = {n: signature[n] for n in _roi_align_bwd_atomic_kernel.arg_names if n in signature}
+            specs.append(
+                KernelSpec(
+                    _roi_align_bwd_atomic_kernel,
+                    {**signature, **dict.fromkeys(constexprs, "constexpr")},
+                    constexprs,
+                    f"{name},BLOCK_P={block_p}",
+                    num_warps=_NUM_WARPS,
+                )
+            )
+        block_c, tile_h, tile_w = _gather_tile(compute_dtype)
+        constexprs = {
+            "COMPUTE_FP64": dtype == torch.float64,
+            "POSITION_SENSITIVE": ps,
+            "BLOCK_C": block_c,
+            "TILE_H": tile_h,
+            "TILE_W": tile_w,
+        }
+        grads = {f"grad{i}": compute for i in range(MAX_LEVELS)}
+        signature = {"rois_ptr": compute, "grad_out_ptr": feature, **grads, **common, "tiles_ptr": "*i32", "K": "i32"}
+        signature = {n: signature[n] for n in _roi_align_bwd_gather_kernel.arg_names if n in signature}
+        specs.append(
+            KernelSpec(
+                _roi_align_bwd_gather_kernel,
+                {**signature, **dict.fromkeys(constexprs, "constexpr")},
+                constexprs,
+                name,
+                num_warps=_NUM_WARPS,
+            )
+        )
+    return specs
+
+
+AOT_SPECS = _aot_specs()
+PUBLIC_OPS = ("roi_align", "RoIAlign", "MultiScaleRoIAlign", "ps_roi_align", "PSRoIAlign")
