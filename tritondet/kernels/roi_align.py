@@ -802,7 +802,8 @@ def roi_align_backward_reference(
     for f in features:
         n, _, h, w = f.shape
         block = pixel_grads[start : start + n * h * w].reshape(n, h, w, c).permute(0, 3, 1, 2)
-        grads.append(block.to(f.dtype))
+        # copy=True: each level's gradient in its own storage (a custom op's outputs must not alias).
+        grads.append(block.to(f.dtype, copy=True))
         start += n * h * w
     return grads
 
