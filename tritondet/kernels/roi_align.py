@@ -764,6 +764,13 @@ def _pixel_rows(features: list[torch.Tensor], compute_dtype: torch.dtype) -> tor
     return (rows[0] if len(rows) == 1 else torch.cat(rows)).to(compute_dtype).contiguous()
 
 
+def _sparse_mm(matrix: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``[R, P] (sparse) @ [P, C] -> [R, C]`` in the rows' dtype, with autocast off: under a bf16
+    autocast region the matmul would otherwise be cast to bf16, which CPU sparse matmul lacks."""
+    with torch.autocast(rows.device.type, enabled=False):
+        return torch.sparse.mm(matrix, rows)
+
+
 def roi_align_reference(
     features: list[torch.Tensor],
     rois: torch.Tensor,
@@ -780,7 +787,7 @@ def roi_align_reference(
     k, (ph, pw), c = rois.shape[0], output_size, first.shape[1]
     if k == 0:
         return first.new_empty((0, c, ph, pw))
-    grouped = torch.sparse.mm(matrix, _pixel_rows(features, compute_dtype)).reshape(k, ph * pw, c)
+    grouped = _sparse_mm(matrix, _pixel_rows(features, compute_dtype)).reshape(k, ph * pw, c)
     out = torch.empty_like(grouped).index_copy_(0, order, grouped)
     return out.reshape(k, ph, pw, c).permute(0, 3, 1, 2).contiguous().to(first.dtype)
 
@@ -800,7 +807,7 @@ def roi_align_backward_reference(
     c = features[0].shape[1]
     matrix, order = _sampling_matrix(features, rois, scales, output_size, sampling_ratio, aligned, mapper)
     grad_rows = grad.permute(0, 2, 3, 1)[order].reshape(-1, c).to(compute_dtype)
-    pixel_grads = torch.sparse.mm(_transpose(matrix), grad_rows)
+    pixel_grads = _sparse_mm(_transpose(matrix), grad_rows)
     grads, start = [], 0
     for f in features:
         n, _, h, w = f.shape
