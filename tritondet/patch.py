@@ -1,0 +1,89 @@
+"""``patch_torchvision()``: tritondet's kernels as the implementations of torchvision's own ops.
+
+After the patch, ``torchvision::nms``, ``roi_align``, ``_roi_align_backward``, ``roi_pool`` and
+``_roi_pool_backward`` dispatch to tritondet for tensors on the patched devices, so every
+torchvision detector and any code calling ``torchvision.ops`` runs on our kernels unchanged.
+torchvision's autograd and autocast wrappers stay in front of our kernels. ``unpatch_torchvision()``
+restores torchvision's own kernels.
+"""
+
+from __future__ import annotations
+
+import torch
+import torchvision  # noqa: F401  (registers the torchvision:: ops being overridden)
+
+_library: torch.library.Library | None = None
+# (k_min, canonical_scale, canonical_level) of a single-level roi_align: no level assignment.
+_SINGLE_LEVEL = (0, 224.0, 4.0)
+
+
+def _nms(dets: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:
+    return torch.ops.tritondet.nms(dets, scores, iou_threshold)
+
+
+def _roi_align(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned):
+    return torch.ops.tritondet.roi_align(
+        [input], rois, [spatial_scale], pooled_height, pooled_width, sampling_ratio, aligned, *_SINGLE_LEVEL
+    )
+
+
+def _roi_align_backward(
+    grad, rois, spatial_scale, pooled_height, pooled_width, batch_size, channels, height, width, sampling_ratio, aligned
+):
+    # Only the input's shape is needed: an uninitialized stand-in carries it.
+    like_input = grad.new_empty((batch_size, channels, height, width))
+    (grad_input,) = torch.ops.tritondet.roi_align_backward(
+        grad, [like_input], rois, [spatial_scale], pooled_height, pooled_width, sampling_ratio, aligned, *_SINGLE_LEVEL
+    )
+    return grad_input
+
+
+def _roi_pool(input, rois, spatial_scale, pooled_height, pooled_width):
+    return torch.ops.tritondet.roi_pool(input, rois, spatial_scale, pooled_height, pooled_width)
+
+
+def _roi_pool_backward(
+    grad, rois, argmax, spatial_scale, pooled_height, pooled_width, batch_size, channels, height, width
+):
+    from .kernels.roi_pool import roi_pool_backward
+
+    return roi_pool_backward(grad, argmax, rois, (batch_size, channels, height, width))
+
+
+PATCHED_OPS = {
+    "nms": _nms,
+    "roi_align": _roi_align,
+    "_roi_align_backward": _roi_align_backward,
+    "roi_pool": _roi_pool,
+    "_roi_pool_backward": _roi_pool_backward,
+}
+
+
+def patch_torchvision(devices: tuple[str, ...] = ("CUDA",)) -> None:
+    """Register tritondet's kernels for torchvision's ops on ``devices`` (``"CUDA"``, ``"CPU"``).
+
+    On CPU tensors tritondet runs its backend's CPU path (see ``TRITONDET_BACKEND``). Calling it
+    again first undoes the previous patch.
+    """
+    global _library
+    unknown = [device for device in devices if device not in ("CUDA", "CPU")]
+    if unknown or not devices:
+        raise ValueError(f"devices must be a non-empty subset of ('CUDA', 'CPU'), got {devices!r}")
+    unpatch_torchvision()
+    library = torch.library.Library("torchvision", "IMPL")
+    for device in devices:
+        for name, kernel in PATCHED_OPS.items():
+            library.impl(name, kernel, device)
+    _library = library
+
+
+def unpatch_torchvision() -> None:
+    """Restore torchvision's own kernels (a no-op when nothing is patched)."""
+    global _library
+    if _library is not None:
+        _library._destroy()
+        _library = None
+
+
+def torchvision_patched() -> bool:
+    return _library is not None
