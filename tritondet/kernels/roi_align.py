@@ -742,7 +742,7 @@ def roi_align_backward_reference(
     for f in features:
         n, _, h, w = f.shape
         block = pixel_grads[start : start + n * h * w].reshape(n, h, w, c).permute(0, 3, 1, 2)
-        grads.append(block.to(f.dtype))
+        grads.append(block.to(f.dtype, copy=True))  # a copy: a custom op's outputs must not alias each other
         start += n * h * w
     return grads
 
