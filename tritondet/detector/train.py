@@ -66,8 +66,11 @@ __all__ = [
     "TrainConfig",
     "build_model",
     "draw_detections",
+    "evaluate_checkpoint",
     "lite",
     "load_checkpoint",
+    "predict_image",
+    "read_image",
     "train",
 ]
 
@@ -446,7 +449,7 @@ def _loss_terms(losses: dict[str, Tensor]) -> dict[str, float]:
 
 
 def train(config: TrainConfig) -> dict:
-    """Run the training described by ``config``; return ``{"metrics", "iteration", "output_dir", ...}``.
+    """Run the training described by ``config``; return ``{"model", "metrics", "iteration", "output_dir", ...}``.
 
     ``metrics`` is :func:`~tritondet.detector.evaluate.evaluate_coco`'s result (``None`` when
     ``evaluate`` is off). Works as a single process or under torchrun (see the module docstring).
@@ -526,6 +529,7 @@ def train(config: TrainConfig) -> dict:
         log = csv.DictWriter(csv_file, _CSV_FIELDS)
         if fresh:
             log.writeheader()
+            csv_file.flush()
 
     bar = None
     if main and config.progress:
@@ -653,7 +657,7 @@ def train(config: TrainConfig) -> dict:
         if writer is not None:
             writer.close()
 
-    result = {"iteration": iteration, "trained_seconds": trained_seconds, "output_dir": str(output_dir)}
+    result = {"iteration": iteration, "trained_seconds": trained_seconds, "output_dir": str(output_dir), "model": model}
     result["metrics"] = None
     if config.evaluate:
         val_loader = data.make_data_loader(
@@ -665,5 +669,66 @@ def train(config: TrainConfig) -> dict:
         _plot_val_detections(model.eval(), val_set, categories, device, output_dir / "detections.png")
     result["total_seconds"] = time.monotonic() - start
     if main:
-        (output_dir / "metrics.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
+        saved = {k: v for k, v in result.items() if k != "model"}
+        (output_dir / "metrics.json").write_text(json.dumps(saved, indent=1, default=str) + "\n")
     return result
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Using a checkpoint: evaluation and drawing detections
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def evaluate_checkpoint(
+    checkpoint_path: str | os.PathLike,
+    val_images: str | None = None,
+    val_annotations: str | None = None,
+    batch_size: int = 4,
+    device: str | None = None,
+) -> dict:
+    """COCO AP of a training checkpoint on ``val_images``/``val_annotations`` (default: the val split
+    of the data it was trained on; the synthetic set is regenerated if missing)."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, checkpoint = load_checkpoint(checkpoint_path, device)
+    transform = model.config.transform
+    val_tf = data.DetectionTransform(transform.min_size, transform.max_size, train=False)
+    if val_annotations is None:
+        config = TrainConfig(**{**checkpoint["train_config"], "resume": None})
+        if config.val_annotations:
+            val_images, val_annotations = config.val_images, config.val_annotations
+        else:
+            synthetic = data.ensure_synthetic_dataset(
+                config.data_root, seed=config.seed, num_train=config.num_train, num_val=config.num_val
+            )
+            val_images, val_annotations = synthetic.val_images, synthetic.val_annotations
+    elif val_images is None:
+        raise ValueError("val_images must be given with val_annotations")
+    val_set = data.CocoDetection(val_images, val_annotations, val_tf)
+    loader = data.make_data_loader(val_set, batch_size, shuffle=False)
+    return evaluate.evaluate_model(model, loader, device=device)
+
+
+def read_image(path: str | os.PathLike) -> Tensor:
+    """An image file as ``Tensor[3, H, W]`` float32 RGB in [0, 1]."""
+    with Image.open(path) as file:
+        pixels = torch.frombuffer(bytearray(file.convert("RGB").tobytes()), dtype=torch.uint8)
+        width, height = file.size
+    return pixels.reshape(height, width, 3).permute(2, 0, 1).float().div_(255.0)
+
+
+def predict_image(
+    checkpoint_path: str | os.PathLike,
+    image_path: str | os.PathLike,
+    out_path: str | os.PathLike,
+    score_thresh: float = 0.5,
+    device: str | None = None,
+) -> dict:
+    """Detect objects in one image file and write it with boxes, labels and scores drawn to ``out_path``."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, checkpoint = load_checkpoint(checkpoint_path, device)
+    image = read_image(image_path)
+    with torch.no_grad():
+        prediction = {k: v.cpu() for k, v in model([image.to(device)])[0].items()}
+    drawn = draw_detections(image, prediction, checkpoint["categories"], score_thresh)
+    Image.fromarray(drawn.permute(1, 2, 0).numpy()).save(out_path)
+    return prediction
