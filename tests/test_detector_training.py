@@ -193,10 +193,13 @@ def test_differentiable_proposals_equal_the_fused_ones(backend):
     assert model.rpn.head.bbox_pred.weight.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("pooling", ["roi_align", "crop_pool"])
-def test_crop_pool_sends_the_box_head_loss_into_the_rpn_boxes(pooling):
+@pytest.mark.parametrize(
+    ("pooling", "backend"), [("roi_align", "reference"), ("crop_pool", "reference"), ("crop_pool", "triton")]
+)
+def test_crop_pool_sends_the_box_head_loss_into_the_rpn_boxes(pooling, backend, monkeypatch):
     """Joint training (Section 3.2 (iii)): with crop_pool the box-head losses reach the RPN's box
     regressor through the proposal coordinates; with RoIAlign they do not (approximate joint)."""
+    monkeypatch.setenv(_backend.BACKEND_VARIABLE, backend)
     config = tiny().replace(roi_heads=dict(box_pooling=pooling, featmap_names=("0",)))
     torch.manual_seed(0)
     model = FasterRCNN(config).train()

@@ -27,6 +27,7 @@ from .kernels import targets as _targets_family
 __all__ = [
     "AnchorGenerator",
     "MultiScaleRoIAlign",
+    "PSRoIAlign",
     "RoIAlign",
     "RoIPool",
     "anchor_targets",
@@ -35,6 +36,7 @@ __all__ = [
     "batched_nms_padded",
     "box_iou",
     "complete_box_iou",
+    "crop_pool",
     "decode_boxes",
     "distance_box_iou",
     "encode_boxes",
@@ -43,6 +45,7 @@ __all__ = [
     "match_boxes",
     "nms",
     "proposal_targets",
+    "ps_roi_align",
     "roi_align",
     "roi_pool",
     "rpn_proposals",
@@ -1093,3 +1096,78 @@ class RoIPool(torch.nn.Module):
 
     def __repr__(self) -> str:
         return f"{self.__class__.__name__}(output_size={self.output_size}, spatial_scale={self.spatial_scale})"
+
+
+def crop_pool(
+    input: Tensor,
+    boxes: Tensor | list[Tensor],
+    output_size: int | tuple[int, int],
+    spatial_scale: float = 1.0,
+    sampling_ratio: int = 2,
+) -> Tensor:
+    """Crop pooling ("Spatial Transformer Networks"): an ``affine_grid`` + ``grid_sample``
+    bilinear crop of ``(PH * S) x (PW * S)`` samples from each box (corners included, zeros
+    outside the map), max-pooled by ``S x S``; differentiable with respect to ``input`` and the box
+    coordinates, so a loss on the crops reaches the boxes. See :mod:`tritondet.kernels.crop_pool`.
+
+    Args:
+        input (Tensor[N, C, H, W]): feature maps, any float dtype, any strides.
+        boxes (Tensor[K, 5] or List[Tensor[L, 4]]): as in :func:`roi_align`.
+        output_size (int or Tuple[int, int]): ``(PH, PW)``.
+        spatial_scale (float): factor from box coordinates to input coordinates.
+        sampling_ratio (int): ``S >= 1`` samples per bin along each axis.
+
+    Returns:
+        Tensor[K, C, PH, PW]: contiguous, in ``input``'s dtype.
+    """
+    _check_feature_map("input", input)
+    ph, pw = _pair_size("output_size", output_size)
+    if isinstance(sampling_ratio, bool) or not isinstance(sampling_ratio, int) or sampling_ratio < 1:
+        raise ValueError(f"sampling_ratio must be a positive int, got {sampling_ratio!r}")
+    rois = _rois_from_boxes(boxes, input.shape[0], input.device)
+    return torch.ops.tritondet.crop_pool(input, rois, float(spatial_scale), ph, pw, sampling_ratio)[0]
+
+
+def ps_roi_align(
+    input: Tensor,
+    boxes: Tensor | list[Tensor],
+    output_size: int | tuple[int, int],
+    spatial_scale: float = 1.0,
+    sampling_ratio: int = -1,
+) -> Tensor:
+    """Position-sensitive RoI Align (R-FCN): bin ``(ph, pw)`` of output channel ``c`` averages the
+    bilinear samples of input channel ``c * PH * PW + ph * PW + pw``; boxes shifted by -0.5 pixel.
+
+    Args:
+        input (Tensor[N, C * PH * PW, H, W]), boxes (Tensor[K, 5] or List[Tensor[L, 4]]),
+        output_size, spatial_scale, sampling_ratio: as in :func:`roi_align`.
+
+    Returns:
+        Tensor[K, C, PH, PW]: contiguous, in ``input``'s dtype. A bin with no samples (an empty
+        box with adaptive sampling) is 0, where torchvision divides 0 by 0 (NaN).
+    """
+    _check_feature_map("input", input)
+    ph, pw = _pair_size("output_size", output_size)
+    if input.shape[1] % (ph * pw):
+        raise ValueError(f"input must have a multiple of {ph * pw} channels, got {input.shape[1]}")
+    rois = _rois_from_boxes(boxes, input.shape[0], input.device)
+    return torch.ops.tritondet.ps_roi_align(input, rois, float(spatial_scale), ph, pw, int(sampling_ratio))
+
+
+class PSRoIAlign(torch.nn.Module):
+    """See :func:`ps_roi_align`."""
+
+    def __init__(self, output_size, spatial_scale: float, sampling_ratio: int):
+        super().__init__()
+        self.output_size = output_size
+        self.spatial_scale = spatial_scale
+        self.sampling_ratio = sampling_ratio
+
+    def forward(self, input: Tensor, rois: Tensor | list[Tensor]) -> Tensor:
+        return ps_roi_align(input, rois, self.output_size, self.spatial_scale, self.sampling_ratio)
+
+    def __repr__(self) -> str:
+        return (
+            f"{self.__class__.__name__}(output_size={self.output_size}, spatial_scale={self.spatial_scale}, "
+            f"sampling_ratio={self.sampling_ratio})"
+        )

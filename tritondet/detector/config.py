@@ -192,10 +192,11 @@ def _single_level(backbone: BackboneConfig, num_classes: int, representation_siz
 
 
 def paper_vgg16(num_classes: int = 21) -> FasterRCNNConfig:
-    """The paper's VGG-16 model: conv5_3 at stride 16, 9 anchors, 7x7 RoI pooling, fc6/fc7 4096,
-    600/1000 images, 12000/6000 pre-NMS and 2000/300 post-NMS proposals (train/test), 128 RoIs
-    per image, background IoU [0.1, 0.5), test NMS 0.3 (py-faster-rcnn's values)."""
-    return _single_level(BackboneConfig(name="vgg16", fpn=False, trainable_layers=5), num_classes, 4096)
+    """The paper's VGG-16 model: conv5_3 at stride 16 (conv3_1 and up trained), 9 anchors, 7x7 RoI
+    pooling, fc6/fc7 4096, 600/1000 images, 12000/6000 pre-NMS and 2000/300 post-NMS proposals
+    (train/test), 128 RoIs per image, background IoU [0.1, 0.5), test NMS 0.3 (py-faster-rcnn's
+    values)."""
+    return _single_level(BackboneConfig(name="vgg16", fpn=False, trainable_layers=3), num_classes, 4096)
 
 
 def resnet_c4(name: str = "resnet50", num_classes: int = 21) -> FasterRCNNConfig:

@@ -4,7 +4,7 @@ Every module in :data:`FAMILIES` defines ``AOT_SPECS`` (the specializations its 
 ``PUBLIC_OPS`` (the names in :mod:`tritondet.ops` it serves).
 """
 
-from . import anchors, box_coder, box_iou, matcher, nms, roi_align, roi_pool, rpn_proposals
+from . import anchors, box_coder, box_iou, crop_pool, matcher, nms, roi_align, roi_pool, rpn_proposals
 
 FAMILIES = {
     "box_iou": box_iou,
@@ -15,4 +15,5 @@ FAMILIES = {
     "rpn_proposals": rpn_proposals,
     "roi_align": roi_align,
     "roi_pool": roi_pool,
+    "crop_pool": crop_pool,
 }

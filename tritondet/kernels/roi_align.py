@@ -22,6 +22,9 @@ not finite) samples nothing: its output is zero and it receives no gradient.
 
 from __future__ import annotations
 
+import itertools
+import warnings
+
 import torch
 import triton
 import triton.language as tl
@@ -153,6 +156,7 @@ def _roi_align_fwd_kernel(
     canonical_level,
     # meta-parameters
     COMPUTE_FP64: tl.constexpr,
+    POSITION_SENSITIVE: tl.constexpr,  # R-FCN: bin (ph, pw) of output channel c reads input channel c * PH * PW + ph * PW + pw
     BLOCK_C: tl.constexpr,
     BLOCK_P: tl.constexpr,
 ):
@@ -171,7 +175,10 @@ def _roi_align_fwd_kernel(
     H = tl.load(geometry).to(tl.int32)
     W = tl.load(geometry + 1).to(tl.int32)
     base = _pick(level, feat0, feat1, feat2, feat3, feat4) + batch * tl.load(geometry + 2)
-    chan_offsets = channels.to(tl.int64)[:, None] * tl.load(geometry + 3)
+    if POSITION_SENSITIVE:
+        chan_offsets = (channels.to(tl.int64)[:, None] * (PH * PW) + bins[None, :]) * tl.load(geometry + 3)
+    else:
+        chan_offsets = channels.to(tl.int64)[:, None] * tl.load(geometry + 3)
     stride_h = tl.load(geometry + 4)
     stride_w = tl.load(geometry + 5)
     scale = tl.load(scales_ptr + level)
@@ -245,6 +252,7 @@ def _roi_align_bwd_atomic_kernel(
     canonical_level,
     # meta-parameters
     COMPUTE_FP64: tl.constexpr,
+    POSITION_SENSITIVE: tl.constexpr,  # R-FCN: bin (ph, pw) of output channel c reads input channel c * PH * PW + ph * PW + pw
     BLOCK_C: tl.constexpr,
     BLOCK_P: tl.constexpr,
 ):
@@ -263,7 +271,10 @@ def _roi_align_bwd_atomic_kernel(
     H = tl.load(geometry).to(tl.int32)
     W = tl.load(geometry + 1).to(tl.int32)
     base = _pick(level, grad0, grad1, grad2, grad3, grad4) + batch * tl.load(geometry + 6)
-    chan_offsets = channels.to(tl.int64)[:, None] * tl.load(geometry + 7)
+    if POSITION_SENSITIVE:
+        chan_offsets = (channels.to(tl.int64)[:, None] * (PH * PW) + bins[None, :]) * tl.load(geometry + 7)
+    else:
+        chan_offsets = channels.to(tl.int64)[:, None] * tl.load(geometry + 7)
     stride_h = tl.load(geometry + 8)
     stride_w = tl.load(geometry + 9)
     scale = tl.load(scales_ptr + level)
@@ -342,6 +353,7 @@ def _roi_align_bwd_gather_kernel(
     canonical_level,
     # meta-parameters
     COMPUTE_FP64: tl.constexpr,
+    POSITION_SENSITIVE: tl.constexpr,  # R-FCN: bin (ph, pw) of output channel c reads input channel c * PH * PW + ph * PW + pw
     BLOCK_C: tl.constexpr,
     TILE_H: tl.constexpr,
     TILE_W: tl.constexpr,
@@ -383,7 +395,10 @@ def _roi_align_bwd_gather_kernel(
         mine = mine & (tl.minimum(start_h, end_h) <= tile_y0 + TILE_H) & (tl.maximum(start_h, end_h) >= tile_y0 - 1)
         mine = mine & (tl.minimum(start_w, end_w) <= tile_x0 + TILE_W) & (tl.maximum(start_w, end_w) >= tile_x0 - 1)
         if mine:
-            grad_row = grad_out_ptr + (k * C + channels).to(tl.int64) * (PH * PW)
+            if POSITION_SENSITIVE:  # C counts input channels here, C // (PH * PW) outputs
+                grad_row = grad_out_ptr + (k * (C // (PH * PW)) + channels // (PH * PW)).to(tl.int64) * (PH * PW)
+            else:
+                grad_row = grad_out_ptr + (k * C + channels).to(tl.int64) * (PH * PW)
             for ph in range(PH):
                 bin_y0 = start_h + ph * bin_h
                 near_y = (tl.minimum(bin_y0, bin_y0 + bin_h) <= tile_y0 + TILE_H) & (
@@ -400,7 +415,10 @@ def _roi_align_bwd_gather_kernel(
                             tl.maximum(bin_x0, bin_x0 + bin_w) >= tile_x0 - 1
                         )
                         if near_x:
-                            grad = tl.load(grad_row + ph * PW + pw, mask=c_ok, other=0).to(compute_dtype) / count
+                            grad_mask = c_ok
+                            if POSITION_SENSITIVE:
+                                grad_mask = grad_mask & (channels % (PH * PW) == ph * PW + pw)
+                            grad = tl.load(grad_row + ph * PW + pw, mask=grad_mask, other=0).to(compute_dtype) / count
                             wx = tl.zeros((TILE_H * TILE_W,), dtype=compute_dtype)
                             for ix in range(grid_w):
                                 x = bin_x0 + ((ix + 0.5) * bin_w) / grid_w
@@ -471,13 +489,16 @@ def roi_align_triton(
     sampling_ratio: int,
     aligned: bool,
     mapper: tuple[int, float, float],
+    position_sensitive: bool = False,
 ) -> torch.Tensor:
-    """``L x [N, C, H_l, W_l], [K, 5] -> [K, C, PH, PW]`` in one launch."""
+    """``L x [N, C, H_l, W_l], [K, 5] -> [K, C, PH, PW]`` in one launch (``C / (PH * PW)`` output
+    channels when position-sensitive)."""
     first = features[0]
     compute_dtype = _compute_dtype(first.dtype)
     rois = rois.to(compute_dtype)
     n, c = first.shape[:2]
     ph, pw = output_size
+    c = c // (ph * pw) if position_sensitive else c
     out = torch.empty((rois.shape[0], c, ph, pw), dtype=first.dtype, device=first.device)
     geometry, scale_table = _geometry(features, features, scales)
     block_c, block_p = _pool_blocks(ph * pw, compute_dtype)
@@ -499,6 +520,7 @@ def roi_align_triton(
         int(aligned),
         *_mapper_args(len(features), *mapper),
         COMPUTE_FP64=compute_dtype == torch.float64,
+        POSITION_SENSITIVE=position_sensitive,
         BLOCK_C=block_c,
         BLOCK_P=block_p,
         num_warps=_NUM_WARPS,
@@ -515,6 +537,7 @@ def roi_align_backward_triton(
     sampling_ratio: int,
     aligned: bool,
     mapper: tuple[int, float, float],
+    position_sensitive: bool = False,
 ) -> list[torch.Tensor]:
     """Input gradients, one launch: atomic scatter, or the gather kernel in deterministic mode."""
     first = features[0]
@@ -550,6 +573,7 @@ def roi_align_backward_triton(
             pw,
             *common,
             COMPUTE_FP64=fp64,
+            POSITION_SENSITIVE=position_sensitive,
             BLOCK_C=block_c,
             TILE_H=tile_h,
             TILE_W=tile_w,
@@ -557,20 +581,22 @@ def roi_align_backward_triton(
         )
     else:
         block_c, block_p = _pool_blocks(ph * pw, compute_dtype)
+        c_out = c // (ph * pw) if position_sensitive else c
         launch(
             _roi_align_bwd_atomic_kernel,
-            (rois.shape[0], triton.cdiv(c, block_c), triton.cdiv(ph * pw, block_p)),
+            (rois.shape[0], triton.cdiv(c_out, block_c), triton.cdiv(ph * pw, block_p)),
             rois,
             grad,
             *_level_pointers(grads),
             geometry,
             scale_table,
             n,
-            c,
+            c_out,
             ph,
             pw,
             *common,
             COMPUTE_FP64=fp64,
+            POSITION_SENSITIVE=position_sensitive,
             BLOCK_C=block_c,
             BLOCK_P=block_p,
             num_warps=_NUM_WARPS,
@@ -613,6 +639,13 @@ def _axis_taps(coord: torch.Tensor, size: torch.Tensor, used: torch.Tensor):
     return torch.stack([low, high], -1).to(torch.int64), torch.stack([w_low, w_high], -1)
 
 
+def _csr(crow, columns, values, size) -> torch.Tensor:
+    """A CSR tensor without invariant checks (rows are built in order) or the beta warning."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return torch.sparse_csr_tensor(crow, columns, values, size=size, check_invariants=False)
+
+
 def _sampling_matrix(
     features: list[torch.Tensor],
     rois: torch.Tensor,
@@ -622,7 +655,8 @@ def _sampling_matrix(
     aligned: bool,
     mapper: tuple[int, float, float],
 ) -> torch.Tensor:
-    """CSR ``[K * PH * PW, sum_l N * H_l * W_l]``: row = output bin, column = input pixel."""
+    """(CSR ``[K * PH * PW, sum_l N * H_l * W_l]``, ``[K]`` RoI order): row = output bin of RoI
+    ``order[row // (PH * PW)]``, column = input pixel."""
     compute_dtype = _compute_dtype(features[0].dtype)
     device = rois.device
     rois = rois.to(compute_dtype)
@@ -654,51 +688,77 @@ def _sampling_matrix(
     grid_h = torch.where(valid, grid_h, 0).clamp(min=0)
     grid_w = torch.where(valid, grid_w, 0).clamp(min=0)
     count = (grid_h * grid_w).clamp(min=1)
-    # The padded sample grid: the largest RoI's (a host read, fine on the CPU path).
-    max_h = int(grid_h.max()) if k else 0
-    max_w = int(grid_w.max()) if k else 0
+    image_start = level_start + b.where(valid, 0).to(torch.int64) * heights * widths
+    # RoIs grouped by sampling grid (one group when sampling_ratio > 0; a few dozen at most for
+    # adaptive grids): each group's samples are a dense broadcast with no padding. The grid sizes
+    # are read on the host, fine on the CPU path.
+    grids = (grid_h * (grid_w.max() + 1 if k else 1) + grid_w).long()
+    order = torch.argsort(grids, stable=True)
+    _, group_sizes = torch.unique_consecutive(grids[order], return_counts=True)
+    columns, weights, row_counts = [], [], []
+    start = 0
+    for size in group_sizes.tolist():
+        members = order[start : start + size]
+        start += size
+        gh, gw = int(grid_h[members[0]]), int(grid_w[members[0]])
 
-    def axis(start, bin_size, grid, bins, size, max_grid):
-        i = torch.arange(max_grid, device=device, dtype=compute_dtype)
-        p = torch.arange(bins, device=device, dtype=compute_dtype)
-        coord = (
-            start[:, None, None]
-            + p[None, :, None] * bin_size[:, None, None]
-            + ((i + 0.5) * bin_size[:, None, None]) / grid[:, None, None]
-        )
-        return _axis_taps(coord, size[:, None, None], i < grid[:, None, None])  # [K, bins, max_grid, 2]
+        def axis(first, bin_size, samples, bins, extent, members=members):
+            i = torch.arange(samples, device=device, dtype=compute_dtype)
+            p = torch.arange(bins, device=device, dtype=compute_dtype)
+            bin_size = bin_size[members, None, None]
+            coord = first[members, None, None] + p[:, None] * bin_size + ((i + 0.5) * bin_size) / samples
+            used = torch.ones_like(coord, dtype=torch.bool)
+            taps, tap_weights = _axis_taps(coord, extent[members, None, None], used)  # [G, bins, samples, 2]
+            if sampling_ratio > 0 or samples < 3:
+                return taps, tap_weights
+            # Adaptive grids sample about once per pixel, so the 2 * samples taps of a bin hit at
+            # most samples + 2 consecutive rows: sum them into that window (fewer matrix entries).
+            window = samples + 2
+            first = taps[:, :, :1, :1]
+            # Out-of-map samples have weight 0, so clamping their position is harmless.
+            relative = (taps - first).clamp(0, window - 1).flatten(2)
+            dense = tap_weights.new_zeros(*taps.shape[:2], window).scatter_add_(2, relative, tap_weights.flatten(2))
+            rows = (first[..., 0] + torch.arange(window, device=device)).clamp(max=extent[members, None, None] - 1)
+            return rows[..., None], dense[..., None]  # [G, bins, window, 1]
 
-    y_taps, y_weights = axis(start_h, bin_h, grid_h, ph_count, heights, max_h)
-    x_taps, x_weights = axis(start_w, bin_w, grid_w, pw_count, widths, max_w)
-    # [K, PH, PW, GH, GW, 2 (y tap), 2 (x tap)]
-    row_base = (level_start + b.where(valid, 0).to(torch.int64) * heights * widths)[
-        :, None, None, None, None, None, None
-    ]
-    columns = (
-        row_base
-        + y_taps[:, :, None, :, None, :, None] * widths[:, None, None, None, None, None, None]
-        + x_taps[:, None, :, None, :, None, :]
-    )
-    weights = (y_weights[:, :, None, :, None, :, None] * x_weights[:, None, :, None, :, None, :]) / count[
-        :, None, None, None, None, None, None
-    ]
-    per_row = max_h * max_w * 4
-    rows = k * ph_count * pw_count
-    crow = torch.arange(rows + 1, device=device, dtype=torch.int64) * per_row
-    return torch.sparse_csr_tensor(
+        y_taps, y_weights = axis(start_h, bin_h, gh, ph_count, heights)
+        x_taps, x_weights = axis(start_w, bin_w, gw, pw_count, widths)
+        row_offset = (y_taps * widths[members, None, None, None])[:, :, None, :, None, :, None]
+        group_columns = image_start[members, None, None, None, None, None, None] + row_offset
+        group_columns = group_columns + x_taps[:, None, :, None, :, None, :]  # [G, PH, PW, gh, gw, 2, 2] (or windows)
+        group_weights = y_weights[:, :, None, :, None, :, None] * x_weights[:, None, :, None, :, None, :]
+        columns.append(group_columns.reshape(-1))
+        weights.append((group_weights / count[members, None, None, None, None, None, None]).reshape(-1))
+        row_counts.append(torch.full((size * ph_count * pw_count,), group_columns[0, 0, 0].numel(), device=device))
+    crow = torch.zeros(k * ph_count * pw_count + 1, dtype=torch.int64, device=device)
+    if k:
+        torch.cumsum(torch.cat(row_counts), 0, out=crow[1:])
+    matrix = _csr(
         crow,
-        columns.reshape(-1),
-        weights.reshape(-1).to(compute_dtype),
-        size=(rows, sum(pixels)),
-        check_invariants=False,
+        torch.cat(columns) if k else crow[:0],
+        torch.cat(weights).to(compute_dtype) if k else crow[:0].to(compute_dtype),
+        (k * ph_count * pw_count, sum(pixels)),
     )
+    return matrix, order
+
+
+def _transpose(matrix: torch.Tensor) -> torch.Tensor:
+    """The CSR transpose of a CSR matrix: entries stably sorted by column."""
+    rows, cols = matrix.shape
+    columns = matrix.col_indices()
+    crow = matrix.crow_indices()
+    row_of_entry = torch.repeat_interleave(torch.arange(rows, device=columns.device), crow.diff())
+    by_column = torch.argsort(columns, stable=True)
+    crow_t = torch.zeros(cols + 1, dtype=torch.int64, device=columns.device)
+    torch.cumsum(torch.bincount(columns, minlength=cols), 0, out=crow_t[1:])
+    return _csr(crow_t, row_of_entry[by_column], matrix.values()[by_column], (cols, rows))
 
 
 def _pixel_rows(features: list[torch.Tensor], compute_dtype: torch.dtype) -> torch.Tensor:
-    """``[sum_l N * H_l * W_l, C]``: every level's pixels as rows of channels (a view for
-    channels_last maps)."""
+    """``[sum_l N * H_l * W_l, C]`` contiguous: every level's pixels as rows of channels (no copy
+    for one channels_last map)."""
     rows = [f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]) for f in features]
-    return (rows[0] if len(rows) == 1 else torch.cat(rows)).to(compute_dtype)
+    return (rows[0] if len(rows) == 1 else torch.cat(rows)).to(compute_dtype).contiguous()
 
 
 def roi_align_reference(
@@ -713,11 +773,12 @@ def roi_align_reference(
     """``L x [N, C, H_l, W_l], [K, 5] -> [K, C, PH, PW]`` contiguous, in the features' dtype."""
     first = features[0]
     compute_dtype = _compute_dtype(first.dtype)
-    matrix = _sampling_matrix(features, rois, scales, output_size, sampling_ratio, aligned, mapper)
-    out = torch.sparse.mm(matrix, _pixel_rows(features, compute_dtype)) if matrix.shape[0] else None
+    matrix, order = _sampling_matrix(features, rois, scales, output_size, sampling_ratio, aligned, mapper)
     k, (ph, pw), c = rois.shape[0], output_size, first.shape[1]
-    if out is None:
+    if k == 0:
         return first.new_empty((0, c, ph, pw))
+    grouped = torch.sparse.mm(matrix, _pixel_rows(features, compute_dtype)).reshape(k, ph * pw, c)
+    out = torch.empty_like(grouped).index_copy_(0, order, grouped)
     return out.reshape(k, ph, pw, c).permute(0, 3, 1, 2).contiguous().to(first.dtype)
 
 
@@ -734,10 +795,9 @@ def roi_align_backward_reference(
     """The transpose of :func:`roi_align_reference` applied to ``grad`` ``[K, C, PH, PW]``."""
     compute_dtype = _compute_dtype(features[0].dtype)
     c = features[0].shape[1]
-    matrix = _sampling_matrix(features, rois, scales, output_size, sampling_ratio, aligned, mapper)
-    grad_rows = grad.permute(0, 2, 3, 1).reshape(-1, c).to(compute_dtype)
-    transpose = matrix.to_sparse_coo().t().to_sparse_csr()
-    pixel_grads = torch.sparse.mm(transpose, grad_rows)
+    matrix, order = _sampling_matrix(features, rois, scales, output_size, sampling_ratio, aligned, mapper)
+    grad_rows = grad.permute(0, 2, 3, 1)[order].reshape(-1, c).to(compute_dtype)
+    pixel_grads = torch.sparse.mm(_transpose(matrix), grad_rows)
     grads, start = [], 0
     for f in features:
         n, _, h, w = f.shape
@@ -819,6 +879,88 @@ def _backward(ctx, grad):
 roi_align_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+# Position-sensitive RoIAlign (R-FCN): the same sampling, bin (ph, pw) of output channel c read
+# from input channel c * PH * PW + ph * PW + pw, boxes always shifted by -0.5 pixel (aligned).
+
+
+def _diagonal_index(c_out: int, ph: int, pw: int, device) -> tuple[torch.Tensor, ...]:
+    """Indices of the position-sensitive bins in a ``[K, C_out * PH * PW, PH, PW]`` pooled map."""
+    rows = torch.arange(ph, device=device).view(1, ph, 1)
+    cols = torch.arange(pw, device=device).view(1, 1, pw)
+    channels = torch.arange(c_out, device=device).view(c_out, 1, 1) * (ph * pw) + rows * pw + cols
+    return channels, rows, cols
+
+
+def ps_roi_align_reference(input, rois, spatial_scale, output_size, sampling_ratio):
+    """Every input channel pooled over every bin, then each output's own bin selected."""
+    full = roi_align_reference([input], rois, [spatial_scale], output_size, sampling_ratio, True)
+    channels, rows, cols = _diagonal_index(
+        input.shape[1] // (output_size[0] * output_size[1]), *output_size, input.device
+    )
+    return full[:, channels, rows, cols]
+
+
+@torch.library.custom_op("tritondet::ps_roi_align", mutates_args=())
+def ps_roi_align_op(
+    input: torch.Tensor,
+    rois: torch.Tensor,
+    spatial_scale: float,
+    pooled_height: int,
+    pooled_width: int,
+    sampling_ratio: int,
+) -> torch.Tensor:
+    """``[N, C * PH * PW, H, W], [K, 5] -> [K, C, PH, PW]`` (contiguous, the input dtype)."""
+    size = (pooled_height, pooled_width)
+    if use_triton(rois.device):
+        return roi_align_triton([input], rois, [spatial_scale], size, sampling_ratio, True, (0, 224.0, 4.0), True)
+    return ps_roi_align_reference(input, rois, spatial_scale, size, sampling_ratio).contiguous()
+
+
+@ps_roi_align_op.register_fake
+def _(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio):
+    c_out = input.shape[1] // (pooled_height * pooled_width)
+    return input.new_empty((rois.shape[0], c_out, pooled_height, pooled_width))
+
+
+@torch.library.custom_op("tritondet::ps_roi_align_backward", mutates_args=())
+def ps_roi_align_backward_op(
+    grad: torch.Tensor,
+    input: torch.Tensor,
+    rois: torch.Tensor,
+    spatial_scale: float,
+    pooled_height: int,
+    pooled_width: int,
+    sampling_ratio: int,
+) -> torch.Tensor:
+    """Gradient with respect to ``input`` (which gives shape and strides)."""
+    size = (pooled_height, pooled_width)
+    if use_triton(rois.device):
+        args = ([spatial_scale], size, sampling_ratio, True, (0, 224.0, 4.0), True)
+        return roi_align_backward_triton(grad, [input], rois, *args)[0]
+    full = grad.new_zeros((rois.shape[0], input.shape[1], *size))
+    full[(slice(None), *_diagonal_index(grad.shape[1], *size, grad.device))] = grad
+    return roi_align_backward_reference(full, [input], rois, [spatial_scale], size, sampling_ratio, True)[0]
+
+
+@ps_roi_align_backward_op.register_fake
+def _(grad, input, *args):
+    return torch.empty_like(input)
+
+
+def _ps_setup_context(ctx, inputs, output):
+    input, rois, *args = inputs
+    ctx.save_for_backward(input, rois)
+    ctx.args = args
+
+
+def _ps_backward(ctx, grad):
+    input, rois = ctx.saved_tensors
+    return torch.ops.tritondet.ps_roi_align_backward(grad, input, rois, *ctx.args), None, None, None, None, None
+
+
+ps_roi_align_op.register_autograd(_ps_backward, setup_context=_ps_setup_context)
+
+
 # ----------------------------------------------------------------------------------------------
 # Ahead-of-time specializations: every (dtype, block shape) the launchers can produce.
 # ----------------------------------------------------------------------------------------------
@@ -835,11 +977,11 @@ _SCALAR_ARGS = {
 
 def _aot_specs() -> list[KernelSpec]:
     specs = []
-    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+    for dtype, ps in itertools.product((torch.float16, torch.bfloat16, torch.float32, torch.float64), (False, True)):
         compute_dtype = _compute_dtype(dtype)
         compute = triton_pointer_type(compute_dtype)
         feature = triton_pointer_type(dtype)
-        name = str(dtype).removeprefix("torch.")
+        name = str(dtype).removeprefix("torch.") + (",position_sensitive" if ps else "")
         common = {
             "geometry_ptr": "*i64",
             "scales_ptr": compute,
@@ -853,7 +995,12 @@ def _aot_specs() -> list[KernelSpec]:
         }
         for num_bins in (16, 49):  # the two bin-block widths of _pool_blocks
             block_c, block_p = _pool_blocks(num_bins, compute_dtype)
-            constexprs = {"COMPUTE_FP64": dtype == torch.float64, "BLOCK_C": block_c, "BLOCK_P": block_p}
+            constexprs = {
+                "COMPUTE_FP64": dtype == torch.float64,
+                "POSITION_SENSITIVE": ps,
+                "BLOCK_C": block_c,
+                "BLOCK_P": block_p,
+            }
             levels = {f"feat{i}": feature for i in range(MAX_LEVELS)}
             signature = {"rois_ptr": compute, **levels, **common, "out_ptr": feature}
             signature = {name_: signature[name_] for name_ in _roi_align_fwd_kernel.arg_names if name_ in signature}
@@ -879,7 +1026,13 @@ def _aot_specs() -> list[KernelSpec]:
                 )
             )
         block_c, tile_h, tile_w = _gather_tile(compute_dtype)
-        constexprs = {"COMPUTE_FP64": dtype == torch.float64, "BLOCK_C": block_c, "TILE_H": tile_h, "TILE_W": tile_w}
+        constexprs = {
+            "COMPUTE_FP64": dtype == torch.float64,
+            "POSITION_SENSITIVE": ps,
+            "BLOCK_C": block_c,
+            "TILE_H": tile_h,
+            "TILE_W": tile_w,
+        }
         grads = {f"grad{i}": compute for i in range(MAX_LEVELS)}
         signature = {"rois_ptr": compute, "grad_out_ptr": feature, **grads, **common, "tiles_ptr": "*i32", "K": "i32"}
         signature = {n: signature[n] for n in _roi_align_bwd_gather_kernel.arg_names if n in signature}
@@ -896,4 +1049,4 @@ def _aot_specs() -> list[KernelSpec]:
 
 
 AOT_SPECS = _aot_specs()
-PUBLIC_OPS = ("roi_align", "RoIAlign", "MultiScaleRoIAlign")
+PUBLIC_OPS = ("roi_align", "RoIAlign", "MultiScaleRoIAlign", "ps_roi_align", "PSRoIAlign")

@@ -36,7 +36,7 @@ def _round_half_away(v):
 @triton.jit
 def _roi_pool_fwd_kernel(
     # pointers
-    rois_ptr,  # [K, 5] any strides
+    rois_ptr,  # [K, 5] any strides, corners already multiplied by the spatial scale
     input_ptr,  # [N, C, H, W] any strides
     out_ptr,  # [K, C, PH, PW] contiguous
     argmax_ptr,  # [K, C, PH, PW] contiguous int64
@@ -55,7 +55,6 @@ def _roi_pool_fwd_kernel(
     stride_h,
     stride_w,
     # scalars
-    spatial_scale,
     # meta-parameters
     COMPUTE_FP64: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -71,10 +70,10 @@ def _roi_pool_fwd_kernel(
     pw = bins % PW
 
     batch, valid, x1, y1, x2, y2 = _load_roi(rois_ptr, k, stride_rk, stride_rc, N, compute_dtype)
-    start_w = _round_half_away(x1 * spatial_scale)
-    start_h = _round_half_away(y1 * spatial_scale)
-    roi_w = tl.maximum(_round_half_away(x2 * spatial_scale) - start_w + 1, 1.0)
-    roi_h = tl.maximum(_round_half_away(y2 * spatial_scale) - start_h + 1, 1.0)
+    start_w = _round_half_away(x1)
+    start_h = _round_half_away(y1)
+    roi_w = tl.maximum(_round_half_away(x2) - start_w + 1, 1.0)
+    roi_h = tl.maximum(_round_half_away(y2) - start_h + 1, 1.0)
     bin_h = roi_h / PH
     bin_w = roi_w / PW
     h_start = tl.minimum(tl.maximum(tl.floor(ph * bin_h) + start_h, 0), H).to(tl.int32)
@@ -118,7 +117,8 @@ def _pool_blocks(num_bins: int) -> tuple[int, int]:
 
 def roi_pool_triton(input, rois, spatial_scale, output_size):
     compute_dtype = _compute_dtype(input.dtype)
-    rois = rois.to(compute_dtype)
+    # Scaled on the host in the compute dtype (fp64 boxes by the fp64 scale, as torchvision).
+    rois = rois.to(compute_dtype) * rois.new_tensor([1.0, *[spatial_scale] * 4], dtype=compute_dtype)
     n, c, h, w = input.shape
     ph, pw = output_size
     out = torch.empty((rois.shape[0], c, ph, pw), dtype=input.dtype, device=input.device)
@@ -139,7 +139,6 @@ def roi_pool_triton(input, rois, spatial_scale, output_size):
         pw,
         *rois.stride(),
         *input.stride(),
-        float(spatial_scale),
         COMPUTE_FP64=compute_dtype == torch.float64,
         BLOCK_C=block_c,
         BLOCK_P=block_p,
@@ -262,7 +261,6 @@ def _aot_specs() -> list[KernelSpec]:
                 "argmax_ptr": "*i64",
                 **dict.fromkeys(("N", "C", "H", "W", "PH", "PW"), "i32"),
                 **dict.fromkeys(("stride_rk", "stride_rc", "stride_n", "stride_c", "stride_h", "stride_w"), "i32"),
-                "spatial_scale": "fp32",
                 **dict.fromkeys(constexprs, "constexpr"),
             }
             label = f"{str(dtype).removeprefix('torch.')},BLOCK_P={block_p}"
