@@ -15,7 +15,14 @@ import torch.multiprocessing as mp
 
 from tritondet import cli
 from tritondet.detector import data
-from tritondet.detector.train import TrainConfig, build_model, learning_rate, load_checkpoint, train
+from tritondet.detector.train import (
+    TrainConfig,
+    build_model,
+    learning_rate,
+    load_checkpoint,
+    pipeline_stages,
+    train,
+)
 
 NUM_TRAIN, NUM_VAL = 8, 4
 
@@ -109,6 +116,26 @@ def test_short_run_lowers_loss_and_checkpoint_loads(data_root, tmp_path, capsys)
         cli.main(["predict", str(image), "--checkpoint", str(out / "last.pt"), "--out", str(tmp_path / "p.png")]) == 0
     )
     assert (tmp_path / "p.png").stat().st_size > 0
+    argv = ["predict", str(image), "--checkpoint", str(out / "last.pt"), "--out", str(tmp_path / "s.png"), "--stages"]
+    assert cli.main(argv) == 0
+    assert (tmp_path / "s.png").stat().st_size > (tmp_path / "p.png").stat().st_size  # four panels
+
+
+def test_pipeline_stages_boxes(data_root, tmp_path):
+    train(tiny_config(data_root, tmp_path, iterations=2))
+    model, _ = load_checkpoint(tmp_path / "last.pt")
+    image = torch.rand(3, 70, 90)
+    stages = pipeline_stages(model, image, top=5)
+    anchors_per_position = model.config.anchors.num_anchors()
+    assert stages["anchors"].shape == (anchors_per_position * len(model.config.anchors.sizes), 4)
+    centres = (stages["anchors"][:, :2] + stages["anchors"][:, 2:]) / 2
+    # Every level's central anchors sit within one stride (at most 64 / (64 / 70) pixels) of the centre.
+    assert ((centres - torch.tensor([45.0, 35.0])).abs() <= 70).all()
+    assert stages["before_nms"].shape == (5, 4)
+    assert stages["after_nms"].shape[0] <= 5
+    for name in ("before_nms", "after_nms", "detections"):
+        boxes = stages[name]
+        assert (boxes[:, 0] >= 0).all() and (boxes[:, 2] <= 90 + 1e-3).all() and (boxes[:, 3] <= 70 + 1e-3).all()
 
 
 def test_resume_repeats_the_uninterrupted_run(data_root, tmp_path):

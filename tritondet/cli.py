@@ -151,7 +151,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_predict(args: argparse.Namespace) -> int:
     from .detector.train import predict_image
 
-    prediction = predict_image(args.checkpoint, args.image, args.out, args.score_thresh, args.device)
+    prediction = predict_image(args.checkpoint, args.image, args.out, args.score_thresh, args.device, args.stages)
     shown = int((prediction["scores"] >= args.score_thresh).sum())
     print(f"{shown} detections with score >= {args.score_thresh} drawn to {args.out}")
     return 0
@@ -208,6 +208,11 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--out", type=Path, default=Path("out.png"), help="output PNG (default out.png)")
     predict.add_argument("--score-thresh", type=float, default=0.5, help="draw detections scoring at least this")
     predict.add_argument("--device", help="default: cuda if available, else cpu")
+    predict.add_argument(
+        "--stages",
+        action="store_true",
+        help="a 2x2 grid: anchors at one position, top RPN proposals before and after NMS, final detections",
+    )
     predict.set_defaults(run=_cmd_predict)
     return parser
 

@@ -40,6 +40,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from PIL import Image, ImageDraw
@@ -48,8 +49,10 @@ from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.utils import draw_bounding_boxes
 
+from .. import ops
 from . import config as presets
 from . import data, evaluate
+from .backbone import feature_strides
 from .config import (
     AnchorConfig,
     BackboneConfig,
@@ -59,6 +62,7 @@ from .config import (
     TransformConfig,
 )
 from .faster_rcnn import LOSS_NAMES, FasterRCNN
+from .rpn import RPN_BOX_WEIGHTS, clip_to_images, flatten_head_outputs
 
 __all__ = [
     "MODEL_PRESETS",
@@ -69,6 +73,7 @@ __all__ = [
     "evaluate_checkpoint",
     "lite",
     "load_checkpoint",
+    "pipeline_stages",
     "predict_image",
     "read_image",
     "train",
@@ -108,19 +113,24 @@ class _Residual(nn.Module):
 class LiteBackbone(nn.Module):
     """A narrow ResNet-like network with an FPN, for training from scratch on a CPU.
 
-    Stem: two stride-2 3x3 convolutions (stride 4); then one stage per entry of ``widths``, each a
-    stride-2 convolution (none for the first) and a residual block, giving C2..C5 at strides 4..32;
-    torchvision's ``FeaturePyramidNetwork`` with ``fpn_channels`` and an extra max-pooled level.
-    Output keys ``"0".."3"`` and ``"pool"``, as torchvision's ``BackboneWithFPN``, so the FPN presets'
-    anchors and ``MultiScaleRoIAlign`` apply unchanged. About 1/10 of ResNet-18-FPN's multiply-adds.
+    Stem: two stride-2 3x3 convolutions (stride 4, ``stem_channels``); then one stage per entry of
+    ``widths``, each a stride-2 convolution and a residual block, giving maps at strides 8, 16, 32;
+    torchvision's ``FeaturePyramidNetwork`` with ``fpn_channels`` and an extra max-pooled level
+    (stride 64). Output keys ``"0", "1", "2", "pool"`` as torchvision's ``BackboneWithFPN``. No
+    stride-4 level: at a 192-pixel short side the smallest synthetic objects (~19 pixels) still span
+    two stride-8 cells, and the stride-4 level would hold 3/4 of the anchors and of the RPN head's cost.
     """
 
-    def __init__(self, widths: tuple[int, ...] = (32, 64, 96, 128), fpn_channels: int = 64) -> None:
+    def __init__(
+        self, widths: tuple[int, ...] = (48, 96, 128), stem_channels: int = 32, fpn_channels: int = 64
+    ) -> None:
         super().__init__()
-        self.stem = nn.Sequential(_conv_bn(3, widths[0] // 2, stride=2), _conv_bn(widths[0] // 2, widths[0], stride=2))
-        stages, previous = [], widths[0]
-        for i, width in enumerate(widths):
-            stages.append(nn.Sequential(_conv_bn(previous, width, stride=1 if i == 0 else 2), _Residual(width)))
+        self.stem = nn.Sequential(
+            _conv_bn(3, stem_channels // 2, stride=2), _conv_bn(stem_channels // 2, stem_channels, stride=2)
+        )
+        stages, previous = [], stem_channels
+        for width in widths:
+            stages.append(nn.Sequential(_conv_bn(previous, width, stride=2), _Residual(width)))
             previous = width
         self.stages = nn.ModuleList(stages)
         self.fpn = FeaturePyramidNetwork(list(widths), fpn_channels, extra_blocks=LastLevelMaxPool())
@@ -135,19 +145,25 @@ class LiteBackbone(nn.Module):
         return self.fpn(features)
 
 
+LITE_LEVELS = ("0", "1", "2")
+
+
 def lite(num_classes: int = len(data.SYNTHETIC_CLASSES) + 1) -> FasterRCNNConfig:
     """The default CPU training model (``backbone=None``: :class:`LiteBackbone`).
 
-    Images at a short side of 192 (the synthetic objects then span ~19-96 pixels, up to 4:1), anchors
-    16..256 on the five FPN levels, fewer proposals (300 per level before NMS, 200/100 after, for
-    training/testing) and 64 RoIs per image: the RoI stage's cost shrinks with the backbone's.
+    Images at a short side of 192 (the synthetic objects then span ~19-96 pixels square-root area,
+    up to 4:1), anchors 20, 40, 80, 160 x ratios 1:2, 1:1, 2:1 on the levels at strides 8..64, fewer
+    proposals (300 per level before NMS, 200/100 after, training/testing) and 64 RoIs per image: the
+    RoI stage's cost shrinks with the backbone's.
     """
     return FasterRCNNConfig(
         transform=TransformConfig(min_size=192, max_size=256),
         backbone=None,
-        anchors=AnchorConfig(sizes=((16,), (32,), (64,), (128,), (256,))),
-        rpn=RPNConfig(pre_nms_top_n=(300, 300), post_nms_top_n=(200, 100), batch_size_per_image=128),
-        roi_heads=RoIHeadsConfig(num_classes=num_classes, representation_size=256, batch_size_per_image=64),
+        anchors=AnchorConfig(sizes=((20,), (40,), (80,), (160,)), aspect_ratios=((0.5, 1.0, 2.0),) * 4),
+        rpn=RPNConfig(pre_nms_top_n=(128, 128), post_nms_top_n=(128, 100), batch_size_per_image=128),
+        roi_heads=RoIHeadsConfig(
+            num_classes=num_classes, featmap_names=LITE_LEVELS, representation_size=256, batch_size_per_image=32
+        ),
     )
 
 
@@ -212,18 +228,18 @@ class TrainConfig:
     min_size: int | None = None
     max_size: int | None = None
     # Optimization.
-    iterations: int = 3000
-    batch_size: int = 4  # images per process
+    iterations: int = 4000  # on 2 shared CPU cores the 15-minute budget ends the run first
+    batch_size: int = 2  # images per process; from scratch, more steps beat bigger batches at equal cost
     lr: float = 0.02
     momentum: float = 0.9
     weight_decay: float = 1e-4
-    warmup_iters: int = 200
+    warmup_iters: int = 50
     warmup_factor: float = 1e-3
     lr_steps: tuple[float, ...] = (0.7, 0.9)  # fractions of the run's progress
     gamma: float = 0.1
     clip_grad_norm: float = 10.0
     amp: bool = True  # bf16 autocast, on CUDA only
-    max_minutes: float | None = None  # wall-clock budget of the whole run, evaluation included
+    max_minutes: float | None = 15.0  # wall-clock budget of the whole run, evaluation included
     # Bookkeeping.
     seed: int = 0
     num_workers: int | None = None  # default: 2 on CUDA, 0 on the CPU (the model needs both cores there)
@@ -716,19 +732,91 @@ def read_image(path: str | os.PathLike) -> Tensor:
     return pixels.reshape(height, width, 3).permute(2, 0, 1).float().div_(255.0)
 
 
+@torch.no_grad()
+def pipeline_stages(model: FasterRCNN, image: Tensor, top: int = 30) -> dict[str, Tensor]:
+    """Boxes of each stage of the detector on ``image`` ``[3, H, W]``, in its pixels (``[N, 4]`` each):
+
+    ``anchors``: every anchor of every level at the feature position nearest the image centre;
+    ``before_nms``: the ``top`` anchors with the highest objectness, decoded with their RPN deltas;
+    ``after_nms``: the first ``top`` proposals (:meth:`RegionProposalNetwork.proposals`: per-level NMS);
+    ``detections``: the final boxes (with ``scores`` and ``labels``).
+    """
+    model.eval()
+    image_list, _ = model.transform([image])
+    padded = image_list.tensors
+    height, width = image_list.image_sizes[0]
+    levels = list(model.backbone(padded).values())
+    objectness, deltas = model.rpn.head(levels)
+    strides = feature_strides(levels, tuple(padded.shape[-2:]))
+    anchors = ops.grid_anchors(
+        [tuple(f.shape[-2:]) for f in levels], strides, model.config.anchors.sizes,
+        model.config.anchors.aspect_ratios, device=padded.device,
+    )  # fmt: skip
+    logits, flat_deltas = flatten_head_outputs(objectness, deltas)
+    image_sizes = torch.tensor([[height, width]], device=padded.device)
+    # Anchors at the centre: per level, the position whose anchors' centre is nearest the image centre.
+    centres = (anchors[:, :2] + anchors[:, 2:]) / 2
+    distance = (centres - torch.tensor([width / 2, height / 2], device=padded.device)).abs().sum(-1)
+    per_level = model.config.anchors.num_anchors()
+    central, start = [], 0
+    for feature in levels:
+        count = feature.shape[-2] * feature.shape[-1] * per_level
+        nearest = start + int(distance[start : start + count].argmin()) // per_level * per_level
+        central.append(anchors[nearest : nearest + per_level])
+        start += count
+    best = logits[0].topk(min(top, logits.shape[1])).indices
+    before = ops.decode_boxes(flat_deltas[0, best], anchors[best], RPN_BOX_WEIGHTS)
+    before = clip_to_images(before[None], image_sizes)[0]
+    proposals, num_valid = model.rpn.proposals(objectness, deltas, image_sizes, strides)
+    after = proposals[0, : min(int(num_valid[0]), top)]
+    to_original = tuple(image.shape[-2:])
+    stages = {
+        name: data.resize_boxes(boxes.float(), (height, width), to_original).cpu()
+        for name, boxes in (("anchors", torch.cat(central)), ("before_nms", before), ("after_nms", after))
+    }
+    detections = model([image])[0]
+    stages.update({k: v.cpu() for k, v in detections.items()})
+    stages["detections"] = stages.pop("boxes")
+    return stages
+
+
+def _panel(image: Tensor, boxes: Tensor, title: str, color: str, labels: list[str] | None = None) -> Tensor:
+    pixels = (image.detach().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
+    drawn = draw_bounding_boxes(pixels, boxes, labels=labels, colors=color, width=1)
+    canvas = Image.fromarray(drawn.permute(1, 2, 0).numpy())
+    ImageDraw.Draw(canvas).text((4, 2), title, fill="white", stroke_width=2, stroke_fill="black")
+    return torch.from_numpy(np.asarray(canvas).copy()).permute(2, 0, 1)
+
+
 def predict_image(
     checkpoint_path: str | os.PathLike,
     image_path: str | os.PathLike,
     out_path: str | os.PathLike,
     score_thresh: float = 0.5,
     device: str | None = None,
+    stages: bool = False,
 ) -> dict:
-    """Detect objects in one image file and write it with boxes, labels and scores drawn to ``out_path``."""
+    """Detect objects in one image file and write it with boxes, labels and scores drawn to ``out_path``.
+
+    ``stages``: a 2x2 grid instead - the anchors at one position, the top RPN proposals before and
+    after NMS, and the final detections (:func:`pipeline_stages`)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, checkpoint = load_checkpoint(checkpoint_path, device)
     image = read_image(image_path)
-    with torch.no_grad():
-        prediction = {k: v.cpu() for k, v in model([image.to(device)])[0].items()}
-    drawn = draw_detections(image, prediction, checkpoint["categories"], score_thresh)
-    Image.fromarray(drawn.permute(1, 2, 0).numpy()).save(out_path)
-    return prediction
+    categories = checkpoint["categories"]
+    if not stages:
+        with torch.no_grad():
+            prediction = {k: v.cpu() for k, v in model([image.to(device)])[0].items()}
+        drawn = draw_detections(image, prediction, categories, score_thresh)
+        Image.fromarray(drawn.permute(1, 2, 0).numpy()).save(out_path)
+        return prediction
+    boxes = pipeline_stages(model, image.to(device))
+    final = {"boxes": boxes["detections"], "scores": boxes["scores"], "labels": boxes["labels"]}
+    panels = [
+        _panel(image, boxes["anchors"], "1. anchors at the centre position, every level", "yellow"),
+        _panel(image, boxes["before_nms"], "2. top RPN proposals before NMS", "cyan"),
+        _panel(image, boxes["after_nms"], "3. top RPN proposals after NMS", "lime"),
+        draw_detections(image, final, categories, score_thresh),
+    ]
+    save_image_grid(panels, Path(out_path), columns=2)
+    return final
