@@ -16,7 +16,8 @@ A family file defines ``cases(device, sizes) -> list[Case]`` and one pytest test
 Sizes (``TRITONDET_BENCH_SIZES``): ``tiny`` (the default: the CI smoke run, ``pytest benchmarks/``
 with pytest's default ``--benchmark-disable`` runs each case once and times nothing), ``quick``
 (``tritondet bench --quick``) and ``full`` (the sizes a detector really uses, named in each op's
-issue): ``TRITONDET_BENCH_SIZES=full pytest benchmarks/ --benchmark-only`` or ``tritondet bench``.
+issue): ``TRITONDET_BENCH_SIZES=full pytest benchmarks/ --benchmark-only`` (one process, see
+benchmarks/conftest.py) or ``tritondet bench``.
 """
 
 from __future__ import annotations
@@ -191,12 +192,12 @@ def _threads(count: int) -> Iterator[None]:
 
 
 def _time_cpu(fn: Callable[[], Any], grad_to_none) -> Timing:
+    """The calls :func:`measure` makes before timing (the check and the count) are the warm-up."""
     with _threads(cpu_threads()):
         return _time_cpu_samples(fn, grad_to_none)
 
 
 def _time_cpu_samples(fn: Callable[[], Any], grad_to_none) -> Timing:
-    fn()  # warm-up
     samples: list[float] = []
     started = time.perf_counter()
     while len(samples) < CPU_REPEATS and (not samples or time.perf_counter() - started < CPU_BUDGET_S):
@@ -236,9 +237,20 @@ class _Bound:
     leaves: tuple[torch.Tensor, ...]
 
 
+def _tensors(value) -> list[torch.Tensor]:
+    """The tensors in ``value``, looking into tuples, lists and dict values."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (tuple, list)):
+        return [t for item in value for t in _tensors(item)]
+    return []
+
+
 def _bind(case: Case) -> _Bound:
     inputs = case.inputs()
-    leaves = tuple(t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad)
+    leaves = tuple(t for t in _tensors(inputs) if t.requires_grad)
     return _Bound(lambda: case.ours(*inputs), lambda: case.torchvision(*inputs), leaves)
 
 
@@ -335,10 +347,12 @@ def run_benchmark(benchmark, case: Case) -> None:
         {key: value for key, value in dataclasses.asdict(row).items() if value is not None and key != "op"}
     )
     bound = _bind(case)
-    benchmark.pedantic(
-        _synchronized(bound.ours, case.device),
-        setup=lambda: _reset_grads(bound.leaves),
-        rounds=3,
-        iterations=1,
-        warmup_rounds=1,
-    )
+    threads = _threads(cpu_threads()) if case.device.type == "cpu" else contextlib.nullcontext()
+    with threads:  # the same CPU threads as the row's timings
+        benchmark.pedantic(
+            _synchronized(bound.ours, case.device),
+            setup=lambda: _reset_grads(bound.leaves),
+            rounds=3,
+            iterations=1,
+            warmup_rounds=1,
+        )

@@ -73,6 +73,13 @@ def test_report_has_environment_table_and_compile_report():
     assert bench.markdown_table([_row()]) in report
     assert "## Ahead-of-time compile report" in report and "box_iou  k" in report
     assert "compile report" not in bench.markdown_report([_row()], {}, None)
+    assert "the CPU path" in report  # CPU rows say whose counts they are
+
+
+def test_report_lists_failed_cases():
+    report = bench.markdown_report([_row()], {}, None, ["nms-12000-float32-cpu: AssertionError: differ"])
+    assert "## Failed cases" in report and "- nms-12000-float32-cpu: AssertionError: differ" in report
+    assert "Failed" not in bench.markdown_report([_row()], {}, None)
 
 
 def test_write_report_replaces_the_csv_and_draws_one_png_per_op(tmp_path):
@@ -165,3 +172,20 @@ def test_forward_backward_cases_reset_grads_between_calls():
     row = harness.measure(case)  # the check compares the two grads: equal only if reset in between
     # Same call on both sides, so the same counts: no gradient accumulation op on the second one.
     assert row.ours_aten_ops == row.torchvision_aten_ops and row.ours_launches == row.torchvision_launches
+
+
+def test_a_failing_benchmark_module_is_reported_and_the_suite_goes_on(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("matplotlib")
+    modules = ["benchmarks.no_such_module", *bench.benchmark_modules(bench.find_checkout())]
+    monkeypatch.setattr(bench, "benchmark_modules", lambda root: modules)
+    monkeypatch.setenv(harness.THREADS_VARIABLE, "1")
+    out = tmp_path / "bench"
+    assert (
+        cli.main(
+            ["bench", "--quick", "--only", "no_such", "--only", "box_iou", "--no-compile-report", "--out", str(out)]
+        )
+        == 1
+    )
+    assert "FAILED benchmarks.no_such_module: ModuleNotFoundError" in capsys.readouterr().out
+    assert "## Failed cases" in (out / "results.md").read_text()
+    assert len(bench.read_csv(out / "results.csv")) == 2  # box_iou and generalized_box_iou still ran

@@ -3,11 +3,13 @@
 import pytest
 import torch
 import torchvision
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision.models.detection._utils import Matcher
 
 from tests.boxes import random_boxes
 from tritondet import ops
-from tritondet.dispatch_audit import NoHostSync
+from tritondet.dispatch_audit import NoHostSync, _custom_op_body
 from tritondet.kernels._launch import count_launches
 from tritondet.kernels.box_iou import pairwise_iou_reference
 
@@ -214,3 +216,37 @@ def test_ties_across_tiles_and_chunks(backend, device, allow_low):
     gt_boxes[1, 5] = anchors[7]  # IoU exactly 1 with anchors 7 and 207
     ours = check(anchors.to(device), gt_boxes.to(device), torch.tensor([24, 21]), 0.5, 0.3, allow_low)
     assert ours[1, 7] == ours[1, 207] == 5
+
+
+class _LargestAllocation(TorchDispatchMode):
+    """The largest tensor any ATen op allocates inside the block (entering tritondet custom ops)."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        body = _custom_op_body(func)
+        if body is not None:
+            with self:
+                return body(*args, **(kwargs or {}))
+        result = func(*args, **(kwargs or {}))
+        # Views and in-place ops (the interpreter's set_/copy_ of the kernels' buffers) allocate nothing.
+        if func.is_view or func._schema.name.endswith("_"):
+            return result
+        for tensor in pytree.tree_leaves(result):
+            if isinstance(tensor, torch.Tensor):
+                self.largest = max(self.largest, tensor.numel())
+        return result
+
+
+def test_triton_path_never_builds_the_iou_matrix(monkeypatch, device):
+    monkeypatch.setenv("TRITONDET_BACKEND", "triton")
+    generator = torch.Generator().manual_seed(37)
+    batch, num_anchors, num_gt = 2, 300, 40
+    anchors = random_boxes(num_anchors, generator=generator).to(device)
+    gt_boxes = random_boxes(num_gt, generator=generator, batch=(batch,)).to(device)
+    with _LargestAllocation() as mode:
+        ops.match_boxes(anchors, gt_boxes, torch.tensor([num_gt, 7], device=device), 0.7, 0.3, True)
+    # The [B, A] output is the largest tensor: O(B·(A + G)), nothing of size B·A·G.
+    assert mode.largest == batch * num_anchors

@@ -84,3 +84,40 @@ def test_module_repr_and_compile(backend, device):
     module = ops.RoIPool(3, 1.0)
     compiled = torch.compile(lambda a, b: module(a, b).sum(), fullgraph=True, backend="aot_eager")
     assert_close(compiled(x, rois), module(x, rois).sum(), torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Position-sensitive RoIPool
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("output_size", [1, (3, 2)])
+@pytest.mark.parametrize("spatial_scale", [1.0, 0.5])
+def test_ps_roi_pool_matches_torchvision(backend, device, output_size, spatial_scale):
+    generator = torch.Generator().manual_seed(int(spatial_scale * 10) + 1)
+    size = (output_size, output_size) if isinstance(output_size, int) else output_size
+    x = features(3, 2 * size[0] * size[1], 13, 17, generator, torch.float64).to(device)
+    rois = make_rois(6, 3, 13, 17, spatial_scale, generator).double().to(device)
+    grad = torch.randn(rois.shape[0], 2, *size, generator=generator, dtype=torch.float64).to(device)
+    results = []
+    for fn in (ops.ps_roi_pool, torchvision.ops.ps_roi_pool):
+        leaf = x.clone().requires_grad_()
+        out = fn(leaf, rois, output_size, spatial_scale)
+        out.backward(grad)
+        results.append((out, leaf.grad))
+    assert_close(results[0][0], results[1][0], torch.float64)
+    assert_close(results[0][1], results[1][1], torch.float64)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_ps_roi_pool_dtypes_layouts_opcheck(backend, device, dtype):
+    generator = torch.Generator().manual_seed(11)
+    x = features(2, 8, 13, 17, generator).to(dtype).to(device).contiguous(memory_format=torch.channels_last)
+    rois = make_rois(4, 2, 13, 17, 1.0, generator).to(device)
+    ours = ops.ps_roi_pool(x, rois, 2)
+    theirs = torchvision.ops.ps_roi_pool(x.double().contiguous(), rois.double(), 2)
+    assert ours.dtype == dtype
+    assert_close(ours.double(), theirs.to(dtype).double(), dtype)
+    if dtype == torch.float32:
+        torch.library.opcheck(torch.ops.tritondet.ps_roi_pool.default, (x.requires_grad_(), rois, 1.0, 2, 2))
+        assert repr(ops.PSRoIPool(2, 0.5)) == repr(torchvision.ops.PSRoIPool(2, 0.5))

@@ -10,6 +10,8 @@ from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead, con
 
 from tritondet import ops
 from tritondet.dispatch_audit import DispatchCounter, NoHostSync
+from tritondet.kernels.anchors import anchor_parameters, normalize_config
+from tritondet.kernels.box_coder import DEFAULT_XFORM_CLIP
 
 FPN = (((32,), (64,), (128,), (256,), (512,)), ((0.5, 1.0, 2.0),) * 5, [4, 8, 16, 32, 64])
 PAPER = (((128, 256, 512),), ((0.5, 1.0, 2.0),), [16])
@@ -79,17 +81,67 @@ def assert_same_proposals(result, expected, top_n):
         assert (boxes[b, n:] == 0).all() and (scores[b, n:] == 0).all()
 
 
+# (config, padded image, image sizes before padding, (pre_nms_top_n, post_nms_top_n)).
 CASES = [
-    # (config, padded image, image sizes before padding, top n)
     (PAPER, (336, 528), [(333, 517)], TEST),
     (PAPER, (336, 528), [(333, 517), (300, 528), (336, 401)], TRAIN),
     (FPN, (192, 256), [(181, 255), (192, 201)], TEST),
     (FPN, (192, 256), [(181, 255)], TRAIN),
 ]
+# The same shapes with fewer candidates: the Triton interpreter runs the NMS kernels slowly.
+SMALL_TOP_N = (60, 30)
+
+
+@pytest.mark.parametrize("config,padded,image_sizes,top_n", CASES)
+def test_matches_torchvision_reference_backend(monkeypatch, device, config, padded, image_sizes, top_n):
+    monkeypatch.setenv("TRITONDET_BACKEND", "reference")
+    objectness, deltas = head_outputs(config, padded, len(image_sizes), seed=len(image_sizes), device=device)
+    expected = torchvision_proposals(config, padded, image_sizes, objectness, deltas, top_n)
+    assert_same_proposals(ours(config, image_sizes, objectness, deltas, top_n), expected, top_n)
+
+
+@pytest.mark.parametrize("config,padded,image_sizes,top_n", CASES)
+def test_candidates_triton_equal_reference(monkeypatch, device, config, padded, image_sizes, top_n):
+    """The pre-NMS stage (top-k, decode, clip, filters, sigmoid) at full size on both backends."""
+    objectness, deltas = head_outputs(config, padded, len(image_sizes), seed=len(image_sizes), device=device)
+    sizes, ratios, strides = config
+    flat_sizes, flat_ratios, counts = anchor_parameters(*normalize_config(sizes, ratios))
+    args = (
+        objectness,
+        deltas,
+        torch.tensor(image_sizes, device=device),
+        [s for stride in strides for s in (stride, stride)],
+        flat_sizes,
+        flat_ratios,
+        counts,
+        top_n[0],
+        1e-3,
+        0.0,
+        DEFAULT_XFORM_CLIP,
+    )
+    results = {}
+    for backend in ("reference", "triton"):
+        monkeypatch.setenv("TRITONDET_BACKEND", backend)
+        results[backend] = torch.ops.tritondet.rpn_candidates(*args)
+    (boxes, scores), (expected_boxes, expected_scores) = results["triton"], results["reference"]
+    k = min(top_n[0], max(o[0].numel() for o in objectness))
+    assert boxes.shape == expected_boxes.shape == (len(image_sizes), k, len(counts), 4)
+    torch.testing.assert_close(scores, expected_scores, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(boxes, expected_boxes, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("config,padded,image_sizes,top_n", CASES)
 def test_matches_torchvision(backend, device, config, padded, image_sizes, top_n):
+    top_n = SMALL_TOP_N
+    objectness, deltas = head_outputs(config, padded, len(image_sizes), seed=len(image_sizes), device=device)
+    expected = torchvision_proposals(config, padded, image_sizes, objectness, deltas, top_n)
+    assert_same_proposals(ours(config, image_sizes, objectness, deltas, top_n), expected, top_n)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config,padded,image_sizes,top_n", CASES)
+def test_matches_torchvision_triton_full_size(monkeypatch, device, config, padded, image_sizes, top_n):
+    monkeypatch.setenv("TRITONDET_BACKEND", "triton")
     objectness, deltas = head_outputs(config, padded, len(image_sizes), seed=len(image_sizes), device=device)
     expected = torchvision_proposals(config, padded, image_sizes, objectness, deltas, top_n)
     assert_same_proposals(ours(config, image_sizes, objectness, deltas, top_n), expected, top_n)
@@ -98,7 +150,7 @@ def test_matches_torchvision(backend, device, config, padded, image_sizes, top_n
 def test_small_top_n_and_odd_grid(backend, device):
     # Level sizes below pre_nms_top_n for some levels, above for others; odd grid sizes.
     config = (((24,), (48,)), ((0.5, 1.0, 2.0),) * 2, [8, 16])
-    padded, image_sizes, top_n = (112, 144), [(101, 133), (77, 144)], (150, 60)
+    padded, image_sizes, top_n = (112, 144), [(101, 133), (77, 144)], (100, 40)
     objectness, deltas = head_outputs(config, padded, 2, seed=5, device=device)
     expected = torchvision_proposals(config, padded, image_sizes, objectness, deltas, top_n, nms_thresh=0.5)
     assert_same_proposals(ours(config, image_sizes, objectness, deltas, top_n, nms_thresh=0.5), expected, top_n)
@@ -106,7 +158,7 @@ def test_small_top_n_and_odd_grid(backend, device):
 
 def test_extreme_deltas_and_boxes_outside_the_image(backend, device):
     config = PAPER
-    padded, image_sizes, top_n = (160, 224), [(150, 211), (97, 224)], (300, 100)
+    padded, image_sizes, top_n = (160, 224), [(150, 211), (97, 224)], (80, 40)
     objectness, deltas = head_outputs(config, padded, 2, seed=7, delta_scale=40.0, device=device)
     # Push a block of boxes entirely outside the image: they clip to zero width and are dropped.
     deltas[0][:, 0::4, :3] = -500.0
@@ -118,7 +170,7 @@ def test_extreme_deltas_and_boxes_outside_the_image(backend, device):
 
 def test_score_threshold_leaves_zero_valid(backend, device):
     config = PAPER
-    padded, image_sizes, top_n = (96, 128), [(90, 120)], (100, 50)
+    padded, image_sizes, top_n = (96, 128), [(90, 120)], (60, 30)
     objectness, deltas = head_outputs(config, padded, 1, seed=9, logit_shift=-20.0, device=device)
     expected = torchvision_proposals(config, padded, image_sizes, objectness, deltas, top_n, score_thresh=0.5)
     result = ours(config, image_sizes, objectness, deltas, top_n, score_thresh=0.5)
@@ -129,10 +181,10 @@ def test_score_threshold_leaves_zero_valid(backend, device):
     assert_same_proposals(ours(config, image_sizes, objectness, deltas, top_n, score_thresh=1e-9), expected, top_n)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_precision_heads(backend, device, dtype):
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_head_dtypes(backend, device, dtype):
     config = (((32,), (64,)), ((0.5, 1.0, 2.0),) * 2, [8, 16])
-    padded, image_sizes, top_n = (96, 128), [(90, 121), (96, 100)], (200, 100)
+    padded, image_sizes, top_n = (96, 128), [(90, 121), (96, 100)], (60, 30)
     objectness, deltas = head_outputs(config, padded, 2, seed=11, device=device)
     # Distinct logits in half precision: ties would make the top-k choice arbitrary.
     generator = torch.Generator().manual_seed(12)
@@ -152,7 +204,7 @@ def test_half_precision_heads(backend, device, dtype):
 
 def test_non_contiguous_heads(backend, device):
     config = (((32,), (64,)), ((0.5, 1.0, 2.0),) * 2, [8, 16])
-    padded, image_sizes, top_n = (96, 128), [(90, 121), (96, 100)], (200, 100)
+    padded, image_sizes, top_n = (96, 128), [(90, 121), (96, 100)], (60, 30)
     objectness, deltas = head_outputs(config, padded, 2, seed=12, device=device)
     expected = torchvision_proposals(config, padded, image_sizes, objectness, deltas, top_n)
     channels_last = [d.contiguous(memory_format=torch.channels_last) for d in deltas]
@@ -171,9 +223,9 @@ def test_no_host_sync_and_launch_count(backend, device):
         objectness, deltas = head_outputs(level_config, padded, batch, seed=batch, device=device)
         image_sizes = [(120, 190)] * batch
         with NoHostSync():
-            ours(level_config, image_sizes, objectness, deltas, (300, 100))
+            ours(level_config, image_sizes, objectness, deltas, (20, 10))
         with DispatchCounter() as counter:
-            ours(level_config, image_sizes, objectness, deltas, (300, 100))
+            ours(level_config, image_sizes, objectness, deltas, (20, 10))
         assert counter.syncs == 0
         counts[batch, levels] = (counter.launches, counter.aten_ops)
     launches = {c[0] for c in counts.values()}
@@ -211,3 +263,37 @@ def test_clip_constant_is_torchvision():
     from tritondet.kernels.box_coder import DEFAULT_XFORM_CLIP
 
     assert math.log(1000.0 / 16) == DEFAULT_XFORM_CLIP
+
+
+def test_opcheck_and_torch_compile(backend, device):
+    config = (((32,), (64,)), ((0.5, 1.0, 2.0),) * 2, [8, 16])
+    image_sizes = [(60, 61), (64, 50)]
+    objectness, deltas = head_outputs(config, (64, 64), 2, seed=3, device=device)
+    sizes = torch.tensor(image_sizes, device=device)
+    flat_sizes, flat_ratios, counts = anchor_parameters(*normalize_config(config[0], config[1]))
+    args = (objectness, deltas, sizes, [8, 8, 16, 16], flat_sizes, flat_ratios, counts, 20, 1e-3, 0.0, 4.0)
+    torch.library.opcheck(torch.ops.tritondet.rpn_candidates, args)
+
+    def fn(o, d, s):
+        return ops.rpn_proposals(o, d, s, config[0], config[1], config[2], 20, 10)
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    for mine, expected in zip(compiled(objectness, deltas, sizes), fn(objectness, deltas, sizes), strict=True):
+        torch.testing.assert_close(mine, expected)
+
+
+def test_no_candidates_and_empty_levels(backend, device):
+    config = (((32,), (64,)), ((0.5, 1.0, 2.0),) * 2, [8, 16])
+    objectness, deltas = head_outputs(config, (64, 64), 2, seed=1, device=device)
+    image_sizes = [(60, 60), (64, 64)]
+    boxes, scores, num_valid = ours(config, image_sizes, objectness, deltas, (0, 5))
+    assert boxes.shape == (2, 5, 4) and scores.shape == (2, 5) and num_valid.tolist() == [0, 0]
+    assert (boxes == 0).all() and (scores == 0).all()
+    boxes, scores, num_valid = ours(config, image_sizes, objectness, deltas, (5, 0))
+    assert boxes.shape == (2, 0, 4) and num_valid.tolist() == [0, 0]
+    # An empty second level proposes nothing; the first level's proposals are unchanged.
+    empty = ([objectness[0], objectness[1][:, :, :0]], [deltas[0], deltas[1][:, :, :0]])
+    single = tuple(c[:1] for c in config)
+    expected = ours(single, image_sizes, objectness[:1], deltas[:1], (5, 4))
+    for mine, theirs in zip(ours(config, image_sizes, *empty, (5, 4)), expected, strict=True):
+        torch.testing.assert_close(mine, theirs)

@@ -82,6 +82,11 @@ def test_sampler_no_host_sync(device):
         ((torch.zeros(2, 3), 8, 0.5), ValueError, "matched_idx must be an integer tensor of shape"),
         ((torch.zeros(3, dtype=torch.long), 8, 0.5), ValueError, r"shape \[B, N\]"),
         ((torch.zeros(2, 3, dtype=torch.long), 8, 0.5, 3), TypeError, "generator"),
+        (
+            (torch.zeros(2, 3, dtype=torch.long, device="meta"), 8, 0.5, torch.Generator()),
+            ValueError,
+            "generator must be on",
+        ),
     ],
 )
 def test_sampler_bad_input(args, error, match):
@@ -304,3 +309,26 @@ def test_sampler_and_target_layers_compile_fullgraph(backend, device):
     eager = fn(proposals, gt_boxes, gt_labels, gt_count)
     assert compiled.regression_targets.shape == eager.regression_targets.shape == (2, 32, 4, 4)
     assert torch.equal((compiled.labels > 0).sum(1), (eager.labels > 0).sum(1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_target_dtypes(backend, device, dtype):
+    """Matching and encoding in fp32 (fp64 for fp64 boxes), whatever the boxes' dtype."""
+    generator = torch.Generator().manual_seed(12)
+    anchors = random_boxes(120, generator=generator, scale=50.0).to(device, dtype)
+    gt_boxes = anchors[None, :3].clone() + 1
+    gt_count = torch.tensor([3], device=device)
+    ours = ops.anchor_targets(anchors, gt_boxes, gt_count, generator=torch.Generator(device).manual_seed(0))
+    expected_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    assert ours.regression_targets.dtype == expected_dtype
+    matched = ops.match_boxes(anchors.to(expected_dtype), gt_boxes.to(expected_dtype), gt_count, 0.7, 0.3, True)
+    assert torch.equal(ours.matched_idx, matched)
+    positive = ours.labels == 1
+    assert positive.any()
+    coder = BoxCoder((1.0, 1.0, 1.0, 1.0))
+    wide = anchors.to(expected_dtype)
+    expected = coder.encode_single(gt_boxes[0].to(expected_dtype)[matched[0].clamp(min=0)], wide)
+    assert_close(ours.regression_targets[0][positive[0]], expected[positive[0]], expected_dtype)
+    labels = torch.tensor([[1, 2, 3]], device=device)
+    proposals = ops.proposal_targets(anchors[None], gt_boxes, labels, gt_count, 4, batch_size_per_image=32)
+    assert proposals.proposals.dtype == proposals.regression_targets.dtype == expected_dtype

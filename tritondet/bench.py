@@ -157,7 +157,9 @@ def plot_ratios(rows: Sequence[Row], out_dir: Path) -> list[Path]:
     return paths
 
 
-def markdown_report(rows: Sequence[Row], environment: dict[str, str], compile_table: str | None) -> str:
+def markdown_report(
+    rows: Sequence[Row], environment: dict[str, str], compile_table: str | None, failures: Sequence[str] = ()
+) -> str:
     lines = ["# tritondet benchmarks", ""]
     lines += [f"- {key}: {value}" for key, value in environment.items()]
     lines += [
@@ -165,9 +167,15 @@ def markdown_report(rows: Sequence[Row], environment: dict[str, str], compile_ta
         "ratio = torchvision time / ours (above 1: ours is faster), median of the timed calls.",
         "launches and syncs are per call, ours / torchvision: Triton launches plus ATen ops that launch a",
         "device kernel, and ops that make the host wait for the device; counted exactly, not timed.",
-        "",
-        markdown_table(rows),
     ]
+    if any(row.device == "cpu" for row in rows):
+        lines += [
+            "On the CPU ours is the PyTorch reference (the CPU path), so its counts are that path's, not",
+            "the Triton kernels' (run `tritondet bench` on a GPU for those).",
+        ]
+    lines += ["", markdown_table(rows)]
+    if failures:
+        lines += ["", "## Failed cases", "", *[f"- {failure}" for failure in failures]]
     if compile_table is not None:
         lines += [
             "",
@@ -200,24 +208,39 @@ def find_checkout() -> Path:
     )
 
 
-def run_suite(sizes: str, only: Sequence[str] = ()) -> list[Row]:
-    """Measure every case of every benchmark module (those whose name contains one of ``only``)."""
+def run_suite(sizes: str, only: Sequence[str] = ()) -> tuple[list[Row], list[str]]:
+    """Measure every case of every benchmark module (those whose name contains one of ``only``).
+
+    Returns the rows and one line per case (or module) that failed: a failure, e.g. our result
+    differing from torchvision's, is reported and the suite goes on.
+    """
     root = find_checkout()
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))
     harness = importlib.import_module("benchmarks.harness")
-    rows = []
+    rows, failures = [], []
     for name in benchmark_modules(root):
         if only and not any(word in name for word in only):
             continue
-        module = importlib.import_module(name)
-        for case in module.cases(harness.bench_device(), sizes):
-            row = harness.measure(case)
+        try:
+            cases = importlib.import_module(name).cases(harness.bench_device(), sizes)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as error:  # also pytest's module-level skip (an op not there yet)
+            failures.append(f"{name}: {type(error).__name__}: {error}")
+            continue
+        for case in cases:
+            try:
+                row = harness.measure(case)
+            except Exception as error:
+                failures.append(f"{case.id}: {type(error).__name__}: {str(error).strip().splitlines()[0]}")
+                print(f"  FAILED {failures[-1]}")
+                continue
             print(
-                f"  {row.op} {row.size} {row.dtype} {row.device}: {_ms(row.ours_ms)} ms vs {_ms(row.torchvision_ms)} ms"
+                f"  {row.op} {row.size} {row.dtype} {row.device}: {_ms(row.ours_ms)} ms, torchvision {_ms(row.torchvision_ms)} ms"
             )
             rows.append(row)
-    return rows
+    return rows, failures
 
 
 def environment(sizes: str, cpu_threads: int) -> dict[str, str]:
@@ -238,14 +261,20 @@ def environment(sizes: str, cpu_threads: int) -> dict[str, str]:
     }
 
 
-def write_report(rows: Sequence[Row], out_dir: Path, environment: dict[str, str], compile_table: str | None) -> str:
+def write_report(
+    rows: Sequence[Row],
+    out_dir: Path,
+    environment: dict[str, str],
+    compile_table: str | None,
+    failures: Sequence[str] = (),
+) -> str:
     """Write ``results.csv`` (replacing it), ``results.md`` and the plots; return the markdown."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_file = out_dir / "results.csv"
     csv_file.unlink(missing_ok=True)
     append_csv(rows, csv_file)
-    report = markdown_report(rows, environment, compile_table)
+    report = markdown_report(rows, environment, compile_table, failures)
     (out_dir / "results.md").write_text(report)
     plot_ratios(rows, out_dir)
     return report

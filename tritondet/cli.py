@@ -57,17 +57,19 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     sizes = "quick" if args.quick else "full"
     print(f"running the {sizes} benchmark suite")
-    rows = bench.run_suite(sizes, only=args.only or ())
+    rows, failures = bench.run_suite(sizes, only=args.only or ())
     compiled = None if args.no_compile_report else compile_report.compile_all()
     compile_table = None if compiled is None else compile_report.format_table(compiled)
-    bench.write_report(rows, args.out, bench.environment(sizes, args.threads), compile_table)
+    bench.write_report(rows, args.out, bench.environment(sizes, args.threads), compile_table, failures)
     print()
     print(bench.markdown_table(rows))
     if compiled is not None:
         failed = sum(not result.ok for _, result in compiled)
         print(f"\ncompile report: {len(compiled)} kernel compilations for sm_80/sm_90, {failed} failed or spilled")
+    for failure in failures:
+        print(f"FAILED {failure}")
     print(f"wrote {args.out}/results.csv, {args.out}/results.md (with the compile report) and one PNG per op")
-    return 0
+    return 1 if failures else 0
 
 
 # ---------------------------------------------------------------------------------------------------------------------

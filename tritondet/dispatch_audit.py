@@ -74,13 +74,18 @@ class DispatchCounter(TorchDispatchMode):
         self.syncs = 0
         self.sync_ops: list[str] = []
         self._launch_count = None
+        self._depth = 0  # the mode re-enters itself around custom-op bodies: count from the outermost
 
     def __enter__(self):
-        self._launch_count = _launch.LaunchCount()
+        if self._depth == 0:
+            self._launch_count = _launch.LaunchCount()
+        self._depth += 1
         return super().__enter__()
 
     def __exit__(self, *exc):
-        self._launch_count.stop = _launch.launch_total()
+        self._depth -= 1
+        if self._depth == 0:
+            self._launch_count.stop = _launch.launch_total()
         return super().__exit__(*exc)
 
     @property

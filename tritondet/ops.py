@@ -28,6 +28,7 @@ __all__ = [
     "AnchorGenerator",
     "MultiScaleRoIAlign",
     "PSRoIAlign",
+    "PSRoIPool",
     "RoIAlign",
     "RoIPool",
     "anchor_targets",
@@ -46,6 +47,7 @@ __all__ = [
     "nms",
     "proposal_targets",
     "ps_roi_align",
+    "ps_roi_pool",
     "roi_align",
     "roi_pool",
     "rpn_proposals",
@@ -212,7 +214,8 @@ def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: floa
     Returns:
         Tensor[K]: int64 indices of the kept boxes, by decreasing score. All categories run as
         independent segments in two kernel launches (a block-diagonal bit mask, one bit per box
-        pair of a category); host syncs: the category sizes, then K.
+        pair of a category: 100,000 boxes of one category take 1.25 GB). Host syncs: two (the mask
+        size, then K); no Python loop over categories.
     """
     _check_nms_inputs(boxes, scores, idxs=idxs)
     if idxs.is_floating_point():
@@ -254,7 +257,10 @@ def batched_nms_padded(
         num_valid (Tensor[B], int64): slots past ``num_valid`` hold zeros (indices -1). Within an
         image, detections are by decreasing score (ties: lower class first, then input order).
 
-    Kernel launches: 2 on the Triton backend (suppression mask, greedy pass), whatever the data.
+    Kernel launches: 2 on the Triton backend (suppression mask, greedy pass), whatever the data;
+    no host sync on either backend. The work is static, sized by the shapes: the CPU path costs
+    ``B * segments * L^2 / 2`` box pairs (0.3-0.7 s per image at N = 1000, C = 91 on one core),
+    so bound L with ``pre_nms_top_n`` where the pool is large.
     """
     check_tensor("boxes", boxes, last_dim=4)
     check_floating("boxes", boxes)
@@ -500,6 +506,118 @@ class AnchorGenerator(nn.Module):
         return [anchors] * len(image_list.image_sizes)
 
 
+def _per_level_strides(strides, num_levels: int) -> list[int]:
+    """Flattened (s_h, s_w) per level from ints or pairs."""
+    if not isinstance(strides, (list, tuple)) or len(strides) != num_levels:
+        raise ValueError(f"strides must have one entry per level ({num_levels}), got {strides!r}")
+    flat = []
+    for stride in strides:
+        pair = (stride, stride) if isinstance(stride, int) else tuple(stride)
+        if len(pair) != 2 or any(not isinstance(s, int) or s <= 0 for s in pair):
+            raise ValueError(f"strides must be positive ints or (height, width) pairs of them, got {strides!r}")
+        flat += pair
+    return flat
+
+
+def rpn_proposals(
+    objectness: list[Tensor],
+    deltas: list[Tensor],
+    image_sizes: Tensor,
+    anchor_sizes,
+    aspect_ratios,
+    strides,
+    pre_nms_top_n: int,
+    post_nms_top_n: int,
+    nms_thresh: float = 0.7,
+    min_size: float = 1e-3,
+    score_thresh: float = 0.0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Region proposals from the raw RPN head outputs: torchvision's ``RegionProposalNetwork``
+    post-processing (anchors, ``BoxCoder.decode``, ``filter_proposals``) with fixed shapes.
+
+    Per image: the ``pre_nms_top_n`` best anchors of each level, decoded (weights 1, ``dw``/``dh``
+    clamped to ``log(1000 / 16)``), clipped to the image, boxes with a side below ``min_size`` and
+    sigmoid scores below ``score_thresh`` dropped, NMS at ``nms_thresh`` per level, the best
+    ``post_nms_top_n`` kept.
+
+    Args:
+        objectness (list of L Tensor[B, A_l, H_l, W_l]): logits, as the head emits them (any strides).
+        deltas (list of L Tensor[B, 4 A_l, H_l, W_l]): box deltas, as the head emits them.
+        image_sizes (Tensor[B, 2]): (height, width) of each image before padding.
+        anchor_sizes, aspect_ratios: as for :class:`AnchorGenerator` (one entry per level).
+        strides (list of L ints or (s_h, s_w) pairs): pixels per feature-map position
+            (torchvision's anchor generator uses padded image size // feature-map size).
+        pre_nms_top_n (int): candidates per level and image before NMS (2000 train, 1000 test).
+        post_nms_top_n (int): proposals returned per image (2000 train, 1000 test).
+
+    Returns:
+        boxes (Tensor[B, post_nms_top_n, 4]) and scores (Tensor[B, post_nms_top_n]) fp32 by
+        decreasing score, num_valid (Tensor[B] int64): the slots past num_valid hold zeros.
+
+    No host sync. Kernel launches on the Triton backend: 4 whatever B and L (objectness gather,
+    decode, and the 2 of :func:`batched_nms_padded`), plus one ``torch.topk`` and a fixed number of
+    other ATen ops; the computation is fp32 whatever the head's dtype.
+    """
+    if not isinstance(objectness, (list, tuple)) or not isinstance(deltas, (list, tuple)):
+        raise TypeError("objectness and deltas must be lists of per-level tensors")
+    if len(objectness) != len(deltas) or len(objectness) == 0:
+        raise ValueError(
+            f"objectness and deltas must have the same non-zero number of levels, got {len(objectness)} and "
+            f"{len(deltas)}"
+        )
+    sizes, ratios = _anchors_family.normalize_config(anchor_sizes, aspect_ratios)
+    num_levels = len(objectness)
+    if len(sizes) != num_levels:
+        raise ValueError(f"anchor_sizes has {len(sizes)} levels but objectness has {num_levels}")
+    flat_strides = _per_level_strides(strides, num_levels)
+    flat_sizes, flat_ratios, counts = _anchors_family.anchor_parameters(sizes, ratios)
+    check_tensor("image_sizes", image_sizes)
+    if image_sizes.dim() != 2 or image_sizes.shape[1] != 2:
+        raise ValueError(f"image_sizes must have shape [B, 2] (height, width), got {tuple(image_sizes.shape)}")
+    batch = image_sizes.shape[0]
+    for level, (logits, codes) in enumerate(zip(objectness, deltas, strict=True)):
+        check_tensor(f"objectness[{level}]", logits)
+        check_tensor(f"deltas[{level}]", codes)
+        expected = (batch, counts[level], *logits.shape[2:])
+        if logits.dim() != 4 or tuple(logits.shape) != expected:
+            raise ValueError(
+                f"objectness[{level}] must have shape [B, A, H, W] = {expected} (B from image_sizes, A = "
+                f"{counts[level]} anchors per position), got {tuple(logits.shape)}"
+            )
+        if tuple(codes.shape) != (batch, 4 * counts[level], *logits.shape[2:]):
+            raise ValueError(
+                f"deltas[{level}] must have shape [B, 4A, H, W] = {(batch, 4 * counts[level], *logits.shape[2:])}, "
+                f"got {tuple(codes.shape)}"
+            )
+        if logits.dtype not in _rpn_family.HEAD_DTYPES or codes.dtype != logits.dtype:
+            raise TypeError(
+                f"objectness[{level}] and deltas[{level}] must share one floating dtype of "
+                f"{_rpn_family.HEAD_DTYPES}, got {logits.dtype} and {codes.dtype}"
+            )
+        check_same_device(image_sizes=image_sizes, objectness=logits, deltas=codes)
+    if len({o.dtype for o in objectness}) != 1:
+        raise TypeError(f"all levels must share one dtype, got {[o.dtype for o in objectness]}")
+    for name, value in (("pre_nms_top_n", pre_nms_top_n), ("post_nms_top_n", post_nms_top_n)):
+        if not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+    boxes, scores = torch.ops.tritondet.rpn_candidates(
+        list(objectness),
+        list(deltas),
+        image_sizes,
+        flat_strides,
+        flat_sizes,
+        flat_ratios,
+        counts,
+        pre_nms_top_n,
+        float(min_size),
+        float(score_thresh),
+        _box_coder_family.DEFAULT_XFORM_CLIP,
+    )
+    # Dropped candidates carry score -inf: a threshold of -inf passes every kept one (even 0).
+    boxes, scores, _, _, num_valid = batched_nms_padded(boxes, scores, nms_thresh, post_nms_top_n, float("-inf"))
+    return boxes, scores, num_valid
+
+
 # ----------------------------------------------------------------------------------------------
 # Training targets: matching
 # ----------------------------------------------------------------------------------------------
@@ -526,20 +644,6 @@ def _batched_boxes(name: str, boxes: Tensor, batch: int) -> Tensor:
     if boxes.dim() != 3 or boxes.shape[0] != batch:
         raise ValueError(f"{name} must have shape [A, 4] or [B, A, 4] with B = {batch}, got {tuple(boxes.shape)}")
     return boxes
-
-
-def _match(anchors: Tensor, gt_boxes: Tensor, gt_count, high: float, low: float, allow_low: bool, floor: float):
-    if not low <= high:
-        raise ValueError(f"low must be <= high, got low={low} and high={high}")
-    gt_count = _check_gt(gt_boxes, gt_count)
-    anchors = _batched_boxes("anchors_or_proposals", anchors, gt_boxes.shape[0])
-    check_same_device(anchors_or_proposals=anchors, gt_boxes=gt_boxes)
-    if anchors.dtype != gt_boxes.dtype:
-        common = torch.promote_types(anchors.dtype, gt_boxes.dtype)
-        anchors, gt_boxes = anchors.to(common), gt_boxes.to(common)
-    return torch.ops.tritondet.match_boxes(
-        anchors, gt_boxes, gt_count, float(high), float(low), float(floor), bool(allow_low)
-    )
 
 
 def match_boxes(
@@ -570,7 +674,18 @@ def match_boxes(
         Tensor[B, A] int64: matched ground-truth index, -1 (below ``low``) or -2 (between);
         -1 everywhere for images without ground truth (torchvision raises there).
     """
-    return _match(anchors_or_proposals, gt_boxes, gt_count, high, low, allow_low_quality_matches, float("-inf"))
+    if not low <= high:
+        raise ValueError(f"low must be <= high, got low={low} and high={high}")
+    gt_count = _check_gt(gt_boxes, gt_count)
+    anchors = _batched_boxes("anchors_or_proposals", anchors_or_proposals, gt_boxes.shape[0])
+    check_same_device(anchors_or_proposals=anchors, gt_boxes=gt_boxes)
+    if anchors.dtype != gt_boxes.dtype:
+        common = torch.promote_types(anchors.dtype, gt_boxes.dtype)
+        anchors, gt_boxes = anchors.to(common), gt_boxes.to(common)
+    # floor -inf: the public op never returns the internal -3 (see kernels/matcher.py).
+    return torch.ops.tritondet.match_boxes(
+        anchors, gt_boxes, gt_count, float(high), float(low), float("-inf"), bool(allow_low_quality_matches)
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -578,13 +693,17 @@ def match_boxes(
 # ----------------------------------------------------------------------------------------------
 
 
-def _check_sampling(batch_size_per_image: int, positive_fraction: float, generator) -> None:
+def _check_sampling(batch_size_per_image: int, positive_fraction: float, generator, device: torch.device) -> None:
     if isinstance(batch_size_per_image, bool) or not isinstance(batch_size_per_image, int) or batch_size_per_image < 0:
         raise ValueError(f"batch_size_per_image must be a non-negative int, got {batch_size_per_image!r}")
     if not 0.0 <= positive_fraction <= 1.0:
         raise ValueError(f"positive_fraction must lie in [0, 1], got {positive_fraction!r}")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    if generator is not None and generator.device.type != device.type:
+        raise ValueError(
+            f"generator must be on the {device.type} device of the boxes, got a {generator.device.type} one"
+        )
 
 
 def sample_balanced(
@@ -615,7 +734,7 @@ def sample_balanced(
         raise ValueError(
             f"matched_idx must be an integer tensor of shape [B, N], got {matched_idx.dtype} {tuple(matched_idx.shape)}"
         )
-    _check_sampling(batch_size_per_image, positive_fraction, generator)
+    _check_sampling(batch_size_per_image, positive_fraction, generator, matched_idx.device)
     return _targets_family.sample_balanced(matched_idx, batch_size_per_image, positive_fraction, generator)
 
 
@@ -653,10 +772,10 @@ def anchor_targets(
         at sampled foreground), matched_idx ``[B, A]`` (see :func:`match_boxes`).
     """
     values = _check_weights(weights)
-    _check_sampling(batch_size_per_image, positive_fraction, generator)
     if not bg_iou_thresh <= fg_iou_thresh:
         raise ValueError(f"bg_iou_thresh must be <= fg_iou_thresh, got {bg_iou_thresh} and {fg_iou_thresh}")
     gt_count = _check_gt(gt_boxes, gt_count)
+    _check_sampling(batch_size_per_image, positive_fraction, generator, gt_boxes.device)
     anchors = _batched_boxes("anchors", anchors, gt_boxes.shape[0])
     check_same_device(anchors=anchors, gt_boxes=gt_boxes)
     check_floating("anchors", anchors)
@@ -711,7 +830,6 @@ def proposal_targets(
         regression_weights ``[B, S, C, 4]``, matched_idx ``[B, S]``, sampled_idx ``[B, S]``.
     """
     values = _check_weights(weights)
-    _check_sampling(batch_size_per_image, positive_fraction, generator)
     if not bg_iou_thresh_low <= bg_iou_thresh <= fg_iou_thresh:
         raise ValueError(
             "need bg_iou_thresh_low <= bg_iou_thresh <= fg_iou_thresh, got "
@@ -720,6 +838,7 @@ def proposal_targets(
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
     gt_count = _check_gt(gt_boxes, gt_count)
+    _check_sampling(batch_size_per_image, positive_fraction, generator, gt_boxes.device)
     check_tensor("proposals", proposals, last_dim=4)
     if proposals.dim() != 3 or proposals.shape[0] != gt_boxes.shape[0]:
         raise ValueError(
@@ -764,117 +883,7 @@ def proposal_targets(
     )
 
 
-def _per_level_strides(strides, num_levels: int) -> list[int]:
-    """Flattened (s_h, s_w) per level from ints or pairs."""
-    if not isinstance(strides, (list, tuple)) or len(strides) != num_levels:
-        raise ValueError(f"strides must have one entry per level ({num_levels}), got {strides!r}")
-    flat = []
-    for stride in strides:
-        pair = (stride, stride) if isinstance(stride, int) else tuple(stride)
-        if len(pair) != 2 or any(not isinstance(s, int) or s <= 0 for s in pair):
-            raise ValueError(f"strides must be positive ints or (height, width) pairs of them, got {strides!r}")
-        flat += pair
-    return flat
-
-
-def rpn_proposals(
-    objectness: list[Tensor],
-    deltas: list[Tensor],
-    image_sizes: Tensor,
-    anchor_sizes,
-    aspect_ratios,
-    strides,
-    pre_nms_top_n: int,
-    post_nms_top_n: int,
-    nms_thresh: float = 0.7,
-    min_size: float = 1e-3,
-    score_thresh: float = 0.0,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Region proposals from the raw RPN head outputs: torchvision's ``RegionProposalNetwork``
-    post-processing (anchors, ``BoxCoder.decode``, ``filter_proposals``) with fixed shapes.
-
-    Per image: the ``pre_nms_top_n`` best anchors of each level, decoded (weights 1, ``dw``/``dh``
-    clamped to ``log(1000 / 16)``), clipped to the image, boxes with a side below ``min_size`` and
-    sigmoid scores below ``score_thresh`` dropped, NMS at ``nms_thresh`` per level, the best
-    ``post_nms_top_n`` kept.
-
-    Args:
-        objectness (list of L Tensor[B, A_l, H_l, W_l]): logits, as the head emits them (any strides).
-        deltas (list of L Tensor[B, 4 A_l, H_l, W_l]): box deltas, as the head emits them.
-        image_sizes (Tensor[B, 2]): (height, width) of each image before padding.
-        anchor_sizes, aspect_ratios: as for :class:`AnchorGenerator` (one entry per level).
-        strides (list of L ints or (s_h, s_w) pairs): pixels per feature-map position.
-        pre_nms_top_n (int): candidates per level and image before NMS (2000 train, 1000 test).
-        post_nms_top_n (int): proposals returned per image (2000 train, 1000 test).
-
-    Returns:
-        boxes (Tensor[B, post_nms_top_n, 4]) and scores (Tensor[B, post_nms_top_n]) fp32 by
-        decreasing score, num_valid (Tensor[B] int64): the slots past num_valid hold zeros.
-
-    No host sync. Kernel launches on the Triton backend: 4 whatever B and L (objectness gather,
-    decode, and the 2 of :func:`batched_nms_padded`), plus one ``torch.topk`` and a fixed number of
-    other ATen ops; the computation is fp32 whatever the head's dtype.
-    """
-    if not isinstance(objectness, (list, tuple)) or not isinstance(deltas, (list, tuple)):
-        raise TypeError("objectness and deltas must be lists of per-level tensors")
-    if len(objectness) != len(deltas) or len(objectness) == 0:
-        raise ValueError(
-            f"objectness and deltas must have the same non-zero number of levels, got {len(objectness)} and "
-            f"{len(deltas)}"
-        )
-    sizes, ratios = _anchors_family.normalize_config(anchor_sizes, aspect_ratios)
-    num_levels = len(objectness)
-    if len(sizes) != num_levels:
-        raise ValueError(f"anchor_sizes has {len(sizes)} levels but objectness has {num_levels}")
-    flat_strides = _per_level_strides(strides, num_levels)
-    flat_sizes, flat_ratios, counts = _anchors_family.anchor_parameters(sizes, ratios)
-    check_tensor("image_sizes", image_sizes)
-    if image_sizes.dim() != 2 or image_sizes.shape[1] != 2:
-        raise ValueError(f"image_sizes must have shape [B, 2] (height, width), got {tuple(image_sizes.shape)}")
-    batch = image_sizes.shape[0]
-    for level, (logits, codes) in enumerate(zip(objectness, deltas, strict=True)):
-        check_tensor(f"objectness[{level}]", logits)
-        check_tensor(f"deltas[{level}]", codes)
-        expected = (batch, counts[level], *logits.shape[2:])
-        if logits.dim() != 4 or tuple(logits.shape) != expected:
-            raise ValueError(
-                f"objectness[{level}] must have shape [B, A, H, W] = {expected} (B from image_sizes, A = "
-                f"{counts[level]} anchors per position), got {tuple(logits.shape)}"
-            )
-        if tuple(codes.shape) != (batch, 4 * counts[level], *logits.shape[2:]):
-            raise ValueError(
-                f"deltas[{level}] must have shape [B, 4A, H, W] = {(batch, 4 * counts[level], *logits.shape[2:])}, "
-                f"got {tuple(codes.shape)}"
-            )
-        if logits.dtype not in _rpn_family.HEAD_DTYPES or codes.dtype != logits.dtype:
-            raise TypeError(
-                f"objectness[{level}] and deltas[{level}] must share one floating dtype of "
-                f"{_rpn_family.HEAD_DTYPES}, got {logits.dtype} and {codes.dtype}"
-            )
-        check_same_device(image_sizes=image_sizes, objectness=logits, deltas=codes)
-    if objectness[0].dtype != objectness[-1].dtype or len({o.dtype for o in objectness}) != 1:
-        raise TypeError(f"all levels must share one dtype, got {[o.dtype for o in objectness]}")
-    for name, value in (("pre_nms_top_n", pre_nms_top_n), ("post_nms_top_n", post_nms_top_n)):
-        if not isinstance(value, int) or value < 0:
-            raise ValueError(f"{name} must be a non-negative int, got {value!r}")
-    boxes, scores = torch.ops.tritondet.rpn_candidates(
-        list(objectness),
-        list(deltas),
-        image_sizes,
-        flat_strides,
-        flat_sizes,
-        flat_ratios,
-        counts,
-        pre_nms_top_n,
-        float(min_size),
-        float(score_thresh),
-        _box_coder_family.DEFAULT_XFORM_CLIP,
-    )
-    # Dropped candidates carry score -inf: a threshold of -inf passes every kept one (even 0).
-    boxes, scores, _, _, num_valid = batched_nms_padded(boxes, scores, nms_thresh, post_nms_top_n, float("-inf"))
-    return boxes, scores, num_valid
-
-
+# ----------------------------------------------------------------------------------------------
 # RoIAlign family
 # ----------------------------------------------------------------------------------------------
 
@@ -1171,3 +1180,43 @@ class PSRoIAlign(torch.nn.Module):
             f"{self.__class__.__name__}(output_size={self.output_size}, spatial_scale={self.spatial_scale}, "
             f"sampling_ratio={self.sampling_ratio})"
         )
+
+
+def ps_roi_pool(
+    input: Tensor, boxes: Tensor | list[Tensor], output_size: int | tuple[int, int], spatial_scale: float = 1.0
+) -> Tensor:
+    """Position-sensitive RoI Pool (R-FCN): bin ``(ph, pw)`` of output channel ``c`` is the mean of
+    input channel ``c * PH * PW + ph * PW + pw`` over the bin's pixels (torchvision's rounding,
+    exclusive RoI end, bins clipped to ``[0, H - 1]`` and ``[0, W - 1]`` as torchvision does); an
+    empty bin is 0. The gradient is torchvision's, whose backward clips bins to ``[0, H]`` and
+    ``[0, W]`` instead (so bins on the last row or column spread their gradient differently from
+    the forward's average).
+
+    Args:
+        input (Tensor[N, C * PH * PW, H, W]), boxes (Tensor[K, 5] or List[Tensor[L, 4]]),
+        output_size, spatial_scale: as in :func:`roi_pool`.
+
+    Returns:
+        Tensor[K, C, PH, PW]: contiguous, in ``input``'s dtype.
+    """
+    _check_feature_map("input", input)
+    ph, pw = _pair_size("output_size", output_size)
+    if input.shape[1] % (ph * pw):
+        raise ValueError(f"input must have a multiple of {ph * pw} channels, got {input.shape[1]}")
+    rois = _rois_from_boxes(boxes, input.shape[0], input.device)
+    return torch.ops.tritondet.ps_roi_pool(input, rois, float(spatial_scale), ph, pw)
+
+
+class PSRoIPool(torch.nn.Module):
+    """See :func:`ps_roi_pool`."""
+
+    def __init__(self, output_size, spatial_scale: float):
+        super().__init__()
+        self.output_size = output_size
+        self.spatial_scale = spatial_scale
+
+    def forward(self, input: Tensor, rois: Tensor | list[Tensor]) -> Tensor:
+        return ps_roi_pool(input, rois, self.output_size, self.spatial_scale)
+
+    def __repr__(self) -> str:
+        return f"{self.__class__.__name__}(output_size={self.output_size}, spatial_scale={self.spatial_scale})"

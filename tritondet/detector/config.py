@@ -125,8 +125,9 @@ class RoIHeadsConfig:
     Training targets (the proposal target layer): IoU >= ``fg_iou_thresh`` foreground, background in
     ``[bg_iou_thresh_low, bg_iou_thresh)`` (torchvision 0.0; Fast R-CNN 0.1), ``batch_size_per_image``
     RoIs at ``positive_fraction`` foreground (torchvision 512 / 0.25; the paper 128 / 0.25).
-    Loss: cross-entropy averaged over the sampled RoIs plus class-specific smooth-L1 (``beta``)
-    summed over the foreground and divided by the number of sampled RoIs (Fast R-CNN's lambda = 1).
+    Loss: cross-entropy averaged over the sampled RoIs plus class-specific smooth-L1
+    (``smooth_l1_beta``: torchvision 1/9; Fast R-CNN's definition is beta = 1) summed over the
+    foreground and divided by the number of sampled RoIs (Fast R-CNN's lambda = 1).
     Inference: scores > ``score_thresh``, boxes at least ``min_size``, per-class NMS at
     ``nms_thresh``, ``detections_per_img`` best.
     """

@@ -83,11 +83,12 @@ def _grid_anchors_kernel(
 ):
     level = tl.program_id(1)
     row_ptr = table_ptr + level * row_width
-    height = tl.load(row_ptr + F_HEIGHT)
-    width = tl.load(row_ptr + F_WIDTH)
-    num_anchors = tl.load(row_ptr + F_NUM_ANCHORS)
+    # int32 index math: a level has far fewer than 2^31 anchors, and int64 division is slow on GPUs.
+    height = tl.load(row_ptr + F_HEIGHT).to(tl.int32)
+    width = tl.load(row_ptr + F_WIDTH).to(tl.int32)
+    num_anchors = tl.load(row_ptr + F_NUM_ANCHORS).to(tl.int32)
     offset = tl.load(row_ptr + F_OFFSET)
-    index = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    index = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = index < height * width * num_anchors
     a = index % num_anchors
     position = index // num_anchors

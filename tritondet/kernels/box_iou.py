@@ -47,19 +47,6 @@ def _corners(raw0, raw1, raw2, raw3, FMT: tl.constexpr):
 
 
 @triton.jit
-def pairwise_iou_tile(ax1, ay1, ax2, ay2, area_a, bx1, by1, bx2, by2, area_b):
-    """IoU and union ``[N, M]`` of corner vectors ``[N]`` x ``[M]`` (torchvision's formula and order).
-
-    Shared with the matcher (``matcher.py``), whose two passes must see bit-identical IoUs.
-    """
-    inter_w = tl.minimum(ax2[:, None], bx2[None, :]) - tl.maximum(ax1[:, None], bx1[None, :])
-    inter_h = tl.minimum(ay2[:, None], by2[None, :]) - tl.maximum(ay1[:, None], by1[None, :])
-    inter = tl.maximum(inter_w, 0.0) * tl.maximum(inter_h, 0.0)
-    union = area_a[:, None] + area_b[None, :] - inter
-    return inter / union, union
-
-
-@triton.jit
 def _intersection_union(ax1, ay1, ax2, ay2, area_a, bx1, by1, bx2, by2, area_b):
     """Intersection and union areas of box pairs (torchvision's formulas and order); the first box's
     corners and area broadcast against the second's. Shared with the NMS kernels."""
@@ -67,6 +54,19 @@ def _intersection_union(ax1, ay1, ax2, ay2, area_a, bx1, by1, bx2, by2, area_b):
     inter_h = tl.minimum(ay2, by2) - tl.maximum(ay1, by1)
     inter = tl.maximum(inter_w, 0.0) * tl.maximum(inter_h, 0.0)
     return inter, area_a + area_b - inter
+
+
+@triton.jit
+def pairwise_iou_tile(ax1, ay1, ax2, ay2, area_a, bx1, by1, bx2, by2, area_b):
+    """IoU and union ``[N, M]`` of corner vectors ``[N]`` x ``[M]`` (torchvision's formula and order).
+
+    Shared with the matcher (``matcher.py``), whose two passes must see bit-identical IoUs.
+    """
+    inter, union = _intersection_union(
+        ax1[:, None], ay1[:, None], ax2[:, None], ay2[:, None], area_a[:, None],
+        bx1[None, :], by1[None, :], bx2[None, :], by2[None, :], area_b[None, :],
+    )  # fmt: skip
+    return inter / union, union
 
 
 @triton.jit

@@ -12,7 +12,7 @@ included) keeps its best index whatever its IoU. Images without ground truth get
 An internal ``floor`` threshold (``-inf`` for the public op) turns IoUs below it into -3: the
 proposal target layer uses it for the background band ``[bg_low, bg_high)``.
 
-Triton path, two launches, never the ``[B, G, A]`` matrix:
+Triton path, two launches (one without the low-quality rule), never the ``[B, G, A]`` matrix:
 
 1. ``_gt_max_kernel``: each program takes a tile of anchors, computes its IoU with the image's
    ground truth chunk by chunk and folds the tile maxima into the per-GT maxima with

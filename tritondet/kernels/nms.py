@@ -27,6 +27,7 @@ suppresses or precedes a box with a finite score.
 
 from __future__ import annotations
 
+import numpy
 import torch
 import triton
 import triton.language as tl
@@ -38,11 +39,6 @@ from .box_iou import _compute_dtype, _intersection_union, _iou_and_union
 
 SOFT_NMS_METHODS = ("linear", "gaussian")
 _METHOD_CODE = {method: code for code, method in enumerate(SOFT_NMS_METHODS)}
-
-
-@triton.jit
-def _bitwise_or(a, b):
-    return a | b
 
 
 @triton.jit
@@ -65,8 +61,7 @@ def _suppression_mask_kernel(
     seg_start_ptr,  # [S] int32: the segment's first row in boxes
     seg_len_ptr,  # [S] int32: the segment's rows taking part (n_s)
     seg_mask_offset_ptr,  # [S] int64: the segment's first word in mask
-    # scalars
-    iou_threshold,
+    threshold_ptr,  # [1] compute dtype: see _comparable_threshold
     # meta-parameters
     COMPUTE_FP64: tl.constexpr,
     BLOCK_ROWS: tl.constexpr,
@@ -93,8 +88,10 @@ def _suppression_mask_kernel(
             ax1[:, None, None], ay1[:, None, None], ax2[:, None, None], ay2[:, None, None], area_a[:, None, None],
             bx1[None, :, :], by1[None, :, :], bx2[None, :, :], by2[None, :, :], area_b[None, :, :],
         )  # fmt: skip
+        iou_threshold = tl.load(threshold_ptr)
         suppress = (inter / union > iou_threshold) & (cols[None, :, :] > rows[:, None, None]) & (cols < n)[None, :, :]
-        packed = tl.reduce(suppress.to(tl.int32) << bits[None, None, :], 2, _bitwise_or)  # [BLOCK_ROWS, WORDS]
+        # Distinct bits: their sum is their OR (bit 31 wraps to the sign bit, as intended).
+        packed = tl.sum(suppress.to(tl.int32) << bits[None, None, :], 2)  # [BLOCK_ROWS, WORDS]
         offsets = tl.load(seg_mask_offset_ptr + segment) + rows[:, None].to(tl.int64) * words_per_row + words[None, :]
         tl.store(mask_ptr + offsets, packed, mask=row_ok[:, None] & (words < words_per_row)[None, :])
 
@@ -199,6 +196,17 @@ def _soft_nms_kernel(
     tl.store(count_ptr, count)
 
 
+def _comparable_threshold(threshold: float, dtype: torch.dtype) -> float:
+    """The largest ``t`` of ``dtype`` with ``x > t`` exactly when ``x > threshold`` for every ``x``
+    of ``dtype``: torchvision compares its fp32 IoU with the threshold as a double (0.1f > 0.1).
+    Host arithmetic only (numpy), no tensor read back."""
+    kind = numpy.float64 if dtype == torch.float64 else numpy.float32
+    rounded = kind(threshold)
+    if float(rounded) > threshold:
+        rounded = numpy.nextafter(rounded, kind(-numpy.inf))
+    return float(rounded)
+
+
 # The block sizes of every launch, with their reasons.
 _NUM_WARPS = 4
 
@@ -252,7 +260,7 @@ def _segment_keep_triton(
         seg_start,
         seg_len,
         seg_mask_offset,
-        float(iou_threshold),
+        torch.full((1,), _comparable_threshold(iou_threshold, boxes.dtype), dtype=boxes.dtype, device=boxes.device),
         COMPUTE_FP64=boxes.dtype == torch.float64,
         BLOCK_ROWS=block_rows,
         WORDS=words,
@@ -297,7 +305,7 @@ def _padded_segment_keep_triton(boxes: torch.Tensor, valid_count: torch.Tensor, 
 
 
 def _packed_segment_keep_triton(boxes: torch.Tensor, seg_len: torch.Tensor, iou_threshold: float) -> torch.Tensor:
-    """``[R, 4]`` boxes in consecutive segments of ``seg_len`` rows -> ``[R]`` keep.
+    """``[R, 4]`` boxes in consecutive segments of ``seg_len`` rows (some may be empty) -> ``[R]`` keep.
 
     One host sync to size the mask and the grid (total words, row tiles, longest segment).
     """
@@ -367,8 +375,28 @@ def soft_nms_triton(
 # 128 rows per block: the in-block fixed point costs 128^2 per iteration, the cross-block IoU is
 # [128, rest]; measured fastest on CPU at N = 2000 and 12000.
 _REFERENCE_BLOCK = 128
+# 32768 pairs per element-wise op: at most PyTorch's parallel grain size (at::internal::GRAIN_SIZE),
+# so each op runs on one thread from cache-resident temporaries; on shared or busy CPUs, splitting
+# these small ops over threads was up to 10x slower (measured at N = 2000 and 12000, and for the
+# padded op at B=1, N=1000, C=91, where whole-batch temporaries were also memory bound).
+_REFERENCE_PAIRS_PER_OP = 32768
 # Sync-free, every block runs block-size fixed-point iterations: 32 rows keep that cubic cost small.
 _REFERENCE_SYNC_FREE_BLOCK = 32
+
+
+def _overlaps_above(boxes1: torch.Tensor, boxes2: torch.Tensor, iou_threshold: float) -> torch.Tensor:
+    """``[..., K, 4] x [..., M, 4] -> [..., K, M]`` bool: IoU > iou_threshold.
+
+    The formulas and order of :func:`tritondet.kernels.box_iou._iou_and_union`, restated on 2-D
+    temporaries updated in place: this inner loop of the CPU path runs about 3x faster so.
+    """
+    ax1, ay1, ax2, ay2 = (c.unsqueeze(-1) for c in boxes1.unbind(-1))
+    bx1, by1, bx2, by2 = (c.unsqueeze(-2) for c in boxes2.unbind(-1))
+    width = torch.minimum(ax2, bx2).sub_(torch.maximum(ax1, bx1)).clamp_(min=0)
+    inter = torch.minimum(ay2, by2).sub_(torch.maximum(ay1, by1)).clamp_(min=0).mul_(width)
+    union = ((ax2 - ax1) * (ay2 - ay1)) + ((bx2 - bx1) * (by2 - by1))
+    threshold = _comparable_threshold(iou_threshold, inter.dtype)
+    return inter.div_(union.sub_(inter)).gt_(threshold).bool()
 
 
 def _padded_segment_keep_reference(
@@ -376,42 +404,66 @@ def _padded_segment_keep_reference(
 ) -> torch.Tensor:
     """``[S, L, 4]`` boxes (decreasing score along L), ``[S, L]`` taking part -> ``[S, L]`` kept.
 
-    Blocks of rows in score order. Inside a block, "kept = taking part and not suppressed by a kept
-    earlier row" is iterated to its fixed point (after k iterations the first k rows are final,
-    so at most block-size iterations; without ``sync_free`` the loop stops as soon as nothing
-    changes). A block's kept rows then suppress all later rows at once. Greedy NMS is inherently
-    sequential, so the sync-free variant runs the fixed number of iterations that is always
-    enough: its Python loops depend on shapes only.
+    Blocks of rows in score order. Inside a block, without ``sync_free``, "kept = taking part and
+    not suppressed by a kept earlier row" is iterated until nothing changes (after k iterations the
+    first k rows are final, so it ends after at most block-size iterations, usually a few). Greedy
+    NMS is inherently sequential, so the sync-free variant, whose Python loops must depend on
+    shapes only, settles the rows of a block one at a time instead (the same step count as the
+    worst case of the fixed point, on smaller tensors). A block's kept rows then suppress all
+    later rows at once. Element-wise work is split into pieces of at most
+    ``_REFERENCE_PAIRS_PER_OP`` pairs.
     """
     keep = valid.clone()
-    length = boxes.shape[1]
+    num_segments, length = boxes.shape[:2]
     block_size = _REFERENCE_SYNC_FREE_BLOCK if sync_free else _REFERENCE_BLOCK
-    upper = torch.ones(block_size, block_size, dtype=torch.bool, device=boxes.device).triu(1)
+    steps = torch.arange(block_size, device=boxes.device)
+    # IoU is symmetric (bit for bit: min, max and the sum of areas commute), so every overlap
+    # test below is laid out [later row, earlier row] and reduced along its contiguous last axis.
+    earlier = steps[:, None] > steps[None, :]
     for begin in range(0, length, block_size):
         end = min(begin + block_size, length)
         block = boxes[:, begin:end]
         size = end - begin
-        iou, _ = _iou_and_union(block, block, "xyxy")
-        suppress = ((iou > iou_threshold) & upper[:size, :size]).to(boxes.dtype)
+        group = max(1, _REFERENCE_PAIRS_PER_OP // (size * size))
+        suppress = torch.cat(
+            [
+                _overlaps_above(block[first : first + group], block[first : first + group], iou_threshold)
+                for first in range(0, num_segments, group)
+            ]
+        )
+        suppress &= earlier[:size, :size]  # [S, row j, earlier row i]: i suppresses j if i is kept
         candidates = keep[:, begin:end]
-        kept = candidates
-        for _ in range(size):
-            suppressed = torch.bmm(kept.to(boxes.dtype).unsqueeze(1), suppress).squeeze(1) > 0
-            update = candidates & ~suppressed
-            if not sync_free and torch.equal(update, kept):
-                break
-            kept = update
+        if sync_free:
+            kept = candidates.clone()
+            for row in range(1, size):
+                kept[:, row] &= ~(kept[:, :row] & suppress[:, row, :row]).any(-1)
+        else:
+            kept = candidates
+            for _ in range(size):
+                update = candidates & ~(kept.unsqueeze(-2) & suppress).any(-1)
+                if torch.equal(update, kept):
+                    break
+                kept = update
         keep[:, begin:end] = kept
         if end < length:
             rest = boxes[:, end:]
-            if not sync_free and boxes.shape[0] == 1:  # plain NMS: only rows still alive matter
+            if not sync_free and num_segments == 1:  # plain NMS: only kept rows and alive columns
                 alive = keep[0, end:].nonzero().squeeze(1)
-                chosen = kept[0].nonzero().squeeze(1)
-                iou, _ = _iou_and_union(block[0, chosen], rest[0, alive], "xyxy")
-                keep[0, end + alive[(iou > iou_threshold).any(0)]] = False
+                alive_boxes = rest[0].index_select(0, alive)  # one gather per block, sliced below
+                chosen = block[0, kept[0]]
+                step = max(1, _REFERENCE_PAIRS_PER_OP // max(1, chosen.shape[0]))
+                hits = [
+                    _overlaps_above(alive_boxes[first : first + step], chosen, iou_threshold).any(-1)
+                    for first in range(0, alive.shape[0], step)
+                ]
+                if hits:
+                    keep[0, end + alive[torch.cat(hits)]] = False
             else:
-                iou, _ = _iou_and_union(block, rest, "xyxy")
-                keep[:, end:] &= ~((iou > iou_threshold) & kept.unsqueeze(-1)).any(1)
+                group = max(1, _REFERENCE_PAIRS_PER_OP // (size * rest.shape[1]))
+                for first in range(0, num_segments, group):
+                    last = first + group
+                    hit = _overlaps_above(rest[first:last], block[first:last], iou_threshold)
+                    keep[first:last, end:] &= ~(hit & kept[first:last].unsqueeze(-2)).any(-1)
     return keep
 
 
@@ -421,15 +473,20 @@ def _score_order(scores: torch.Tensor) -> torch.Tensor:
 
 
 def _segments_by_class(scores: torch.Tensor, idxs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(order, rank, seg_len): ``order`` sorts by decreasing score; rows ``order[rank]`` are grouped
-    by class, each class by decreasing score, ``seg_len`` rows per class (one host sync)."""
+    """(order, rank, seg_len), no host sync: ``order`` sorts by decreasing score; rows
+    ``order[rank]`` are grouped by class, each class by decreasing score; ``seg_len[r]`` is the
+    size of the class starting at row r, 0 on rows that start none (empty segments cost nothing)."""
     order = _score_order(scores)
     classes, rank = torch.sort(idxs[order], stable=True)
+    rows = classes.shape[0]
+    position = torch.arange(rows, device=classes.device)
     starts = torch.ones_like(classes, dtype=torch.bool)
     starts[1:] = classes[1:] != classes[:-1]
-    first = starts.nonzero().squeeze(1)
-    seg_len = torch.diff(first, append=first.new_tensor([classes.shape[0]]))
-    return order, rank, seg_len
+    # The next class start after each row (rows when none): a reversed running minimum.
+    later_start = torch.where(starts, position, rows).roll(-1)
+    later_start[-1] = rows
+    next_start = later_start.flip(0).cummin(0).values.flip(0)
+    return order, rank, torch.where(starts, next_start - position, 0)
 
 
 def _kept_in_score_order(order: torch.Tensor, keep_at_rank: torch.Tensor) -> torch.Tensor:
@@ -464,6 +521,7 @@ def batched_nms_impl(
         keep_rows = _packed_segment_keep_triton(sorted_boxes.contiguous(), seg_len, iou_threshold)
     else:
         # Pad the classes into [S, longest, 4] (the reference's layout).
+        seg_len = seg_len[seg_len > 0]
         num_segments, longest = seg_len.shape[0], int(seg_len.max())
         segment = torch.repeat_interleave(torch.arange(num_segments, device=boxes.device), seg_len)
         position = torch.arange(rows.shape[0], device=boxes.device) - (torch.cumsum(seg_len, 0) - seg_len)[segment]
@@ -503,19 +561,27 @@ def batched_nms_padded_impl(
     candidate = position if class_agnostic else position + torch.arange(segments, device=device)[:, None] * n
     candidate = candidate.reshape(batch, segments * length)
     box_index, label = candidate % n, torch.div(candidate, n, rounding_mode="floor")
-    flat_boxes = boxes.reshape(batch, -1, 4)  # [B, N, 4] or [B, N * C, 4]
+    flat_boxes = boxes.reshape(batch, n * (num_classes if boxes.dim() == 4 else 1), 4)  # [B, N(C), 4]
     box_row = box_index * num_classes + label if boxes.dim() == 4 else box_index
     candidate_boxes = flat_boxes.gather(1, box_row.unsqueeze(-1).expand(-1, -1, 4))
     candidate_scores = pool.reshape(batch, segments * pool_size).gather(
-        1, (position + torch.arange(segments, device=device)[:, None] * pool_size).reshape(batch, -1)
+        1, (position + torch.arange(segments, device=device)[:, None] * pool_size).reshape(batch, segments * length)
     )
     work = candidate_boxes.to(_compute_dtype(boxes.dtype)).reshape(batch * segments, length, 4)
-    if use_triton(device):
+    if batch * segments * length == 0:  # nothing to choose from: every slot is padding
+        candidate_boxes = boxes.new_zeros(batch, 1, 4)
+        candidate_scores, box_index, label = (
+            scores.new_zeros(batch, 1),
+            candidate.new_zeros(batch, 1),
+            candidate.new_zeros(batch, 1),
+        )
+        keep = torch.zeros(batch, 1, dtype=torch.bool, device=device)
+    elif use_triton(device):
         keep = _padded_segment_keep_triton(work.contiguous(), valid_count.reshape(-1), iou_threshold)
     else:
         valid = torch.arange(length, device=device) < valid_count.reshape(-1, 1)
         keep = _padded_segment_keep_reference(work, valid, iou_threshold, sync_free=True)
-    keep = keep.reshape(batch, segments * length)
+    keep = keep.reshape(batch, candidate_scores.shape[1])
 
     # Merge the classes of each image by decreasing score (stable: class, then rank, among ties).
     merge_key = torch.where(keep, candidate_scores.neg(), torch.full_like(candidate_scores, float("inf")))
@@ -652,7 +718,7 @@ def _aot_specs() -> list[KernelSpec]:
             "seg_start_ptr": "*i32",
             "seg_len_ptr": "*i32",
             "seg_mask_offset_ptr": "*i64",
-            "iou_threshold": "fp32",
+            "threshold_ptr": triton_pointer_type(compute_dtype),
             **dict.fromkeys(("COMPUTE_FP64", "BLOCK_ROWS", "WORDS"), "constexpr"),
         }
         constexprs = {"COMPUTE_FP64": compute_dtype == torch.float64, "BLOCK_ROWS": block_rows, "WORDS": words}

@@ -459,9 +459,9 @@ def _pool_blocks(num_bins: int, compute_dtype: torch.dtype) -> tuple[int, int]:
 
 def _gather_tile(compute_dtype: torch.dtype) -> tuple[int, int, int]:
     """(BLOCK_C, TILE_H, TILE_W) of the deterministic backward: an 8x16 pixel tile (16 columns
-    are 64 contiguous bytes of an fp32 row) times 16 channels (8 for fp64): 16 accumulators per
+    are 64 contiguous bytes of an fp32 row) times 16 channels (4 for fp64: 8 spill on sm_90 in position-sensitive mode): 16 accumulators per
     thread at 4 warps."""
-    return (8 if compute_dtype == torch.float64 else 16), 8, 16
+    return (4 if compute_dtype == torch.float64 else 16), 8, 16
 
 
 def _geometry(features: list[torch.Tensor], grads: list[torch.Tensor], scales: list[float]):

@@ -17,6 +17,8 @@ A RoI whose batch index is not an integer in ``[0, N)`` pools zeros (argmax -1).
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import triton
 import triton.language as tl
@@ -39,7 +41,7 @@ def _roi_pool_fwd_kernel(
     rois_ptr,  # [K, 5] any strides, corners already multiplied by the spatial scale
     input_ptr,  # [N, C, H, W] any strides
     out_ptr,  # [K, C, PH, PW] contiguous
-    argmax_ptr,  # [K, C, PH, PW] contiguous int64
+    argmax_ptr,  # [K, C, PH, PW] contiguous int64 (not written when position-sensitive)
     # sizes
     N,
     C,
@@ -57,6 +59,7 @@ def _roi_pool_fwd_kernel(
     # scalars
     # meta-parameters
     COMPUTE_FP64: tl.constexpr,
+    POSITION_SENSITIVE: tl.constexpr,  # R-FCN's average: output channel c, bin b reads input channel c * PH * PW + b
     BLOCK_C: tl.constexpr,
     BLOCK_P: tl.constexpr,
 ):
@@ -72,21 +75,30 @@ def _roi_pool_fwd_kernel(
     batch, valid, x1, y1, x2, y2 = _load_roi(rois_ptr, k, stride_rk, stride_rc, N, compute_dtype)
     start_w = _round_half_away(x1)
     start_h = _round_half_away(y1)
-    roi_w = tl.maximum(_round_half_away(x2) - start_w + 1, 1.0)
-    roi_h = tl.maximum(_round_half_away(y2) - start_h + 1, 1.0)
+    # RoIPool counts the end pixel (inclusive extent); position-sensitive pooling does not.
+    inclusive = 0.0 if POSITION_SENSITIVE else 1.0
+    roi_w = tl.maximum(_round_half_away(x2) - start_w + inclusive, 1.0)
+    roi_h = tl.maximum(_round_half_away(y2) - start_h + inclusive, 1.0)
     bin_h = roi_h / PH
     bin_w = roi_w / PW
-    h_start = tl.minimum(tl.maximum(tl.floor(ph * bin_h) + start_h, 0), H).to(tl.int32)
-    h_end = tl.minimum(tl.maximum(tl.ceil((ph + 1) * bin_h) + start_h, 0), H).to(tl.int32)
-    w_start = tl.minimum(tl.maximum(tl.floor(pw * bin_w) + start_w, 0), W).to(tl.int32)
-    w_end = tl.minimum(tl.maximum(tl.ceil((pw + 1) * bin_w) + start_w, 0), W).to(tl.int32)
+    # torchvision clips bins to [0, H] for RoIPool, to [0, H - 1] for position-sensitive pooling.
+    clip_h = H - 1 if POSITION_SENSITIVE else H
+    clip_w = W - 1 if POSITION_SENSITIVE else W
+    h_start = tl.minimum(tl.maximum(tl.floor(ph * bin_h) + start_h, 0), clip_h).to(tl.int32)
+    h_end = tl.minimum(tl.maximum(tl.ceil((ph + 1) * bin_h) + start_h, 0), clip_h).to(tl.int32)
+    w_start = tl.minimum(tl.maximum(tl.floor(pw * bin_w) + start_w, 0), clip_w).to(tl.int32)
+    w_end = tl.minimum(tl.maximum(tl.ceil((pw + 1) * bin_w) + start_w, 0), clip_w).to(tl.int32)
     # Every bin spans at most ceil(bin) + 1 rows and columns; none when the RoI is invalid.
     span_h = tl.where(valid, tl.ceil(bin_h).to(tl.int32) + 1, 0)
     span_w = tl.where(valid, tl.ceil(bin_w).to(tl.int32) + 1, 0)
 
-    base = input_ptr + batch * stride_n + channels.to(tl.int64)[:, None] * stride_c
+    if POSITION_SENSITIVE:
+        base = input_ptr + batch * stride_n + (channels.to(tl.int64)[:, None] * (PH * PW) + bins[None, :]) * stride_c
+    else:
+        base = input_ptr + batch * stride_n + channels.to(tl.int64)[:, None] * stride_c
     best = tl.full((BLOCK_C, BLOCK_P), -3.4028234663852886e38, dtype=compute_dtype)
     best_index = tl.full((BLOCK_C, BLOCK_P), -1, dtype=tl.int64)
+    total = tl.zeros((BLOCK_C, BLOCK_P), dtype=compute_dtype)
     mask_cp = c_ok[:, None] & p_ok[None, :]
     for dh in range(span_h):
         h = h_start + dh
@@ -95,14 +107,22 @@ def _roi_pool_fwd_kernel(
             inside = p_ok & (h < h_end) & (w < w_end)
             offsets = h.to(tl.int64) * stride_h + w.to(tl.int64) * stride_w
             value = tl.load(base + offsets[None, :], mask=mask_cp & inside[None, :], other=0).to(compute_dtype)
-            better = inside[None, :] & (value > best)
-            best = tl.where(better, value, best)
-            best_index = tl.where(better, (h * W + w).to(tl.int64)[None, :], best_index)
+            if POSITION_SENSITIVE:
+                total += value  # masked taps read 0
+            else:
+                better = inside[None, :] & (value > best)
+                best = tl.where(better, value, best)
+                best_index = tl.where(better, (h * W + w).to(tl.int64)[None, :], best_index)
     empty = (h_end <= h_start) | (w_end <= w_start) | (not valid)
-    best = tl.where(empty[None, :], 0.0, best)
     out_offsets = (k.to(tl.int64) * C + channels)[:, None] * (PH * PW) + bins[None, :]
-    tl.store(out_ptr + out_offsets, best.to(out_ptr.dtype.element_ty), mask=mask_cp)
-    tl.store(argmax_ptr + out_offsets, tl.where(empty[None, :], -1, best_index), mask=mask_cp)
+    if POSITION_SENSITIVE:
+        area = tl.maximum((h_end - h_start) * (w_end - w_start), 1).to(compute_dtype)
+        mean = tl.where(empty[None, :], 0.0, total / area[None, :])
+        tl.store(out_ptr + out_offsets, mean.to(out_ptr.dtype.element_ty), mask=mask_cp)
+    else:
+        best = tl.where(empty[None, :], 0.0, best)
+        tl.store(out_ptr + out_offsets, best.to(out_ptr.dtype.element_ty), mask=mask_cp)
+        tl.store(argmax_ptr + out_offsets, tl.where(empty[None, :], -1, best_index), mask=mask_cp)
 
 
 _NUM_WARPS = 4
@@ -115,14 +135,16 @@ def _pool_blocks(num_bins: int) -> tuple[int, int]:
     return 512 // block_p, block_p
 
 
-def roi_pool_triton(input, rois, spatial_scale, output_size):
+def roi_pool_triton(input, rois, spatial_scale, output_size, position_sensitive=False):
+    """RoIPool's ``(maxima, argmax)``; position-sensitive: ``(means, empty argmax)``."""
     compute_dtype = _compute_dtype(input.dtype)
     # Scaled on the host in the compute dtype (fp64 boxes by the fp64 scale, as torchvision).
     rois = rois.to(compute_dtype) * rois.new_tensor([1.0, *[spatial_scale] * 4], dtype=compute_dtype)
     n, c, h, w = input.shape
     ph, pw = output_size
+    c = c // (ph * pw) if position_sensitive else c
     out = torch.empty((rois.shape[0], c, ph, pw), dtype=input.dtype, device=input.device)
-    argmax = torch.empty(out.shape, dtype=torch.int64, device=input.device)
+    argmax = torch.empty(0 if position_sensitive else out.shape, dtype=torch.int64, device=input.device)
     block_c, block_p = _pool_blocks(ph * pw)
     launch(
         _roi_pool_fwd_kernel,
@@ -140,6 +162,7 @@ def roi_pool_triton(input, rois, spatial_scale, output_size):
         *rois.stride(),
         *input.stride(),
         COMPUTE_FP64=compute_dtype == torch.float64,
+        POSITION_SENSITIVE=position_sensitive,
         BLOCK_C=block_c,
         BLOCK_P=block_p,
         num_warps=_NUM_WARPS,
@@ -156,36 +179,54 @@ def _round_half_away_reference(v: torch.Tensor) -> torch.Tensor:
     return torch.where(v >= 0, torch.floor(v + 0.5), -torch.floor(0.5 - v))
 
 
-def roi_pool_reference(input, rois, spatial_scale, output_size):
+def _bins(input, rois, spatial_scale, output_size, inclusive, clip_to_last=False):
+    """Per-axis candidate pixels of every bin, padded to the largest bin (a host read).
+
+    ``inclusive``: 1 for RoIPool's geometry (the end pixel counts), 0 for position-sensitive
+    pooling; ``clip_to_last``: bins clipped to [0, size - 1] instead of [0, size] (torchvision's
+    position-sensitive forward does this, its backward does not).
+    Returns batch [K], rows/cols [K, bins, span] (clamped into the map), their masks, empty
+    [K, PH, PW] (an empty bin or an invalid RoI) and each bin's pixel count."""
     compute_dtype = _compute_dtype(input.dtype)
-    n, c, height, width = input.shape
-    ph_count, pw_count = output_size
+    n, _, height, width = input.shape
+    device = input.device
     rois = rois.to(compute_dtype)
     b, x1, y1, x2, y2 = rois.unbind(1)
     valid = (b >= 0) & (b < n) & (b == b.floor()) & torch.isfinite(rois[:, 1:]).all(1)
-    scale = torch.tensor(spatial_scale, dtype=compute_dtype)
+    scale = torch.tensor(spatial_scale, dtype=compute_dtype, device=device)
     start_w, start_h = _round_half_away_reference(x1 * scale), _round_half_away_reference(y1 * scale)
-    roi_w = (_round_half_away_reference(x2 * scale) - start_w + 1).clamp(min=1)
-    roi_h = (_round_half_away_reference(y2 * scale) - start_h + 1).clamp(min=1)
+    roi_w = (_round_half_away_reference(x2 * scale) - start_w + inclusive).clamp(min=1)
+    roi_h = (_round_half_away_reference(y2 * scale) - start_h + inclusive).clamp(min=1)
 
     def axis(start, bin_size, bins, size):
-        p = torch.arange(bins, dtype=compute_dtype)
-        lo = (torch.floor(p * bin_size[:, None]) + start[:, None]).clamp(0, size)
-        hi = (torch.ceil((p + 1) * bin_size[:, None]) + start[:, None]).clamp(0, size)
+        p = torch.arange(bins, dtype=compute_dtype, device=device)
+        clip = size - 1 if clip_to_last else size
+        lo = (torch.floor(p * bin_size[:, None]) + start[:, None]).clamp(0, clip)
+        hi = (torch.ceil((p + 1) * bin_size[:, None]) + start[:, None]).clamp(0, clip)
         span = int((hi - lo).max()) if len(lo) else 0
-        index = lo[:, :, None] + torch.arange(span, dtype=compute_dtype)  # [K, bins, span]
-        return index.long(), index < hi[:, :, None], hi <= lo
+        index = lo[:, :, None] + torch.arange(span, dtype=compute_dtype, device=device)  # [K, bins, span]
+        return index.long().clamp(max=size - 1), index < hi[:, :, None], hi <= lo, hi - lo
 
-    rows, rows_ok, empty_h = axis(start_h, roi_h / ph_count, ph_count, height)
-    cols, cols_ok, empty_w = axis(start_w, roi_w / pw_count, pw_count, width)
+    ph_count, pw_count = output_size
+    rows, rows_ok, empty_h, extent_h = axis(start_h, roi_h / ph_count, ph_count, height)
+    cols, cols_ok, empty_w, extent_w = axis(start_w, roi_w / pw_count, pw_count, width)
+    empty = empty_h[:, :, None] | empty_w[:, None, :] | ~valid[:, None, None]
+    area = extent_h[:, :, None] * extent_w[:, None, :]
+    return torch.where(valid, b, 0).long(), rows, rows_ok, cols, cols_ok, empty, area
+
+
+def roi_pool_reference(input, rois, spatial_scale, output_size):
+    compute_dtype = _compute_dtype(input.dtype)
+    c, width = input.shape[1], input.shape[3]
+    ph_count, pw_count = output_size
     k = rois.shape[0]
-    batch = torch.where(valid, b, 0).long()
+    batch, rows, rows_ok, cols, cols_ok, empty, _ = _bins(input, rois, spatial_scale, output_size, 1.0)
     # [K, C, PH, PW, span_h, span_w] candidates, masked ones at -inf
     values = input[
         batch[:, None, None, None, None, None],
-        torch.arange(c)[None, :, None, None, None, None],
-        rows.clamp(max=height - 1)[:, None, :, None, :, None],
-        cols.clamp(max=width - 1)[:, None, None, :, None, :],
+        torch.arange(c, device=input.device)[None, :, None, None, None, None],
+        rows[:, None, :, None, :, None],
+        cols[:, None, None, :, None, :],
     ].to(compute_dtype)
     ok = rows_ok[:, None, :, None, :, None] & cols_ok[:, None, None, :, None, :]
     values = torch.where(ok, values, -torch.inf).flatten(-2)
@@ -194,11 +235,56 @@ def roi_pool_reference(input, rois, spatial_scale, output_size):
     shape = (k, c, ph_count, pw_count, -1)
     best_row = rows[:, None, :, None, :].expand(shape).gather(-1, (position.long() // span_w)[..., None])[..., 0]
     best_col = cols[:, None, None, :, :].expand(shape).gather(-1, (position.long() % span_w)[..., None])[..., 0]
-    empty = empty_h[:, None, :, None] | empty_w[:, None, None, :] | ~valid[:, None, None, None]
-    empty = empty.expand(k, c, ph_count, pw_count)
+    empty = empty[:, None].expand(k, c, ph_count, pw_count)
     out = torch.where(empty, 0, best).to(input.dtype)
     argmax = torch.where(empty, -1, best_row * width + best_col)
     return out, argmax
+
+
+def _ps_candidates(input, rois, spatial_scale, output_size, clip_to_last):
+    """Flat input indices ``[K, C_out, PH, PW, span_h, span_w]``, their mask, empty and area."""
+    _, c_in, height, width = input.shape
+    ph_count, pw_count = output_size
+    batch, rows, rows_ok, cols, cols_ok, empty, area = _bins(input, rois, spatial_scale, output_size, 0.0, clip_to_last)
+    c_out = c_in // (ph_count * pw_count)
+    channel = torch.arange(c_out, device=input.device)[:, None, None] * (ph_count * pw_count) + torch.arange(
+        ph_count * pw_count, device=input.device
+    ).view(ph_count, pw_count)  # [C_out, PH, PW]
+    plane = batch[:, None, None, None] * c_in + channel  # [K, C_out, PH, PW]
+    index = (plane[..., None, None] * height + rows[:, None, :, None, :, None]) * width + cols[
+        :, None, None, :, None, :
+    ]
+    ok = rows_ok[:, None, :, None, :, None] & cols_ok[:, None, None, :, None, :] & ~empty[:, None, :, :, None, None]
+    return index, ok.expand(index.shape), empty[:, None], area[:, None]
+
+
+def ps_roi_pool_reference(input, rois, spatial_scale, output_size):
+    compute_dtype = _compute_dtype(input.dtype)
+    index, ok, empty, area = _ps_candidates(input, rois, spatial_scale, output_size, True)
+    values = torch.where(ok, input.reshape(-1)[index].to(compute_dtype), 0).sum((-1, -2))
+    return torch.where(empty, 0, values / area.clamp(min=1)).to(input.dtype)
+
+
+@torch.library.custom_op("tritondet::ps_roi_pool_backward", mutates_args=())
+def ps_roi_pool_backward(
+    grad: torch.Tensor, input: torch.Tensor, rois: torch.Tensor, spatial_scale: float, output_size: list[int]
+) -> torch.Tensor:
+    """Each bin's gradient spread evenly over its pixels (deterministic in deterministic mode).
+
+    Vectorized PyTorch on every backend; an op of its own because the candidate padding is sized
+    from the data."""
+    # torchvision's backward clips bins to [0, H] and [0, W], unlike its forward: its gradient is
+    # reproduced here (so it is not the exact derivative for bins on the last row or column).
+    index, ok, empty, area = _ps_candidates(input, rois, spatial_scale, tuple(output_size), False)
+    share = torch.where(empty, 0, grad / area.clamp(min=1))[..., None, None].expand(index.shape)
+    grad_input = grad.new_zeros(input.numel())
+    grad_input.index_put_((index[ok],), share[ok], accumulate=True)
+    return grad_input.reshape(input.shape)
+
+
+@ps_roi_pool_backward.register_fake
+def _(grad, input, rois, spatial_scale, output_size):
+    return torch.empty_like(input, memory_format=torch.contiguous_format)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -247,13 +333,50 @@ def _backward(ctx, grad, _grad_argmax):
 roi_pool_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+@torch.library.custom_op("tritondet::ps_roi_pool", mutates_args=())
+def ps_roi_pool_op(
+    input: torch.Tensor, rois: torch.Tensor, spatial_scale: float, pooled_height: int, pooled_width: int
+) -> torch.Tensor:
+    """``[N, C * PH * PW, H, W], [K, 5] -> [K, C, PH, PW]`` bin means (R-FCN)."""
+    size = (pooled_height, pooled_width)
+    if use_triton(input.device):
+        return roi_pool_triton(input, rois, spatial_scale, size, position_sensitive=True)[0]
+    return ps_roi_pool_reference(input, rois, spatial_scale, size)
+
+
+@ps_roi_pool_op.register_fake
+def _(input, rois, spatial_scale, pooled_height, pooled_width):
+    c_out = input.shape[1] // (pooled_height * pooled_width)
+    return input.new_empty((rois.shape[0], c_out, pooled_height, pooled_width))
+
+
+def _ps_setup_context(ctx, inputs, output):
+    input, rois, spatial_scale, pooled_height, pooled_width = inputs
+    ctx.save_for_backward(input, rois)
+    ctx.spatial_scale, ctx.output_size = spatial_scale, (pooled_height, pooled_width)
+
+
+def _ps_backward(ctx, grad):
+    input, rois = ctx.saved_tensors
+    grad_input = torch.ops.tritondet.ps_roi_pool_backward(grad, input, rois, ctx.spatial_scale, list(ctx.output_size))
+    return grad_input, None, None, None, None
+
+
+ps_roi_pool_op.register_autograd(_ps_backward, setup_context=_ps_setup_context)
+
+
 def _aot_specs() -> list[KernelSpec]:
     specs = []
     for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         compute = _compute_dtype(dtype)
-        for num_bins in (16, 49):  # the two bin-block widths of _pool_blocks
+        for num_bins, ps in itertools.product((16, 49), (False, True)):  # _pool_blocks' two widths
             block_c, block_p = _pool_blocks(num_bins)
-            constexprs = {"COMPUTE_FP64": dtype == torch.float64, "BLOCK_C": block_c, "BLOCK_P": block_p}
+            constexprs = {
+                "COMPUTE_FP64": dtype == torch.float64,
+                "POSITION_SENSITIVE": ps,
+                "BLOCK_C": block_c,
+                "BLOCK_P": block_p,
+            }
             signature = {
                 "rois_ptr": triton_pointer_type(compute),
                 "input_ptr": triton_pointer_type(dtype),
@@ -263,10 +386,10 @@ def _aot_specs() -> list[KernelSpec]:
                 **dict.fromkeys(("stride_rk", "stride_rc", "stride_n", "stride_c", "stride_h", "stride_w"), "i32"),
                 **dict.fromkeys(constexprs, "constexpr"),
             }
-            label = f"{str(dtype).removeprefix('torch.')},BLOCK_P={block_p}"
+            label = f"{str(dtype).removeprefix('torch.')},BLOCK_P={block_p}" + (",position_sensitive" if ps else "")
             specs.append(KernelSpec(_roi_pool_fwd_kernel, signature, constexprs, label, num_warps=_NUM_WARPS))
     return specs
 
 
 AOT_SPECS = _aot_specs()
-PUBLIC_OPS = ("roi_pool", "RoIPool")
+PUBLIC_OPS = ("roi_pool", "RoIPool", "ps_roi_pool", "PSRoIPool")

@@ -64,8 +64,9 @@ def _head_pointer(address, HEAD_DTYPE: tl.constexpr):
 @triton.jit
 def _grid_position(index, row_ptr):
     """(y, x, a) of anchor ``index`` of a level in (y, x, anchor) order."""
-    width = tl.load(row_ptr + F_WIDTH)
-    num_anchors = tl.load(row_ptr + F_NUM_ANCHORS)
+    # int32 division: a level has far fewer than 2^31 anchors, and int64 division is slow on GPUs.
+    width = tl.load(row_ptr + F_WIDTH).to(tl.int32)
+    num_anchors = tl.load(row_ptr + F_NUM_ANCHORS).to(tl.int32)
     a = index % num_anchors
     position = index // num_anchors
     return position // width, position % width, a
@@ -88,7 +89,7 @@ def _gather_objectness_kernel(
     num_levels = tl.num_programs(1)
     row_ptr = table_ptr + level * row_width
     count = tl.load(row_ptr + F_HEIGHT) * tl.load(row_ptr + F_WIDTH) * tl.load(row_ptr + F_NUM_ANCHORS)
-    index = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    index = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     in_level = index < count
     y, x, a = _grid_position(index, row_ptr)
     objectness = _head_pointer(tl.load(row_ptr + F_OBJECTNESS), HEAD_DTYPE)
@@ -133,7 +134,7 @@ def _decode_proposals_kernel(
     selected = j < tl.minimum(count, pre_nms_top_n)  # torchvision's per-level top n
     top = (image * num_levels + level) * K + j
     logits = tl.load(top_logits_ptr + top, mask=selected, other=0.0)
-    index = tl.load(top_index_ptr + top, mask=selected, other=0)
+    index = tl.load(top_index_ptr + top, mask=selected, other=0).to(tl.int32)
     y, x, a = _grid_position(index, row_ptr)
     ax1, ay1, ax2, ay2 = level_anchor(row_ptr, y, x, a)
 
@@ -267,13 +268,18 @@ def rpn_candidates_reference(
     k = candidate_count(counts, pre_nms_top_n)
     # (y, x, anchor) order, as torchvision's permute_and_flatten.
     logits = [o.permute(0, 2, 3, 1).reshape(batch, -1).float() for o in objectness]
-    codes = [d.reshape(batch, -1, 4, *d.shape[2:]).permute(0, 3, 4, 1, 2).reshape(batch, -1, 4).float() for d in deltas]
+    codes = [
+        d.reshape(batch, d.shape[1] // 4, 4, *d.shape[2:]).permute(0, 3, 4, 1, 2).reshape(batch, -1, 4).float()
+        for d in deltas
+    ]
     grid_sizes = [v for o in objectness for v in o.shape[2:]]
     anchors = grid_anchors_reference(grid_sizes, strides, anchor_sizes, anchor_ratios, anchors_per_level, device)
     anchors = _pad_levels([a[None] for a in anchors.split(counts)], max_count, 0.0)[0]  # [L, max_count, 4]
 
     top_logits, top_index = _pad_levels(logits, max_count, float("-inf")).topk(k, dim=2)  # [N, L, K]
-    selected = torch.arange(k, device=device) < torch.tensor(counts, device=device).clamp(max=pre_nms_top_n)[:, None]
+    # Built on the device (no host-to-device copy): candidate j of level l is one of its top n.
+    top_n = torch.stack([torch.full((), min(c, pre_nms_top_n), device=device) for c in counts])
+    selected = torch.arange(k, device=device) < top_n[:, None]
     top_codes = _pad_levels(codes, max_count, 0.0).gather(2, top_index[..., None].expand(-1, -1, -1, 4))
     top_anchors = anchors[torch.arange(len(counts), device=device)[:, None], top_index]  # [N, L, K, 4]
     boxes = decode_reference(top_codes, top_anchors, list(RPN_WEIGHTS), clip)
