@@ -200,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--checkpoint", type=Path, required=True, help="a checkpoint written by train")
     evaluation.add_argument("--val-images", help="COCO-format image folder (default: the checkpoint's val split)")
     evaluation.add_argument("--val-annotations", help="COCO instances JSON for --val-images")
-    evaluation.add_argument("--batch-size", type=int, default=4, help="images per batch (default 4)")
+    evaluation.add_argument("--batch-size", type=int, help="images per batch (default: the training run's)")
     evaluation.add_argument("--device", help="default: cuda if available, else cpu")
     evaluation.set_defaults(run=_cmd_eval)
 

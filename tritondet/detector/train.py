@@ -712,11 +712,15 @@ def evaluate_checkpoint(
     checkpoint_path: str | os.PathLike,
     val_images: str | None = None,
     val_annotations: str | None = None,
-    batch_size: int = 4,
+    batch_size: int | None = None,
     device: str | None = None,
 ) -> dict:
     """COCO AP of a training checkpoint on ``val_images``/``val_annotations`` (default: the val split
-    of the data it was trained on; the synthetic set is regenerated if missing)."""
+    of the data it was trained on; the synthetic set is regenerated if missing).
+
+    ``batch_size`` defaults to the training run's: images in a batch are padded to a common size, and
+    the padding changes the features near the borders slightly, so the same batch size reproduces
+    the AP printed at the end of training."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, checkpoint = load_checkpoint(checkpoint_path, device)
     transform = model.config.transform
@@ -733,7 +737,7 @@ def evaluate_checkpoint(
     elif val_images is None:
         raise ValueError("val_images must be given with val_annotations")
     val_set = data.CocoDetection(val_images, val_annotations, val_tf)
-    loader = data.make_data_loader(val_set, batch_size, shuffle=False)
+    loader = data.make_data_loader(val_set, batch_size or checkpoint["train_config"]["batch_size"], shuffle=False)
     return evaluate.evaluate_model(model, loader, device=device)
 
 
