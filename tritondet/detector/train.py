@@ -833,7 +833,12 @@ def predict_image(
         _panel(image, boxes["anchors"], "1. anchors at the centre position, every level", "yellow"),
         _panel(image, boxes["before_nms"], "2. top RPN proposals before NMS", "cyan"),
         _panel(image, boxes["after_nms"], "3. top RPN proposals after NMS", "lime"),
-        draw_detections(image, final, categories, score_thresh),
+        _panel(
+            draw_detections(image, final, categories, score_thresh).float() / 255,
+            final["boxes"][:0],
+            "4. detections",
+            "red",
+        ),
     ]
     save_image_grid(panels, Path(out_path), columns=2)
     return final
