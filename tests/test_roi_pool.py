@@ -36,6 +36,16 @@ def test_ties_take_the_first_maximum_and_empty_bins_are_zero(backend, device):
     assert out[1].abs().sum() == 0 and (argmax[1] == -1).all()
 
 
+def test_nan_and_infinite_inputs_follow_torchvision(backend, device):
+    x = torch.tensor([[1.0, float("nan")], [float("-inf"), -2.0]]).repeat(2, 2).reshape(1, 1, 4, 4).to(device)
+    x[0, 0, 2:, 2:] = float("nan")
+    rois = torch.tensor([[0, 0, 0, 3, 3], [0, 2, 2, 3, 3], [0, 1, 1, 2, 2]], dtype=torch.float32, device=device)
+    out, argmax = torch.ops.tritondet.roi_pool(x, rois, 1.0, 2, 2)
+    expected, expected_argmax = torch.ops.torchvision.roi_pool(x, rois, 1.0, 2, 2)
+    assert torch.equal(argmax, expected_argmax)
+    assert torch.equal(out, expected)
+
+
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
 def test_dtypes_and_layouts(backend, device, dtype, layout):

@@ -68,7 +68,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         print(f"\ncompile report: {len(compiled)} kernel compilations for sm_80/sm_90, {failed} failed or spilled")
     for failure in failures:
         print(f"FAILED {failure}")
-    print(f"wrote {args.out}/results.csv, {args.out}/results.md (with the compile report) and one PNG per op")
+    with_report = "" if compiled is None else " (with the compile report)"
+    print(f"wrote {args.out}/results.csv, {args.out}/results.md{with_report} and one PNG per op")
     return 1 if failures else 0
 
 

@@ -1220,3 +1220,21 @@ class PSRoIPool(torch.nn.Module):
 
     def __repr__(self) -> str:
         return f"{self.__class__.__name__}(output_size={self.output_size}, spatial_scale={self.spatial_scale})"
+
+
+# ----------------------------------------------------------------------------------------------
+# Everything else torchvision.ops has
+# ----------------------------------------------------------------------------------------------
+
+
+def __getattr__(name: str):
+    """torchvision.ops names tritondet has no kernel for (``box_area``, ``box_convert``,
+    ``clip_boxes_to_image``, ``deform_conv2d``, ``FeaturePyramidNetwork``, ...) resolve to
+    torchvision's own, so ``from tritondet import ops`` replaces ``from torchvision import ops``
+    whole."""
+    if name.startswith("__"):
+        raise AttributeError(name)
+    try:
+        return getattr(torchvision.ops, name)
+    except AttributeError:
+        raise AttributeError(f"module 'tritondet.ops' has no attribute {name!r}") from None

@@ -458,10 +458,13 @@ def _pool_blocks(num_bins: int, compute_dtype: torch.dtype) -> tuple[int, int]:
 
 
 def _gather_tile(compute_dtype: torch.dtype) -> tuple[int, int, int]:
-    """(BLOCK_C, TILE_H, TILE_W) of the deterministic backward: an 8x16 pixel tile (16 columns
-    are 64 contiguous bytes of an fp32 row) times 16 channels (4 for fp64: 8 spill on sm_90 in position-sensitive mode): 16 accumulators per
-    thread at 4 warps."""
-    return (4 if compute_dtype == torch.float64 else 16), 8, 16
+    """(BLOCK_C, TILE_H, TILE_W) of the deterministic backward.
+
+    fp32: an 8x16 pixel tile (16 columns are 64 contiguous bytes of a row) times 16 channels, 16
+    accumulators per thread at 4 warps. fp64: a 4x16 tile times 8 channels; ptxas spills both
+    the 8x16x8 tile and, oddly, the smaller 8x16x4 and 8x8x4 ones on sm_80/sm_90, not this one
+    (`tritondet compile-report`)."""
+    return (8, 4, 16) if compute_dtype == torch.float64 else (16, 8, 16)
 
 
 def _geometry(features: list[torch.Tensor], grads: list[torch.Tensor], scales: list[float]):
@@ -802,7 +805,8 @@ def roi_align_backward_reference(
     for f in features:
         n, _, h, w = f.shape
         block = pixel_grads[start : start + n * h * w].reshape(n, h, w, c).permute(0, 3, 1, 2)
-        grads.append(block.to(f.dtype, copy=True))  # a copy: a custom op's outputs must not alias each other
+        # copy=True: each level's gradient in its own storage (a custom op's outputs must not alias).
+        grads.append(block.to(f.dtype, copy=True))
         start += n * h * w
     return grads
 

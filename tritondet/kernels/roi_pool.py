@@ -229,15 +229,20 @@ def roi_pool_reference(input, rois, spatial_scale, output_size):
         cols[:, None, None, :, None, :],
     ].to(compute_dtype)
     ok = rows_ok[:, None, :, None, :, None] & cols_ok[:, None, None, :, None, :]
-    values = torch.where(ok, values, -torch.inf).flatten(-2)
-    best, position = values.max(-1) if values.shape[-1] else (values.new_zeros(values.shape[:-1]),) * 2
+    # torchvision keeps a value only if it is greater than the running maximum, which starts at
+    # the lowest finite float: NaN and values <= that never win (argmax -1).
+    values = torch.where(ok & ~values.isnan(), values, -torch.inf).flatten(-2)
+    best, position = values.max(-1) if values.shape[-1] else (values.new_full(values.shape[:-1], -torch.inf),) * 2
+    lowest = torch.finfo(torch.float32).min
+    found = best > lowest
+    best = torch.where(found, best, lowest)
     span_w = max(cols.shape[-1], 1)
     shape = (k, c, ph_count, pw_count, -1)
     best_row = rows[:, None, :, None, :].expand(shape).gather(-1, (position.long() // span_w)[..., None])[..., 0]
     best_col = cols[:, None, None, :, :].expand(shape).gather(-1, (position.long() % span_w)[..., None])[..., 0]
     empty = empty[:, None].expand(k, c, ph_count, pw_count)
     out = torch.where(empty, 0, best).to(input.dtype)
-    argmax = torch.where(empty, -1, best_row * width + best_col)
+    argmax = torch.where(empty | ~found, -1, best_row * width + best_col)
     return out, argmax
 
 
