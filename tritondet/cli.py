@@ -1,4 +1,4 @@
-"""The ``tritondet`` command: ``ops``, ``compile-report``, ``bench`` (more subcommands arrive with the detector)."""
+"""The ``tritondet`` command: ``ops``, ``compile-report``, ``bench``, and the detector's ``train``, ``eval``, ``predict``."""
 
 from __future__ import annotations
 
@@ -73,6 +73,93 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# The detector: train, eval, predict
+# ---------------------------------------------------------------------------------------------------------------------
+
+_TRAIN_HELP = {
+    "output_dir": "checkpoints, log.csv, loss_curves.png, detections.png, metrics.json",
+    "data_root": "where the synthetic data set is cached (default ~/.cache/tritondet/data)",
+    "num_train": "synthetic training images",
+    "num_val": "synthetic val images",
+    "train_images": "COCO-format training image folder (with the three other paths, instead of the synthetic set)",
+    "model": "model preset: lite (CPU, from scratch), small_cpu, tiny, resnet50_fpn, resnet_c4, paper_vgg16",
+    "min_size": "shorter image side (overrides the preset)",
+    "max_size": "cap on the longer image side (overrides the preset)",
+    "iterations": "training iterations (the budget may stop earlier)",
+    "batch_size": "images per process and iteration",
+    "lr_steps": "fractions of the run at which the learning rate is multiplied by gamma",
+    "max_minutes": "wall-clock budget of the whole run, evaluation included",
+    "amp": "bf16 autocast (CUDA only)",
+    "resume": "a checkpoint to resume from, or 'auto' (output_dir/last.pt if present)",
+    "num_workers": "data loader workers (default: 2 on CUDA, 0 on the CPU)",
+}
+
+
+def _add_train_options(parser: argparse.ArgumentParser) -> None:
+    """One ``--option`` per :class:`~tritondet.detector.train.TrainConfig` field; unset options keep its defaults."""
+    import dataclasses
+
+    from .detector.train import TrainConfig
+
+    kinds = {"int": int, "float": float, "str": str}
+    for f in dataclasses.fields(TrainConfig):
+        if f.name == "extra":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else None
+        help_text = f"{_TRAIN_HELP.get(f.name, f.name.replace('_', ' '))} (default: {default})"
+        kind = str(f.type)
+        if kind == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
+        elif kind.startswith("tuple"):
+            parser.add_argument(flag, type=float, nargs="+", default=argparse.SUPPRESS, help=help_text)
+        else:
+            parser.add_argument(
+                flag, type=kinds[kind.split(" ")[0]], default=argparse.SUPPRESS, help=help_text, metavar=f.name.upper()
+            )
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .detector.evaluate import format_coco_table
+    from .detector.train import TrainConfig, train
+
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "run")}
+    result = train(TrainConfig(**options))
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return 0
+    minutes = result["total_seconds"] / 60
+    print(
+        f"trained {result['iteration']} iterations in {result['trained_seconds'] / 60:.1f} min ({minutes:.1f} min in all)"
+    )
+    if result["metrics"] is not None:
+        print(
+            format_coco_table(result["metrics"], title=f"COCO box evaluation on the val split ({result['output_dir']})")
+        )
+    print(f"outputs in {result['output_dir']}/: last.pt, log.csv, loss_curves.png, detections.png, metrics.json")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .detector.evaluate import format_coco_table
+    from .detector.train import evaluate_checkpoint
+
+    metrics = evaluate_checkpoint(args.checkpoint, args.val_images, args.val_annotations, args.batch_size, args.device)
+    print(format_coco_table(metrics, title=f"COCO box evaluation of {args.checkpoint}"))
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from .detector.train import predict_image
+
+    prediction = predict_image(args.checkpoint, args.image, args.out, args.score_thresh, args.device, args.stages)
+    shown = int((prediction["scores"] >= args.score_thresh).sum())
+    print(f"{shown} detections with score >= {args.score_thresh} drawn to {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tritondet",
@@ -102,6 +189,34 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--threads", type=int, default=1, help="torch CPU threads while timing on the CPU (default 1)")
     bench.add_argument("--no-compile-report", action="store_true", help="leave the sm_80/sm_90 compile report out")
     bench.set_defaults(run=_cmd_bench)
+
+    train = commands.add_parser(
+        "train",
+        help="train the detector; with no arguments: the synthetic data set, the CPU model, then the COCO AP table",
+    )
+    _add_train_options(train)
+    train.set_defaults(run=_cmd_train)
+
+    evaluation = commands.add_parser("eval", help="COCO box AP of a training checkpoint (default: its val split)")
+    evaluation.add_argument("--checkpoint", type=Path, required=True, help="a checkpoint written by train")
+    evaluation.add_argument("--val-images", help="COCO-format image folder (default: the checkpoint's val split)")
+    evaluation.add_argument("--val-annotations", help="COCO instances JSON for --val-images")
+    evaluation.add_argument("--batch-size", type=int, help="images per batch (default: the training run's)")
+    evaluation.add_argument("--device", help="default: cuda if available, else cpu")
+    evaluation.set_defaults(run=_cmd_eval)
+
+    predict = commands.add_parser("predict", help="draw a checkpoint's detections on an image")
+    predict.add_argument("image", type=Path, help="an image file")
+    predict.add_argument("--checkpoint", type=Path, required=True, help="a checkpoint written by train")
+    predict.add_argument("--out", type=Path, default=Path("out.png"), help="output PNG (default out.png)")
+    predict.add_argument("--score-thresh", type=float, default=0.5, help="draw detections scoring at least this")
+    predict.add_argument("--device", help="default: cuda if available, else cpu")
+    predict.add_argument(
+        "--stages",
+        action="store_true",
+        help="a 2x2 grid: anchors at one position, top RPN proposals before and after NMS, final detections",
+    )
+    predict.set_defaults(run=_cmd_predict)
     return parser
 
 

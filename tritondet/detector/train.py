@@ -1,0 +1,844 @@
+"""Training the detector: SGD with warm-up and step decay, checkpoints, logs, multi-process (torchrun).
+
+``tritondet train`` (no arguments) runs :func:`train` with :class:`TrainConfig`'s defaults: it generates
+the synthetic data set if missing, trains the CPU-friendly ``lite`` model (a narrow ResNet-like
+backbone with an FPN, trained from scratch: no pretrained weights are ever downloaded), evaluates
+on the val split with COCO AP and prints the table.
+
+The recipe (Faster R-CNN paper Section 3.3 / torchvision's reference scripts): SGD, momentum 0.9,
+weight decay 1e-4, a linear warm-up over ``warmup_iters`` from ``warmup_factor * lr``, then the learning
+rate times ``gamma`` at each of ``lr_steps`` (fractions of the run). The run's progress is the larger of
+``iteration / iterations`` and the elapsed fraction of the ``max_minutes`` budget, so a run cut short
+by its budget still decays its learning rate before it stops. Gradients are clipped to
+``clip_grad_norm``; on CUDA the forward pass runs under bf16 autocast (``amp``).
+
+Outputs in ``output_dir``: ``checkpoint_<iteration>.pt`` every ``checkpoint_every`` iterations and
+``last.pt`` (model, optimizer, iteration, elapsed time, random states, configs), ``log.csv`` (one row
+per ``log_every`` iterations), TensorBoard events when ``tensorboard`` is installed, ``loss_curves.png``,
+``detections.png`` (a few val images with their detections), ``metrics.json``.
+
+Multi-process: launched by ``torchrun --nproc_per_node N -m tritondet.cli train ...`` the run uses
+``DistributedDataParallel`` (NCCL on CUDA, gloo on CPU), a ``DistributedSampler`` per rank (the
+batch size is per process), logs and checkpoints on rank 0 only, and evaluates every rank's share of
+the val split, gathered with :func:`~tritondet.detector.evaluate.gather_predictions`.
+
+Reproducibility: ``seed`` fixes the model's initialization, the data order, the flips and the
+detector's anchor/RoI sampling (rank r samples with ``seed + r``), so a CPU run repeats exactly.
+Resuming from a checkpoint taken at an epoch boundary repeats the uninterrupted run exactly; from
+the middle of an epoch the skipped batches are re-drawn, so the flips may differ.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import os
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image, ImageDraw
+from torch import Tensor, nn
+from torchvision.ops import FeaturePyramidNetwork
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+from torchvision.utils import draw_bounding_boxes
+
+from .. import ops
+from . import config as presets
+from . import data, evaluate
+from .backbone import feature_strides
+from .config import (
+    AnchorConfig,
+    BackboneConfig,
+    FasterRCNNConfig,
+    RoIHeadsConfig,
+    RPNConfig,
+    TransformConfig,
+)
+from .faster_rcnn import LOSS_NAMES, FasterRCNN
+from .rpn import RPN_BOX_WEIGHTS, clip_to_images, flatten_head_outputs
+
+__all__ = [
+    "MODEL_PRESETS",
+    "LiteBackbone",
+    "TrainConfig",
+    "build_model",
+    "draw_detections",
+    "evaluate_checkpoint",
+    "lite",
+    "load_checkpoint",
+    "pipeline_stages",
+    "predict_image",
+    "read_image",
+    "train",
+]
+
+CHECKPOINT_VERSION = 1
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The CPU model: a narrow backbone trained from scratch
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _conv_bn(in_channels: int, out_channels: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True),
+    )
+
+
+class _Residual(nn.Module):
+    """Two 3x3 conv + batch norm with an identity shortcut (ResNet's basic block)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            _conv_bn(channels, channels),
+            nn.Conv2d(channels, channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(channels),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.relu(x + self.body(x))
+
+
+class LiteBackbone(nn.Module):
+    """A narrow ResNet-like network with an FPN, for training from scratch on a CPU.
+
+    Stem: two stride-2 3x3 convolutions (stride 4, ``stem_channels``); then one stage per entry of
+    ``widths``, each a stride-2 convolution and a residual block, giving maps at strides 8, 16, 32;
+    torchvision's ``FeaturePyramidNetwork`` with ``fpn_channels`` and an extra max-pooled level
+    (stride 64). Output keys ``"0", "1", "2", "pool"`` as torchvision's ``BackboneWithFPN``. No
+    stride-4 level: at a 192-pixel short side the smallest synthetic objects (~19 pixels) still span
+    two stride-8 cells, and the stride-4 level would hold 3/4 of the anchors and of the RPN head's cost.
+    """
+
+    def __init__(
+        self, widths: tuple[int, ...] = (48, 96, 128), stem_channels: int = 32, fpn_channels: int = 64
+    ) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(
+            _conv_bn(3, stem_channels // 2, stride=2), _conv_bn(stem_channels // 2, stem_channels, stride=2)
+        )
+        stages, previous = [], stem_channels
+        for width in widths:
+            stages.append(nn.Sequential(_conv_bn(previous, width, stride=2), _Residual(width)))
+            previous = width
+        self.stages = nn.ModuleList(stages)
+        self.fpn = FeaturePyramidNetwork(list(widths), fpn_channels, extra_blocks=LastLevelMaxPool())
+        self.out_channels = fpn_channels
+
+    def forward(self, images: Tensor) -> OrderedDict[str, Tensor]:
+        x = self.stem(images)
+        features = OrderedDict()
+        for i, stage in enumerate(self.stages):
+            x = stage(x)
+            features[str(i)] = x
+        return self.fpn(features)
+
+
+LITE_LEVELS = ("0", "1", "2")
+
+
+def lite(num_classes: int = len(data.SYNTHETIC_CLASSES) + 1) -> FasterRCNNConfig:
+    """The default CPU training model (``backbone=None``: :class:`LiteBackbone`).
+
+    Images at a short side of 192 (the synthetic objects then span ~19-96 pixels square-root area,
+    up to 4:1), anchors 20, 40, 80, 160 x ratios 1:2, 1:1, 2:1 on the levels at strides 8..64, fewer
+    proposals (300 per level before NMS, 200/100 after, training/testing) and 64 RoIs per image: the
+    RoI stage's cost shrinks with the backbone's.
+    """
+    return FasterRCNNConfig(
+        transform=TransformConfig(min_size=192, max_size=256),
+        backbone=None,
+        anchors=AnchorConfig(sizes=((20,), (40,), (80,), (160,)), aspect_ratios=((0.5, 1.0, 2.0),) * 4),
+        rpn=RPNConfig(pre_nms_top_n=(128, 128), post_nms_top_n=(128, 100), batch_size_per_image=128),
+        roi_heads=RoIHeadsConfig(
+            num_classes=num_classes, featmap_names=LITE_LEVELS, representation_size=256, batch_size_per_image=32
+        ),
+    )
+
+
+# name -> (config factory taking num_classes, whether the model uses LiteBackbone)
+MODEL_PRESETS = {
+    "lite": lite,
+    "small_cpu": presets.small_cpu,
+    "tiny": presets.tiny,
+    "resnet50_fpn": presets.resnet50_fpn,
+    "resnet_c4": lambda num_classes: presets.resnet_c4(num_classes=num_classes),
+    "paper_vgg16": presets.paper_vgg16,
+}
+
+
+def build_model(config: FasterRCNNConfig) -> FasterRCNN:
+    """The detector for ``config``; ``config.backbone is None`` means :class:`LiteBackbone`."""
+    backbone = LiteBackbone() if config.backbone is None else None
+    return FasterRCNN(config, backbone=backbone)
+
+
+def _tuples(value):
+    """Lists (from JSON or ``dataclasses.asdict``) back to the tuples the configs hold."""
+    return tuple(_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def _config_from_dict(values: dict) -> FasterRCNNConfig:
+    sections = {
+        "transform": TransformConfig,
+        "backbone": BackboneConfig,
+        "anchors": AnchorConfig,
+        "rpn": RPNConfig,
+        "roi_heads": RoIHeadsConfig,
+    }
+    kwargs = {}
+    for name, cls in sections.items():
+        section = values.get(name)
+        kwargs[name] = None if section is None else cls(**{k: _tuples(v) for k, v in section.items()})
+    return FasterRCNNConfig(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainConfig:
+    """Every option of a training run (the ``tritondet train`` flags have the same names)."""
+
+    output_dir: str = "runs/train"
+    # Data: the synthetic set (generated into data_root, default ~/.cache/tritondet/data) unless the
+    # COCO-format train_* paths are given.
+    data_root: str | None = None
+    num_train: int = 2000  # synthetic training images (ignored with COCO data)
+    num_val: int = 200
+    train_images: str | None = None
+    train_annotations: str | None = None
+    val_images: str | None = None
+    val_annotations: str | None = None
+    # Model: a preset of MODEL_PRESETS; min_size/max_size override its image sizes when set.
+    model: str = "lite"
+    min_size: int | None = None
+    max_size: int | None = None
+    # Optimization.
+    iterations: int = 20000  # on 2 CPU cores the 15-minute budget ends the run first
+    batch_size: int = 2  # images per process; from scratch, more steps beat bigger batches at equal cost
+    lr: float = 0.01  # the rate of the measured 15-minute CPU run (batch 2, from scratch); not swept
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_iters: int = 50
+    warmup_factor: float = 1e-3
+    lr_steps: tuple[float, ...] = (0.7, 0.9)  # fractions of the run's progress
+    gamma: float = 0.1
+    clip_grad_norm: float = 10.0
+    amp: bool = True  # bf16 autocast, on CUDA only
+    max_minutes: float | None = 15.0  # wall-clock budget of the whole run, evaluation included
+    # Bookkeeping.
+    seed: int = 0
+    num_workers: int | None = None  # default: 2 on CUDA, 0 on the CPU (the model needs both cores there)
+    checkpoint_every: int = 500
+    log_every: int = 10
+    resume: str | None = None  # a checkpoint path, or "auto": output_dir/last.pt if it exists
+    evaluate: bool = True
+    plots: bool = True
+    progress: bool = True
+    device: str | None = None  # default: cuda if available, else cpu
+    extra: dict = field(default_factory=dict)  # free-form notes stored in the checkpoint
+
+    def __post_init__(self) -> None:
+        if self.model not in MODEL_PRESETS:
+            raise ValueError(f"model must be one of {sorted(MODEL_PRESETS)}, got {self.model!r}")
+        for name in ("iterations", "batch_size", "checkpoint_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.lr <= 0 or self.clip_grad_norm <= 0:
+            raise ValueError(f"lr and clip_grad_norm must be positive, got {self.lr}, {self.clip_grad_norm}")
+        if any(not 0 < s < 1 for s in self.lr_steps):
+            raise ValueError(f"lr_steps must be fractions in (0, 1), got {self.lr_steps}")
+        if self.max_minutes is not None and self.max_minutes <= 0:
+            raise ValueError(f"max_minutes must be positive, got {self.max_minutes}")
+        self.lr_steps = tuple(self.lr_steps)
+
+
+def learning_rate(config: TrainConfig, iteration: int, progress: float) -> float:
+    """Linear warm-up over ``warmup_iters`` iterations, then ``gamma`` at each step of ``lr_steps`` passed."""
+    factor = config.gamma ** sum(progress >= step for step in config.lr_steps)
+    if iteration < config.warmup_iters:
+        alpha = iteration / config.warmup_iters
+        factor *= config.warmup_factor * (1 - alpha) + alpha
+    return config.lr * factor
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Distributed helpers
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _init_distributed(device: torch.device) -> tuple[int, int]:
+    """(rank, world size); joins the process group when launched by torchrun (``WORLD_SIZE`` > 1)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _average_buffers(model: nn.Module) -> None:
+    """Average the floating buffers (batch-norm statistics) over the ranks. DDP copies rank 0's buffers
+    into every rank at each forward, but each rank's last forward updates its own: averaging before a
+    checkpoint and at the end leaves every rank with the same model, using every rank's statistics."""
+    if not _distributed():
+        return
+    for buffer in model.buffers():
+        if buffer.is_floating_point():
+            dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
+            buffer.div_(dist.get_world_size())
+
+
+def _max_over_ranks(value: float) -> float:
+    """The largest ``value`` of all ranks, so time-based decisions agree everywhere."""
+    if not _distributed():
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return float(tensor.item())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _datasets(config: TrainConfig, model_config: FasterRCNNConfig, rank: int):
+    transform = model_config.transform
+    train_tf = data.DetectionTransform(transform.min_size, transform.max_size, train=True)
+    val_tf = data.DetectionTransform(transform.min_size, transform.max_size, train=False)
+    if config.train_annotations:
+        if not (config.train_images and config.val_images and config.val_annotations):
+            raise ValueError("COCO data needs train_images, train_annotations, val_images and val_annotations")
+        paths = (config.train_images, config.train_annotations, config.val_images, config.val_annotations)
+    else:
+        if rank == 0:
+            synthetic = data.ensure_synthetic_dataset(
+                config.data_root, seed=config.seed, num_train=config.num_train, num_val=config.num_val
+            )
+        if _distributed():
+            dist.barrier()  # rank 0 generated it; the others find it complete
+        synthetic = data.ensure_synthetic_dataset(
+            config.data_root, seed=config.seed, num_train=config.num_train, num_val=config.num_val
+        )
+        paths = (synthetic.train_images, synthetic.train_annotations, synthetic.val_images, synthetic.val_annotations)
+    train_set = data.CocoDetection(paths[0], paths[1], train_tf, remove_images_without_annotations=True)
+    val_set = data.CocoDetection(paths[2], paths[3], val_tf)
+    return train_set, val_set
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def save_checkpoint(path: Path, model: nn.Module, optimizer, state: dict) -> None:
+    """Write atomically (a temporary file renamed into place): an interrupted save leaves the old one."""
+    payload = {"version": CHECKPOINT_VERSION, "model": model.state_dict(), "optimizer": optimizer.state_dict(), **state}
+    temporary = path.with_suffix(".tmp")
+    torch.save(payload, temporary)
+    temporary.replace(path)
+
+
+def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[FasterRCNN, dict]:
+    """The model (in eval mode, on ``device``) and the whole checkpoint dict of a training run."""
+    checkpoint = torch.load(path, map_location=device, weights_only=False)  # our own file: configs are plain dicts
+    if checkpoint.get("version") != CHECKPOINT_VERSION:
+        raise ValueError(f"{path}: not a tritondet training checkpoint (version {checkpoint.get('version')})")
+    model = build_model(_config_from_dict(checkpoint["model_config"]))
+    model.load_state_dict(checkpoint["model"])
+    return model.to(device).eval(), checkpoint
+
+
+def _resume_path(config: TrainConfig) -> Path | None:
+    if config.resume is None:
+        return None
+    if config.resume == "auto":
+        last = Path(config.output_dir) / "last.pt"
+        return last if last.is_file() else None
+    path = Path(config.resume)
+    if not path.is_file():
+        raise ValueError(f"resume: no checkpoint at {path}")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Logs and pictures
+# ---------------------------------------------------------------------------------------------------------------------
+
+_CSV_FIELDS = ("iteration", "epoch", "lr", "loss", *LOSS_NAMES, "images_per_s", "elapsed_s")
+_CURVE_COLORS = ((0, 0, 0), (214, 39, 40), (31, 119, 180), (44, 160, 44), (255, 127, 14))
+
+
+def plot_loss_curves(csv_path: Path, out_path: Path, size: tuple[int, int] = (800, 480)) -> None:
+    """The total and per-term losses of ``log.csv`` against the iteration, drawn with PIL, log-scale y."""
+    with open(csv_path, newline="") as file:
+        rows = list(csv.DictReader(file))
+    if not rows:
+        return
+    names = ("loss", *LOSS_NAMES)
+    iterations = [int(r["iteration"]) for r in rows]
+    series = {n: [max(float(r[n]), 1e-4) for r in rows] for n in names}
+    width, height = size
+    left, right, top, bottom = 60, 170, 20, 40
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    low = math.log10(min(min(v) for v in series.values()))
+    high = math.log10(max(max(v) for v in series.values()))
+    high = high if high > low else low + 1
+    x_max = max(iterations[-1], iterations[0] + 1)
+
+    def point(iteration: int, value: float) -> tuple[float, float]:
+        x = left + (iteration - iterations[0]) / (x_max - iterations[0]) * (width - left - right)
+        y = top + (high - math.log10(value)) / (high - low) * (height - top - bottom)
+        return x, y
+
+    draw.rectangle([left, top, width - right, height - bottom], outline="black")
+    for exponent in range(math.floor(low), math.ceil(high) + 1):
+        y = point(iterations[0], 10.0**exponent)[1]
+        if top <= y <= height - bottom:
+            draw.line([left - 4, y, left, y], fill="black")
+            draw.text((5, y - 6), f"1e{exponent}", fill="black")
+    for fraction in (0, 0.5, 1):
+        iteration = round(iterations[0] + fraction * (x_max - iterations[0]))
+        x = point(iteration, 1.0)[0]
+        draw.text((x - 10, height - bottom + 6), str(iteration), fill="black")
+    draw.text(((width - right) // 2, height - 18), "iteration", fill="black")
+    for i, name in enumerate(names):
+        color = _CURVE_COLORS[i]
+        draw.line([point(t, v) for t, v in zip(iterations, series[name], strict=True)], fill=color, width=2)
+        draw.line([width - right + 10, top + 10 + 16 * i, width - right + 30, top + 10 + 16 * i], fill=color, width=2)
+        draw.text((width - right + 35, top + 4 + 16 * i), name, fill="black")
+    image.save(out_path)
+
+
+def draw_detections(
+    image: Tensor, prediction: dict, categories: list[str], score_thresh: float = 0.5, color: str = "red"
+) -> Tensor:
+    """``image`` ``[3, H, W]`` in [0, 1] with the boxes scoring at least ``score_thresh``, labelled
+    ``"name score"``; returns ``uint8 [3, H, W]``."""
+    keep = prediction["scores"] >= score_thresh
+    boxes = prediction["boxes"][keep].detach().float().cpu()
+    names = [
+        f"{categories[int(label)]} {float(score):.2f}"
+        for label, score in zip(prediction["labels"][keep], prediction["scores"][keep], strict=True)
+    ]
+    pixels = (image.detach().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
+    return draw_bounding_boxes(pixels, boxes, labels=names, colors=color, width=2)
+
+
+def save_image_grid(images: list[Tensor], path: Path, columns: int = 4, gap: int = 4) -> None:
+    """Tile ``uint8 [3, H_i, W_i]`` images of different sizes into one PNG."""
+    cell_h = max(i.shape[1] for i in images)
+    cell_w = max(i.shape[2] for i in images)
+    rows = math.ceil(len(images) / columns)
+    columns = min(columns, len(images))
+    canvas = Image.new("RGB", (columns * (cell_w + gap) - gap, rows * (cell_h + gap) - gap), "white")
+    for k, tile in enumerate(images):
+        r, c = divmod(k, columns)
+        canvas.paste(Image.fromarray(tile.permute(1, 2, 0).numpy()), (c * (cell_w + gap), r * (cell_h + gap)))
+    canvas.save(path)
+
+
+def _plot_val_detections(model: FasterRCNN, val_set, categories, device, out_path: Path, count: int = 8) -> None:
+    images = [val_set[i][0] for i in range(min(count, len(val_set)))]
+    with torch.no_grad():
+        outputs = model([image.to(device) for image in images])
+    save_image_grid([draw_detections(i, o, categories) for i, o in zip(images, outputs, strict=True)], out_path)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The training loop
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _loss_terms(losses: dict[str, Tensor]) -> dict[str, float]:
+    values = {name: float(losses[name].detach()) for name in LOSS_NAMES}
+    values["loss"] = sum(values.values())
+    return values
+
+
+def train(config: TrainConfig) -> dict:
+    """Run the training described by ``config``; return ``{"model", "metrics", "iteration", "output_dir", ...}``.
+
+    ``metrics`` is :func:`~tritondet.detector.evaluate.evaluate_coco`'s result (``None`` when
+    ``evaluate`` is off). Works as a single process or under torchrun (see the module docstring).
+    """
+    start = time.monotonic()
+    deadline = None if config.max_minutes is None else start + 60 * config.max_minutes
+    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    rank, world_size = _init_distributed(device)
+    if device.type == "cuda" and world_size > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+        torch.cuda.set_device(device)
+    main = rank == 0
+    output_dir = Path(config.output_dir)
+    if main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(config.seed)
+
+    # Data first: the model's class count is the data set's.
+    probe = MODEL_PRESETS[config.model](2)
+    if config.min_size is not None or config.max_size is not None:
+        probe = probe.replace(
+            transform=dict(
+                min_size=config.min_size or probe.transform.min_size,
+                max_size=config.max_size or probe.transform.max_size,
+            )
+        )
+    train_set, val_set = _datasets(config, probe, rank)
+    model_config = probe.replace(roi_heads=dict(num_classes=train_set.num_classes))
+    categories = list(train_set.categories)
+    num_workers = config.num_workers if config.num_workers is not None else (2 if device.type == "cuda" else 0)
+    loader = data.make_data_loader(
+        train_set, config.batch_size, shuffle=True, num_workers=num_workers, seed=config.seed,
+        distributed=world_size > 1, drop_last=True,
+    )  # fmt: skip
+    if len(loader) == 0:
+        raise ValueError(f"the training set ({len(train_set)} images) is smaller than one batch ({config.batch_size})")
+
+    torch.manual_seed(config.seed)  # the same initial weights on every rank, however the data was made
+    model = build_model(model_config).to(device)
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    # No weight decay on biases and batch-norm parameters (1-d), as torchvision's reference scripts can do;
+    # the paper decays everything, but from scratch on small data the decayed norms slow training down.
+    decay = [p for p in parameters if p.ndim > 1]
+    no_decay = [p for p in parameters if p.ndim <= 1]
+    optimizer = torch.optim.SGD(
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=config.lr,
+        momentum=config.momentum,
+    )
+    sampling = torch.Generator(device=device).manual_seed(config.seed + rank)
+    iteration, trained_seconds = 0, 0.0
+    resume = _resume_path(config)
+    if resume is not None:
+        checkpoint = torch.load(resume, map_location=device, weights_only=False)
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        iteration, trained_seconds = checkpoint["iteration"], checkpoint["trained_seconds"]
+        torch.set_rng_state(checkpoint["rng"]["torch"])
+        sampling.set_state(checkpoint["rng"]["sampling"][rank].to("cpu"))
+    ddp = model
+    if world_size > 1:
+        ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    writer = None
+    if main:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer = SummaryWriter(output_dir / "tensorboard")
+        except ImportError:  # TensorBoard is optional
+            writer = None
+    csv_path = output_dir / "log.csv"
+    csv_file = None
+    if main:
+        fresh = resume is None or not csv_path.is_file()
+        csv_file = open(csv_path, "w" if fresh else "a", newline="")  # noqa: SIM115 - closed in finally
+        log = csv.DictWriter(csv_file, _CSV_FIELDS)
+        if fresh:
+            log.writeheader()
+            csv_file.flush()
+
+    bar = None
+    if main and config.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=config.iterations, initial=iteration, desc="train", dynamic_ncols=True)
+
+    def state() -> dict:
+        _average_buffers(model)
+        sampling_states = [sampling.get_state()]
+        if _distributed():
+            sampling_states = [None] * world_size
+            dist.all_gather_object(sampling_states, sampling.get_state())
+        return {
+            "iteration": iteration,
+            "trained_seconds": trained_seconds,
+            "rng": {"torch": torch.get_rng_state(), "sampling": sampling_states},
+            "model_config": dataclasses.asdict(model_config),
+            "train_config": dataclasses.asdict(config),
+            "categories": categories,
+            "label_to_category_id": dict(train_set.label_to_category_id),
+        }
+
+    use_amp = config.amp and device.type == "cuda"
+    seconds_per_iteration = None  # running mean, to reserve time for the evaluation
+    epoch = iteration // len(loader)
+    skip = iteration % len(loader)
+    interval_images, interval_start = 0, time.monotonic()
+    running = {name: 0.0 for name in ("loss", *LOSS_NAMES)}
+    running_count = 0
+    progress = iteration / config.iterations
+    stop = iteration >= config.iterations
+    try:
+        model.train()
+        while not stop:
+            if world_size > 1:
+                loader.sampler.set_epoch(epoch)
+            else:
+                loader.generator.manual_seed(config.seed * 100_003 + epoch)  # epoch e's order, resumable
+            for batch_index, (images, targets) in enumerate(loader):
+                if batch_index < skip:
+                    continue
+                step_start = time.monotonic()
+                images = [image.to(device, non_blocking=True) for image in images]
+                targets = [
+                    {"boxes": t["boxes"].to(device), "labels": t["labels"].to(device)} for t in targets
+                ]  # fmt: skip
+                lr = learning_rate(config, iteration, progress)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                    losses = ddp(images, targets, generator=sampling)
+                loss = sum(losses[name].float() for name in LOSS_NAMES)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"iteration {iteration}: the loss is {float(loss)}; lower the lr")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                nn.utils.clip_grad_norm_(parameters, config.clip_grad_norm)
+                optimizer.step()
+                iteration += 1
+                step_seconds = time.monotonic() - step_start
+                trained_seconds += step_seconds
+                seconds_per_iteration = (
+                    step_seconds if seconds_per_iteration is None else 0.9 * seconds_per_iteration + 0.1 * step_seconds
+                )
+                for name, value in _loss_terms(losses).items():
+                    running[name] += value
+                running_count += 1
+                interval_images += len(images) * world_size
+
+                # Progress and the time budget: the evaluation's share is reserved from the running speed.
+                progress = iteration / config.iterations
+                if deadline is not None:
+                    now = time.monotonic()
+                    val_batches = math.ceil(len(val_set) / (config.batch_size * world_size))
+                    reserve = 0.5 * val_batches * seconds_per_iteration + 20.0  # inference ~ 1/2 a training step
+                    budget_end = deadline - reserve
+                    train_start = now - trained_seconds
+                    fraction = (now - train_start) / max(budget_end - train_start, 1e-9)
+                    progress = max(progress, _max_over_ranks(fraction))
+                stop = iteration >= config.iterations or progress >= 1.0
+
+                if main and (iteration % config.log_every == 0 or stop):
+                    now = time.monotonic()
+                    speed = interval_images / max(now - interval_start, 1e-9)
+                    means = {name: value / running_count for name, value in running.items()}
+                    row = {"iteration": iteration, "epoch": epoch, "lr": f"{lr:.6g}", "images_per_s": f"{speed:.3f}"}
+                    row.update({name: f"{value:.5f}" for name, value in means.items()})
+                    row["elapsed_s"] = f"{trained_seconds:.1f}"
+                    log.writerow(row)
+                    csv_file.flush()
+                    if writer is not None:
+                        for name, value in means.items():
+                            writer.add_scalar(f"train/{name}", value, iteration)
+                        writer.add_scalar("train/lr", lr, iteration)
+                        writer.add_scalar("train/images_per_s", speed, iteration)
+                    if bar is not None:
+                        bar.set_postfix(
+                            loss=f"{means['loss']:.3f}",
+                            obj=f"{means['loss_objectness']:.3f}",
+                            rpn_box=f"{means['loss_rpn_box_reg']:.3f}",
+                            cls=f"{means['loss_classifier']:.3f}",
+                            box=f"{means['loss_box_reg']:.3f}",
+                            img_s=f"{speed:.1f}",
+                            lr=f"{lr:.2g}",
+                        )
+                    running = dict.fromkeys(running, 0.0)
+                    running_count, interval_images, interval_start = 0, 0, now
+                if bar is not None:
+                    bar.update(1)
+                if iteration % config.checkpoint_every == 0 or stop:
+                    snapshot = state()  # a collective under torchrun: every rank calls it
+                    if main:
+                        save_checkpoint(output_dir / "last.pt", model, optimizer, snapshot)
+                        if iteration % config.checkpoint_every == 0:
+                            save_checkpoint(output_dir / f"checkpoint_{iteration:07d}.pt", model, optimizer, snapshot)
+                if stop:
+                    break
+            skip = 0
+            epoch += 1
+    finally:
+        if bar is not None:
+            bar.close()
+        if csv_file is not None:
+            csv_file.close()
+        if writer is not None:
+            writer.close()
+
+    result = {"iteration": iteration, "trained_seconds": trained_seconds, "output_dir": str(output_dir), "model": model}
+    result["metrics"] = None
+    if config.evaluate:
+        val_loader = data.make_data_loader(
+            val_set, config.batch_size, shuffle=False, num_workers=num_workers, distributed=world_size > 1
+        )
+        result["metrics"] = evaluate.evaluate_model(model, val_loader, device=device)
+    if main and config.plots:
+        plot_loss_curves(csv_path, output_dir / "loss_curves.png")
+        _plot_val_detections(model.eval(), val_set, categories, device, output_dir / "detections.png")
+    result["total_seconds"] = time.monotonic() - start
+    if main:
+        saved = {k: v for k, v in result.items() if k != "model"}
+        (output_dir / "metrics.json").write_text(json.dumps(saved, indent=1, default=str) + "\n")
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Using a checkpoint: evaluation and drawing detections
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def evaluate_checkpoint(
+    checkpoint_path: str | os.PathLike,
+    val_images: str | None = None,
+    val_annotations: str | None = None,
+    batch_size: int | None = None,
+    device: str | None = None,
+) -> dict:
+    """COCO AP of a training checkpoint on ``val_images``/``val_annotations`` (default: the val split
+    of the data it was trained on; the synthetic set is regenerated if missing).
+
+    ``batch_size`` defaults to the training run's: images in a batch are padded to a common size, and
+    the padding changes the features near the borders slightly, so the same batch size reproduces
+    the AP printed at the end of training."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, checkpoint = load_checkpoint(checkpoint_path, device)
+    transform = model.config.transform
+    val_tf = data.DetectionTransform(transform.min_size, transform.max_size, train=False)
+    if val_annotations is None:
+        config = TrainConfig(**{**checkpoint["train_config"], "resume": None})
+        if config.val_annotations:
+            val_images, val_annotations = config.val_images, config.val_annotations
+        else:
+            synthetic = data.ensure_synthetic_dataset(
+                config.data_root, seed=config.seed, num_train=config.num_train, num_val=config.num_val
+            )
+            val_images, val_annotations = synthetic.val_images, synthetic.val_annotations
+    elif val_images is None:
+        raise ValueError("val_images must be given with val_annotations")
+    val_set = data.CocoDetection(val_images, val_annotations, val_tf)
+    loader = data.make_data_loader(val_set, batch_size or checkpoint["train_config"]["batch_size"], shuffle=False)
+    return evaluate.evaluate_model(model, loader, device=device)
+
+
+def read_image(path: str | os.PathLike) -> Tensor:
+    """An image file as ``Tensor[3, H, W]`` float32 RGB in [0, 1]."""
+    with Image.open(path) as file:
+        pixels = torch.frombuffer(bytearray(file.convert("RGB").tobytes()), dtype=torch.uint8)
+        width, height = file.size
+    return pixels.reshape(height, width, 3).permute(2, 0, 1).float().div_(255.0)
+
+
+@torch.no_grad()
+def pipeline_stages(model: FasterRCNN, image: Tensor, top: int = 30) -> dict[str, Tensor]:
+    """Boxes of each stage of the detector on ``image`` ``[3, H, W]``, in its pixels (``[N, 4]`` each):
+
+    ``anchors``: every anchor of every level at the feature position nearest the image centre;
+    ``before_nms``: the ``top`` anchors with the highest objectness, decoded with their RPN deltas;
+    ``after_nms``: the first ``top`` proposals (:meth:`RegionProposalNetwork.proposals`: per-level NMS);
+    ``detections``: the final boxes (with ``scores`` and ``labels``).
+    """
+    model.eval()
+    image_list, _ = model.transform([image])
+    padded = image_list.tensors
+    height, width = image_list.image_sizes[0]
+    levels = list(model.backbone(padded).values())
+    objectness, deltas = model.rpn.head(levels)
+    strides = feature_strides(levels, tuple(padded.shape[-2:]))
+    anchors = ops.grid_anchors(
+        [tuple(f.shape[-2:]) for f in levels], strides, model.config.anchors.sizes,
+        model.config.anchors.aspect_ratios, device=padded.device,
+    )  # fmt: skip
+    logits, flat_deltas = flatten_head_outputs(objectness, deltas)
+    image_sizes = torch.tensor([[height, width]], device=padded.device)
+    # Anchors at the centre: per level, the position whose anchors' centre is nearest the image centre.
+    centres = (anchors[:, :2] + anchors[:, 2:]) / 2
+    distance = (centres - torch.tensor([width / 2, height / 2], device=padded.device)).abs().sum(-1)
+    per_level = model.config.anchors.num_anchors()
+    central, start = [], 0
+    for feature in levels:
+        count = feature.shape[-2] * feature.shape[-1] * per_level
+        nearest = start + int(distance[start : start + count].argmin()) // per_level * per_level
+        central.append(anchors[nearest : nearest + per_level])
+        start += count
+    best = logits[0].topk(min(top, logits.shape[1])).indices
+    before = ops.decode_boxes(flat_deltas[0, best], anchors[best], RPN_BOX_WEIGHTS)
+    before = clip_to_images(before[None], image_sizes)[0]
+    proposals, num_valid = model.rpn.proposals(objectness, deltas, image_sizes, strides)
+    after = proposals[0, : min(int(num_valid[0]), top)]
+    to_original = tuple(image.shape[-2:])
+    stages = {
+        name: data.resize_boxes(boxes.float(), (height, width), to_original).cpu()
+        for name, boxes in (("anchors", torch.cat(central)), ("before_nms", before), ("after_nms", after))
+    }
+    detections = model([image])[0]
+    stages.update({k: v.cpu() for k, v in detections.items()})
+    stages["detections"] = stages.pop("boxes")
+    return stages
+
+
+def _panel(image: Tensor, boxes: Tensor, title: str, color: str, labels: list[str] | None = None) -> Tensor:
+    pixels = (image.detach().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
+    drawn = draw_bounding_boxes(pixels, boxes, labels=labels, colors=color, width=1)
+    canvas = Image.fromarray(drawn.permute(1, 2, 0).numpy())
+    ImageDraw.Draw(canvas).text((4, 2), title, fill="white", stroke_width=2, stroke_fill="black")
+    return torch.from_numpy(np.asarray(canvas).copy()).permute(2, 0, 1)
+
+
+def predict_image(
+    checkpoint_path: str | os.PathLike,
+    image_path: str | os.PathLike,
+    out_path: str | os.PathLike,
+    score_thresh: float = 0.5,
+    device: str | None = None,
+    stages: bool = False,
+) -> dict:
+    """Detect objects in one image file and write it with boxes, labels and scores drawn to ``out_path``.
+
+    ``stages``: a 2x2 grid instead - the anchors at one position, the top RPN proposals before and
+    after NMS, and the final detections (:func:`pipeline_stages`)."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, checkpoint = load_checkpoint(checkpoint_path, device)
+    image = read_image(image_path)
+    categories = checkpoint["categories"]
+    if not stages:
+        with torch.no_grad():
+            prediction = {k: v.cpu() for k, v in model([image.to(device)])[0].items()}
+        drawn = draw_detections(image, prediction, categories, score_thresh)
+        Image.fromarray(drawn.permute(1, 2, 0).numpy()).save(out_path)
+        return prediction
+    boxes = pipeline_stages(model, image.to(device))
+    final = {"boxes": boxes["detections"], "scores": boxes["scores"], "labels": boxes["labels"]}
+    panels = [
+        _panel(image, boxes["anchors"], "1. anchors at the centre position, every level", "yellow"),
+        _panel(image, boxes["before_nms"], "2. top RPN proposals before NMS", "cyan"),
+        _panel(image, boxes["after_nms"], "3. top RPN proposals after NMS", "lime"),
+        _panel(
+            draw_detections(image, final, categories, score_thresh).float() / 255,
+            final["boxes"][:0],
+            "4. detections",
+            "red",
+        ),
+    ]
+    save_image_grid(panels, Path(out_path), columns=2)
+    return final
