@@ -47,6 +47,17 @@ LEVEL_EPS = tl.constexpr(1e-6)
 
 
 @triton.jit
+def _roi_bin_tile(C, PH, PW, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """The program layout of every per-RoI kernel: RoI ``k`` = program 0, a block of channels
+    (program 1) by a block of output bins (program 2). Returns (k, channels [BLOCK_C],
+    bins [BLOCK_P], their in-range masks, and each bin's row ph and column pw)."""
+    k = tl.program_id(0)
+    channels = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    bins = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
+    return k, channels, bins, channels < C, bins < PH * PW, bins // PW, bins % PW
+
+
+@triton.jit
 def _load_roi(rois_ptr, k, stride_rk, stride_rc, N, compute_dtype: tl.constexpr):
     """(batch index, valid, x1, y1, x2, y2) of RoI ``k``; invalid when the batch index is not an
     integer in [0, N) or a corner is not finite."""
@@ -62,6 +73,37 @@ def _load_roi(rois_ptr, k, stride_rk, stride_rc, N, compute_dtype: tl.constexpr)
     valid = (b >= 0) & (b < N) & (b == tl.floor(b)) & finite
     batch = tl.where(valid, b, 0).to(tl.int64)
     return batch, valid, x1, y1, x2, y2
+
+
+@triton.jit
+def _level_view(
+    geometry_ptr,
+    level,
+    batch,
+    channels,
+    bins,
+    PH,
+    PW,
+    ptr0,
+    ptr1,
+    ptr2,
+    ptr3,
+    ptr4,
+    COLUMN: tl.constexpr,
+    POSITION_SENSITIVE: tl.constexpr,
+):
+    """Where RoI ``level``'s tensor lives: H, W, the image's base pointer, per-(channel, bin)
+    offsets [BLOCK_C, BLOCK_P] and the row and column strides. ``COLUMN`` picks the geometry
+    columns of the features (2) or of their gradients (6); ``ptr0..4`` are those tensors."""
+    geometry = geometry_ptr + level * _GEOMETRY_COLUMNS
+    H = tl.load(geometry).to(tl.int32)
+    W = tl.load(geometry + 1).to(tl.int32)
+    base = _pick(level, ptr0, ptr1, ptr2, ptr3, ptr4) + batch * tl.load(geometry + COLUMN)
+    if POSITION_SENSITIVE:
+        chan_offsets = (channels.to(tl.int64)[:, None] * (PH * PW) + bins[None, :]) * tl.load(geometry + COLUMN + 1)
+    else:
+        chan_offsets = channels.to(tl.int64)[:, None] * tl.load(geometry + COLUMN + 1)
+    return H, W, base, chan_offsets, tl.load(geometry + COLUMN + 2), tl.load(geometry + COLUMN + 3)
 
 
 @triton.jit
@@ -160,27 +202,14 @@ def _roi_align_fwd_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_P: tl.constexpr,
 ):
-    k = tl.program_id(0)
-    channels = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    bins = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
+    k, channels, bins, c_ok, p_ok, ph, pw = _roi_bin_tile(C, PH, PW, BLOCK_C, BLOCK_P)
     compute_dtype = tl.float64 if COMPUTE_FP64 else tl.float32
-    c_ok = channels < C
-    p_ok = bins < PH * PW
-    ph = bins // PW
-    pw = bins % PW
 
     batch, valid, x1, y1, x2, y2 = _load_roi(rois_ptr, k, stride_rk, stride_rc, N, compute_dtype)
     level = _roi_level(x1, y1, x2, y2, num_levels, k_min, canonical_scale, canonical_level)
-    geometry = geometry_ptr + level * _GEOMETRY_COLUMNS
-    H = tl.load(geometry).to(tl.int32)
-    W = tl.load(geometry + 1).to(tl.int32)
-    base = _pick(level, feat0, feat1, feat2, feat3, feat4) + batch * tl.load(geometry + 2)
-    if POSITION_SENSITIVE:
-        chan_offsets = (channels.to(tl.int64)[:, None] * (PH * PW) + bins[None, :]) * tl.load(geometry + 3)
-    else:
-        chan_offsets = channels.to(tl.int64)[:, None] * tl.load(geometry + 3)
-    stride_h = tl.load(geometry + 4)
-    stride_w = tl.load(geometry + 5)
+    H, W, base, chan_offsets, stride_h, stride_w = _level_view(
+        geometry_ptr, level, batch, channels, bins, PH, PW, feat0, feat1, feat2, feat3, feat4, 2, POSITION_SENSITIVE
+    )
     scale = tl.load(scales_ptr + level)
     start_h, start_w, bin_h, bin_w, grid_h, grid_w, count = _bin_grid(
         x1, y1, x2, y2, scale, aligned, PH, PW, sampling_ratio, valid
@@ -256,27 +285,14 @@ def _roi_align_bwd_atomic_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_P: tl.constexpr,
 ):
-    k = tl.program_id(0)
-    channels = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    bins = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
+    k, channels, bins, c_ok, p_ok, ph, pw = _roi_bin_tile(C, PH, PW, BLOCK_C, BLOCK_P)
     compute_dtype = tl.float64 if COMPUTE_FP64 else tl.float32
-    c_ok = channels < C
-    p_ok = bins < PH * PW
-    ph = bins // PW
-    pw = bins % PW
 
     batch, valid, x1, y1, x2, y2 = _load_roi(rois_ptr, k, stride_rk, stride_rc, N, compute_dtype)
     level = _roi_level(x1, y1, x2, y2, num_levels, k_min, canonical_scale, canonical_level)
-    geometry = geometry_ptr + level * _GEOMETRY_COLUMNS
-    H = tl.load(geometry).to(tl.int32)
-    W = tl.load(geometry + 1).to(tl.int32)
-    base = _pick(level, grad0, grad1, grad2, grad3, grad4) + batch * tl.load(geometry + 6)
-    if POSITION_SENSITIVE:
-        chan_offsets = (channels.to(tl.int64)[:, None] * (PH * PW) + bins[None, :]) * tl.load(geometry + 7)
-    else:
-        chan_offsets = channels.to(tl.int64)[:, None] * tl.load(geometry + 7)
-    stride_h = tl.load(geometry + 8)
-    stride_w = tl.load(geometry + 9)
+    H, W, base, chan_offsets, stride_h, stride_w = _level_view(
+        geometry_ptr, level, batch, channels, bins, PH, PW, grad0, grad1, grad2, grad3, grad4, 6, POSITION_SENSITIVE
+    )
     scale = tl.load(scales_ptr + level)
     start_h, start_w, bin_h, bin_w, grid_h, grid_w, count = _bin_grid(
         x1, y1, x2, y2, scale, aligned, PH, PW, sampling_ratio, valid

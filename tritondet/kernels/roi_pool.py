@@ -26,7 +26,7 @@ import triton.language as tl
 from .._backend import use_triton
 from ._aot import KernelSpec
 from ._launch import launch, triton_pointer_type
-from .roi_align import _compute_dtype, _load_roi
+from .roi_align import _compute_dtype, _load_roi, _roi_bin_tile
 
 
 @triton.jit
@@ -63,14 +63,8 @@ def _roi_pool_fwd_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_P: tl.constexpr,
 ):
-    k = tl.program_id(0)
-    channels = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    bins = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
+    k, channels, bins, c_ok, p_ok, ph, pw = _roi_bin_tile(C, PH, PW, BLOCK_C, BLOCK_P)
     compute_dtype = tl.float64 if COMPUTE_FP64 else tl.float32
-    c_ok = channels < C
-    p_ok = bins < PH * PW
-    ph = bins // PW
-    pw = bins % PW
 
     batch, valid, x1, y1, x2, y2 = _load_roi(rois_ptr, k, stride_rk, stride_rc, N, compute_dtype)
     start_w = _round_half_away(x1)
