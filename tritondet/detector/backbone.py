@@ -3,17 +3,20 @@
 Every backbone maps ``images [B, 3, H, W]`` to an ordered dict of feature maps ``[B, C, H_l, W_l]``
 and has ``out_channels`` (C). FPN: keys ``"0".."L-1"`` for the returned ResNet stages plus
 ``"pool"`` (torchvision's ``BackboneWithFPN``, so its state-dict keys are torchvision's); single
-level: one key ``"0"`` at stride 16.
+level: one key ``"0"`` at stride 16. :class:`LiteBackbone`: the ``lite`` preset's narrow ResNet-like
+network with an FPN, for training from scratch on a CPU.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 
+import torch
 import torchvision
 from torch import Tensor, nn
 from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.misc import FrozenBatchNorm2d
 
@@ -81,6 +84,69 @@ def build_backbone(config: BackboneConfig) -> nn.Module:
                 parameter.requires_grad_(False)
         return SingleLevelBackbone(features, 512)
     raise ValueError(f"unknown backbone {config.name!r}: expected one of {(*_RESNETS, 'vgg16')}")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The lite backbone: the CPU model's, narrow and trained from scratch (the ``lite`` preset)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _conv_bn(in_channels: int, out_channels: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True),
+    )
+
+
+class _Residual(nn.Module):
+    """Two 3x3 conv + batch norm with an identity shortcut (ResNet's basic block)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            _conv_bn(channels, channels),
+            nn.Conv2d(channels, channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(channels),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.relu(x + self.body(x))
+
+
+class LiteBackbone(nn.Module):
+    """A narrow ResNet-like network with an FPN, for training from scratch on a CPU.
+
+    Stem: two stride-2 3x3 convolutions (stride 4, ``stem_channels``); then one stage per entry of
+    ``widths``, each a stride-2 convolution and a residual block, giving maps at strides 8, 16, 32;
+    torchvision's ``FeaturePyramidNetwork`` with ``fpn_channels`` and an extra max-pooled level
+    (stride 64). Output keys ``"0", "1", "2", "pool"`` as torchvision's ``BackboneWithFPN``. No
+    stride-4 level: at a 192-pixel short side the smallest synthetic objects (~19 pixels) still span
+    two stride-8 cells, and the stride-4 level would hold 3/4 of the anchors and of the RPN head's cost.
+    """
+
+    def __init__(
+        self, widths: tuple[int, ...] = (48, 96, 128), stem_channels: int = 32, fpn_channels: int = 64
+    ) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(
+            _conv_bn(3, stem_channels // 2, stride=2), _conv_bn(stem_channels // 2, stem_channels, stride=2)
+        )
+        stages, previous = [], stem_channels
+        for width in widths:
+            stages.append(nn.Sequential(_conv_bn(previous, width, stride=2), _Residual(width)))
+            previous = width
+        self.stages = nn.ModuleList(stages)
+        self.fpn = FeaturePyramidNetwork(list(widths), fpn_channels, extra_blocks=LastLevelMaxPool())
+        self.out_channels = fpn_channels
+
+    def forward(self, images: Tensor) -> OrderedDict[str, Tensor]:
+        x = self.stem(images)
+        features = OrderedDict()
+        for i, stage in enumerate(self.stages):
+            x = stage(x)
+            features[str(i)] = x
+        return self.fpn(features)
 
 
 def feature_strides(features: list[Tensor], padded_size: tuple[int, int]) -> list[tuple[int, int]]:

@@ -14,6 +14,11 @@ Presets:
 - :func:`resnet_c4` - the same single-level head on a ResNet's C4 (``layer3``, stride 16).
 - :func:`small_cpu` - a ResNet-18 FPN at a short side of 320 for CPU training (issue 8).
 - :func:`tiny` - a few-channel ResNet-18 FPN on 64-pixel images, for interpreter tests.
+- :func:`lite` - ``tritondet train``'s default CPU model: the narrow
+  :class:`~tritondet.detector.backbone.LiteBackbone` (trained from scratch) with an FPN at strides
+  8..64, at a short side of 192.
+
+:data:`MODEL_PRESETS` names them for ``tritondet train --model``.
 """
 
 from __future__ import annotations
@@ -235,3 +240,37 @@ def tiny(num_classes: int = 4) -> FasterRCNNConfig:
             batch_size_per_image=16,
         ),
     )
+
+
+LITE_LEVELS = ("0", "1", "2")
+
+
+def lite(num_classes: int = 7) -> FasterRCNNConfig:
+    """The default CPU training model, ``tritondet train``'s (``backbone=None``: the training code builds
+    :class:`~tritondet.detector.backbone.LiteBackbone`; 7 classes: the 6 synthetic shapes + background).
+
+    Images at a short side of 192 (the synthetic objects then span ~19-96 pixels square-root area,
+    up to 4:1), anchors 20, 40, 80, 160 x ratios 1:2, 1:1, 2:1 on the levels at strides 8..64, fewer
+    proposals (128 per level before NMS, 128/100 after, training/testing), 128 sampled anchors and 32
+    RoIs per image: the RPN's and RoI stage's costs shrink with the backbone's.
+    """
+    return FasterRCNNConfig(
+        transform=TransformConfig(min_size=192, max_size=256),
+        backbone=None,
+        anchors=AnchorConfig(sizes=((20,), (40,), (80,), (160,)), aspect_ratios=((0.5, 1.0, 2.0),) * 4),
+        rpn=RPNConfig(pre_nms_top_n=(128, 128), post_nms_top_n=(128, 100), batch_size_per_image=128),
+        roi_heads=RoIHeadsConfig(
+            num_classes=num_classes, featmap_names=LITE_LEVELS, representation_size=256, batch_size_per_image=32
+        ),
+    )
+
+
+# name -> config factory taking num_classes: ``tritondet train --model``'s choices.
+MODEL_PRESETS = {
+    "lite": lite,
+    "small_cpu": small_cpu,
+    "tiny": tiny,
+    "resnet50_fpn": resnet50_fpn,
+    "resnet_c4": lambda num_classes: resnet_c4(num_classes=num_classes),
+    "paper_vgg16": paper_vgg16,
+}

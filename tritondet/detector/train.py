@@ -36,7 +36,6 @@ import json
 import math
 import os
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,15 +44,13 @@ import torch
 import torch.distributed as dist
 from PIL import Image, ImageDraw
 from torch import Tensor, nn
-from torchvision.ops import FeaturePyramidNetwork
-from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.utils import draw_bounding_boxes
 
 from .. import ops
-from . import config as presets
 from . import data, evaluate
-from .backbone import feature_strides
+from .backbone import LiteBackbone, feature_strides
 from .config import (
+    MODEL_PRESETS,
     AnchorConfig,
     BackboneConfig,
     FasterRCNNConfig,
@@ -65,13 +62,10 @@ from .faster_rcnn import LOSS_NAMES, FasterRCNN
 from .rpn import RPN_BOX_WEIGHTS, clip_to_images, flatten_head_outputs
 
 __all__ = [
-    "MODEL_PRESETS",
-    "LiteBackbone",
     "TrainConfig",
     "build_model",
     "draw_detections",
     "evaluate_checkpoint",
-    "lite",
     "load_checkpoint",
     "pipeline_stages",
     "predict_image",
@@ -82,104 +76,9 @@ __all__ = [
 CHECKPOINT_VERSION = 1
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# The CPU model: a narrow backbone trained from scratch
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def _conv_bn(in_channels: int, out_channels: int, stride: int = 1) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False),
-        nn.BatchNorm2d(out_channels),
-        nn.ReLU(inplace=True),
-    )
-
-
-class _Residual(nn.Module):
-    """Two 3x3 conv + batch norm with an identity shortcut (ResNet's basic block)."""
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.body = nn.Sequential(
-            _conv_bn(channels, channels),
-            nn.Conv2d(channels, channels, 3, padding=1, bias=False),
-            nn.BatchNorm2d(channels),
-        )
-
-    def forward(self, x: Tensor) -> Tensor:
-        return torch.relu(x + self.body(x))
-
-
-class LiteBackbone(nn.Module):
-    """A narrow ResNet-like network with an FPN, for training from scratch on a CPU.
-
-    Stem: two stride-2 3x3 convolutions (stride 4, ``stem_channels``); then one stage per entry of
-    ``widths``, each a stride-2 convolution and a residual block, giving maps at strides 8, 16, 32;
-    torchvision's ``FeaturePyramidNetwork`` with ``fpn_channels`` and an extra max-pooled level
-    (stride 64). Output keys ``"0", "1", "2", "pool"`` as torchvision's ``BackboneWithFPN``. No
-    stride-4 level: at a 192-pixel short side the smallest synthetic objects (~19 pixels) still span
-    two stride-8 cells, and the stride-4 level would hold 3/4 of the anchors and of the RPN head's cost.
-    """
-
-    def __init__(
-        self, widths: tuple[int, ...] = (48, 96, 128), stem_channels: int = 32, fpn_channels: int = 64
-    ) -> None:
-        super().__init__()
-        self.stem = nn.Sequential(
-            _conv_bn(3, stem_channels // 2, stride=2), _conv_bn(stem_channels // 2, stem_channels, stride=2)
-        )
-        stages, previous = [], stem_channels
-        for width in widths:
-            stages.append(nn.Sequential(_conv_bn(previous, width, stride=2), _Residual(width)))
-            previous = width
-        self.stages = nn.ModuleList(stages)
-        self.fpn = FeaturePyramidNetwork(list(widths), fpn_channels, extra_blocks=LastLevelMaxPool())
-        self.out_channels = fpn_channels
-
-    def forward(self, images: Tensor) -> OrderedDict[str, Tensor]:
-        x = self.stem(images)
-        features = OrderedDict()
-        for i, stage in enumerate(self.stages):
-            x = stage(x)
-            features[str(i)] = x
-        return self.fpn(features)
-
-
-LITE_LEVELS = ("0", "1", "2")
-
-
-def lite(num_classes: int = len(data.SYNTHETIC_CLASSES) + 1) -> FasterRCNNConfig:
-    """The default CPU training model (``backbone=None``: :class:`LiteBackbone`).
-
-    Images at a short side of 192 (the synthetic objects then span ~19-96 pixels square-root area,
-    up to 4:1), anchors 20, 40, 80, 160 x ratios 1:2, 1:1, 2:1 on the levels at strides 8..64, fewer
-    proposals (300 per level before NMS, 200/100 after, training/testing) and 64 RoIs per image: the
-    RoI stage's cost shrinks with the backbone's.
-    """
-    return FasterRCNNConfig(
-        transform=TransformConfig(min_size=192, max_size=256),
-        backbone=None,
-        anchors=AnchorConfig(sizes=((20,), (40,), (80,), (160,)), aspect_ratios=((0.5, 1.0, 2.0),) * 4),
-        rpn=RPNConfig(pre_nms_top_n=(128, 128), post_nms_top_n=(128, 100), batch_size_per_image=128),
-        roi_heads=RoIHeadsConfig(
-            num_classes=num_classes, featmap_names=LITE_LEVELS, representation_size=256, batch_size_per_image=32
-        ),
-    )
-
-
-# name -> (config factory taking num_classes, whether the model uses LiteBackbone)
-MODEL_PRESETS = {
-    "lite": lite,
-    "small_cpu": presets.small_cpu,
-    "tiny": presets.tiny,
-    "resnet50_fpn": presets.resnet50_fpn,
-    "resnet_c4": lambda num_classes: presets.resnet_c4(num_classes=num_classes),
-    "paper_vgg16": presets.paper_vgg16,
-}
-
-
 def build_model(config: FasterRCNNConfig) -> FasterRCNN:
-    """The detector for ``config``; ``config.backbone is None`` means :class:`LiteBackbone`."""
+    """The detector for ``config``; ``config.backbone is None`` means :class:`~.backbone.LiteBackbone`
+    (the ``lite`` preset)."""
     backbone = LiteBackbone() if config.backbone is None else None
     return FasterRCNN(config, backbone=backbone)
 
