@@ -5,6 +5,9 @@ tritondet's ops.
   (preprocessing, anchors, RPN and RoI-head settings), copies its backbone (and any non-standard box
   head, e.g. ``fasterrcnn_resnet50_fpn_v2``'s conv-FC head) and loads its RPN head, two-FC head and
   predictor weights. The detections are torchvision's (see the parity tests).
+- :func:`to_torchvision`: the reverse, torchvision's ``FasterRCNN`` configured as a
+  :class:`~tritondet.detector.config.FasterRCNNConfig` around a given backbone (benchmarks train
+  both side by side from the same weights: ``theirs.load_state_dict(ours.state_dict())``).
 - :func:`load_torchvision_state_dict` loads a ``fasterrcnn_resnet50_fpn`` state dict (e.g. the
   COCO weights users already have) into :func:`~tritondet.detector.config.resnet50_fpn`: the keys
   are the same; old RPN-head keys (``rpn.head.conv.weight``) are renamed as torchvision does.
@@ -14,8 +17,11 @@ from __future__ import annotations
 
 import copy
 
+import torchvision
 from torch import nn
 from torchvision.models.detection import faster_rcnn as tv_faster_rcnn
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.rpn import RPNHead as TorchvisionRPNHead
 
 from .config import AnchorConfig, FasterRCNNConfig, RoIHeadsConfig, RPNConfig, TransformConfig, resnet50_fpn
 from .faster_rcnn import FasterRCNN
@@ -102,6 +108,62 @@ def from_torchvision(model: nn.Module) -> FasterRCNN:
     ours.rpn.head.load_state_dict(model.rpn.head.state_dict())
     device = next(model.parameters()).device
     return ours.to(device).train(model.training)
+
+
+def to_torchvision(config: FasterRCNNConfig, backbone: nn.Module) -> tv_faster_rcnn.FasterRCNN:
+    """torchvision's ``FasterRCNN`` around ``backbone`` (used as is, not copied) configured as ``config``,
+    with torchvision's default initialization; our :class:`FasterRCNN` with the same config and backbone
+    has the same state-dict keys. Settings torchvision cannot express raise ``ValueError``: the paper's
+    RPN loss or softmax objectness, RoI pooling other than ``roi_align``, a low background IoU bound,
+    smooth-L1 betas other than torchvision's fixed 1/9, minimum box sizes other than its fixed ones."""
+    rpn, heads, transform = config.rpn, config.roi_heads, config.transform
+    unsupported = {
+        "rpn.loss": rpn.loss != "torchvision",
+        "rpn.objectness": rpn.objectness != "sigmoid",
+        "rpn.smooth_l1_beta": rpn.smooth_l1_beta != 1.0 / 9,
+        "roi_heads.box_pooling": heads.box_pooling != "roi_align",
+        "roi_heads.bg_iou_thresh_low": heads.bg_iou_thresh_low != 0.0,
+        "roi_heads.smooth_l1_beta": heads.smooth_l1_beta != 1.0 / 9,
+        "rpn.min_size": rpn.min_size != 1e-3,  # torchvision's fixed box-size floors
+        "roi_heads.min_size": heads.min_size != 1e-2,
+    }
+    for name, bad in unsupported.items():
+        if bad:
+            raise ValueError(f"{name}: torchvision's FasterRCNN has no such setting")
+    num_anchors = config.anchors.num_anchors()
+    return tv_faster_rcnn.FasterRCNN(
+        backbone,
+        min_size=transform.min_size,
+        max_size=transform.max_size,
+        image_mean=list(transform.image_mean),
+        image_std=list(transform.image_std),
+        size_divisible=transform.size_divisible,
+        rpn_anchor_generator=AnchorGenerator(config.anchors.sizes, config.anchors.aspect_ratios),
+        rpn_head=TorchvisionRPNHead(backbone.out_channels, num_anchors, conv_depth=rpn.conv_depth),
+        rpn_pre_nms_top_n_train=rpn.pre_nms_top_n[0],
+        rpn_pre_nms_top_n_test=rpn.pre_nms_top_n[1],
+        rpn_post_nms_top_n_train=rpn.post_nms_top_n[0],
+        rpn_post_nms_top_n_test=rpn.post_nms_top_n[1],
+        rpn_nms_thresh=rpn.nms_thresh,
+        rpn_fg_iou_thresh=rpn.fg_iou_thresh,
+        rpn_bg_iou_thresh=rpn.bg_iou_thresh,
+        rpn_batch_size_per_image=rpn.batch_size_per_image,
+        rpn_positive_fraction=rpn.positive_fraction,
+        rpn_score_thresh=rpn.score_thresh,
+        box_roi_pool=torchvision.ops.MultiScaleRoIAlign(
+            list(heads.featmap_names), heads.output_size, heads.sampling_ratio
+        ),
+        box_head=tv_faster_rcnn.TwoMLPHead(backbone.out_channels * heads.output_size**2, heads.representation_size),
+        box_predictor=tv_faster_rcnn.FastRCNNPredictor(heads.representation_size, heads.num_classes),
+        box_score_thresh=heads.score_thresh,
+        box_nms_thresh=heads.nms_thresh,
+        box_detections_per_img=heads.detections_per_img,
+        box_fg_iou_thresh=heads.fg_iou_thresh,
+        box_bg_iou_thresh=heads.bg_iou_thresh,
+        box_batch_size_per_image=heads.batch_size_per_image,
+        box_positive_fraction=heads.positive_fraction,
+        bbox_reg_weights=heads.bbox_reg_weights,
+    )
 
 
 def load_torchvision_state_dict(model: FasterRCNN, state_dict: dict) -> FasterRCNN:

@@ -67,6 +67,7 @@ __all__ = [
     "draw_detections",
     "evaluate_checkpoint",
     "load_checkpoint",
+    "model_config_of",
     "pipeline_stages",
     "predict_image",
     "read_image",
@@ -81,6 +82,19 @@ def build_model(config: FasterRCNNConfig) -> FasterRCNN:
     (the ``lite`` preset)."""
     backbone = LiteBackbone() if config.backbone is None else None
     return FasterRCNN(config, backbone=backbone)
+
+
+def model_config_of(config: TrainConfig, num_classes: int) -> FasterRCNNConfig:
+    """The model a run of ``config`` trains: its preset with ``num_classes`` and the image sizes it overrides."""
+    model_config = MODEL_PRESETS[config.model](num_classes)
+    if config.min_size is not None or config.max_size is not None:
+        model_config = model_config.replace(
+            transform=dict(
+                min_size=config.min_size or model_config.transform.min_size,
+                max_size=config.max_size or model_config.transform.max_size,
+            )
+        )
+    return model_config
 
 
 def _tuples(value):
@@ -375,11 +389,15 @@ def _loss_terms(losses: dict[str, Tensor]) -> dict[str, float]:
     return values
 
 
-def train(config: TrainConfig) -> dict:
+def train(config: TrainConfig, model: nn.Module | None = None) -> dict:
     """Run the training described by ``config``; return ``{"model", "metrics", "iteration", "output_dir", ...}``.
 
     ``metrics`` is :func:`~tritondet.detector.evaluate.evaluate_coco`'s result (``None`` when
     ``evaluate`` is off). Works as a single process or under torchrun (see the module docstring).
+    ``model``: a module to train instead of the ``config.model`` preset's (the training benchmark
+    trains torchvision's ``FasterRCNN`` with this recipe); it must take ``(images, targets,
+    generator=...)`` and return the four :data:`LOSS_NAMES` terms in training mode, and its checkpoints
+    are not for :func:`load_checkpoint`.
     """
     start = time.monotonic()
     deadline = None if config.max_minutes is None else start + 60 * config.max_minutes
@@ -395,16 +413,8 @@ def train(config: TrainConfig) -> dict:
     torch.manual_seed(config.seed)
 
     # Data first: the model's class count is the data set's.
-    probe = MODEL_PRESETS[config.model](2)
-    if config.min_size is not None or config.max_size is not None:
-        probe = probe.replace(
-            transform=dict(
-                min_size=config.min_size or probe.transform.min_size,
-                max_size=config.max_size or probe.transform.max_size,
-            )
-        )
-    train_set, val_set = _datasets(config, probe, rank)
-    model_config = probe.replace(roi_heads=dict(num_classes=train_set.num_classes))
+    train_set, val_set = _datasets(config, model_config_of(config, 2), rank)
+    model_config = model_config_of(config, train_set.num_classes)
     categories = list(train_set.categories)
     num_workers = config.num_workers if config.num_workers is not None else (2 if device.type == "cuda" else 0)
     loader = data.make_data_loader(
@@ -415,7 +425,7 @@ def train(config: TrainConfig) -> dict:
         raise ValueError(f"the training set ({len(train_set)} images) is smaller than one batch ({config.batch_size})")
 
     torch.manual_seed(config.seed)  # the same initial weights on every rank, however the data was made
-    model = build_model(model_config).to(device)
+    model = (build_model(model_config) if model is None else model).to(device)
     parameters = [p for p in model.parameters() if p.requires_grad]
     # No weight decay on biases and batch-norm parameters (1-d), as torchvision's reference scripts can do;
     # the paper decays everything, but from scratch on small data the decayed norms slow training down.
