@@ -195,3 +195,64 @@ def test_two_process_gloo_run_keeps_ranks_identical(data_root, tmp_path):
     # Evaluation gathered every rank's share of the val split: both ranks scored the same numbers.
     assert rank0["metrics"]["AP50"] == pytest.approx(rank1["metrics"]["AP50"], nan_ok=True)
     assert [int(r["iteration"]) for r in read_log(out / "log.csv")] == [1, 2, 3]
+
+
+def test_alternating_schedule_freezes_the_shared_convs(data_root, tmp_path):
+    """``tritondet train --schedule alternating``: the 4 steps of Section 3.2, each step's model saved."""
+    out = tmp_path / "alternating"
+    config = tiny_config(data_root, out, iterations=16, evaluate=True)
+    argv = ["train", "--schedule", "alternating", "--no-progress", "--no-plots"]
+    for name in ("output_dir", "data_root", "num_train", "num_val", "min_size", "max_size", "iterations", "lr"):
+        argv += ["--" + name.replace("_", "-"), str(getattr(config, name))]
+    argv += ["--warmup-iters", "2", "--log-every", "1"]
+    assert cli.main(argv) == 0
+    # Iterations split 0.35/0.35/0.15/0.15; each step logs the loss terms it trains, the others empty.
+    rows = read_log(out / "log.csv")
+    assert [r["step"] for r in rows] == ["rpn"] * 6 + ["detector"] * 6 + ["rpn_shared"] * 2 + ["detector_shared"] * 2
+    assert [int(r["iteration"]) for r in rows] == list(range(1, 17))
+    for row in rows:
+        rpn_step = row["step"].startswith("rpn")
+        assert (row["loss_objectness"] != "") == rpn_step and (row["loss_classifier"] != "") != rpn_step, row
+
+    s1, s2, s3, s4 = (torch.load(out / f"step{k}.pt", weights_only=False)["model"] for k in (1, 2, 3, 4))
+    model, checkpoint = load_checkpoint(out / "last.pt")
+    torch.manual_seed(0)
+    initial = build_model(model.config).state_dict()
+
+    def changed(before: dict, after: dict) -> set[str]:
+        return {name for name in after if not torch.equal(before[name], after[name])}
+
+    def parts(names: set[str]) -> set[str]:
+        return {name.split(".")[0] for name in names}
+
+    # Step 1 trains the backbone and the RPN; step 2 a separate detector from the same initialization.
+    assert parts(changed(initial, s1)) == {"backbone", "rpn"}
+    assert parts(changed(initial, s2)) == {"backbone", "roi_heads"}
+    assert changed(s1, s2) & {n for n in s2 if n.startswith("backbone.")}
+    # Step 3: step 2's backbone, frozen (weights and batch-norm statistics), the RPN from step 1, fine-tuned.
+    before_step_3 = {**s2, **{name: value for name, value in s1.items() if name.startswith("rpn.")}}
+    assert parts(changed(before_step_3, s3)) == {"rpn"}
+    # Step 4: the shared convolutions still frozen, only the RoI head fine-tuned on step 3's proposals.
+    assert parts(changed(s3, s4)) == {"roi_heads"}
+    for name, value in s2.items():
+        if name.startswith("backbone."):
+            torch.testing.assert_close(s4[name], value, atol=0, rtol=0, msg=name)
+    # The final model is step 4's, a normal checkpoint for eval and predict.
+    assert checkpoint["iteration"] == 16 and checkpoint["train_config"]["schedule"] == "alternating"
+    for name, value in s4.items():
+        torch.testing.assert_close(model.state_dict()[name], value, atol=0, rtol=0, msg=name)
+    assert cli.main(["eval", "--checkpoint", str(out / "last.pt")]) == 0
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        (dict(schedule="nope"), "schedule"),
+        (dict(alternating_split=(1.0, 1.0, 1.0)), "alternating_split"),
+        (dict(alternating_split=(1.0, 0.0, 1.0, 1.0)), "alternating_split"),
+        (dict(schedule="alternating", resume="auto"), "resume"),
+    ],
+)
+def test_bad_schedule(changes, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**changes)

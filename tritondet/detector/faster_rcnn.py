@@ -118,37 +118,56 @@ class FasterRCNN(nn.Module):
             device=features[0].device,
         )
 
-    def _detect(
-        self, padded: Tensor, image_sizes: Tensor, image_shapes: list[tuple[int, int]]
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def _proposals(self, padded: Tensor, image_sizes: Tensor) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+        """Backbone features, and the RPN's (detached) proposals ``[B, P, 4]`` with ``num_valid [B]``."""
         features = self.backbone(padded)
         levels = list(features.values())
         objectness, deltas = self.rpn.head(levels)
         strides = feature_strides(levels, tuple(padded.shape[-2:]))
         proposals, num_valid = self.rpn.proposals(objectness, deltas, image_sizes, strides)
+        return features, proposals, num_valid
+
+    def _detect(
+        self, padded: Tensor, image_sizes: Tensor, image_shapes: list[tuple[int, int]]
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        features, proposals, num_valid = self._proposals(padded, image_sizes)
         return self.roi_heads(features, proposals, num_valid, image_sizes, image_shapes)
 
-    def _losses(self, padded: Tensor, image_sizes: Tensor, image_shapes, targets, generator) -> dict[str, Tensor]:
+    def _losses(
+        self,
+        padded: Tensor,
+        image_sizes: Tensor,
+        image_shapes,
+        targets,
+        generator,
+        rpn: bool = True,
+        roi_heads: bool = True,
+        proposer: FasterRCNN | None = None,
+    ) -> dict[str, Tensor]:
         gt = pack_targets(targets, padded.device)
         features = self.backbone(padded)
         levels = list(features.values())
-        objectness, deltas = self.rpn.head(levels)
         strides = feature_strides(levels, tuple(padded.shape[-2:]))
-        anchors = self._anchors(levels, strides)
-        if self.config.roi_heads.box_pooling == "crop_pool":  # joint training: box loss reaches RPN boxes
+        if rpn or proposer is None:
+            objectness, deltas = self.rpn.head(levels)
+            anchors = self._anchors(levels, strides)
+        if not roi_heads:
+            proposals = num_valid = None
+        elif proposer is not None:  # alternating training: another (frozen) model's proposals
+            with torch.no_grad():
+                _, proposals, num_valid = proposer._proposals(padded, image_sizes)
+        elif self.config.roi_heads.box_pooling == "crop_pool":  # joint training: box loss reaches RPN boxes
             proposals, num_valid = self.rpn.differentiable_proposals(objectness, deltas, image_sizes, strides, anchors)
         else:
             proposals, num_valid = self.rpn.proposals(objectness, deltas, image_sizes, strides)
-        losses = self.rpn.loss(objectness, deltas, anchors, gt, generator)
-        losses.update(self.roi_heads.loss(features, proposals, num_valid, gt, image_shapes, generator))
+        losses = self.rpn.loss(objectness, deltas, anchors, gt, generator) if rpn else {}
+        if roi_heads:
+            losses.update(self.roi_heads.loss(features, proposals, num_valid, gt, image_shapes, generator))
         return losses
 
-    # -- torchvision's interface -----------------------------------------------------------------
-
-    def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None, generator=None):
-        """Training (``targets`` given, ``model.train()``): the loss dict. Inference: a list of
-        ``{"boxes" [D_i, 4], "scores" [D_i], "labels" [D_i]}`` in original image coordinates.
-        ``generator`` (optional ``torch.Generator``) drives the training samplers."""
+    def _prepare(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None):
+        """Check and preprocess: ``padded [B, 3, H, W]``, ``image_sizes [B, 2]``, their list
+        ``image_shapes``, the resized ``targets`` and the original sizes."""
         check_images(images, len(self.config.transform.image_mean))
         if self.training:
             if targets is None:
@@ -159,6 +178,35 @@ class FasterRCNN(nn.Module):
         image_shapes = [tuple(int(v) for v in size) for size in image_list.image_sizes]
         padded = image_list.tensors
         image_sizes = torch.tensor(image_shapes, dtype=torch.int64).to(padded.device, non_blocking=True)
+        return padded, image_sizes, image_shapes, targets, original_sizes
+
+    def partial_losses(
+        self,
+        images: list[Tensor],
+        targets: list[dict[str, Tensor]],
+        generator: torch.Generator | None = None,
+        *,
+        rpn: bool = True,
+        roi_heads: bool = True,
+        proposer: FasterRCNN | None = None,
+    ) -> dict[str, Tensor]:
+        """Some of the training losses, for the 4-step alternating training (Faster R-CNN, Section
+        3.2): the RPN's terms (``rpn``), the RoI head's (``roi_heads``), or both (``model(images,
+        targets)``). ``proposer``: a model with the same preprocessing whose RPN proposals (computed
+        without gradients, in its own train/eval mode) the RoI head trains on instead of this
+        model's. The backbone runs once; only the chosen terms' parts get gradients."""
+        if not self.training:
+            raise ValueError("partial_losses needs training mode (model.train())")
+        padded, image_sizes, image_shapes, targets, _ = self._prepare(images, targets)
+        return self._losses(padded, image_sizes, image_shapes, targets, generator, rpn, roi_heads, proposer)
+
+    # -- torchvision's interface -----------------------------------------------------------------
+
+    def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None, generator=None):
+        """Training (``targets`` given, ``model.train()``): the loss dict. Inference: a list of
+        ``{"boxes" [D_i, 4], "scores" [D_i], "labels" [D_i]}`` in original image coordinates.
+        ``generator`` (optional ``torch.Generator``) drives the training samplers."""
+        padded, image_sizes, image_shapes, targets, original_sizes = self._prepare(images, targets)
         if self.training:
             return self._losses(padded, image_sizes, image_shapes, targets, generator)
         boxes, scores, labels, num_valid = self._detect(padded, image_sizes, image_shapes)

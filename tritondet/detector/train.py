@@ -12,10 +12,32 @@ rate times ``gamma`` at each of ``lr_steps`` (fractions of the run). The run's p
 by its budget still decays its learning rate before it stops. Gradients are clipped to
 ``clip_grad_norm``; on CUDA the forward pass runs under bf16 autocast (``amp``).
 
-Outputs in ``output_dir``: ``checkpoint_<iteration>.pt`` every ``checkpoint_every`` iterations and
-``last.pt`` (model, optimizer, iteration, elapsed time, random states, configs), ``log.csv`` (one row
-per ``log_every`` iterations), TensorBoard events when ``tensorboard`` is installed, ``loss_curves.png``,
+Outputs in ``output_dir``: ``checkpoint_<iteration>.pt`` every ``checkpoint_every`` iterations (joint
+schedule) and ``last.pt`` (model, optimizer, iteration, elapsed time, random states, configs),
+``log.csv`` (one row per ``log_every`` iterations, naming the schedule's step; the loss terms a step
+does not train are empty), TensorBoard events when ``tensorboard`` is installed, ``loss_curves.png``,
 ``detections.png`` (a few val images with their detections), ``metrics.json``.
+
+Schedules (``schedule``): ``"joint"`` (the default) trains everything at once on the sum of the four
+losses (the paper's approximate joint training). ``"alternating"`` is the paper's 4-step alternating
+training (Section 3.2), each step a training of its own (fresh SGD, warm-up and step decay over the
+step) on :meth:`FasterRCNN.partial_losses <tritondet.detector.faster_rcnn.FasterRCNN.partial_losses>`:
+
+1. ``rpn``: the backbone and the RPN, on the RPN's losses.
+2. ``detector``: a separate detector (its own backbone, from the same initial weights) and its RoI
+   head, on the RoI head's losses for step 1's proposals (step 1's model frozen, no gradients).
+3. ``rpn_shared``: step 2's backbone frozen (the shared convolutions: no gradients, batch norm in eval
+   mode), the RPN initialized from step 1's; only the RPN's own layers are fine-tuned.
+4. ``detector_shared``: the shared convolutions still frozen, only the RoI head is fine-tuned, on the
+   proposals of step 3's RPN.
+
+The final model - step 2's backbone, step 3's RPN, step 4's RoI head - is saved as ``last.pt``, a
+normal checkpoint; each step's model as ``step<k>.pt``. The budget is split by ``alternating_split``
+(default 0.35, 0.35, 0.15, 0.15: steps 1 and 2 train a backbone from scratch, steps 3 and 4 only
+fine-tune heads): step k runs ``round(iterations * split_k / sum(split))`` iterations and gets the
+share ``split_k / sum(split_k..4)`` of the time left when it starts (a step ending early leaves more
+to the next). Frozen RPNs propose with their test settings (``post_nms_top_n[1]``), as the final
+model does. The alternating schedule runs in one process and does not resume.
 
 Multi-process: launched by ``torchrun --nproc_per_node N -m tritondet.cli train ...`` the run uses
 ``DistributedDataParallel`` (NCCL on CUDA, gloo on CPU), a ``DistributedSampler`` per rank (the
@@ -30,12 +52,14 @@ the middle of an epoch the skipped batches are re-drawn, so the flips may differ
 
 from __future__ import annotations
 
+import copy
 import csv
 import dataclasses
 import json
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -151,8 +175,12 @@ class TrainConfig:
     lr_steps: tuple[float, ...] = (0.7, 0.9)  # fractions of the run's progress
     gamma: float = 0.1
     clip_grad_norm: float = 10.0
+    # "joint" (approximate joint training) or "alternating" (the paper's 4 steps, see the module docstring);
+    # alternating_split: each step's share of the iterations and of the time budget.
+    schedule: str = "joint"
+    alternating_split: tuple[float, ...] = (0.35, 0.35, 0.15, 0.15)
     amp: bool = True  # bf16 autocast, on CUDA only
-    max_minutes: float | None = 15.0  # wall-clock budget of the whole run, evaluation included
+    max_minutes: float | None = 15.0  # wall-clock budget of the whole run, evaluation (when on) included
     # Bookkeeping.
     seed: int = 0
     num_workers: int | None = None  # default: 2 on CUDA, 0 on the CPU (the model needs both cores there)
@@ -177,7 +205,17 @@ class TrainConfig:
             raise ValueError(f"lr_steps must be fractions in (0, 1), got {self.lr_steps}")
         if self.max_minutes is not None and self.max_minutes <= 0:
             raise ValueError(f"max_minutes must be positive, got {self.max_minutes}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if len(self.alternating_split) != 4 or any(share <= 0 for share in self.alternating_split):
+            raise ValueError(f"alternating_split must be 4 positive shares, got {self.alternating_split}")
+        if self.schedule == "alternating" and self.resume is not None:
+            raise ValueError("resume: the alternating schedule cannot resume (it writes step<k>.pt after each step)")
         self.lr_steps = tuple(self.lr_steps)
+        self.alternating_split = tuple(self.alternating_split)
+
+
+SCHEDULES = ("joint", "alternating")
 
 
 def learning_rate(config: TrainConfig, iteration: int, progress: float) -> float:
@@ -297,7 +335,15 @@ def _resume_path(config: TrainConfig) -> Path | None:
 # Logs and pictures
 # ---------------------------------------------------------------------------------------------------------------------
 
-_CSV_FIELDS = ("iteration", "epoch", "lr", "loss", *LOSS_NAMES, "images_per_s", "elapsed_s")
+_CSV_FIELDS = ("iteration", "step", "epoch", "lr", "loss", *LOSS_NAMES, "images_per_s", "elapsed_s")
+# Progress-bar names of the loss terms.
+_SHORT_NAMES = {
+    "loss": "loss",
+    "loss_objectness": "obj",
+    "loss_rpn_box_reg": "rpn_box",
+    "loss_classifier": "cls",
+    "loss_box_reg": "box",
+}
 _CURVE_COLORS = ((0, 0, 0), (214, 39, 40), (31, 119, 180), (44, 160, 44), (255, 127, 14))
 
 
@@ -309,13 +355,21 @@ def plot_loss_curves(csv_path: Path, out_path: Path, size: tuple[int, int] = (80
         return
     names = ("loss", *LOSS_NAMES)
     iterations = [int(r["iteration"]) for r in rows]
-    series = {n: [max(float(r[n]), 1e-4) for r in rows] for n in names}
+    # Per term, the runs of consecutive rows that log it (an alternating step trains some terms only).
+    series = {n: [[]] for n in names}
+    for iteration, row in zip(iterations, rows, strict=True):
+        for n in names:
+            if row.get(n):
+                series[n][-1].append((iteration, max(float(row[n]), 1e-4)))
+            elif series[n][-1]:
+                series[n].append([])
+    values = [v for runs in series.values() for run in runs for _, v in run]
     width, height = size
     left, right, top, bottom = 60, 170, 20, 40
     image = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(image)
-    low = math.log10(min(min(v) for v in series.values()))
-    high = math.log10(max(max(v) for v in series.values()))
+    low = math.log10(min(values))
+    high = math.log10(max(values))
     high = high if high > low else low + 1
     x_max = max(iterations[-1], iterations[0] + 1)
 
@@ -337,7 +391,9 @@ def plot_loss_curves(csv_path: Path, out_path: Path, size: tuple[int, int] = (80
     draw.text(((width - right) // 2, height - 18), "iteration", fill="black")
     for i, name in enumerate(names):
         color = _CURVE_COLORS[i]
-        draw.line([point(t, v) for t, v in zip(iterations, series[name], strict=True)], fill=color, width=2)
+        for run in series[name]:
+            if run:
+                draw.line([point(t, v) for t, v in run], fill=color, width=2)
         draw.line([width - right + 10, top + 10 + 16 * i, width - right + 30, top + 10 + 16 * i], fill=color, width=2)
         draw.text((width - right + 35, top + 4 + 16 * i), name, fill="black")
     image.save(out_path)
@@ -384,9 +440,94 @@ def _plot_val_detections(model: FasterRCNN, val_set, categories, device, out_pat
 
 
 def _loss_terms(losses: dict[str, Tensor]) -> dict[str, float]:
-    values = {name: float(losses[name].detach()) for name in LOSS_NAMES}
+    """The terms of :data:`LOSS_NAMES` present (an alternating step trains some) and their sum, ``loss``."""
+    values = {name: float(losses[name].detach()) for name in LOSS_NAMES if name in losses}
     values["loss"] = sum(values.values())
     return values
+
+
+def _optimizer(config: TrainConfig, modules: tuple[nn.Module, ...]) -> torch.optim.SGD:
+    """SGD over the parameters of ``modules`` that require gradients."""
+    parameters = [p for module in modules for p in module.parameters() if p.requires_grad]
+    # No weight decay on biases and batch-norm parameters (1-d), as torchvision's reference scripts can do;
+    # the paper decays everything, but from scratch on small data the decayed norms slow training down.
+    decay = [p for p in parameters if p.ndim > 1]
+    no_decay = [p for p in parameters if p.ndim <= 1]
+    return torch.optim.SGD(
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=config.lr,
+        momentum=config.momentum,
+    )
+
+
+@dataclass
+class _Step:
+    """One training step of a schedule: ``model``'s losses (``FasterRCNN.partial_losses`` options
+    ``losses``) optimize the parameters of ``trained``; the other parts of ``models`` are frozen."""
+
+    name: str
+    model: nn.Module
+    trained: tuple[nn.Module, ...]
+    iterations: int
+    share: float  # of the time budget left when the step starts
+    losses: dict = field(default_factory=dict)
+    models: tuple[nn.Module, ...] = ()
+    trainable: frozenset = frozenset()  # ids of the parameters the preset trains at all
+    before: Callable[[], object] | None = None
+
+
+def _alternating_steps(config: TrainConfig, model: FasterRCNN) -> list[_Step]:
+    """The paper's 4-step alternating training (Section 3.2) on ``model`` and a copy of its initial weights."""
+    first = model  # steps 1: backbone + RPN
+    second = copy.deepcopy(model)  # step 2's separate detector, from the same initialization; the final model
+    split = config.alternating_split
+    counts = [max(1, round(config.iterations * share / sum(split))) for share in split]
+    shares = [share / sum(split[k:]) for k, share in enumerate(split)]
+    models = (first, second)
+    trainable = frozenset(id(p) for m in models for p in m.parameters() if p.requires_grad)
+
+    def rpn_from_step_1():
+        second.rpn.load_state_dict(first.rpn.state_dict())
+
+    common = dict(models=models, trainable=trainable)
+    return [
+        _Step("rpn", first, (first.backbone, first.rpn), counts[0], shares[0], dict(roi_heads=False), **common),
+        _Step(
+            "detector",
+            second,
+            (second.backbone, second.roi_heads),
+            counts[1],
+            shares[1],
+            dict(rpn=False, proposer=first),
+            **common,
+        ),
+        _Step(
+            "rpn_shared",
+            second,
+            (second.rpn,),
+            counts[2],
+            shares[2],
+            dict(roi_heads=False),
+            before=rpn_from_step_1,
+            **common,
+        ),
+        _Step("detector_shared", second, (second.roi_heads,), counts[3], shares[3], dict(rpn=False), **common),
+    ]
+
+
+def _prepare_step(step: _Step) -> None:
+    """Freeze all but ``step.trained``: no gradients, and eval mode (batch norm keeps its statistics, a
+    frozen RPN proposes with its test settings, as the final model will); the models stay in training
+    mode at the top level, where the losses are computed."""
+    for model in step.models:
+        model.train()
+        for part in (model.backbone, model.rpn, model.roi_heads):
+            trained = any(part is module for module in step.trained)
+            part.train(trained)
+            for parameter in part.parameters():
+                parameter.requires_grad_(trained and id(parameter) in step.trainable)
+    if step.before is not None:
+        step.before()
 
 
 def train(config: TrainConfig, model: nn.Module | None = None) -> dict:
@@ -425,19 +566,17 @@ def train(config: TrainConfig, model: nn.Module | None = None) -> dict:
         raise ValueError(f"the training set ({len(train_set)} images) is smaller than one batch ({config.batch_size})")
 
     torch.manual_seed(config.seed)  # the same initial weights on every rank, however the data was made
+    alternating = config.schedule == "alternating"
+    if alternating and (world_size > 1 or model is not None):
+        raise ValueError("schedule='alternating' runs in one process, on the model preset (no torchrun, no model=)")
     model = (build_model(model_config) if model is None else model).to(device)
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    # No weight decay on biases and batch-norm parameters (1-d), as torchvision's reference scripts can do;
-    # the paper decays everything, but from scratch on small data the decayed norms slow training down.
-    decay = [p for p in parameters if p.ndim > 1]
-    no_decay = [p for p in parameters if p.ndim <= 1]
-    optimizer = torch.optim.SGD(
-        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=config.lr,
-        momentum=config.momentum,
-    )
     sampling = torch.Generator(device=device).manual_seed(config.seed + rank)
     iteration, trained_seconds = 0, 0.0
+    if alternating:
+        steps = _alternating_steps(config, model)
+    else:
+        steps = [_Step("joint", model, (model,), config.iterations, 1.0)]
+    optimizer = _optimizer(config, (model,))
     resume = _resume_path(config)
     if resume is not None:
         checkpoint = torch.load(resume, map_location=device, weights_only=False)
@@ -468,14 +607,8 @@ def train(config: TrainConfig, model: nn.Module | None = None) -> dict:
             log.writeheader()
             csv_file.flush()
 
-    bar = None
-    if main and config.progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=config.iterations, initial=iteration, desc="train", dynamic_ncols=True)
-
-    def state() -> dict:
-        _average_buffers(model)
+    def state(saved: nn.Module) -> dict:
+        _average_buffers(saved)
         sampling_states = [sampling.get_state()]
         if _distributed():
             sampling_states = [None] * world_size
@@ -492,101 +625,126 @@ def train(config: TrainConfig, model: nn.Module | None = None) -> dict:
 
     use_amp = config.amp and device.type == "cuda"
     seconds_per_iteration = None  # running mean, to reserve time for the evaluation
-    epoch = iteration // len(loader)
-    skip = iteration % len(loader)
-    interval_images, interval_start = 0, time.monotonic()
-    running = {name: 0.0 for name in ("loss", *LOSS_NAMES)}
-    running_count = 0
-    progress = iteration / config.iterations
-    stop = iteration >= config.iterations
+    bar = None
     try:
-        model.train()
-        while not stop:
-            if world_size > 1:
-                loader.sampler.set_epoch(epoch)
+        for number, step in enumerate(steps, start=1):
+            if alternating:
+                _prepare_step(step)
+                optimizer = _optimizer(config, step.trained)
             else:
-                loader.generator.manual_seed(config.seed * 100_003 + epoch)  # epoch e's order, resumable
-            for batch_index, (images, targets) in enumerate(loader):
-                if batch_index < skip:
-                    continue
-                step_start = time.monotonic()
-                images = [image.to(device, non_blocking=True) for image in images]
-                targets = [
-                    {"boxes": t["boxes"].to(device), "labels": t["labels"].to(device)} for t in targets
-                ]  # fmt: skip
-                lr = learning_rate(config, iteration, progress)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                    losses = ddp(images, targets, generator=sampling)
-                loss = sum(losses[name].float() for name in LOSS_NAMES)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"iteration {iteration}: the loss is {float(loss)}; lower the lr")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                nn.utils.clip_grad_norm_(parameters, config.clip_grad_norm)
-                optimizer.step()
-                iteration += 1
-                step_seconds = time.monotonic() - step_start
-                trained_seconds += step_seconds
-                seconds_per_iteration = (
-                    step_seconds if seconds_per_iteration is None else 0.9 * seconds_per_iteration + 0.1 * step_seconds
-                )
-                for name, value in _loss_terms(losses).items():
-                    running[name] += value
-                running_count += 1
-                interval_images += len(images) * world_size
+                model.train()
+            step_start, step_seconds_start = iteration if alternating else 0, trained_seconds
+            label = f"step {number}/4 {step.name}" if alternating else "train"
+            if main and config.progress:
+                from tqdm.auto import tqdm
 
-                # Progress and the time budget: the evaluation's share is reserved from the running speed.
-                progress = iteration / config.iterations
-                if deadline is not None:
-                    now = time.monotonic()
-                    val_batches = math.ceil(len(val_set) / (config.batch_size * world_size))
-                    reserve = 0.5 * val_batches * seconds_per_iteration + 20.0  # inference ~ 1/2 a training step
-                    budget_end = deadline - reserve
-                    train_start = now - trained_seconds
-                    fraction = (now - train_start) / max(budget_end - train_start, 1e-9)
-                    progress = max(progress, _max_over_ranks(fraction))
-                stop = iteration >= config.iterations or progress >= 1.0
+                bar = tqdm(total=step.iterations, initial=iteration - step_start, desc=label, dynamic_ncols=True)
+            parameters = [p for module in step.trained for p in module.parameters() if p.requires_grad]
+            epoch = iteration // len(loader)
+            skip = iteration % len(loader)
+            interval_images, interval_start = 0, time.monotonic()
+            running, running_count = {}, {}
+            progress = (iteration - step_start) / step.iterations
+            stop = iteration - step_start >= step.iterations
+            while not stop:
+                if world_size > 1:
+                    loader.sampler.set_epoch(epoch)
+                else:
+                    loader.generator.manual_seed(config.seed * 100_003 + epoch)  # epoch e's order, resumable
+                for batch_index, (images, targets) in enumerate(loader):
+                    if batch_index < skip:
+                        continue
+                    step_begin = time.monotonic()
+                    images = [image.to(device, non_blocking=True) for image in images]
+                    targets = [
+                        {"boxes": t["boxes"].to(device), "labels": t["labels"].to(device)} for t in targets
+                    ]  # fmt: skip
+                    lr = learning_rate(config, iteration - step_start, progress)
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                        if alternating:
+                            losses = step.model.partial_losses(images, targets, sampling, **step.losses)
+                        else:
+                            losses = ddp(images, targets, generator=sampling)
+                    loss = sum(value.float() for name, value in losses.items() if name in LOSS_NAMES)
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(f"iteration {iteration}: the loss is {float(loss)}; lower the lr")
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    nn.utils.clip_grad_norm_(parameters, config.clip_grad_norm)
+                    optimizer.step()
+                    iteration += 1
+                    step_seconds = time.monotonic() - step_begin
+                    trained_seconds += step_seconds
+                    seconds_per_iteration = (
+                        step_seconds
+                        if seconds_per_iteration is None
+                        else 0.9 * seconds_per_iteration + 0.1 * step_seconds
+                    )
+                    for name, value in _loss_terms(losses).items():
+                        running[name] = running.get(name, 0.0) + value
+                        running_count[name] = running_count.get(name, 0) + 1
+                    interval_images += len(images) * world_size
 
-                if main and (iteration % config.log_every == 0 or stop):
-                    now = time.monotonic()
-                    speed = interval_images / max(now - interval_start, 1e-9)
-                    means = {name: value / running_count for name, value in running.items()}
-                    row = {"iteration": iteration, "epoch": epoch, "lr": f"{lr:.6g}", "images_per_s": f"{speed:.3f}"}
-                    row.update({name: f"{value:.5f}" for name, value in means.items()})
-                    row["elapsed_s"] = f"{trained_seconds:.1f}"
-                    log.writerow(row)
-                    csv_file.flush()
-                    if writer is not None:
-                        for name, value in means.items():
-                            writer.add_scalar(f"train/{name}", value, iteration)
-                        writer.add_scalar("train/lr", lr, iteration)
-                        writer.add_scalar("train/images_per_s", speed, iteration)
+                    # Progress and the time budget: the evaluation's share is reserved from the running
+                    # speed; an alternating step gets its share of the time left (step.share).
+                    progress = (iteration - step_start) / step.iterations
+                    if deadline is not None:
+                        now = time.monotonic()
+                        val_batches = math.ceil(len(val_set) / (config.batch_size * world_size))
+                        # Inference ~ 1/2 a training step; 20 s for the last checkpoint and the plots.
+                        reserve = (0.5 * val_batches * seconds_per_iteration if config.evaluate else 0.0) + 20.0
+                        budget_end = deadline - reserve
+                        spent = trained_seconds - step_seconds_start
+                        fraction = spent / max(step.share * (budget_end - (now - spent)), 1e-9)
+                        progress = max(progress, _max_over_ranks(fraction))
+                    stop = iteration - step_start >= step.iterations or progress >= 1.0
+
+                    if main and (iteration % config.log_every == 0 or stop):
+                        now = time.monotonic()
+                        speed = interval_images / max(now - interval_start, 1e-9)
+                        means = {name: running[name] / running_count[name] for name in running}
+                        row = {"iteration": iteration, "step": step.name, "epoch": epoch, "lr": f"{lr:.6g}"}
+                        row["images_per_s"] = f"{speed:.3f}"
+                        row.update({name: f"{value:.5f}" for name, value in means.items()})
+                        row["elapsed_s"] = f"{trained_seconds:.1f}"
+                        log.writerow(row)
+                        csv_file.flush()
+                        if writer is not None:
+                            for name, value in means.items():
+                                writer.add_scalar(f"train/{name}", value, iteration)
+                            writer.add_scalar("train/lr", lr, iteration)
+                            writer.add_scalar("train/images_per_s", speed, iteration)
+                        if bar is not None:
+                            terms = {
+                                short: f"{means[name]:.3f}" for name, short in _SHORT_NAMES.items() if name in means
+                            }
+                            bar.set_postfix(**terms, img_s=f"{speed:.1f}", lr=f"{lr:.2g}")
+                        running, running_count = {}, {}
+                        interval_images, interval_start = 0, now
                     if bar is not None:
-                        bar.set_postfix(
-                            loss=f"{means['loss']:.3f}",
-                            obj=f"{means['loss_objectness']:.3f}",
-                            rpn_box=f"{means['loss_rpn_box_reg']:.3f}",
-                            cls=f"{means['loss_classifier']:.3f}",
-                            box=f"{means['loss_box_reg']:.3f}",
-                            img_s=f"{speed:.1f}",
-                            lr=f"{lr:.2g}",
-                        )
-                    running = dict.fromkeys(running, 0.0)
-                    running_count, interval_images, interval_start = 0, 0, now
-                if bar is not None:
-                    bar.update(1)
-                if iteration % config.checkpoint_every == 0 or stop:
-                    snapshot = state()  # a collective under torchrun: every rank calls it
-                    if main:
-                        save_checkpoint(output_dir / "last.pt", model, optimizer, snapshot)
-                        if iteration % config.checkpoint_every == 0:
-                            save_checkpoint(output_dir / f"checkpoint_{iteration:07d}.pt", model, optimizer, snapshot)
-                if stop:
-                    break
-            skip = 0
-            epoch += 1
+                        bar.update(1)
+                    if not alternating and (iteration % config.checkpoint_every == 0 or stop):
+                        snapshot = state(model)  # a collective under torchrun: every rank calls it
+                        if main:
+                            save_checkpoint(output_dir / "last.pt", model, optimizer, snapshot)
+                            if iteration % config.checkpoint_every == 0:
+                                save_checkpoint(
+                                    output_dir / f"checkpoint_{iteration:07d}.pt", model, optimizer, snapshot
+                                )
+                    if stop:
+                        break
+                skip = 0
+                epoch += 1
+            if bar is not None:
+                bar.close()
+                bar = None
+            if alternating and main:  # every step's model, loadable like a final one
+                snapshot = state(step.model)
+                save_checkpoint(output_dir / f"step{number}.pt", step.model, optimizer, snapshot)
+                if number == len(steps):
+                    save_checkpoint(output_dir / "last.pt", step.model, optimizer, snapshot)
     finally:
         if bar is not None:
             bar.close()
@@ -594,6 +752,11 @@ def train(config: TrainConfig, model: nn.Module | None = None) -> dict:
             csv_file.close()
         if writer is not None:
             writer.close()
+    if alternating:
+        model = steps[-1].model
+        for parameter in model.parameters():
+            parameter.requires_grad_(True)
+        model.train()
 
     result = {"iteration": iteration, "trained_seconds": trained_seconds, "output_dir": str(output_dir), "model": model}
     result["metrics"] = None
