@@ -11,8 +11,9 @@ kernels on CUDA, the PyTorch reference path on a CPU) against torchvision's.
 
 Measured per side: training images/s (images over the seconds spent in training steps), inference
 images/s (``model(images)`` over the val split, batches preloaded, so decoding is not timed), and
-the COCO AP / AP50 reached on the synthetic val split. torch's default thread count on a CPU, as
-``tritondet train``.
+the COCO AP / AP50 reached on the synthetic val split, and the machine's 5-minute load average when
+the side ended (other jobs on a shared machine slow a side down). torch's default thread count on a
+CPU, as ``tritondet train``.
 
 Sizes (``TRITONDET_BENCH_SIZES``, :func:`benchmarks.harness.bench_sizes`): ``tiny`` (the default, CI
 smoke: 8 tiny images, 3 iterations per side, seconds), ``quick`` (5 minutes per side) and ``full``
@@ -122,6 +123,7 @@ def train_side(side: str, config: TrainConfig, device: torch.device) -> dict:
         "inference_images_per_s": len(val_set) / max(inference_seconds, 1e-9),
         "AP": metrics["AP"],
         "AP50": metrics["AP50"],
+        "load": os.getloadavg()[1],  # the machine's 5-minute load average at the end (shared machines)
     }
 
 
@@ -137,13 +139,13 @@ def run(sizes: str, output_dir: Path, data_root: str | None = None, minutes: flo
 def format_table(results: list[dict], title: str = "") -> str:
     lines = [title, ""] if title else []
     lines += [
-        "| model | iterations | training min | training images/s | inference images/s | AP | AP50 |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| model | iterations | training min | training images/s | inference images/s | AP | AP50 | load avg |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in results:
         lines.append(
             f"| {r['side']} | {r['iterations']} | {r['train_minutes']:.2f} | {r['train_images_per_s']:.2f} "
-            f"| {r['inference_images_per_s']:.2f} | {r['AP']:.3f} | {r['AP50']:.3f} |"
+            f"| {r['inference_images_per_s']:.2f} | {r['AP']:.3f} | {r['AP50']:.3f} | {r['load']:.1f} |"
         )
     return "\n".join(lines)
 
