@@ -150,6 +150,12 @@ def format_table(results: list[dict], title: str = "") -> str:
     return "\n".join(lines)
 
 
+def cases(device: torch.device, sizes: str) -> list:
+    """No per-op rows for ``tritondet bench`` (a run takes minutes and measures AP, not one call's
+    time): the side-by-side runs as this script or under pytest."""
+    return []
+
+
 def test_training_side_by_side(benchmark, tmp_path):
     """The CI smoke run (``tiny``): both sides train and are evaluated. Other sizes run the real budget."""
     sizes = bench_sizes()

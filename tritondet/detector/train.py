@@ -754,8 +754,8 @@ def train(config: TrainConfig, model: nn.Module | None = None) -> dict:
             writer.close()
     if alternating:
         model = steps[-1].model
-        for parameter in model.parameters():
-            parameter.requires_grad_(True)
+        for parameter in model.parameters():  # unfrozen as the preset built it
+            parameter.requires_grad_(id(parameter) in steps[-1].trainable)
         model.train()
 
     result = {"iteration": iteration, "trained_seconds": trained_seconds, "output_dir": str(output_dir), "model": model}
