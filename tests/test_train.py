@@ -256,3 +256,18 @@ def test_alternating_schedule_freezes_the_shared_convs(data_root, tmp_path):
 def test_bad_schedule(changes, message):
     with pytest.raises(ValueError, match=message):
         TrainConfig(**changes)
+
+
+def test_partial_losses_terms():
+    from tritondet.detector.config import lite
+
+    torch.manual_seed(0)
+    model = build_model(lite()).train()
+    images = [torch.rand(3, 64, 80)]
+    targets = [{"boxes": torch.tensor([[10.0, 10.0, 40.0, 50.0]]), "labels": torch.tensor([1])}]
+    assert set(model.partial_losses(images, targets, rpn=False)) == {"loss_classifier", "loss_box_reg"}
+    assert set(model.partial_losses(images, targets, roi_heads=False)) == {"loss_objectness", "loss_rpn_box_reg"}
+    with pytest.raises(ValueError, match="rpn, roi_heads"):
+        model.partial_losses(images, targets, rpn=False, roi_heads=False)
+    with pytest.raises(ValueError, match="training mode"):
+        model.eval().partial_losses(images, targets)

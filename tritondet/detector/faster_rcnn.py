@@ -194,7 +194,9 @@ class FasterRCNN(nn.Module):
         3.2): the RPN's terms (``rpn``), the RoI head's (``roi_heads``), or both (``model(images,
         targets)``). ``proposer``: a model with the same preprocessing whose RPN proposals (computed
         without gradients, in its own train/eval mode) the RoI head trains on instead of this
-        model's. The backbone runs once; only the chosen terms' parts get gradients."""
+        model's. This model's backbone runs once; only the chosen terms' parts get gradients."""
+        if not (rpn or roi_heads):
+            raise ValueError("partial_losses: choose rpn, roi_heads or both")
         if not self.training:
             raise ValueError("partial_losses needs training mode (model.train())")
         padded, image_sizes, image_shapes, targets, _ = self._prepare(images, targets)
