@@ -36,7 +36,9 @@ normal checkpoint; each step's model as ``step<k>.pt``. The budget is split by `
 (default 0.35, 0.35, 0.15, 0.15: steps 1 and 2 train a backbone from scratch, steps 3 and 4 only
 fine-tune heads): step k runs ``round(iterations * split_k / sum(split))`` iterations and gets the
 share ``split_k / sum(split_k..4)`` of the time left when it starts (a step ending early leaves more
-to the next). Frozen RPNs propose with their test settings (``post_nms_top_n[1]``), as the final
+to the next). The time left excludes the evaluation's reserve, re-estimated from the current step's
+speed as in joint training: slow steps 1 and 2 reserve more, so the faster frozen-backbone steps 3
+and 4 can end up with more than their share. Frozen RPNs propose with their test settings (``post_nms_top_n[1]``), as the final
 model does. The alternating schedule runs in one process and does not resume.
 
 Multi-process: launched by ``torchrun --nproc_per_node N -m tritondet.cli train ...`` the run uses
