@@ -148,16 +148,19 @@ def _padded_suppression_mask_kernel(
 
 
 @triton.jit
-def _greedy_pass(mask_base, removed, n, out_ptr, key_ptr, BLOCK_WORDS: tl.constexpr, PADDED: tl.constexpr):
-    """The greedy pass over one segment's ``n`` rows in score order: a row is kept unless a kept
-    earlier row's mask bit removed it, and then ORs its own mask row into the removed set.
+def _greedy_pass(
+    mask_base, removed, n, words_per_row, out_ptr, key_ptr, BLOCK_WORDS: tl.constexpr, PADDED: tl.constexpr
+):
+    """The greedy pass over one segment's first ``n`` rows in score order (mask rows of
+    ``words_per_row`` words): a row is kept unless a kept earlier row's mask bit removed it, and
+    then ORs its own mask row into the removed set.
 
     Packed (``PADDED`` false): every row takes part; a kept row stores 1 (int8) at ``out_ptr + row``.
     Padded: rows whose ``key`` is +inf take no part; a kept row stores its key at ``out_ptr + row``.
     """
-    words_per_row = (n + 31) // 32
+    active_words = (n + 31) // 32  # rows past n take no part: their removed bits are never read
     lanes = tl.arange(0, BLOCK_WORDS)
-    for word in range(0, words_per_row):
+    for word in range(0, active_words):
         # The removed words were ORed by every thread of the program: make their stores visible.
         tl.debug_barrier()
         current = tl.load(removed + word)
@@ -176,9 +179,9 @@ def _greedy_pass(mask_base, removed, n, out_ptr, key_ptr, BLOCK_WORDS: tl.conste
                 row_ptr = mask_base + row.to(tl.int64) * words_per_row
                 current = current | tl.load(row_ptr + word)
                 # Chunks aligned to BLOCK_WORDS, so each removed word always has the same owner thread.
-                for chunk in range((word + 1) // BLOCK_WORDS * BLOCK_WORDS, words_per_row, BLOCK_WORDS):
+                for chunk in range((word + 1) // BLOCK_WORDS * BLOCK_WORDS, active_words, BLOCK_WORDS):
                     offsets = chunk + lanes
-                    ok = (offsets > word) & (offsets < words_per_row)
+                    ok = (offsets > word) & (offsets < active_words)
                     merged = tl.load(removed + offsets, mask=ok, other=0) | tl.load(row_ptr + offsets, mask=ok, other=0)
                     tl.store(removed + offsets, merged, mask=ok)
 
@@ -200,7 +203,7 @@ def _greedy_reduce_kernel(
     start = tl.load(seg_start_ptr + segment).to(tl.int64)
     n = tl.load(seg_len_ptr + segment)
     mask_base = mask_ptr + tl.load(seg_mask_offset_ptr + segment)
-    _greedy_pass(mask_base, removed_ptr + start, n, keep_ptr + start, keep_ptr, BLOCK_WORDS, False)
+    _greedy_pass(mask_base, removed_ptr + start, n, (n + 31) // 32, keep_ptr + start, keep_ptr, BLOCK_WORDS, False)
 
 
 @triton.jit
@@ -216,12 +219,20 @@ def _padded_greedy_reduce_kernel(
     # meta-parameters
     BLOCK_WORDS: tl.constexpr,
 ):
-    """One program per segment of length L."""
+    """One program per segment of length L; the pass ends after the last row taking part (with
+    a score threshold, most classes of a detector have a few)."""
     segment = tl.program_id(0).to(tl.int64)
     start = segment * length
-    mask_base = mask_ptr + start * ((length + 31) // 32)
+    words_per_row = (length + 31) // 32
     key = key_ptr + segment * key_stride
-    _greedy_pass(mask_base, removed_ptr + start, length, merged_ptr + start, key, BLOCK_WORDS, True)
+    lanes = tl.arange(0, BLOCK_WORDS)
+    end = 0
+    for first in range(0, length, BLOCK_WORDS):
+        rows = first + lanes
+        takes_part = tl.load(key + rows, mask=rows < length, other=float("inf")) < float("inf")
+        end = tl.maximum(end, tl.max(tl.where(takes_part, rows + 1, 0)))
+    mask_base = mask_ptr + start * words_per_row
+    _greedy_pass(mask_base, removed_ptr + start, end, words_per_row, merged_ptr + start, key, BLOCK_WORDS, True)
 
 
 @triton.jit
@@ -328,7 +339,7 @@ def _gather_detections_kernel(
     image = tl.program_id(0).to(tl.int64)
     segments = M // L
     lanes = tl.arange(0, BLOCK)
-    count = 0
+    count = tl.full((), 0, tl.int64)
     for first in range(0, D, BLOCK):
         slot = first + lanes
         in_output = slot < D
@@ -927,13 +938,15 @@ def candidate_keys_reference(scores: torch.Tensor, score_threshold: float, class
 def rank_boxes_reference(
     boxes: torch.Tensor, order: torch.Tensor, length: int, num_classes: int, class_agnostic: bool
 ) -> torch.Tensor:
-    batch, segments, pool = order.shape
+    batch, segments = order.shape[:2]
     n = max(boxes.shape[1], 1)  # no candidate exists when N = 0; 1 keeps the divisions defined
     position = order[..., :length]
     label = position // n if class_agnostic else torch.arange(segments, device=order.device)[:, None]
     box = position % n if class_agnostic else position
     rows = (box if boxes.dim() == 3 else box * num_classes + label).reshape(batch, segments * length)
-    flat = boxes.reshape(batch, boxes.shape[1] * (num_classes if boxes.dim() == 4 else 1), 4).to(_compute_dtype(boxes.dtype))
+    flat = boxes.reshape(batch, boxes.shape[1] * (num_classes if boxes.dim() == 4 else 1), 4).to(
+        _compute_dtype(boxes.dtype)
+    )
     return flat.gather(1, rows[..., None].expand(-1, -1, 4)).reshape(batch, segments, length, 4)
 
 
