@@ -282,8 +282,8 @@ def test_post_processing_costs_do_not_grow_with_batch_and_never_sync(backend):
               f"RPN proposals {counts[batch][0]}, RoI post-processing {counts[batch][1]}")  # fmt: skip
     assert counts[1] == counts[8]
     assert all(stage[3] == 0 for stage in counts[1])
-    if backend == "triton":  # rpn_proposals: 4 launches; decode_boxes 1 + batched_nms_padded 2
-        assert [stage[2] for stage in counts[1]] == [4, 3]
+    if backend == "triton":  # rpn_proposals: 5 launches; postprocess_detections: 6
+        assert [stage[2] for stage in counts[1]] == [5, 6]
 
 
 # ----------------------------------------------------------------------------------------------

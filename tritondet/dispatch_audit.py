@@ -6,6 +6,8 @@ and host syncs, through a ``TorchDispatchMode``.
   ``item``/``_local_scalar_dense``, ``repeat_interleave`` without ``output_size``,
   ``torchvision::nms``): on the CPU it proves an op would not sync a GPU.
 - :class:`DispatchCounter` counts ATen ops, sync-causing ops and Triton launches (benchmarks).
+  Under the Triton interpreter, the ATen ops that move a kernel's arguments during a launch are
+  left out: a GPU launch makes none, so the counts are those of the GPU path on every machine.
 
 ``tritondet::`` custom ops are entered, not treated as opaque, so the ops inside their
 implementations are seen too.
@@ -94,6 +96,8 @@ class DispatchCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if _launch.launching():  # the Triton interpreter moving kernel arguments: not the op's work
+            return func(*args, **kwargs)
         body = _custom_op_body(func)
         if body is not None:
             with self:

@@ -45,6 +45,7 @@ __all__ = [
     "grid_anchors",
     "match_boxes",
     "nms",
+    "postprocess_detections",
     "proposal_targets",
     "ps_roi_align",
     "ps_roi_pool",
@@ -257,8 +258,9 @@ def batched_nms_padded(
         num_valid (Tensor[B], int64): slots past ``num_valid`` hold zeros (indices -1). Within an
         image, detections are by decreasing score (ties: lower class first, then input order).
 
-    Kernel launches: 2 on the Triton backend (suppression mask, greedy pass), whatever the data;
-    no host sync on either backend. The work is static, sized by the shapes: the CPU path costs
+    Kernel launches: 5 on the Triton backend (ranking keys, ranked boxes, suppression mask, greedy
+    pass, output gather) and two ``torch.sort`` calls, whatever the data and B; no host sync on
+    either backend. Scores are compared with ``score_threshold`` in fp32 (fp64 for fp64 scores). The work is static, sized by the shapes: the CPU path costs
     ``B * segments * L^2 / 2`` box pairs (0.3-0.7 s per image at N = 1000, C = 91 on one core),
     so bound L with ``pre_nms_top_n`` where the pool is large.
     """
@@ -554,9 +556,9 @@ def rpn_proposals(
         boxes (Tensor[B, post_nms_top_n, 4]) and scores (Tensor[B, post_nms_top_n]) fp32 by
         decreasing score, num_valid (Tensor[B] int64): the slots past num_valid hold zeros.
 
-    No host sync. Kernel launches on the Triton backend: 4 whatever B and L (objectness gather,
-    decode, and the 2 of :func:`batched_nms_padded`), plus one ``torch.topk`` and a fixed number of
-    other ATen ops; the computation is fp32 whatever the head's dtype.
+    No host sync. Kernel launches on the Triton backend: 5 whatever B and L (objectness gather,
+    decode, and NMS: suppression mask, greedy pass, output gather), plus one ``torch.topk``, one ``torch.sort`` and a
+    fixed number of other ATen ops; the computation is fp32 whatever the head's dtype.
     """
     if not isinstance(objectness, (list, tuple)) or not isinstance(deltas, (list, tuple)):
         raise TypeError("objectness and deltas must be lists of per-level tensors")
@@ -600,7 +602,7 @@ def rpn_proposals(
     for name, value in (("pre_nms_top_n", pre_nms_top_n), ("post_nms_top_n", post_nms_top_n)):
         if not isinstance(value, int) or value < 0:
             raise ValueError(f"{name} must be a non-negative int, got {value!r}")
-    boxes, scores = torch.ops.tritondet.rpn_candidates(
+    boxes, scores, num_valid = torch.ops.tritondet.rpn_proposals(
         list(objectness),
         list(deltas),
         image_sizes,
@@ -609,13 +611,102 @@ def rpn_proposals(
         flat_ratios,
         counts,
         pre_nms_top_n,
+        post_nms_top_n,
+        float(nms_thresh),
         float(min_size),
         float(score_thresh),
         _box_coder_family.DEFAULT_XFORM_CLIP,
     )
-    # Dropped candidates carry score -inf: a threshold of -inf passes every kept one (even 0).
-    boxes, scores, _, _, num_valid = batched_nms_padded(boxes, scores, nms_thresh, post_nms_top_n, float("-inf"))
     return boxes, scores, num_valid
+
+
+def postprocess_detections(
+    class_logits: Tensor,
+    box_regression: Tensor,
+    proposals: Tensor,
+    num_valid: Tensor,
+    image_sizes: Tensor,
+    weights=(10.0, 10.0, 5.0, 5.0),
+    score_thresh: float = 0.05,
+    nms_thresh: float = 0.5,
+    detections_per_img: int = 100,
+    min_size: float = 1e-2,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Final detections from the box head's outputs: torchvision's
+    ``RoIHeads.postprocess_detections`` with fixed shapes and no host sync.
+
+    Per image: softmax class scores, every class's box decoded from its proposal (``weights``,
+    ``dw``/``dh`` clamped to ``log(1000 / 16)``) and clipped to the image; candidates of the
+    foreground classes (label >= 1) with score > ``score_thresh`` and both sides >= ``min_size``
+    go through NMS per class at ``nms_thresh``; the best ``detections_per_img`` are kept.
+
+    Args:
+        class_logits (Tensor[B * P, C]): box-head class logits, background first, any strides.
+        box_regression (Tensor[B * P, 4 C]): class-specific deltas.
+        proposals (Tensor[B, P, 4]): the boxes the head saw, padded per image.
+        num_valid (Tensor[B], integer): proposals in use per image (rows past it are padding).
+        image_sizes (Tensor[B, 2]): (height, width) to clip to.
+
+    Returns:
+        boxes (Tensor[B, D, 4]) fp32, scores (Tensor[B, D]) fp32, labels (Tensor[B, D]) int64 and
+        num_valid (Tensor[B]) int64, D = detections_per_img, by decreasing score; slots past
+        num_valid hold zeros (label 0, the background class, marks them).
+
+    Scores and boxes are computed in fp32 whatever the head's dtype. Kernel launches on the
+    Triton backend: 6 (candidates, then :func:`batched_nms_padded`'s 5) and two ``torch.sort``.
+    """
+    check_tensor("class_logits", class_logits)
+    check_floating("class_logits", class_logits)
+    check_tensor("box_regression", box_regression)
+    check_floating("box_regression", box_regression)
+    check_tensor("proposals", proposals, last_dim=4)
+    check_floating("proposals", proposals)
+    check_tensor("image_sizes", image_sizes)
+    check_tensor("num_valid", num_valid)
+    if proposals.dim() != 3:
+        raise ValueError(f"proposals must have shape [B, P, 4], got {tuple(proposals.shape)}")
+    batch, count = proposals.shape[:2]
+    if class_logits.dim() != 2 or class_logits.shape[0] != batch * count or class_logits.shape[1] < 1:
+        raise ValueError(
+            f"class_logits must have shape [B * P, C] = [{batch * count}, C >= 1] for proposals "
+            f"{tuple(proposals.shape)}, got {tuple(class_logits.shape)}"
+        )
+    if tuple(box_regression.shape) != (batch * count, 4 * class_logits.shape[1]):
+        raise ValueError(
+            f"box_regression must have shape [B * P, 4 C] = {(batch * count, 4 * class_logits.shape[1])}, "
+            f"got {tuple(box_regression.shape)}"
+        )
+    if box_regression.dtype != class_logits.dtype:
+        raise TypeError(
+            f"class_logits and box_regression must share a dtype, got {class_logits.dtype} and {box_regression.dtype}"
+        )
+    if tuple(image_sizes.shape) != (batch, 2):
+        raise ValueError(f"image_sizes must have shape [B, 2] = {(batch, 2)}, got {tuple(image_sizes.shape)}")
+    if tuple(num_valid.shape) != (batch,) or num_valid.is_floating_point():
+        raise ValueError(f"num_valid must be an integer tensor of shape [B] = {(batch,)}, got {num_valid.dtype} "
+                         f"{tuple(num_valid.shape)}")  # fmt: skip
+    check_same_device(
+        class_logits=class_logits,
+        box_regression=box_regression,
+        proposals=proposals,
+        num_valid=num_valid,
+        image_sizes=image_sizes,
+    )
+    if not isinstance(detections_per_img, int) or detections_per_img < 0:
+        raise ValueError(f"detections_per_img must be a non-negative int, got {detections_per_img!r}")
+    return torch.ops.tritondet.postprocess_detections(
+        class_logits,
+        box_regression,
+        proposals,
+        num_valid.to(torch.int64),
+        image_sizes,
+        _box_coder_weights(weights),
+        float(score_thresh),
+        float(nms_thresh),
+        detections_per_img,
+        float(min_size),
+        _box_coder_family.DEFAULT_XFORM_CLIP,
+    )
 
 
 # ----------------------------------------------------------------------------------------------

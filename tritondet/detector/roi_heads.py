@@ -5,9 +5,9 @@ Shapes: B images, P proposals per image (padded), S sampled RoIs per image in tr
 
 Each proposal is pooled to a fixed ``[channels, 7, 7]`` grid (``ops.MultiScaleRoIAlign``, or on a
 single map ``ops.roi_pool`` / ``ops.crop_pool``), passed through two FC layers, then a classifier
-(C scores) and a class-specific box regressor (4C deltas, weights 10, 10, 5, 5). Inference decodes
-every class's box (``ops.decode_boxes``), clips, and keeps the best D per image with per-class NMS
-(``ops.batched_nms_padded``); fixed shapes, no host sync.
+(C scores) and a class-specific box regressor (4C deltas, weights 10, 10, 5, 5). Inference
+(``ops.postprocess_detections``) decodes every class's box, clips, and keeps the best D per image
+with per-class NMS; fixed shapes, no host sync.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from torch import Tensor, nn
 
 from .. import ops
 from .config import RoIHeadsConfig
-from .rpn import clip_to_images
 from .targets import GroundTruth, proposal_target_layer
 
 POOLINGS = ("roi_align", "roi_pool", "crop_pool")
@@ -113,26 +112,18 @@ class RoIHeads(nn.Module):
         """Detections ``boxes [B, D, 4]`` fp32, ``scores [B, D]``, ``labels [B, D]`` int64 (0 in
         padding), ``num_valid [B]``: torchvision's ``postprocess_detections`` with fixed shapes."""
         config = self.config
-        batch, count = proposals.shape[:2]
-        num_classes = class_logits.shape[-1]
-        deltas = box_regression.float().view(batch, count, 4 * num_classes)
-        boxes = ops.decode_boxes(deltas, proposals.float(), config.bbox_reg_weights)
-        boxes = clip_to_images(boxes.view(batch, count, num_classes, 4), image_sizes)[:, :, 1:]
-        scores = F.softmax(class_logits.float().view(batch, count, num_classes), dim=-1)[:, :, 1:]
-        large = (boxes[..., 2:] - boxes[..., :2] >= config.min_size).all(dim=-1)
-        real = torch.arange(count, device=proposals.device) < num_valid[:, None]
-        keep = large & real[..., None]
-        # Dropped candidates score -1: below any score threshold (softmax scores are >= 0).
-        scores = torch.where(keep, scores, -1.0)
-        det_boxes, det_scores, det_labels, _, det_count = ops.batched_nms_padded(
-            boxes,
-            scores,
-            config.nms_thresh,
-            config.detections_per_img,
-            score_threshold=config.score_thresh,
+        return ops.postprocess_detections(
+            class_logits,
+            box_regression,
+            proposals,
+            num_valid,
+            image_sizes,
+            config.bbox_reg_weights,
+            score_thresh=config.score_thresh,
+            nms_thresh=config.nms_thresh,
+            detections_per_img=config.detections_per_img,
+            min_size=config.min_size,
         )
-        filled = torch.arange(config.detections_per_img, device=det_labels.device) < det_count[:, None]
-        return det_boxes, det_scores, torch.where(filled, det_labels + 1, 0), det_count
 
     def forward(
         self,

@@ -105,19 +105,20 @@ class RegionProposalNetwork(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         """Fixed-shape proposals: ``boxes [B, P, 4]`` fp32 (detached) and ``num_valid [B]``."""
         config = self.config
-        boxes, _scores, num_valid = ops.rpn_proposals(
-            [o.detach() for o in objectness],
-            [d.detach() for d in deltas],
-            image_sizes,
-            self.anchors.sizes,
-            self.anchors.aspect_ratios,
-            strides,
-            self._top_n(config.pre_nms_top_n),
-            self._top_n(config.post_nms_top_n),
-            nms_thresh=config.nms_thresh,
-            min_size=config.min_size,
-            score_thresh=config.score_thresh,
-        )
+        with torch.no_grad():  # proposals carry no gradient (torchvision detaches them too)
+            boxes, _scores, num_valid = ops.rpn_proposals(
+                objectness,
+                deltas,
+                image_sizes,
+                self.anchors.sizes,
+                self.anchors.aspect_ratios,
+                strides,
+                self._top_n(config.pre_nms_top_n),
+                self._top_n(config.post_nms_top_n),
+                nms_thresh=config.nms_thresh,
+                min_size=config.min_size,
+                score_thresh=config.score_thresh,
+            )
         return boxes, num_valid
 
     def differentiable_proposals(

@@ -13,6 +13,9 @@ from collections.abc import Iterator
 import torch
 
 _launches = 0
+# Launches under way: the Triton interpreter copies a kernel's arguments with ATen ops that a GPU
+# launch does not make, so the dispatch counters leave out the ops made while this is non-zero.
+_launch_depth = 0
 # With TRITONDET_CHECK_SPECS=1 (the test suite sets it) a launch of a specialization that no
 # module declares in AOT_SPECS raises, so the ahead-of-time compile gate covers all that runs.
 CHECK_SPECS_VARIABLE = "TRITONDET_CHECK_SPECS"
@@ -35,13 +38,22 @@ def launch(kernel, grid: tuple[int, ...], *args, **meta) -> None:
 
     A grid with a zero-sized axis launches nothing (Triton would reject it).
     """
-    global _launches
+    global _launches, _launch_depth
     if min(grid) <= 0:
         return
     _launches += 1
     if os.environ.get(CHECK_SPECS_VARIABLE) == "1":
         _check_declared(kernel, args, meta)
-    kernel[grid](*args, **meta)
+    _launch_depth += 1
+    try:
+        kernel[grid](*args, **meta)
+    finally:
+        _launch_depth -= 1
+
+
+def launching() -> bool:
+    """Whether a kernel launch is under way (ATen ops now are the interpreter's, not the op's)."""
+    return _launch_depth > 0
 
 
 def _check_declared(kernel, args, meta) -> None:

@@ -20,6 +20,7 @@ RPN head outputs of that level. :func:`level_anchor` computes an anchor from a t
 
 from __future__ import annotations
 
+import numpy
 import torch
 import triton
 import triton.language as tl
@@ -148,7 +149,8 @@ def anchor_parameters(sizes, aspect_ratios) -> tuple[list[float], list[float], l
 
 
 def _fp32_bits(values: list[float]) -> list[int]:
-    return torch.tensor(values, dtype=torch.float32).view(torch.int32).tolist()
+    """The int32 bit patterns of ``values`` rounded to fp32 (numpy: host arithmetic, no ATen op)."""
+    return numpy.asarray(values, dtype=numpy.float32).view(numpy.int32).tolist()
 
 
 def level_table(

@@ -52,6 +52,34 @@ def _load_box(ptr, ok, dtype):
 
 
 @triton.jit
+def _write_mask_tile(
+    boxes_ptr, mask_ptr, start, n, row0, first_word, mask_offset, iou_threshold,
+    COMPUTE_FP64: tl.constexpr, BLOCK_ROWS: tl.constexpr, WORDS: tl.constexpr,
+):  # fmt: skip
+    """The suppression bits of rows ``row0 + [0, BLOCK_ROWS)`` against columns ``32 * (first_word
+    + [0, WORDS))`` of a segment of ``n`` rows whose boxes start at row ``start`` and whose
+    ``n x ceil(n / 32)`` words start at ``mask_offset``."""
+    dtype = tl.float64 if COMPUTE_FP64 else tl.float32
+    words_per_row = (n + 31) // 32
+    rows = row0 + tl.arange(0, BLOCK_ROWS)
+    words = first_word + tl.arange(0, WORDS)
+    bits = tl.arange(0, 32)
+    cols = words[:, None] * 32 + bits[None, :]  # [WORDS, 32]
+    row_ok = rows < n
+    ax1, ay1, ax2, ay2, area_a = _load_box(boxes_ptr + (start + rows) * 4, row_ok, dtype)
+    bx1, by1, bx2, by2, area_b = _load_box(boxes_ptr + (start + cols) * 4, cols < n, dtype)
+    inter, union = _intersection_union(
+        ax1[:, None, None], ay1[:, None, None], ax2[:, None, None], ay2[:, None, None], area_a[:, None, None],
+        bx1[None, :, :], by1[None, :, :], bx2[None, :, :], by2[None, :, :], area_b[None, :, :],
+    )  # fmt: skip
+    suppress = (inter / union > iou_threshold) & (cols[None, :, :] > rows[:, None, None]) & (cols < n)[None, :, :]
+    # Distinct bits: their sum is their OR (bit 31 wraps to the sign bit, as intended).
+    packed = tl.sum(suppress.to(tl.int32) << bits[None, None, :], 2)  # [BLOCK_ROWS, WORDS]
+    offsets = mask_offset + rows[:, None].to(tl.int64) * words_per_row + words[None, :]
+    tl.store(mask_ptr + offsets, packed, mask=row_ok[:, None] & (words < words_per_row)[None, :])
+
+
+@triton.jit
 def _suppression_mask_kernel(
     # pointers
     boxes_ptr,  # [R, 4] contiguous rows, grouped by segment, decreasing score within a segment
@@ -67,6 +95,7 @@ def _suppression_mask_kernel(
     BLOCK_ROWS: tl.constexpr,
     WORDS: tl.constexpr,  # int32 words (32 columns each) per program
 ):
+    """Packed segments of any lengths, described by tables (``nms``, ``batched_nms``)."""
     tile = tl.program_id(0)
     first_word = tl.program_id(1) * WORDS
     segment = tl.load(tile_segment_ptr + tile)
@@ -74,26 +103,87 @@ def _suppression_mask_kernel(
     n = tl.load(seg_len_ptr + segment)
     # Only tiles inside the segment with some column j > some row i have bits to write.
     if (row0 < n) & (first_word * 32 < n) & ((first_word + WORDS) * 32 > row0 + 1):
-        dtype = tl.float64 if COMPUTE_FP64 else tl.float32
         start = tl.load(seg_start_ptr + segment).to(tl.int64)
-        words_per_row = (n + 31) // 32
-        rows = row0 + tl.arange(0, BLOCK_ROWS)
-        words = first_word + tl.arange(0, WORDS)
-        bits = tl.arange(0, 32)
-        cols = words[:, None] * 32 + bits[None, :]  # [WORDS, 32]
-        row_ok = rows < n
-        ax1, ay1, ax2, ay2, area_a = _load_box(boxes_ptr + (start + rows) * 4, row_ok, dtype)
-        bx1, by1, bx2, by2, area_b = _load_box(boxes_ptr + (start + cols) * 4, cols < n, dtype)
-        inter, union = _intersection_union(
-            ax1[:, None, None], ay1[:, None, None], ax2[:, None, None], ay2[:, None, None], area_a[:, None, None],
-            bx1[None, :, :], by1[None, :, :], bx2[None, :, :], by2[None, :, :], area_b[None, :, :],
-        )  # fmt: skip
+        mask_offset = tl.load(seg_mask_offset_ptr + segment)
         iou_threshold = tl.load(threshold_ptr)
-        suppress = (inter / union > iou_threshold) & (cols[None, :, :] > rows[:, None, None]) & (cols < n)[None, :, :]
-        # Distinct bits: their sum is their OR (bit 31 wraps to the sign bit, as intended).
-        packed = tl.sum(suppress.to(tl.int32) << bits[None, None, :], 2)  # [BLOCK_ROWS, WORDS]
-        offsets = tl.load(seg_mask_offset_ptr + segment) + rows[:, None].to(tl.int64) * words_per_row + words[None, :]
-        tl.store(mask_ptr + offsets, packed, mask=row_ok[:, None] & (words < words_per_row)[None, :])
+        _write_mask_tile(
+            boxes_ptr, mask_ptr, start, n, row0, first_word, mask_offset, iou_threshold, COMPUTE_FP64, BLOCK_ROWS, WORDS
+        )
+
+
+@triton.jit
+def _padded_suppression_mask_kernel(
+    # pointers
+    boxes_ptr,  # [S, L, 4] contiguous: each segment's candidates by decreasing score
+    key_ptr,  # [S, key_stride]: a candidate's ranking key, +inf when it takes no part
+    mask_ptr,  # int32 words; segment s: L rows of ceil(L / 32) words from s * L * ceil(L / 32)
+    threshold_ptr,  # [1] compute dtype: see _comparable_threshold
+    # sizes
+    length,  # L
+    key_stride,
+    # meta-parameters
+    COMPUTE_FP64: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    WORDS: tl.constexpr,  # int32 words (32 columns each) per program
+):
+    """Segments of equal length L (``batched_nms_padded``); tiles whose rows or columns all take no
+    part are skipped (their words are never read)."""
+    tile = tl.program_id(0)
+    first_word = tl.program_id(1) * WORDS
+    tiles_per_segment = tl.cdiv(length, BLOCK_ROWS)
+    segment = (tile // tiles_per_segment).to(tl.int64)
+    row0 = tile % tiles_per_segment * BLOCK_ROWS
+    key = key_ptr + segment * key_stride
+    rows = row0 + tl.arange(0, BLOCK_ROWS)
+    cols = first_word * 32 + tl.arange(0, WORDS * 32)
+    rows_take_part = tl.max((tl.load(key + rows, mask=rows < length, other=float("inf")) < float("inf")).to(tl.int32))
+    cols_take_part = tl.max((tl.load(key + cols, mask=cols < length, other=float("inf")) < float("inf")).to(tl.int32))
+    if (rows_take_part > 0) & (cols_take_part > 0) & ((first_word + WORDS) * 32 > row0 + 1):
+        start = segment * length
+        iou_threshold = tl.load(threshold_ptr)
+        _write_mask_tile(
+            boxes_ptr, mask_ptr, start, length, row0, first_word, start * ((length + 31) // 32), iou_threshold,
+            COMPUTE_FP64, BLOCK_ROWS, WORDS,
+        )  # fmt: skip
+
+
+@triton.jit
+def _greedy_pass(
+    mask_base, removed, n, words_per_row, out_ptr, key_ptr, BLOCK_WORDS: tl.constexpr, PADDED: tl.constexpr
+):
+    """The greedy pass over one segment's first ``n`` rows in score order (mask rows of
+    ``words_per_row`` words): a row is kept unless a kept earlier row's mask bit removed it, and
+    then ORs its own mask row into the removed set.
+
+    Packed (``PADDED`` false): every row takes part; a kept row stores 1 (int8) at ``out_ptr + row``.
+    Padded: rows whose ``key`` is +inf take no part; a kept row stores its key at ``out_ptr + row``.
+    """
+    active_words = (n + 31) // 32  # rows past n take no part: their removed bits are never read
+    lanes = tl.arange(0, BLOCK_WORDS)
+    for word in range(0, active_words):
+        # The removed words were ORed by every thread of the program: make their stores visible.
+        tl.debug_barrier()
+        current = tl.load(removed + word)
+        for bit in range(0, 32):
+            row = word * 32 + bit
+            if PADDED:
+                key = tl.load(key_ptr + row, mask=row < n, other=float("inf"))
+                takes_part = key < float("inf")
+            else:
+                takes_part = row < n
+            if takes_part & (((current >> bit) & 1) == 0):
+                if PADDED:
+                    tl.store(out_ptr + row, key)
+                else:
+                    tl.store(out_ptr + row, tl.full((), 1, tl.int8))
+                row_ptr = mask_base + row.to(tl.int64) * words_per_row
+                current = current | tl.load(row_ptr + word)
+                # Chunks aligned to BLOCK_WORDS, so each removed word always has the same owner thread.
+                for chunk in range((word + 1) // BLOCK_WORDS * BLOCK_WORDS, active_words, BLOCK_WORDS):
+                    offsets = chunk + lanes
+                    ok = (offsets > word) & (offsets < active_words)
+                    merged = tl.load(removed + offsets, mask=ok, other=0) | tl.load(row_ptr + offsets, mask=ok, other=0)
+                    tl.store(removed + offsets, merged, mask=ok)
 
 
 @triton.jit
@@ -108,30 +198,170 @@ def _greedy_reduce_kernel(
     # meta-parameters
     BLOCK_WORDS: tl.constexpr,
 ):
-    """One program per segment: the greedy pass over its rows in score order."""
+    """One program per packed segment."""
     segment = tl.program_id(0)
     start = tl.load(seg_start_ptr + segment).to(tl.int64)
     n = tl.load(seg_len_ptr + segment)
     mask_base = mask_ptr + tl.load(seg_mask_offset_ptr + segment)
-    removed = removed_ptr + start
-    words_per_row = (n + 31) // 32
+    _greedy_pass(mask_base, removed_ptr + start, n, (n + 31) // 32, keep_ptr + start, keep_ptr, BLOCK_WORDS, False)
+
+
+@triton.jit
+def _padded_greedy_reduce_kernel(
+    # pointers
+    mask_ptr,  # int32 words written by _padded_suppression_mask_kernel
+    removed_ptr,  # [S * L] int32 zeros: scratch, segment s uses ceil(L / 32) words from s * L
+    key_ptr,  # [S, key_stride]: ranking keys, +inf when taking no part
+    merged_ptr,  # [S * L] +inf: set to the key of every kept row
+    # sizes
+    length,  # L
+    key_stride,
+    # meta-parameters
+    BLOCK_WORDS: tl.constexpr,
+):
+    """One program per segment of length L; the pass ends after the last row taking part (with
+    a score threshold, most classes of a detector have a few)."""
+    segment = tl.program_id(0).to(tl.int64)
+    start = segment * length
+    words_per_row = (length + 31) // 32
+    key = key_ptr + segment * key_stride
     lanes = tl.arange(0, BLOCK_WORDS)
-    for word in range(0, words_per_row):
-        # The removed words were ORed by every thread of the program: make their stores visible.
-        tl.debug_barrier()
-        current = tl.load(removed + word)
-        for bit in range(0, 32):
-            row = word * 32 + bit
-            if (row < n) & (((current >> bit) & 1) == 0):
-                tl.store(keep_ptr + start + row, tl.full((), 1, tl.int8))
-                row_ptr = mask_base + row.to(tl.int64) * words_per_row
-                current = current | tl.load(row_ptr + word)
-                # Chunks aligned to BLOCK_WORDS, so each removed word always has the same owner thread.
-                for chunk in range((word + 1) // BLOCK_WORDS * BLOCK_WORDS, words_per_row, BLOCK_WORDS):
-                    offsets = chunk + lanes
-                    ok = (offsets > word) & (offsets < words_per_row)
-                    merged = tl.load(removed + offsets, mask=ok, other=0) | tl.load(row_ptr + offsets, mask=ok, other=0)
-                    tl.store(removed + offsets, merged, mask=ok)
+    end = 0
+    for first in range(0, length, BLOCK_WORDS):
+        rows = first + lanes
+        takes_part = tl.load(key + rows, mask=rows < length, other=float("inf")) < float("inf")
+        end = tl.maximum(end, tl.max(tl.where(takes_part, rows + 1, 0)))
+    mask_base = mask_ptr + start * words_per_row
+    _greedy_pass(mask_base, removed_ptr + start, end, words_per_row, merged_ptr + start, key, BLOCK_WORDS, True)
+
+
+@triton.jit
+def _candidate(segment, position, N, C, class_agnostic):
+    """(image, class, box) of the candidate at ``position`` of a segment's pool.
+
+    A segment is one class of one image (``segment = image * C + class``, pool position = box), or
+    one image when ``class_agnostic`` (pool position = class * N + box).
+    """
+    image = tl.where(class_agnostic, segment, segment // C)
+    label = tl.where(class_agnostic, position // N, segment % C)
+    box = tl.where(class_agnostic, position % N, position)
+    return image, label, box
+
+
+@triton.jit
+def _candidate_key_kernel(
+    # pointers
+    scores_ptr,  # [B, N] or [B, N, C], any strides and floating dtype
+    threshold_ptr,  # [1] key dtype: candidates need score > threshold
+    key_ptr,  # [B, S, P] contiguous key dtype: -score, or +inf for failing candidates
+    # sizes
+    N,
+    C,
+    P,  # pool size: N, or C * N when class agnostic
+    # strides (in elements)
+    stride_b,
+    stride_n,
+    stride_c,
+    # flags
+    class_agnostic,
+    # meta-parameters
+    BLOCK: tl.constexpr,
+):
+    segment = tl.program_id(1).to(tl.int64)
+    position = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = position < P
+    image, label, box = _candidate(segment, position, N, C, class_agnostic)
+    threshold = tl.load(threshold_ptr)
+    score = tl.load(scores_ptr + image * stride_b + box * stride_n + label * stride_c, mask=ok).to(threshold.dtype)
+    key = tl.where(score > threshold, -score, float("inf"))  # NaN never passes
+    tl.store(key_ptr + segment * P + position, key, mask=ok)
+
+
+@triton.jit
+def _rank_boxes_kernel(
+    # pointers
+    boxes_ptr,  # [B, N, 4] or [B, N, C, 4], any strides and floating dtype
+    order_ptr,  # [B, S, P] int64 contiguous: pool positions by increasing key
+    ranked_ptr,  # [B, S, L, 4] contiguous compute dtype: the boxes of the first L
+    # sizes
+    N,
+    C,
+    P,
+    L,
+    # strides (in elements; stride_c is 0 for [B, N, 4] boxes)
+    stride_b,
+    stride_n,
+    stride_c,
+    stride_xy,
+    # flags
+    class_agnostic,
+    # meta-parameters
+    BLOCK: tl.constexpr,
+):
+    segment = tl.program_id(1).to(tl.int64)
+    rank = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = rank < L
+    position = tl.load(order_ptr + segment * P + rank, mask=ok, other=0)
+    image, label, box = _candidate(segment, position, N, C, class_agnostic)
+    source = boxes_ptr + image * stride_b + box * stride_n + label * stride_c
+    out = ranked_ptr + (segment * L + rank) * 4
+    for coordinate in tl.static_range(4):
+        value = tl.load(source + coordinate * stride_xy, mask=ok)
+        tl.store(out + coordinate, value.to(ranked_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _gather_detections_kernel(
+    # pointers
+    merged_key_ptr,  # [B, M] sorted merged keys (M = S * L), +inf past the kept candidates
+    merged_index_ptr,  # [B, M] int64: their positions s * L + rank
+    ranked_ptr,  # [B, S, L, 4] contiguous compute dtype
+    order_ptr,  # [B, S, P] int64: pool positions by rank (read when WITH_LABELS)
+    out_boxes_ptr,  # [B, D, 4] contiguous, the boxes' dtype
+    out_scores_ptr,  # [B, D] contiguous, the scores' dtype
+    out_labels_ptr,  # [B, D] int64 (written when WITH_LABELS)
+    out_indices_ptr,  # [B, D] int64 (written when WITH_LABELS)
+    num_valid_ptr,  # [B] int64
+    # sizes
+    M,
+    L,
+    P,
+    N,
+    C,
+    D,  # max_output
+    # flags
+    class_agnostic,
+    # meta-parameters
+    WITH_LABELS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """One program per image: the first D merged candidates, zeros (index -1) past the kept ones."""
+    image = tl.program_id(0).to(tl.int64)
+    segments = M // L
+    lanes = tl.arange(0, BLOCK)
+    count = tl.full((), 0, tl.int64)
+    for first in range(0, D, BLOCK):
+        slot = first + lanes
+        in_output = slot < D
+        key = tl.load(merged_key_ptr + image * M + slot, mask=in_output & (slot < M), other=float("inf"))
+        kept = key < float("inf")
+        merged = tl.load(merged_index_ptr + image * M + slot, mask=kept, other=0)
+        segment = image * segments + merged // L
+        rank = merged % L
+        source = ranked_ptr + (segment * L + rank) * 4
+        out = out_boxes_ptr + (image * D + slot) * 4
+        for coordinate in tl.static_range(4):
+            value = tl.load(source + coordinate, mask=kept, other=0)
+            tl.store(out + coordinate, value.to(out_boxes_ptr.dtype.element_ty), mask=in_output)
+        score = tl.where(kept, -key, 0)
+        tl.store(out_scores_ptr + image * D + slot, score.to(out_scores_ptr.dtype.element_ty), mask=in_output)
+        if WITH_LABELS:
+            position = tl.load(order_ptr + segment * P + rank, mask=kept, other=0)
+            _, label, box = _candidate(segment, position, N, C, class_agnostic)
+            tl.store(out_labels_ptr + image * D + slot, tl.where(kept, label, 0), mask=in_output)
+            tl.store(out_indices_ptr + image * D + slot, tl.where(kept, box, -1), mask=in_output)
+        count += tl.sum(kept.to(tl.int64))
+    tl.store(num_valid_ptr + image, count)
 
 
 @triton.jit
@@ -330,6 +560,166 @@ def _packed_segment_keep_triton(boxes: torch.Tensor, seg_len: torch.Tensor, iou_
         max_len,
         iou_threshold,
     )
+
+
+# 1024 candidates per program (8 per thread at 4 warps): the key, rank and detection passes only
+# gather and store, so wide programs keep the grid small.
+_CANDIDATE_BLOCK = 1024
+
+
+def _pool_shape(scores: torch.Tensor, class_agnostic: bool) -> tuple[int, int, int, int]:
+    """(N boxes, C classes, S segments per image, P pool size per segment) of ``batched_nms_padded``."""
+    n = scores.shape[1]
+    num_classes = scores.shape[2] if scores.dim() == 3 else 1
+    return (n, num_classes, 1, num_classes * n) if class_agnostic else (n, num_classes, num_classes, n)
+
+
+def _class_strides(t: torch.Tensor, class_dim: int) -> tuple[int, int, int]:
+    """(image, box, class) strides of ``[B, N(, C)...]``; class stride 0 without a class axis."""
+    return t.stride(0), t.stride(1), t.stride(2) if t.dim() > class_dim else 0
+
+
+def candidate_keys_triton(scores: torch.Tensor, score_threshold: float, class_agnostic: bool) -> torch.Tensor:
+    """``[B, N(, C)]`` scores -> ``[B, S, P]`` ranking keys (see :func:`candidate_keys_reference`)."""
+    n, num_classes, segments, pool = _pool_shape(scores, class_agnostic)
+    batch = scores.shape[0]
+    key_dtype = _compute_dtype(scores.dtype)
+    keys = torch.empty((batch, segments, pool), dtype=key_dtype, device=scores.device)
+    threshold = torch.full((1,), score_threshold, dtype=key_dtype, device=scores.device)
+    launch(
+        _candidate_key_kernel,
+        (triton.cdiv(pool, _CANDIDATE_BLOCK), batch * segments),
+        scores,
+        threshold,
+        keys,
+        max(n, 1),  # no program runs when a size is 0; 1 keeps the divisions defined
+        max(num_classes, 1),
+        pool,
+        *_class_strides(scores, 2),
+        class_agnostic,
+        BLOCK=_CANDIDATE_BLOCK,
+        num_warps=_NUM_WARPS,
+    )
+    return keys
+
+
+def rank_boxes_triton(
+    boxes: torch.Tensor, order: torch.Tensor, length: int, num_classes: int, class_agnostic: bool
+) -> torch.Tensor:
+    """The boxes of the first ``length`` candidates of every segment in ``order`` (``[B, S, P]``
+    pool positions) -> ``[B, S, L, 4]`` contiguous, compute dtype."""
+    batch, segments, pool = order.shape
+    n = boxes.shape[1]
+    ranked = torch.empty((batch, segments, length, 4), dtype=_compute_dtype(boxes.dtype), device=boxes.device)
+    launch(
+        _rank_boxes_kernel,
+        (triton.cdiv(length, _CANDIDATE_BLOCK), batch * segments),
+        boxes,
+        order,
+        ranked,
+        max(n, 1),  # no program runs when a size is 0; 1 keeps the divisions defined
+        max(num_classes, 1),
+        pool,
+        length,
+        *_class_strides(boxes, 3),
+        boxes.stride(-1),
+        class_agnostic,
+        BLOCK=_CANDIDATE_BLOCK,
+        num_warps=_NUM_WARPS,
+    )
+    return ranked
+
+
+def merged_keys_triton(ranked: torch.Tensor, keys: torch.Tensor, iou_threshold: float) -> torch.Tensor:
+    """``[B, S, L, 4]`` ranked boxes, ``[B, S, >= L]`` keys -> ``[B, S * L]``: the key of every
+    candidate that greedy NMS keeps within its segment, +inf elsewhere. Two launches."""
+    batch, segments, length = ranked.shape[:3]
+    rows = batch * segments * length
+    device = ranked.device
+    merged = torch.full((batch, segments * length), float("inf"), dtype=keys.dtype, device=device)
+    block_rows, words = _mask_tile(ranked.dtype)
+    mask = torch.empty(rows * triton.cdiv(length, 32), dtype=torch.int32, device=device)
+    removed = torch.zeros(rows, dtype=torch.int32, device=device)
+    threshold = torch.full((1,), _comparable_threshold(iou_threshold, ranked.dtype), dtype=ranked.dtype, device=device)
+    key_stride = keys.shape[2]
+    launch(
+        _padded_suppression_mask_kernel,
+        (batch * segments * triton.cdiv(length, block_rows), triton.cdiv(length, 32 * words)),
+        ranked,
+        keys,
+        mask,
+        threshold,
+        length,
+        key_stride,
+        COMPUTE_FP64=ranked.dtype == torch.float64,
+        BLOCK_ROWS=block_rows,
+        WORDS=words,
+        num_warps=_NUM_WARPS,
+    )
+    launch(
+        _padded_greedy_reduce_kernel,
+        (batch * segments,),
+        mask,
+        removed,
+        keys,
+        merged,
+        length,
+        key_stride,
+        BLOCK_WORDS=_REDUCE_BLOCK_WORDS,
+        num_warps=_NUM_WARPS,
+    )
+    return merged
+
+
+def gather_detections_triton(
+    merged_key: torch.Tensor,
+    merged_index: torch.Tensor,
+    ranked: torch.Tensor,
+    max_output: int,
+    boxes_dtype: torch.dtype,
+    scores_dtype: torch.dtype,
+    labels: tuple[torch.Tensor, int, int, bool] | None,
+) -> tuple[torch.Tensor, ...]:
+    """The first ``max_output`` merged candidates of every image (see :func:`padded_nms`). One launch."""
+    batch, merged_count = merged_key.shape
+    length = ranked.shape[2]
+    device = ranked.device
+    out_boxes = torch.empty((batch, max_output, 4), dtype=boxes_dtype, device=device)
+    out_scores = torch.empty((batch, max_output), dtype=scores_dtype, device=device)
+    num_valid = torch.empty((batch,), dtype=torch.int64, device=device)
+    if labels is None:
+        order, n, num_classes, class_agnostic = merged_index, 1, 1, False
+        out_labels = out_indices = num_valid  # not written
+    else:
+        order, n, num_classes, class_agnostic = labels
+        out_labels = torch.empty((batch, max_output), dtype=torch.int64, device=device)
+        out_indices = torch.empty((batch, max_output), dtype=torch.int64, device=device)
+    launch(
+        _gather_detections_kernel,
+        (batch,),
+        merged_key,
+        merged_index,
+        ranked,
+        order,
+        out_boxes,
+        out_scores,
+        out_labels,
+        out_indices,
+        num_valid,
+        merged_count,
+        max(length, 1),  # nothing is kept when L = 0; 1 keeps the kernel's divisions defined
+        order.shape[-1],
+        max(n, 1),
+        max(num_classes, 1),
+        max_output,
+        class_agnostic,
+        WITH_LABELS=labels is not None,
+        BLOCK=_CANDIDATE_BLOCK,
+        num_warps=_NUM_WARPS,
+    )
+    if labels is None:
+        return out_boxes, out_scores, None, None, num_valid
+    return out_boxes, out_scores, out_labels, out_indices, num_valid
 
 
 def _nan_to_minus_inf(scores: torch.Tensor) -> torch.Tensor:
@@ -534,6 +924,105 @@ def batched_nms_impl(
     return _kept_in_score_order(order, keep_at_rank)
 
 
+def candidate_keys_reference(scores: torch.Tensor, score_threshold: float, class_agnostic: bool) -> torch.Tensor:
+    """``[B, N]`` or ``[B, N, C]`` scores -> ``[B, S, P]`` ranking keys: ``-score`` for candidates
+    with score > score_threshold (compared in fp32, fp64 for fp64 scores; NaN never passes), +inf
+    for the others. Segment s is class s of an image (pool position = box), or the whole image
+    when class agnostic (pool position = class * N + box)."""
+    batch = scores.shape[0]
+    n, num_classes, segments, pool = _pool_shape(scores, class_agnostic)
+    scores = scores.to(_compute_dtype(scores.dtype)).reshape(batch, n, num_classes).transpose(1, 2)
+    return torch.where(scores > score_threshold, -scores, float("inf")).reshape(batch, segments, pool)
+
+
+def rank_boxes_reference(
+    boxes: torch.Tensor, order: torch.Tensor, length: int, num_classes: int, class_agnostic: bool
+) -> torch.Tensor:
+    batch, segments = order.shape[:2]
+    n = max(boxes.shape[1], 1)  # no candidate exists when N = 0; 1 keeps the divisions defined
+    position = order[..., :length]
+    label = position // n if class_agnostic else torch.arange(segments, device=order.device)[:, None]
+    box = position % n if class_agnostic else position
+    rows = (box if boxes.dim() == 3 else box * num_classes + label).reshape(batch, segments * length)
+    flat = boxes.reshape(batch, boxes.shape[1] * (num_classes if boxes.dim() == 4 else 1), 4).to(
+        _compute_dtype(boxes.dtype)
+    )
+    return flat.gather(1, rows[..., None].expand(-1, -1, 4)).reshape(batch, segments, length, 4)
+
+
+def merged_keys_reference(ranked: torch.Tensor, keys: torch.Tensor, iou_threshold: float) -> torch.Tensor:
+    batch, segments, length = ranked.shape[:3]
+    keys = keys[..., :length]
+    if keys.numel() == 0:
+        return keys.reshape(batch, segments * length)
+    taking_part = (keys < float("inf")).reshape(batch * segments, length)
+    keep = _padded_segment_keep_reference(ranked.reshape(-1, length, 4), taking_part, iou_threshold, sync_free=True)
+    return torch.where(keep.reshape(keys.shape), keys, float("inf")).reshape(batch, segments * length)
+
+
+def gather_detections_reference(
+    merged_key: torch.Tensor,
+    merged_index: torch.Tensor,
+    ranked: torch.Tensor,
+    max_output: int,
+    boxes_dtype: torch.dtype,
+    scores_dtype: torch.dtype,
+    labels: tuple[torch.Tensor, int, int, bool] | None,
+) -> tuple[torch.Tensor, ...]:
+    batch, merged_count = merged_key.shape
+    length = ranked.shape[2]
+    pad = max(0, max_output - merged_count)
+    key = torch.nn.functional.pad(merged_key[:, :max_output], (0, pad), value=float("inf"))
+    kept = key < float("inf")
+    # Empty slots read an appended zero row (index M), so that M = 0 needs no special case.
+    index = torch.where(kept, torch.nn.functional.pad(merged_index[:, :max_output], (0, pad)), merged_count)
+    flat = torch.cat([ranked.reshape(batch, merged_count, 4), ranked.new_zeros(batch, 1, 4)], dim=1)
+    out_boxes = flat.gather(1, index[..., None].expand(-1, -1, 4)).to(boxes_dtype)
+    out_scores = torch.where(kept, -key, 0).to(scores_dtype)
+    num_valid = kept.sum(1)
+    if labels is None:
+        return out_boxes, out_scores, None, None, num_valid
+    order, n, _, class_agnostic = labels
+    flat_order = torch.cat([order[..., :length].reshape(batch, merged_count), order.new_zeros(batch, 1)], dim=1)
+    position = flat_order.gather(1, index)
+    segment = index // max(length, 1)
+    label = position // max(n, 1) if class_agnostic else segment
+    box = position % max(n, 1) if class_agnostic else position
+    return out_boxes, out_scores, torch.where(kept, label, 0), torch.where(kept, box, -1), num_valid
+
+
+def padded_nms(
+    ranked: torch.Tensor,
+    keys: torch.Tensor,
+    iou_threshold: float,
+    max_output: int,
+    boxes_dtype: torch.dtype,
+    scores_dtype: torch.dtype,
+    labels: tuple[torch.Tensor, int, int, bool] | None = None,
+) -> tuple[torch.Tensor, ...]:
+    """Greedy NMS in every segment, then each image's kept candidates merged by score.
+
+    ranked (Tensor[B, S, L, 4]): contiguous, compute dtype: each segment's candidates by
+        increasing key (decreasing score).
+    keys (Tensor[B, S, P >= L]): contiguous ranking keys (``-score``), +inf for candidates taking
+        no part (anywhere in the segment).
+    labels: ``(order [B, S, P] pool positions by rank, N, C, class_agnostic)`` to return labels and
+        box indices as :func:`tritondet.ops.batched_nms_padded` does; None returns None for both.
+
+    Returns ``boxes [B, D, 4]`` (``boxes_dtype``), ``scores [B, D]`` (``scores_dtype``), labels,
+    indices and ``num_valid [B]``, D = max_output. Without host sync; on the Triton backend four
+    launches and one ``torch.sort``.
+    """
+    if use_triton(ranked.device):
+        merged = merged_keys_triton(ranked, keys, iou_threshold)
+    else:
+        merged = merged_keys_reference(ranked, keys, iou_threshold)
+    # Ties keep segment (class) order, then rank: torchvision's order among equal scores.
+    merged_key, merged_index = torch.sort(merged, dim=1, stable=True)
+    gather = gather_detections_triton if use_triton(ranked.device) else gather_detections_reference
+    return gather(merged_key, merged_index, ranked, max_output, boxes_dtype, scores_dtype, labels)
+
+
 def batched_nms_padded_impl(
     boxes: torch.Tensor,
     scores: torch.Tensor,
@@ -543,58 +1032,17 @@ def batched_nms_padded_impl(
     class_agnostic: bool,
     pre_nms_top_n: int | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Fixed shapes, no host sync: see :func:`tritondet.ops.batched_nms_padded`."""
-    batch, n = scores.shape[:2]
-    num_classes = scores.shape[2] if scores.dim() == 3 else 1
-    device = scores.device
-    # Candidates are (class c, box i) pairs with id c * N + i; a segment is one class of one image
-    # (one image when class agnostic), sorted by decreasing score, failing scores last.
-    pool = scores.reshape(batch, n, num_classes).transpose(1, 2)  # [B, C, N]
-    if class_agnostic:
-        pool = pool.reshape(batch, 1, num_classes * n)
-    segments, pool_size = pool.shape[1], pool.shape[2]
-    length = pool_size if pre_nms_top_n is None else min(pool_size, pre_nms_top_n)
-    passing = pool > score_threshold  # NaN never passes
-    sort_key = torch.where(passing, pool.neg(), torch.full_like(pool, float("inf")))
-    position = torch.sort(sort_key, dim=-1, stable=True).indices[..., :length]  # [B, S, L]
-    valid_count = passing.sum(-1).clamp(max=length)  # [B, S]
-    candidate = position if class_agnostic else position + torch.arange(segments, device=device)[:, None] * n
-    candidate = candidate.reshape(batch, segments * length)
-    box_index, label = candidate % n, torch.div(candidate, n, rounding_mode="floor")
-    flat_boxes = boxes.reshape(batch, n * (num_classes if boxes.dim() == 4 else 1), 4)  # [B, N(C), 4]
-    box_row = box_index * num_classes + label if boxes.dim() == 4 else box_index
-    candidate_boxes = flat_boxes.gather(1, box_row.unsqueeze(-1).expand(-1, -1, 4))
-    candidate_scores = pool.reshape(batch, segments * pool_size).gather(
-        1, (position + torch.arange(segments, device=device)[:, None] * pool_size).reshape(batch, segments * length)
-    )
-    work = candidate_boxes.to(_compute_dtype(boxes.dtype)).reshape(batch * segments, length, 4)
-    if batch * segments * length == 0:  # nothing to choose from: every slot is padding
-        candidate_boxes = boxes.new_zeros(batch, 1, 4)
-        candidate_scores, box_index, label = (
-            scores.new_zeros(batch, 1),
-            candidate.new_zeros(batch, 1),
-            candidate.new_zeros(batch, 1),
-        )
-        keep = torch.zeros(batch, 1, dtype=torch.bool, device=device)
-    elif use_triton(device):
-        keep = _padded_segment_keep_triton(work.contiguous(), valid_count.reshape(-1), iou_threshold)
-    else:
-        valid = torch.arange(length, device=device) < valid_count.reshape(-1, 1)
-        keep = _padded_segment_keep_reference(work, valid, iou_threshold, sync_free=True)
-    keep = keep.reshape(batch, candidate_scores.shape[1])
-
-    # Merge the classes of each image by decreasing score (stable: class, then rank, among ties).
-    merge_key = torch.where(keep, candidate_scores.neg(), torch.full_like(candidate_scores, float("inf")))
-    chosen = torch.sort(merge_key, dim=1, stable=True).indices[:, :max_output]
-    if chosen.shape[1] < max_output:
-        chosen = torch.nn.functional.pad(chosen, (0, max_output - chosen.shape[1]))
-    num_valid = keep.sum(1).clamp(max=max_output)
-    slot_valid = torch.arange(max_output, device=device) < num_valid[:, None]
-    out_boxes = torch.where(slot_valid[..., None], candidate_boxes.gather(1, chosen[..., None].expand(-1, -1, 4)), 0)
-    out_scores = torch.where(slot_valid, candidate_scores.gather(1, chosen), 0)
-    out_labels = torch.where(slot_valid, label.gather(1, chosen), 0)
-    out_indices = torch.where(slot_valid, box_index.gather(1, chosen), -1)
-    return out_boxes, out_scores, out_labels, out_indices, num_valid
+    """Fixed shapes, no host sync: see :func:`tritondet.ops.batched_nms_padded`. On the Triton
+    backend 5 launches and 2 sorts, whatever the data."""
+    n, num_classes, _, pool = _pool_shape(scores, class_agnostic)
+    length = pool if pre_nms_top_n is None else min(pool, pre_nms_top_n)
+    triton_path = use_triton(scores.device)
+    keys = (candidate_keys_triton if triton_path else candidate_keys_reference)(scores, score_threshold, class_agnostic)
+    keys, order = torch.sort(keys, dim=-1, stable=True)  # ties keep input order
+    rank = rank_boxes_triton if triton_path else rank_boxes_reference
+    ranked = rank(boxes, order, length, num_classes, class_agnostic)
+    labels = (order, n, num_classes, class_agnostic)
+    return padded_nms(ranked, keys, iou_threshold, max_output, boxes.dtype, scores.dtype, labels)
 
 
 def soft_nms_reference(
@@ -740,6 +1188,7 @@ def _aot_specs() -> list[KernelSpec]:
                 "BLOCK": _SOFT_BLOCK,
             }
             specs.append(KernelSpec(_soft_nms_kernel, signature, constexprs, f"{name},{method}", num_warps=_NUM_WARPS))
+    specs += _padded_specs()
     signature = {
         "mask_ptr": "*i32",
         "removed_ptr": "*i32",
@@ -752,6 +1201,85 @@ def _aot_specs() -> list[KernelSpec]:
     specs.append(
         KernelSpec(_greedy_reduce_kernel, signature, {"BLOCK_WORDS": _REDUCE_BLOCK_WORDS}, num_warps=_NUM_WARPS)
     )
+    return specs
+
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _padded_specs() -> list[KernelSpec]:
+    """``batched_nms_padded``'s kernels: every box and score dtype (keys and boxes are computed in
+    fp32, fp64 for fp64 inputs)."""
+    specs = []
+    candidate_meta = {"BLOCK": _CANDIDATE_BLOCK}
+    for dtype in _FLOATS:
+        name, compute = str(dtype).removeprefix("torch."), triton_pointer_type(_compute_dtype(dtype))
+        signature = {
+            "scores_ptr": triton_pointer_type(dtype),
+            "threshold_ptr": compute,
+            "key_ptr": compute,
+            **dict.fromkeys(("N", "C", "P", "stride_b", "stride_n", "stride_c"), "i32"),
+            "class_agnostic": "i1",
+            "BLOCK": "constexpr",
+        }
+        specs.append(KernelSpec(_candidate_key_kernel, signature, candidate_meta, name, num_warps=_NUM_WARPS))
+        signature = {
+            "boxes_ptr": triton_pointer_type(dtype),
+            "order_ptr": "*i64",
+            "ranked_ptr": compute,
+            **dict.fromkeys(("N", "C", "P", "L", "stride_b", "stride_n", "stride_c", "stride_xy"), "i32"),
+            "class_agnostic": "i1",
+            "BLOCK": "constexpr",
+        }
+        specs.append(KernelSpec(_rank_boxes_kernel, signature, candidate_meta, name, num_warps=_NUM_WARPS))
+    for box_compute in (torch.float32, torch.float64):
+        block_rows, words = _mask_tile(box_compute)
+        for key_dtype in (torch.float32, torch.float64):
+            name = f"boxes {str(box_compute).removeprefix('torch.')}, keys {str(key_dtype).removeprefix('torch.')}"
+            signature = {
+                "boxes_ptr": triton_pointer_type(box_compute),
+                "key_ptr": triton_pointer_type(key_dtype),
+                "mask_ptr": "*i32",
+                "threshold_ptr": triton_pointer_type(box_compute),
+                "length": "i32",
+                "key_stride": "i32",
+                **dict.fromkeys(("COMPUTE_FP64", "BLOCK_ROWS", "WORDS"), "constexpr"),
+            }
+            meta = {"COMPUTE_FP64": box_compute == torch.float64, "BLOCK_ROWS": block_rows, "WORDS": words}
+            specs.append(KernelSpec(_padded_suppression_mask_kernel, signature, meta, name, num_warps=_NUM_WARPS))
+    for key_dtype in (torch.float32, torch.float64):
+        signature = {
+            "mask_ptr": "*i32",
+            "removed_ptr": "*i32",
+            "key_ptr": triton_pointer_type(key_dtype),
+            "merged_ptr": triton_pointer_type(key_dtype),
+            "length": "i32",
+            "key_stride": "i32",
+            "BLOCK_WORDS": "constexpr",
+        }
+        name = str(key_dtype).removeprefix("torch.")
+        meta = {"BLOCK_WORDS": _REDUCE_BLOCK_WORDS}
+        specs.append(KernelSpec(_padded_greedy_reduce_kernel, signature, meta, name, num_warps=_NUM_WARPS))
+    # Outputs: every (boxes, scores) dtype pair with labels; the RPN's fp32 proposals without.
+    pairs = [(b, s, True) for b in _FLOATS for s in _FLOATS] + [(torch.float32, torch.float32, False)]
+    for boxes_dtype, scores_dtype, with_labels in pairs:
+        signature = {
+            "merged_key_ptr": triton_pointer_type(_compute_dtype(scores_dtype)),
+            "merged_index_ptr": "*i64",
+            "ranked_ptr": triton_pointer_type(_compute_dtype(boxes_dtype)),
+            "order_ptr": "*i64",
+            "out_boxes_ptr": triton_pointer_type(boxes_dtype),
+            "out_scores_ptr": triton_pointer_type(scores_dtype),
+            "out_labels_ptr": "*i64",
+            "out_indices_ptr": "*i64",
+            "num_valid_ptr": "*i64",
+            **dict.fromkeys(("M", "L", "P", "N", "C", "D"), "i32"),
+            "class_agnostic": "i1",
+            **dict.fromkeys(("WITH_LABELS", "BLOCK"), "constexpr"),
+        }
+        name = f"boxes {str(boxes_dtype).removeprefix('torch.')}, scores {str(scores_dtype).removeprefix('torch.')}"
+        meta = {"WITH_LABELS": with_labels, "BLOCK": _CANDIDATE_BLOCK}
+        specs.append(KernelSpec(_gather_detections_kernel, signature, meta, name, num_warps=_NUM_WARPS))
     return specs
 
 

@@ -3,20 +3,24 @@
 Shapes (N images, L levels, A_l anchors per position on an ``H_l x W_l`` grid):
 objectness ``[N, A_l, H_l, W_l]`` logits and deltas ``[N, 4 A_l, H_l, W_l]`` per level, exactly as an
 RPN head emits them (read in place through their strides, any layout), image_sizes ``[N, 2]``
-(height, width) -> candidates ``boxes [N, K, L, 4]`` and ``scores [N, K, L]`` with
-``K = min(pre_nms_top_n, max_l H_l W_l A_l)``: candidate j of level l is level l's j-th best anchor.
-This is the class-specific layout of :func:`tritondet.ops.batched_nms_padded` with levels as classes.
+(height, width) -> candidates ``boxes [N, L, K, 4]`` and ranking ``keys [N, L, K]`` (``-score``,
++inf for dropped candidates) with ``K = min(pre_nms_top_n, max_l H_l W_l A_l)``: candidate j of
+level l is level l's j-th best anchor. This is the ranked layout of
+:func:`tritondet.kernels.nms.padded_nms` with levels as segments, so NMS needs no sort of its own.
 
 Stages, each one launch for all images and levels (the level table of
 :mod:`tritondet.kernels.anchors` carries every level's grid, anchors, addresses and strides):
 
 1. ``_gather_objectness_kernel``: logits of every level in (y, x, anchor) order into one
    ``[N, L, max_l H_l W_l A_l]`` fp32 buffer padded with -inf; ``torch.topk`` then selects the
-   ``min(pre_nms_top_n, H_l W_l A_l)`` best anchors of every level and image at once.
+   ``min(pre_nms_top_n, H_l W_l A_l)`` best anchors of every level and image at once, in
+   decreasing order (the sigmoid keeps that order, so it is the NMS rank order).
 2. ``_decode_proposals_kernel``: for each selected anchor, the anchor from (level, y, x, a) in
    registers, its 4 deltas read from the head output, decoding (weights 1, ``dw``/``dh`` clamped to
    ``log(1000 / 16)``), clipping to the image, the small-box test (``w, h >= min_size``), sigmoid and
-   the score test (``>= score_thresh``). Failing candidates get score -inf.
+   the score test (``>= score_thresh``). Failing candidates get the key +inf.
+3. :func:`tritondet.kernels.nms.padded_nms`: NMS per level and the merge of every image's levels
+   by score (4 launches, one ``torch.sort``).
 
 All math is fp32 (fp16/bf16 heads are upcast on load). torchvision computes in the head's dtype.
 """
@@ -43,6 +47,7 @@ from .anchors import (
     level_table,
 )
 from .box_coder import RPN_WEIGHTS, decode_box, decode_reference
+from .nms import padded_nms
 
 HEAD_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _HEAD_CODE = {dtype: code for code, dtype in enumerate(HEAD_DTYPES)}
@@ -110,8 +115,8 @@ def _decode_proposals_kernel(
     top_logits_ptr,  # [N, L, K] fp32 contiguous: the best logits of each level
     top_index_ptr,  # [N, L, K] int64 contiguous: their anchors' indices within the level
     image_sizes_ptr,  # [N, 2] fp32 contiguous (height, width)
-    boxes_ptr,  # [N, K, L, 4] fp32 contiguous
-    scores_ptr,  # [N, K, L] fp32 contiguous, -inf for dropped candidates
+    boxes_ptr,  # [N, L, K, 4] fp32 contiguous
+    keys_ptr,  # [N, L, K] fp32 contiguous: -score, +inf for dropped candidates
     # sizes
     row_width,
     K,
@@ -162,8 +167,8 @@ def _decode_proposals_kernel(
     probability = tl.sigmoid(logits)
     keep = selected & ((x2 - x1) >= min_size) & ((y2 - y1) >= min_size) & (probability >= score_thresh)
 
-    out = (image * K + j) * num_levels + level
-    tl.store(scores_ptr + out, tl.where(keep, probability, float("-inf")), mask=in_buffer)
+    out = top  # candidate j of level l: the rank-j box of segment l, as padded_nms reads them
+    tl.store(keys_ptr + out, tl.where(keep, -probability, float("inf")), mask=in_buffer)
     pb = boxes_ptr + out * 4
     tl.store(pb, tl.where(selected, x1, 0.0), mask=in_buffer)
     tl.store(pb + 1, tl.where(selected, y1, 0.0), mask=in_buffer)
@@ -218,8 +223,8 @@ def rpn_candidates_triton(
         num_warps=_NUM_WARPS,
     )
     top_logits, top_index = logits.topk(k, dim=2)
-    boxes = torch.empty((batch, k, num_levels, 4), dtype=torch.float32, device=device)
-    scores = torch.empty((batch, k, num_levels), dtype=torch.float32, device=device)
+    boxes = torch.empty((batch, num_levels, k, 4), dtype=torch.float32, device=device)
+    keys = torch.empty((batch, num_levels, k), dtype=torch.float32, device=device)
     sizes = image_sizes.to(torch.float32).contiguous()
     launch(
         _decode_proposals_kernel,
@@ -229,7 +234,7 @@ def rpn_candidates_triton(
         top_index,
         sizes,
         boxes,
-        scores,
+        keys,
         table.shape[1],
         k,
         pre_nms_top_n,
@@ -240,7 +245,7 @@ def rpn_candidates_triton(
         BLOCK=_DECODE_BLOCK,
         num_warps=_NUM_WARPS,
     )
-    return boxes, scores
+    return boxes, keys
 
 
 # ----------------------------------------------------------------------------------------------
@@ -289,14 +294,22 @@ def rpn_candidates_reference(
     probability = torch.sigmoid(top_logits)
     keep = selected & (boxes[..., 2] - boxes[..., 0] >= min_size) & (boxes[..., 3] - boxes[..., 1] >= min_size)
     keep = keep & (probability >= score_thresh)
-    scores = torch.where(keep, probability, float("-inf"))
-    boxes = torch.where(selected[..., None], boxes, 0.0)
-    return boxes.transpose(1, 2).contiguous(), scores.transpose(1, 2).contiguous()
+    return torch.where(selected[..., None], boxes, 0.0), torch.where(keep, -probability, float("inf"))
 
 
 # ----------------------------------------------------------------------------------------------
 # torch.library registration (not differentiable: torchvision detaches the proposals too)
 # ----------------------------------------------------------------------------------------------
+
+
+def _candidates(
+    objectness, deltas, image_sizes, strides, anchor_sizes, anchor_ratios, anchors_per_level, pre_nms_top_n,
+    min_size, score_thresh, clip,
+):  # fmt: skip
+    args = (objectness, deltas, image_sizes, strides, anchor_sizes, anchor_ratios, anchors_per_level)
+    if use_triton(image_sizes.device):
+        return rpn_candidates_triton(*args, pre_nms_top_n, min_size, score_thresh, clip)
+    return rpn_candidates_reference(*args, pre_nms_top_n, min_size, score_thresh, clip)
 
 
 @torch.library.custom_op("tritondet::rpn_candidates", mutates_args=())
@@ -313,19 +326,56 @@ def rpn_candidates(
     score_thresh: float,
     clip: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``boxes [N, K, L, 4]``, ``scores [N, K, L]`` fp32 (see the module docstring)."""
-    args = (objectness, deltas, image_sizes, strides, anchor_sizes, anchor_ratios, anchors_per_level)
-    if use_triton(image_sizes.device):
-        return rpn_candidates_triton(*args, pre_nms_top_n, min_size, score_thresh, clip)
-    return rpn_candidates_reference(*args, pre_nms_top_n, min_size, score_thresh, clip)
+    """``boxes [N, L, K, 4]``, ``keys [N, L, K]`` fp32 (see the module docstring)."""
+    return _candidates(
+        objectness, deltas, image_sizes, strides, anchor_sizes, anchor_ratios, anchors_per_level, pre_nms_top_n,
+        min_size, score_thresh, clip,
+    )  # fmt: skip
 
 
 @rpn_candidates.register_fake
 def _(objectness, deltas, image_sizes, strides, anchor_sizes, anchor_ratios, anchors_per_level, pre_nms_top_n, *_):
     batch, num_levels = image_sizes.shape[0], len(objectness)
     k = candidate_count(_level_counts(objectness), pre_nms_top_n)
-    boxes = image_sizes.new_empty((batch, k, num_levels, 4), dtype=torch.float32)
-    return boxes, image_sizes.new_empty((batch, k, num_levels), dtype=torch.float32)
+    boxes = image_sizes.new_empty((batch, num_levels, k, 4), dtype=torch.float32)
+    return boxes, image_sizes.new_empty((batch, num_levels, k), dtype=torch.float32)
+
+
+@torch.library.custom_op("tritondet::rpn_proposals", mutates_args=())
+def rpn_proposals(
+    objectness: list[torch.Tensor],
+    deltas: list[torch.Tensor],
+    image_sizes: torch.Tensor,
+    strides: list[int],
+    anchor_sizes: list[float],
+    anchor_ratios: list[float],
+    anchors_per_level: list[int],
+    pre_nms_top_n: int,
+    post_nms_top_n: int,
+    nms_thresh: float,
+    min_size: float,
+    score_thresh: float,
+    clip: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``boxes [N, post_nms_top_n, 4]``, ``scores [N, post_nms_top_n]`` fp32 and ``num_valid [N]``:
+    the candidates, NMS per level (levels as segments, already in rank order) and the merge."""
+    boxes, keys = _candidates(
+        objectness, deltas, image_sizes, strides, anchor_sizes, anchor_ratios, anchors_per_level, pre_nms_top_n,
+        min_size, score_thresh, clip,
+    )  # fmt: skip
+    boxes, scores, _, _, num_valid = padded_nms(boxes, keys, nms_thresh, post_nms_top_n, torch.float32, torch.float32)
+    return boxes, scores, num_valid
+
+
+@rpn_proposals.register_fake
+def _(objectness, deltas, image_sizes, strides, anchor_sizes, anchor_ratios, anchors_per_level, pre_nms_top_n,
+      post_nms_top_n, *_):  # fmt: skip
+    batch = image_sizes.shape[0]
+    return (
+        image_sizes.new_empty((batch, post_nms_top_n, 4), dtype=torch.float32),
+        image_sizes.new_empty((batch, post_nms_top_n), dtype=torch.float32),
+        image_sizes.new_empty((batch,), dtype=torch.int64),
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -356,7 +406,7 @@ def _aot_specs() -> list[KernelSpec]:
             "top_index_ptr": "*i64",
             "image_sizes_ptr": "*fp32",
             "boxes_ptr": "*fp32",
-            "scores_ptr": "*fp32",
+            "keys_ptr": "*fp32",
             "row_width": "i32",
             "K": "i32",
             "pre_nms_top_n": "i32",
