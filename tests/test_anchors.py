@@ -122,3 +122,16 @@ def test_empty_level(backend, device):
     anchors = ops.grid_anchors([(0, 3), (2, 2)], [(8, 8), (16, 16)], *config, device=device)
     expected = ops.grid_anchors([(2, 2)], [(16, 16)], ((64,),), ((0.5, 1.0, 2.0),), device=device)
     torch.testing.assert_close(anchors, expected, atol=0, rtol=0)
+
+
+def test_device_tables_are_cached_by_content():
+    """Level tables depend on shapes only: a repeated call reuses the device copy (no copy, no
+    ATen op, and CUDA-graph capture after a warm-up call)."""
+    from tritondet.kernels._launch import device_table
+
+    rows = [[3, 5, 8, 8], [2, 3, 16, 16]]
+    table = device_table(rows, torch.int64, torch.device("cpu"))
+    torch.testing.assert_close(table, torch.tensor(rows))
+    assert device_table([list(r) for r in rows], torch.int64, torch.device("cpu")) is table
+    assert device_table(rows, torch.float64, torch.device("cpu")) is not table
+    assert device_table([[3, 5, 8, 8], [2, 3, 16, 15]], torch.int64, torch.device("cpu")) is not table

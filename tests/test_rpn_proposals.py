@@ -255,6 +255,8 @@ def test_bad_input(device):
         ops.rpn_proposals(objectness, deltas, sizes, config[0], config[1], [8], 100, 50)
     with pytest.raises(TypeError, match="dtype"):
         ops.rpn_proposals(objectness, [d.half() for d in deltas], sizes, *args)
+    with pytest.raises(ValueError, match="at most 5 levels"):
+        ops.rpn_proposals(objectness * 3, deltas * 3, sizes, *args)
     with pytest.raises(ValueError, match="post_nms_top_n"):
         ops.rpn_proposals(objectness, deltas, sizes, config[0], config[1], config[2], 100, -1)
 

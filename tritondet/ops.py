@@ -543,7 +543,8 @@ def rpn_proposals(
     ``post_nms_top_n`` kept.
 
     Args:
-        objectness (list of L Tensor[B, A_l, H_l, W_l]): logits, as the head emits them (any strides).
+        objectness (list of L Tensor[B, A_l, H_l, W_l]): logits, as the head emits them (any strides),
+            L <= 5.
         deltas (list of L Tensor[B, 4 A_l, H_l, W_l]): box deltas, as the head emits them.
         image_sizes (Tensor[B, 2]): (height, width) of each image before padding.
         anchor_sizes, aspect_ratios: as for :class:`AnchorGenerator` (one entry per level).
@@ -567,6 +568,8 @@ def rpn_proposals(
             f"objectness and deltas must have the same non-zero number of levels, got {len(objectness)} and "
             f"{len(deltas)}"
         )
+    if len(objectness) > _rpn_family.MAX_LEVELS:
+        raise ValueError(f"rpn_proposals takes at most {_rpn_family.MAX_LEVELS} levels, got {len(objectness)}")
     sizes, ratios = _anchors_family.normalize_config(anchor_sizes, aspect_ratios)
     num_levels = len(objectness)
     if len(sizes) != num_levels:

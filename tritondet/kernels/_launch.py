@@ -6,6 +6,7 @@ machine because it counts calls, not time.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 from collections.abc import Iterator
@@ -114,3 +115,36 @@ TRITON_SCALAR_TYPES = {
     torch.int64: "i64",
     torch.bool: "i1",
 }
+
+
+# Small per-configuration tables (level geometry, scales: a few hundred bytes each) kept on their
+# device by content, so that a repeated call makes no copy and no ATen op; 64 entries cover every
+# input shape a detector sees in a run.
+_TABLE_CACHE_SIZE = 64
+_table_cache: collections.OrderedDict[tuple, torch.Tensor] = collections.OrderedDict()
+
+
+def device_table(rows: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``torch.tensor(rows, dtype=dtype, device=device)``, cached by content; never written to.
+
+    The first call with a content copies it (on CUDA from pinned memory, without blocking the
+    host); later calls, and CUDA-graph captures after a warm-up call, reuse the device copy. A
+    copy during a capture would not be replayed correctly, so a miss while capturing raises.
+    """
+    key = (str(device), dtype, repr(rows))
+    table = _table_cache.get(key)
+    if table is not None:
+        _table_cache.move_to_end(key)
+        return table
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            "tritondet: a kernel table (level geometry) must first be copied to the GPU, which a CUDA graph "
+            "capture cannot record: run the model once with the same input shapes before capturing"
+        )
+    host = torch.tensor(rows, dtype=dtype)
+    table = host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host.to(device)
+    _table_cache[key] = table
+    if len(_table_cache) > _TABLE_CACHE_SIZE:
+        _table_cache.popitem(last=False)
+    return table

@@ -27,7 +27,7 @@ import triton.language as tl
 
 from .._backend import use_triton
 from ._aot import KernelSpec
-from ._launch import launch
+from ._launch import device_table, launch
 
 # Level-table columns (int64).
 F_HEIGHT = tl.constexpr(0)  # grid rows H
@@ -36,12 +36,10 @@ F_STRIDE_H = tl.constexpr(2)  # pixels between rows
 F_STRIDE_W = tl.constexpr(3)  # pixels between columns
 F_NUM_ANCHORS = tl.constexpr(4)  # A, anchors per position
 F_OFFSET = tl.constexpr(5)  # sum of H W A over the previous levels
-F_OBJECTNESS = tl.constexpr(6)  # address of the level's objectness [B, A, H, W] (proposals only)
-F_DELTAS = tl.constexpr(7)  # address of the level's deltas [B, 4A, H, W] (proposals only)
-F_OBJECTNESS_STRIDES = tl.constexpr(8)  # 4 columns: strides of objectness in elements (b, a, y, x)
-F_DELTAS_STRIDES = tl.constexpr(12)  # 4 columns: strides of deltas in elements (b, channel, y, x)
-F_ANCHORS = tl.constexpr(16)  # 2 A columns: fp32 bits of (size, ratio) of anchor a at 16 + 2a
-FIXED_COLUMNS = 16
+F_OBJECTNESS_STRIDES = tl.constexpr(6)  # 4 columns: strides of objectness in elements (b, a, y, x)
+F_DELTAS_STRIDES = tl.constexpr(10)  # 4 columns: strides of deltas in elements (b, channel, y, x)
+F_ANCHORS = tl.constexpr(14)  # 2 A columns: fp32 bits of (size, ratio) of anchor a at 14 + 2a
+FIXED_COLUMNS = 14
 
 
 @triton.jit
@@ -162,11 +160,12 @@ def level_table(
     device: torch.device,
     heads: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None,
 ) -> torch.Tensor:
-    """``int64 [L, 16 + 2 max_l A_l]``: the level table the kernels read (columns ``F_*`` above).
+    """``int64 [L, 14 + 2 max_l A_l]``: the level table the kernels read (columns ``F_*`` above).
 
     ``grid_sizes`` and ``strides`` are flattened ``(H, W)`` and ``(s_h, s_w)`` pairs per level.
-    ``heads``: the proposal kernels' per-level objectness and deltas, whose addresses and strides
-    go into the table. On CUDA the table is copied from pinned memory without blocking the host.
+    ``heads``: the proposal kernels' per-level objectness and deltas, whose strides go into the
+    table (the tensors are kernel arguments). The table depends on shapes only, so it is cached on
+    the device (:func:`tritondet.kernels._launch.device_table`).
     """
     max_anchors = max(anchors_per_level)
     rows, offset, first = [], 0, 0
@@ -177,18 +176,14 @@ def level_table(
         if heads is None:
             row += [0] * (FIXED_COLUMNS - len(row))
         else:
-            objectness, deltas = heads[0][level], heads[1][level]
-            row += [objectness.data_ptr(), deltas.data_ptr(), *objectness.stride(), *deltas.stride()]
+            row += [*heads[0][level].stride(), *heads[1][level].stride()]
         for a in range(max_anchors):
             index = first + min(a, count - 1)  # unused columns repeat the last anchor
             row += [size_bits[index], ratio_bits[index]]
         rows.append(row)
         offset += height * width * count
         first += count
-    table = torch.tensor(rows, dtype=torch.int64)
-    if device.type == "cuda":
-        return table.pin_memory().to(device, non_blocking=True)
-    return table.to(device)
+    return device_table(rows, torch.int64, device)
 
 
 def grid_anchors_triton(grid_sizes, strides, anchor_sizes, anchor_ratios, anchors_per_level, device) -> torch.Tensor:

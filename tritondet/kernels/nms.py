@@ -1010,7 +1010,7 @@ def padded_nms(
         box indices as :func:`tritondet.ops.batched_nms_padded` does; None returns None for both.
 
     Returns ``boxes [B, D, 4]`` (``boxes_dtype``), ``scores [B, D]`` (``scores_dtype``), labels,
-    indices and ``num_valid [B]``, D = max_output. Without host sync; on the Triton backend four
+    indices and ``num_valid [B]``, D = max_output. Without host sync; on the Triton backend three
     launches and one ``torch.sort``.
     """
     if use_triton(ranked.device):

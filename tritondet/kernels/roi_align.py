@@ -31,9 +31,10 @@ import triton.language as tl
 
 from .._backend import use_triton
 from ._aot import KernelSpec
-from ._launch import launch, triton_pointer_type
+from ._launch import device_table, launch, triton_pointer_type
 
-# FPN uses levels P2..P5 (torchvision: 4 maps) or P2..P6; five feature pointers cover both.
+# FPN uses levels P2..P5 (torchvision: 4 maps) or P2..P6; five per-level pointers cover both (the
+# RoIAlign maps here, the RPN head outputs in rpn_proposals).
 MAX_LEVELS = 5
 # Per-level geometry table columns (int64): H, W, then the feature's and the gradient's strides.
 _GEOMETRY_COLUMNS = tl.constexpr(10)
@@ -98,7 +99,7 @@ def _level_view(
     geometry = geometry_ptr + level * _GEOMETRY_COLUMNS
     H = tl.load(geometry).to(tl.int32)
     W = tl.load(geometry + 1).to(tl.int32)
-    base = _pick(level, ptr0, ptr1, ptr2, ptr3, ptr4) + batch * tl.load(geometry + COLUMN)
+    base = pick_level(level, ptr0, ptr1, ptr2, ptr3, ptr4) + batch * tl.load(geometry + COLUMN)
     if POSITION_SENSITIVE:
         chan_offsets = (channels.to(tl.int64)[:, None] * (PH * PW) + bins[None, :]) * tl.load(geometry + COLUMN + 1)
     else:
@@ -117,7 +118,7 @@ def _roi_level(x1, y1, x2, y2, num_levels, k_min, canonical_scale, canonical_lev
 
 
 @triton.jit
-def _pick(level, p0, p1, p2, p3, p4):
+def pick_level(level, p0, p1, p2, p3, p4):
     """The pointer of ``level`` among the (at most five) per-level pointers."""
     p = tl.where(level == 1, p1, p0)
     p = tl.where(level == 2, p2, p)
@@ -441,7 +442,7 @@ def _roi_align_bwd_gather_kernel(
                                 wx += _axis_tap_weight(x, W, cols)
                             acc += grad[:, None] * (wy * wx)[None, :]
     in_map = (rows < H) & (cols < W)
-    base = _pick(level, grad0, grad1, grad2, grad3, grad4) + image.to(tl.int64) * tl.load(geometry + 6)
+    base = pick_level(level, grad0, grad1, grad2, grad3, grad4) + image.to(tl.int64) * tl.load(geometry + 6)
     offsets = (
         channels.to(tl.int64)[:, None] * tl.load(geometry + 7)
         + (rows.to(tl.int64) * tl.load(geometry + 8) + cols.to(tl.int64) * tl.load(geometry + 9))[None, :]
@@ -488,11 +489,11 @@ def _geometry(features: list[torch.Tensor], grads: list[torch.Tensor], scales: l
     compute dtype (torchvision scales fp64 maps by the fp64 scale, others by the fp32 one)."""
     rows = [[f.shape[2], f.shape[3], *f.stride(), *g.stride()] for f, g in zip(features, grads, strict=True)]
     device = features[0].device
-    geometry = torch.tensor(rows, dtype=torch.int64, device=device)
-    return geometry, torch.tensor(scales, dtype=_compute_dtype(features[0].dtype), device=device)
+    return device_table(rows, torch.int64, device), device_table(scales, _compute_dtype(features[0].dtype), device)
 
 
-def _level_pointers(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+def level_pointers(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Pointer arguments for the per-level kernels: ``tensors``, then level 0 repeated up to ``MAX_LEVELS``."""
     return [*tensors, *[tensors[0]] * (MAX_LEVELS - len(tensors))]
 
 
@@ -526,7 +527,7 @@ def roi_align_triton(
         _roi_align_fwd_kernel,
         grid,
         rois,
-        *_level_pointers(features),
+        *level_pointers(features),
         geometry,
         scale_table,
         out,
@@ -581,7 +582,7 @@ def roi_align_backward_triton(
             (starts[-1], triton.cdiv(c, block_c)),
             rois,
             grad,
-            *_level_pointers(grads),
+            *level_pointers(grads),
             geometry,
             scale_table,
             tiles,
@@ -606,7 +607,7 @@ def roi_align_backward_triton(
             (rois.shape[0], triton.cdiv(c_out, block_c), triton.cdiv(ph * pw, block_p)),
             rois,
             grad,
-            *_level_pointers(grads),
+            *level_pointers(grads),
             geometry,
             scale_table,
             n,

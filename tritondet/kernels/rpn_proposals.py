@@ -9,7 +9,8 @@ level l is level l's j-th best anchor. This is the ranked layout of
 :func:`tritondet.kernels.nms.padded_nms` with levels as segments, so NMS needs no sort of its own.
 
 Stages, each one launch for all images and levels (the level table of
-:mod:`tritondet.kernels.anchors` carries every level's grid, anchors, addresses and strides):
+:mod:`tritondet.kernels.anchors` carries every level's grid, anchors and head strides; the head
+outputs of the (at most ``MAX_LEVELS``) levels are pointer arguments):
 
 1. ``_gather_objectness_kernel``: logits of every level in (y, x, anchor) order into one
    ``[N, L, max_l H_l W_l A_l]`` fp32 buffer padded with -inf; ``torch.topk`` then selects the
@@ -20,7 +21,7 @@ Stages, each one launch for all images and levels (the level table of
    ``log(1000 / 16)``), clipping to the image, the small-box test (``w, h >= min_size``), sigmoid and
    the score test (``>= score_thresh``). Failing candidates get the key +inf.
 3. :func:`tritondet.kernels.nms.padded_nms`: NMS per level and the merge of every image's levels
-   by score (4 launches, one ``torch.sort``).
+   by score (3 launches, one ``torch.sort``).
 
 All math is fp32 (fp16/bf16 heads are upcast on load). torchvision computes in the head's dtype.
 """
@@ -33,13 +34,11 @@ import triton.language as tl
 
 from .._backend import use_triton
 from ._aot import KernelSpec
-from ._launch import launch
+from ._launch import launch, triton_pointer_type
 from .anchors import (
-    F_DELTAS,
     F_DELTAS_STRIDES,
     F_HEIGHT,
     F_NUM_ANCHORS,
-    F_OBJECTNESS,
     F_OBJECTNESS_STRIDES,
     F_WIDTH,
     grid_anchors_reference,
@@ -48,22 +47,10 @@ from .anchors import (
 )
 from .box_coder import RPN_WEIGHTS, decode_box, decode_reference
 from .nms import padded_nms
+from .roi_align import MAX_LEVELS, level_pointers
+from .roi_align import pick_level as _pick
 
 HEAD_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-_HEAD_CODE = {dtype: code for code, dtype in enumerate(HEAD_DTYPES)}
-
-
-@triton.jit
-def _head_pointer(address, HEAD_DTYPE: tl.constexpr):
-    """A typed pointer from an address in the level table."""
-    if HEAD_DTYPE == 0:
-        return address.to(tl.pointer_type(tl.float32), bitcast=True)
-    elif HEAD_DTYPE == 1:
-        return address.to(tl.pointer_type(tl.float16), bitcast=True)
-    elif HEAD_DTYPE == 2:
-        return address.to(tl.pointer_type(tl.bfloat16), bitcast=True)
-    else:
-        return address.to(tl.pointer_type(tl.float64), bitcast=True)
 
 
 @triton.jit
@@ -80,13 +67,17 @@ def _grid_position(index, row_ptr):
 @triton.jit
 def _gather_objectness_kernel(
     # pointers
-    table_ptr,  # [L, row_width] int64 level table (with head addresses and strides)
+    table_ptr,  # [L, row_width] int64 level table (with the heads' strides)
     out_ptr,  # [N, L, max_count] fp32 contiguous logits, -inf past each level's count
+    objectness0,  # [N, A_l, H_l, W_l] logits of each level, any strides; unused levels repeat level 0
+    objectness1,
+    objectness2,
+    objectness3,
+    objectness4,
     # sizes
     row_width,
     max_count,  # max_l H_l W_l A_l
     # meta-parameters
-    HEAD_DTYPE: tl.constexpr,  # index into HEAD_DTYPES
     BLOCK: tl.constexpr,
 ):
     level = tl.program_id(1)
@@ -97,7 +88,7 @@ def _gather_objectness_kernel(
     index = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     in_level = index < count
     y, x, a = _grid_position(index, row_ptr)
-    objectness = _head_pointer(tl.load(row_ptr + F_OBJECTNESS), HEAD_DTYPE)
+    objectness = _pick(level, objectness0, objectness1, objectness2, objectness3, objectness4)
     offset = (
         image * tl.load(row_ptr + F_OBJECTNESS_STRIDES)
         + a * tl.load(row_ptr + F_OBJECTNESS_STRIDES + 1)
@@ -111,7 +102,12 @@ def _gather_objectness_kernel(
 @triton.jit
 def _decode_proposals_kernel(
     # pointers
-    table_ptr,  # [L, row_width] int64 level table (with head addresses and strides)
+    table_ptr,  # [L, row_width] int64 level table (with the heads' strides)
+    deltas0,  # [N, 4 A_l, H_l, W_l] deltas of each level, any strides; unused levels repeat level 0
+    deltas1,
+    deltas2,
+    deltas3,
+    deltas4,
     top_logits_ptr,  # [N, L, K] fp32 contiguous: the best logits of each level
     top_index_ptr,  # [N, L, K] int64 contiguous: their anchors' indices within the level
     image_sizes_ptr,  # [N, 2] fp32 contiguous (height, width)
@@ -126,7 +122,6 @@ def _decode_proposals_kernel(
     score_thresh,
     clip,
     # meta-parameters
-    HEAD_DTYPE: tl.constexpr,  # index into HEAD_DTYPES
     BLOCK: tl.constexpr,
 ):
     level = tl.program_id(1)
@@ -143,7 +138,7 @@ def _decode_proposals_kernel(
     y, x, a = _grid_position(index, row_ptr)
     ax1, ay1, ax2, ay2 = level_anchor(row_ptr, y, x, a)
 
-    deltas = _head_pointer(tl.load(row_ptr + F_DELTAS), HEAD_DTYPE)
+    deltas = _pick(level, deltas0, deltas1, deltas2, deltas3, deltas4)
     stride_c = tl.load(row_ptr + F_DELTAS_STRIDES + 1)
     pd = deltas + (
         image * tl.load(row_ptr + F_DELTAS_STRIDES)
@@ -208,7 +203,6 @@ def rpn_candidates_triton(
     table = level_table(
         grid_sizes, strides, anchor_sizes, anchor_ratios, anchors_per_level, device, heads=(objectness, deltas)
     )
-    head_code = _HEAD_CODE[objectness[0].dtype]
     logits = torch.empty((batch, num_levels, max_count), dtype=torch.float32, device=device)
     grid = (triton.cdiv(max_count, _GATHER_BLOCK), num_levels, batch)
     launch(
@@ -216,9 +210,9 @@ def rpn_candidates_triton(
         grid,
         table,
         logits,
+        *level_pointers(objectness),
         table.shape[1],
         max_count,
-        HEAD_DTYPE=head_code,
         BLOCK=_GATHER_BLOCK,
         num_warps=_NUM_WARPS,
     )
@@ -230,6 +224,7 @@ def rpn_candidates_triton(
         _decode_proposals_kernel,
         (triton.cdiv(k, _DECODE_BLOCK), num_levels, batch),
         table,
+        *level_pointers(deltas),
         top_logits,
         top_index,
         sizes,
@@ -241,7 +236,6 @@ def rpn_candidates_triton(
         float(min_size),
         float(score_thresh),
         float(clip),
-        HEAD_DTYPE=head_code,
         BLOCK=_DECODE_BLOCK,
         num_warps=_NUM_WARPS,
     )
@@ -385,23 +379,22 @@ def _(objectness, deltas, image_sizes, strides, anchor_sizes, anchor_ratios, anc
 
 def _aot_specs() -> list[KernelSpec]:
     specs = []
-    for dtype, code in _HEAD_CODE.items():
+    for dtype in HEAD_DTYPES:
         label = f"head {str(dtype).removeprefix('torch.')}"
-        gather_constexprs = {"HEAD_DTYPE": code, "BLOCK": _GATHER_BLOCK}
+        head = triton_pointer_type(dtype)
         gather_signature = {
             "table_ptr": "*i64",
             "out_ptr": "*fp32",
+            **{f"objectness{i}": head for i in range(MAX_LEVELS)},
             "row_width": "i32",
             "max_count": "i32",
-            "HEAD_DTYPE": "constexpr",
             "BLOCK": "constexpr",
         }
-        specs.append(
-            KernelSpec(_gather_objectness_kernel, gather_signature, gather_constexprs, label, num_warps=_NUM_WARPS)
-        )
-        decode_constexprs = {"HEAD_DTYPE": code, "BLOCK": _DECODE_BLOCK}
+        gather_meta = {"BLOCK": _GATHER_BLOCK}
+        specs.append(KernelSpec(_gather_objectness_kernel, gather_signature, gather_meta, label, num_warps=_NUM_WARPS))
         decode_signature = {
             "table_ptr": "*i64",
+            **{f"deltas{i}": head for i in range(MAX_LEVELS)},
             "top_logits_ptr": "*fp32",
             "top_index_ptr": "*i64",
             "image_sizes_ptr": "*fp32",
@@ -413,12 +406,10 @@ def _aot_specs() -> list[KernelSpec]:
             "min_size": "fp32",
             "score_thresh": "fp32",
             "clip": "fp32",
-            "HEAD_DTYPE": "constexpr",
             "BLOCK": "constexpr",
         }
-        specs.append(
-            KernelSpec(_decode_proposals_kernel, decode_signature, decode_constexprs, label, num_warps=_NUM_WARPS)
-        )
+        decode_meta = {"BLOCK": _DECODE_BLOCK}
+        specs.append(KernelSpec(_decode_proposals_kernel, decode_signature, decode_meta, label, num_warps=_NUM_WARPS))
     return specs
 
 
