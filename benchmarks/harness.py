@@ -13,6 +13,10 @@ A family file defines ``cases(device, sizes) -> list[Case]`` and one pytest test
   timings;
 - appends a :class:`tritondet.bench.Row` to one CSV.
 
+A :class:`CountCase` (e.g. one stage of the detector, ``bench_post_processing.py``) is counted
+only, with :func:`tritondet.dispatch_audit.measure_costs`, and never timed: its row has no times and
+its ratio is torchvision's ATen ops over ours.
+
 Sizes (``TRITONDET_BENCH_SIZES``): ``tiny`` (the default: the CI smoke run, ``pytest benchmarks/``
 with pytest's default ``--benchmark-disable`` runs each case once and times nothing), ``quick``
 (``tritondet bench --quick``) and ``full`` (the sizes a detector really uses, named in each op's
