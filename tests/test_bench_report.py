@@ -76,7 +76,7 @@ def test_counted_rows_show_no_times_and_their_aten_op_ratio(tmp_path):
     line = bench.markdown_table(rows).splitlines()[-1]
     assert (
         line
-        == "| RPN proposals (ours: reference) | B=8 64x96 | float32 | cpu | - | - | 11.33x ops | 1 / 14 | 0 / 2 | 3 / 34 |"
+        == "| RPN proposals (ours: reference) | B=8 64x96 | float32 | cpu | - | - | 11.3x ops | 1 / 14 | 0 / 2 | 3 / 34 |"
     )
     bench.append_csv(rows, tmp_path / "results.csv")
     assert bench.read_csv(tmp_path / "results.csv") == rows

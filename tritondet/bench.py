@@ -115,7 +115,7 @@ def markdown_table(rows: Sequence[Row]) -> str:
             row.device,
             _ms(row.ours_ms),
             _ms(row.torchvision_ms),
-            f"{row.ratio:.2f}x" if timed(row) else f"{row.ratio:.2f}x ops",
+            f"{row.ratio:.2f}x" if timed(row) else f"{row.ratio:.3g}x ops",
             f"{row.ours_launches} / {row.torchvision_launches}",
             f"{row.ours_syncs} / {row.torchvision_syncs}",
             f"{row.ours_aten_ops} / {row.torchvision_aten_ops}",
@@ -250,9 +250,11 @@ def run_suite(sizes: str, only: Sequence[str] = ()) -> tuple[list[Row], list[str
                 failures.append(f"{case.id}: {type(error).__name__}: {str(error).strip().splitlines()[0]}")
                 print(f"  FAILED {failures[-1]}")
                 continue
-            print(
-                f"  {row.op} {row.size} {row.dtype} {row.device}: {_ms(row.ours_ms)} ms, torchvision {_ms(row.torchvision_ms)} ms"
-            )
+            if timed(row):
+                result = f"{_ms(row.ours_ms)} ms, torchvision {_ms(row.torchvision_ms)} ms"
+            else:
+                result = f"{row.ours_aten_ops} ATen ops, torchvision {row.torchvision_aten_ops}"
+            print(f"  {row.op} {row.size} {row.dtype} {row.device}: {result}")
             rows.append(row)
     return rows, failures
 
