@@ -13,6 +13,10 @@ A family file defines ``cases(device, sizes) -> list[Case]`` and one pytest test
   timings;
 - appends a :class:`tritondet.bench.Row` to one CSV.
 
+A :class:`CountCase` (e.g. one stage of the detector, ``bench_post_processing.py``) is counted
+only, with :func:`tritondet.dispatch_audit.measure_costs`, and never timed: its row has no times and
+its ratio is torchvision's ATen ops over ours.
+
 Sizes (``TRITONDET_BENCH_SIZES``): ``tiny`` (the default: the CI smoke run, ``pytest benchmarks/``
 with pytest's default ``--benchmark-disable`` runs each case once and times nothing), ``quick``
 (``tritondet bench --quick``) and ``full`` (the sizes a detector really uses, named in each op's
@@ -35,7 +39,7 @@ import torch
 
 from tritondet import _backend
 from tritondet.bench import Row, append_csv
-from tritondet.dispatch_audit import DispatchCounter
+from tritondet.dispatch_audit import Costs, DispatchCounter, launches_kernel
 
 SIZES_VARIABLE = "TRITONDET_BENCH_SIZES"
 SIZE_SETS = ("tiny", "quick", "full")
@@ -92,31 +96,28 @@ class Case:
         return f"{self.op}-{self.size}-{str(self.dtype).removeprefix('torch.')}-{self.device.type}"
 
 
+@dataclasses.dataclass
+class CountCase:
+    """A case that is counted, never timed: ``costs()`` returns (ours, torchvision)
+    :class:`~tritondet.dispatch_audit.Costs` of the same work on the same inputs (e.g. one stage
+    of the detector, which a plain call of each side could not isolate). Its row has no times;
+    its ratio is torchvision's ATen ops over ours, and ours are counted net of the Triton
+    interpreter's argument copies (what a GPU would dispatch)."""
+
+    op: str
+    size: str
+    dtype: torch.dtype
+    device: torch.device
+    costs: Callable[[], tuple[Costs, Costs]]
+
+    @property
+    def id(self) -> str:
+        return f"{self.op}-{self.size}-{str(self.dtype).removeprefix('torch.')}-{self.device.type}"
+
+
 # ----------------------------------------------------------------------------------------------
 # Counting
 # ----------------------------------------------------------------------------------------------
-
-_aten = torch.ops.aten
-# Ops that allocate or only change metadata: no device kernel. Views are recognised by schema.
-_NO_KERNEL_OPS = {
-    _aten.empty.memory_format,
-    _aten.empty_strided.default,
-    _aten.empty_like.default,
-    _aten.new_empty.default,
-    _aten.new_empty_strided.default,
-    _aten.lift_fresh.default,
-    _aten.set_.source_Storage,
-    _aten.set_.source_Storage_storage_offset,
-    _aten.resize_.default,
-    _aten.sym_size.int,
-    _aten.sym_stride.int,
-    _aten.sym_numel.default,
-}
-
-
-def launches_kernel(func) -> bool:
-    """Whether this ATen op launches (at least) one device kernel: all but views and allocations."""
-    return not func.is_view and func not in _NO_KERNEL_OPS
 
 
 class KernelCounter(DispatchCounter):
@@ -266,7 +267,35 @@ def _check(case: Case, bound: _Bound) -> None:
         torch.testing.assert_close(ours, theirs)
 
 
-def measure(case: Case) -> Row:
+def _count_row(case: CountCase) -> Row:
+    ours, theirs = case.costs()
+    return Row(
+        op=case.op,
+        size=case.size,
+        dtype=str(case.dtype).removeprefix("torch."),
+        device=case.device.type,
+        ours_backend=_backend.backend_name(case.device),
+        ours_ms=None,
+        ours_ms_q20=None,
+        ours_ms_q80=None,
+        torchvision_ms=None,
+        torchvision_ms_q20=None,
+        torchvision_ms_q80=None,
+        ratio=theirs.net_aten_ops / ours.net_aten_ops,
+        ours_launches=ours.device_launches,
+        torchvision_launches=theirs.device_launches,
+        ours_syncs=ours.syncs,
+        torchvision_syncs=theirs.syncs,
+        ours_aten_ops=ours.net_aten_ops,
+        torchvision_aten_ops=theirs.net_aten_ops,
+        min_bytes=0,  # not a bandwidth-bound op: nothing is timed
+        device_name=torch.cuda.get_device_name(case.device) if case.device.type == "cuda" else "cpu",
+    )
+
+
+def measure(case: Case | CountCase) -> Row:
+    if isinstance(case, CountCase):
+        return _count_row(case)
     bound = _bind(case)
     _check(case, bound)
     ours_counts, torchvision_counts = count(bound.ours, bound.leaves), count(bound.torchvision, bound.leaves)

@@ -11,6 +11,7 @@ import torchvision
 from benchmarks import harness
 from tests.boxes import random_boxes
 from tritondet import bench, cli, ops
+from tritondet.dispatch_audit import Costs
 
 
 def _row(**changes) -> bench.Row:
@@ -55,11 +56,31 @@ def test_csv_round_trip_keeps_types_and_missing_values(tmp_path):
 def test_markdown_table_has_the_columns_and_one_line_per_row():
     table = bench.markdown_table([_row(), _row(op="nms", size="12000", ratio=0.25)])
     lines = table.splitlines()
-    assert lines[0] == "| op | size | dtype | device | ours ms | torchvision ms | ratio | launches | syncs |"
+    assert lines[0] == "| op | size | dtype | device | ours ms | torchvision ms | ratio | launches | syncs | ATen ops |"
     assert len(lines) == 4
-    assert "| box_iou | 2000x100 | float32 | cpu | 2 | 3 | 1.50x | 1 / 14 | 0 / 2 |" in lines
+    assert "| box_iou | 2000x100 | float32 | cpu | 2 | 3 | 1.50x | 1 / 14 | 0 / 2 | 3 / 34 |" in lines
     assert "| 0.25x |" in lines[3]
     assert "GB/s" not in table  # no bandwidth column without CUDA rows
+
+
+def _counted_row(**changes) -> bench.Row:
+    """A row counted but not timed (the detector's post-processing stages)."""
+    untimed = dict.fromkeys(
+        ["ours_ms", "ours_ms_q20", "ours_ms_q80", "torchvision_ms", "torchvision_ms_q20", "torchvision_ms_q80"]
+    )
+    return _row(op="RPN proposals (ours: reference)", size="B=8 64x96", ratio=34 / 3, **untimed, **changes)
+
+
+def test_counted_rows_show_no_times_and_their_aten_op_ratio(tmp_path):
+    rows = [_row(), _counted_row()]
+    line = bench.markdown_table(rows).splitlines()[-1]
+    assert (
+        line
+        == "| RPN proposals (ours: reference) | B=8 64x96 | float32 | cpu | - | - | 11.3x ops | 1 / 14 | 0 / 2 | 3 / 34 |"
+    )
+    bench.append_csv(rows, tmp_path / "results.csv")
+    assert bench.read_csv(tmp_path / "results.csv") == rows
+    assert list(bench._series(rows)) == ["box_iou"]  # the time-ratio plots leave them out
 
 
 def test_markdown_table_shows_bandwidth_against_peak_on_cuda():
@@ -137,6 +158,19 @@ def test_measure_compares_the_same_work_and_fills_a_row():
     wrong = dataclasses.replace(case, ours=ops.generalized_box_iou)
     with pytest.raises(AssertionError):
         harness.measure(wrong)
+
+
+def test_measure_counts_a_count_case_without_timing():
+    ours, theirs = (
+        Costs(aten_ops=30, interpreter_ops=20, kernel_ops=4, launches=2),
+        Costs(aten_ops=40, kernel_ops=25, syncs=3),
+    )
+    case = harness.CountCase("stage", "B=1", torch.float32, torch.device("cpu"), lambda: (ours, theirs))
+    row = harness.measure(case)
+    assert row.ours_ms is None and row.torchvision_ms is None and not bench.timed(row)
+    assert (row.ours_aten_ops, row.torchvision_aten_ops, row.ratio) == (10, 40, 4.0)  # net of interpreter copies
+    assert (row.ours_launches, row.torchvision_launches) == (6, 25)  # Triton launches + kernel ATen ops
+    assert (row.ours_syncs, row.torchvision_syncs) == (0, 3)
 
 
 def test_bench_command_writes_the_report(tmp_path, monkeypatch, capsys):

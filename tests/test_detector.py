@@ -19,11 +19,11 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor as Torchv
 from torchvision.models.detection.faster_rcnn import TwoMLPHead as TorchvisionTwoMLPHead
 
 from tritondet.detector import FasterRCNN, paper_vgg16, resnet50_fpn, resnet_c4, small_cpu, tiny
-from tritondet.detector.backbone import build_backbone, feature_strides
+from tritondet.detector.backbone import build_backbone
 from tritondet.detector.compat import config_from_torchvision, fasterrcnn_resnet50_fpn
+from tritondet.detector.costs import post_processing_costs, torchvision_post_processing_costs
 from tritondet.detector.rpn import RPNHead
-from tritondet.dispatch_audit import DispatchCounter, NoHostSync
-from tritondet.kernels._launch import count_launches
+from tritondet.dispatch_audit import NoHostSync
 
 BOX_ATOL, SCORE_ATOL = 1e-3, 1e-4  # the issue's parity bounds (pixels at image scale; probability)
 
@@ -226,64 +226,58 @@ def test_forward_padded_compiles_fullgraph():
         torch.testing.assert_close(a, b)
 
 
-# The Triton interpreter moves every kernel argument to host storage and back with these ATen ops;
-# a GPU launch makes none of them. "net" counts leave them out.
-_INTERPRETER_COPIES = {"empty.memory_format", "set_.source_Storage", "set_.source_Storage_storage_offset"}
-_INTERPRETER_COPIES |= {"new_empty.default", "copy_.default"}
+def _stage_rows(costs) -> str:
+    return ", ".join(
+        f"{name}: {c.net_aten_ops} ATen ops ({c.aten_ops} with interpreter copies), "
+        f"{c.device_launches} device launches ({c.launches} Triton), {c.syncs} syncs"
+        for name, c in (("RPN proposals", costs.rpn), ("RoI post-processing", costs.roi))
+    )
 
 
-class _OpTally(DispatchCounter):
-    """A DispatchCounter that also counts the interpreter's argument copies."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.copies = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.__name__ in _INTERPRETER_COPIES:
-            self.copies += 1
-        return super().__torch_dispatch__(func, types, args, kwargs)
-
-
-@contextlib.contextmanager
-def _costs(into: list):
-    """Appends (ATen ops, ATen ops net of interpreter copies, Triton launches, host syncs) of the
-    block to ``into``. Launches come from ``count_launches``: ``DispatchCounter.launches`` restarts
-    whenever a custom op's body re-enters the mode, so it sees only the last op's launches."""
-    with count_launches() as launches, _OpTally() as tally:
-        yield
-    into.append((tally.aten_ops, tally.aten_ops - tally.copies, launches.launches, tally.syncs))
-
-
-def _post_processing_counts(model: FasterRCNN, batch: int) -> list[tuple[int, int, int, int]]:
-    """Costs of the RPN proposal stage and of the RoI-head post-processing at ``batch`` images."""
-    images = torch.rand(batch, 3, 64, 96)
-    sizes = torch.tensor([[64, 96]] * batch)
-    costs = []
-    with torch.no_grad():
-        features = model.backbone(images)
-        levels = list(features.values())
-        objectness, deltas = model.rpn.head(levels)
-        strides = feature_strides(levels, (64, 96))
-        with _costs(costs):
-            proposals, num_valid = model.rpn.proposals(objectness, deltas, sizes, strides)
-        class_logits, box_regression = model.roi_heads.predict(model.roi_heads.pool(features, proposals, [(64, 96)]))
-        with _costs(costs):
-            model.roi_heads.postprocess(class_logits, box_regression, proposals, num_valid, sizes)
-    return costs
+def _same_size_images(batch: int) -> list[torch.Tensor]:
+    """``batch`` 64x96 images (already the tiny transform's size: no resize, no padding)."""
+    generator = torch.Generator().manual_seed(4)
+    return [torch.rand((3, 64, 96), generator=generator) for _ in range(batch)]
 
 
 def test_post_processing_costs_do_not_grow_with_batch_and_never_sync(backend):
     model = FasterRCNN(tiny()).eval()
     counts = {}
     for batch in (1, 8):
-        counts[batch] = _post_processing_counts(model, batch)
-        print(f"[{backend}] B={batch}: (ATen ops, net of interpreter copies, launches, syncs): "
-              f"RPN proposals {counts[batch][0]}, RoI post-processing {counts[batch][1]}")  # fmt: skip
+        costs = post_processing_costs(model, _same_size_images(batch))
+        print(f"[{backend}] B={batch}: {_stage_rows(costs)}")
+        counts[batch] = [
+            (stage.aten_ops, stage.net_aten_ops, stage.launches, stage.kernel_ops, stage.syncs)
+            for stage in (costs.rpn, costs.roi)
+        ]
     assert counts[1] == counts[8]
-    assert all(stage[3] == 0 for stage in counts[1])
-    if backend == "triton":  # rpn_proposals: 5 launches; postprocess_detections: 6
-        assert [stage[2] for stage in counts[1]] == [5, 6]
+    assert all(stage[-1] == 0 for stage in counts[1])
+    launches = [stage[2] for stage in counts[1]]
+    # rpn_proposals: 5 launches; postprocess_detections: 6
+    assert launches == ([5, 6] if backend == "triton" else [0, 0])
+
+
+def test_torchvision_post_processing_costs_on_the_same_stages(backend):
+    theirs = torchvision_twin().eval()
+    ours = FasterRCNN.from_torchvision(theirs).eval()
+    for batch in (1, 8):
+        images = _same_size_images(batch)
+        mine, their = post_processing_costs(ours, images), torchvision_post_processing_costs(theirs, images)
+        print(f"B={batch} ours [{backend}]: {_stage_rows(mine)}\nB={batch} torchvision: {_stage_rows(their)}")
+        for stage in (their.rpn, their.roi):
+            # torchvision filters, then runs an NMS per image: data-dependent sizes, host syncs.
+            assert stage.launches == 0 and stage.interpreter_ops == 0
+            assert stage.syncs >= batch and "torchvision.nms.default" in stage.sync_ops
+            assert stage.kernel_ops > 0 and stage.aten_ops >= stage.kernel_ops
+        assert mine.rpn.syncs == mine.roi.syncs == 0
+
+
+def test_post_processing_costs_need_eval_mode_and_images():
+    model = FasterRCNN(tiny())
+    with pytest.raises(ValueError, match="eval mode"):
+        post_processing_costs(model, _same_size_images(1))
+    with pytest.raises(ValueError, match="images"):
+        torchvision_post_processing_costs(torchvision_twin().eval(), [])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import torchvision
 
 from tests.boxes import random_boxes
 from tritondet import ops
-from tritondet.dispatch_audit import DispatchCounter, HostSyncError, NoHostSync
+from tritondet.dispatch_audit import DispatchCounter, HostSyncError, NoHostSync, measure_costs
 
 
 @pytest.mark.parametrize(
@@ -43,3 +43,20 @@ def test_counter_sees_inside_tritondet_custom_ops(backend):
     assert counter.aten_ops > 1  # the ops inside tritondet::pairwise_box_iou, not just the op itself
     assert counter.syncs == 0
     assert counter.launches == (1 if backend == "triton" else 0)
+
+
+def test_measure_costs_counts_kernel_ops_syncs_launches_and_interpreter_copies_apart(backend):
+    boxes = random_boxes(9)
+    with measure_costs() as costs:
+        ops.box_iou(boxes, boxes)
+    assert costs.launches == (1 if backend == "triton" else 0)
+    # The interpreter copies each tensor argument to host storage and back; a GPU launch does not.
+    interpreted = backend == "triton" and boxes.device.type == "cpu"
+    assert (costs.interpreter_ops > 0) == interpreted
+    assert costs.net_aten_ops == costs.aten_ops - costs.interpreter_ops > 0
+    assert costs.device_launches == costs.launches + costs.kernel_ops
+    x = torch.randn(8)
+    with measure_costs() as costs:
+        x.view(2, 4).t()  # views: ATen ops, no kernel
+        x.nonzero()
+    assert (costs.aten_ops, costs.kernel_ops, costs.syncs, costs.sync_ops) == (3, 1, 1, ["aten.nonzero.default"])

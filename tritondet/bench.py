@@ -4,7 +4,9 @@ The measuring itself lives in ``benchmarks/harness.py`` (one ``bench_<family>.py
 each case running our op and torchvision's on the same inputs in one process); this module turns
 its rows into ``results.csv``, ``results.md`` and one ``<op>.png`` per op.
 
-``ratio`` is torchvision's median time over ours: above 1 ours is faster. ``launches`` counts
+``ratio`` is torchvision's median time over ours: above 1 ours is faster. Rows that are counted
+but not timed (the detector's post-processing stages, ``benchmarks/bench_post_processing.py``) have
+no times, and their ratio is torchvision's ATen ops over ours. ``launches`` counts
 Triton kernel launches plus the ATen ops that launch a device kernel (every op but views and
 allocations; torchvision's compiled ops such as ``torchvision::nms`` count once, though they may
 launch more than one kernel inside); ``syncs`` counts the ops that make the host wait for the
@@ -30,14 +32,14 @@ class Row:
     size: str
     dtype: str
     device: str
-    ours_backend: str  # what ran for us: "triton" (CUDA) or "reference" (the CPU path)
-    ours_ms: float
-    ours_ms_q20: float
-    ours_ms_q80: float
-    torchvision_ms: float
-    torchvision_ms_q20: float
-    torchvision_ms_q80: float
-    ratio: float  # torchvision_ms / ours_ms
+    ours_backend: str  # what ran for us: "triton" (CUDA), "triton-interpreter" or "reference" (the CPU path)
+    ours_ms: float | None  # None: counted, not timed
+    ours_ms_q20: float | None
+    ours_ms_q80: float | None
+    torchvision_ms: float | None
+    torchvision_ms_q20: float | None
+    torchvision_ms_q80: float | None
+    ratio: float  # torchvision_ms / ours_ms; without times torchvision_aten_ops / ours_aten_ops
     ours_launches: int
     torchvision_launches: int
     ours_syncs: int
@@ -86,14 +88,22 @@ def read_csv(path: Path) -> list[Row]:
         return [Row(**{name: _parse(name, record[name]) for name in FIELDS}) for record in csv.DictReader(file)]
 
 
-def _ms(value: float) -> str:
+def _ms(value: float | None) -> str:
+    if value is None:
+        return "-"
     return f"{value:.3g}" if value < 100 else f"{value:.0f}"
 
 
+def timed(row: Row) -> bool:
+    """Whether ``row`` has times (and a time ratio) or only counts (an ATen-op ratio)."""
+    return row.ours_ms is not None
+
+
 def markdown_table(rows: Sequence[Row]) -> str:
-    """One line per case: op, size, dtype, device, ours, torchvision, ratio, launches, syncs (+ GB/s on CUDA)."""
+    """One line per case: op, size, dtype, device, ours, torchvision, ratio, launches, syncs, ATen ops
+    (+ GB/s on CUDA). Counted-only rows show "-" for times and their ATen-op ratio as "<r>x ops"."""
     with_bandwidth = any(row.ours_gbps is not None for row in rows)
-    header = ["op", "size", "dtype", "device", "ours ms", "torchvision ms", "ratio", "launches", "syncs"]
+    header = ["op", "size", "dtype", "device", "ours ms", "torchvision ms", "ratio", "launches", "syncs", "ATen ops"]
     if with_bandwidth:
         header += ["ours GB/s (% of peak)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
@@ -105,9 +115,10 @@ def markdown_table(rows: Sequence[Row]) -> str:
             row.device,
             _ms(row.ours_ms),
             _ms(row.torchvision_ms),
-            f"{row.ratio:.2f}x",
+            f"{row.ratio:.2f}x" if timed(row) else f"{row.ratio:.3g}x ops",
             f"{row.ours_launches} / {row.torchvision_launches}",
             f"{row.ours_syncs} / {row.torchvision_syncs}",
+            f"{row.ours_aten_ops} / {row.torchvision_aten_ops}",
         ]
         if with_bandwidth:
             cells.append(
@@ -118,9 +129,9 @@ def markdown_table(rows: Sequence[Row]) -> str:
 
 
 def _series(rows: Sequence[Row]) -> dict[str, dict[str, list[Row]]]:
-    """op -> "dtype device" -> rows in the order they were measured (sizes ascending)."""
+    """op -> "dtype device" -> timed rows in the order they were measured (sizes ascending)."""
     by_op: dict[str, dict[str, list[Row]]] = {}
-    for row in rows:
+    for row in filter(timed, rows):
         by_op.setdefault(row.op, {}).setdefault(f"{row.dtype} {row.device}", []).append(row)
     return by_op
 
@@ -165,13 +176,16 @@ def markdown_report(
     lines += [
         "",
         "ratio = torchvision time / ours (above 1: ours is faster), median of the timed calls.",
-        "launches and syncs are per call, ours / torchvision: Triton launches plus ATen ops that launch a",
-        "device kernel, and ops that make the host wait for the device; counted exactly, not timed.",
+        "launches, syncs and ATen ops are per call, ours / torchvision: Triton launches plus ATen ops that",
+        "launch a device kernel, ops that make the host wait for the device, all ATen ops; counted exactly,",
+        "not timed. Rows without times are counted only (the detector's post-processing stages): their",
+        "ratio is torchvision's ATen ops over ours, and the op name says whose path (backend) was counted.",
     ]
     if any(row.device == "cpu" for row in rows):
         lines += [
             "On the CPU ours is the PyTorch reference (the CPU path), so its counts are that path's, not",
-            "the Triton kernels' (run `tritondet bench` on a GPU for those).",
+            "the Triton kernels' (run `tritondet bench` on a GPU for those), except in rows naming the",
+            "triton-interpreter: the Triton path's counts, net of the interpreter's argument copies.",
         ]
     lines += ["", markdown_table(rows)]
     if failures:
@@ -236,9 +250,11 @@ def run_suite(sizes: str, only: Sequence[str] = ()) -> tuple[list[Row], list[str
                 failures.append(f"{case.id}: {type(error).__name__}: {str(error).strip().splitlines()[0]}")
                 print(f"  FAILED {failures[-1]}")
                 continue
-            print(
-                f"  {row.op} {row.size} {row.dtype} {row.device}: {_ms(row.ours_ms)} ms, torchvision {_ms(row.torchvision_ms)} ms"
-            )
+            if timed(row):
+                result = f"{_ms(row.ours_ms)} ms, torchvision {_ms(row.torchvision_ms)} ms"
+            else:
+                result = f"{row.ours_aten_ops} ATen ops, torchvision {row.torchvision_aten_ops}"
+            print(f"  {row.op} {row.size} {row.dtype} {row.device}: {result}")
             rows.append(row)
     return rows, failures
 

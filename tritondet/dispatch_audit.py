@@ -6,14 +6,19 @@ and host syncs, through a ``TorchDispatchMode``.
   ``item``/``_local_scalar_dense``, ``repeat_interleave`` without ``output_size``,
   ``torchvision::nms``): on the CPU it proves an op would not sync a GPU.
 - :class:`DispatchCounter` counts ATen ops, sync-causing ops and Triton launches (benchmarks).
-  Under the Triton interpreter, the ATen ops that move a kernel's arguments during a launch are
-  left out: a GPU launch makes none, so the counts are those of the GPU path on every machine.
+- :func:`measure_costs` gives a block's :class:`Costs`: the same counts plus the ATen ops that
+  launch a device kernel, with the Triton interpreter's own argument copies counted apart (a GPU
+  launch makes none), so that counts taken on the CPU under the interpreter are the GPU's.
 
 ``tritondet::`` custom ops are entered, not treated as opaque, so the ops inside their
 implementations are seen too.
 """
 
 from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterator
 
 import torch
 from torch._library.custom_ops import OPDEFS
@@ -96,8 +101,6 @@ class DispatchCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if _launch.launching():  # the Triton interpreter moving kernel arguments: not the op's work
-            return func(*args, **kwargs)
         body = _custom_op_body(func)
         if body is not None:
             with self:
@@ -121,3 +124,91 @@ class NoHostSync(DispatchCounter):
         if _custom_op_body(func) is None and causes_host_sync(func, args, kwargs):
             raise HostSyncError(f"{func} syncs with the host or sizes its output from data")
         return super().__torch_dispatch__(func, types, args, kwargs)
+
+
+# Ops that allocate or only change metadata: no device kernel. Views are recognised by schema.
+_NO_KERNEL_OPS = {
+    _aten.empty.memory_format,
+    _aten.empty_strided.default,
+    _aten.empty_like.default,
+    _aten.new_empty.default,
+    _aten.new_empty_strided.default,
+    _aten.lift_fresh.default,
+    _aten.set_.source_Storage,
+    _aten.set_.source_Storage_storage_offset,
+    _aten.resize_.default,
+    _aten.sym_size.int,
+    _aten.sym_stride.int,
+    _aten.sym_numel.default,
+}
+
+
+def launches_kernel(func) -> bool:
+    """Whether this ATen op launches (at least) one device kernel: all but views and allocations."""
+    return not func.is_view and func not in _NO_KERNEL_OPS
+
+
+@dataclasses.dataclass
+class Costs:
+    """What a block of code costs on the host, counted exactly (the same on every machine).
+
+    Attributes:
+        aten_ops: every ATen op dispatched, including the Triton interpreter's argument copies.
+        interpreter_ops: of those, the ATen ops the Triton interpreter made to move kernel
+            arguments (0 on a GPU or without the interpreter).
+        kernel_ops: ATen ops, interpreter copies left out, that launch a device kernel (all but
+            views and allocations).
+        launches: Triton kernel launches.
+        syncs: sync-causing ATen ops (:func:`causes_host_sync`); ``sync_ops`` names them in order.
+    """
+
+    aten_ops: int = 0
+    interpreter_ops: int = 0
+    kernel_ops: int = 0
+    launches: int = 0
+    syncs: int = 0
+    sync_ops: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def net_aten_ops(self) -> int:
+        """ATen ops net of the Triton interpreter's argument copies: what a GPU would dispatch."""
+        return self.aten_ops - self.interpreter_ops
+
+    @property
+    def device_launches(self) -> int:
+        """Device kernels launched: Triton launches plus the ATen ops that launch a kernel (the
+        benchmark table's ``launches``)."""
+        return self.launches + self.kernel_ops
+
+
+class _CostCounter(DispatchCounter):
+    """A :class:`DispatchCounter` that also counts kernel-launching ops and interpreter copies."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.interpreter_ops = 0
+        self.kernel_ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if _custom_op_body(func) is None:
+            if _launch.launching():  # the Triton interpreter moving a kernel's arguments
+                self.interpreter_ops += 1
+            elif launches_kernel(func):
+                self.kernel_ops += 1
+        return super().__torch_dispatch__(func, types, args, kwargs)
+
+
+@contextlib.contextmanager
+def measure_costs() -> Iterator[Costs]:
+    """``with measure_costs() as costs: ...``: ``costs`` (a :class:`Costs`) is filled in when the
+    block ends. Launches come from :func:`tritondet.kernels._launch.count_launches` (every launch
+    goes through ``launch()``)."""
+    costs = Costs()
+    with _launch.count_launches() as launches, _CostCounter() as counter:
+        yield costs
+    costs.aten_ops, costs.interpreter_ops, costs.kernel_ops = (
+        counter.aten_ops,
+        counter.interpreter_ops,
+        counter.kernel_ops,
+    )
+    costs.launches, costs.syncs, costs.sync_ops = launches.launches, counter.syncs, list(counter.sync_ops)
