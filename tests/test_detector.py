@@ -14,13 +14,10 @@ import pytest
 import torch
 import torchvision
 from torchvision.models.detection import FasterRCNN as TorchvisionFasterRCNN
-from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.faster_rcnn import FastRCNNPredictor as TorchvisionPredictor
-from torchvision.models.detection.faster_rcnn import TwoMLPHead as TorchvisionTwoMLPHead
 
 from tritondet.detector import FasterRCNN, paper_vgg16, resnet50_fpn, resnet_c4, small_cpu, tiny
 from tritondet.detector.backbone import build_backbone
-from tritondet.detector.compat import config_from_torchvision, fasterrcnn_resnet50_fpn
+from tritondet.detector.compat import config_from_torchvision, fasterrcnn_resnet50_fpn, to_torchvision
 from tritondet.detector.costs import post_processing_costs, torchvision_post_processing_costs
 from tritondet.detector.rpn import RPNHead
 from tritondet.dispatch_audit import NoHostSync
@@ -29,44 +26,13 @@ BOX_ATOL, SCORE_ATOL = 1e-3, 1e-4  # the issue's parity bounds (pixels at image 
 
 
 def torchvision_twin(config=None, seed: int = 0, spread: float = 0.3, **overrides) -> TorchvisionFasterRCNN:
-    """torchvision's ``FasterRCNN`` configured as ``config`` (``tiny()`` by default) with random
-    weights; the RPN head and predictor get wider weights (std ``spread``) so that scores and boxes
-    differ from one anchor or class to the next (a fresh detector scores everything alike)."""
-    config = config or tiny()
+    """torchvision's ``FasterRCNN`` configured as ``config`` (``tiny()`` by default, with
+    ``config.replace(**overrides)``) with random weights; the RPN head and predictor get wider
+    weights (std ``spread``) so that scores and boxes differ from one anchor or class to the next
+    (a fresh detector scores everything alike)."""
+    config = (config or tiny()).replace(**overrides)
     torch.manual_seed(seed)
-    rpn, heads, transform = config.rpn, config.roi_heads, config.transform
-    backbone = build_backbone(config.backbone)
-    options = dict(
-        min_size=transform.min_size,
-        max_size=transform.max_size,
-        image_mean=list(transform.image_mean),
-        image_std=list(transform.image_std),
-        rpn_anchor_generator=AnchorGenerator(config.anchors.sizes, config.anchors.aspect_ratios),
-        rpn_pre_nms_top_n_train=rpn.pre_nms_top_n[0],
-        rpn_pre_nms_top_n_test=rpn.pre_nms_top_n[1],
-        rpn_post_nms_top_n_train=rpn.post_nms_top_n[0],
-        rpn_post_nms_top_n_test=rpn.post_nms_top_n[1],
-        rpn_nms_thresh=rpn.nms_thresh,
-        rpn_fg_iou_thresh=rpn.fg_iou_thresh,
-        rpn_bg_iou_thresh=rpn.bg_iou_thresh,
-        rpn_batch_size_per_image=rpn.batch_size_per_image,
-        rpn_positive_fraction=rpn.positive_fraction,
-        box_roi_pool=torchvision.ops.MultiScaleRoIAlign(
-            list(heads.featmap_names), heads.output_size, heads.sampling_ratio
-        ),
-        box_head=TorchvisionTwoMLPHead(backbone.out_channels * heads.output_size**2, heads.representation_size),
-        box_predictor=TorchvisionPredictor(heads.representation_size, heads.num_classes),
-        box_score_thresh=heads.score_thresh,
-        box_nms_thresh=heads.nms_thresh,
-        box_detections_per_img=heads.detections_per_img,
-        box_fg_iou_thresh=heads.fg_iou_thresh,
-        box_bg_iou_thresh=heads.bg_iou_thresh,
-        box_batch_size_per_image=heads.batch_size_per_image,
-        box_positive_fraction=heads.positive_fraction,
-        bbox_reg_weights=heads.bbox_reg_weights,
-    )
-    options.update(overrides)
-    model = TorchvisionFasterRCNN(backbone, **options)
+    model = to_torchvision(config, build_backbone(config.backbone))
     with torch.no_grad():
         for module in (model.rpn.head.cls_logits, model.rpn.head.bbox_pred, model.roi_heads.box_predictor):
             for parameter in module.parameters():
@@ -94,7 +60,7 @@ def assert_same_detections(ours: list[dict], theirs: list[dict]) -> None:
 
 
 def test_eval_matches_torchvision_with_transplanted_weights(backend):
-    theirs = torchvision_twin(box_score_thresh=0.0).eval()
+    theirs = torchvision_twin(roi_heads=dict(score_thresh=0.0)).eval()
     ours = FasterRCNN.from_torchvision(theirs).eval()
     images = tiny_images()
     with torch.no_grad():
@@ -189,7 +155,7 @@ def _padded_batch():
 def test_forward_padded_equals_the_list_interface_without_host_sync(backend, monkeypatch):
     # RoIAlign's batch-index check reads values back on CPU tensors only (off by default on CUDA).
     monkeypatch.setenv("TRITONDET_VALIDATE", "0")
-    ours = FasterRCNN.from_torchvision(torchvision_twin(box_score_thresh=0.0)).eval()
+    ours = FasterRCNN.from_torchvision(torchvision_twin(roi_heads=dict(score_thresh=0.0))).eval()
     images, sizes = _padded_batch()
     with torch.no_grad():
         expected = ours([images[i, :, :h, :w] for i, (h, w) in enumerate(sizes.tolist())])
@@ -207,7 +173,7 @@ def test_forward_padded_equals_the_list_interface_without_host_sync(backend, mon
 
 
 def test_forward_padded_rescales_to_original_sizes():
-    ours = FasterRCNN.from_torchvision(torchvision_twin(box_score_thresh=0.0)).eval()
+    ours = FasterRCNN.from_torchvision(torchvision_twin(roi_heads=dict(score_thresh=0.0))).eval()
     images, sizes = _padded_batch()
     with torch.no_grad():
         boxes, _, _, _ = ours.forward_padded(images, sizes)
@@ -216,7 +182,7 @@ def test_forward_padded_rescales_to_original_sizes():
 
 
 def test_forward_padded_compiles_fullgraph():
-    ours = FasterRCNN.from_torchvision(torchvision_twin(box_score_thresh=0.0)).eval()
+    ours = FasterRCNN.from_torchvision(torchvision_twin(roi_heads=dict(score_thresh=0.0))).eval()
     images, sizes = _padded_batch()
     compiled = torch.compile(ours.forward_padded, fullgraph=True, backend="aot_eager")
     with torch.no_grad():

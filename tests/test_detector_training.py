@@ -17,10 +17,8 @@ from tritondet.detector.backbone import feature_strides
 # Every candidate sampled, so that torchvision's random sampler and ours pick the same sets: all
 # anchors of a tiny image (< 4096) and all proposals + ground truth (32 + 3 <= 64), at fraction 1.
 DETERMINISTIC = dict(
-    rpn_batch_size_per_image=4096,
-    rpn_positive_fraction=1.0,
-    box_batch_size_per_image=64,
-    box_positive_fraction=1.0,
+    rpn=dict(batch_size_per_image=4096, positive_fraction=1.0),
+    roi_heads=dict(batch_size_per_image=64, positive_fraction=1.0),
 )
 
 

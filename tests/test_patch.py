@@ -53,7 +53,7 @@ def test_torchvision_ops_run_on_tritondet_with_equal_results(monkeypatch):
 
 
 def test_torchvision_detector_detections_unchanged(patched_cpu, monkeypatch):
-    model = torchvision_twin(box_score_thresh=0.0).eval()
+    model = torchvision_twin(roi_heads=dict(score_thresh=0.0)).eval()
     images = tiny_images()
     unpatch_torchvision()
     with torch.no_grad():
