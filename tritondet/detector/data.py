@@ -53,7 +53,7 @@ from pycocotools import mask as coco_mask
 from pycocotools.coco import COCO
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler
 
-from .._validate import check_choice
+from ..ops._checks import check_choice
 
 __all__ = [
     "IMAGENET_MEAN",

@@ -1,4 +1,4 @@
-"""Argument checks shared by every public op: clear errors that name the argument."""
+"""Argument checks shared by the op families of :mod:`tritondet.ops`: clear errors that name the argument."""
 
 from __future__ import annotations
 
@@ -81,3 +81,18 @@ def check_roi_batch_indices(name: str, rois: torch.Tensor, num_images: int) -> N
         raise ValueError(
             f"{name}[{first}] has batch index {index[first].item()}, which is not an integer in [0, {num_images})"
         )
+
+
+def box_coder_weights(weights) -> list[float]:
+    """Four Python floats from a sequence or a 4-element tensor (a CUDA tensor is read back once)."""
+    if isinstance(weights, torch.Tensor):
+        if weights.numel() != 4:
+            raise ValueError(f"weights must have 4 elements (wx, wy, ww, wh), got shape {tuple(weights.shape)}")
+        return [float(w) for w in weights.detach().reshape(4).tolist()]
+    try:
+        values = [float(w) for w in weights]
+    except (TypeError, ValueError) as error:
+        raise TypeError(f"weights must be 4 numbers (wx, wy, ww, wh), got {weights!r}") from error
+    if len(values) != 4:
+        raise ValueError(f"weights must have 4 elements (wx, wy, ww, wh), got {len(values)}")
+    return values
