@@ -142,6 +142,25 @@ def test_box_list_and_empty_boxes(backend, device):
     assert torch.equal(leaf.grad, torch.zeros_like(x))
 
 
+@pytest.mark.parametrize("pool", [ops.roi_align, ops.roi_pool, ops.crop_pool])
+def test_padded_boxes_equal_the_list_form(backend, device, pool):
+    generator = torch.Generator().manual_seed(13)
+    x = features(3, 2, 13, 17, generator).to(device)
+    # Two images of boxes for three feature maps: a padded batch may hold fewer images than input.
+    padded = torch.stack([make_rois(5, 1, 13, 17, 2.0, generator)[:, 1:] for _ in range(2)]).to(device)
+    result = pool(x, padded, 3, 0.5)
+    assert result.shape == (2 * 9, 2, 3, 3)
+    assert torch.equal(result, pool(x, list(padded.unbind(0)), 3, 0.5))
+    if pool is ops.roi_align:
+        expected = torchvision.ops.roi_align(x, list(padded.unbind(0)), 3, 0.5)
+        assert_close(result, expected, torch.float32)
+    assert pool(x, padded[:, :0], 3).shape == (0, 2, 3, 3)
+    with pytest.raises(ValueError, match="boxes holds 4 images"):
+        pool(x, torch.zeros(4, 1, 4, device=device), 3)
+    with pytest.raises(ValueError, match="boxes"):
+        pool(x, torch.zeros(2, 1, 5, device=device), 3)
+
+
 def test_bad_batch_indices(backend, device):
     x = torch.ones(2, 1, 4, 4, device=device)
     rois = torch.tensor([[0, 0, 0, 2, 2], [1.5, 0, 0, 2, 2], [2, 0, 0, 2, 2], [-1, 0, 0, 2, 2]], device=device)
@@ -262,6 +281,24 @@ def test_multiscale_matches_torchvision(backend, device, output_size, sampling_r
         torch.cat([torch.zeros(14, 1, device=device), torch.cat(boxes)], 1), 4, 2, 32, 4
     )
     assert len(set(levels.tolist())) == 4  # every level is used
+
+
+def test_multiscale_padded_boxes_equal_the_list_form_in_one_launch_without_sync(device, monkeypatch):
+    monkeypatch.setenv("TRITONDET_BACKEND", "triton")
+    generator = torch.Generator().manual_seed(37)
+    x, boxes, image_shapes = fpn_inputs(generator)
+    x = OrderedDict((k, v.to(device)) for k, v in x.items())
+    boxes = [b.to(device) for b in boxes]
+    padded = torch.stack(boxes)
+    names = ["p2", "p3", "p4", "p5"]
+    ours = ops.MultiScaleRoIAlign(names, 3, 2, canonical_scale=32)
+    # The padded form builds its batch indices, so even the CPU's validation has nothing to read back.
+    with NoHostSync() as audit:
+        result = ours(x, padded, image_shapes)
+    assert audit.launches == 1 and audit.syncs == 0
+    assert torch.equal(result, ours(x, boxes, image_shapes))
+    theirs = torchvision.ops.MultiScaleRoIAlign(names, 3, 2, canonical_scale=32)
+    assert_close(result, theirs(x, boxes, image_shapes), torch.float32)
 
 
 def test_multiscale_one_launch_no_host_sync_and_gradients(device, monkeypatch):

@@ -50,15 +50,6 @@ class FastRCNNPredictor(nn.Module):
         return self.cls_score(x), self.bbox_pred(x)
 
 
-def rois_from_padded(boxes: Tensor) -> Tensor:
-    """``[B, P, 4]`` -> ``[B * P, 5]`` rows ``(image index, x1, y1, x2, y2)``."""
-    batch, count = boxes.shape[:2]
-    index = torch.arange(batch, device=boxes.device, dtype=boxes.dtype).repeat_interleave(
-        count, output_size=batch * count
-    )
-    return torch.cat([index[:, None], boxes.reshape(-1, 4)], dim=1)
-
-
 class RoIHeads(nn.Module):
     """Box pooling, box head, predictor; losses in training, padded detections in inference.
 
@@ -90,18 +81,18 @@ class RoIHeads(nn.Module):
         self.box_predictor = box_predictor or FastRCNNPredictor(config.representation_size, config.num_classes)
 
     def pool(self, features: dict[str, Tensor], boxes: Tensor, image_shapes: list[tuple[int, int]]) -> Tensor:
-        """``boxes [B, R, 4]`` (image coordinates) -> ``[B * R, channels, 7, 7]``. ``image_shapes``:
-        the images' (h, w) from which the level scales are inferred (torchvision's rule)."""
+        """``boxes [B, R, 4]`` (image coordinates, padded; every row pooled, handed to the op as is)
+        -> ``[B * R, channels, 7, 7]``. ``image_shapes``: the images' (h, w) from which the level
+        scales are inferred (torchvision's rule)."""
         config = self.config
         if config.box_pooling == "roi_align":
-            return self.box_roi_pool(features, list(boxes.unbind(0)), image_shapes)
+            return self.box_roi_pool(features, boxes, image_shapes)
         feature = features[config.featmap_names[0]]
         largest = max(h for h, _ in image_shapes)
         scale = 2.0 ** round(math.log2(feature.shape[-2] / largest))
-        rois = rois_from_padded(boxes)
         if config.box_pooling == "roi_pool":
-            return ops.roi_pool(feature, rois, config.output_size, scale)
-        return ops.crop_pool(feature, rois, config.output_size, scale, config.sampling_ratio)
+            return ops.roi_pool(feature, boxes, config.output_size, scale)
+        return ops.crop_pool(feature, boxes, config.output_size, scale, config.sampling_ratio)
 
     def predict(self, pooled: Tensor) -> tuple[Tensor, Tensor]:
         return self.box_predictor(self.box_head(pooled))

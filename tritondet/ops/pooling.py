@@ -29,12 +29,30 @@ def _check_feature_map(name: str, value) -> Tensor:
     return value
 
 
+def _rois_from_padded(boxes: Tensor, num_images: int) -> Tensor:
+    """``Tensor[B, P, 4]`` -> ``Tensor[B * P, 5]``: row ``b * P + p`` is ``(b, *boxes[b, p])``, built
+    in one concatenation whatever B."""
+    batch, count = boxes.shape[:2]
+    if batch > num_images:
+        raise ValueError(f"boxes holds {batch} images (Tensor[B, P, 4]) but input has {num_images}")
+    index = torch.arange(batch, device=boxes.device, dtype=boxes.dtype)
+    return torch.cat([index[:, None, None].expand(batch, count, 1), boxes], dim=2).reshape(batch * count, 5)
+
+
 def _rois_from_boxes(boxes, num_images: int, device: torch.device) -> Tensor:
-    """``Tensor[K, 5]`` (checked) or ``list[Tensor[L, 4]]`` (one per image) -> ``Tensor[K, 5]``."""
-    if isinstance(boxes, Tensor):
+    """``Tensor[K, 5]`` or ``list[Tensor[L, 4]]`` (one per image), whose batch indices are checked
+    when validation is on, or ``Tensor[B, P, 4]`` (padded, every row pooled, indices built here)
+    -> ``Tensor[K, 5]``, K = B * P for the padded form."""
+    if isinstance(boxes, Tensor) and boxes.dim() == 3:
+        check_tensor("boxes", boxes, last_dim=4)
+        rois = _rois_from_padded(boxes, num_images)
+    elif isinstance(boxes, Tensor):
         check_tensor("boxes", boxes)
         if boxes.dim() != 2 or boxes.shape[1] != 5:
-            raise ValueError(f"boxes must be a Tensor[K, 5] or a list of Tensor[L, 4], got shape {tuple(boxes.shape)}")
+            raise ValueError(
+                "boxes must be a Tensor[K, 5], a Tensor[B, P, 4] or a list of Tensor[L, 4], got shape "
+                f"{tuple(boxes.shape)}"
+            )
         rois = boxes
     elif isinstance(boxes, (list, tuple)) and boxes:
         for i, image_boxes in enumerate(boxes):
@@ -45,12 +63,16 @@ def _rois_from_boxes(boxes, num_images: int, device: torch.device) -> Tensor:
         ids = [torch.full_like(b[:, :1], i) for i, b in enumerate(boxes)]
         rois = torch.cat([torch.cat(ids), torch.cat(list(boxes))], dim=1)
     else:
-        raise TypeError(f"boxes must be a Tensor[K, 5] or a non-empty list of Tensor[L, 4], got {type(boxes).__name__}")
+        raise TypeError(
+            "boxes must be a Tensor[K, 5], a Tensor[B, P, 4] or a non-empty list of Tensor[L, 4], got "
+            f"{type(boxes).__name__}"
+        )
     if rois.device != device:
         raise ValueError(f"input and boxes must be on the same device, got {device} and {rois.device}")
     if not rois.is_floating_point():
         rois = rois.float()
-    if _checks.validation_enabled(device):
+    built_indices = isinstance(boxes, Tensor) and boxes.dim() == 3
+    if not built_indices and _checks.validation_enabled(device):
         _checks.check_roi_batch_indices("boxes", rois, num_images)
     return rois
 
@@ -68,10 +90,11 @@ def roi_align(
     Args:
         input (Tensor[N, C, H, W]): feature maps, fp16/bf16/fp32/fp64, NCHW or channels_last
             (read in place), any strides.
-        boxes (Tensor[K, 5] or List[Tensor[L, 4]]): ``(batch_index, x1, y1, x2, y2)`` rows, or one
-            ``(x1, y1, x2, y2)`` tensor per image. A batch index that is not an integer in
-            ``[0, N)`` raises ``ValueError`` on CPU tensors (and with ``TRITONDET_VALIDATE=1``);
-            otherwise that RoI's output is zero.
+        boxes (Tensor[K, 5], Tensor[B, P, 4] or List[Tensor[L, 4]]): ``(batch_index, x1, y1, x2, y2)``
+            rows; or ``(x1, y1, x2, y2)`` boxes padded to P per image, B <= N, every row pooled
+            (K = B * P, row ``b * P + p`` from ``boxes[b, p]``); or one ``(x1, y1, x2, y2)`` tensor
+            per image. A batch index that is not an integer in ``[0, N)`` raises ``ValueError`` on
+            CPU tensors (and with ``TRITONDET_VALIDATE=1``); otherwise that RoI's output is zero.
         output_size (int or Tuple[int, int]): ``(PH, PW)`` bins.
         spatial_scale (float): factor from box coordinates to input coordinates.
         sampling_ratio (int): samples per bin along each axis; ``<= 0``: ``ceil(roi_size / bins)``.
@@ -129,9 +152,11 @@ class MultiScaleRoIAlign(torch.nn.Module):
         sampling_ratio (int): as in :func:`roi_align` (``aligned=False``, as torchvision).
         canonical_scale (int), canonical_level (int): ``224`` and ``k0 = 4`` of Eqn. (1).
 
-    Forward: ``x`` (dict of Tensor[N, C, H_l, W_l]), ``boxes`` (List[Tensor[L_i, 4]] in image
-    coordinates), ``image_shapes`` (List[Tuple[int, int]]) -> Tensor[sum L_i, C, PH, PW] in the
-    first level's dtype.
+    Forward: ``x`` (dict of Tensor[N, C, H_l, W_l]); ``boxes`` in image coordinates, either
+    Tensor[B, P, 4] (padded, B <= N, every row pooled: K = B * P, row ``b * P + p`` from
+    ``boxes[b, p]``) or torchvision's List[Tensor[L_i, 4]] (K = sum L_i), or ``Tensor[K, 5]`` rows
+    as for :func:`roi_align`; ``image_shapes`` (List[Tuple[int, int]]) -> Tensor[K, C, PH, PW] in
+    the first level's dtype.
     """
 
     def __init__(
@@ -161,7 +186,9 @@ class MultiScaleRoIAlign(torch.nn.Module):
         self.scales = [_level_scale(f, largest) for f in features]
         self.k_min = int(-math.log2(self.scales[0]))
 
-    def forward(self, x: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]) -> Tensor:
+    def forward(
+        self, x: dict[str, Tensor], boxes: Tensor | list[Tensor], image_shapes: list[tuple[int, int]]
+    ) -> Tensor:
         features = [v for k, v in x.items() if k in self.featmap_names]
         if not 1 <= len(features) <= _roi_align_family.MAX_LEVELS:
             raise ValueError(
@@ -176,7 +203,7 @@ class MultiScaleRoIAlign(torch.nn.Module):
         if self.scales is None or self.k_min is None:
             self._setup_scales(features, image_shapes)
         ph, pw = _pair_size("output_size", self.output_size)
-        rois = _rois_from_boxes(list(boxes), first.shape[0], first.device)
+        rois = _rois_from_boxes(boxes, first.shape[0], first.device)
         return torch.ops.tritondet.roi_align(
             features,
             rois,
@@ -204,7 +231,7 @@ def roi_pool(
 
     Args:
         input (Tensor[N, C, H, W]): feature maps, any dtype of floats, any strides.
-        boxes (Tensor[K, 5] or List[Tensor[L, 4]]): as in :func:`roi_align`.
+        boxes (Tensor[K, 5], Tensor[B, P, 4] or List[Tensor[L, 4]]): as in :func:`roi_align`.
         output_size (int or Tuple[int, int]): ``(PH, PW)`` bins.
         spatial_scale (float): factor from box coordinates to input coordinates.
 
@@ -246,7 +273,7 @@ def crop_pool(
 
     Args:
         input (Tensor[N, C, H, W]): feature maps, any float dtype, any strides.
-        boxes (Tensor[K, 5] or List[Tensor[L, 4]]): as in :func:`roi_align`.
+        boxes (Tensor[K, 5], Tensor[B, P, 4] or List[Tensor[L, 4]]): as in :func:`roi_align`.
         output_size (int or Tuple[int, int]): ``(PH, PW)``.
         spatial_scale (float): factor from box coordinates to input coordinates.
         sampling_ratio (int): ``S >= 1`` samples per bin along each axis.
@@ -273,7 +300,7 @@ def ps_roi_align(
     bilinear samples of input channel ``c * PH * PW + ph * PW + pw``; boxes shifted by -0.5 pixel.
 
     Args:
-        input (Tensor[N, C * PH * PW, H, W]), boxes (Tensor[K, 5] or List[Tensor[L, 4]]),
+        input (Tensor[N, C * PH * PW, H, W]), boxes (Tensor[K, 5], Tensor[B, P, 4] or List[Tensor[L, 4]]),
         output_size, spatial_scale, sampling_ratio: as in :func:`roi_align`.
 
     Returns:
@@ -318,7 +345,7 @@ def ps_roi_pool(
     the forward's average).
 
     Args:
-        input (Tensor[N, C * PH * PW, H, W]), boxes (Tensor[K, 5] or List[Tensor[L, 4]]),
+        input (Tensor[N, C * PH * PW, H, W]), boxes (Tensor[K, 5], Tensor[B, P, 4] or List[Tensor[L, 4]]),
         output_size, spatial_scale: as in :func:`roi_pool`.
 
     Returns:
