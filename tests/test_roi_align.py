@@ -10,6 +10,7 @@ from tests.tolerances import FLOAT_DTYPES, assert_close
 from tritondet import ops
 from tritondet.dispatch_audit import NoHostSync
 from tritondet.kernels import roi_align as family
+from tritondet.ops.pooling import level_scales
 
 OUTPUT_SIZES = [1, 7, (7, 5)]
 SAMPLING_RATIOS = [-1, 0, 1, 2]
@@ -276,11 +277,33 @@ def test_multiscale_matches_torchvision(backend, device, output_size, sampling_r
     result = ours(x, boxes, image_shapes)
     expected = theirs(x, boxes, image_shapes)
     assert_close(result, expected, torch.float32)
-    assert ours.scales == theirs.scales
+    assert level_scales([x[name] for name in names], image_shapes) == (theirs.scales, 2)
     levels = family.roi_levels_reference(
         torch.cat([torch.zeros(14, 1, device=device), torch.cat(boxes)], 1), 4, 2, 32, 4
     )
     assert len(set(levels.tolist())) == 4  # every level is used
+
+
+def test_multiscale_infers_the_scales_of_every_call(backend, device):
+    generator = torch.Generator().manual_seed(41)
+    names = ["p2", "p3", "p4", "p5"]
+    ours = ops.MultiScaleRoIAlign(names, 3, 2, canonical_scale=32)
+    poolers = []
+    # Images half the padded size the second time: every scale doubles (1/2 .. 1/16), k_min is 1.
+    for image_size, shrink, scales in [
+        ((60, 76), 1, [1 / 4, 1 / 8, 1 / 16, 1 / 32]),
+        ((100, 52), 2, [1 / 2, 1 / 4, 1 / 8, 1 / 16]),
+    ]:
+        x, boxes, image_shapes = fpn_inputs(generator, image_size=image_size)
+        x = OrderedDict((k, v.to(device)) for k, v in x.items())
+        boxes = [b.to(device) for b in boxes]
+        image_shapes = [(h // shrink, w // shrink) for h, w in image_shapes]
+        # A new torchvision pooler per call: torchvision's module keeps the scales of its first call.
+        theirs = torchvision.ops.MultiScaleRoIAlign(names, 3, 2, canonical_scale=32)
+        assert_close(ours(x, boxes, image_shapes), theirs(x, boxes, image_shapes), torch.float32)
+        assert theirs.scales == scales
+        poolers.append(theirs)
+    assert poolers[0].scales != poolers[1].scales  # a pooler that kept its first scales would be wrong
 
 
 def test_multiscale_padded_boxes_equal_the_list_form_in_one_launch_without_sync(device, monkeypatch):
@@ -310,7 +333,7 @@ def test_multiscale_one_launch_no_host_sync_and_gradients(device, monkeypatch):
     boxes = [b.to(device).double() for b in boxes]
     names = ["p2", "p3", "p4", "p5"]
     ours = ops.MultiScaleRoIAlign(names, 3, 2, canonical_scale=32)
-    ours(x, boxes, image_shapes)  # sets up the scales (host arithmetic on sizes), as torchvision
+    # The first call too: the scales are host arithmetic on sizes.
     with NoHostSync() as audit:
         result = ours(x, boxes, image_shapes)
     assert audit.launches == 1 and audit.syncs == 0

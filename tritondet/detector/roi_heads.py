@@ -12,13 +12,12 @@ with per-class NMS; fixed shapes, no host sync.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
+from ..ops.pooling import level_scales
 from .config import RoIHeadsConfig
 from .targets import GroundTruth, proposal_target_layer
 
@@ -88,8 +87,7 @@ class RoIHeads(nn.Module):
         if config.box_pooling == "roi_align":
             return self.box_roi_pool(features, boxes, image_shapes)
         feature = features[config.featmap_names[0]]
-        largest = max(h for h, _ in image_shapes)
-        scale = 2.0 ** round(math.log2(feature.shape[-2] / largest))
+        (scale,), _ = level_scales([feature], image_shapes)
         if config.box_pooling == "roi_pool":
             return ops.roi_pool(feature, boxes, config.output_size, scale)
         return ops.crop_pool(feature, boxes, config.output_size, scale, config.sampling_ratio)

@@ -132,15 +132,31 @@ class RoIAlign(torch.nn.Module):
         )
 
 
-def _level_scale(feature: Tensor, image_size: tuple[int, int]) -> float:
-    """The power of two nearest to the feature map's height over the image's (torchvision's rule)."""
-    return 2.0 ** round(math.log2(feature.shape[-2] / image_size[0]))
+def level_scales(features: list[Tensor], image_shapes: list[tuple[int, int]]) -> tuple[list[float], int]:
+    """The spatial scale of each feature map and the pyramid level of the first, by torchvision's
+    rule: a map's scale is the power of two nearest to its height over the largest image height,
+    and the levels count up from ``k_min = -log2(scales[0])``, one per map.
+
+    Args:
+        features (List[Tensor[N, C, H_l, W_l]]): the feature maps, finest first.
+        image_shapes (List[Tuple[int, int]]): (height, width) of each image before padding.
+
+    Returns:
+        (List[float], int): the L scales and ``k_min``; host arithmetic on sizes, no host sync.
+    """
+    if not image_shapes:
+        raise ValueError("image_shapes must not be empty")
+    largest_height = max(height for height, _ in image_shapes)
+    scales = [2.0 ** round(math.log2(feature.shape[-2] / largest_height)) for feature in features]
+    return scales, int(-math.log2(scales[0]))
 
 
 class MultiScaleRoIAlign(torch.nn.Module):
     """Multi-scale RoIAlign (FPN): each box is pooled from the level of Eqn. (1) of the FPN paper,
     ``floor(canonical_level + log2(sqrt(area) / canonical_scale))`` clamped to the available
-    levels, with torchvision's scales (inferred from feature and image sizes) and results.
+    levels, with torchvision's scales and results. The scales and levels (:func:`level_scales`)
+    are inferred from the feature and image sizes of every call (torchvision's module keeps those
+    of its first call).
 
     All levels are pooled in one kernel launch (each RoI picks its level's pointer, shape and scale
     from a small table in the kernel), without per-level gathers or host syncs. At most
@@ -174,17 +190,8 @@ class MultiScaleRoIAlign(torch.nn.Module):
         self.featmap_names = featmap_names
         self.sampling_ratio = sampling_ratio
         self.output_size = tuple(output_size)
-        self.scales: list[float] | None = None
-        self.k_min: int | None = None
         self.canonical_scale = canonical_scale
         self.canonical_level = canonical_level
-
-    def _setup_scales(self, features: list[Tensor], image_shapes: list[tuple[int, int]]) -> None:
-        if not image_shapes:
-            raise ValueError("image_shapes must not be empty")
-        largest = (max(s[0] for s in image_shapes), max(s[1] for s in image_shapes))
-        self.scales = [_level_scale(f, largest) for f in features]
-        self.k_min = int(-math.log2(self.scales[0]))
 
     def forward(
         self, x: dict[str, Tensor], boxes: Tensor | list[Tensor], image_shapes: list[tuple[int, int]]
@@ -200,19 +207,18 @@ class MultiScaleRoIAlign(torch.nn.Module):
         if any(f.shape[:2] != first.shape[:2] or f.device != first.device for f in features):
             raise ValueError("the feature maps must share batch size, channel count and device")
         features = [f.to(first.dtype) for f in features]
-        if self.scales is None or self.k_min is None:
-            self._setup_scales(features, image_shapes)
+        scales, k_min = level_scales(features, image_shapes)
         ph, pw = _pair_size("output_size", self.output_size)
         rois = _rois_from_boxes(boxes, first.shape[0], first.device)
         return torch.ops.tritondet.roi_align(
             features,
             rois,
-            self.scales,
+            scales,
             ph,
             pw,
             int(self.sampling_ratio),
             False,
-            self.k_min,
+            k_min,
             float(self.canonical_scale),
             float(self.canonical_level),
         )
