@@ -1,5 +1,9 @@
 """Region pooling: ``roi_align``/``RoIAlign``, ``MultiScaleRoIAlign``, ``roi_pool``/``RoIPool``,
-``crop_pool``, ``ps_roi_align``/``PSRoIAlign`` and ``ps_roi_pool``/``PSRoIPool``."""
+``crop_pool``, ``ps_roi_align``/``PSRoIAlign`` and ``ps_roi_pool``/``PSRoIPool``; and
+``level_scales``, the feature-map scales torchvision infers from feature and image sizes.
+
+Every op takes its boxes as ``Tensor[K, 5]`` rois, ``Tensor[B, P, 4]`` padded per image, or
+torchvision's ``List[Tensor[L, 4]]``."""
 
 from __future__ import annotations
 
