@@ -54,19 +54,25 @@ class Row:
     against: str  # "torchvision" or "reference" (our pure-PyTorch backend)
     match: float | None  # fraction of output elements (kept indices for NMS) equal to the expected ones
     max_abs_diff: float | None
-    passed: bool | None  # None: skipped
+    passed: bool | None  # agreement with ``against``; None: skipped
+    reference: bool | None  # agreement with our reference backend too, where ``against`` is torchvision
     ratio: float | None  # torchvision's time over ours; None where not timed
     note: str = ""
+
+    @property
+    def failed(self) -> bool:
+        return self.passed is False or self.reference is False
 
     def cells(self) -> list[str]:
         match = "-" if self.match is None else f"{100 * self.match:.2f}%"
         diff = "-" if self.max_abs_diff is None else f"{self.max_abs_diff:.2g}"
-        result = "skipped" if self.passed is None else "pass" if self.passed else "FAIL"
+        reference = "-" if self.reference is None else "pass" if self.reference else "FAIL"
+        result = "skipped" if self.passed is None else "FAIL" if self.failed else "pass"
         ratio = "-" if self.ratio is None else f"{self.ratio:.2f}x"
-        return [self.op, self.size, self.against, match, diff, result, ratio, self.note]
+        return [self.op, self.size, self.against, match, diff, reference, result, ratio, self.note]
 
 
-HEADER = ["op", "size", "against", "match", "max abs diff", "result", "torchvision ms / ours ms", "note"]
+HEADER = ["op", "size", "against", "match", "max abs diff", "= reference", "result", "torchvision ms / ours ms", "note"]
 
 
 @dataclasses.dataclass
@@ -80,7 +86,9 @@ class Comparison:
 
 @dataclasses.dataclass
 class Check:
-    """One op call compared: ``ours(*inputs)`` against ``expected(*inputs)`` with ``compare``."""
+    """One op call compared: ``ours(*inputs)`` against ``expected(*inputs)`` with ``compare``,
+    and (where ``expected`` is torchvision's) against ``ours`` on the reference backend with
+    ``compare_reference`` (default ``compare``: where both sides' results have the same form)."""
 
     op: str
     size: str
@@ -89,6 +97,7 @@ class Check:
     ours: Callable[..., Any]
     expected: Callable[..., Any]
     compare: Callable[[Any, Any], Comparison]
+    compare_reference: Callable[[Any, Any], Comparison] | None = None
 
 
 @contextlib.contextmanager
@@ -259,29 +268,33 @@ def _batched_nms(real: bool, device: torch.device) -> list[Check]:
 
 def _torchvision_padded(boxes, scores, iou_threshold, max_output, score_threshold):
     """torchvision's detector post-processing per image (score filter, ``batched_nms``, top
-    ``max_output``), as sorted ``(score, label, x1, y1, x2, y2)`` rows per image: a set, ties in any order."""
+    ``max_output``): one ``(boxes [D_i, 4], scores [D_i], labels [D_i])`` per image."""
     images, n, classes = scores.shape
     labels = torch.arange(classes, device=scores.device).repeat(n)
-    rows = []
+    detections = []
     for image in range(images):
         image_boxes, image_scores = boxes[image].reshape(-1, 4), scores[image].reshape(-1)
         passing = torch.where(image_scores > score_threshold)[0]
         keep = torchvision.ops.batched_nms(image_boxes[passing], image_scores[passing], labels[passing], iou_threshold)
         keep = passing[keep[:max_output]]
-        rows.append(_detection_rows(image_boxes[keep], image_scores[keep], labels[keep]))
-    return rows
+        detections.append((image_boxes[keep], image_scores[keep], labels[keep]))
+    return detections
 
 
 def _detection_rows(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sorted ``(score, label, x1, y1, x2, y2)`` rows: detections as a set, ties in any order."""
     return torch.unique(torch.cat([scores[:, None], labels[:, None].to(scores), boxes], dim=1), dim=0)
 
 
-def _padded_rows(outputs) -> list[torch.Tensor]:
-    boxes, scores, labels, _, num_valid = outputs
-    return [
+def compare_padded_detections(ours, expected) -> Comparison:
+    """:func:`~tritondet.ops.batched_nms_padded`'s padded outputs against one
+    ``(boxes, scores, labels)`` per image: the same detections, as sets."""
+    boxes, scores, labels, _, num_valid = ours
+    ours_rows = [
         _detection_rows(boxes[i, :valid], scores[i, :valid], labels[i, :valid])
         for i, valid in enumerate(num_valid.tolist())
     ]
+    return compare_close(ours_rows, [_detection_rows(*image) for image in expected])
 
 
 def _batched_nms_padded(real: bool, device: torch.device) -> list[Check]:
@@ -297,9 +310,10 @@ def _batched_nms_padded(real: bool, device: torch.device) -> list[Check]:
             f"{images}x{n}x{classes}cls",
             "torchvision",
             (boxes, scores),
-            lambda b, s: _padded_rows(ops.batched_nms_padded(b, s, 0.5, 100, score_threshold=0.05)),
+            lambda b, s: ops.batched_nms_padded(b, s, 0.5, 100, score_threshold=0.05),
             lambda b, s: _torchvision_padded(b, s, 0.5, 100, 0.05),
-            compare_close,
+            compare_padded_detections,
+            compare_reference=compare_close,
         )
     ]
 
@@ -509,20 +523,33 @@ def _median_ms(function: Callable[[], Any]) -> float:
 
 
 def run_check(check: Check, timed: bool) -> Row:
-    """Compare ``check``'s two sides; on a GPU (``timed``) time both when the other side is torchvision."""
-
-    def ours():
-        with backend("triton"):
-            return check.ours(*check.inputs)
-
-    try:
-        comparison = check.compare(ours(), check.expected(*check.inputs))
-    except Exception as error:  # a crash is a failing row, not the end of the self-test
-        return Row(check.op, check.size, check.against, None, None, False, None, f"{type(error).__name__}: {error}")
-    ratio = None
-    if timed and check.against == "torchvision":
-        ratio = _median_ms(lambda: check.expected(*check.inputs)) / _median_ms(ours)
-    return Row(check.op, check.size, check.against, comparison.match, comparison.max_abs_diff, comparison.passed, ratio)
+    """Compare our op (Triton backend) with ``check``'s expected side and, where that is
+    torchvision, with our reference backend too; on a GPU (``timed``) time ours and torchvision's."""
+    ours = lambda: check.ours(*check.inputs)
+    with backend("triton"):
+        try:
+            result = ours()
+            comparison = check.compare(result, check.expected(*check.inputs))
+            reference = None
+            if check.against == "torchvision":
+                compare_reference = check.compare_reference or check.compare
+                reference = compare_reference(result, _on_reference(check.ours)(*check.inputs)).passed
+        except Exception as error:  # a crash is a failing row, not the end of the self-test
+            note = f"{type(error).__name__}: {error}"
+            return Row(check.op, check.size, check.against, None, None, False, None, None, note)
+        ratio = None
+        if timed and check.against == "torchvision":
+            ratio = _median_ms(lambda: check.expected(*check.inputs)) / _median_ms(ours)
+    return Row(
+        check.op,
+        check.size,
+        check.against,
+        comparison.match,
+        comparison.max_abs_diff,
+        comparison.passed,
+        reference,
+        ratio,
+    )
 
 
 def capture_row(real: bool, device: torch.device) -> Row:
@@ -532,7 +559,7 @@ def capture_row(real: bool, device: torch.device) -> Row:
 
     size = "2x800x1088 R50-FPN" if real else "2x64x96 tiny"
     if device.type != "cuda":
-        return Row(CAPTURE_OP, size, "eager", None, None, None, None, "CUDA graph capture skipped: no GPU")
+        return Row(CAPTURE_OP, size, "eager", None, None, None, None, None, "CUDA graph capture skipped: no GPU")
     config = (resnet50_fpn() if real else tiny()).replace(roi_heads=dict(score_thresh=0.0))
     model = FasterRCNN(config).eval().to(device)
     image = REAL_IMAGE if real else SMALL_IMAGE
@@ -540,13 +567,13 @@ def capture_row(real: bool, device: torch.device) -> Row:
     image_sizes = torch.tensor([image, (image[0] - 32, image[1] - 64)], device=device)
     try:
         with torch.inference_mode(), backend("triton"):
-            eager = model.forward_padded(images, image_sizes)
             warm_up = torch.cuda.Stream()
             warm_up.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(warm_up):
                 for _ in range(3):  # lazy initialisations (cuDNN, kernel compilation) must not be captured
                     model.forward_padded(images, image_sizes)
             torch.cuda.current_stream().wait_stream(warm_up)
+            eager = model.forward_padded(images, image_sizes)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 replayed = model.forward_padded(images, image_sizes)
@@ -556,9 +583,11 @@ def capture_row(real: bool, device: torch.device) -> Row:
             eager_ms = _median_ms(lambda: model.forward_padded(images, image_sizes))
             replay_ms = _median_ms(graph.replay)
     except Exception as error:
-        return Row(CAPTURE_OP, size, "eager", None, None, False, None, f"{type(error).__name__}: {error}")
+        return Row(CAPTURE_OP, size, "eager", None, None, False, None, None, f"{type(error).__name__}: {error}")
     note = f"CUDA graph replay {replay_ms:.2f} ms, eager {eager_ms:.2f} ms"
-    return Row(CAPTURE_OP, size, "eager", comparison.match, comparison.max_abs_diff, comparison.passed, None, note)
+    return Row(
+        CAPTURE_OP, size, "eager", comparison.match, comparison.max_abs_diff, comparison.passed, None, None, note
+    )
 
 
 def run(
@@ -592,7 +621,7 @@ def run(
 
 # Column widths of the table, fixed so that rows can be printed as they finish: the longest op
 # name, the longest size label, then the header's own widths; the note runs to the end of the line.
-WIDTHS = (22, 26, 11, 8, 12, 6, 24, 0)
+WIDTHS = (22, 26, 11, 8, 12, 11, 7, 24, 0)
 
 
 def format_line(cells: Sequence[str]) -> str:
@@ -630,7 +659,7 @@ def main(sizes: str | None, only: Sequence[str], csv_path: Path | None) -> int:
     print("ratio: torchvision's median time over ours (above 1: ours faster); '-': not timed\n")
     print(format_line(HEADER))
     rows = run(sizes, only, device, on_row=lambda row: print(format_line(row.cells()), flush=True))
-    failed = [row for row in rows if row.passed is False]
+    failed = [row for row in rows if row.failed]
     print(f"\n{len(rows)} checks, {len(failed)} failed" + (": " + ", ".join(r.op for r in failed) if failed else ""))
     if csv_path is not None:
         write_csv(rows, csv_path)
