@@ -19,6 +19,7 @@ import contextlib
 import csv
 import dataclasses
 import os
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -590,6 +591,11 @@ def capture_row(real: bool, device: torch.device) -> Row:
     )
 
 
+def unknown_ops(only: Sequence[str]) -> list[str]:
+    """The names in ``only`` that are no op of the self-test."""
+    return sorted(set(only) - set(OP_NAMES))
+
+
 def run(
     sizes: str,
     only: Sequence[str] = (),
@@ -600,9 +606,8 @@ def run(
     ``on_row`` sees each row as it is done."""
     if sizes not in SIZES:
         raise ValueError(f"sizes must be one of {SIZES}, got {sizes!r}")
-    unknown = sorted(set(only) - set(OP_NAMES))
-    if unknown:
-        raise ValueError(f"unknown op(s) {unknown}; choose from {', '.join(OP_NAMES)}")
+    if unknown_ops(only):
+        raise ValueError(f"unknown op(s) {unknown_ops(only)}; choose from {', '.join(OP_NAMES)}")
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     selected = set(only or OP_NAMES)
     real = sizes == "real"
@@ -650,7 +655,12 @@ def describe_environment(device: torch.device) -> str:
 
 
 def main(sizes: str | None, only: Sequence[str], csv_path: Path | None) -> int:
-    """Print the table (rows as they finish, then the whole table) and return 1 on any parity failure."""
+    """Print the table (a row as each check finishes); return 1 on any parity failure, 2 on an unknown op."""
+    if unknown_ops(only):
+        print(
+            f"tritondet selftest: unknown op(s) {unknown_ops(only)}; choose from {', '.join(OP_NAMES)}", file=sys.stderr
+        )
+        return 2
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     sizes = sizes or ("real" if device.type == "cuda" else "small")
     print(f"tritondet selftest, {sizes} sizes: {describe_environment(device)}")
