@@ -484,6 +484,35 @@ def _match_boxes(real: bool, device: torch.device) -> list[Check]:
     ]  # fmt: skip
 
 
+def _training_targets(real: bool, device: torch.device) -> list[Check]:
+    """The RPN's and the box head's target layers; their sampler draws the same numbers on both
+    backends from equally seeded generators, so the reference is an exact oracle."""
+    # R50-FPN training: every anchor of an 800x1088 image, 20 ground-truth boxes, 256 sampled
+    # anchors; 2000 proposals per image, 91 classes, 512 sampled RoIs.
+    anchors_count, proposals_count, gt_count, classes = (242_991, 2000, 20, 91) if real else (300, 40, 4, 5)
+    anchors_per_image, rois_per_image = (256, 512) if real else (64, 32)
+    image = REAL_IMAGE if real else SMALL_IMAGE
+    generator = _generator()
+    anchors = random_boxes(anchors_count, image=image, generator=generator).to(device)
+    proposals = random_boxes(2, proposals_count, image=image, generator=generator).to(device)
+    gt = random_boxes(2, gt_count, image=image, generator=generator).to(device)
+    labels = torch.randint(1, classes, (2, gt_count), generator=generator).to(device)
+    counts = [gt_count, gt_count - 1]
+    seeded = lambda: torch.Generator(device).manual_seed(1)
+    rpn_targets = lambda a, g: ops.anchor_targets(
+        a, g, counts, batch_size_per_image=anchors_per_image, generator=seeded()
+    )
+    head_targets = lambda p, g, c: ops.proposal_targets(
+        p, g, c, counts, classes, batch_size_per_image=rois_per_image, generator=seeded()
+    )
+    return [
+        Check("anchor_targets", f"2x{anchors_count}x{gt_count}", "reference", (anchors, gt),
+              rpn_targets, _on_reference(rpn_targets), compare_close),
+        Check("proposal_targets", f"2x{proposals_count}x{gt_count} {classes}cls", "reference", (proposals, gt, labels),
+              head_targets, _on_reference(head_targets), compare_close),
+    ]  # fmt: skip
+
+
 # Every op name ``--only`` accepts -> the builder of its checks (a builder may serve several ops:
 # one set of inputs for both RoI poolings, the four pairwise IoUs, the two box codings).
 BUILDERS: dict[str, Callable[[bool, torch.device], list[Check]]] = {
@@ -508,6 +537,8 @@ BUILDERS: dict[str, Callable[[bool, torch.device], list[Check]]] = {
     "rpn_proposals": _rpn_proposals,
     "postprocess_detections": _postprocess_detections,
     "match_boxes": _match_boxes,
+    "anchor_targets": _training_targets,
+    "proposal_targets": _training_targets,
 }
 CAPTURE_OP = "forward_padded"
 OP_NAMES = (*BUILDERS, CAPTURE_OP)
