@@ -74,23 +74,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_selftest(args: argparse.Namespace) -> int:
-    import os
-    import subprocess
-
     from . import selftest
-    from ._backend import interpreter_active
 
-    if not torch.cuda.is_available() and not interpreter_active():
-        # The kernels need the Triton interpreter on the CPU, which only TRITON_INTERPRET=1 set
-        # before triton's first import turns on: run the self-test again in a process that has it.
-        argv = (
-            ["selftest"]
-            + (["--sizes", args.sizes] if args.sizes else [])
-            + (["--only", args.only] if args.only else [])
-        )
-        argv += ["--csv", str(args.csv)] if args.csv else []
-        environment = {**os.environ, "TRITON_INTERPRET": "1"}
-        return subprocess.run([sys.executable, "-m", "tritondet.cli", *argv], env=environment).returncode
     only = [name.strip() for name in args.only.split(",") if name.strip()] if args.only else []
     return selftest.main(args.sizes, only, args.csv)
 

@@ -19,6 +19,7 @@ import contextlib
 import csv
 import dataclasses
 import os
+import subprocess
 import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -686,8 +687,23 @@ def describe_environment(device: torch.device) -> str:
     )
 
 
+def _restart_under_interpreter(sizes: str | None, only: Sequence[str], csv_path: Path | None) -> int:
+    """Run ``tritondet selftest`` again in a process with ``TRITON_INTERPRET=1``; its exit code."""
+    argv = ["selftest", *(["--sizes", sizes] if sizes else []), *(["--only", ",".join(only)] if only else [])]
+    argv += ["--csv", str(csv_path)] if csv_path else []
+    environment = {**os.environ, "TRITON_INTERPRET": "1"}
+    return subprocess.run([sys.executable, "-m", "tritondet.cli", *argv], env=environment).returncode
+
+
 def main(sizes: str | None, only: Sequence[str], csv_path: Path | None) -> int:
-    """Print the table (a row as each check finishes); return 1 on any parity failure, 2 on an unknown op."""
+    """Print the table (a row as each check finishes); return 1 on any parity failure, 2 on an unknown op.
+
+    Without a GPU the kernels need the Triton interpreter, which only ``TRITON_INTERPRET=1`` set
+    before triton's first import turns on (``import tritondet`` imports triton): when it is off,
+    the self-test runs again in a process that has the variable."""
+    interpreter_missing = not torch.cuda.is_available() and not _backend.interpreter_active()
+    if interpreter_missing and os.environ.get("TRITON_INTERPRET") != "1":  # set but off: no endless restarts
+        return _restart_under_interpreter(sizes, only, csv_path)
     if unknown_ops(only):
         print(
             f"tritondet selftest: unknown op(s) {unknown_ops(only)}; choose from {', '.join(OP_NAMES)}", file=sys.stderr
