@@ -205,7 +205,7 @@ def _generator() -> torch.Generator:
 
 
 def _pairwise_checks(real: bool, device: torch.device) -> list[Check]:
-    # 2000 proposals against 2000 (the RoI sampler's proposal-to-ground-truth scale, squared).
+    # 2000 x 2000: the RPN's 2000 training proposals of an image against each other (NMS's IoU matrix).
     n, m = (2000, 2000) if real else (40, 56)
     image = REAL_IMAGE if real else SMALL_IMAGE
     generator = _generator()
@@ -218,6 +218,7 @@ def _pairwise_checks(real: bool, device: torch.device) -> list[Check]:
 
 
 def _batched_box_iou(real: bool, device: torch.device) -> list[Check]:
+    # 2 images x 2000 proposals x 20 ground-truth boxes: the box head's matching in training.
     batch, n, m = (2, 2000, 20) if real else (2, 24, 5)
     image = REAL_IMAGE if real else SMALL_IMAGE
     generator = _generator()
@@ -322,7 +323,7 @@ def _batched_nms_padded(real: bool, device: torch.device) -> list[Check]:
 
 
 def _soft_nms(real: bool, device: torch.device) -> list[Check]:
-    n = 2000 if real else 48  # RPN proposals per image at test time
+    n = 2000 if real else 48  # the RPN's proposals per image in training
     generator = _generator()
     boxes = random_boxes(n, image=REAL_IMAGE if real else SMALL_IMAGE, generator=generator).to(device)
     scores = torch.rand(n, generator=generator).to(device)
