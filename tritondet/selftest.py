@@ -75,7 +75,17 @@ class Row:
         return [self.op, self.size, self.against, match, diff, reference, result, ratio, self.note]
 
 
-HEADER = ["op", "size", "against", "match", "max abs diff", "= reference", "result", "torchvision ms / ours ms", "note"]
+HEADER = [
+    "op",
+    "size",
+    "against",
+    "exact match",
+    "max abs diff",
+    "= reference",
+    "result",
+    "torchvision ms / ours ms",
+    "note",
+]
 
 
 @dataclasses.dataclass
@@ -660,7 +670,7 @@ def run(
 
 # Column widths of the table, fixed so that rows can be printed as they finish: the longest op
 # name, the longest size label, then the header's own widths; the note runs to the end of the line.
-WIDTHS = (22, 26, 11, 8, 12, 11, 7, 24, 0)
+WIDTHS = (22, 26, 11, 11, 12, 11, 7, 24, 0)
 
 
 def format_line(cells: Sequence[str]) -> str:
@@ -718,7 +728,11 @@ def main(sizes: str | None, only: Sequence[str], csv_path: Path | None) -> int:
         # The interpreter evaluates masked-off lanes too (numpy divisions by zero there); their
         # values are never stored, so the warnings say nothing about the results.
         warnings.filterwarnings("ignore", category=RuntimeWarning, module="triton.runtime.interpreter")
-    print("ratio: torchvision's median time over ours (above 1: ours faster); '-': not timed\n")
+    print(
+        "torchvision ms / ours ms: medians of triton.testing.do_bench in this run (above 1: ours faster); '-': not timed"
+    )
+    print("exact match: share of output elements (NMS: of kept indices) equal to the expected ones")
+    print("= reference: ours also equal to our PyTorch reference backend (rows against torchvision)\n")
     print(format_line(HEADER))
     rows = run(sizes, only, device, on_row=lambda row: print(format_line(row.cells()), flush=True))
     failed = [row for row in rows if row.failed]
