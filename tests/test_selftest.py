@@ -80,3 +80,16 @@ def test_capture_is_skipped_without_a_gpu():
 def test_unknown_op_is_named(capsys):
     assert cli.main(["selftest", "--only", "nms,not_an_op"]) == 2
     assert "not_an_op" in capsys.readouterr().err
+
+
+def test_every_public_op_is_checked():
+    """A new op joins the self-test; these are checked through another name."""
+    through_another = {
+        "grid_anchors": "AnchorGenerator",
+        "sample_balanced": "anchor_targets and proposal_targets (it launches no kernel of its own)",
+        "RoIAlign": "roi_align",
+        "RoIPool": "roi_pool",
+        "PSRoIAlign": "ps_roi_align",
+        "PSRoIPool": "ps_roi_pool",
+    }
+    assert set(ops.__all__) - set(selftest.OP_NAMES) == set(through_another)
