@@ -1,4 +1,4 @@
-"""The ``tritondet`` command: ``ops``, ``compile-report``, ``bench``, and the detector's ``train``, ``eval``, ``predict``."""
+"""The ``tritondet`` command: ``ops``, ``compile-report``, ``bench``, ``selftest``, and the detector's ``train``, ``eval``, ``predict``."""
 
 from __future__ import annotations
 
@@ -71,6 +71,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     with_report = "" if compiled is None else " (with the compile report)"
     print(f"wrote {args.out}/results.csv, {args.out}/results.md{with_report} and one PNG per op")
     return 1 if failures else 0
+
+
+def _cmd_selftest(args: argparse.Namespace) -> int:
+    from . import selftest
+
+    only = [name.strip() for name in args.only.split(",") if name.strip()] if args.only else []
+    return selftest.main(args.sizes, only, args.csv)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -191,6 +198,19 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--threads", type=int, default=1, help="torch CPU threads while timing on the CPU (default 1)")
     bench.add_argument("--no-compile-report", action="store_true", help="leave the sm_80/sm_90 compile report out")
     bench.set_defaults(run=_cmd_bench)
+
+    selftest = commands.add_parser(
+        "selftest",
+        help="run first on a new GPU: every op against torchvision (parity and time ratio), CUDA-graph capture",
+    )
+    selftest.add_argument(
+        "--sizes",
+        choices=("small", "real"),
+        help="the detector's sizes or a few dozen boxes (default: real on a GPU, small on the CPU)",
+    )
+    selftest.add_argument("--only", metavar="OP[,OP]", help="only these ops (comma-separated names as in the table)")
+    selftest.add_argument("--csv", type=Path, help="also write the table to this CSV file")
+    selftest.set_defaults(run=_cmd_selftest)
 
     train = commands.add_parser(
         "train",
