@@ -23,8 +23,10 @@ from tritondet.detector.data import (
     collate_detection,
     ensure_synthetic_dataset,
     make_data_loader,
+    read_image,
     resize_boxes,
     resize_image_and_boxes,
+    synthetic,
 )
 
 TINY = {"image_size": 48, "num_train": 6, "num_val": 3}
@@ -59,7 +61,7 @@ def test_synthetic_set_is_byte_identical_for_a_seed(tmp_path, tiny_set):
 
 
 def test_worker_processes_draw_the_same_bytes(tmp_path):
-    config = SyntheticConfig(image_size=24, num_train=data._MIN_IMAGES_PER_POOL, num_val=0)
+    config = SyntheticConfig(image_size=24, num_train=synthetic._MIN_IMAGES_PER_POOL, num_val=0)
     for workers in (0, 2):
         data.generate_synthetic_split(config, "train", tmp_path / f"{workers}", tmp_path / f"{workers}.json", workers)
     assert folder_bytes(tmp_path / "0") == folder_bytes(tmp_path / "2")
@@ -82,7 +84,7 @@ def test_train_and_val_differ_and_images_do_not_depend_on_counts(tmp_path, tiny_
 def test_generates_only_when_missing_and_regenerates_for_a_new_recipe(tmp_path, monkeypatch):
     paths = ensure_synthetic_dataset(tmp_path, **TINY)
     calls = []
-    monkeypatch.setattr(data, "generate_synthetic_split", lambda *args: calls.append(args))
+    monkeypatch.setattr(synthetic, "generate_synthetic_split", lambda *args: calls.append(args))
     assert ensure_synthetic_dataset(tmp_path, **TINY) == paths
     assert calls == []
     monkeypatch.undo()
@@ -240,6 +242,19 @@ def test_coco_options_and_unreadable_image(bad_coco):
         dataset = CocoDetection(image_dir, annotation_file)
     with pytest.raises(ValueError, match=r"cannot read image .*2.png \(image id 2\)"):
         dataset[1]
+
+
+def test_read_image_gives_rgb_floats_in_unit_range(tmp_path):
+    """PNGs in RGBA, grayscale and palette modes all read as PIL's ``convert("RGB")`` pixels / 255."""
+    rng = np.random.default_rng(0)
+    rgb = Image.fromarray(rng.integers(0, 256, size=(5, 7, 3), dtype=np.uint8))
+    for mode in ("RGB", "RGBA", "L", "P"):
+        path = tmp_path / f"{mode}.png"
+        rgb.convert(mode).save(path)
+        expected = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1).float() / 255
+        image = read_image(path)
+        assert image.dtype == torch.float32 and image.shape == (3, 5, 7), mode
+        torch.testing.assert_close(image, expected, atol=0, rtol=0, msg=mode)
 
 
 def test_hand_made_coco_without_iscrowd_or_area(tmp_path):

@@ -26,7 +26,7 @@ import torch.distributed as dist
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from .data import resize_boxes
+from .data.transforms import resize_boxes
 
 __all__ = [
     "SUMMARY_KEYS",
