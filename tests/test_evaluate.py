@@ -10,11 +10,11 @@ import torch.distributed as dist
 from tritondet.detector.data import (
     CocoDetection,
     DetectionTransform,
-    _make_coco,
     ensure_synthetic_dataset,
     make_data_loader,
     resize_boxes,
 )
+from tritondet.detector.data.coco import make_coco
 from tritondet.detector.evaluate import (
     SUMMARY_KEYS,
     evaluate_coco,
@@ -55,7 +55,7 @@ def ground_truth():
             }
         )
     images = [{"id": i, "file_name": f"{i}.png", "width": 400, "height": 300} for i in (1, 2, 3)]
-    return _make_coco({"images": images, "annotations": annotations, "categories": CATEGORIES})
+    return make_coco({"images": images, "annotations": annotations, "categories": CATEGORIES})
 
 
 def perfect_predictions(shift=0.0):
