@@ -1,7 +1,7 @@
 """Training side by side: our Faster R-CNN against torchvision's ``FasterRCNN``, same recipe and budget.
 
 Both sides train the ``lite`` model (:class:`~tritondet.detector.backbone.LiteBackbone`, from
-scratch) with ``tritondet train``'s recipe, :func:`tritondet.detector.train.train` itself: the same
+scratch) with ``tritondet train``'s recipe, :func:`tritondet.detector.engine.train` itself: the same
 data (the synthetic set, its train split), optimizer (SGD, momentum 0.9, weight decay 1e-4), warm-up
 and step decay, batch, image size, seed and wall-clock budget (``max_minutes``, which also reserves
 the evaluation's time; the learning rate decays at the same fractions of it). torchvision's side is
@@ -37,7 +37,7 @@ from torch import nn
 from benchmarks.harness import SIZES_VARIABLE, bench_device, bench_sizes
 from tritondet.detector import data, evaluate
 from tritondet.detector.compat import to_torchvision
-from tritondet.detector.train import TrainConfig, build_model, model_config_of, train
+from tritondet.detector.engine import TrainConfig, build_model, model_config_of, train
 
 SIDES = ("ours", "torchvision")
 # Budget per side in minutes (None: iterations only) and the run's TrainConfig changes per size set.
