@@ -27,7 +27,7 @@ import torch.distributed as dist
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from .data import CocoDetection, DetectionTransform, make_data_loader, resize_boxes
+from .data import CocoDetection, make_data_loader, resize_boxes
 from .engine.checkpoints import load_checkpoint
 from .engine.train_config import TrainConfig, dataset_paths
 
@@ -250,12 +250,10 @@ def evaluate_checkpoint(
     the AP printed at the end of training."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, checkpoint = load_checkpoint(checkpoint_path, device)
-    transform = model.config.transform
-    val_tf = DetectionTransform(transform.min_size, transform.max_size, train=False)
     if val_annotations is None:
         _, _, val_images, val_annotations = dataset_paths(TrainConfig(**{**checkpoint["train_config"], "resume": None}))
     elif val_images is None:
         raise ValueError("val_images must be given with val_annotations")
-    val_set = CocoDetection(val_images, val_annotations, val_tf)
+    val_set = CocoDetection(val_images, val_annotations)
     loader = make_data_loader(val_set, batch_size or checkpoint["train_config"]["batch_size"], shuffle=False)
     return evaluate_model(model, loader, device=device)

@@ -1,5 +1,5 @@
 """Detection data, one concern per module: COCO-format datasets and what every dataset shares (``coco.py``),
-Pascal VOC (``voc.py``), the paper's per-sample preprocessing (``transforms.py``), batching
+Pascal VOC (``voc.py``), the training flip and box rescaling (``transforms.py``; the model resizes images), batching
 (``loader.py``), and the built-in synthetic shapes set (``synthetic.py``). Samples are described in
 :mod:`.coco`."""
 
@@ -14,7 +14,7 @@ from .synthetic import (
     ensure_synthetic_dataset,
     generate_synthetic_split,
 )
-from .transforms import DetectionTransform, resize_boxes, resize_image_and_boxes
+from .transforms import DetectionTransform, resize_boxes
 from .voc import VOC_CLASSES, VOCDetection
 
 __all__ = [
@@ -35,5 +35,4 @@ __all__ = [
     "make_data_loader",
     "read_image",
     "resize_boxes",
-    "resize_image_and_boxes",
 ]

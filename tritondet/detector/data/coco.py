@@ -6,15 +6,16 @@ H x W image height and width.
 
 One sample is ``(image, target)``:
 
-- ``image``: ``Tensor[3, H, W]`` float32 in [0, 1], RGB, *not* normalized: mean/std normalization
-  belongs to the model (as in torchvision's ``GeneralizedRCNNTransform``, with ``TransformConfig``'s
-  ImageNet statistics), so that torchvision's pretrained backbones and detector weights apply unchanged.
+- ``image``: ``Tensor[3, H, W]`` float32 in [0, 1], RGB, at the file's size, *not* normalized: resizing
+  and mean/std normalization belong to the model (torchvision's ``GeneralizedRCNNTransform``, with
+  ``TransformConfig``'s sizes and ImageNet statistics), so that torchvision's pretrained backbones and
+  detector weights apply unchanged and images are resized once.
 - ``target``: a dict with
   ``boxes`` ``Tensor[N, 4]`` float32, (x1, y1, x2, y2) in pixels of ``image``;
   ``labels`` ``Tensor[N]`` int64 in 1..K;
   ``image_id`` ``int`` (the id in the dataset's ``coco`` ground truth, for evaluation);
-  ``orig_size`` ``Tensor[2]`` int64, (H, W) of the image file, before any resizing, so that predictions
-  can be mapped back with :func:`~.transforms.resize_boxes` for evaluation;
+  ``orig_size`` ``Tensor[2]`` int64, (H, W) of the image file, so that predictions on an image a
+  transform resized can be mapped back with :func:`~.transforms.resize_boxes` for evaluation;
   VOC samples also carry ``difficult`` ``Tensor[N]`` bool.
 
 Every dataset exposes ``categories`` (class names indexed by label, ``categories[0] == "__background__"``),

@@ -183,7 +183,7 @@ class _Run:
             output_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(config.seed)
         # Data first: the model's class count is the data set's.
-        train_set, val_set = _datasets(config, model_config_of(config, 2), rank)
+        train_set, val_set = _datasets(config, rank)
         num_workers = config.num_workers if config.num_workers is not None else (2 if device.type == "cuda" else 0)
         loader = make_data_loader(
             train_set, config.batch_size, shuffle=True, num_workers=num_workers, seed=config.seed,
@@ -233,18 +233,17 @@ class _Run:
         }
 
 
-def _datasets(config: TrainConfig, model_config: FasterRCNNConfig, rank: int):
-    """The train and val sets; under torchrun rank 0 generates the synthetic set, the others wait for it."""
-    transform = model_config.transform
-    train_tf = DetectionTransform(transform.min_size, transform.max_size, train=True)
-    val_tf = DetectionTransform(transform.min_size, transform.max_size, train=False)
+def _datasets(config: TrainConfig, rank: int) -> tuple[CocoDetection, CocoDetection]:
+    """The train set (flipped) and the val set, at their files' sizes (the model resizes); under torchrun
+    rank 0 generates the synthetic set, the others wait for it."""
     if rank == 0:
         dataset_paths(config)
     if is_distributed():
         dist.barrier()  # rank 0 generated it; the others find it complete
     train_images, train_annotations, val_images, val_annotations = dataset_paths(config)
+    train_tf = DetectionTransform(train=True)
     train_set = CocoDetection(train_images, train_annotations, train_tf, remove_images_without_annotations=True)
-    return train_set, CocoDetection(val_images, val_annotations, val_tf)
+    return train_set, CocoDetection(val_images, val_annotations)
 
 
 def _optimizer(config: TrainConfig, modules: tuple[nn.Module, ...]) -> torch.optim.SGD:
