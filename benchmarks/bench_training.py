@@ -1,7 +1,7 @@
 """Training side by side: our Faster R-CNN against torchvision's ``FasterRCNN``, same recipe and budget.
 
 Both sides train the ``lite`` model (:class:`~tritondet.detector.backbone.LiteBackbone`, from
-scratch) with ``tritondet train``'s recipe, :func:`tritondet.detector.train.train` itself: the same
+scratch) with ``tritondet train``'s recipe, :func:`tritondet.detector.engine.train` itself: the same
 data (the synthetic set, its train split), optimizer (SGD, momentum 0.9, weight decay 1e-4), warm-up
 and step decay, batch, image size, seed and wall-clock budget (``max_minutes``, which also reserves
 the evaluation's time; the learning rate decays at the same fractions of it). torchvision's side is
@@ -37,7 +37,7 @@ from torch import nn
 from benchmarks.harness import SIZES_VARIABLE, bench_device, bench_sizes
 from tritondet.detector import data, evaluate
 from tritondet.detector.compat import to_torchvision
-from tritondet.detector.train import TrainConfig, build_model, model_config_of, train
+from tritondet.detector.engine import TrainConfig, build_model, model_config_of, train
 
 SIDES = ("ours", "torchvision")
 # Budget per side in minutes (None: iterations only) and the run's TrainConfig changes per size set.
@@ -78,17 +78,12 @@ def run_config(sizes: str, output_dir: Path, data_root: str | None, minutes: flo
     return TrainConfig(**options)
 
 
-def _val_batches(config: TrainConfig, model_config) -> tuple[list, data.CocoDetection]:
+def _val_batches(config: TrainConfig) -> tuple[list, data.CocoDetection]:
     """The val split as preloaded ``(images, targets)`` batches of ``config.batch_size``."""
     synthetic = data.ensure_synthetic_dataset(
         config.data_root, seed=config.seed, num_train=config.num_train, num_val=config.num_val
     )
-    transform = model_config.transform
-    val_set = data.CocoDetection(
-        synthetic.val_images,
-        synthetic.val_annotations,
-        data.DetectionTransform(transform.min_size, transform.max_size, train=False),
-    )
+    val_set = data.CocoDetection(synthetic.val_images, synthetic.val_annotations)  # the models resize
     loader = data.make_data_loader(val_set, config.batch_size, shuffle=False)
     return list(loader), val_set
 
@@ -106,7 +101,7 @@ def train_side(side: str, config: TrainConfig, device: torch.device) -> dict:
     config = dataclasses.replace(config, device=str(device))
     result = train(config, model=model)
     trained = result["model"]
-    batches, val_set = _val_batches(config, model_config)
+    batches, val_set = _val_batches(config)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = time.perf_counter()

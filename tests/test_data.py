@@ -14,6 +14,7 @@ from pycocotools import mask as coco_mask
 from pycocotools.coco import COCO
 
 from tritondet.detector import data
+from tritondet.detector.config import TransformConfig
 from tritondet.detector.data import (
     SYNTHETIC_CLASSES,
     CocoDetection,
@@ -23,9 +24,11 @@ from tritondet.detector.data import (
     collate_detection,
     ensure_synthetic_dataset,
     make_data_loader,
+    read_image,
     resize_boxes,
-    resize_image_and_boxes,
+    synthetic,
 )
+from tritondet.detector.faster_rcnn import build_transform
 
 TINY = {"image_size": 48, "num_train": 6, "num_val": 3}
 
@@ -59,7 +62,7 @@ def test_synthetic_set_is_byte_identical_for_a_seed(tmp_path, tiny_set):
 
 
 def test_worker_processes_draw_the_same_bytes(tmp_path):
-    config = SyntheticConfig(image_size=24, num_train=data._MIN_IMAGES_PER_POOL, num_val=0)
+    config = SyntheticConfig(image_size=24, num_train=synthetic._MIN_IMAGES_PER_POOL, num_val=0)
     for workers in (0, 2):
         data.generate_synthetic_split(config, "train", tmp_path / f"{workers}", tmp_path / f"{workers}.json", workers)
     assert folder_bytes(tmp_path / "0") == folder_bytes(tmp_path / "2")
@@ -82,7 +85,7 @@ def test_train_and_val_differ_and_images_do_not_depend_on_counts(tmp_path, tiny_
 def test_generates_only_when_missing_and_regenerates_for_a_new_recipe(tmp_path, monkeypatch):
     paths = ensure_synthetic_dataset(tmp_path, **TINY)
     calls = []
-    monkeypatch.setattr(data, "generate_synthetic_split", lambda *args: calls.append(args))
+    monkeypatch.setattr(synthetic, "generate_synthetic_split", lambda *args: calls.append(args))
     assert ensure_synthetic_dataset(tmp_path, **TINY) == paths
     assert calls == []
     monkeypatch.undo()
@@ -242,6 +245,19 @@ def test_coco_options_and_unreadable_image(bad_coco):
         dataset[1]
 
 
+def test_read_image_gives_rgb_floats_in_unit_range(tmp_path):
+    """PNGs in RGBA, grayscale and palette modes all read as PIL's ``convert("RGB")`` pixels / 255."""
+    rng = np.random.default_rng(0)
+    rgb = Image.fromarray(rng.integers(0, 256, size=(5, 7, 3), dtype=np.uint8))
+    for mode in ("RGB", "RGBA", "L", "P"):
+        path = tmp_path / f"{mode}.png"
+        rgb.convert(mode).save(path)
+        expected = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1).float() / 255
+        image = read_image(path)
+        assert image.dtype == torch.float32 and image.shape == (3, 5, 7), mode
+        torch.testing.assert_close(image, expected, atol=0, rtol=0, msg=mode)
+
+
 def test_hand_made_coco_without_iscrowd_or_area(tmp_path):
     images = [{"id": 1, "file_name": "1.png", "width": 8, "height": 8}]
     annotations = [
@@ -356,27 +372,30 @@ def test_voc_without_difficult_and_raise(voc_root):
         ((10, 50), 60, 100, (20, 100)),  # longer side capped at max_size
         ((600, 800), 600, 1000, (600, 800)),  # already there: unchanged
         ((375, 500), 600, 1000, (600, 800)),  # a VOC image at the paper's scale
-        ((33, 47), 17, 1000, (17, 24)),  # odd sizes round to the nearest pixel
+        ((33, 47), 17, 1000, (17, 24)),  # odd sizes: the longer side floors (24.2 -> 24)
     ],
 )
 def test_resize_follows_the_paper(size, min_size, max_size, expected):
+    """Images are resized once, by the model's transform; data sets serve them at their file's size."""
+    transform = build_transform(TransformConfig(min_size=min_size, max_size=max_size)).eval()
     image = torch.rand(3, *size)
     boxes = torch.tensor([[0.0, 0.0, size[1], size[0]], [1.0, 2.0, 3.0, 5.0]])
-    resized, new_boxes = resize_image_and_boxes(image, boxes, min_size, max_size)
+    resized, target = transform.resize(image, {"boxes": boxes})
+    new_boxes = target["boxes"]
     assert resized.shape == (3, *expected)
     assert new_boxes[0].tolist() == [0, 0, expected[1], expected[0]]  # the whole image stays the whole image
     torch.testing.assert_close(resize_boxes(new_boxes, expected, size), boxes)
     if expected == size:
-        assert resized is image
+        assert torch.equal(resized, image)
 
 
 def test_transform_flips_only_in_training():
     image = torch.arange(2 * 3 * 4, dtype=torch.float32).reshape(1, 2, 12).expand(3, 2, 12) / 24
     target = {"boxes": torch.tensor([[1.0, 0.0, 4.0, 2.0]]), "labels": torch.tensor([1]), "image_id": 3}
-    keep = DetectionTransform(min_size=2, max_size=100, train=False, flip_prob=1.0)
+    keep = DetectionTransform(train=False, flip_prob=1.0)
     same_image, same = keep(image, target)
     assert torch.equal(same_image, image) and torch.equal(same["boxes"], target["boxes"])
-    flip = DetectionTransform(min_size=2, max_size=100, train=True, flip_prob=1.0)
+    flip = DetectionTransform(train=True, flip_prob=1.0)
     flipped_image, flipped = flip(image, target)
     assert torch.equal(flipped_image, image.flip(-1))
     assert flipped["boxes"].tolist() == [[8.0, 0.0, 11.0, 2.0]]
@@ -392,7 +411,7 @@ def test_flips_are_reproducible_from_the_generator():
     image, target = torch.rand(3, 8, 8), {"boxes": torch.tensor([[0.0, 0.0, 2.0, 2.0]])}
 
     def flips(seed):
-        transform = DetectionTransform(8, 8, train=True, generator=torch.Generator().manual_seed(seed))
+        transform = DetectionTransform(train=True, generator=torch.Generator().manual_seed(seed))
         return [transform(image, target)[1]["boxes"][0, 0].item() == 6.0 for _ in range(40)]
 
     assert flips(0) == flips(0)
@@ -418,7 +437,7 @@ def loader_ids(loader):
 
 
 def test_loader_is_reproducible_from_its_seed(tiny_set):
-    transform = DetectionTransform(min_size=40, max_size=64, train=True)
+    transform = DetectionTransform(train=True)
     dataset = CocoDetection(tiny_set.train_images, tiny_set.train_annotations, transforms=transform)
 
     def run(seed, num_workers):

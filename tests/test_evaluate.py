@@ -7,14 +7,14 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from tritondet.detector.config import TransformConfig
 from tritondet.detector.data import (
     CocoDetection,
-    DetectionTransform,
-    _make_coco,
     ensure_synthetic_dataset,
     make_data_loader,
     resize_boxes,
 )
+from tritondet.detector.data.coco import make_coco
 from tritondet.detector.evaluate import (
     SUMMARY_KEYS,
     evaluate_coco,
@@ -24,6 +24,7 @@ from tritondet.detector.evaluate import (
     predict,
     predictions_to_coco_results,
 )
+from tritondet.detector.faster_rcnn import build_transform
 
 # Non-contiguous category ids, to exercise the label -> category id mapping; "zebra" has no instance.
 CATEGORIES = [{"id": 3, "name": "cat"}, {"id": 7, "name": "dog"}, {"id": 11, "name": "zebra"}]
@@ -55,7 +56,7 @@ def ground_truth():
             }
         )
     images = [{"id": i, "file_name": f"{i}.png", "width": 400, "height": 300} for i in (1, 2, 3)]
-    return _make_coco({"images": images, "annotations": annotations, "categories": CATEGORIES})
+    return make_coco({"images": images, "annotations": annotations, "categories": CATEGORIES})
 
 
 def perfect_predictions(shift=0.0):
@@ -155,12 +156,22 @@ def test_table_lists_summary_and_classes(ground_truth):
     assert any(line.split() == ["zebra", "-"] for line in lines)
 
 
+def resize_as_the_model(min_size: int, max_size: int):
+    """A data set transform resizing image and boxes as the detector's transform does: predictions on
+    these images must be mapped back to the files' pixels (``orig_size``) for evaluation."""
+    resize = build_transform(TransformConfig(min_size=min_size, max_size=max_size)).eval().resize
+
+    def transform(image, target):
+        image, resized = resize(image, {"boxes": target["boxes"]})
+        return image, {**target, "boxes": resized["boxes"]}
+
+    return transform
+
+
 def test_synthetic_val_targets_mapped_back_score_ap_one(tmp_path):
     """End to end: the targets of resized images, mapped back to the files' pixels, score AP 1."""
     paths = ensure_synthetic_dataset(tmp_path, image_size=40, num_train=0, num_val=4)
-    dataset = CocoDetection(
-        paths.val_images, paths.val_annotations, transforms=DetectionTransform(min_size=64, max_size=90)
-    )
+    dataset = CocoDetection(paths.val_images, paths.val_annotations, transforms=resize_as_the_model(64, 90))
     predictions = []
     for image, target in (dataset[i] for i in range(len(dataset))):
         assert min(image.shape[1:]) == 64
@@ -192,9 +203,7 @@ class WholeImageModel(torch.nn.Module):
 @pytest.fixture(scope="module")
 def resized_val(tmp_path_factory):
     paths = ensure_synthetic_dataset(tmp_path_factory.mktemp("val"), image_size=40, num_train=0, num_val=5)
-    return CocoDetection(
-        paths.val_images, paths.val_annotations, transforms=DetectionTransform(min_size=64, max_size=90)
-    )
+    return CocoDetection(paths.val_images, paths.val_annotations, transforms=resize_as_the_model(64, 90))
 
 
 def test_predict_maps_boxes_to_the_image_files(resized_val):

@@ -15,14 +15,8 @@ import torch.multiprocessing as mp
 
 from tritondet import cli
 from tritondet.detector import data
-from tritondet.detector.train import (
-    TrainConfig,
-    build_model,
-    learning_rate,
-    load_checkpoint,
-    pipeline_stages,
-    train,
-)
+from tritondet.detector.engine import TrainConfig, build_model, learning_rate, load_checkpoint, train
+from tritondet.detector.visualize import pipeline_stages
 
 NUM_TRAIN, NUM_VAL = 8, 4
 

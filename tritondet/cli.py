@@ -106,10 +106,10 @@ _TRAIN_HELP = {
 
 
 def _add_train_options(parser: argparse.ArgumentParser) -> None:
-    """One ``--option`` per :class:`~tritondet.detector.train.TrainConfig` field; unset options keep its defaults."""
+    """One ``--option`` per :class:`~tritondet.detector.engine.TrainConfig` field; unset options keep its defaults."""
     import dataclasses
 
-    from .detector.train import TrainConfig
+    from .detector.engine import TrainConfig
 
     kinds = {"int": int, "float": float, "str": str}
     for f in dataclasses.fields(TrainConfig):
@@ -130,8 +130,8 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from .detector.engine import TrainConfig, train
     from .detector.evaluate import format_coco_table
-    from .detector.train import TrainConfig, train
 
     options = {k: v for k, v in vars(args).items() if k not in ("command", "run")}
     result = train(TrainConfig(**options))
@@ -152,8 +152,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from .detector.evaluate import format_coco_table
-    from .detector.train import evaluate_checkpoint
+    from .detector.evaluate import evaluate_checkpoint, format_coco_table
 
     metrics = evaluate_checkpoint(args.checkpoint, args.val_images, args.val_annotations, args.batch_size, args.device)
     print(format_coco_table(metrics, title=f"COCO box evaluation of {args.checkpoint}"))
@@ -161,7 +160,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from .detector.train import predict_image
+    from .detector.visualize import predict_image
 
     prediction = predict_image(args.checkpoint, args.image, args.out, args.score_thresh, args.device, args.stages)
     shown = int((prediction["scores"] >= args.score_thresh).sum())

@@ -1,6 +1,6 @@
-"""The lean Faster R-CNN on tritondet's ops (``faster_rcnn.py``, ``rpn.py``, ``roi_heads.py``,
-``targets.py``, ``backbone.py``; defaults in ``config.py``; torchvision weights via ``compat.py``),
-and its data, training and evaluation (``data.py``, ``train.py``, ``evaluate.py``)."""
+"""The lean Faster R-CNN on tritondet's ops (``backbone.py``, ``rpn.py``, ``targets.py``, ``roi_heads.py``,
+``faster_rcnn.py``; defaults in ``config.py``; torchvision weights via ``compat.py``), its data
+(``data/``), training (``engine/``), evaluation (``evaluate.py``) and pictures (``visualize.py``)."""
 
 from .config import (
     AnchorConfig,

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+import os
 from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
@@ -26,10 +27,13 @@ import torch.distributed as dist
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from .data import resize_boxes
+from .data import CocoDetection, make_data_loader, resize_boxes
+from .engine.checkpoints import load_checkpoint
+from .engine.train_config import TrainConfig, dataset_paths
 
 __all__ = [
     "SUMMARY_KEYS",
+    "evaluate_checkpoint",
     "evaluate_coco",
     "evaluate_model",
     "format_coco_table",
@@ -229,3 +233,27 @@ def evaluate_model(
     predictions = gather_predictions(predict(model, loader, device))
     image_ids = sorted({int(p["image_id"]) for p in predictions})
     return evaluate_coco(coco_gt, predictions, label_to_category_id, image_ids=image_ids)
+
+
+def evaluate_checkpoint(
+    checkpoint_path: str | os.PathLike,
+    val_images: str | None = None,
+    val_annotations: str | None = None,
+    batch_size: int | None = None,
+    device: str | None = None,
+) -> dict:
+    """COCO AP of a training checkpoint on ``val_images``/``val_annotations`` (default: the val split
+    of the data it was trained on; the synthetic set is regenerated if missing).
+
+    ``batch_size`` defaults to the training run's: images in a batch are padded to a common size, and
+    the padding changes the features near the borders slightly, so the same batch size reproduces
+    the AP printed at the end of training."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, checkpoint = load_checkpoint(checkpoint_path, device)
+    if val_annotations is None:
+        _, _, val_images, val_annotations = dataset_paths(TrainConfig(**{**checkpoint["train_config"], "resume": None}))
+    elif val_images is None:
+        raise ValueError("val_images must be given with val_annotations")
+    val_set = CocoDetection(val_images, val_annotations)
+    loader = make_data_loader(val_set, batch_size or checkpoint["train_config"]["batch_size"], shuffle=False)
+    return evaluate_model(model, loader, device=device)

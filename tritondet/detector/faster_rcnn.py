@@ -3,7 +3,8 @@
 Shapes: B images; after preprocessing a padded batch ``[B, 3, H, W]`` with ``image_sizes [B, 2]``
 (h, w before padding); P proposals and D = detections_per_img detections per image.
 
-Pipeline: preprocessing (normalize, resize, pad: torchvision's ``GeneralizedRCNNTransform``) ->
+Pipeline: preprocessing (normalize, resize, pad: torchvision's ``GeneralizedRCNNTransform``, the one
+place images are resized; data sets serve them at their file's size) ->
 backbone (+FPN) -> RPN (:mod:`.rpn`) -> Fast R-CNN head (:mod:`.roi_heads`). All detection ops are
 ``tritondet.ops``; torchvision provides the backbone networks and the preprocessing.
 
@@ -27,7 +28,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from .. import ops
 from .backbone import build_backbone, feature_strides
-from .config import FasterRCNNConfig, resnet50_fpn
+from .config import FasterRCNNConfig, TransformConfig, resnet50_fpn
 from .roi_heads import RoIHeads
 from .rpn import RegionProposalNetwork
 from .targets import check_targets, pack_targets
@@ -46,6 +47,18 @@ def check_images(images, channels: int) -> None:
             raise ValueError(f"images[{i}] must have shape [{channels}, H, W] with H, W > 0, got {tuple(image.shape)}")
         if not image.is_floating_point():
             raise ValueError(f"images[{i}] must be a floating-point tensor (values in [0, 1]), got {image.dtype}")
+
+
+def build_transform(config: TransformConfig) -> GeneralizedRCNNTransform:
+    """The model's preprocessing: normalize, resize (shorter side ``min_size``, longer at most
+    ``max_size``: the only resize images get, in training as in inference), pad to ``size_divisible``."""
+    return GeneralizedRCNNTransform(
+        config.min_size,
+        config.max_size,
+        list(config.image_mean),
+        list(config.image_std),
+        size_divisible=config.size_divisible,
+    )
 
 
 def normalize_padded(images: Tensor, image_sizes: Tensor, mean: Tensor, std: Tensor) -> Tensor:
@@ -82,13 +95,7 @@ class FasterRCNN(nn.Module):
         config = config or resnet50_fpn()
         self.config = config
         transform = config.transform
-        self.transform = GeneralizedRCNNTransform(
-            transform.min_size,
-            transform.max_size,
-            list(transform.image_mean),
-            list(transform.image_std),
-            size_divisible=transform.size_divisible,
-        )
+        self.transform = build_transform(transform)
         if backbone is None:
             if config.backbone is None:
                 raise ValueError("config.backbone is None: pass a backbone module")

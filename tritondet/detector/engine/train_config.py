@@ -1,0 +1,144 @@
+"""A training run's options (:class:`TrainConfig`, the ``tritondet train`` flags), the model it trains, and the
+model configuration read back from a checkpoint (the dict ``dataclasses.asdict`` wrote)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..backbone import LiteBackbone
+from ..config import (
+    MODEL_PRESETS,
+    AnchorConfig,
+    BackboneConfig,
+    FasterRCNNConfig,
+    RoIHeadsConfig,
+    RPNConfig,
+    TransformConfig,
+)
+from ..data import ensure_synthetic_dataset
+from ..faster_rcnn import FasterRCNN
+
+SCHEDULES = ("joint", "alternating")
+
+
+@dataclass
+class TrainConfig:
+    """Every option of a training run (the ``tritondet train`` flags have the same names)."""
+
+    output_dir: str = "runs/train"
+    # Data: the synthetic set (generated into data_root, default ~/.cache/tritondet/data) unless the
+    # COCO-format train_* paths are given.
+    data_root: str | None = None
+    num_train: int = 2000  # synthetic training images (ignored with COCO data)
+    num_val: int = 200
+    train_images: str | None = None
+    train_annotations: str | None = None
+    val_images: str | None = None
+    val_annotations: str | None = None
+    # Model: a preset of MODEL_PRESETS; min_size/max_size override its image sizes when set.
+    model: str = "lite"
+    min_size: int | None = None
+    max_size: int | None = None
+    # Optimization.
+    iterations: int = 20000  # on 2 CPU cores the 15-minute budget ends the run first
+    batch_size: int = 2  # images per process; from scratch, more steps beat bigger batches at equal cost
+    lr: float = 0.01  # the rate of the measured 15-minute CPU run (batch 2, from scratch); not swept
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_iters: int = 50
+    warmup_factor: float = 1e-3
+    lr_steps: tuple[float, ...] = (0.7, 0.9)  # fractions of the run's progress
+    gamma: float = 0.1
+    clip_grad_norm: float = 10.0
+    # "joint" (approximate joint training) or "alternating" (the paper's 4 steps, see the module docstring);
+    # alternating_split: each step's share of the iterations and of the time budget.
+    schedule: str = "joint"
+    alternating_split: tuple[float, ...] = (0.35, 0.35, 0.15, 0.15)
+    amp: bool = True  # bf16 autocast, on CUDA only
+    max_minutes: float | None = 15.0  # wall-clock budget of the whole run, evaluation (when on) included
+    # Bookkeeping.
+    seed: int = 0
+    num_workers: int | None = None  # default: 2 on CUDA, 0 on the CPU (the model needs both cores there)
+    checkpoint_every: int = 500
+    log_every: int = 10
+    resume: str | None = None  # a checkpoint path, or "auto": output_dir/last.pt if it exists
+    evaluate: bool = True
+    plots: bool = True
+    progress: bool = True
+    device: str | None = None  # default: cuda if available, else cpu
+    extra: dict = field(default_factory=dict)  # free-form notes stored in the checkpoint
+
+    def __post_init__(self) -> None:
+        if self.model not in MODEL_PRESETS:
+            raise ValueError(f"model must be one of {sorted(MODEL_PRESETS)}, got {self.model!r}")
+        for name in ("iterations", "batch_size", "checkpoint_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.lr <= 0 or self.clip_grad_norm <= 0:
+            raise ValueError(f"lr and clip_grad_norm must be positive, got {self.lr}, {self.clip_grad_norm}")
+        if any(not 0 < s < 1 for s in self.lr_steps):
+            raise ValueError(f"lr_steps must be fractions in (0, 1), got {self.lr_steps}")
+        if self.max_minutes is not None and self.max_minutes <= 0:
+            raise ValueError(f"max_minutes must be positive, got {self.max_minutes}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if len(self.alternating_split) != 4 or any(share <= 0 for share in self.alternating_split):
+            raise ValueError(f"alternating_split must be 4 positive shares, got {self.alternating_split}")
+        if self.schedule == "alternating" and self.resume is not None:
+            raise ValueError("resume: the alternating schedule cannot resume (it writes step<k>.pt after each step)")
+        self.lr_steps = tuple(self.lr_steps)
+        self.alternating_split = tuple(self.alternating_split)
+
+
+def build_model(config: FasterRCNNConfig) -> FasterRCNN:
+    """The detector for ``config``; ``config.backbone is None`` means :class:`~.backbone.LiteBackbone`
+    (the ``lite`` preset)."""
+    backbone = LiteBackbone() if config.backbone is None else None
+    return FasterRCNN(config, backbone=backbone)
+
+
+def model_config_of(config: TrainConfig, num_classes: int) -> FasterRCNNConfig:
+    """The model a run of ``config`` trains: its preset with ``num_classes`` and the image sizes it overrides."""
+    model_config = MODEL_PRESETS[config.model](num_classes)
+    if config.min_size is not None or config.max_size is not None:
+        model_config = model_config.replace(
+            transform=dict(
+                min_size=config.min_size or model_config.transform.min_size,
+                max_size=config.max_size or model_config.transform.max_size,
+            )
+        )
+    return model_config
+
+
+def _tuples(value):
+    """Lists (from JSON or ``dataclasses.asdict``) back to the tuples the configs hold."""
+    return tuple(_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def config_from_dict(values: dict) -> FasterRCNNConfig:
+    """The :class:`FasterRCNNConfig` that ``dataclasses.asdict`` turned into ``values`` (a checkpoint's ``model_config``)."""
+    sections = {
+        "transform": TransformConfig,
+        "backbone": BackboneConfig,
+        "anchors": AnchorConfig,
+        "rpn": RPNConfig,
+        "roi_heads": RoIHeadsConfig,
+    }
+    kwargs = {}
+    for name, cls in sections.items():
+        section = values.get(name)
+        kwargs[name] = None if section is None else cls(**{k: _tuples(v) for k, v in section.items()})
+    return FasterRCNNConfig(**kwargs)
+
+
+def dataset_paths(config: TrainConfig) -> tuple[str, str, str, str]:
+    """The run's data: (train images, train annotations, val images, val annotations), COCO format; the
+    synthetic set (generated into ``config.data_root`` if missing) unless ``config`` names COCO files."""
+    if config.train_annotations:
+        if not (config.train_images and config.val_images and config.val_annotations):
+            raise ValueError("COCO data needs train_images, train_annotations, val_images and val_annotations")
+        return config.train_images, config.train_annotations, config.val_images, config.val_annotations
+    synthetic = ensure_synthetic_dataset(
+        config.data_root, seed=config.seed, num_train=config.num_train, num_val=config.num_val
+    )
+    return synthetic.train_images, synthetic.train_annotations, synthetic.val_images, synthetic.val_annotations
