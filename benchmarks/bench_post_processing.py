@@ -1,6 +1,6 @@
 """The detector's post-processing stages, ours against torchvision's: ATen ops, launches, syncs.
 
-Two stages (bounded the same way on both sides, see :mod:`tritondet.detector.costs`): the RPN
+Two stages (bounded the same way on both sides, see :mod:`tritondet.measure.stage_costs`): the RPN
 proposals (head outputs -> proposals) and the RoI post-processing (class logits and box
 regression + proposals -> detections), at B = 1 and B = 8 images: torchvision's
 ``fasterrcnn_resnet50_fpn`` at 480x640 (resized by its transform to 800x1067) for ``quick`` and
@@ -26,7 +26,7 @@ from benchmarks.harness import CountCase, bench_device, bench_sizes, measure
 from tests.test_detector import torchvision_twin
 from tritondet import _backend
 from tritondet.detector import FasterRCNN, config
-from tritondet.detector.costs import StageCosts, post_processing_costs, torchvision_post_processing_costs
+from tritondet.measure.stage_costs import StageCosts, post_processing_costs, torchvision_post_processing_costs
 
 # (preset, image height, width, std of the RPN head's and predictor's weights) per size set. At
 # torchvision's initial scale (0.01) the R50-FPN's RPN keeps all ~4.7k pre-NMS boxes, as a trained

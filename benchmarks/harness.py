@@ -9,12 +9,12 @@ A family file defines ``cases(device, sizes) -> list[Case]`` and one pytest test
   peak memory of one call; on the CPU our CPU path against torchvision's CPU op, the median of a
   few calls within a short time budget;
 - counts per call, on both sides, Triton launches, the ATen ops that launch a device kernel, host
-  syncs and all ATen ops (:class:`tritondet.dispatch_audit.DispatchCounter`): exact figures, not
+  syncs and all ATen ops (:class:`tritondet.measure.dispatch_audit.DispatchCounter`): exact figures, not
   timings;
 - appends a :class:`tritondet.bench.Row` to one CSV.
 
 A :class:`CountCase` (e.g. one stage of the detector, ``bench_post_processing.py``) is counted
-only, with :func:`tritondet.dispatch_audit.measure_costs`, and never timed: its row has no times and
+only, with :func:`tritondet.measure.dispatch_audit.measure_costs`, and never timed: its row has no times and
 its ratio is torchvision's ATen ops over ours.
 
 Sizes (``TRITONDET_BENCH_SIZES``): ``tiny`` (the default: the CI smoke run, ``pytest benchmarks/``
@@ -39,7 +39,7 @@ import torch
 
 from tritondet import _backend
 from tritondet.bench import Row, append_csv
-from tritondet.dispatch_audit import Costs, DispatchCounter, launches_kernel
+from tritondet.measure.dispatch_audit import Costs, DispatchCounter, launches_kernel
 
 SIZES_VARIABLE = "TRITONDET_BENCH_SIZES"
 SIZE_SETS = ("tiny", "quick", "full")
@@ -99,7 +99,7 @@ class Case:
 @dataclasses.dataclass
 class CountCase:
     """A case that is counted, never timed: ``costs()`` returns (ours, torchvision)
-    :class:`~tritondet.dispatch_audit.Costs` of the same work on the same inputs (e.g. one stage
+    :class:`~tritondet.measure.dispatch_audit.Costs` of the same work on the same inputs (e.g. one stage
     of the detector, which a plain call of each side could not isolate). Its row has no times;
     its ratio is torchvision's ATen ops over ours, and ours are counted net of the Triton
     interpreter's argument copies (what a GPU would dispatch)."""

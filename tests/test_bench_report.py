@@ -11,7 +11,7 @@ import torchvision
 from benchmarks import harness
 from tests.boxes import random_boxes
 from tritondet import bench, cli, ops
-from tritondet.dispatch_audit import Costs
+from tritondet.measure.dispatch_audit import Costs
 
 
 def _row(**changes) -> bench.Row:

@@ -18,9 +18,9 @@ from torchvision.models.detection import FasterRCNN as TorchvisionFasterRCNN
 from tritondet.detector import FasterRCNN, paper_vgg16, resnet50_fpn, resnet_c4, small_cpu, tiny
 from tritondet.detector.backbone import build_backbone
 from tritondet.detector.compat import config_from_torchvision, fasterrcnn_resnet50_fpn, to_torchvision
-from tritondet.detector.costs import post_processing_costs, torchvision_post_processing_costs
 from tritondet.detector.rpn import RPNHead
-from tritondet.dispatch_audit import NoHostSync
+from tritondet.measure.dispatch_audit import NoHostSync
+from tritondet.measure.stage_costs import post_processing_costs, torchvision_post_processing_costs
 
 BOX_ATOL, SCORE_ATOL = 1e-3, 1e-4  # the issue's parity bounds (pixels at image scale; probability)
 
@@ -207,7 +207,7 @@ def _same_size_images(batch: int) -> list[torch.Tensor]:
 
 
 # torchvision's fasterrcnn_resnet50_fpn on one 480x640 image, as the detector issue quotes it: 339
-# ATen ops in the RPN proposal stage and 350 in the RoI post-processing (tritondet/detector/costs.py
+# ATen ops in the RPN proposal stage and 350 in the RoI post-processing (tritondet/measure/stage_costs.py
 # measures 319 and 300 on a random image). Ours must take at most a tenth, ATen ops plus launches.
 TORCHVISION_R50_FPN_ATEN_OPS = (339, 350)
 

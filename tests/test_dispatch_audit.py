@@ -6,7 +6,7 @@ import torchvision
 
 from tests.boxes import random_boxes
 from tritondet import ops
-from tritondet.dispatch_audit import DispatchCounter, HostSyncError, NoHostSync, measure_costs
+from tritondet.measure.dispatch_audit import DispatchCounter, HostSyncError, NoHostSync, measure_costs
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,7 @@ from tests import nms_loops
 from tests.boxes import random_boxes, special_boxes
 from tests.tolerances import FLOAT_DTYPES, assert_close
 from tritondet import ops
-from tritondet.dispatch_audit import DispatchCounter, NoHostSync
+from tritondet.measure.dispatch_audit import DispatchCounter, NoHostSync
 
 
 def assert_same_keep(ours: torch.Tensor, theirs: torch.Tensor, scores: torch.Tensor) -> None:

@@ -10,7 +10,7 @@ from torchvision.models.detection.rpn import RegionProposalNetwork
 from tests.boxes import random_boxes
 from tests.tolerances import assert_close
 from tritondet import ops
-from tritondet.dispatch_audit import NoHostSync
+from tritondet.measure.dispatch_audit import NoHostSync
 
 # ---------------------------------------------------------------------------------------------
 # sample_balanced

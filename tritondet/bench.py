@@ -10,7 +10,7 @@ no times, and their ratio is torchvision's ATen ops over ours. ``launches`` coun
 Triton kernel launches plus the ATen ops that launch a device kernel (every op but views and
 allocations; torchvision's compiled ops such as ``torchvision::nms`` count once, though they may
 launch more than one kernel inside); ``syncs`` counts the ops that make the host wait for the
-device (:mod:`tritondet.dispatch_audit`). Both are counted per call on the path that was timed.
+device (:mod:`tritondet.measure.dispatch_audit`). Both are counted per call on the path that was timed.
 """
 
 from __future__ import annotations

@@ -10,9 +10,9 @@ import torch
 
 
 def _cmd_ops(args: argparse.Namespace) -> int:
-    from . import compile_report
     from ._backend import backend_name
     from .kernels import FAMILIES
+    from .measure import compile_report
 
     results = compile_report.compile_all(use_cache=not args.no_cache)
     status: dict[tuple[str, int], bool] = {}
@@ -38,7 +38,7 @@ def _cmd_ops(args: argparse.Namespace) -> int:
 
 
 def _cmd_compile_report(args: argparse.Namespace) -> int:
-    from . import compile_report
+    from .measure import compile_report
 
     archs = tuple(args.arch) if args.arch else compile_report.ARCHS
     results = compile_report.compile_all(archs=archs, use_cache=not args.no_cache)
@@ -53,7 +53,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     # Before the harness is imported: the CPU thread count both sides are timed with.
     os.environ["TRITONDET_BENCH_THREADS"] = str(args.threads)
-    from . import bench, compile_report
+    from . import bench
+    from .measure import compile_report
 
     sizes = "quick" if args.quick else "full"
     print(f"running the {sizes} benchmark suite")

@@ -20,7 +20,7 @@ same images, through each model's own transform, backbone and heads):
   ``remove_small_boxes``, ``batched_nms``, top D). Neither side's rescaling to the original image
   sizes (``transform.postprocess``) is included.
 
-Counts (:class:`tritondet.dispatch_audit.Costs`): all ATen ops (and net of the Triton
+Counts (:class:`tritondet.measure.dispatch_audit.Costs`): all ATen ops (and net of the Triton
 interpreter's argument copies, which a GPU launch does not make), device launches (Triton launches
 plus ATen ops that launch a kernel), host syncs. They count calls, not time, so they are the same
 on every machine, except that our Triton path only runs on the CPU in the Triton interpreter
@@ -51,9 +51,9 @@ import torch
 from torch import Tensor, nn
 from torchvision.models.detection.rpn import concat_box_prediction_layers
 
-from ..dispatch_audit import Costs, measure_costs
-from .backbone import feature_strides
-from .faster_rcnn import FasterRCNN
+from ..detector.backbone import feature_strides
+from ..detector.faster_rcnn import FasterRCNN
+from .dispatch_audit import Costs, measure_costs
 
 
 @dataclasses.dataclass
