@@ -10,9 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests import nms_loops
-from tests.boxes import random_boxes, special_boxes
 from tests.tolerances import FLOAT_DTYPES, assert_close
 from tritondet import ops
+from tritondet.bench.inputs import random_boxes, special_boxes
 from tritondet.measure.dispatch_audit import DispatchCounter, NoHostSync
 
 

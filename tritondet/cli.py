@@ -51,19 +51,20 @@ def _cmd_compile_report(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     import os
 
-    # Before the harness is imported: the CPU thread count both sides are timed with.
-    os.environ["TRITONDET_BENCH_THREADS"] = str(args.threads)
-    from . import bench
+    from .bench import harness, report, suite
     from .measure import compile_report
+
+    # The CPU thread count both sides are timed with (read by the harness when it times).
+    os.environ[harness.THREADS_VARIABLE] = str(args.threads)
 
     sizes = "quick" if args.quick else "full"
     print(f"running the {sizes} benchmark suite")
-    rows, failures = bench.run_suite(sizes, only=args.only or ())
+    rows, failures = suite.run_suite(sizes, only=args.only or ())
     compiled = None if args.no_compile_report else compile_report.compile_all()
     compile_table = None if compiled is None else compile_report.format_table(compiled)
-    bench.write_report(rows, args.out, bench.environment(sizes, args.threads), compile_table, failures)
+    report.write_report(rows, args.out, report.environment(sizes, args.threads), compile_table, failures)
     print()
-    print(bench.markdown_table(rows))
+    print(report.markdown_table(rows))
     if compiled is not None:
         failed = sum(not result.ok for _, result in compiled)
         print(f"\ncompile report: {len(compiled)} kernel compilations for sm_80/sm_90, {failed} failed or spilled")
@@ -184,11 +185,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser(
         "bench",
-        help="benchmark every op against torchvision (needs a source checkout): CSV, markdown table, ratio plots",
+        help="benchmark every op against torchvision: CSV, markdown table, ratio plots",
     )
     bench.add_argument("--quick", action="store_true", help="a few small sizes instead of the detector's sizes")
     bench.add_argument("--out", type=Path, default=Path("bench"), help="output directory (default: bench/)")
-    bench.add_argument("--only", action="append", help="only benchmark files whose name contains this (repeatable)")
+    bench.add_argument(
+        "--only",
+        action="append",
+        help="only the op families (tritondet.bench.cases) whose name contains this (repeatable)",
+    )
     bench.add_argument("--threads", type=int, default=1, help="torch CPU threads while timing on the CPU (default 1)")
     bench.add_argument("--no-compile-report", action="store_true", help="leave the sm_80/sm_90 compile report out")
     bench.set_defaults(run=_cmd_bench)
