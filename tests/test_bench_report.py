@@ -146,7 +146,6 @@ def test_the_package_never_imports_the_checkout_or_edits_sys_path():
 
 
 def test_the_suite_runs_one_tiny_case_into_a_directory(tmp_path, monkeypatch):
-    pytest.importorskip("matplotlib")
     monkeypatch.setenv(harness.THREADS_VARIABLE, "1")
     monkeypatch.chdir(tmp_path)  # any directory: nothing is read from the current one
     rows, failures = suite.run_suite("tiny", only=["box_iou"])

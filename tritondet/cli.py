@@ -62,7 +62,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     rows, failures = suite.run_suite(sizes, only=args.only or ())
     compiled = None if args.no_compile_report else compile_report.compile_all()
     compile_table = None if compiled is None else compile_report.format_table(compiled)
-    report.write_report(rows, args.out, report.environment(sizes, args.threads), compile_table, failures)
+    plots = report.write_report(rows, args.out, report.environment(sizes, args.threads), compile_table, failures)
     print()
     print(report.markdown_table(rows))
     if compiled is not None:
@@ -71,7 +71,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     for failure in failures:
         print(f"FAILED {failure}")
     with_report = "" if compiled is None else " (with the compile report)"
-    print(f"wrote {args.out}/results.csv, {args.out}/results.md{with_report} and one PNG per op")
+    drawn = f"{len(plots)} ratio plots" if plots else "no plots (they need matplotlib: pip install 'tritondet[bench]')"
+    print(f"wrote {args.out}/results.csv, {args.out}/results.md{with_report} and {drawn}")
     return 1 if failures else 0
 
 

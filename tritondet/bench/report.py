@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import importlib.util
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -196,8 +197,9 @@ def write_report(
     environment: dict[str, str],
     compile_table: str | None,
     failures: Sequence[str] = (),
-) -> str:
-    """Write ``results.csv`` (replacing it), ``results.md`` and the plots; return the markdown."""
+) -> list[Path]:
+    """Write ``results.csv`` (replacing it), ``results.md`` and, if matplotlib is installed (the
+    ``bench`` extra), the plots; return the plots' paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_file = out_dir / "results.csv"
@@ -205,5 +207,6 @@ def write_report(
     append_csv(rows, csv_file)
     report = markdown_report(rows, environment, compile_table, failures)
     (out_dir / "results.md").write_text(report)
-    plot_ratios(rows, out_dir)
-    return report
+    if importlib.util.find_spec("matplotlib") is None:
+        return []
+    return plot_ratios(rows, out_dir)
