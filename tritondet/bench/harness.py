@@ -98,9 +98,14 @@ def bench_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def _case_id(case: Case | CountCase) -> str:
+    """``op-size-dtype-device``: the pytest id and the failure line of a case."""
+    return f"{case.op}-{case.size}-{str(case.dtype).removeprefix('torch.')}-{case.device.type}"
+
+
 @dataclasses.dataclass
 class Case:
-    """One benchmark, built by a family file: both sides called on the same inputs.
+    """One benchmark, built by a case module (:mod:`tritondet.bench.cases`): both sides called on the same inputs.
 
     ``inputs()`` builds the inputs when the case runs (and they are freed after it), so that
     collecting many full-size cases costs no memory; ``ours(*inputs)`` and
@@ -120,7 +125,7 @@ class Case:
 
     @property
     def id(self) -> str:
-        return f"{self.op}-{self.size}-{str(self.dtype).removeprefix('torch.')}-{self.device.type}"
+        return _case_id(self)
 
 
 @dataclasses.dataclass
@@ -139,7 +144,7 @@ class CountCase:
 
     @property
     def id(self) -> str:
-        return f"{self.op}-{self.size}-{str(self.dtype).removeprefix('torch.')}-{self.device.type}"
+        return _case_id(self)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -321,7 +326,7 @@ def _row(
         min_bytes=min_bytes,
         ours_gbps=gbps(ours_time),
         torchvision_gbps=gbps(theirs_time),
-        peak_gbps=peak_bandwidth_gbps(case.device),
+        peak_gbps=peak_bandwidth_gbps(case.device) if timed else None,
         ours_peak_mem=ours_time and ours_time.peak_mem,
         torchvision_peak_mem=theirs_time and theirs_time.peak_mem,
         device_name=torch.cuda.get_device_name(case.device) if cuda else "cpu",
