@@ -15,7 +15,7 @@ the COCO AP / AP50 reached on the synthetic val split, and the machine's 5-minut
 the side ended (other jobs on a shared machine slow a side down). torch's default thread count on a
 CPU, as ``tritondet train``.
 
-Sizes (``TRITONDET_BENCH_SIZES``, :func:`benchmarks.harness.bench_sizes`): ``tiny`` (the default, CI
+Sizes (``TRITONDET_BENCH_SIZES``, :func:`tritondet.bench.harness.bench_sizes`): ``tiny`` (the default, CI
 smoke: 8 tiny images, 3 iterations per side, seconds), ``quick`` (5 minutes per side) and ``full``
 (15 minutes per side, ``tritondet train``'s budget). Run as a script for a markdown table:
 
@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from benchmarks.harness import SIZES_VARIABLE, bench_device, bench_sizes
+from tritondet.bench.harness import SIZES_VARIABLE, bench_device, bench_sizes
 from tritondet.detector import data, evaluate
 from tritondet.detector.compat import to_torchvision
 from tritondet.detector.engine import TrainConfig, build_model, model_config_of, train
@@ -143,12 +143,6 @@ def format_table(results: list[dict], title: str = "") -> str:
             f"| {r['inference_images_per_s']:.2f} | {r['AP']:.3f} | {r['AP50']:.3f} | {r['load']:.1f} |"
         )
     return "\n".join(lines)
-
-
-def cases(device: torch.device, sizes: str) -> list:
-    """No per-op rows for ``tritondet bench`` (a run takes minutes and measures AP, not one call's
-    time): the side-by-side runs as this script or under pytest."""
-    return []
 
 
 def test_training_side_by_side(benchmark, tmp_path):

@@ -1,20 +1,24 @@
-"""The benchmark report (tritondet.bench, tritondet bench) and the harness's counting and rows."""
+"""The benchmark suite shipped in the package (tritondet.bench, tritondet bench): the report, the harness's counting
+and rows, and its independence from the source checkout."""
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
 import torchvision
 
-from benchmarks import harness
-from tests.boxes import random_boxes
-from tritondet import bench, cli, ops
-from tritondet.dispatch_audit import Costs
+import tritondet
+from tritondet import cli, ops
+from tritondet.bench import cases, harness, report, suite
+from tritondet.bench.inputs import random_boxes
+from tritondet.measure.dispatch_audit import Costs
 
 
-def _row(**changes) -> bench.Row:
+def _row(**changes) -> harness.Row:
     fields = dict(
         op="box_iou",
         size="2000x100",
@@ -37,7 +41,7 @@ def _row(**changes) -> bench.Row:
         min_bytes=833600,
     )
     fields.update(changes)
-    return bench.Row(**fields)
+    return harness.Row(**fields)
 
 
 def test_csv_round_trip_keeps_types_and_missing_values(tmp_path):
@@ -46,15 +50,15 @@ def test_csv_round_trip_keeps_types_and_missing_values(tmp_path):
         _row(size="12000x100", device="cuda", ours_gbps=512.5, peak_gbps=2039.0, ours_peak_mem=4800000),
     ]
     path = tmp_path / "out" / "results.csv"
-    bench.append_csv(rows[:1], path)
-    bench.append_csv(rows[1:], path)  # appends, one header
+    report.append_csv(rows[:1], path)
+    report.append_csv(rows[1:], path)  # appends, one header
     assert path.read_text().count("op,size") == 1
-    assert bench.read_csv(path) == rows
-    assert bench.read_csv(path)[0].ours_gbps is None
+    assert report.read_csv(path) == rows
+    assert report.read_csv(path)[0].ours_gbps is None
 
 
 def test_markdown_table_has_the_columns_and_one_line_per_row():
-    table = bench.markdown_table([_row(), _row(op="nms", size="12000", ratio=0.25)])
+    table = report.markdown_table([_row(), _row(op="nms", size="12000", ratio=0.25)])
     lines = table.splitlines()
     assert lines[0] == "| op | size | dtype | device | ours ms | torchvision ms | ratio | launches | syncs | ATen ops |"
     assert len(lines) == 4
@@ -63,7 +67,7 @@ def test_markdown_table_has_the_columns_and_one_line_per_row():
     assert "GB/s" not in table  # no bandwidth column without CUDA rows
 
 
-def _counted_row(**changes) -> bench.Row:
+def _counted_row(**changes) -> harness.Row:
     """A row counted but not timed (the detector's post-processing stages)."""
     untimed = dict.fromkeys(
         ["ours_ms", "ours_ms_q20", "ours_ms_q80", "torchvision_ms", "torchvision_ms_q20", "torchvision_ms_q80"]
@@ -73,42 +77,42 @@ def _counted_row(**changes) -> bench.Row:
 
 def test_counted_rows_show_no_times_and_their_aten_op_ratio(tmp_path):
     rows = [_row(), _counted_row()]
-    line = bench.markdown_table(rows).splitlines()[-1]
+    line = report.markdown_table(rows).splitlines()[-1]
     assert (
         line
         == "| RPN proposals (ours: reference) | B=8 64x96 | float32 | cpu | - | - | 11.3x ops | 1 / 14 | 0 / 2 | 3 / 34 |"
     )
-    bench.append_csv(rows, tmp_path / "results.csv")
-    assert bench.read_csv(tmp_path / "results.csv") == rows
-    assert list(bench._series(rows)) == ["box_iou"]  # the time-ratio plots leave them out
+    report.append_csv(rows, tmp_path / "results.csv")
+    assert report.read_csv(tmp_path / "results.csv") == rows
+    assert list(report._series(rows)) == ["box_iou"]  # the time-ratio plots leave them out
 
 
 def test_markdown_table_shows_bandwidth_against_peak_on_cuda():
-    table = bench.markdown_table([_row(device="cuda", ours_gbps=1000.0, peak_gbps=2000.0)])
+    table = report.markdown_table([_row(device="cuda", ours_gbps=1000.0, peak_gbps=2000.0)])
     assert "ours GB/s (% of peak)" in table and "| 1000 (50%) |" in table
 
 
 def test_report_has_environment_table_and_compile_report():
-    report = bench.markdown_report([_row()], {"device": "CPU (test)"}, "family  kernel\nbox_iou  k")
-    assert "- device: CPU (test)" in report
-    assert bench.markdown_table([_row()]) in report
-    assert "## Ahead-of-time compile report" in report and "box_iou  k" in report
-    assert "compile report" not in bench.markdown_report([_row()], {}, None)
-    assert "the CPU path" in report  # CPU rows say whose counts they are
+    markdown = report.markdown_report([_row()], {"device": "CPU (test)"}, "family  kernel\nbox_iou  k")
+    assert "- device: CPU (test)" in markdown
+    assert report.markdown_table([_row()]) in markdown
+    assert "## Ahead-of-time compile report" in markdown and "box_iou  k" in markdown
+    assert "compile report" not in report.markdown_report([_row()], {}, None)
+    assert "the CPU path" in markdown  # CPU rows say whose counts they are
 
 
 def test_report_lists_failed_cases():
-    report = bench.markdown_report([_row()], {}, None, ["nms-12000-float32-cpu: AssertionError: differ"])
-    assert "## Failed cases" in report and "- nms-12000-float32-cpu: AssertionError: differ" in report
-    assert "Failed" not in bench.markdown_report([_row()], {}, None)
+    markdown = report.markdown_report([_row()], {}, None, ["nms-12000-float32-cpu: AssertionError: differ"])
+    assert "## Failed cases" in markdown and "- nms-12000-float32-cpu: AssertionError: differ" in markdown
+    assert "Failed" not in report.markdown_report([_row()], {}, None)
 
 
 def test_write_report_replaces_the_csv_and_draws_one_png_per_op(tmp_path):
     pytest.importorskip("matplotlib")
-    bench.append_csv([_row(op="stale")], tmp_path / "results.csv")
+    report.append_csv([_row(op="stale")], tmp_path / "results.csv")
     rows = [_row(), _row(size="12000x100", ratio=0.5), _row(op="nms", size="1000"), _row(op="nms", dtype="float16")]
-    bench.write_report(rows, tmp_path, {"device": "test"}, None)
-    assert bench.read_csv(tmp_path / "results.csv") == rows
+    report.write_report(rows, tmp_path, {"device": "test"}, None)
+    assert report.read_csv(tmp_path / "results.csv") == rows
     assert (tmp_path / "results.md").read_text().count("| box_iou |") == 2
     for op in ("box_iou", "nms"):
         png = (tmp_path / f"{op}.png").read_bytes()
@@ -116,9 +120,39 @@ def test_write_report_replaces_the_csv_and_draws_one_png_per_op(tmp_path):
     assert not (tmp_path / "stale.png").exists()
 
 
-def test_benchmark_modules_are_found_in_the_checkout():
-    root = bench.find_checkout()
-    assert "benchmarks.bench_box_iou" in bench.benchmark_modules(root)
+def test_every_case_family_is_found_in_the_package():
+    assert {"box_iou", "nms", "post_processing", "roi_align"} <= set(cases.FAMILIES)
+
+
+def test_the_package_never_imports_the_checkout_or_edits_sys_path():
+    """``tritondet bench`` runs from a wheel: no module of the package imports the top-level
+    ``benchmarks`` or ``tests`` folders, or edits ``sys.path`` to reach them."""
+    package = Path(tritondet.__file__).parent
+    sources = sorted(package.rglob("*.py"))
+    assert len(sources) > 20
+    for path in sources:
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""] if node.level == 0 else []
+            else:
+                names = []
+            for name in names:
+                assert name.split(".")[0] not in ("benchmarks", "tests"), f"{path}: imports {name}"
+            if isinstance(node, ast.Attribute) and node.attr == "path":
+                assert not (isinstance(node.value, ast.Name) and node.value.id == "sys"), f"{path}: uses sys.path"
+
+
+def test_the_suite_runs_one_tiny_case_into_a_directory(tmp_path, monkeypatch):
+    monkeypatch.setenv(harness.THREADS_VARIABLE, "1")
+    monkeypatch.chdir(tmp_path)  # any directory: nothing is read from the current one
+    rows, failures = suite.run_suite("tiny", only=["box_iou"])
+    assert failures == [] and {row.op for row in rows} == {"box_iou", "generalized_box_iou"}
+    report.write_report(rows[:1], tmp_path / "out", {"device": "test"}, None)
+    assert report.read_csv(tmp_path / "out" / "results.csv") == rows[:1]
+    assert "| box_iou | 37x11 |" in (tmp_path / "out" / "results.md").read_text()
 
 
 def test_counts_see_kernel_ops_syncs_and_launches(backend):
@@ -167,7 +201,7 @@ def test_measure_counts_a_count_case_without_timing():
     )
     case = harness.CountCase("stage", "B=1", torch.float32, torch.device("cpu"), lambda: (ours, theirs))
     row = harness.measure(case)
-    assert row.ours_ms is None and row.torchvision_ms is None and not bench.timed(row)
+    assert row.ours_ms is None and row.torchvision_ms is None and not report.timed(row)
     assert (row.ours_aten_ops, row.torchvision_aten_ops, row.ratio) == (10, 40, 4.0)  # net of interpreter copies
     assert (row.ours_launches, row.torchvision_launches) == (6, 25)  # Triton launches + kernel ATen ops
     assert (row.ours_syncs, row.torchvision_syncs) == (0, 3)
@@ -178,7 +212,7 @@ def test_bench_command_writes_the_report(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv(harness.THREADS_VARIABLE, "1")
     out = tmp_path / "bench"
     assert cli.main(["bench", "--quick", "--only", "box_iou", "--no-compile-report", "--out", str(out)]) == 0
-    rows = bench.read_csv(out / "results.csv")
+    rows = report.read_csv(out / "results.csv")
     assert {row.op for row in rows} == {"box_iou", "generalized_box_iou"}
     assert all(row.ratio > 0 for row in rows)
     assert (out / "box_iou.png").exists() and (out / "results.md").exists()
@@ -208,10 +242,9 @@ def test_forward_backward_cases_reset_grads_between_calls():
     assert row.ours_aten_ops == row.torchvision_aten_ops and row.ours_launches == row.torchvision_launches
 
 
-def test_a_failing_benchmark_module_is_reported_and_the_suite_goes_on(tmp_path, monkeypatch, capsys):
+def test_a_failing_case_family_is_reported_and_the_suite_goes_on(tmp_path, monkeypatch, capsys):
     pytest.importorskip("matplotlib")
-    modules = ["benchmarks.no_such_module", *bench.benchmark_modules(bench.find_checkout())]
-    monkeypatch.setattr(bench, "benchmark_modules", lambda root: modules)
+    monkeypatch.setattr(cases, "FAMILIES", ("no_such_module", *cases.FAMILIES))
     monkeypatch.setenv(harness.THREADS_VARIABLE, "1")
     out = tmp_path / "bench"
     assert (
@@ -220,6 +253,6 @@ def test_a_failing_benchmark_module_is_reported_and_the_suite_goes_on(tmp_path, 
         )
         == 1
     )
-    assert "FAILED benchmarks.no_such_module: ModuleNotFoundError" in capsys.readouterr().out
+    assert "FAILED tritondet.bench.cases.no_such_module: ModuleNotFoundError" in capsys.readouterr().out
     assert "## Failed cases" in (out / "results.md").read_text()
-    assert len(bench.read_csv(out / "results.csv")) == 2  # box_iou and generalized_box_iou still ran
+    assert len(report.read_csv(out / "results.csv")) == 2  # box_iou and generalized_box_iou still ran

@@ -6,9 +6,9 @@ import pytest
 import torch
 from torchvision.models.detection._utils import BoxCoder
 
-from tests.boxes import random_boxes
 from tests.tolerances import FLOAT_DTYPES, assert_close
 from tritondet import ops
+from tritondet.bench.inputs import random_boxes
 from tritondet.kernels.box_coder import BOX_HEAD_WEIGHTS, RPN_WEIGHTS, decode_reference, encode_reference
 
 WEIGHTS = [RPN_WEIGHTS, BOX_HEAD_WEIGHTS]

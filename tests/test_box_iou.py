@@ -6,9 +6,9 @@ import torchvision
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.boxes import random_boxes, special_boxes
 from tests.tolerances import FLOAT_DTYPES, assert_close
 from tritondet import ops
+from tritondet.bench.inputs import random_boxes, special_boxes
 from tritondet.kernels.box_iou import pairwise_iou_reference
 
 FUNCTIONS = {

@@ -3,9 +3,9 @@ sm_90 with zero register spills, and the report reads registers, shared memory a
 
 import pytest
 
-from tritondet import compile_report
 from tritondet.kernels import FAMILIES
 from tritondet.kernels._aot import ARCHS
+from tritondet.measure import compile_report
 
 
 @pytest.fixture(scope="module")

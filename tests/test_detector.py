@@ -13,45 +13,19 @@ import dataclasses
 import pytest
 import torch
 import torchvision
-from torchvision.models.detection import FasterRCNN as TorchvisionFasterRCNN
 
+from tritondet.bench.inputs import assert_same_detections, torchvision_twin
 from tritondet.detector import FasterRCNN, paper_vgg16, resnet50_fpn, resnet_c4, small_cpu, tiny
-from tritondet.detector.backbone import build_backbone
-from tritondet.detector.compat import config_from_torchvision, fasterrcnn_resnet50_fpn, to_torchvision
-from tritondet.detector.costs import post_processing_costs, torchvision_post_processing_costs
+from tritondet.detector.compat import config_from_torchvision, fasterrcnn_resnet50_fpn
 from tritondet.detector.rpn import RPNHead
-from tritondet.dispatch_audit import NoHostSync
-
-BOX_ATOL, SCORE_ATOL = 1e-3, 1e-4  # the issue's parity bounds (pixels at image scale; probability)
-
-
-def torchvision_twin(config=None, seed: int = 0, spread: float = 0.3, **overrides) -> TorchvisionFasterRCNN:
-    """torchvision's ``FasterRCNN`` configured as ``config`` (``tiny()`` by default, with
-    ``config.replace(**overrides)``) with random weights; the RPN head and predictor get wider
-    weights (std ``spread``) so that scores and boxes differ from one anchor or class to the next
-    (a fresh detector scores everything alike)."""
-    config = (config or tiny()).replace(**overrides)
-    torch.manual_seed(seed)
-    model = to_torchvision(config, build_backbone(config.backbone))
-    with torch.no_grad():
-        for module in (model.rpn.head.cls_logits, model.rpn.head.bbox_pred, model.roi_heads.box_predictor):
-            for parameter in module.parameters():
-                parameter.normal_(std=spread)
-    return model
+from tritondet.measure.dispatch_audit import NoHostSync
+from tritondet.measure.stage_costs import post_processing_costs, torchvision_post_processing_costs
 
 
 def tiny_images(seed: int = 1) -> list[torch.Tensor]:
     """Three images of different sizes (resized by the transform to a short side of 64)."""
     generator = torch.Generator().manual_seed(seed)
     return [torch.rand((3, h, w), generator=generator) for h, w in ((64, 80), (70, 64), (50, 90))]
-
-
-def assert_same_detections(ours: list[dict], theirs: list[dict]) -> None:
-    for i, (a, b) in enumerate(zip(ours, theirs, strict=True)):
-        assert a["labels"].shape == b["labels"].shape, f"image {i}: {a['labels'].shape} vs {b['labels'].shape}"
-        torch.testing.assert_close(a["labels"], b["labels"], msg=f"image {i} labels")
-        torch.testing.assert_close(a["boxes"], b["boxes"], atol=BOX_ATOL, rtol=0, msg=f"image {i} boxes")
-        torch.testing.assert_close(a["scores"], b["scores"], atol=SCORE_ATOL, rtol=0, msg=f"image {i} scores")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -207,7 +181,7 @@ def _same_size_images(batch: int) -> list[torch.Tensor]:
 
 
 # torchvision's fasterrcnn_resnet50_fpn on one 480x640 image, as the detector issue quotes it: 339
-# ATen ops in the RPN proposal stage and 350 in the RoI post-processing (tritondet/detector/costs.py
+# ATen ops in the RPN proposal stage and 350 in the RoI post-processing (tritondet/measure/stage_costs.py
 # measures 319 and 300 on a random image). Ours must take at most a tenth, ATen ops plus launches.
 TORCHVISION_R50_FPN_ATEN_OPS = (339, 350)
 

@@ -4,9 +4,9 @@ import pytest
 import torch
 import torchvision
 
-from tests.boxes import random_boxes
 from tritondet import ops
-from tritondet.dispatch_audit import DispatchCounter, HostSyncError, NoHostSync, measure_costs
+from tritondet.bench.inputs import random_boxes
+from tritondet.measure.dispatch_audit import DispatchCounter, HostSyncError, NoHostSync, measure_costs
 
 
 @pytest.mark.parametrize(

@@ -7,11 +7,11 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision.models.detection._utils import Matcher
 
-from tests.boxes import random_boxes
 from tritondet import ops
-from tritondet.dispatch_audit import NoHostSync, _custom_op_body
+from tritondet.bench.inputs import random_boxes
 from tritondet.kernels._launch import count_launches
 from tritondet.kernels.box_iou import pairwise_iou_reference
+from tritondet.measure.dispatch_audit import NoHostSync, _custom_op_body
 
 
 def expected_matches(anchors, gt_boxes, gt_count, high, low, allow_low, iou_fn=torchvision.ops.box_iou):

@@ -10,10 +10,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests import nms_loops
-from tests.boxes import random_boxes, special_boxes
 from tests.tolerances import FLOAT_DTYPES, assert_close
 from tritondet import ops
-from tritondet.dispatch_audit import DispatchCounter, NoHostSync
+from tritondet.bench.inputs import random_boxes, special_boxes
+from tritondet.measure.dispatch_audit import DispatchCounter, NoHostSync
 
 
 def assert_same_keep(ours: torch.Tensor, theirs: torch.Tensor, scores: torch.Tensor) -> None:

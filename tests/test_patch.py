@@ -6,9 +6,9 @@ import pytest
 import torch
 import torchvision
 
-from tests.boxes import random_boxes
-from tests.test_detector import assert_same_detections, tiny_images, torchvision_twin
+from tests.test_detector import tiny_images
 from tritondet import patch_torchvision, unpatch_torchvision
+from tritondet.bench.inputs import assert_same_detections, random_boxes, torchvision_twin
 from tritondet.kernels._launch import count_launches
 
 

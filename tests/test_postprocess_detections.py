@@ -8,7 +8,7 @@ from torchvision.models.detection.roi_heads import RoIHeads
 
 from tests.tolerances import assert_close
 from tritondet import ops
-from tritondet.dispatch_audit import DispatchCounter, NoHostSync
+from tritondet.measure.dispatch_audit import DispatchCounter, NoHostSync
 
 WEIGHTS = (10.0, 10.0, 5.0, 5.0)
 

@@ -8,8 +8,8 @@ import torchvision
 
 from tests.tolerances import FLOAT_DTYPES, assert_close
 from tritondet import ops
-from tritondet.dispatch_audit import NoHostSync
 from tritondet.kernels import roi_align as family
+from tritondet.measure.dispatch_audit import NoHostSync
 from tritondet.ops.pooling import level_scales
 
 OUTPUT_SIZES = [1, 7, (7, 5)]

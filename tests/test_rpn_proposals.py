@@ -9,9 +9,9 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead, concat_box_prediction_layers
 
 from tritondet import ops
-from tritondet.dispatch_audit import DispatchCounter, NoHostSync
 from tritondet.kernels.anchors import anchor_parameters, normalize_config
 from tritondet.kernels.box_coder import DEFAULT_XFORM_CLIP
+from tritondet.measure.dispatch_audit import DispatchCounter, NoHostSync
 
 FPN = (((32,), (64,), (128,), (256,), (512,)), ((0.5, 1.0, 2.0),) * 5, [4, 8, 16, 32, 64])
 PAPER = (((128, 256, 512),), ((0.5, 1.0, 2.0),), [16])

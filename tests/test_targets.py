@@ -7,10 +7,10 @@ from torchvision.models.detection._utils import BalancedPositiveNegativeSampler,
 from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.rpn import RegionProposalNetwork
 
-from tests.boxes import random_boxes
 from tests.tolerances import assert_close
 from tritondet import ops
-from tritondet.dispatch_audit import NoHostSync
+from tritondet.bench.inputs import random_boxes
+from tritondet.measure.dispatch_audit import NoHostSync
 
 # ---------------------------------------------------------------------------------------------
 # sample_balanced

@@ -10,9 +10,9 @@ import torch
 
 
 def _cmd_ops(args: argparse.Namespace) -> int:
-    from . import compile_report
     from ._backend import backend_name
     from .kernels import FAMILIES
+    from .measure import compile_report
 
     results = compile_report.compile_all(use_cache=not args.no_cache)
     status: dict[tuple[str, int], bool] = {}
@@ -38,7 +38,7 @@ def _cmd_ops(args: argparse.Namespace) -> int:
 
 
 def _cmd_compile_report(args: argparse.Namespace) -> int:
-    from . import compile_report
+    from .measure import compile_report
 
     archs = tuple(args.arch) if args.arch else compile_report.ARCHS
     results = compile_report.compile_all(archs=archs, use_cache=not args.no_cache)
@@ -51,25 +51,28 @@ def _cmd_compile_report(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     import os
 
-    # Before the harness is imported: the CPU thread count both sides are timed with.
-    os.environ["TRITONDET_BENCH_THREADS"] = str(args.threads)
-    from . import bench, compile_report
+    from .bench import harness, report, suite
+    from .measure import compile_report
+
+    # The CPU thread count both sides are timed with (read by the harness when it times).
+    os.environ[harness.THREADS_VARIABLE] = str(args.threads)
 
     sizes = "quick" if args.quick else "full"
     print(f"running the {sizes} benchmark suite")
-    rows, failures = bench.run_suite(sizes, only=args.only or ())
+    rows, failures = suite.run_suite(sizes, only=args.only or ())
     compiled = None if args.no_compile_report else compile_report.compile_all()
     compile_table = None if compiled is None else compile_report.format_table(compiled)
-    bench.write_report(rows, args.out, bench.environment(sizes, args.threads), compile_table, failures)
+    plots = report.write_report(rows, args.out, report.environment(sizes, args.threads), compile_table, failures)
     print()
-    print(bench.markdown_table(rows))
+    print(report.markdown_table(rows))
     if compiled is not None:
         failed = sum(not result.ok for _, result in compiled)
         print(f"\ncompile report: {len(compiled)} kernel compilations for sm_80/sm_90, {failed} failed or spilled")
     for failure in failures:
         print(f"FAILED {failure}")
     with_report = "" if compiled is None else " (with the compile report)"
-    print(f"wrote {args.out}/results.csv, {args.out}/results.md{with_report} and one PNG per op")
+    drawn = f"{len(plots)} ratio plots" if plots else "no plots (they need matplotlib: pip install 'tritondet[bench]')"
+    print(f"wrote {args.out}/results.csv, {args.out}/results.md{with_report} and {drawn}")
     return 1 if failures else 0
 
 
@@ -189,11 +192,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser(
         "bench",
-        help="benchmark every op against torchvision (needs a source checkout): CSV, markdown table, ratio plots",
+        help="benchmark every op against torchvision: CSV, markdown table, ratio plots",
     )
     bench.add_argument("--quick", action="store_true", help="a few small sizes instead of the detector's sizes")
     bench.add_argument("--out", type=Path, default=Path("bench"), help="output directory (default: bench/)")
-    bench.add_argument("--only", action="append", help="only benchmark files whose name contains this (repeatable)")
+    bench.add_argument(
+        "--only",
+        action="append",
+        help="only the op families (tritondet.bench.cases) whose name contains this (repeatable)",
+    )
     bench.add_argument("--threads", type=int, default=1, help="torch CPU threads while timing on the CPU (default 1)")
     bench.add_argument("--no-compile-report", action="store_true", help="leave the sm_80/sm_90 compile report out")
     bench.set_defaults(run=_cmd_bench)

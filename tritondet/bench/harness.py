@@ -1,26 +1,26 @@
-"""The harness every ``bench_<family>.py`` shares: our op against torchvision's, same inputs, same process.
+"""The one runner: our op against torchvision's, same inputs, same process, measured into a :class:`Row`.
 
-A family file defines ``cases(device, sizes) -> list[Case]`` and one pytest test that calls
-:func:`run_benchmark` per case. For every case the harness
+A case family (:mod:`tritondet.bench.cases`) defines ``cases(device, sizes) -> list[Case]``;
+:func:`measure` turns one case into one row, for ``tritondet bench`` (:mod:`tritondet.bench.suite`)
+and for the pytest-benchmark entry points in ``benchmarks/`` alike. For every case it
 
 - checks that our result equals torchvision's (the comparison is only worth making then);
-- times both sides: on CUDA with ``triton.testing.do_bench`` (warm-up, then the median and the
-  20th/80th percentiles), with the achieved GB/s against the device's peak DRAM bandwidth and the
-  peak memory of one call; on the CPU our CPU path against torchvision's CPU op, the median of a
-  few calls within a short time budget;
-- counts per call, on both sides, Triton launches, the ATen ops that launch a device kernel, host
-  syncs and all ATen ops (:class:`tritondet.dispatch_audit.DispatchCounter`): exact figures, not
-  timings;
-- appends a :class:`tritondet.bench.Row` to one CSV.
+- counts per call, on both sides, device launches (Triton launches plus the ATen ops that launch
+  a device kernel), host syncs and all ATen ops, net of the Triton interpreter's argument copies
+  (:func:`tritondet.measure.dispatch_audit.measure_costs`): exact figures, not timings;
+- times both sides (unless ``timed=False``): on CUDA with ``triton.testing.do_bench`` (warm-up,
+  then the median and the 20th/80th percentiles), with the achieved GB/s against the device's peak
+  DRAM bandwidth and the peak memory of one call; on the CPU our CPU path against torchvision's
+  CPU op, the median of a few calls within a short time budget.
 
-A :class:`CountCase` (e.g. one stage of the detector, ``bench_post_processing.py``) is counted
-only, with :func:`tritondet.dispatch_audit.measure_costs`, and never timed: its row has no times and
-its ratio is torchvision's ATen ops over ours.
+A :class:`CountCase` (e.g. one stage of the detector, :mod:`tritondet.bench.cases.post_processing`)
+is counted only and never timed, like every case measured with ``timed=False``: its row has no
+times and its ratio is torchvision's ATen ops over ours.
 
 Sizes (``TRITONDET_BENCH_SIZES``): ``tiny`` (the default: the CI smoke run, ``pytest benchmarks/``
 with pytest's default ``--benchmark-disable`` runs each case once and times nothing), ``quick``
-(``tritondet bench --quick``) and ``full`` (the sizes a detector really uses, named in each op's
-issue): ``TRITONDET_BENCH_SIZES=full pytest benchmarks/ --benchmark-only`` (one process, see
+(``tritondet bench --quick``) and ``full`` (the sizes a detector really uses):
+``TRITONDET_BENCH_SIZES=full pytest benchmarks/ --benchmark-only`` (one process, see
 benchmarks/conftest.py) or ``tritondet bench``.
 """
 
@@ -32,19 +32,15 @@ import os
 import statistics
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from tritondet import _backend
-from tritondet.bench import Row, append_csv
-from tritondet.dispatch_audit import Costs, DispatchCounter, launches_kernel
+from .. import _backend
+from ..measure.dispatch_audit import Costs, measure_costs
 
 SIZES_VARIABLE = "TRITONDET_BENCH_SIZES"
 SIZE_SETS = ("tiny", "quick", "full")
-CSV_VARIABLE = "TRITONDET_BENCH_CSV"
-DEFAULT_CSV = Path("bench") / "results.csv"
 
 # CPU timing: at most this many timed calls, stopping once they have taken this long (the CPU
 # figures are for orientation, and the machines are shared).
@@ -54,6 +50,37 @@ CPU_BUDGET_S = 2.0
 # threads contend with other processes and a 1 ms op can take 60 ms; one thread times stably.
 THREADS_VARIABLE = "TRITONDET_BENCH_THREADS"
 QUANTILES = (0.5, 0.2, 0.8)
+
+
+@dataclasses.dataclass
+class Row:
+    """One benchmark case: our op against torchvision's on the same inputs. Times in ms."""
+
+    op: str
+    size: str
+    dtype: str
+    device: str
+    ours_backend: str  # what ran for us: "triton" (CUDA), "triton-interpreter" or "reference" (the CPU path)
+    ours_ms: float | None  # None: counted, not timed
+    ours_ms_q20: float | None
+    ours_ms_q80: float | None
+    torchvision_ms: float | None
+    torchvision_ms_q20: float | None
+    torchvision_ms_q80: float | None
+    ratio: float  # torchvision_ms / ours_ms; without times torchvision_aten_ops / ours_aten_ops
+    ours_launches: int
+    torchvision_launches: int
+    ours_syncs: int
+    torchvision_syncs: int
+    ours_aten_ops: int
+    torchvision_aten_ops: int
+    min_bytes: int  # the bytes the op must read and write at least
+    ours_gbps: float | None = None  # min_bytes / ours_ms (CUDA only)
+    torchvision_gbps: float | None = None
+    peak_gbps: float | None = None  # the device's peak DRAM bandwidth
+    ours_peak_mem: int | None = None  # peak bytes allocated during one call (CUDA only)
+    torchvision_peak_mem: int | None = None
+    device_name: str = ""
 
 
 def bench_sizes() -> str:
@@ -71,9 +98,14 @@ def bench_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def _case_id(case: Case | CountCase) -> str:
+    """``op-size-dtype-device``: the pytest id and the failure line of a case."""
+    return f"{case.op}-{case.size}-{str(case.dtype).removeprefix('torch.')}-{case.device.type}"
+
+
 @dataclasses.dataclass
 class Case:
-    """One benchmark, built by a family file: both sides called on the same inputs.
+    """One benchmark, built by a case module (:mod:`tritondet.bench.cases`): both sides called on the same inputs.
 
     ``inputs()`` builds the inputs when the case runs (and they are freed after it), so that
     collecting many full-size cases costs no memory; ``ours(*inputs)`` and
@@ -93,13 +125,13 @@ class Case:
 
     @property
     def id(self) -> str:
-        return f"{self.op}-{self.size}-{str(self.dtype).removeprefix('torch.')}-{self.device.type}"
+        return _case_id(self)
 
 
 @dataclasses.dataclass
 class CountCase:
     """A case that is counted, never timed: ``costs()`` returns (ours, torchvision)
-    :class:`~tritondet.dispatch_audit.Costs` of the same work on the same inputs (e.g. one stage
+    :class:`~tritondet.measure.dispatch_audit.Costs` of the same work on the same inputs (e.g. one stage
     of the detector, which a plain call of each side could not isolate). Its row has no times;
     its ratio is torchvision's ATen ops over ours, and ours are counted net of the Triton
     interpreter's argument copies (what a GPU would dispatch)."""
@@ -112,29 +144,12 @@ class CountCase:
 
     @property
     def id(self) -> str:
-        return f"{self.op}-{self.size}-{str(self.dtype).removeprefix('torch.')}-{self.device.type}"
+        return _case_id(self)
 
 
 # ----------------------------------------------------------------------------------------------
 # Counting
 # ----------------------------------------------------------------------------------------------
-
-
-class KernelCounter(DispatchCounter):
-    """:class:`DispatchCounter` that also counts the ATen ops launching a device kernel."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.kernel_ops = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if not func._schema.name.startswith("tritondet::") and launches_kernel(func):
-            self.kernel_ops += 1
-        return super().__torch_dispatch__(func, types, args, kwargs)
-
-    @property
-    def device_launches(self) -> int:
-        return self.launches + self.kernel_ops
 
 
 def _reset_grads(leaves) -> None:
@@ -144,17 +159,23 @@ def _reset_grads(leaves) -> None:
 
 @dataclasses.dataclass
 class Counts:
-    launches: int
+    """One call's figures as a row shows them."""
+
+    launches: int  # Triton launches plus the ATen ops that launch a device kernel
     syncs: int
-    aten_ops: int
+    aten_ops: int  # net of the Triton interpreter's argument copies
+
+    @classmethod
+    def of(cls, costs: Costs) -> Counts:
+        return cls(costs.device_launches, costs.syncs, costs.net_aten_ops)
 
 
 def count(fn: Callable[[], Any], leaves: tuple[torch.Tensor, ...] = ()) -> Counts:
     """Launches, host syncs and ATen ops of one call of ``fn`` (with the ``.grad`` of ``leaves`` reset)."""
     _reset_grads(leaves)
-    with KernelCounter() as counter:
+    with measure_costs() as costs:
         fn()
-    return Counts(counter.device_launches, counter.syncs, counter.aten_ops)
+    return Counts.of(costs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -183,9 +204,13 @@ def _time_cuda(fn: Callable[[], Any], grad_to_none) -> Timing:
 
 
 @contextlib.contextmanager
-def _threads(count: int) -> Iterator[None]:
+def timing_threads(device: torch.device) -> Iterator[None]:
+    """On the CPU, both sides run with :func:`cpu_threads` torch threads while timed."""
+    if device.type != "cpu":
+        yield
+        return
     saved = torch.get_num_threads()
-    torch.set_num_threads(count)
+    torch.set_num_threads(cpu_threads())
     try:
         yield
     finally:
@@ -194,7 +219,7 @@ def _threads(count: int) -> Iterator[None]:
 
 def _time_cpu(fn: Callable[[], Any], grad_to_none) -> Timing:
     """The calls :func:`measure` makes before timing (the check and the count) are the warm-up."""
-    with _threads(cpu_threads()):
+    with timing_threads(torch.device("cpu")):
         return _time_cpu_samples(fn, grad_to_none)
 
 
@@ -230,12 +255,15 @@ def peak_bandwidth_gbps(device: torch.device) -> float | None:
 
 
 @dataclasses.dataclass
-class _Bound:
+class Bound:
     """A case with its inputs built: zero-argument calls for timing and counting."""
 
     ours: Callable[[], Any]
     torchvision: Callable[[], Any]
-    leaves: tuple[torch.Tensor, ...]
+    leaves: tuple[torch.Tensor, ...]  # the inputs that require grad
+
+    def reset_grads(self) -> None:
+        _reset_grads(self.leaves)
 
 
 def _tensors(value) -> list[torch.Tensor]:
@@ -249,17 +277,18 @@ def _tensors(value) -> list[torch.Tensor]:
     return []
 
 
-def _bind(case: Case) -> _Bound:
+def bind(case: Case) -> Bound:
+    """Build ``case``'s inputs and close both sides over them."""
     inputs = case.inputs()
     leaves = tuple(t for t in _tensors(inputs) if t.requires_grad)
-    return _Bound(lambda: case.ours(*inputs), lambda: case.torchvision(*inputs), leaves)
+    return Bound(lambda: case.ours(*inputs), lambda: case.torchvision(*inputs), leaves)
 
 
-def _check(case: Case, bound: _Bound) -> None:
+def _check(case: Case, bound: Bound) -> None:
     """Our result against torchvision's on the same inputs (a benchmark of different work is void)."""
-    _reset_grads(bound.leaves)
+    bound.reset_grads()
     ours = bound.ours()
-    _reset_grads(bound.leaves)
+    bound.reset_grads()
     theirs = bound.torchvision()
     if case.check is not None:
         case.check(ours, theirs)
@@ -267,121 +296,54 @@ def _check(case: Case, bound: _Bound) -> None:
         torch.testing.assert_close(ours, theirs)
 
 
-def _count_row(case: CountCase) -> Row:
-    ours, theirs = case.costs()
+def _row(
+    case: Case | CountCase, ours: Counts, theirs: Counts, ours_time: Timing | None, theirs_time: Timing | None
+) -> Row:
+    """The row of ``case``: timed if both timings are given, else counted only (the ATen-op ratio)."""
+    cuda = case.device.type == "cuda"
+    timed = ours_time is not None and theirs_time is not None
+    min_bytes = case.min_bytes if isinstance(case, Case) else 0  # a CountCase moves no bytes of its own
+    gbps = lambda timing: min_bytes / timing.median_ms / 1e6 if timed and cuda else None
     return Row(
         op=case.op,
         size=case.size,
         dtype=str(case.dtype).removeprefix("torch."),
         device=case.device.type,
         ours_backend=_backend.backend_name(case.device),
-        ours_ms=None,
-        ours_ms_q20=None,
-        ours_ms_q80=None,
-        torchvision_ms=None,
-        torchvision_ms_q20=None,
-        torchvision_ms_q80=None,
-        ratio=theirs.net_aten_ops / ours.net_aten_ops,
-        ours_launches=ours.device_launches,
-        torchvision_launches=theirs.device_launches,
+        ours_ms=ours_time and ours_time.median_ms,
+        ours_ms_q20=ours_time and ours_time.q20_ms,
+        ours_ms_q80=ours_time and ours_time.q80_ms,
+        torchvision_ms=theirs_time and theirs_time.median_ms,
+        torchvision_ms_q20=theirs_time and theirs_time.q20_ms,
+        torchvision_ms_q80=theirs_time and theirs_time.q80_ms,
+        ratio=theirs_time.median_ms / ours_time.median_ms if timed else theirs.aten_ops / ours.aten_ops,
+        ours_launches=ours.launches,
+        torchvision_launches=theirs.launches,
         ours_syncs=ours.syncs,
         torchvision_syncs=theirs.syncs,
-        ours_aten_ops=ours.net_aten_ops,
-        torchvision_aten_ops=theirs.net_aten_ops,
-        min_bytes=0,  # not a bandwidth-bound op: nothing is timed
-        device_name=torch.cuda.get_device_name(case.device) if case.device.type == "cuda" else "cpu",
-    )
-
-
-def measure(case: Case | CountCase) -> Row:
-    if isinstance(case, CountCase):
-        return _count_row(case)
-    bound = _bind(case)
-    _check(case, bound)
-    ours_counts, torchvision_counts = count(bound.ours, bound.leaves), count(bound.torchvision, bound.leaves)
-    ours = time_call(bound.ours, case.device, bound.leaves)
-    theirs = time_call(bound.torchvision, case.device, bound.leaves)
-    peak = peak_bandwidth_gbps(case.device)
-    cuda = case.device.type == "cuda"
-    return Row(
-        op=case.op,
-        size=case.size,
-        dtype=str(case.dtype).removeprefix("torch."),
-        device=case.device.type,
-        ours_backend=_backend.backend_name(case.device),
-        ours_ms=ours.median_ms,
-        ours_ms_q20=ours.q20_ms,
-        ours_ms_q80=ours.q80_ms,
-        torchvision_ms=theirs.median_ms,
-        torchvision_ms_q20=theirs.q20_ms,
-        torchvision_ms_q80=theirs.q80_ms,
-        ratio=theirs.median_ms / ours.median_ms,
-        ours_launches=ours_counts.launches,
-        torchvision_launches=torchvision_counts.launches,
-        ours_syncs=ours_counts.syncs,
-        torchvision_syncs=torchvision_counts.syncs,
-        ours_aten_ops=ours_counts.aten_ops,
-        torchvision_aten_ops=torchvision_counts.aten_ops,
-        min_bytes=case.min_bytes,
-        ours_gbps=case.min_bytes / ours.median_ms / 1e6 if cuda else None,
-        torchvision_gbps=case.min_bytes / theirs.median_ms / 1e6 if cuda else None,
-        peak_gbps=peak,
-        ours_peak_mem=ours.peak_mem,
-        torchvision_peak_mem=theirs.peak_mem,
+        ours_aten_ops=ours.aten_ops,
+        torchvision_aten_ops=theirs.aten_ops,
+        min_bytes=min_bytes,
+        ours_gbps=gbps(ours_time),
+        torchvision_gbps=gbps(theirs_time),
+        peak_gbps=peak_bandwidth_gbps(case.device) if timed else None,
+        ours_peak_mem=ours_time and ours_time.peak_mem,
+        torchvision_peak_mem=theirs_time and theirs_time.peak_mem,
         device_name=torch.cuda.get_device_name(case.device) if cuda else "cpu",
     )
 
 
-def csv_path() -> Path:
-    return Path(os.environ.get(CSV_VARIABLE, DEFAULT_CSV))
-
-
-# ----------------------------------------------------------------------------------------------
-# pytest-benchmark glue
-# ----------------------------------------------------------------------------------------------
-
-
-def _synchronized(fn: Callable[[], Any], device: torch.device) -> Callable[[], Any]:
-    if device.type != "cuda":
-        return fn
-
-    def call():
-        result = fn()
-        torch.cuda.synchronize(device)
-        return result
-
-    return call
-
-
-def run_benchmark(benchmark, case: Case) -> None:
-    """The body of every benchmark test.
-
-    With ``--benchmark-disable`` (the default) a smoke test: both sides run once on the same
-    inputs, their results are compared and the counters run; nothing is timed. Otherwise the full
-    row is measured and appended to the CSV (``TRITONDET_BENCH_CSV``, default
-    ``bench/results.csv``), and pytest-benchmark times our op too (its table, grouped per op,
-    carries the row as extra info).
-    """
-    if benchmark.disabled:
-        bound = _bind(case)
-        _check(case, bound)
-        count(bound.ours, bound.leaves)
-        count(bound.torchvision, bound.leaves)
-        benchmark(bound.ours)
-        return
-    row = measure(case)
-    append_csv([row], csv_path())
-    benchmark.group = f"{case.op} {case.device.type}"
-    benchmark.extra_info.update(
-        {key: value for key, value in dataclasses.asdict(row).items() if value is not None and key != "op"}
-    )
-    bound = _bind(case)
-    threads = _threads(cpu_threads()) if case.device.type == "cpu" else contextlib.nullcontext()
-    with threads:  # the same CPU threads as the row's timings
-        benchmark.pedantic(
-            _synchronized(bound.ours, case.device),
-            setup=lambda: _reset_grads(bound.leaves),
-            rounds=3,
-            iterations=1,
-            warmup_rounds=1,
-        )
+def measure(case: Case | CountCase, *, timed: bool = True) -> Row:
+    """One case, one row: our result checked against torchvision's, both sides counted, then timed
+    (unless ``timed`` is false or the case is a :class:`CountCase`). Raises if the results differ."""
+    if isinstance(case, CountCase):
+        ours, theirs = case.costs()
+        return _row(case, Counts.of(ours), Counts.of(theirs), None, None)
+    bound = bind(case)
+    _check(case, bound)
+    ours, theirs = count(bound.ours, bound.leaves), count(bound.torchvision, bound.leaves)
+    if not timed:
+        return _row(case, ours, theirs, None, None)
+    ours_time = time_call(bound.ours, case.device, bound.leaves)
+    theirs_time = time_call(bound.torchvision, case.device, bound.leaves)
+    return _row(case, ours, theirs, ours_time, theirs_time)

@@ -26,7 +26,7 @@ import torch
 from torch._library.custom_ops import OPDEFS
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .kernels import _launch
+from ..kernels import _launch
 
 _aten = torch.ops.aten
 # Ops whose output size depends on tensor values, or that copy a value to the host.

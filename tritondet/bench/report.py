@@ -1,58 +1,28 @@
-"""``tritondet bench``: the benchmark rows' schema, the CSV, the markdown report and the ratio plots.
+"""The benchmark report: rows (:class:`~tritondet.bench.harness.Row`) to ``results.csv``, ``results.md`` and one PNG per op.
 
-The measuring itself lives in ``benchmarks/harness.py`` (one ``bench_<family>.py`` per op family,
-each case running our op and torchvision's on the same inputs in one process); this module turns
-its rows into ``results.csv``, ``results.md`` and one ``<op>.png`` per op.
+The measuring itself is :func:`tritondet.bench.harness.measure` (one module per op family in
+:mod:`tritondet.bench.cases`, each case running our op and torchvision's on the same inputs in one
+process).
 
 ``ratio`` is torchvision's median time over ours: above 1 ours is faster. Rows that are counted
-but not timed (the detector's post-processing stages, ``benchmarks/bench_post_processing.py``) have
+but not timed (the detector's post-processing stages, :mod:`tritondet.bench.cases.post_processing`) have
 no times, and their ratio is torchvision's ATen ops over ours. ``launches`` counts
 Triton kernel launches plus the ATen ops that launch a device kernel (every op but views and
 allocations; torchvision's compiled ops such as ``torchvision::nms`` count once, though they may
 launch more than one kernel inside); ``syncs`` counts the ops that make the host wait for the
-device (:mod:`tritondet.dispatch_audit`). Both are counted per call on the path that was timed.
+device (:mod:`tritondet.measure.dispatch_audit`). Both are counted per call on the path that was timed.
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
-import importlib
+import importlib.util
 import os
-import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-
-@dataclasses.dataclass
-class Row:
-    """One benchmark case: our op against torchvision's on the same inputs. Times in ms."""
-
-    op: str
-    size: str
-    dtype: str
-    device: str
-    ours_backend: str  # what ran for us: "triton" (CUDA), "triton-interpreter" or "reference" (the CPU path)
-    ours_ms: float | None  # None: counted, not timed
-    ours_ms_q20: float | None
-    ours_ms_q80: float | None
-    torchvision_ms: float | None
-    torchvision_ms_q20: float | None
-    torchvision_ms_q80: float | None
-    ratio: float  # torchvision_ms / ours_ms; without times torchvision_aten_ops / ours_aten_ops
-    ours_launches: int
-    torchvision_launches: int
-    ours_syncs: int
-    torchvision_syncs: int
-    ours_aten_ops: int
-    torchvision_aten_ops: int
-    min_bytes: int  # the bytes the op must read and write at least
-    ours_gbps: float | None = None  # min_bytes / ours_ms (CUDA only)
-    torchvision_gbps: float | None = None
-    peak_gbps: float | None = None  # the device's peak DRAM bandwidth
-    ours_peak_mem: int | None = None  # peak bytes allocated during one call (CUDA only)
-    torchvision_peak_mem: int | None = None
-    device_name: str = ""
+from .harness import Row
 
 
 FIELDS = [field.name for field in dataclasses.fields(Row)]
@@ -88,7 +58,8 @@ def read_csv(path: Path) -> list[Row]:
         return [Row(**{name: _parse(name, record[name]) for name in FIELDS}) for record in csv.DictReader(file)]
 
 
-def _ms(value: float | None) -> str:
+def format_ms(value: float | None) -> str:
+    """A time in ms to 3 significant digits (whole ms from 100 on); "-" for no time."""
     if value is None:
         return "-"
     return f"{value:.3g}" if value < 100 else f"{value:.0f}"
@@ -113,8 +84,8 @@ def markdown_table(rows: Sequence[Row]) -> str:
             row.size,
             row.dtype,
             row.device,
-            _ms(row.ours_ms),
-            _ms(row.torchvision_ms),
+            format_ms(row.ours_ms),
+            format_ms(row.torchvision_ms),
             f"{row.ratio:.2f}x" if timed(row) else f"{row.ratio:.3g}x ops",
             f"{row.ours_launches} / {row.torchvision_launches}",
             f"{row.ours_syncs} / {row.torchvision_syncs}",
@@ -202,63 +173,6 @@ def markdown_report(
     return "\n".join(lines) + "\n"
 
 
-# ----------------------------------------------------------------------------------------------
-# Running the suite (needs a source checkout: the cases live in benchmarks/).
-# ----------------------------------------------------------------------------------------------
-
-
-def benchmark_modules(root: Path) -> list[str]:
-    """The ``benchmarks.bench_<family>`` module names under ``root``, in name order."""
-    return [f"benchmarks.{path.stem}" for path in sorted((Path(root) / "benchmarks").glob("bench_*.py"))]
-
-
-def find_checkout() -> Path:
-    """The source checkout holding ``benchmarks/``: the current directory or the package's parent."""
-    for candidate in (Path.cwd(), Path(__file__).resolve().parent.parent):
-        if (candidate / "benchmarks" / "harness.py").exists():
-            return candidate
-    raise FileNotFoundError(
-        "tritondet bench needs a source checkout (it runs benchmarks/bench_*.py): run it from the repository root"
-    )
-
-
-def run_suite(sizes: str, only: Sequence[str] = ()) -> tuple[list[Row], list[str]]:
-    """Measure every case of every benchmark module (those whose name contains one of ``only``).
-
-    Returns the rows and one line per case (or module) that failed: a failure, e.g. our result
-    differing from torchvision's, is reported and the suite goes on.
-    """
-    root = find_checkout()
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    harness = importlib.import_module("benchmarks.harness")
-    rows, failures = [], []
-    for name in benchmark_modules(root):
-        if only and not any(word in name for word in only):
-            continue
-        try:
-            cases = importlib.import_module(name).cases(harness.bench_device(), sizes)
-        except (KeyboardInterrupt, SystemExit):
-            raise
-        except BaseException as error:  # also pytest's module-level skip (an op not there yet)
-            failures.append(f"{name}: {type(error).__name__}: {error}")
-            continue
-        for case in cases:
-            try:
-                row = harness.measure(case)
-            except Exception as error:
-                failures.append(f"{case.id}: {type(error).__name__}: {str(error).strip().splitlines()[0]}")
-                print(f"  FAILED {failures[-1]}")
-                continue
-            if timed(row):
-                result = f"{_ms(row.ours_ms)} ms, torchvision {_ms(row.torchvision_ms)} ms"
-            else:
-                result = f"{row.ours_aten_ops} ATen ops, torchvision {row.torchvision_aten_ops}"
-            print(f"  {row.op} {row.size} {row.dtype} {row.device}: {result}")
-            rows.append(row)
-    return rows, failures
-
-
 def environment(sizes: str, cpu_threads: int) -> dict[str, str]:
     import platform
 
@@ -283,8 +197,9 @@ def write_report(
     environment: dict[str, str],
     compile_table: str | None,
     failures: Sequence[str] = (),
-) -> str:
-    """Write ``results.csv`` (replacing it), ``results.md`` and the plots; return the markdown."""
+) -> list[Path]:
+    """Write ``results.csv`` (replacing it), ``results.md`` and, if matplotlib is installed (the
+    ``bench`` extra), the plots; return the plots' paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_file = out_dir / "results.csv"
@@ -292,5 +207,6 @@ def write_report(
     append_csv(rows, csv_file)
     report = markdown_report(rows, environment, compile_table, failures)
     (out_dir / "results.md").write_text(report)
-    plot_ratios(rows, out_dir)
-    return report
+    if importlib.util.find_spec("matplotlib") is None:
+        return []
+    return plot_ratios(rows, out_dir)

@@ -20,7 +20,7 @@ same images, through each model's own transform, backbone and heads):
   ``remove_small_boxes``, ``batched_nms``, top D). Neither side's rescaling to the original image
   sizes (``transform.postprocess``) is included.
 
-Counts (:class:`tritondet.dispatch_audit.Costs`): all ATen ops (and net of the Triton
+Counts (:class:`tritondet.measure.dispatch_audit.Costs`): all ATen ops (and net of the Triton
 interpreter's argument copies, which a GPU launch does not make), device launches (Triton launches
 plus ATen ops that launch a kernel), host syncs. They count calls, not time, so they are the same
 on every machine, except that our Triton path only runs on the CPU in the Triton interpreter
@@ -36,11 +36,8 @@ paths. For ``fasterrcnn_resnet50_fpn`` on one random 480x640 image (resized by i
 that all ~4.7k pre-NMS proposals pass the filters (a trained RPN's regime) and detections above the
 0.05 score threshold fall in many classes, this measures on the CPU 319 ATen ops, 14 syncs and 193
 device launches in the RPN stage, and 300 ATen ops, 48 syncs and 216 device launches in the RoI
-post-processing. The detector issue quotes 339 ATen ops and about 14 syncs for the RPN and 350 ATen
-ops and about 50 sync-causing calls for the RoI heads "on these machines" (the CPU): the same
-regime. The RoI figure moves by about 8 ops and 2 syncs per class that reaches the per-class loop
-(the image decides how many do); the issue does not say where it bounded the RPN stage, so the
-source of its 20 further ops there is not known.
+post-processing. The RoI figure moves by about 8 ops and 2 syncs per class that reaches the
+per-class loop (the image decides how many do).
 """
 
 from __future__ import annotations
@@ -51,9 +48,9 @@ import torch
 from torch import Tensor, nn
 from torchvision.models.detection.rpn import concat_box_prediction_layers
 
-from ..dispatch_audit import Costs, measure_costs
-from .backbone import feature_strides
-from .faster_rcnn import FasterRCNN
+from ..detector.backbone import feature_strides
+from ..detector.faster_rcnn import FasterRCNN
+from .dispatch_audit import Costs, measure_costs
 
 
 @dataclasses.dataclass

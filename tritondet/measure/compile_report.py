@@ -18,13 +18,13 @@ from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from .kernels._aot import ARCHS, CompileResult, compile_spec
+from ..kernels._aot import ARCHS, CompileResult, compile_spec
 
 CACHE_DIR = Path(os.environ.get("TRITONDET_CACHE", Path.home() / ".cache" / "tritondet"))
 
 
 def _families():
-    from .kernels import FAMILIES
+    from ..kernels import FAMILIES
 
     return FAMILIES
 
