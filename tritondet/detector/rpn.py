@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
+from ..kernels._common import clip_to_images
 from .config import AnchorConfig, RPNConfig
 from .targets import GroundTruth, anchor_target_layer
 
@@ -77,13 +78,6 @@ def flatten_head_outputs(objectness: list[Tensor], deltas: list[Tensor]) -> tupl
         level_deltas = level_deltas.view(batch, anchors, 4, height, width).permute(0, 3, 4, 1, 2)
         flat_deltas.append(level_deltas.reshape(batch, -1, 4))
     return torch.cat(flat_objectness, dim=1), torch.cat(flat_deltas, dim=1)
-
-
-def clip_to_images(boxes: Tensor, image_sizes: Tensor) -> Tensor:
-    """Clamp ``boxes [B, ..., 4]`` to ``[0, w] x [0, h]`` of each image (``image_sizes [B, 2]``);
-    differentiable, no host sync, a handful of ATen ops whatever B."""
-    limits = image_sizes.flip(-1).repeat(1, 2).to(boxes.dtype)  # [B, 4]: (w, h, w, h)
-    return torch.minimum(boxes.clamp(min=0), limits.view(limits.shape[0], *[1] * (boxes.dim() - 2), 4))
 
 
 class RegionProposalNetwork(nn.Module):

@@ -27,6 +27,7 @@ import triton.language as tl
 
 from .._backend import use_triton
 from ._aot import KernelSpec
+from ._common import NUM_WARPS
 from ._launch import device_table, launch
 
 # Level-table columns (int64).
@@ -101,7 +102,6 @@ def _grid_anchors_kernel(
     tl.store(po + 3, y2, mask=ok)
 
 
-_NUM_WARPS = 4
 # 512 anchors per program, 4 per thread at 4 warps: one 16-byte store per coordinate row segment
 # and enough work per program that the (few) programs of small levels stay cheap.
 _BLOCK = 512
@@ -192,7 +192,7 @@ def grid_anchors_triton(grid_sizes, strides, anchor_sizes, anchor_ratios, anchor
     out = torch.empty((sum(counts), 4), dtype=torch.float32, device=device)
     table = level_table(grid_sizes, strides, anchor_sizes, anchor_ratios, anchors_per_level, device)
     grid = (triton.cdiv(max(counts), _BLOCK), len(counts))
-    launch(_grid_anchors_kernel, grid, table, out, table.shape[1], BLOCK=_BLOCK, num_warps=_NUM_WARPS)
+    launch(_grid_anchors_kernel, grid, table, out, table.shape[1], BLOCK=_BLOCK, num_warps=NUM_WARPS)
     return out
 
 
@@ -264,7 +264,7 @@ AOT_SPECS = [
         _grid_anchors_kernel,
         {"table_ptr": "*i64", "out_ptr": "*fp32", "row_width": "i32", "BLOCK": "constexpr"},
         {"BLOCK": _BLOCK},
-        num_warps=_NUM_WARPS,
+        num_warps=NUM_WARPS,
     )
 ]
 PUBLIC_OPS = ("AnchorGenerator", "grid_anchors")

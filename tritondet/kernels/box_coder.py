@@ -28,6 +28,7 @@ import triton.language as tl
 
 from .._backend import use_triton
 from ._aot import KernelSpec
+from ._common import NUM_WARPS, clip_box, clip_to_images, compute_dtype_of
 from ._launch import launch, triton_pointer_type
 from .nms import batched_nms_padded_impl
 
@@ -256,10 +257,7 @@ def _detection_candidates_kernel(
         dw = tl.load(pd + 2 * stride_deltas_c, mask=ok, other=0).to(tl.float32)
         dh = tl.load(pd + 3 * stride_deltas_c, mask=ok, other=0).to(tl.float32)
         x1, y1, x2, y2 = decode_box(px1, py1, px2, py2, dx, dy, dw, dh, wx, wy, ww, wh, clip)
-        x1 = tl.minimum(tl.maximum(x1, 0.0), width)
-        y1 = tl.minimum(tl.maximum(y1, 0.0), height)
-        x2 = tl.minimum(tl.maximum(x2, 0.0), width)
-        y2 = tl.minimum(tl.maximum(y2, 0.0), height)
+        x1, y1, x2, y2 = clip_box(x1, y1, x2, y2, height, width)
         keep = real & (cls >= 1)[None, :] & ((x2 - x1) >= min_size) & ((y2 - y1) >= min_size)
         out = row[:, None] * C + cls[None, :]
         tl.store(scores_ptr + out, tl.where(keep, probability, float("-inf")), mask=ok)
@@ -269,9 +267,6 @@ def _detection_candidates_kernel(
         tl.store(boxes_ptr + out * 4 + 3, y2, mask=ok)
 
 
-_NUM_WARPS = 4
-
-
 def _block_size(compute_dtype: torch.dtype) -> int:
     """Boxes per program: 256 fp32 (2 per thread at 4 warps, ~20 live values each) or 128 fp64.
 
@@ -279,10 +274,6 @@ def _block_size(compute_dtype: torch.dtype) -> int:
     flight without spilling (`tritondet compile-report`).
     """
     return 128 if compute_dtype == torch.float64 else 256
-
-
-def compute_dtype_of(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def encode_triton(reference_boxes: torch.Tensor, proposals: torch.Tensor, weights: list[float]) -> torch.Tensor:
@@ -303,7 +294,7 @@ def encode_triton(reference_boxes: torch.Tensor, proposals: torch.Tensor, weight
         *[float(w) for w in weights],
         COMPUTE_FP64=compute_dtype == torch.float64,
         BLOCK=block,
-        num_warps=_NUM_WARPS,
+        num_warps=NUM_WARPS,
     )
     return out
 
@@ -328,7 +319,7 @@ def decode_triton(deltas: torch.Tensor, boxes: torch.Tensor, weights: list[float
         float(clip),
         COMPUTE_FP64=compute_dtype == torch.float64,
         BLOCK=block,
-        num_warps=_NUM_WARPS,
+        num_warps=NUM_WARPS,
     )
     return out
 
@@ -370,7 +361,7 @@ def detection_candidates_triton(
         float(min_size),
         BLOCK_ROWS=_CANDIDATE_ROWS,
         BLOCK_CLASSES=_CANDIDATE_CLASSES,
-        num_warps=_NUM_WARPS,
+        num_warps=NUM_WARPS,
     )
     return boxes, scores
 
@@ -427,9 +418,7 @@ def detection_candidates_reference(
     num_classes = class_logits.shape[1]
     boxes = decode_reference(box_regression.view(batch, count, 4 * num_classes), proposals, weights, clip)
     boxes = boxes.float().view(batch, count, num_classes, 4)
-    size = image_sizes.to(torch.float32)[:, None, None, :]  # (height, width)
-    upper = torch.stack([size[..., 1], size[..., 0], size[..., 1], size[..., 0]], dim=-1)
-    boxes = torch.minimum(boxes.clamp(min=0), upper)
+    boxes = clip_to_images(boxes, image_sizes)
     scores = torch.softmax(class_logits.float(), dim=-1).view(batch, count, num_classes)
     large = (boxes[..., 2:] - boxes[..., :2] >= min_size).all(dim=-1)
     real = torch.arange(count, device=proposals.device) < num_valid[:, None]
@@ -564,7 +553,7 @@ def _aot_specs() -> list[KernelSpec]:
             **weights,
             **meta,
         }
-        specs.append(KernelSpec(_encode_kernel, encode_signature, constexprs, label, num_warps=_NUM_WARPS))
+        specs.append(KernelSpec(_encode_kernel, encode_signature, constexprs, label, num_warps=NUM_WARPS))
         # Decode: deltas and reference boxes may differ in dtype (fp16 head, fp32 anchors).
         for boxes_dtype in _SPEC_DTYPES:
             decode_signature = {
@@ -585,7 +574,7 @@ def _aot_specs() -> list[KernelSpec]:
                     decode_signature,
                     constexprs,
                     f"deltas {label},boxes {boxes_label}",
-                    num_warps=_NUM_WARPS,
+                    num_warps=NUM_WARPS,
                 )
             )
         # Detection candidates: any head dtype, any proposal dtype.
@@ -614,7 +603,7 @@ def _aot_specs() -> list[KernelSpec]:
                     signature,
                     candidate_meta,
                     f"head {label},proposals {proposals_label}",
-                    num_warps=_NUM_WARPS,
+                    num_warps=NUM_WARPS,
                 )
             )
     return specs

@@ -26,8 +26,9 @@ import triton.language as tl
 
 from .._backend import use_triton
 from ._aot import KernelSpec
+from ._common import NUM_WARPS, compute_dtype_of
 from ._launch import launch, triton_pointer_type
-from .roi_align import _compute_dtype, _load_roi, _roi_bin_tile
+from .roi_align import load_roi, roi_bin_tile
 
 
 @triton.jit
@@ -65,11 +66,11 @@ def _crop_pool_fwd_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_P: tl.constexpr,
 ):
-    k, channels, bins, c_ok, p_ok, ph, pw = _roi_bin_tile(C, PH, PW, BLOCK_C, BLOCK_P)
+    k, channels, bins, c_ok, p_ok, ph, pw = roi_bin_tile(C, PH, PW, BLOCK_C, BLOCK_P)
     compute_dtype = tl.float64 if COMPUTE_FP64 else tl.float32
     mask_cp = c_ok[:, None] & p_ok[None, :]
 
-    batch, valid, x1, y1, x2, y2 = _load_roi(rois_ptr, k, stride_rk, stride_rc, N, compute_dtype)
+    batch, valid, x1, y1, x2, y2 = load_roi(rois_ptr, k, stride_rk, stride_rc, N, compute_dtype)
     base = input_ptr + batch * stride_n + channels.to(tl.int64)[:, None] * stride_c
     best = tl.full((BLOCK_C, BLOCK_P), float("-inf"), dtype=compute_dtype)
     best_index = tl.zeros((BLOCK_C, BLOCK_P), dtype=tl.int64)
@@ -110,9 +111,6 @@ def _crop_pool_fwd_kernel(
     tl.store(argmax_ptr + out_offsets, tl.where(valid, best_index, -1), mask=mask_cp)
 
 
-_NUM_WARPS = 4
-
-
 def _pool_blocks(num_bins: int) -> tuple[int, int]:
     """(BLOCK_C, BLOCK_P): 16 bin lanes up to 4x4 outputs, 64 for 7x7 (49 bins); channels fill a
     512-element tile: four taps, the running maximum and its int64 index stay in registers."""
@@ -121,7 +119,7 @@ def _pool_blocks(num_bins: int) -> tuple[int, int]:
 
 
 def crop_pool_triton(input, rois, spatial_scale, output_size, sampling_ratio):
-    compute_dtype = _compute_dtype(input.dtype)
+    compute_dtype = compute_dtype_of(input.dtype)
     # Scaled on the host in the compute dtype (fp64 boxes by the fp64 scale, as torchvision).
     rois = rois.to(compute_dtype) * rois.new_tensor([1.0, *[spatial_scale] * 4], dtype=compute_dtype)
     n, c, h, w = input.shape
@@ -148,7 +146,7 @@ def crop_pool_triton(input, rois, spatial_scale, output_size, sampling_ratio):
         COMPUTE_FP64=compute_dtype == torch.float64,
         BLOCK_C=block_c,
         BLOCK_P=block_p,
-        num_warps=_NUM_WARPS,
+        num_warps=NUM_WARPS,
     )
     return out, argmax
 
@@ -191,7 +189,7 @@ def _taps(input, batch, y, x):
 
 
 def crop_pool_reference(input, rois, spatial_scale, output_size, sampling_ratio):
-    compute_dtype = _compute_dtype(input.dtype)
+    compute_dtype = compute_dtype_of(input.dtype)
     rois = rois.to(compute_dtype)
     n, c = input.shape[:2]
     ph, pw = output_size
@@ -217,7 +215,7 @@ def crop_pool_reference(input, rois, spatial_scale, output_size, sampling_ratio)
 
 def crop_pool_backward(grad, input, rois, argmax, spatial_scale, sampling_ratio):
     """Gradients with respect to ``input`` and ``rois`` from the argmax samples."""
-    compute_dtype = _compute_dtype(input.dtype)
+    compute_dtype = compute_dtype_of(input.dtype)
     n, c, h, w = input.shape
     k, _, ph, pw = grad.shape
     s = sampling_ratio
@@ -309,7 +307,7 @@ crop_pool_op.register_autograd(_backward, setup_context=_setup_context)
 def _aot_specs() -> list[KernelSpec]:
     specs = []
     for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-        compute = _compute_dtype(dtype)
+        compute = compute_dtype_of(dtype)
         for num_bins in (16, 49):  # the two bin-block widths of _pool_blocks
             block_c, block_p = _pool_blocks(num_bins)
             constexprs = {"COMPUTE_FP64": dtype == torch.float64, "BLOCK_C": block_c, "BLOCK_P": block_p}
@@ -324,7 +322,7 @@ def _aot_specs() -> list[KernelSpec]:
                 **dict.fromkeys(constexprs, "constexpr"),
             }
             label = f"{str(dtype).removeprefix('torch.')},BLOCK_P={block_p}"
-            specs.append(KernelSpec(_crop_pool_fwd_kernel, signature, constexprs, label, num_warps=_NUM_WARPS))
+            specs.append(KernelSpec(_crop_pool_fwd_kernel, signature, constexprs, label, num_warps=NUM_WARPS))
     return specs
 
 

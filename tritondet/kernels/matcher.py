@@ -39,8 +39,9 @@ import triton.language as tl
 
 from .._backend import use_triton
 from ._aot import KernelSpec
+from ._common import NUM_WARPS, compute_dtype_of
 from ._launch import launch, triton_pointer_type
-from .box_iou import _compute_dtype, pairwise_iou_reference, pairwise_iou_tile
+from .box_iou import pairwise_iou_reference, pairwise_iou_tile
 
 BELOW_LOW_THRESHOLD = -1
 BETWEEN_THRESHOLDS = -2
@@ -197,9 +198,6 @@ def _match_kernel(
     tl.store(out_ptr + batch * A + rows, matched.to(tl.int64), mask=row_ok)
 
 
-_NUM_WARPS = 4
-
-
 def _tile_shape(compute_dtype: torch.dtype) -> tuple[int, int]:
     """(BLOCK_A, BLOCK_G): anchors per program and ground-truth boxes per inner step.
 
@@ -228,7 +226,7 @@ def match_boxes_triton(
 ) -> torch.Tensor:
     """``[B, A, 4] x [B, G, 4] -> [B, A]`` int64 in two launches (the first only with low-quality matches)."""
     batch, num_anchors, num_gt = gt_boxes.shape[0], anchors.shape[1], gt_boxes.shape[1]
-    compute_dtype = _compute_dtype(anchors.dtype)
+    compute_dtype = compute_dtype_of(anchors.dtype)
     if not anchors.is_floating_point():  # integer boxes: one fp32 copy, then the fp32 kernels
         anchors, gt_boxes = anchors.float(), gt_boxes.float()
     key_dtype = torch.int64 if compute_dtype == torch.float64 else torch.int32
@@ -251,7 +249,7 @@ def match_boxes_triton(
             COMPUTE_FP64=fp64,
             BLOCK_A=block_a,
             BLOCK_G=block_g,
-            num_warps=_NUM_WARPS,
+            num_warps=NUM_WARPS,
         )
     launch(
         _match_kernel,
@@ -267,7 +265,7 @@ def match_boxes_triton(
         COMPUTE_FP64=fp64,
         BLOCK_A=block_a,
         BLOCK_G=block_g,
-        num_warps=_NUM_WARPS,
+        num_warps=NUM_WARPS,
     )
     return out
 
@@ -340,7 +338,7 @@ def _(anchors, gt_boxes, gt_count, high, low, floor, allow_low_quality_matches):
 def _aot_specs() -> list[KernelSpec]:
     specs = []
     for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-        compute_dtype = _compute_dtype(dtype)
+        compute_dtype = compute_dtype_of(dtype)
         fp64 = compute_dtype == torch.float64
         box_type = triton_pointer_type(dtype)
         key_type = "*i64" if fp64 else "*i32"
@@ -355,7 +353,7 @@ def _aot_specs() -> list[KernelSpec]:
         pointers = {"anchors_ptr": box_type, "gt_ptr": box_type, "count_ptr": "*i64", "gt_max_ptr": key_type}
         blocks = {"COMPUTE_FP64": fp64, "BLOCK_A": block_a, "BLOCK_G": block_g}
         signature = {**pointers, **sizes_and_strides, **dict.fromkeys(blocks, "constexpr")}
-        specs.append(KernelSpec(_gt_max_kernel, signature, blocks, label, num_warps=_NUM_WARPS))
+        specs.append(KernelSpec(_gt_max_kernel, signature, blocks, label, num_warps=NUM_WARPS))
         for allow_low in (False, True):
             match_pointers = {
                 **pointers,
@@ -365,7 +363,7 @@ def _aot_specs() -> list[KernelSpec]:
             constexprs = {"ALLOW_LOW": allow_low, **blocks}
             signature = {**match_pointers, **sizes_and_strides, **dict.fromkeys(constexprs, "constexpr")}
             specs.append(
-                KernelSpec(_match_kernel, signature, constexprs, f"{label},allow_low={allow_low}", num_warps=_NUM_WARPS)
+                KernelSpec(_match_kernel, signature, constexprs, f"{label},allow_low={allow_low}", num_warps=NUM_WARPS)
             )
     return specs
 

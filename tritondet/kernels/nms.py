@@ -19,7 +19,7 @@ one image; the whole set for plain NMS), each segment sorted by decreasing score
    leaves the device.
 
 Numerics: IoU in fp32 (fp64 for fp64 boxes) with torchvision's formulas
-(:func:`tritondet.kernels.box_iou._intersection_union`); suppression when IoU > threshold,
+(:func:`tritondet.kernels.box_iou.intersection_union`); suppression when IoU > threshold,
 strictly, so a NaN IoU (two empty boxes) never suppresses. Ties in score keep the input order
 (stable sort). NaN scores are ordered after every other score, so a NaN-scored box never
 suppresses or precedes a box with a finite score.
@@ -34,8 +34,9 @@ import triton.language as tl
 
 from .._backend import use_triton
 from ._aot import KernelSpec
+from ._common import NUM_WARPS, compute_dtype_of
 from ._launch import launch, triton_pointer_type
-from .box_iou import _compute_dtype, _intersection_union, _iou_and_union
+from .box_iou import intersection_union, iou_and_union
 
 SOFT_NMS_METHODS = ("linear", "gaussian")
 _METHOD_CODE = {method: code for code, method in enumerate(SOFT_NMS_METHODS)}
@@ -68,7 +69,7 @@ def _write_mask_tile(
     row_ok = rows < n
     ax1, ay1, ax2, ay2, area_a = _load_box(boxes_ptr + (start + rows) * 4, row_ok, dtype)
     bx1, by1, bx2, by2, area_b = _load_box(boxes_ptr + (start + cols) * 4, cols < n, dtype)
-    inter, union = _intersection_union(
+    inter, union = intersection_union(
         ax1[:, None, None], ay1[:, None, None], ax2[:, None, None], ay2[:, None, None], area_a[:, None, None],
         bx1[None, :, :], by1[None, :, :], bx2[None, :, :], by2[None, :, :], area_b[None, :, :],
     )  # fmt: skip
@@ -412,7 +413,7 @@ def _soft_nms_kernel(
                 ok = offsets < N
                 s = tl.load(scores_ptr + offsets, mask=ok, other=-float("inf")).to(dtype)
                 bx1, by1, bx2, by2, area_b = _load_box(boxes_ptr + offsets.to(tl.int64) * 4, ok, dtype)
-                inter, union = _intersection_union(ax1, ay1, ax2, ay2, area_a, bx1, by1, bx2, by2, area_b)
+                inter, union = intersection_union(ax1, ay1, ax2, ay2, area_a, bx1, by1, bx2, by2, area_b)
                 iou = inter / union
                 if METHOD == 0:  # noqa: SIM108 (a constexpr branch: only one side is compiled)
                     weight = tl.where(iou > iou_threshold, 1 - iou, 1.0)
@@ -438,7 +439,6 @@ def _comparable_threshold(threshold: float, dtype: torch.dtype) -> float:
 
 
 # The block sizes of every launch, with their reasons.
-_NUM_WARPS = 4
 
 
 def _mask_tile(compute_dtype: torch.dtype) -> tuple[int, int]:
@@ -494,7 +494,7 @@ def _segment_keep_triton(
         COMPUTE_FP64=boxes.dtype == torch.float64,
         BLOCK_ROWS=block_rows,
         WORDS=words,
-        num_warps=_NUM_WARPS,
+        num_warps=NUM_WARPS,
     )
     launch(
         _greedy_reduce_kernel,
@@ -506,7 +506,7 @@ def _segment_keep_triton(
         seg_len,
         seg_mask_offset,
         BLOCK_WORDS=_REDUCE_BLOCK_WORDS,
-        num_warps=_NUM_WARPS,
+        num_warps=NUM_WARPS,
     )
     return keep.bool()
 
@@ -583,7 +583,7 @@ def candidate_keys_triton(scores: torch.Tensor, score_threshold: float, class_ag
     """``[B, N(, C)]`` scores -> ``[B, S, P]`` ranking keys (see :func:`candidate_keys_reference`)."""
     n, num_classes, segments, pool = _pool_shape(scores, class_agnostic)
     batch = scores.shape[0]
-    key_dtype = _compute_dtype(scores.dtype)
+    key_dtype = compute_dtype_of(scores.dtype)
     keys = torch.empty((batch, segments, pool), dtype=key_dtype, device=scores.device)
     threshold = torch.full((1,), score_threshold, dtype=key_dtype, device=scores.device)
     launch(
@@ -598,7 +598,7 @@ def candidate_keys_triton(scores: torch.Tensor, score_threshold: float, class_ag
         *_class_strides(scores, 2),
         class_agnostic,
         BLOCK=_CANDIDATE_BLOCK,
-        num_warps=_NUM_WARPS,
+        num_warps=NUM_WARPS,
     )
     return keys
 
@@ -610,7 +610,7 @@ def rank_boxes_triton(
     pool positions) -> ``[B, S, L, 4]`` contiguous, compute dtype."""
     batch, segments, pool = order.shape
     n = boxes.shape[1]
-    ranked = torch.empty((batch, segments, length, 4), dtype=_compute_dtype(boxes.dtype), device=boxes.device)
+    ranked = torch.empty((batch, segments, length, 4), dtype=compute_dtype_of(boxes.dtype), device=boxes.device)
     launch(
         _rank_boxes_kernel,
         (triton.cdiv(length, _CANDIDATE_BLOCK), batch * segments),
@@ -625,7 +625,7 @@ def rank_boxes_triton(
         boxes.stride(-1),
         class_agnostic,
         BLOCK=_CANDIDATE_BLOCK,
-        num_warps=_NUM_WARPS,
+        num_warps=NUM_WARPS,
     )
     return ranked
 
@@ -654,7 +654,7 @@ def merged_keys_triton(ranked: torch.Tensor, keys: torch.Tensor, iou_threshold: 
         COMPUTE_FP64=ranked.dtype == torch.float64,
         BLOCK_ROWS=block_rows,
         WORDS=words,
-        num_warps=_NUM_WARPS,
+        num_warps=NUM_WARPS,
     )
     launch(
         _padded_greedy_reduce_kernel,
@@ -666,7 +666,7 @@ def merged_keys_triton(ranked: torch.Tensor, keys: torch.Tensor, iou_threshold: 
         length,
         key_stride,
         BLOCK_WORDS=_REDUCE_BLOCK_WORDS,
-        num_warps=_NUM_WARPS,
+        num_warps=NUM_WARPS,
     )
     return merged
 
@@ -715,7 +715,7 @@ def gather_detections_triton(
         class_agnostic,
         WITH_LABELS=labels is not None,
         BLOCK=_CANDIDATE_BLOCK,
-        num_warps=_NUM_WARPS,
+        num_warps=NUM_WARPS,
     )
     if labels is None:
         return out_boxes, out_scores, None, None, num_valid
@@ -730,7 +730,7 @@ def _nan_to_minus_inf(scores: torch.Tensor) -> torch.Tensor:
 def soft_nms_triton(
     boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float, sigma: float, score_threshold: float, method: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    compute_dtype = _compute_dtype(boxes.dtype)
+    compute_dtype = compute_dtype_of(boxes.dtype)
     n = boxes.shape[0]
     work_boxes = boxes.to(compute_dtype).contiguous()
     work_scores = _nan_to_minus_inf(scores.to(compute_dtype))
@@ -752,7 +752,7 @@ def soft_nms_triton(
         METHOD=_METHOD_CODE[method],
         COMPUTE_FP64=compute_dtype == torch.float64,
         BLOCK=_SOFT_BLOCK,
-        num_warps=_NUM_WARPS,
+        num_warps=NUM_WARPS,
     )
     k = int(count.item())  # the one host sync: the output size
     return keep[:k], kept_scores[:k].to(scores.dtype)
@@ -777,7 +777,7 @@ _REFERENCE_SYNC_FREE_BLOCK = 32
 def _overlaps_above(boxes1: torch.Tensor, boxes2: torch.Tensor, iou_threshold: float) -> torch.Tensor:
     """``[..., K, 4] x [..., M, 4] -> [..., K, M]`` bool: IoU > iou_threshold.
 
-    The formulas and order of :func:`tritondet.kernels.box_iou._iou_and_union`, restated on 2-D
+    The formulas and order of :func:`tritondet.kernels.box_iou.iou_and_union`, restated on 2-D
     temporaries updated in place: this inner loop of the CPU path runs about 3x faster so.
     """
     ax1, ay1, ax2, ay2 = (c.unsqueeze(-1) for c in boxes1.unbind(-1))
@@ -887,7 +887,7 @@ def nms_impl(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) ->
     if boxes.shape[0] == 0:
         return torch.empty(0, dtype=torch.int64, device=boxes.device)
     order = _score_order(scores)
-    sorted_boxes = boxes[order].to(_compute_dtype(boxes.dtype))
+    sorted_boxes = boxes[order].to(compute_dtype_of(boxes.dtype))
     n = boxes.shape[0]
     if use_triton(boxes.device):
         keep = _padded_segment_keep_triton(
@@ -906,7 +906,7 @@ def batched_nms_impl(
         return torch.empty(0, dtype=torch.int64, device=boxes.device)
     order, rank, seg_len = _segments_by_class(scores, idxs)
     rows = order[rank]
-    sorted_boxes = boxes[rows].to(_compute_dtype(boxes.dtype))
+    sorted_boxes = boxes[rows].to(compute_dtype_of(boxes.dtype))
     if use_triton(boxes.device):
         keep_rows = _packed_segment_keep_triton(sorted_boxes.contiguous(), seg_len, iou_threshold)
     else:
@@ -931,7 +931,7 @@ def candidate_keys_reference(scores: torch.Tensor, score_threshold: float, class
     when class agnostic (pool position = class * N + box)."""
     batch = scores.shape[0]
     n, num_classes, segments, pool = _pool_shape(scores, class_agnostic)
-    scores = scores.to(_compute_dtype(scores.dtype)).reshape(batch, n, num_classes).transpose(1, 2)
+    scores = scores.to(compute_dtype_of(scores.dtype)).reshape(batch, n, num_classes).transpose(1, 2)
     return torch.where(scores > score_threshold, -scores, float("inf")).reshape(batch, segments, pool)
 
 
@@ -945,7 +945,7 @@ def rank_boxes_reference(
     box = position % n if class_agnostic else position
     rows = (box if boxes.dim() == 3 else box * num_classes + label).reshape(batch, segments * length)
     flat = boxes.reshape(batch, boxes.shape[1] * (num_classes if boxes.dim() == 4 else 1), 4).to(
-        _compute_dtype(boxes.dtype)
+        compute_dtype_of(boxes.dtype)
     )
     return flat.gather(1, rows[..., None].expand(-1, -1, 4)).reshape(batch, segments, length, 4)
 
@@ -1049,7 +1049,7 @@ def soft_nms_reference(
     boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float, sigma: float, score_threshold: float, method: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Soft-NMS with one vectorized step per selected box (each selection depends on the last)."""
-    compute_dtype = _compute_dtype(boxes.dtype)
+    compute_dtype = compute_dtype_of(boxes.dtype)
     work_boxes = boxes.to(compute_dtype)
     current = _nan_to_minus_inf(scores.to(compute_dtype))
     keep, kept_scores = [], []
@@ -1063,7 +1063,7 @@ def soft_nms_reference(
             break
         keep.append(best)
         kept_scores.append(best_score)
-        iou, _ = _iou_and_union(work_boxes[best : best + 1], work_boxes, "xyxy")
+        iou, _ = iou_and_union(work_boxes[best : best + 1], work_boxes, "xyxy")
         iou = iou[0]
         if method == "linear":
             weight = torch.where(iou > iou_threshold, 1 - iou, torch.ones_like(iou))
@@ -1170,7 +1170,7 @@ def _aot_specs() -> list[KernelSpec]:
             **dict.fromkeys(("COMPUTE_FP64", "BLOCK_ROWS", "WORDS"), "constexpr"),
         }
         constexprs = {"COMPUTE_FP64": compute_dtype == torch.float64, "BLOCK_ROWS": block_rows, "WORDS": words}
-        specs.append(KernelSpec(_suppression_mask_kernel, signature, constexprs, name, num_warps=_NUM_WARPS))
+        specs.append(KernelSpec(_suppression_mask_kernel, signature, constexprs, name, num_warps=NUM_WARPS))
         for method in SOFT_NMS_METHODS:
             signature = {
                 "boxes_ptr": triton_pointer_type(compute_dtype),
@@ -1187,7 +1187,7 @@ def _aot_specs() -> list[KernelSpec]:
                 "COMPUTE_FP64": compute_dtype == torch.float64,
                 "BLOCK": _SOFT_BLOCK,
             }
-            specs.append(KernelSpec(_soft_nms_kernel, signature, constexprs, f"{name},{method}", num_warps=_NUM_WARPS))
+            specs.append(KernelSpec(_soft_nms_kernel, signature, constexprs, f"{name},{method}", num_warps=NUM_WARPS))
     specs += _padded_specs()
     signature = {
         "mask_ptr": "*i32",
@@ -1199,7 +1199,7 @@ def _aot_specs() -> list[KernelSpec]:
         "BLOCK_WORDS": "constexpr",
     }
     specs.append(
-        KernelSpec(_greedy_reduce_kernel, signature, {"BLOCK_WORDS": _REDUCE_BLOCK_WORDS}, num_warps=_NUM_WARPS)
+        KernelSpec(_greedy_reduce_kernel, signature, {"BLOCK_WORDS": _REDUCE_BLOCK_WORDS}, num_warps=NUM_WARPS)
     )
     return specs
 
@@ -1213,7 +1213,7 @@ def _padded_specs() -> list[KernelSpec]:
     specs = []
     candidate_meta = {"BLOCK": _CANDIDATE_BLOCK}
     for dtype in _FLOATS:
-        name, compute = str(dtype).removeprefix("torch."), triton_pointer_type(_compute_dtype(dtype))
+        name, compute = str(dtype).removeprefix("torch."), triton_pointer_type(compute_dtype_of(dtype))
         signature = {
             "scores_ptr": triton_pointer_type(dtype),
             "threshold_ptr": compute,
@@ -1222,7 +1222,7 @@ def _padded_specs() -> list[KernelSpec]:
             "class_agnostic": "i1",
             "BLOCK": "constexpr",
         }
-        specs.append(KernelSpec(_candidate_key_kernel, signature, candidate_meta, name, num_warps=_NUM_WARPS))
+        specs.append(KernelSpec(_candidate_key_kernel, signature, candidate_meta, name, num_warps=NUM_WARPS))
         signature = {
             "boxes_ptr": triton_pointer_type(dtype),
             "order_ptr": "*i64",
@@ -1231,7 +1231,7 @@ def _padded_specs() -> list[KernelSpec]:
             "class_agnostic": "i1",
             "BLOCK": "constexpr",
         }
-        specs.append(KernelSpec(_rank_boxes_kernel, signature, candidate_meta, name, num_warps=_NUM_WARPS))
+        specs.append(KernelSpec(_rank_boxes_kernel, signature, candidate_meta, name, num_warps=NUM_WARPS))
     for box_compute in (torch.float32, torch.float64):
         block_rows, words = _mask_tile(box_compute)
         for key_dtype in (torch.float32, torch.float64):
@@ -1246,7 +1246,7 @@ def _padded_specs() -> list[KernelSpec]:
                 **dict.fromkeys(("COMPUTE_FP64", "BLOCK_ROWS", "WORDS"), "constexpr"),
             }
             meta = {"COMPUTE_FP64": box_compute == torch.float64, "BLOCK_ROWS": block_rows, "WORDS": words}
-            specs.append(KernelSpec(_padded_suppression_mask_kernel, signature, meta, name, num_warps=_NUM_WARPS))
+            specs.append(KernelSpec(_padded_suppression_mask_kernel, signature, meta, name, num_warps=NUM_WARPS))
     for key_dtype in (torch.float32, torch.float64):
         signature = {
             "mask_ptr": "*i32",
@@ -1259,14 +1259,14 @@ def _padded_specs() -> list[KernelSpec]:
         }
         name = str(key_dtype).removeprefix("torch.")
         meta = {"BLOCK_WORDS": _REDUCE_BLOCK_WORDS}
-        specs.append(KernelSpec(_padded_greedy_reduce_kernel, signature, meta, name, num_warps=_NUM_WARPS))
+        specs.append(KernelSpec(_padded_greedy_reduce_kernel, signature, meta, name, num_warps=NUM_WARPS))
     # Outputs: every (boxes, scores) dtype pair with labels; the RPN's fp32 proposals without.
     pairs = [(b, s, True) for b in _FLOATS for s in _FLOATS] + [(torch.float32, torch.float32, False)]
     for boxes_dtype, scores_dtype, with_labels in pairs:
         signature = {
-            "merged_key_ptr": triton_pointer_type(_compute_dtype(scores_dtype)),
+            "merged_key_ptr": triton_pointer_type(compute_dtype_of(scores_dtype)),
             "merged_index_ptr": "*i64",
-            "ranked_ptr": triton_pointer_type(_compute_dtype(boxes_dtype)),
+            "ranked_ptr": triton_pointer_type(compute_dtype_of(boxes_dtype)),
             "order_ptr": "*i64",
             "out_boxes_ptr": triton_pointer_type(boxes_dtype),
             "out_scores_ptr": triton_pointer_type(scores_dtype),
@@ -1279,7 +1279,7 @@ def _padded_specs() -> list[KernelSpec]:
         }
         name = f"boxes {str(boxes_dtype).removeprefix('torch.')}, scores {str(scores_dtype).removeprefix('torch.')}"
         meta = {"WITH_LABELS": with_labels, "BLOCK": _CANDIDATE_BLOCK}
-        specs.append(KernelSpec(_gather_detections_kernel, signature, meta, name, num_warps=_NUM_WARPS))
+        specs.append(KernelSpec(_gather_detections_kernel, signature, meta, name, num_warps=NUM_WARPS))
     return specs
 
 

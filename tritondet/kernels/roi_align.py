@@ -31,15 +31,19 @@ import triton.language as tl
 
 from .._backend import use_triton
 from ._aot import KernelSpec
+from ._common import (
+    MAX_LEVELS,
+    NUM_WARPS,
+    compute_dtype_of,
+    level_pointers,
+    pick_level,
+    roi_level,
+    roi_levels_reference,
+)
 from ._launch import device_table, launch, triton_pointer_type
 
-# FPN uses levels P2..P5 (torchvision: 4 maps) or P2..P6; five per-level pointers cover both (the
-# RoIAlign maps here, the RPN head outputs in rpn_proposals).
-MAX_LEVELS = 5
 # Per-level geometry table columns (int64): H, W, then the feature's and the gradient's strides.
 _GEOMETRY_COLUMNS = tl.constexpr(10)
-# torchvision's LevelMapper epsilon.
-LEVEL_EPS = tl.constexpr(1e-6)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -48,7 +52,7 @@ LEVEL_EPS = tl.constexpr(1e-6)
 
 
 @triton.jit
-def _roi_bin_tile(C, PH, PW, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+def roi_bin_tile(C, PH, PW, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     """The program layout of every per-RoI kernel: RoI ``k`` = program 0, a block of channels
     (program 1) by a block of output bins (program 2). Returns (k, channels [BLOCK_C],
     bins [BLOCK_P], their in-range masks, and each bin's row ph and column pw)."""
@@ -59,7 +63,7 @@ def _roi_bin_tile(C, PH, PW, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
 
 
 @triton.jit
-def _load_roi(rois_ptr, k, stride_rk, stride_rc, N, compute_dtype: tl.constexpr):
+def load_roi(rois_ptr, k, stride_rk, stride_rc, N, compute_dtype: tl.constexpr):
     """(batch index, valid, x1, y1, x2, y2) of RoI ``k``; invalid when the batch index is not an
     integer in [0, N) or a corner is not finite."""
     row = rois_ptr + k * stride_rk.to(tl.int64)
@@ -105,25 +109,6 @@ def _level_view(
     else:
         chan_offsets = channels.to(tl.int64)[:, None] * tl.load(geometry + COLUMN + 1)
     return H, W, base, chan_offsets, tl.load(geometry + COLUMN + 2), tl.load(geometry + COLUMN + 3)
-
-
-@triton.jit
-def _roi_level(x1, y1, x2, y2, num_levels, k_min, canonical_scale, canonical_level):
-    """FPN Eqn. (1) as torchvision's LevelMapper: floor(k0 + log2(sqrt(area) / s0) + eps), clamped."""
-    size = tl.sqrt(((x2 - x1) * (y2 - y1)).to(tl.float32))
-    target = tl.floor(canonical_level + tl.log2(size / canonical_scale) + LEVEL_EPS)
-    target = tl.minimum(tl.maximum(target, k_min), k_min + num_levels - 1)
-    level = tl.where(num_levels > 1, (target - k_min).to(tl.int32), 0)
-    return level
-
-
-@triton.jit
-def pick_level(level, p0, p1, p2, p3, p4):
-    """The pointer of ``level`` among the (at most five) per-level pointers."""
-    p = tl.where(level == 1, p1, p0)
-    p = tl.where(level == 2, p2, p)
-    p = tl.where(level == 3, p3, p)
-    return tl.where(level == 4, p4, p)
 
 
 @triton.jit
@@ -203,11 +188,11 @@ def _roi_align_fwd_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_P: tl.constexpr,
 ):
-    k, channels, bins, c_ok, p_ok, ph, pw = _roi_bin_tile(C, PH, PW, BLOCK_C, BLOCK_P)
+    k, channels, bins, c_ok, p_ok, ph, pw = roi_bin_tile(C, PH, PW, BLOCK_C, BLOCK_P)
     compute_dtype = tl.float64 if COMPUTE_FP64 else tl.float32
 
-    batch, valid, x1, y1, x2, y2 = _load_roi(rois_ptr, k, stride_rk, stride_rc, N, compute_dtype)
-    level = _roi_level(x1, y1, x2, y2, num_levels, k_min, canonical_scale, canonical_level)
+    batch, valid, x1, y1, x2, y2 = load_roi(rois_ptr, k, stride_rk, stride_rc, N, compute_dtype)
+    level = roi_level(x1, y1, x2, y2, num_levels, k_min, canonical_scale, canonical_level)
     H, W, base, chan_offsets, stride_h, stride_w = _level_view(
         geometry_ptr, level, batch, channels, bins, PH, PW, feat0, feat1, feat2, feat3, feat4, 2, POSITION_SENSITIVE
     )
@@ -286,11 +271,11 @@ def _roi_align_bwd_atomic_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_P: tl.constexpr,
 ):
-    k, channels, bins, c_ok, p_ok, ph, pw = _roi_bin_tile(C, PH, PW, BLOCK_C, BLOCK_P)
+    k, channels, bins, c_ok, p_ok, ph, pw = roi_bin_tile(C, PH, PW, BLOCK_C, BLOCK_P)
     compute_dtype = tl.float64 if COMPUTE_FP64 else tl.float32
 
-    batch, valid, x1, y1, x2, y2 = _load_roi(rois_ptr, k, stride_rk, stride_rc, N, compute_dtype)
-    level = _roi_level(x1, y1, x2, y2, num_levels, k_min, canonical_scale, canonical_level)
+    batch, valid, x1, y1, x2, y2 = load_roi(rois_ptr, k, stride_rk, stride_rc, N, compute_dtype)
+    level = roi_level(x1, y1, x2, y2, num_levels, k_min, canonical_scale, canonical_level)
     H, W, base, chan_offsets, stride_h, stride_w = _level_view(
         geometry_ptr, level, batch, channels, bins, PH, PW, grad0, grad1, grad2, grad3, grad4, 6, POSITION_SENSITIVE
     )
@@ -399,8 +384,8 @@ def _roi_align_bwd_gather_kernel(
 
     acc = tl.zeros((BLOCK_C, TILE_H * TILE_W), dtype=compute_dtype)
     for k in range(K):
-        batch, valid, x1, y1, x2, y2 = _load_roi(rois_ptr, k, stride_rk, stride_rc, N, compute_dtype)
-        roi_level = _roi_level(x1, y1, x2, y2, num_levels, k_min, canonical_scale, canonical_level)
+        batch, valid, x1, y1, x2, y2 = load_roi(rois_ptr, k, stride_rk, stride_rc, N, compute_dtype)
+        this_level = roi_level(x1, y1, x2, y2, num_levels, k_min, canonical_scale, canonical_level)
         start_h, start_w, bin_h, bin_w, grid_h, grid_w, count = _bin_grid(
             x1, y1, x2, y2, scale, aligned, PH, PW, sampling_ratio, valid
         )
@@ -408,7 +393,7 @@ def _roi_align_bwd_gather_kernel(
         # conservative footprint: the weights below are exact either way).
         end_h = start_h + PH * bin_h
         end_w = start_w + PW * bin_w
-        mine = valid & (roi_level == level) & (batch == image)
+        mine = valid & (this_level == level) & (batch == image)
         mine = mine & (tl.minimum(start_h, end_h) <= tile_y0 + TILE_H) & (tl.maximum(start_h, end_h) >= tile_y0 - 1)
         mine = mine & (tl.minimum(start_w, end_w) <= tile_x0 + TILE_W) & (tl.maximum(start_w, end_w) >= tile_x0 - 1)
         if mine:
@@ -454,12 +439,6 @@ def _roi_align_bwd_gather_kernel(
 # Host launchers
 # ----------------------------------------------------------------------------------------------
 
-_NUM_WARPS = 4
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
 
 def _pool_blocks(num_bins: int, compute_dtype: torch.dtype) -> tuple[int, int]:
     """(BLOCK_C, BLOCK_P) of the forward and atomic backward programs.
@@ -489,12 +468,7 @@ def _geometry(features: list[torch.Tensor], grads: list[torch.Tensor], scales: l
     compute dtype (torchvision scales fp64 maps by the fp64 scale, others by the fp32 one)."""
     rows = [[f.shape[2], f.shape[3], *f.stride(), *g.stride()] for f, g in zip(features, grads, strict=True)]
     device = features[0].device
-    return device_table(rows, torch.int64, device), device_table(scales, _compute_dtype(features[0].dtype), device)
-
-
-def level_pointers(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Pointer arguments for the per-level kernels: ``tensors``, then level 0 repeated up to ``MAX_LEVELS``."""
-    return [*tensors, *[tensors[0]] * (MAX_LEVELS - len(tensors))]
+    return device_table(rows, torch.int64, device), device_table(scales, compute_dtype_of(features[0].dtype), device)
 
 
 def _mapper_args(num_levels: int, k_min: int, canonical_scale: float, canonical_level: float) -> tuple:
@@ -514,7 +488,7 @@ def roi_align_triton(
     """``L x [N, C, H_l, W_l], [K, 5] -> [K, C, PH, PW]`` in one launch (``C / (PH * PW)`` output
     channels when position-sensitive)."""
     first = features[0]
-    compute_dtype = _compute_dtype(first.dtype)
+    compute_dtype = compute_dtype_of(first.dtype)
     rois = rois.to(compute_dtype)
     n, c = first.shape[:2]
     ph, pw = output_size
@@ -543,7 +517,7 @@ def roi_align_triton(
         POSITION_SENSITIVE=position_sensitive,
         BLOCK_C=block_c,
         BLOCK_P=block_p,
-        num_warps=_NUM_WARPS,
+        num_warps=NUM_WARPS,
     )
     return out
 
@@ -561,7 +535,7 @@ def roi_align_backward_triton(
 ) -> list[torch.Tensor]:
     """Input gradients, one launch: atomic scatter, or the gather kernel in deterministic mode."""
     first = features[0]
-    compute_dtype = _compute_dtype(first.dtype)
+    compute_dtype = compute_dtype_of(first.dtype)
     rois = rois.to(compute_dtype)
     grad = grad.contiguous()
     n, c = first.shape[:2]
@@ -597,7 +571,7 @@ def roi_align_backward_triton(
             BLOCK_C=block_c,
             TILE_H=tile_h,
             TILE_W=tile_w,
-            num_warps=_NUM_WARPS,
+            num_warps=NUM_WARPS,
         )
     else:
         block_c, block_p = _pool_blocks(ph * pw, compute_dtype)
@@ -619,7 +593,7 @@ def roi_align_backward_triton(
             POSITION_SENSITIVE=position_sensitive,
             BLOCK_C=block_c,
             BLOCK_P=block_p,
-            num_warps=_NUM_WARPS,
+            num_warps=NUM_WARPS,
         )
     return [g.to(f.dtype) for g, f in zip(grads, features, strict=True)]
 
@@ -630,18 +604,6 @@ def roi_align_backward_triton(
 # taps. The reference builds that matrix (CSR, rows in output order, so no sort) and multiplies
 # it with the pixels as rows of channels; the backward multiplies with its transpose.
 # ----------------------------------------------------------------------------------------------
-
-
-def roi_levels_reference(
-    rois: torch.Tensor, num_levels: int, k_min: int, canonical_scale: float, canonical_level: float
-) -> torch.Tensor:
-    """``[K, 5] -> [K]`` int64 level index (0 for a single level), FPN Eqn. (1) in fp32."""
-    if num_levels == 1:
-        return torch.zeros(rois.shape[0], dtype=torch.int64, device=rois.device)
-    boxes = rois[:, 1:].to(torch.float32)
-    size = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).sqrt()
-    target = torch.floor(canonical_level + torch.log2(size / canonical_scale) + LEVEL_EPS.value)
-    return (target.clamp(k_min, k_min + num_levels - 1) - k_min).to(torch.int64)
 
 
 def _axis_taps(coord: torch.Tensor, size: torch.Tensor, used: torch.Tensor):
@@ -677,7 +639,7 @@ def _sampling_matrix(
 ) -> torch.Tensor:
     """(CSR ``[K * PH * PW, sum_l N * H_l * W_l]``, ``[K]`` RoI order): row = output bin of RoI
     ``order[row // (PH * PW)]``, column = input pixel."""
-    compute_dtype = _compute_dtype(features[0].dtype)
+    compute_dtype = compute_dtype_of(features[0].dtype)
     device = rois.device
     rois = rois.to(compute_dtype)
     num_levels = len(features)
@@ -799,7 +761,7 @@ def roi_align_reference(
 ) -> torch.Tensor:
     """``L x [N, C, H_l, W_l], [K, 5] -> [K, C, PH, PW]`` contiguous, in the features' dtype."""
     first = features[0]
-    compute_dtype = _compute_dtype(first.dtype)
+    compute_dtype = compute_dtype_of(first.dtype)
     matrix, order = _sampling_matrix(features, rois, scales, output_size, sampling_ratio, aligned, mapper)
     k, (ph, pw), c = rois.shape[0], output_size, first.shape[1]
     if k == 0:
@@ -820,7 +782,7 @@ def roi_align_backward_reference(
     mapper: tuple[int, float, float] = (0, 224.0, 4.0),
 ) -> list[torch.Tensor]:
     """The transpose of :func:`roi_align_reference` applied to ``grad`` ``[K, C, PH, PW]``."""
-    compute_dtype = _compute_dtype(features[0].dtype)
+    compute_dtype = compute_dtype_of(features[0].dtype)
     c = features[0].shape[1]
     matrix, order = _sampling_matrix(features, rois, scales, output_size, sampling_ratio, aligned, mapper)
     grad_rows = grad.permute(0, 2, 3, 1)[order].reshape(-1, c).to(compute_dtype)
@@ -1006,7 +968,7 @@ _SCALAR_ARGS = {
 def _aot_specs() -> list[KernelSpec]:
     specs = []
     for dtype, ps in itertools.product((torch.float16, torch.bfloat16, torch.float32, torch.float64), (False, True)):
-        compute_dtype = _compute_dtype(dtype)
+        compute_dtype = compute_dtype_of(dtype)
         compute = triton_pointer_type(compute_dtype)
         feature = triton_pointer_type(dtype)
         name = str(dtype).removeprefix("torch.") + (",position_sensitive" if ps else "")
@@ -1038,7 +1000,7 @@ def _aot_specs() -> list[KernelSpec]:
                     {**signature, **dict.fromkeys(constexprs, "constexpr")},
                     constexprs,
                     f"{name},BLOCK_P={block_p}",
-                    num_warps=_NUM_WARPS,
+                    num_warps=NUM_WARPS,
                 )
             )
             grads = {f"grad{i}": compute for i in range(MAX_LEVELS)}
@@ -1050,7 +1012,7 @@ def _aot_specs() -> list[KernelSpec]:
                     {**signature, **dict.fromkeys(constexprs, "constexpr")},
                     constexprs,
                     f"{name},BLOCK_P={block_p}",
-                    num_warps=_NUM_WARPS,
+                    num_warps=NUM_WARPS,
                 )
             )
         block_c, tile_h, tile_w = _gather_tile(compute_dtype)
@@ -1070,7 +1032,7 @@ def _aot_specs() -> list[KernelSpec]:
                 {**signature, **dict.fromkeys(constexprs, "constexpr")},
                 constexprs,
                 name,
-                num_warps=_NUM_WARPS,
+                num_warps=NUM_WARPS,
             )
         )
     return specs

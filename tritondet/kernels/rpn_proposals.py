@@ -34,6 +34,7 @@ import triton.language as tl
 
 from .._backend import use_triton
 from ._aot import KernelSpec
+from ._common import MAX_LEVELS, NUM_WARPS, clip_box, clip_to_images, level_pointers, pick_level
 from ._launch import launch, triton_pointer_type
 from .anchors import (
     F_DELTAS_STRIDES,
@@ -47,8 +48,6 @@ from .anchors import (
 )
 from .box_coder import RPN_WEIGHTS, decode_box, decode_reference
 from .nms import padded_nms
-from .roi_align import MAX_LEVELS, level_pointers
-from .roi_align import pick_level as _pick
 
 HEAD_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -88,7 +87,7 @@ def _gather_objectness_kernel(
     index = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     in_level = index < count
     y, x, a = _grid_position(index, row_ptr)
-    objectness = _pick(level, objectness0, objectness1, objectness2, objectness3, objectness4)
+    objectness = pick_level(level, objectness0, objectness1, objectness2, objectness3, objectness4)
     offset = (
         image * tl.load(row_ptr + F_OBJECTNESS_STRIDES)
         + a * tl.load(row_ptr + F_OBJECTNESS_STRIDES + 1)
@@ -138,7 +137,7 @@ def _decode_proposals_kernel(
     y, x, a = _grid_position(index, row_ptr)
     ax1, ay1, ax2, ay2 = level_anchor(row_ptr, y, x, a)
 
-    deltas = _pick(level, deltas0, deltas1, deltas2, deltas3, deltas4)
+    deltas = pick_level(level, deltas0, deltas1, deltas2, deltas3, deltas4)
     stride_c = tl.load(row_ptr + F_DELTAS_STRIDES + 1)
     pd = deltas + (
         image * tl.load(row_ptr + F_DELTAS_STRIDES)
@@ -155,10 +154,7 @@ def _decode_proposals_kernel(
     # Clip to the image before padding (torchvision's clip_boxes_to_image: clamp(min=0, max=size)).
     height = tl.load(image_sizes_ptr + image * 2)
     width = tl.load(image_sizes_ptr + image * 2 + 1)
-    x1 = tl.minimum(tl.maximum(x1, 0.0), width)
-    y1 = tl.minimum(tl.maximum(y1, 0.0), height)
-    x2 = tl.minimum(tl.maximum(x2, 0.0), width)
-    y2 = tl.minimum(tl.maximum(y2, 0.0), height)
+    x1, y1, x2, y2 = clip_box(x1, y1, x2, y2, height, width)
     probability = tl.sigmoid(logits)
     keep = selected & ((x2 - x1) >= min_size) & ((y2 - y1) >= min_size) & (probability >= score_thresh)
 
@@ -171,7 +167,6 @@ def _decode_proposals_kernel(
     tl.store(pb + 3, tl.where(selected, y2, 0.0), mask=in_buffer)
 
 
-_NUM_WARPS = 4
 # Gather: 1024 logits per program (8 per thread at 4 warps), a pure copy whose reads are strided
 # across anchors; wide programs keep the grid of a 200x336x3 FPN level at ~200 programs per image.
 _GATHER_BLOCK = 1024
@@ -214,7 +209,7 @@ def rpn_candidates_triton(
         table.shape[1],
         max_count,
         BLOCK=_GATHER_BLOCK,
-        num_warps=_NUM_WARPS,
+        num_warps=NUM_WARPS,
     )
     top_logits, top_index = logits.topk(k, dim=2)
     boxes = torch.empty((batch, num_levels, k, 4), dtype=torch.float32, device=device)
@@ -237,7 +232,7 @@ def rpn_candidates_triton(
         float(score_thresh),
         float(clip),
         BLOCK=_DECODE_BLOCK,
-        num_warps=_NUM_WARPS,
+        num_warps=NUM_WARPS,
     )
     return boxes, keys
 
@@ -282,9 +277,7 @@ def rpn_candidates_reference(
     top_codes = _pad_levels(codes, max_count, 0.0).gather(2, top_index[..., None].expand(-1, -1, -1, 4))
     top_anchors = anchors[torch.arange(len(counts), device=device)[:, None], top_index]  # [N, L, K, 4]
     boxes = decode_reference(top_codes, top_anchors, list(RPN_WEIGHTS), clip)
-    size = image_sizes.to(torch.float32)[:, None, None, :]  # (height, width)
-    upper = torch.stack([size[..., 1], size[..., 0], size[..., 1], size[..., 0]], dim=-1)
-    boxes = torch.minimum(boxes.clamp(min=0), upper)
+    boxes = clip_to_images(boxes, image_sizes)
     probability = torch.sigmoid(top_logits)
     keep = selected & (boxes[..., 2] - boxes[..., 0] >= min_size) & (boxes[..., 3] - boxes[..., 1] >= min_size)
     keep = keep & (probability >= score_thresh)
@@ -391,7 +384,7 @@ def _aot_specs() -> list[KernelSpec]:
             "BLOCK": "constexpr",
         }
         gather_meta = {"BLOCK": _GATHER_BLOCK}
-        specs.append(KernelSpec(_gather_objectness_kernel, gather_signature, gather_meta, label, num_warps=_NUM_WARPS))
+        specs.append(KernelSpec(_gather_objectness_kernel, gather_signature, gather_meta, label, num_warps=NUM_WARPS))
         decode_signature = {
             "table_ptr": "*i64",
             **{f"deltas{i}": head for i in range(MAX_LEVELS)},
@@ -409,7 +402,7 @@ def _aot_specs() -> list[KernelSpec]:
             "BLOCK": "constexpr",
         }
         decode_meta = {"BLOCK": _DECODE_BLOCK}
-        specs.append(KernelSpec(_decode_proposals_kernel, decode_signature, decode_meta, label, num_warps=_NUM_WARPS))
+        specs.append(KernelSpec(_decode_proposals_kernel, decode_signature, decode_meta, label, num_warps=NUM_WARPS))
     return specs
 
 

@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 import torch
 
-from .box_coder import compute_dtype_of
+from ._common import compute_dtype_of
 from .matcher import BELOW_FLOOR
 
 # Keys of non-members: above every torch.rand key in [0, 1), so members are taken first.
