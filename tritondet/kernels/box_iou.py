@@ -24,7 +24,7 @@ import triton.language as tl
 from .._backend import use_triton
 from ._aot import KernelSpec
 from ._common import NUM_WARPS, compute_dtype_of
-from ._launch import launch, triton_pointer_type
+from ._launch import launch
 
 KINDS = ("iou", "giou", "diou", "ciou")
 BOX_FORMATS = ("xyxy", "xywh", "cxcywh")
@@ -171,6 +171,33 @@ def _aspect_angles(boxes: torch.Tensor, compute_dtype: torch.dtype) -> torch.Ten
     return torch.atan((boxes[..., 2] - boxes[..., 0]) / (boxes[..., 3] - boxes[..., 1]))
 
 
+def _iou_arguments(boxes1, boxes2, aspect1, aspect2, out, kind: str, fmt: str, eps: float) -> tuple[tuple, dict]:
+    """``(args, meta)`` of :func:`_pairwise_iou_kernel`: what the launcher passes and what the
+    ahead-of-time specs are derived from."""
+    args = (
+        boxes1,
+        boxes2,
+        aspect1,
+        aspect2,
+        out,
+        boxes1.shape[1],
+        boxes2.shape[1],
+        *boxes1.stride(),
+        *boxes2.stride(),
+        eps,
+    )
+    block_n, block_m = _tile_shape(out.dtype)
+    meta = {
+        "KIND": _KIND_CODE[kind],
+        "FMT": _FORMAT_CODE[fmt],
+        "COMPUTE_FP64": out.dtype == torch.float64,
+        "BLOCK_N": block_n,
+        "BLOCK_M": block_m,
+        "num_warps": NUM_WARPS,
+    }
+    return args, meta
+
+
 def pairwise_iou_triton(
     boxes1: torch.Tensor, boxes2: torch.Tensor, kind: str, fmt: str = "xyxy", eps: float = 1e-7
 ) -> torch.Tensor:
@@ -185,28 +212,9 @@ def pairwise_iou_triton(
         aspect2 = _aspect_angles(boxes2, compute_dtype).contiguous()
     else:
         aspect1 = aspect2 = out  # never read: KIND is a constexpr
-    block_n, block_m = _tile_shape(compute_dtype)
-    grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m), batch)
-    launch(
-        _pairwise_iou_kernel,
-        grid,
-        boxes1,
-        boxes2,
-        aspect1,
-        aspect2,
-        out,
-        n,
-        m,
-        *boxes1.stride(),
-        *boxes2.stride(),
-        eps,
-        KIND=_KIND_CODE[kind],
-        FMT=_FORMAT_CODE[fmt],
-        COMPUTE_FP64=compute_dtype == torch.float64,
-        BLOCK_N=block_n,
-        BLOCK_M=block_m,
-        num_warps=NUM_WARPS,
-    )
+    args, meta = _iou_arguments(boxes1, boxes2, aspect1, aspect2, out, kind, fmt, eps)
+    grid = (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, meta["BLOCK_M"]), batch)
+    launch(_pairwise_iou_kernel, grid, *args, **meta)
     return out
 
 
@@ -325,33 +333,12 @@ pairwise_box_iou.register_autograd(_backward, setup_context=_setup_context)
 def _aot_specs() -> list[KernelSpec]:
     specs = []
     for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-        compute = triton_pointer_type(compute_dtype_of(dtype))
+        boxes, out = torch.empty((1, 1, 4), dtype=dtype), torch.empty((1, 1, 1), dtype=compute_dtype_of(dtype))
         for kind in KINDS:
             for fmt in BOX_FORMATS if kind == "iou" else ("xyxy",):
-                box_type = triton_pointer_type(dtype)
-                signature = {
-                    "boxes1_ptr": box_type,
-                    "boxes2_ptr": box_type,
-                    "aspect1_ptr": compute,
-                    "aspect2_ptr": compute,
-                    "out_ptr": compute,
-                    "N": "i32",
-                    "M": "i32",
-                    **dict.fromkeys(("stride1_b", "stride1_n", "stride1_c"), "i32"),
-                    **dict.fromkeys(("stride2_b", "stride2_m", "stride2_c"), "i32"),
-                    "eps": "fp32",
-                    **dict.fromkeys(("KIND", "FMT", "COMPUTE_FP64", "BLOCK_N", "BLOCK_M"), "constexpr"),
-                }
-                block_n, block_m = _tile_shape(compute_dtype_of(dtype))
-                constexprs = {
-                    "KIND": _KIND_CODE[kind],
-                    "FMT": _FORMAT_CODE[fmt],
-                    "COMPUTE_FP64": dtype == torch.float64,
-                    "BLOCK_N": block_n,
-                    "BLOCK_M": block_m,
-                }
+                args, meta = _iou_arguments(boxes, boxes, out, out, out, kind, fmt, 1e-7)
                 label = f"{str(dtype).removeprefix('torch.')},{kind},{fmt}"
-                specs.append(KernelSpec(_pairwise_iou_kernel, signature, constexprs, label, num_warps=NUM_WARPS))
+                specs.append(KernelSpec.from_example(_pairwise_iou_kernel, args, meta, label))
     return specs
 
 

@@ -32,7 +32,6 @@ import triton.language as tl
 from .._backend import use_triton
 from ._aot import KernelSpec
 from ._common import (
-    MAX_LEVELS,
     NUM_WARPS,
     compute_dtype_of,
     level_pointers,
@@ -40,7 +39,7 @@ from ._common import (
     roi_level,
     roi_levels_reference,
 )
-from ._launch import device_table, launch, triton_pointer_type
+from ._launch import device_table, launch
 
 # Per-level geometry table columns (int64): H, W, then the feature's and the gradient's strides.
 _GEOMETRY_COLUMNS = tl.constexpr(10)
@@ -471,8 +470,107 @@ def _geometry(features: list[torch.Tensor], grads: list[torch.Tensor], scales: l
     return device_table(rows, torch.int64, device), device_table(scales, compute_dtype_of(features[0].dtype), device)
 
 
-def _mapper_args(num_levels: int, k_min: int, canonical_scale: float, canonical_level: float) -> tuple:
-    return (num_levels, k_min, float(canonical_scale), float(canonical_level))
+def _shared_arguments(rois, sampling_ratio: int, aligned: bool, num_levels: int, mapper: tuple) -> tuple:
+    """The trailing arguments every RoIAlign kernel takes: RoI strides, sampling, level mapper."""
+    k_min, canonical_scale, canonical_level = mapper
+    return (
+        *rois.stride(),
+        sampling_ratio,
+        int(aligned),
+        num_levels,
+        k_min,
+        float(canonical_scale),
+        float(canonical_level),
+    )
+
+
+# The three argument builders below give ``(args, meta)`` of a kernel for these tensors: what the
+# launchers pass and what the ahead-of-time specs are derived from. ``rois`` are in the compute dtype.
+
+
+def _forward_arguments(
+    rois, features, geometry, scale_table, out, sampling_ratio, aligned, mapper, position_sensitive
+):  # fmt: skip
+    c, ph, pw = out.shape[1:]
+    args = (
+        rois,
+        *level_pointers(features),
+        geometry,
+        scale_table,
+        out,
+        features[0].shape[0],
+        c,
+        ph,
+        pw,
+        *_shared_arguments(rois, sampling_ratio, aligned, len(features), mapper),
+    )
+    block_c, block_p = _pool_blocks(ph * pw, rois.dtype)
+    meta = {
+        "COMPUTE_FP64": rois.dtype == torch.float64,
+        "POSITION_SENSITIVE": position_sensitive,
+        "BLOCK_C": block_c,
+        "BLOCK_P": block_p,
+        "num_warps": NUM_WARPS,
+    }
+    return args, meta
+
+
+def _atomic_backward_arguments(
+    rois, grad, grads, geometry, scale_table, sampling_ratio, aligned, mapper, position_sensitive
+):  # fmt: skip
+    c_out, ph, pw = grad.shape[1:]
+    args = (
+        rois,
+        grad,
+        *level_pointers(grads),
+        geometry,
+        scale_table,
+        grads[0].shape[0],
+        c_out,
+        ph,
+        pw,
+        *_shared_arguments(rois, sampling_ratio, aligned, len(grads), mapper),
+    )
+    block_c, block_p = _pool_blocks(ph * pw, rois.dtype)
+    meta = {
+        "COMPUTE_FP64": rois.dtype == torch.float64,
+        "POSITION_SENSITIVE": position_sensitive,
+        "BLOCK_C": block_c,
+        "BLOCK_P": block_p,
+        "num_warps": NUM_WARPS,
+    }
+    return args, meta
+
+
+def _gather_backward_arguments(
+    rois, grad, grads, geometry, scale_table, tiles, sampling_ratio, aligned, mapper, position_sensitive
+):  # fmt: skip
+    n, c = grads[0].shape[:2]
+    ph, pw = grad.shape[2:]
+    args = (
+        rois,
+        grad,
+        *level_pointers(grads),
+        geometry,
+        scale_table,
+        tiles,
+        rois.shape[0],
+        n,
+        c,
+        ph,
+        pw,
+        *_shared_arguments(rois, sampling_ratio, aligned, len(grads), mapper),
+    )
+    block_c, tile_h, tile_w = _gather_tile(rois.dtype)
+    meta = {
+        "COMPUTE_FP64": rois.dtype == torch.float64,
+        "POSITION_SENSITIVE": position_sensitive,
+        "BLOCK_C": block_c,
+        "TILE_H": tile_h,
+        "TILE_W": tile_w,
+        "num_warps": NUM_WARPS,
+    }
+    return args, meta
 
 
 def roi_align_triton(
@@ -488,37 +586,16 @@ def roi_align_triton(
     """``L x [N, C, H_l, W_l], [K, 5] -> [K, C, PH, PW]`` in one launch (``C / (PH * PW)`` output
     channels when position-sensitive)."""
     first = features[0]
-    compute_dtype = compute_dtype_of(first.dtype)
-    rois = rois.to(compute_dtype)
-    n, c = first.shape[:2]
+    rois = rois.to(compute_dtype_of(first.dtype))
     ph, pw = output_size
-    c = c // (ph * pw) if position_sensitive else c
+    c = first.shape[1] // (ph * pw) if position_sensitive else first.shape[1]
     out = torch.empty((rois.shape[0], c, ph, pw), dtype=first.dtype, device=first.device)
     geometry, scale_table = _geometry(features, features, scales)
-    block_c, block_p = _pool_blocks(ph * pw, compute_dtype)
-    grid = (rois.shape[0], triton.cdiv(c, block_c), triton.cdiv(ph * pw, block_p))
-    launch(
-        _roi_align_fwd_kernel,
-        grid,
-        rois,
-        *level_pointers(features),
-        geometry,
-        scale_table,
-        out,
-        n,
-        c,
-        ph,
-        pw,
-        *rois.stride(),
-        sampling_ratio,
-        int(aligned),
-        *_mapper_args(len(features), *mapper),
-        COMPUTE_FP64=compute_dtype == torch.float64,
-        POSITION_SENSITIVE=position_sensitive,
-        BLOCK_C=block_c,
-        BLOCK_P=block_p,
-        num_warps=NUM_WARPS,
+    args, meta = _forward_arguments(
+        rois, features, geometry, scale_table, out, sampling_ratio, aligned, mapper, position_sensitive
     )
+    grid = (rois.shape[0], triton.cdiv(c, meta["BLOCK_C"]), triton.cdiv(ph * pw, meta["BLOCK_P"]))
+    launch(_roi_align_fwd_kernel, grid, *args, **meta)
     return out
 
 
@@ -544,57 +621,19 @@ def roi_align_backward_triton(
     make = torch.empty_like if deterministic else torch.zeros_like
     grads = [make(f, dtype=compute_dtype) for f in features]
     geometry, scale_table = _geometry(features, grads, scales)
-    common = (*rois.stride(), sampling_ratio, int(aligned), *_mapper_args(len(features), *mapper))
-    fp64 = compute_dtype == torch.float64
+    options = (sampling_ratio, aligned, mapper, position_sensitive)
     if deterministic:
-        block_c, tile_h, tile_w = _gather_tile(compute_dtype)
+        _, tile_h, tile_w = _gather_tile(compute_dtype)
         counts = [n * triton.cdiv(f.shape[2], tile_h) * triton.cdiv(f.shape[3], tile_w) for f in features]
         starts = [sum(counts[:i]) for i in range(len(counts) + 1)]
         tiles = torch.tensor(starts, dtype=torch.int32, device=first.device)
-        launch(
-            _roi_align_bwd_gather_kernel,
-            (starts[-1], triton.cdiv(c, block_c)),
-            rois,
-            grad,
-            *level_pointers(grads),
-            geometry,
-            scale_table,
-            tiles,
-            rois.shape[0],
-            n,
-            c,
-            ph,
-            pw,
-            *common,
-            COMPUTE_FP64=fp64,
-            POSITION_SENSITIVE=position_sensitive,
-            BLOCK_C=block_c,
-            TILE_H=tile_h,
-            TILE_W=tile_w,
-            num_warps=NUM_WARPS,
-        )
+        args, meta = _gather_backward_arguments(rois, grad, grads, geometry, scale_table, tiles, *options)
+        launch(_roi_align_bwd_gather_kernel, (starts[-1], triton.cdiv(c, meta["BLOCK_C"])), *args, **meta)
     else:
-        block_c, block_p = _pool_blocks(ph * pw, compute_dtype)
-        c_out = c // (ph * pw) if position_sensitive else c
-        launch(
-            _roi_align_bwd_atomic_kernel,
-            (rois.shape[0], triton.cdiv(c_out, block_c), triton.cdiv(ph * pw, block_p)),
-            rois,
-            grad,
-            *level_pointers(grads),
-            geometry,
-            scale_table,
-            n,
-            c_out,
-            ph,
-            pw,
-            *common,
-            COMPUTE_FP64=fp64,
-            POSITION_SENSITIVE=position_sensitive,
-            BLOCK_C=block_c,
-            BLOCK_P=block_p,
-            num_warps=NUM_WARPS,
-        )
+        args, meta = _atomic_backward_arguments(rois, grad, grads, geometry, scale_table, *options)
+        c_out = grad.shape[1]
+        grid = (rois.shape[0], triton.cdiv(c_out, meta["BLOCK_C"]), triton.cdiv(ph * pw, meta["BLOCK_P"]))
+        launch(_roi_align_bwd_atomic_kernel, grid, *args, **meta)
     return [g.to(f.dtype) for g, f in zip(grads, features, strict=True)]
 
 
@@ -955,86 +994,27 @@ ps_roi_align_op.register_autograd(_ps_backward, setup_context=_ps_setup_context)
 # Ahead-of-time specializations: every (dtype, block shape) the launchers can produce.
 # ----------------------------------------------------------------------------------------------
 
-_SCALAR_ARGS = {
-    "sampling_ratio": "i32",
-    "aligned": "i32",
-    "num_levels": "i32",
-    "k_min": "i32",
-    "canonical_scale": "fp32",
-    "canonical_level": "fp32",
-}
-
 
 def _aot_specs() -> list[KernelSpec]:
     specs = []
+    mapper = (2, 224.0, 4.0)  # (k_min, canonical_scale, canonical_level): FPN's
     for dtype, ps in itertools.product((torch.float16, torch.bfloat16, torch.float32, torch.float64), (False, True)):
         compute_dtype = compute_dtype_of(dtype)
-        compute = triton_pointer_type(compute_dtype)
-        feature = triton_pointer_type(dtype)
+        rois = torch.zeros((1, 5), dtype=compute_dtype)
+        features, grads = [torch.empty((1, 1, 1, 1), dtype=dtype)], [torch.empty((1, 1, 1, 1), dtype=compute_dtype)]
+        tables = (torch.zeros((1, _GEOMETRY_COLUMNS.value), dtype=torch.int64), torch.zeros(1, dtype=compute_dtype))
+        options = (2, True, mapper, ps)
         name = str(dtype).removeprefix("torch.") + (",position_sensitive" if ps else "")
-        common = {
-            "geometry_ptr": "*i64",
-            "scales_ptr": compute,
-            "N": "i32",
-            "C": "i32",
-            "PH": "i32",
-            "PW": "i32",
-            "stride_rk": "i32",
-            "stride_rc": "i32",
-            **_SCALAR_ARGS,
-        }
-        for num_bins in (16, 49):  # the two bin-block widths of _pool_blocks
-            block_c, block_p = _pool_blocks(num_bins, compute_dtype)
-            constexprs = {
-                "COMPUTE_FP64": dtype == torch.float64,
-                "POSITION_SENSITIVE": ps,
-                "BLOCK_C": block_c,
-                "BLOCK_P": block_p,
-            }
-            levels = {f"feat{i}": feature for i in range(MAX_LEVELS)}
-            signature = {"rois_ptr": compute, **levels, **common, "out_ptr": feature}
-            signature = {name_: signature[name_] for name_ in _roi_align_fwd_kernel.arg_names if name_ in signature}
-            specs.append(
-                KernelSpec(
-                    _roi_align_fwd_kernel,
-                    {**signature, **dict.fromkeys(constexprs, "constexpr")},
-                    constexprs,
-                    f"{name},BLOCK_P={block_p}",
-                    num_warps=NUM_WARPS,
-                )
-            )
-            grads = {f"grad{i}": compute for i in range(MAX_LEVELS)}
-            signature = {"rois_ptr": compute, "grad_out_ptr": feature, **grads, **common}
-            signature = {n: signature[n] for n in _roi_align_bwd_atomic_kernel.arg_names if n in signature}
-            specs.append(
-                KernelSpec(
-                    _roi_align_bwd_atomic_kernel,
-                    {**signature, **dict.fromkeys(constexprs, "constexpr")},
-                    constexprs,
-                    f"{name},BLOCK_P={block_p}",
-                    num_warps=NUM_WARPS,
-                )
-            )
-        block_c, tile_h, tile_w = _gather_tile(compute_dtype)
-        constexprs = {
-            "COMPUTE_FP64": dtype == torch.float64,
-            "POSITION_SENSITIVE": ps,
-            "BLOCK_C": block_c,
-            "TILE_H": tile_h,
-            "TILE_W": tile_w,
-        }
-        grads = {f"grad{i}": compute for i in range(MAX_LEVELS)}
-        signature = {"rois_ptr": compute, "grad_out_ptr": feature, **grads, **common, "tiles_ptr": "*i32", "K": "i32"}
-        signature = {n: signature[n] for n in _roi_align_bwd_gather_kernel.arg_names if n in signature}
-        specs.append(
-            KernelSpec(
-                _roi_align_bwd_gather_kernel,
-                {**signature, **dict.fromkeys(constexprs, "constexpr")},
-                constexprs,
-                name,
-                num_warps=NUM_WARPS,
-            )
-        )
+        for pooled in (4, 7):  # 16 and 49 bins: the two bin-block widths of _pool_blocks
+            out = torch.empty((1, 1, pooled, pooled), dtype=dtype)
+            args, meta = _forward_arguments(rois, features, *tables, out, *options)
+            label = f"{name},BLOCK_P={meta['BLOCK_P']}"
+            specs.append(KernelSpec.from_example(_roi_align_fwd_kernel, args, meta, label))
+            args, meta = _atomic_backward_arguments(rois, out, grads, *tables, *options)
+            specs.append(KernelSpec.from_example(_roi_align_bwd_atomic_kernel, args, meta, label))
+        tiles = torch.zeros(2, dtype=torch.int32)
+        args, meta = _gather_backward_arguments(rois, out, grads, *tables, tiles, *options)
+        specs.append(KernelSpec.from_example(_roi_align_bwd_gather_kernel, args, meta, name))
     return specs
 
 

@@ -26,7 +26,7 @@ import triton.language as tl
 from .._backend import use_triton
 from ._aot import KernelSpec
 from ._common import NUM_WARPS, compute_dtype_of
-from ._launch import launch, triton_pointer_type
+from ._launch import launch
 from .roi_align import load_roi, roi_bin_tile
 
 
@@ -127,38 +127,35 @@ def _pool_blocks(num_bins: int) -> tuple[int, int]:
     return 512 // block_p, block_p
 
 
+def _roi_pool_arguments(rois, input, out, argmax, position_sensitive: bool) -> tuple[tuple, dict]:
+    """``(args, meta)`` of :func:`_roi_pool_fwd_kernel` for scaled ``rois`` in the compute dtype:
+    what the launcher passes and what the ahead-of-time specs are derived from."""
+    n, _, h, w = input.shape
+    c, ph, pw = out.shape[1:]
+    args = (rois, input, out, argmax, n, c, h, w, ph, pw, *rois.stride(), *input.stride())
+    block_c, block_p = _pool_blocks(ph * pw)
+    meta = {
+        "COMPUTE_FP64": rois.dtype == torch.float64,
+        "POSITION_SENSITIVE": position_sensitive,
+        "BLOCK_C": block_c,
+        "BLOCK_P": block_p,
+        "num_warps": NUM_WARPS,
+    }
+    return args, meta
+
+
 def roi_pool_triton(input, rois, spatial_scale, output_size, position_sensitive=False):
     """RoIPool's ``(maxima, argmax)``; position-sensitive: ``(means, empty argmax)``."""
     compute_dtype = compute_dtype_of(input.dtype)
     # Scaled on the host in the compute dtype (fp64 boxes by the fp64 scale, as torchvision).
     rois = rois.to(compute_dtype) * rois.new_tensor([1.0, *[spatial_scale] * 4], dtype=compute_dtype)
-    n, c, h, w = input.shape
     ph, pw = output_size
-    c = c // (ph * pw) if position_sensitive else c
+    c = input.shape[1] // (ph * pw) if position_sensitive else input.shape[1]
     out = torch.empty((rois.shape[0], c, ph, pw), dtype=input.dtype, device=input.device)
     argmax = torch.empty(0 if position_sensitive else out.shape, dtype=torch.int64, device=input.device)
-    block_c, block_p = _pool_blocks(ph * pw)
-    launch(
-        _roi_pool_fwd_kernel,
-        (rois.shape[0], triton.cdiv(c, block_c), triton.cdiv(ph * pw, block_p)),
-        rois,
-        input,
-        out,
-        argmax,
-        n,
-        c,
-        h,
-        w,
-        ph,
-        pw,
-        *rois.stride(),
-        *input.stride(),
-        COMPUTE_FP64=compute_dtype == torch.float64,
-        POSITION_SENSITIVE=position_sensitive,
-        BLOCK_C=block_c,
-        BLOCK_P=block_p,
-        num_warps=NUM_WARPS,
-    )
+    args, meta = _roi_pool_arguments(rois, input, out, argmax, position_sensitive)
+    grid = (rois.shape[0], triton.cdiv(c, meta["BLOCK_C"]), triton.cdiv(ph * pw, meta["BLOCK_P"]))
+    launch(_roi_pool_fwd_kernel, grid, *args, **meta)
     return out, argmax
 
 
@@ -365,26 +362,16 @@ ps_roi_pool_op.register_autograd(_ps_backward, setup_context=_ps_setup_context)
 def _aot_specs() -> list[KernelSpec]:
     specs = []
     for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-        compute = compute_dtype_of(dtype)
-        for num_bins, ps in itertools.product((16, 49), (False, True)):  # _pool_blocks' two widths
-            block_c, block_p = _pool_blocks(num_bins)
-            constexprs = {
-                "COMPUTE_FP64": dtype == torch.float64,
-                "POSITION_SENSITIVE": ps,
-                "BLOCK_C": block_c,
-                "BLOCK_P": block_p,
-            }
-            signature = {
-                "rois_ptr": triton_pointer_type(compute),
-                "input_ptr": triton_pointer_type(dtype),
-                "out_ptr": triton_pointer_type(dtype),
-                "argmax_ptr": "*i64",
-                **dict.fromkeys(("N", "C", "H", "W", "PH", "PW"), "i32"),
-                **dict.fromkeys(("stride_rk", "stride_rc", "stride_n", "stride_c", "stride_h", "stride_w"), "i32"),
-                **dict.fromkeys(constexprs, "constexpr"),
-            }
-            label = f"{str(dtype).removeprefix('torch.')},BLOCK_P={block_p}" + (",position_sensitive" if ps else "")
-            specs.append(KernelSpec(_roi_pool_fwd_kernel, signature, constexprs, label, num_warps=NUM_WARPS))
+        rois = torch.zeros((1, 5), dtype=compute_dtype_of(dtype))
+        features = torch.empty((1, 1, 1, 1), dtype=dtype)
+        # 16 and 49 bins: the two bin-block widths of _pool_blocks.
+        for pooled, ps in itertools.product((4, 7), (False, True)):
+            out = torch.empty((1, 1, pooled, pooled), dtype=dtype)
+            args, meta = _roi_pool_arguments(rois, features, out, torch.empty(0, dtype=torch.int64), ps)
+            label = f"{str(dtype).removeprefix('torch.')},BLOCK_P={meta['BLOCK_P']}" + (
+                ",position_sensitive" if ps else ""
+            )
+            specs.append(KernelSpec.from_example(_roi_pool_fwd_kernel, args, meta, label))
     return specs
 
 

@@ -34,14 +34,15 @@ import triton.language as tl
 
 from .._backend import use_triton
 from ._aot import KernelSpec
-from ._common import MAX_LEVELS, NUM_WARPS, clip_box, clip_to_images, level_pointers, pick_level
-from ._launch import launch, triton_pointer_type
+from ._common import NUM_WARPS, clip_box, clip_to_images, level_pointers, pick_level
+from ._launch import launch
 from .anchors import (
     F_DELTAS_STRIDES,
     F_HEIGHT,
     F_NUM_ANCHORS,
     F_OBJECTNESS_STRIDES,
     F_WIDTH,
+    FIXED_COLUMNS,
     grid_anchors_reference,
     level_anchor,
     level_table,
@@ -184,6 +185,36 @@ def _level_counts(objectness: list[torch.Tensor]) -> list[int]:
     return [o.shape[1] * o.shape[2] * o.shape[3] for o in objectness]
 
 
+# The two argument builders give ``(args, meta)`` of a kernel for these tensors: what the launcher
+# passes and what the ahead-of-time specs are derived from.
+
+
+def _gather_arguments(table, logits, objectness) -> tuple[tuple, dict]:
+    args = (table, logits, *level_pointers(objectness), table.shape[1], logits.shape[2])
+    return args, {"BLOCK": _GATHER_BLOCK, "num_warps": NUM_WARPS}
+
+
+def _decode_arguments(
+    table, deltas, top_logits, top_index, image_sizes, boxes, keys, pre_nms_top_n, min_size, score_thresh, clip
+):  # fmt: skip
+    args = (
+        table,
+        *level_pointers(deltas),
+        top_logits,
+        top_index,
+        image_sizes,
+        boxes,
+        keys,
+        table.shape[1],
+        keys.shape[2],
+        pre_nms_top_n,
+        float(min_size),
+        float(score_thresh),
+        float(clip),
+    )
+    return args, {"BLOCK": _DECODE_BLOCK, "num_warps": NUM_WARPS}
+
+
 def rpn_candidates_triton(
     objectness, deltas, image_sizes, strides, anchor_sizes, anchor_ratios, anchors_per_level, pre_nms_top_n,
     min_size, score_thresh, clip,
@@ -200,40 +231,16 @@ def rpn_candidates_triton(
     )
     logits = torch.empty((batch, num_levels, max_count), dtype=torch.float32, device=device)
     grid = (triton.cdiv(max_count, _GATHER_BLOCK), num_levels, batch)
-    launch(
-        _gather_objectness_kernel,
-        grid,
-        table,
-        logits,
-        *level_pointers(objectness),
-        table.shape[1],
-        max_count,
-        BLOCK=_GATHER_BLOCK,
-        num_warps=NUM_WARPS,
-    )
+    args, meta = _gather_arguments(table, logits, objectness)
+    launch(_gather_objectness_kernel, grid, *args, **meta)
     top_logits, top_index = logits.topk(k, dim=2)
     boxes = torch.empty((batch, num_levels, k, 4), dtype=torch.float32, device=device)
     keys = torch.empty((batch, num_levels, k), dtype=torch.float32, device=device)
     sizes = image_sizes.to(torch.float32).contiguous()
-    launch(
-        _decode_proposals_kernel,
-        (triton.cdiv(k, _DECODE_BLOCK), num_levels, batch),
-        table,
-        *level_pointers(deltas),
-        top_logits,
-        top_index,
-        sizes,
-        boxes,
-        keys,
-        table.shape[1],
-        k,
-        pre_nms_top_n,
-        float(min_size),
-        float(score_thresh),
-        float(clip),
-        BLOCK=_DECODE_BLOCK,
-        num_warps=NUM_WARPS,
+    args, meta = _decode_arguments(
+        table, deltas, top_logits, top_index, sizes, boxes, keys, pre_nms_top_n, min_size, score_thresh, clip
     )
+    launch(_decode_proposals_kernel, (triton.cdiv(k, _DECODE_BLOCK), num_levels, batch), *args, **meta)
     return boxes, keys
 
 
@@ -372,37 +379,15 @@ def _(objectness, deltas, image_sizes, strides, anchor_sizes, anchor_ratios, anc
 
 def _aot_specs() -> list[KernelSpec]:
     specs = []
+    table = torch.zeros((1, FIXED_COLUMNS), dtype=torch.int64)
+    logits, index = torch.empty((1, 1, 1)), torch.zeros((1, 1, 1), dtype=torch.int64)
+    image_sizes, boxes = torch.zeros((1, 2)), torch.empty((1, 1, 1, 4))
     for dtype in HEAD_DTYPES:
         label = f"head {str(dtype).removeprefix('torch.')}"
-        head = triton_pointer_type(dtype)
-        gather_signature = {
-            "table_ptr": "*i64",
-            "out_ptr": "*fp32",
-            **{f"objectness{i}": head for i in range(MAX_LEVELS)},
-            "row_width": "i32",
-            "max_count": "i32",
-            "BLOCK": "constexpr",
-        }
-        gather_meta = {"BLOCK": _GATHER_BLOCK}
-        specs.append(KernelSpec(_gather_objectness_kernel, gather_signature, gather_meta, label, num_warps=NUM_WARPS))
-        decode_signature = {
-            "table_ptr": "*i64",
-            **{f"deltas{i}": head for i in range(MAX_LEVELS)},
-            "top_logits_ptr": "*fp32",
-            "top_index_ptr": "*i64",
-            "image_sizes_ptr": "*fp32",
-            "boxes_ptr": "*fp32",
-            "keys_ptr": "*fp32",
-            "row_width": "i32",
-            "K": "i32",
-            "pre_nms_top_n": "i32",
-            "min_size": "fp32",
-            "score_thresh": "fp32",
-            "clip": "fp32",
-            "BLOCK": "constexpr",
-        }
-        decode_meta = {"BLOCK": _DECODE_BLOCK}
-        specs.append(KernelSpec(_decode_proposals_kernel, decode_signature, decode_meta, label, num_warps=NUM_WARPS))
+        head = [torch.empty((1, 1, 1, 1), dtype=dtype)]
+        specs.append(KernelSpec.from_example(_gather_objectness_kernel, *_gather_arguments(table, logits, head), label))
+        args, meta = _decode_arguments(table, head, logits, index, image_sizes, boxes, logits, 1000, 0.0, 0.0, 1.0)
+        specs.append(KernelSpec.from_example(_decode_proposals_kernel, args, meta, label))
     return specs
 
 

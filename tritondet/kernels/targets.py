@@ -6,7 +6,7 @@ S = ``batch_size_per_image`` sampled proposals, C classes (background included).
 
 These compose the Triton kernels of the matcher (``matcher.py``) and the box coder
 (``box_coder.py``) with a few fixed-shape PyTorch ops (random keys, ``topk``, ``gather``,
-``scatter``), so they run on either backend and are listed in the matcher family's ``PUBLIC_OPS``.
+``scatter``), so they run on either backend; no kernel of their own (an empty ``AOT_SPECS``).
 Only the sampler draws random numbers (from ``generator``); everything else is deterministic.
 """
 
@@ -193,3 +193,8 @@ def proposal_targets(
         torch.where(foreground, sampled_matched, -1),
         torch.where(filled, index, -1),
     )
+
+
+# No kernel of its own: the compiled code is the matcher's and the box coder's.
+AOT_SPECS = []
+PUBLIC_OPS = ("sample_balanced", "anchor_targets", "proposal_targets")
