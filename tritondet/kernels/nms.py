@@ -460,18 +460,22 @@ _SOFT_BLOCK = 512
 # pass and what the ahead-of-time specs are derived from.
 
 
-def _suppression_mask_arguments(
-    boxes, mask, tile_segment, tile_row, seg_start, seg_len, seg_mask_offset, threshold
-):  # fmt: skip
-    block_rows, words = _mask_tile(boxes.dtype)
-    args = (boxes, mask, tile_segment, tile_row, seg_start, seg_len, seg_mask_offset, threshold)
-    meta = {
-        "COMPUTE_FP64": boxes.dtype == torch.float64,
+def _mask_meta(compute_dtype: torch.dtype) -> dict:
+    """Meta-parameters of both suppression-mask kernels for boxes in ``compute_dtype``."""
+    block_rows, words = _mask_tile(compute_dtype)
+    return {
+        "COMPUTE_FP64": compute_dtype == torch.float64,
         "BLOCK_ROWS": block_rows,
         "WORDS": words,
         "num_warps": NUM_WARPS,
     }
-    return args, meta
+
+
+def _suppression_mask_arguments(
+    boxes, mask, tile_segment, tile_row, seg_start, seg_len, seg_mask_offset, threshold
+):  # fmt: skip
+    args = (boxes, mask, tile_segment, tile_row, seg_start, seg_len, seg_mask_offset, threshold)
+    return args, _mask_meta(boxes.dtype)
 
 
 def _greedy_reduce_arguments(mask, removed, keep, seg_start, seg_len, seg_mask_offset):
@@ -637,15 +641,8 @@ def rank_boxes_triton(
 
 
 def _padded_suppression_mask_arguments(ranked, keys, mask, threshold):
-    block_rows, words = _mask_tile(ranked.dtype)
     args = (ranked, keys, mask, threshold, ranked.shape[2], keys.shape[2])
-    meta = {
-        "COMPUTE_FP64": ranked.dtype == torch.float64,
-        "BLOCK_ROWS": block_rows,
-        "WORDS": words,
-        "num_warps": NUM_WARPS,
-    }
-    return args, meta
+    return args, _mask_meta(ranked.dtype)
 
 
 def _padded_greedy_reduce_arguments(mask, removed, keys, merged, length):

@@ -488,6 +488,18 @@ def _shared_arguments(rois, sampling_ratio: int, aligned: bool, num_levels: int,
 # launchers pass and what the ahead-of-time specs are derived from. ``rois`` are in the compute dtype.
 
 
+def _bin_tile_meta(num_bins: int, compute_dtype: torch.dtype, position_sensitive: bool) -> dict:
+    """Meta-parameters of the forward and atomic backward kernels (a channel block by a bin block)."""
+    block_c, block_p = _pool_blocks(num_bins, compute_dtype)
+    return {
+        "COMPUTE_FP64": compute_dtype == torch.float64,
+        "POSITION_SENSITIVE": position_sensitive,
+        "BLOCK_C": block_c,
+        "BLOCK_P": block_p,
+        "num_warps": NUM_WARPS,
+    }
+
+
 def _forward_arguments(
     rois, features, geometry, scale_table, out, sampling_ratio, aligned, mapper, position_sensitive
 ):  # fmt: skip
@@ -504,15 +516,7 @@ def _forward_arguments(
         pw,
         *_shared_arguments(rois, sampling_ratio, aligned, len(features), mapper),
     )
-    block_c, block_p = _pool_blocks(ph * pw, rois.dtype)
-    meta = {
-        "COMPUTE_FP64": rois.dtype == torch.float64,
-        "POSITION_SENSITIVE": position_sensitive,
-        "BLOCK_C": block_c,
-        "BLOCK_P": block_p,
-        "num_warps": NUM_WARPS,
-    }
-    return args, meta
+    return args, _bin_tile_meta(ph * pw, rois.dtype, position_sensitive)
 
 
 def _atomic_backward_arguments(
@@ -531,15 +535,7 @@ def _atomic_backward_arguments(
         pw,
         *_shared_arguments(rois, sampling_ratio, aligned, len(grads), mapper),
     )
-    block_c, block_p = _pool_blocks(ph * pw, rois.dtype)
-    meta = {
-        "COMPUTE_FP64": rois.dtype == torch.float64,
-        "POSITION_SENSITIVE": position_sensitive,
-        "BLOCK_C": block_c,
-        "BLOCK_P": block_p,
-        "num_warps": NUM_WARPS,
-    }
-    return args, meta
+    return args, _bin_tile_meta(ph * pw, rois.dtype, position_sensitive)
 
 
 def _gather_backward_arguments(
