@@ -20,9 +20,9 @@ from .kernels import anchors as _anchors_family
 from .kernels import box_coder as _box_coder_family
 from .kernels import box_iou as _box_iou_family
 from .kernels import nms as _nms_family
-from .kernels import roi_align as _roi_align_family
 from .kernels import rpn_proposals as _rpn_family
 from .kernels import targets as _targets_family
+from .kernels._common import MAX_LEVELS
 
 __all__ = [
     "AnchorGenerator",
@@ -568,8 +568,8 @@ def rpn_proposals(
             f"objectness and deltas must have the same non-zero number of levels, got {len(objectness)} and "
             f"{len(deltas)}"
         )
-    if len(objectness) > _rpn_family.MAX_LEVELS:
-        raise ValueError(f"rpn_proposals takes at most {_rpn_family.MAX_LEVELS} levels, got {len(objectness)}")
+    if len(objectness) > MAX_LEVELS:
+        raise ValueError(f"rpn_proposals takes at most {MAX_LEVELS} levels, got {len(objectness)}")
     sizes, ratios = _anchors_family.normalize_config(anchor_sizes, aspect_ratios)
     num_levels = len(objectness)
     if len(sizes) != num_levels:
@@ -1132,10 +1132,8 @@ class MultiScaleRoIAlign(torch.nn.Module):
 
     def forward(self, x: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]) -> Tensor:
         features = [v for k, v in x.items() if k in self.featmap_names]
-        if not 1 <= len(features) <= _roi_align_family.MAX_LEVELS:
-            raise ValueError(
-                f"featmap_names must select 1 to {_roi_align_family.MAX_LEVELS} feature maps of x, got {len(features)}"
-            )
+        if not 1 <= len(features) <= MAX_LEVELS:
+            raise ValueError(f"featmap_names must select 1 to {MAX_LEVELS} feature maps of x, got {len(features)}")
         for name, f in zip(self.featmap_names, features, strict=False):
             _check_feature_map(f"x[{name!r}]", f)
         first = features[0]

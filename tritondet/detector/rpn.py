@@ -6,19 +6,24 @@ N_A = sum_l H_l * W_l * A anchors in all, P = post_nms_top_n proposals per image
 A 3x3 convolution + ReLU slides over every level, then two sibling 1x1 convolutions give the
 objectness (k logits, or the paper's 2k softmax scores) and 4k box deltas per position. Proposals:
 :func:`tritondet.ops.rpn_proposals` straight from the head's outputs (anchors implicit, decode, clip,
-filter, NMS per level, top P) with fixed shapes and no host sync. Training: the anchor target layer
+filter, NMS per level, top P) with fixed shapes and no host sync; :meth:`RegionProposalNetwork.proposal_stages`
+composes the same stage from the PyTorch pieces of :mod:`tritondet.kernels.rpn_proposals`, keeping the
+gradient to the deltas (joint training) and the candidates before NMS. Training: the anchor target layer
 (:func:`tritondet.ops.anchor_targets`) and the loss of Eqn. (1), normalized as torchvision does or as
 the paper does (see :class:`~tritondet.detector.config.RPNConfig`).
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
-from ..kernels._common import clip_to_images
+from ..kernels import rpn_proposals
+from ..kernels.box_coder import DEFAULT_XFORM_CLIP
 from .config import AnchorConfig, RPNConfig
 from .targets import GroundTruth, anchor_target_layer
 
@@ -80,6 +85,15 @@ def flatten_head_outputs(objectness: list[Tensor], deltas: list[Tensor]) -> tupl
     return torch.cat(flat_objectness, dim=1), torch.cat(flat_deltas, dim=1)
 
 
+class ProposalStages(NamedTuple):
+    """The RPN's proposals before and after NMS (B images, L levels, K candidates per level)."""
+
+    before_nms: Tensor  # [B, L K, 4] candidates by decreasing score: decoded, clipped
+    num_before_nms: Tensor  # [B] candidates passing the size and score tests (the first ones)
+    after_nms: Tensor  # [B, P, 4] proposals, zeros past num_after_nms
+    num_after_nms: Tensor  # [B]
+
+
 class RegionProposalNetwork(nn.Module):
     """The RPN: head, proposals and (in training) the anchor target layer and loss."""
 
@@ -115,6 +129,34 @@ class RegionProposalNetwork(nn.Module):
             )
         return boxes, num_valid
 
+    def proposal_stages(
+        self, objectness: list[Tensor], deltas: list[Tensor], image_sizes: Tensor, anchors: Tensor
+    ) -> ProposalStages:
+        """The proposal stage of :meth:`proposals`, composed of the same pieces in PyTorch
+        (:func:`tritondet.kernels.rpn_proposals.candidates_from_anchors`, then
+        :func:`~tritondet.kernels.rpn_proposals.select_proposals`), with the candidates before NMS
+        and the proposals keeping their gradient to the RPN's deltas. ``anchors [N_A, 4]`` in the
+        order of :func:`flatten_head_outputs`. No host sync."""
+        config = self.config
+        pre_nms_top_n, post_nms_top_n = self._top_n(config.pre_nms_top_n), self._top_n(config.post_nms_top_n)
+        boxes, keys = rpn_proposals.candidates_from_anchors(
+            objectness, deltas, anchors, image_sizes, pre_nms_top_n, config.min_size, config.score_thresh,
+            DEFAULT_XFORM_CLIP,
+        )  # fmt: skip
+        _, _, level, rank, num_valid = rpn_proposals.select_proposals(
+            boxes.detach(), keys, config.nms_thresh, post_nms_top_n, with_index=True
+        )
+        candidates = boxes.flatten(1, 2)  # [B, L K, 4]
+        kept = (level * boxes.shape[2] + rank).clamp(min=0)
+        proposals = candidates.gather(1, kept[..., None].expand(-1, -1, 4)) * (rank >= 0)[..., None]
+        order = keys.flatten(1).argsort(dim=1, stable=True)  # by decreasing score, dropped last
+        return ProposalStages(
+            candidates.gather(1, order[..., None].expand(-1, -1, 4)),
+            (keys < float("inf")).flatten(1).sum(1),
+            proposals,
+            num_valid,
+        )
+
     def differentiable_proposals(
         self,
         objectness: list[Tensor],
@@ -123,41 +165,11 @@ class RegionProposalNetwork(nn.Module):
         strides: list[tuple[int, int]],
         anchors: Tensor,
     ) -> tuple[Tensor, Tensor]:
-        """The same proposals as :meth:`proposals`, composed from ops so that the boxes keep their
-        gradient to the RPN's deltas (for ``crop_pool`` joint training): per-level top-k, decode
-        (``ops.decode_boxes``), clip, then ``ops.batched_nms_padded`` with levels as classes,
-        whose ``indices`` gather the differentiable boxes. No host sync."""
-        config = self.config
-        pre_nms_top_n, post_nms_top_n = self._top_n(config.pre_nms_top_n), self._top_n(config.post_nms_top_n)
-        flat_objectness, flat_deltas = flatten_head_outputs(objectness, deltas)
-        batch = flat_objectness.shape[0]
-        candidates, levels, start = [], [], 0
-        for level, logits in enumerate(objectness):
-            count = logits[0].numel()
-            k = min(pre_nms_top_n, count)
-            top = flat_objectness[:, start : start + count].detach().topk(k, dim=1).indices + start
-            candidates.append(top)
-            levels.append(torch.full((k,), level, device=top.device))
-            start += count
-        index = torch.cat(candidates, dim=1)  # [B, N]
-        level = torch.cat(levels)  # [N]
-        logits = flat_objectness.gather(1, index)
-        picked = flat_deltas.float().gather(1, index[..., None].expand(-1, -1, 4))
-        boxes = ops.decode_boxes(picked, anchors[index], RPN_BOX_WEIGHTS)
-        boxes = clip_to_images(boxes, image_sizes)
-        scores = torch.sigmoid(logits.detach().float())
-        large = (boxes[..., 2:] - boxes[..., :2] >= config.min_size).all(dim=-1)
-        keep = large & (scores >= config.score_thresh)
-        # Dropped candidates score -1, below the threshold 0 that NMS applies (sigmoids are >= 0).
-        scores = torch.where(keep, scores, -1.0)
-        per_level = torch.where(
-            level[:, None] == torch.arange(len(objectness), device=level.device), scores[..., None], -1.0
-        )
-        _, _, _, kept, num_valid = ops.batched_nms_padded(
-            boxes.detach(), per_level, config.nms_thresh, post_nms_top_n, score_threshold=-0.5
-        )
-        proposals = boxes.gather(1, kept.clamp(min=0)[..., None].expand(batch, -1, 4))
-        return proposals * (kept >= 0)[..., None], num_valid
+        """The same proposals as :meth:`proposals` (``strides`` are implied by ``anchors``), whose
+        boxes keep their gradient to the RPN's deltas (for ``crop_pool`` joint training): the
+        ``after_nms`` of :meth:`proposal_stages`."""
+        stages = self.proposal_stages(objectness, deltas, image_sizes, anchors)
+        return stages.after_nms, stages.num_after_nms
 
     def loss(
         self,

@@ -73,6 +73,7 @@ from torch import Tensor, nn
 from torchvision.utils import draw_bounding_boxes
 
 from .. import ops
+from ..kernels._common import clip_to_images
 from . import data, evaluate
 from .backbone import LiteBackbone, feature_strides
 from .config import (
@@ -85,7 +86,7 @@ from .config import (
     TransformConfig,
 )
 from .faster_rcnn import LOSS_NAMES, FasterRCNN
-from .rpn import RPN_BOX_WEIGHTS, clip_to_images, flatten_head_outputs
+from .rpn import RPN_BOX_WEIGHTS, flatten_head_outputs
 
 __all__ = [
     "TrainConfig",

@@ -262,6 +262,28 @@ def rpn_candidates_reference(
     objectness, deltas, image_sizes, strides, anchor_sizes, anchor_ratios, anchors_per_level, pre_nms_top_n,
     min_size, score_thresh, clip,
 ):  # fmt: skip
+    grid_sizes = [v for o in objectness for v in o.shape[2:]]
+    device = image_sizes.device
+    anchors = grid_anchors_reference(grid_sizes, strides, anchor_sizes, anchor_ratios, anchors_per_level, device)
+    return candidates_from_anchors(
+        objectness, deltas, anchors, image_sizes, pre_nms_top_n, min_size, score_thresh, clip
+    )
+
+
+def candidates_from_anchors(
+    objectness: list[torch.Tensor],
+    deltas: list[torch.Tensor],
+    anchors: torch.Tensor,
+    image_sizes: torch.Tensor,
+    pre_nms_top_n: int,
+    min_size: float,
+    score_thresh: float,
+    clip: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The proposal stage before NMS in PyTorch: ``boxes [N, L, K, 4]`` fp32 and ``keys [N, L, K]``
+    (see the module docstring) from the head outputs and ``anchors [sum_l H_l W_l A_l, 4]`` in
+    (level, y, x, anchor) order. The boxes keep their gradient to ``deltas`` (the detector's joint
+    training path); selection, decoding, clipping and the tests are those of the kernels."""
     batch = image_sizes.shape[0]
     device = image_sizes.device
     counts = _level_counts(objectness)
@@ -269,26 +291,37 @@ def rpn_candidates_reference(
     k = candidate_count(counts, pre_nms_top_n)
     # (y, x, anchor) order, as torchvision's permute_and_flatten.
     logits = [o.permute(0, 2, 3, 1).reshape(batch, -1).float() for o in objectness]
-    codes = [
-        d.reshape(batch, d.shape[1] // 4, 4, *d.shape[2:]).permute(0, 3, 4, 1, 2).reshape(batch, -1, 4).float()
-        for d in deltas
-    ]
-    grid_sizes = [v for o in objectness for v in o.shape[2:]]
-    anchors = grid_anchors_reference(grid_sizes, strides, anchor_sizes, anchor_ratios, anchors_per_level, device)
-    anchors = _pad_levels([a[None] for a in anchors.split(counts)], max_count, 0.0)[0]  # [L, max_count, 4]
-
     top_logits, top_index = _pad_levels(logits, max_count, float("-inf")).topk(k, dim=2)  # [N, L, K]
     # Built on the device (no host-to-device copy): candidate j of level l is one of its top n.
     top_n = torch.stack([torch.full((), min(c, pre_nms_top_n), device=device) for c in counts])
     selected = torch.arange(k, device=device) < top_n[:, None]
-    top_codes = _pad_levels(codes, max_count, 0.0).gather(2, top_index[..., None].expand(-1, -1, -1, 4))
-    top_anchors = anchors[torch.arange(len(counts), device=device)[:, None], top_index]  # [N, L, K, 4]
-    boxes = decode_reference(top_codes, top_anchors, list(RPN_WEIGHTS), clip)
+    top_codes, top_anchors = [], []
+    for level, (d, level_anchors) in enumerate(zip(deltas, anchors.split(counts), strict=True)):
+        codes = d.reshape(batch, d.shape[1] // 4, 4, *d.shape[2:]).permute(0, 3, 4, 1, 2).reshape(batch, -1, 4)
+        index = top_index[:, level].clamp(max=counts[level] - 1)  # padding picks: not selected
+        top_codes.append(codes.float().gather(1, index[..., None].expand(-1, -1, 4)))
+        top_anchors.append(level_anchors[index])
+    boxes = decode_reference(torch.stack(top_codes, 1), torch.stack(top_anchors, 1), list(RPN_WEIGHTS), clip)
     boxes = clip_to_images(boxes, image_sizes)
-    probability = torch.sigmoid(top_logits)
+    probability = torch.sigmoid(top_logits.detach())
     keep = selected & (boxes[..., 2] - boxes[..., 0] >= min_size) & (boxes[..., 3] - boxes[..., 1] >= min_size)
     keep = keep & (probability >= score_thresh)
     return torch.where(selected[..., None], boxes, 0.0), torch.where(keep, -probability, float("inf"))
+
+
+def select_proposals(
+    boxes: torch.Tensor, keys: torch.Tensor, nms_thresh: float, post_nms_top_n: int, with_index: bool = False
+) -> tuple[torch.Tensor, ...]:
+    """The proposal stage's NMS: per level (levels as segments, already in rank order), then the
+    merge of every image's levels by score. ``boxes [N, L, K, 4]``, ``keys [N, L, K]`` ->
+    ``boxes [N, P, 4]``, ``scores [N, P]`` fp32, ``levels [N, P]`` and ``ranks [N, P]`` (where each
+    proposal is in ``boxes``, rank -1 for empty slots; None unless ``with_index``), ``num_valid [N]``."""
+    labels = None
+    if with_index:
+        batch, num_levels, k = keys.shape
+        order = torch.arange(k, device=keys.device).expand(batch, num_levels, k).contiguous()
+        labels = (order, k, num_levels, False)
+    return padded_nms(boxes, keys, nms_thresh, post_nms_top_n, torch.float32, torch.float32, labels)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -357,7 +390,7 @@ def rpn_proposals(
         objectness, deltas, image_sizes, strides, anchor_sizes, anchor_ratios, anchors_per_level, pre_nms_top_n,
         min_size, score_thresh, clip,
     )  # fmt: skip
-    boxes, scores, _, _, num_valid = padded_nms(boxes, keys, nms_thresh, post_nms_top_n, torch.float32, torch.float32)
+    boxes, scores, _, _, num_valid = select_proposals(boxes, keys, nms_thresh, post_nms_top_n)
     return boxes, scores, num_valid
 
 
