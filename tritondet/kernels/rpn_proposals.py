@@ -298,8 +298,11 @@ def candidates_from_anchors(
     top_codes, top_anchors = [], []
     for level, (d, level_anchors) in enumerate(zip(deltas, anchors.split(counts), strict=True)):
         codes = d.reshape(batch, d.shape[1] // 4, 4, *d.shape[2:]).permute(0, 3, 4, 1, 2).reshape(batch, -1, 4)
-        index = top_index[:, level].clamp(max=counts[level] - 1)  # padding picks: not selected
-        top_codes.append(codes.float().gather(1, index[..., None].expand(-1, -1, 4)))
+        # Picks past the level's anchors (not selected) read an appended zero row: no empty gather.
+        codes = torch.cat([codes.float(), codes.new_zeros((batch, 1, 4), dtype=torch.float32)], dim=1)
+        level_anchors = torch.cat([level_anchors, level_anchors.new_zeros((1, 4))])
+        index = top_index[:, level].clamp(max=counts[level])
+        top_codes.append(codes.gather(1, index[..., None].expand(-1, -1, 4)))
         top_anchors.append(level_anchors[index])
     boxes = decode_reference(torch.stack(top_codes, 1), torch.stack(top_anchors, 1), list(RPN_WEIGHTS), clip)
     boxes = clip_to_images(boxes, image_sizes)
