@@ -129,33 +129,41 @@ class RegionProposalNetwork(nn.Module):
             )
         return boxes, num_valid
 
+    def _candidates(
+        self, objectness: list[Tensor], deltas: list[Tensor], image_sizes: Tensor, anchors: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """The kernels' candidates before NMS in PyTorch: ``boxes [B, L, K, 4]`` (with their
+        gradient to ``deltas``) and ranking ``keys [B, L, K]``."""
+        config = self.config
+        return rpn_proposals.candidates_from_anchors(
+            objectness, deltas, anchors, image_sizes, self._top_n(config.pre_nms_top_n), config.min_size,
+            config.score_thresh, DEFAULT_XFORM_CLIP,
+        )  # fmt: skip
+
+    def _after_nms(self, boxes: Tensor, keys: Tensor) -> tuple[Tensor, Tensor]:
+        """The kernels' NMS selection of the candidates, gathering the kept boxes (and their
+        gradient): ``proposals [B, P, 4]`` (zeros past ``num_valid``) and ``num_valid [B]``."""
+        config = self.config
+        _, _, level, rank, num_valid = rpn_proposals.select_proposals(
+            boxes.detach(), keys, config.nms_thresh, self._top_n(config.post_nms_top_n), with_index=True
+        )
+        kept = (level * boxes.shape[2] + rank).clamp(min=0)
+        proposals = boxes.flatten(1, 2).gather(1, kept[..., None].expand(-1, -1, 4)) * (rank >= 0)[..., None]
+        return proposals, num_valid
+
     def proposal_stages(
         self, objectness: list[Tensor], deltas: list[Tensor], image_sizes: Tensor, anchors: Tensor
     ) -> ProposalStages:
-        """The proposal stage of :meth:`proposals`, composed of the same pieces in PyTorch
+        """The proposals before and after NMS (for drawing the pipeline): the stage of
+        :meth:`proposals` composed of the same pieces in PyTorch
         (:func:`tritondet.kernels.rpn_proposals.candidates_from_anchors`, then
-        :func:`~tritondet.kernels.rpn_proposals.select_proposals`), with the candidates before NMS
-        and the proposals keeping their gradient to the RPN's deltas. ``anchors [N_A, 4]`` in the
+        :func:`~tritondet.kernels.rpn_proposals.select_proposals`). ``anchors [N_A, 4]`` in the
         order of :func:`flatten_head_outputs`. No host sync."""
-        config = self.config
-        pre_nms_top_n, post_nms_top_n = self._top_n(config.pre_nms_top_n), self._top_n(config.post_nms_top_n)
-        boxes, keys = rpn_proposals.candidates_from_anchors(
-            objectness, deltas, anchors, image_sizes, pre_nms_top_n, config.min_size, config.score_thresh,
-            DEFAULT_XFORM_CLIP,
-        )  # fmt: skip
-        _, _, level, rank, num_valid = rpn_proposals.select_proposals(
-            boxes.detach(), keys, config.nms_thresh, post_nms_top_n, with_index=True
-        )
-        candidates = boxes.flatten(1, 2)  # [B, L K, 4]
-        kept = (level * boxes.shape[2] + rank).clamp(min=0)
-        proposals = candidates.gather(1, kept[..., None].expand(-1, -1, 4)) * (rank >= 0)[..., None]
+        boxes, keys = self._candidates(objectness, deltas, image_sizes, anchors)
+        proposals, num_valid = self._after_nms(boxes, keys)
         order = keys.flatten(1).argsort(dim=1, stable=True)  # by decreasing score, dropped last
-        return ProposalStages(
-            candidates.gather(1, order[..., None].expand(-1, -1, 4)),
-            (keys < float("inf")).flatten(1).sum(1),
-            proposals,
-            num_valid,
-        )
+        before = boxes.flatten(1, 2).gather(1, order[..., None].expand(-1, -1, 4))
+        return ProposalStages(before, (keys < float("inf")).flatten(1).sum(1), proposals, num_valid)
 
     def differentiable_proposals(
         self,
@@ -167,9 +175,8 @@ class RegionProposalNetwork(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         """The same proposals as :meth:`proposals` (``strides`` are implied by ``anchors``), whose
         boxes keep their gradient to the RPN's deltas (for ``crop_pool`` joint training): the
-        ``after_nms`` of :meth:`proposal_stages`."""
-        stages = self.proposal_stages(objectness, deltas, image_sizes, anchors)
-        return stages.after_nms, stages.num_after_nms
+        ``after_nms`` stage of :meth:`proposal_stages`, without sorting the candidates."""
+        return self._after_nms(*self._candidates(objectness, deltas, image_sizes, anchors))
 
     def loss(
         self,
