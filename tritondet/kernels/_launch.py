@@ -19,8 +19,9 @@ _launches = 0
 # Launches under way: the Triton interpreter copies a kernel's arguments with ATen ops that a GPU
 # launch does not make, so the dispatch counters leave out the ops made while this is non-zero.
 _launch_depth = 0
-# With TRITONDET_CHECK_SPECS=1 (the test suite sets it) a launch of a specialization that no
-# module declares in AOT_SPECS raises, so the ahead-of-time compile gate covers all that runs.
+# With TRITONDET_CHECK_SPECS=1 (the test suite sets it) a launch whose full signature (every
+# argument's Triton type, constexprs, warps, stages: _aot.specialization_key) no module declares in
+# AOT_SPECS raises, so the ahead-of-time compile gate covers all that runs.
 CHECK_SPECS_VARIABLE = "TRITONDET_CHECK_SPECS"
 
 
