@@ -13,9 +13,20 @@ def results():
     return compile_report.compile_all()
 
 
+def _defines_kernels(module) -> bool:
+    """Whether ``module`` defines ``@triton.jit`` functions (under the interpreter too: both kinds keep ``fn``)."""
+    return any(
+        hasattr(value, "arg_names") and getattr(getattr(value, "fn", None), "__module__", None) == module.__name__
+        for value in vars(module).values()
+    )
+
+
 def test_every_family_declares_specializations():
     for family, module in FAMILIES.items():
-        assert module.AOT_SPECS, f"{family} declares no AOT_SPECS"
+        if _defines_kernels(module):
+            assert module.AOT_SPECS, f"{family} declares no AOT_SPECS"
+        else:
+            assert module.AOT_SPECS == [], f"{family} has no kernel but declares AOT_SPECS"
         assert module.PUBLIC_OPS, f"{family} declares no PUBLIC_OPS"
 
 

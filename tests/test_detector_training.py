@@ -185,7 +185,7 @@ def test_differentiable_proposals_equal_the_fused_ones(backend):
     strides = feature_strides(levels, tuple(image_list.tensors.shape[-2:]))
     anchors = model._anchors(levels, strides)
     boxes, num_valid = model.rpn.proposals(objectness, deltas, sizes, strides)
-    joint, joint_valid = model.rpn.differentiable_proposals(objectness, deltas, sizes, strides, anchors)
+    joint, joint_valid = model.rpn.differentiable_proposals(objectness, deltas, sizes, anchors)
     torch.testing.assert_close(joint_valid, num_valid)
     torch.testing.assert_close(joint.detach(), boxes, rtol=1e-5, atol=1e-4)
     joint.sum().backward()

@@ -24,7 +24,6 @@ from pathlib import Path
 
 from .harness import Row
 
-
 FIELDS = [field.name for field in dataclasses.fields(Row)]
 _FIELD_TYPES = {field.name: field.type for field in dataclasses.fields(Row)}
 

@@ -164,7 +164,7 @@ class FasterRCNN(nn.Module):
             with torch.no_grad():
                 _, proposals, num_valid = proposer._proposals(padded, image_sizes)
         elif self.config.roi_heads.box_pooling == "crop_pool":  # joint training: box loss reaches RPN boxes
-            proposals, num_valid = self.rpn.differentiable_proposals(objectness, deltas, image_sizes, strides, anchors)
+            proposals, num_valid = self.rpn.differentiable_proposals(objectness, deltas, image_sizes, anchors)
         else:
             proposals, num_valid = self.rpn.proposals(objectness, deltas, image_sizes, strides)
         losses = self.rpn.loss(objectness, deltas, anchors, gt, generator) if rpn else {}

@@ -6,22 +6,26 @@ N_A = sum_l H_l * W_l * A anchors in all, P = post_nms_top_n proposals per image
 A 3x3 convolution + ReLU slides over every level, then two sibling 1x1 convolutions give the
 objectness (k logits, or the paper's 2k softmax scores) and 4k box deltas per position. Proposals:
 :func:`tritondet.ops.rpn_proposals` straight from the head's outputs (anchors implicit, decode, clip,
-filter, NMS per level, top P) with fixed shapes and no host sync. Training: the anchor target layer
+filter, NMS per level, top P) with fixed shapes and no host sync; :meth:`RegionProposalNetwork.proposal_stages`
+composes the same stage from the PyTorch pieces of :mod:`tritondet.kernels.rpn_proposals`, keeping the
+gradient to the deltas (joint training) and the candidates before NMS. Training: the anchor target layer
 (:func:`tritondet.ops.anchor_targets`) and the loss of Eqn. (1), normalized as torchvision does or as
 the paper does (see :class:`~tritondet.detector.config.RPNConfig`).
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
+from ..kernels import rpn_proposals
+from ..kernels.box_coder import DEFAULT_XFORM_CLIP
 from .config import AnchorConfig, RPNConfig
 from .targets import GroundTruth, anchor_target_layer
-
-RPN_BOX_WEIGHTS = (1.0, 1.0, 1.0, 1.0)
 
 
 class RPNHead(nn.Module):
@@ -79,11 +83,13 @@ def flatten_head_outputs(objectness: list[Tensor], deltas: list[Tensor]) -> tupl
     return torch.cat(flat_objectness, dim=1), torch.cat(flat_deltas, dim=1)
 
 
-def clip_to_images(boxes: Tensor, image_sizes: Tensor) -> Tensor:
-    """Clamp ``boxes [B, ..., 4]`` to ``[0, w] x [0, h]`` of each image (``image_sizes [B, 2]``);
-    differentiable, no host sync, a handful of ATen ops whatever B."""
-    limits = image_sizes.flip(-1).repeat(1, 2).to(boxes.dtype)  # [B, 4]: (w, h, w, h)
-    return torch.minimum(boxes.clamp(min=0), limits.view(limits.shape[0], *[1] * (boxes.dim() - 2), 4))
+class ProposalStages(NamedTuple):
+    """The RPN's proposals before and after NMS (B images, L levels, K candidates per level)."""
+
+    before_nms: Tensor  # [B, L K, 4] candidates by decreasing score: decoded, clipped
+    num_before_nms: Tensor  # [B] candidates passing the size and score tests (the first ones)
+    after_nms: Tensor  # [B, P, 4] proposals, zeros past num_after_nms
+    num_after_nms: Tensor  # [B]
 
 
 class RegionProposalNetwork(nn.Module):
@@ -121,49 +127,53 @@ class RegionProposalNetwork(nn.Module):
             )
         return boxes, num_valid
 
+    def _candidates(
+        self, objectness: list[Tensor], deltas: list[Tensor], image_sizes: Tensor, anchors: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """The kernels' candidates before NMS in PyTorch: ``boxes [B, L, K, 4]`` (with their
+        gradient to ``deltas``) and ranking ``keys [B, L, K]``."""
+        config = self.config
+        return rpn_proposals.candidates_from_anchors(
+            objectness, deltas, anchors, image_sizes, self._top_n(config.pre_nms_top_n), config.min_size,
+            config.score_thresh, DEFAULT_XFORM_CLIP,
+        )  # fmt: skip
+
+    def _after_nms(self, boxes: Tensor, keys: Tensor) -> tuple[Tensor, Tensor]:
+        """The kernels' NMS selection of the candidates, gathering the kept boxes (and their
+        gradient): ``proposals [B, P, 4]`` (zeros past ``num_valid``) and ``num_valid [B]``."""
+        config = self.config
+        _, _, level, rank, num_valid = rpn_proposals.select_proposals(
+            boxes.detach(), keys, config.nms_thresh, self._top_n(config.post_nms_top_n), with_index=True
+        )
+        kept = (level * boxes.shape[2] + rank).clamp(min=0)
+        proposals = boxes.flatten(1, 2).gather(1, kept[..., None].expand(-1, -1, 4)) * (rank >= 0)[..., None]
+        return proposals, num_valid
+
+    def proposal_stages(
+        self, objectness: list[Tensor], deltas: list[Tensor], image_sizes: Tensor, anchors: Tensor
+    ) -> ProposalStages:
+        """The proposals before and after NMS (for drawing the pipeline): the stage of
+        :meth:`proposals` composed of the same pieces in PyTorch
+        (:func:`tritondet.kernels.rpn_proposals.candidates_from_anchors`, then
+        :func:`~tritondet.kernels.rpn_proposals.select_proposals`). ``anchors [N_A, 4]`` in the
+        order of :func:`flatten_head_outputs`. No host sync."""
+        boxes, keys = self._candidates(objectness, deltas, image_sizes, anchors)
+        proposals, num_valid = self._after_nms(boxes, keys)
+        order = keys.flatten(1).argsort(dim=1, stable=True)  # by decreasing score, dropped last
+        before = boxes.flatten(1, 2).gather(1, order[..., None].expand(-1, -1, 4))
+        return ProposalStages(before, (keys < float("inf")).flatten(1).sum(1), proposals, num_valid)
+
     def differentiable_proposals(
         self,
         objectness: list[Tensor],
         deltas: list[Tensor],
         image_sizes: Tensor,
-        strides: list[tuple[int, int]],
         anchors: Tensor,
     ) -> tuple[Tensor, Tensor]:
-        """The same proposals as :meth:`proposals`, composed from ops so that the boxes keep their
-        gradient to the RPN's deltas (for ``crop_pool`` joint training): per-level top-k, decode
-        (``ops.decode_boxes``), clip, then ``ops.batched_nms_padded`` with levels as classes,
-        whose ``indices`` gather the differentiable boxes. No host sync."""
-        config = self.config
-        pre_nms_top_n, post_nms_top_n = self._top_n(config.pre_nms_top_n), self._top_n(config.post_nms_top_n)
-        flat_objectness, flat_deltas = flatten_head_outputs(objectness, deltas)
-        batch = flat_objectness.shape[0]
-        candidates, levels, start = [], [], 0
-        for level, logits in enumerate(objectness):
-            count = logits[0].numel()
-            k = min(pre_nms_top_n, count)
-            top = flat_objectness[:, start : start + count].detach().topk(k, dim=1).indices + start
-            candidates.append(top)
-            levels.append(torch.full((k,), level, device=top.device))
-            start += count
-        index = torch.cat(candidates, dim=1)  # [B, N]
-        level = torch.cat(levels)  # [N]
-        logits = flat_objectness.gather(1, index)
-        picked = flat_deltas.float().gather(1, index[..., None].expand(-1, -1, 4))
-        boxes = ops.decode_boxes(picked, anchors[index], RPN_BOX_WEIGHTS)
-        boxes = clip_to_images(boxes, image_sizes)
-        scores = torch.sigmoid(logits.detach().float())
-        large = (boxes[..., 2:] - boxes[..., :2] >= config.min_size).all(dim=-1)
-        keep = large & (scores >= config.score_thresh)
-        # Dropped candidates score -1, below the threshold 0 that NMS applies (sigmoids are >= 0).
-        scores = torch.where(keep, scores, -1.0)
-        per_level = torch.where(
-            level[:, None] == torch.arange(len(objectness), device=level.device), scores[..., None], -1.0
-        )
-        _, _, _, kept, num_valid = ops.batched_nms_padded(
-            boxes.detach(), per_level, config.nms_thresh, post_nms_top_n, score_threshold=-0.5
-        )
-        proposals = boxes.gather(1, kept.clamp(min=0)[..., None].expand(batch, -1, 4))
-        return proposals * (kept >= 0)[..., None], num_valid
+        """The same proposals as :meth:`proposals`, whose
+        boxes keep their gradient to the RPN's deltas (for ``crop_pool`` joint training): the
+        ``after_nms`` stage of :meth:`proposal_stages`, without sorting the candidates."""
+        return self._after_nms(*self._candidates(objectness, deltas, image_sizes, anchors))
 
     def loss(
         self,

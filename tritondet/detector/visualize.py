@@ -22,7 +22,6 @@ from .backbone import feature_strides
 from .data import read_image, resize_boxes
 from .engine.checkpoints import load_checkpoint
 from .faster_rcnn import LOSS_NAMES, FasterRCNN
-from .rpn import RPN_BOX_WEIGHTS, clip_to_images, flatten_head_outputs
 
 _CURVE_COLORS = ((0, 0, 0), (214, 39, 40), (31, 119, 180), (44, 160, 44), (255, 127, 14))
 
@@ -129,19 +128,16 @@ def _central_anchors(anchors: Tensor, levels: list[Tensor], per_position: int, c
 
 
 def _proposals_before_and_after_nms(
-    model: FasterRCNN, levels: list[Tensor], anchors: Tensor, image_sizes: Tensor, strides, top: int
+    model: FasterRCNN, levels: list[Tensor], anchors: Tensor, image_sizes: Tensor, top: int
 ) -> tuple[Tensor, Tensor]:
-    """The RPN's proposals for one image, before NMS (the ``top`` anchors of highest objectness,
-    decoded with their deltas and clipped) and after it (the first ``top`` of
-    :meth:`RegionProposalNetwork.proposals`: per-level NMS); ``[<= top, 4]`` each, in the resized
-    image's pixels. ``levels``: the backbone's feature maps, ``anchors [A, 4]`` over every level."""
+    """The RPN's proposals for one image, the first ``top`` of each stage of
+    :meth:`RegionProposalNetwork.proposal_stages`: before NMS (the per-level candidates by
+    decreasing objectness) and after it; ``[<= top, 4]`` each, in the resized image's pixels.
+    ``levels``: the backbone's feature maps, ``anchors [A, 4]`` over every level."""
     objectness, deltas = model.rpn.head(levels)
-    logits, flat_deltas = flatten_head_outputs(objectness, deltas)
-    best = logits[0].topk(min(top, logits.shape[1])).indices
-    before = ops.decode_boxes(flat_deltas[0, best], anchors[best], RPN_BOX_WEIGHTS)
-    before = clip_to_images(before[None], image_sizes)[0]
-    proposals, num_valid = model.rpn.proposals(objectness, deltas, image_sizes, strides)
-    return before, proposals[0, : min(int(num_valid[0]), top)]
+    stages = model.rpn.proposal_stages(objectness, deltas, image_sizes, anchors)
+    before = stages.before_nms[0, : min(int(stages.num_before_nms[0]), top)]
+    return before, stages.after_nms[0, : min(int(stages.num_after_nms[0]), top)]
 
 
 @torch.no_grad()
@@ -149,7 +145,7 @@ def pipeline_stages(model: FasterRCNN, image: Tensor, top: int = 30) -> dict[str
     """Boxes of each stage of the detector on ``image`` ``[3, H, W]``, in its pixels (``[N, 4]`` each):
 
     ``anchors``: every anchor of every level at the feature position nearest the image centre;
-    ``before_nms``: the ``top`` anchors with the highest objectness, decoded with their RPN deltas;
+    ``before_nms``: the ``top`` RPN candidates of highest objectness (decoded, clipped, per-level top-k);
     ``after_nms``: the first ``top`` proposals (:meth:`RegionProposalNetwork.proposals`: per-level NMS);
     ``detections``: the final boxes (with ``scores`` and ``labels``).
     """
@@ -166,7 +162,7 @@ def pipeline_stages(model: FasterRCNN, image: Tensor, top: int = 30) -> dict[str
     image_sizes = torch.tensor([[height, width]], device=padded.device)
     centre = torch.tensor([width / 2, height / 2], device=padded.device)
     central = _central_anchors(anchors, levels, model.config.anchors.num_anchors(), centre)
-    before, after = _proposals_before_and_after_nms(model, levels, anchors, image_sizes, strides, top)
+    before, after = _proposals_before_and_after_nms(model, levels, anchors, image_sizes, top)
     to_original = tuple(image.shape[-2:])
     stages = {
         name: resize_boxes(boxes.float(), (height, width), to_original).cpu()

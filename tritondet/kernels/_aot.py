@@ -4,13 +4,17 @@ No GPU is needed: :func:`compile_spec` runs Triton's full pipeline (TTIR -> TTGI
 cubin via ptxas) for ``GPUTarget("cuda", arch, 32)`` and reads the cubin back with the
 ``cuobjdump``/``ptxas`` binaries that ship inside triton's NVIDIA backend.
 
-Each kernel module lists its :class:`KernelSpec` objects in ``AOT_SPECS``; the launchers take
-their constexpr choices from the same helpers the specs are built from, so the report covers
-exactly what runs.
+Each kernel module lists its :class:`KernelSpec` objects in ``AOT_SPECS``, built with
+:meth:`KernelSpec.from_example` from example arguments (tensors of the launch's dtypes, Python
+ints and floats) and the meta-parameters the launchers take from the same helpers: every
+argument's Triton type comes from Triton's own rule (:func:`triton_type`), never from a table
+written by hand. A launch under ``TRITONDET_CHECK_SPECS=1`` computes the full signature of what it
+launches by the same rule (:func:`specialization_key`) and requires it to be declared.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
 import subprocess
@@ -24,38 +28,106 @@ ARCHS = (80, 90)
 WARP_SIZE = 32
 
 
+# Launch options that are not kernel arguments, and Triton's defaults for them on CUDA.
+LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas")
+DEFAULT_NUM_WARPS = 4
+DEFAULT_NUM_STAGES = 3
+
+
+def triton_type(value) -> str:
+    """Triton's type of one kernel argument, by Triton's own rule (``triton.runtime.jit.mangle_type``):
+    ``"*fp16"`` for an fp16 tensor, ``"*u1"`` for a bool tensor, ``"i32"`` or ``"i64"`` for an int
+    by its value, ``"fp32"`` for a float, ``"u1"`` for a bool.
+
+    Without Triton's value specializations (an int equal to 1 made a constant, ints and pointers
+    divisible by 16 marked so): those are attributes a GPU launch adds to a declared type, and the
+    ahead-of-time compile covers the variant without them.
+    """
+    from triton.runtime.jit import mangle_type
+
+    return mangle_type(value, specialize=False)
+
+
+def kernel_name(kernel) -> str:
+    return getattr(kernel, "__name__", None) or kernel.fn.__name__
+
+
+def _constexpr_names(kernel) -> set[str]:
+    """The ``tl.constexpr`` parameters of ``kernel`` (a ``JITFunction`` or, under the interpreter,
+    an ``InterpretedFunction``: both keep the Python function as ``fn``)."""
+    parameters = inspect.signature(kernel.fn).parameters
+    return {name for name, parameter in parameters.items() if "constexpr" in str(parameter.annotation)}
+
+
+def launch_signature(kernel, args: tuple, meta: dict) -> tuple[dict[str, str], dict[str, Any]]:
+    """``(signature, constexprs)`` of launching ``kernel`` with positional ``args`` and keyword
+    ``meta``: every argument's Triton type (``"constexpr"`` for meta-parameters) and every
+    meta-parameter's value."""
+    values = dict(zip(kernel.arg_names, args, strict=False))
+    values.update((name, value) for name, value in meta.items() if name not in LAUNCH_OPTIONS)
+    missing = [name for name in kernel.arg_names if name not in values]
+    if missing or len(values) != len(kernel.arg_names):
+        raise TypeError(f"{kernel_name(kernel)}: arguments do not match the kernel's parameters (missing {missing})")
+    constexpr = _constexpr_names(kernel)
+    signature = {name: "constexpr" if name in constexpr else triton_type(values[name]) for name in kernel.arg_names}
+    return signature, {name: values[name] for name in kernel.arg_names if name in constexpr}
+
+
+def specialization_key(kernel, args: tuple, meta: dict) -> tuple:
+    """What identifies a compiled specialization: the kernel, the Triton type of every argument,
+    the constexpr values, warps and pipeline stages."""
+    signature, constexprs = launch_signature(kernel, args, meta)
+    return (
+        kernel_name(kernel),
+        tuple(signature.items()),
+        tuple(sorted(constexprs.items())),
+        meta.get("num_warps", DEFAULT_NUM_WARPS),
+        meta.get("num_stages", DEFAULT_NUM_STAGES),
+    )
+
+
 @dataclass(frozen=True)
 class KernelSpec:
-    """One compiled specialization of a ``@triton.jit`` kernel.
+    """One compiled specialization of a ``@triton.jit`` kernel; build it with :meth:`from_example`.
 
     signature: argument name -> Triton type (``"*fp32"``, ``"i32"``, ``"fp32"``, ``"constexpr"``).
     constexprs: value of every ``"constexpr"`` argument.
     label: what distinguishes this specialization from the kernel's others (dtype, mode).
+    key: :func:`specialization_key` of the launches it covers.
     """
 
     kernel: Any
     signature: dict[str, str]
     constexprs: dict[str, Any]
+    key: tuple
     label: str = ""
-    num_warps: int = 4
-    num_stages: int = 3
+    num_warps: int = DEFAULT_NUM_WARPS
+    num_stages: int = DEFAULT_NUM_STAGES
     pointer_alignment: int = field(default=16)
+
+    @classmethod
+    def from_example(cls, kernel, args: tuple, meta: dict, label: str = "") -> KernelSpec:
+        """The specialization of launching ``kernel`` with ``args`` (tensors of the launch's dtypes,
+        Python ints and floats as the launcher passes them) and ``meta`` (constexprs and launch
+        options, as the launcher passes them to :func:`tritondet.kernels._launch.launch`)."""
+        signature, constexprs = launch_signature(kernel, args, meta)
+        return cls(
+            kernel,
+            signature,
+            constexprs,
+            specialization_key(kernel, args, meta),
+            label,
+            meta.get("num_warps", DEFAULT_NUM_WARPS),
+            meta.get("num_stages", DEFAULT_NUM_STAGES),
+        )
 
     @property
     def kernel_name(self) -> str:
-        return getattr(self.kernel, "__name__", None) or self.kernel.fn.__name__
+        return kernel_name(self.kernel)
 
     @property
     def name(self) -> str:
         return f"{self.kernel_name}[{self.label}]" if self.label else self.kernel_name
-
-    @property
-    def key(self) -> tuple:
-        """Matches :func:`tritondet.kernels._launch.specialization_key` of the launches it covers."""
-        from ._launch import specialization_key
-
-        pointer_types = {name: kind for name, kind in self.signature.items() if kind.startswith("*")}
-        return specialization_key(self.kernel_name, pointer_types, self.constexprs, self.num_warps)
 
 
 @dataclass

@@ -13,25 +13,16 @@ from collections.abc import Iterator
 
 import torch
 
+from ._aot import specialization_key
+
 _launches = 0
 # Launches under way: the Triton interpreter copies a kernel's arguments with ATen ops that a GPU
 # launch does not make, so the dispatch counters leave out the ops made while this is non-zero.
 _launch_depth = 0
-# With TRITONDET_CHECK_SPECS=1 (the test suite sets it) a launch of a specialization that no
-# module declares in AOT_SPECS raises, so the ahead-of-time compile gate covers all that runs.
+# With TRITONDET_CHECK_SPECS=1 (the test suite sets it) a launch whose full signature (every
+# argument's Triton type, constexprs, warps, stages: _aot.specialization_key) no module declares in
+# AOT_SPECS raises, so the ahead-of-time compile gate covers all that runs.
 CHECK_SPECS_VARIABLE = "TRITONDET_CHECK_SPECS"
-
-# Launch options that are not kernel arguments.
-_LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas")
-
-
-def specialization_key(kernel_name: str, pointer_types: dict[str, str], constexprs: dict, num_warps: int):
-    """What identifies a compiled specialization: pointer element types, constexprs and warps."""
-    return (kernel_name, tuple(sorted(pointer_types.items())), tuple(sorted(constexprs.items())), num_warps)
-
-
-def _kernel_name(kernel) -> str:
-    return getattr(kernel, "__name__", None) or kernel.fn.__name__
 
 
 def launch(kernel, grid: tuple[int, ...], *args, **meta) -> None:
@@ -60,13 +51,7 @@ def launching() -> bool:
 def _check_declared(kernel, args, meta) -> None:
     from . import FAMILIES
 
-    pointer_types = {
-        name: triton_pointer_type(arg.dtype)
-        for name, arg in zip(kernel.arg_names, args, strict=False)
-        if isinstance(arg, torch.Tensor)
-    }
-    constexprs = {name: value for name, value in meta.items() if name not in _LAUNCH_OPTIONS}
-    key = specialization_key(_kernel_name(kernel), pointer_types, constexprs, meta.get("num_warps", 4))
+    key = specialization_key(kernel, args, meta)
     declared = {spec.key for module in FAMILIES.values() for spec in module.AOT_SPECS}
     if key not in declared:
         raise AssertionError(f"launched specialization is not declared in any AOT_SPECS: {key}")
@@ -96,25 +81,6 @@ def count_launches() -> Iterator[LaunchCount]:
         yield counter
     finally:
         counter.stop = _launches
-
-
-def triton_pointer_type(dtype: torch.dtype) -> str:
-    """The Triton signature type of a pointer to ``dtype`` (``torch.float16`` -> ``"*fp16"``)."""
-    return "*" + TRITON_SCALAR_TYPES[dtype]
-
-
-TRITON_SCALAR_TYPES = {
-    torch.float16: "fp16",
-    torch.bfloat16: "bf16",
-    torch.float32: "fp32",
-    torch.float64: "fp64",
-    torch.int8: "i8",
-    torch.uint8: "u8",
-    torch.int16: "i16",
-    torch.int32: "i32",
-    torch.int64: "i64",
-    torch.bool: "i1",
-}
 
 
 # Small per-configuration tables (level geometry, scales: a few hundred bytes each) kept on their

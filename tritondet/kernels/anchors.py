@@ -27,6 +27,7 @@ import triton.language as tl
 
 from .._backend import use_triton
 from ._aot import KernelSpec
+from ._common import NUM_WARPS
 from ._launch import device_table, launch
 
 # Level-table columns (int64).
@@ -101,7 +102,6 @@ def _grid_anchors_kernel(
     tl.store(po + 3, y2, mask=ok)
 
 
-_NUM_WARPS = 4
 # 512 anchors per program, 4 per thread at 4 warps: one 16-byte store per coordinate row segment
 # and enough work per program that the (few) programs of small levels stay cheap.
 _BLOCK = 512
@@ -186,13 +186,20 @@ def level_table(
     return device_table(rows, torch.int64, device)
 
 
+def _anchors_arguments(table: torch.Tensor, out: torch.Tensor) -> tuple[tuple, dict]:
+    """``(args, meta)`` of :func:`_grid_anchors_kernel`: what the launcher passes and what the
+    ahead-of-time spec is derived from."""
+    return (table, out, table.shape[1]), {"BLOCK": _BLOCK, "num_warps": NUM_WARPS}
+
+
 def grid_anchors_triton(grid_sizes, strides, anchor_sizes, anchor_ratios, anchors_per_level, device) -> torch.Tensor:
     """``[sum_l H_l W_l A_l, 4]`` fp32 anchors of every level, one launch."""
     counts = [grid_sizes[2 * i] * grid_sizes[2 * i + 1] * a for i, a in enumerate(anchors_per_level)]
     out = torch.empty((sum(counts), 4), dtype=torch.float32, device=device)
     table = level_table(grid_sizes, strides, anchor_sizes, anchor_ratios, anchors_per_level, device)
     grid = (triton.cdiv(max(counts), _BLOCK), len(counts))
-    launch(_grid_anchors_kernel, grid, table, out, table.shape[1], BLOCK=_BLOCK, num_warps=_NUM_WARPS)
+    args, meta = _anchors_arguments(table, out)
+    launch(_grid_anchors_kernel, grid, *args, **meta)
     return out
 
 
@@ -260,11 +267,9 @@ def _(grid_sizes, strides, anchor_sizes, anchor_ratios, anchors_per_level, devic
 
 
 AOT_SPECS = [
-    KernelSpec(
+    KernelSpec.from_example(
         _grid_anchors_kernel,
-        {"table_ptr": "*i64", "out_ptr": "*fp32", "row_width": "i32", "BLOCK": "constexpr"},
-        {"BLOCK": _BLOCK},
-        num_warps=_NUM_WARPS,
+        *_anchors_arguments(torch.zeros((1, FIXED_COLUMNS), dtype=torch.int64), torch.empty((1, 4))),
     )
 ]
 PUBLIC_OPS = ("AnchorGenerator", "grid_anchors")

@@ -28,8 +28,8 @@ import triton.language as tl
 
 from .._backend import use_triton
 from ._aot import KernelSpec
-from ._launch import launch, triton_pointer_type
-from .nms import batched_nms_padded_impl
+from ._common import NUM_WARPS, compute_dtype_of
+from ._launch import launch
 
 DEFAULT_XFORM_CLIP = math.log(1000.0 / 16)
 RPN_WEIGHTS = (1.0, 1.0, 1.0, 1.0)
@@ -183,95 +183,6 @@ def _decode_kernel(
     tl.store(po + 3, by2, mask=ok)
 
 
-@triton.jit
-def _detection_candidates_kernel(
-    # pointers
-    logits_ptr,  # [B * P, C] class logits, any strides
-    deltas_ptr,  # [B * P, 4 C] class-specific box deltas, any strides
-    proposals_ptr,  # [B, P, 4] proposals, any strides
-    num_valid_ptr,  # [B] int64: proposals in use per image
-    image_sizes_ptr,  # [B, 2] fp32 contiguous (height, width)
-    boxes_ptr,  # [B, P, C, 4] fp32 contiguous
-    scores_ptr,  # [B, P, C] fp32 contiguous: softmax score, -inf for class 0 and dropped candidates
-    # sizes
-    rows,  # B * P
-    P,
-    C,
-    # strides (in elements)
-    stride_logits_r,
-    stride_logits_c,
-    stride_deltas_r,
-    stride_deltas_c,
-    stride_proposals_b,
-    stride_proposals_p,
-    stride_proposals_xy,
-    # scalars
-    wx,
-    wy,
-    ww,
-    wh,
-    clip,
-    min_size,
-    # meta-parameters
-    BLOCK_ROWS: tl.constexpr,
-    BLOCK_CLASSES: tl.constexpr,
-):
-    """Softmax over the classes of each row (torchvision's exp(x - max) / sum), then each class's
-    box decoded, clipped to the image and tested for size; three passes over the logits."""
-    row = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-    row_ok = row < rows
-    image = row // P
-    proposal = row % P
-    lanes = tl.arange(0, BLOCK_CLASSES)
-    logits = logits_ptr + row[:, None] * stride_logits_r
-    largest = tl.full((BLOCK_ROWS,), float("-inf"), tl.float32)
-    for first in range(0, C, BLOCK_CLASSES):
-        cls = first + lanes
-        ok = row_ok[:, None] & (cls < C)[None, :]
-        x = tl.load(logits + cls[None, :] * stride_logits_c, mask=ok, other=float("-inf")).to(tl.float32)
-        largest = tl.maximum(largest, tl.max(x, 1))
-    total = tl.zeros((BLOCK_ROWS,), tl.float32)
-    for first in range(0, C, BLOCK_CLASSES):
-        cls = first + lanes
-        ok = row_ok[:, None] & (cls < C)[None, :]
-        x = tl.load(logits + cls[None, :] * stride_logits_c, mask=ok, other=float("-inf")).to(tl.float32)
-        total += tl.sum(tl.where(ok, tl.exp(x - largest[:, None]), 0.0), 1)
-
-    pp = proposals_ptr + image * stride_proposals_b + proposal * stride_proposals_p
-    px1 = tl.load(pp, mask=row_ok, other=0).to(tl.float32)[:, None]
-    py1 = tl.load(pp + stride_proposals_xy, mask=row_ok, other=0).to(tl.float32)[:, None]
-    px2 = tl.load(pp + 2 * stride_proposals_xy, mask=row_ok, other=0).to(tl.float32)[:, None]
-    py2 = tl.load(pp + 3 * stride_proposals_xy, mask=row_ok, other=0).to(tl.float32)[:, None]
-    height = tl.load(image_sizes_ptr + image * 2, mask=row_ok, other=0)[:, None]
-    width = tl.load(image_sizes_ptr + image * 2 + 1, mask=row_ok, other=0)[:, None]
-    real = (proposal < tl.load(num_valid_ptr + image, mask=row_ok, other=0))[:, None]
-    for first in range(0, C, BLOCK_CLASSES):
-        cls = first + lanes
-        ok = row_ok[:, None] & (cls < C)[None, :]
-        x = tl.load(logits + cls[None, :] * stride_logits_c, mask=ok, other=float("-inf")).to(tl.float32)
-        probability = tl.exp(x - largest[:, None]) / total[:, None]
-        pd = deltas_ptr + row[:, None] * stride_deltas_r + (4 * cls)[None, :] * stride_deltas_c
-        dx = tl.load(pd, mask=ok, other=0).to(tl.float32)
-        dy = tl.load(pd + stride_deltas_c, mask=ok, other=0).to(tl.float32)
-        dw = tl.load(pd + 2 * stride_deltas_c, mask=ok, other=0).to(tl.float32)
-        dh = tl.load(pd + 3 * stride_deltas_c, mask=ok, other=0).to(tl.float32)
-        x1, y1, x2, y2 = decode_box(px1, py1, px2, py2, dx, dy, dw, dh, wx, wy, ww, wh, clip)
-        x1 = tl.minimum(tl.maximum(x1, 0.0), width)
-        y1 = tl.minimum(tl.maximum(y1, 0.0), height)
-        x2 = tl.minimum(tl.maximum(x2, 0.0), width)
-        y2 = tl.minimum(tl.maximum(y2, 0.0), height)
-        keep = real & (cls >= 1)[None, :] & ((x2 - x1) >= min_size) & ((y2 - y1) >= min_size)
-        out = row[:, None] * C + cls[None, :]
-        tl.store(scores_ptr + out, tl.where(keep, probability, float("-inf")), mask=ok)
-        tl.store(boxes_ptr + out * 4, x1, mask=ok)
-        tl.store(boxes_ptr + out * 4 + 1, y1, mask=ok)
-        tl.store(boxes_ptr + out * 4 + 2, x2, mask=ok)
-        tl.store(boxes_ptr + out * 4 + 3, y2, mask=ok)
-
-
-_NUM_WARPS = 4
-
-
 def _block_size(compute_dtype: torch.dtype) -> int:
     """Boxes per program: 256 fp32 (2 per thread at 4 warps, ~20 live values each) or 128 fp64.
 
@@ -281,8 +192,20 @@ def _block_size(compute_dtype: torch.dtype) -> int:
     return 128 if compute_dtype == torch.float64 else 256
 
 
-def compute_dtype_of(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def _encode_arguments(reference_boxes, proposals, out, weights) -> tuple[tuple, dict]:
+    """``(args, meta)`` of :func:`_encode_kernel`: what the launcher passes and what the
+    ahead-of-time specs are derived from."""
+    args = (
+        reference_boxes,
+        proposals,
+        out,
+        reference_boxes.shape[0],
+        *reference_boxes.stride(),
+        *proposals.stride(),
+        *[float(w) for w in weights],
+    )
+    meta = {"COMPUTE_FP64": out.dtype == torch.float64, "BLOCK": _block_size(out.dtype), "num_warps": NUM_WARPS}
+    return args, meta
 
 
 def encode_triton(reference_boxes: torch.Tensor, proposals: torch.Tensor, weights: list[float]) -> torch.Tensor:
@@ -290,22 +213,26 @@ def encode_triton(reference_boxes: torch.Tensor, proposals: torch.Tensor, weight
     n = reference_boxes.shape[0]
     compute_dtype = compute_dtype_of(reference_boxes.dtype)
     out = torch.empty((n, 4), dtype=compute_dtype, device=reference_boxes.device)
-    block = _block_size(compute_dtype)
-    launch(
-        _encode_kernel,
-        (triton.cdiv(n, block),),
-        reference_boxes,
-        proposals,
-        out,
-        n,
-        *reference_boxes.stride(),
-        *proposals.stride(),
-        *[float(w) for w in weights],
-        COMPUTE_FP64=compute_dtype == torch.float64,
-        BLOCK=block,
-        num_warps=_NUM_WARPS,
-    )
+    args, meta = _encode_arguments(reference_boxes, proposals, out, weights)
+    launch(_encode_kernel, (triton.cdiv(n, meta["BLOCK"]),), *args, **meta)
     return out
+
+
+def _decode_arguments(deltas, boxes, out, weights, clip) -> tuple[tuple, dict]:
+    """``(args, meta)`` of :func:`_decode_kernel` (see :func:`_encode_arguments`)."""
+    args = (
+        deltas,
+        boxes,
+        out,
+        deltas.shape[0],
+        deltas.shape[1] // 4,
+        *deltas.stride(),
+        *boxes.stride(),
+        *[float(w) for w in weights],
+        float(clip),
+    )
+    meta = {"COMPUTE_FP64": out.dtype == torch.float64, "BLOCK": _block_size(out.dtype), "num_warps": NUM_WARPS}
+    return args, meta
 
 
 def decode_triton(deltas: torch.Tensor, boxes: torch.Tensor, weights: list[float], clip: float) -> torch.Tensor:
@@ -313,66 +240,9 @@ def decode_triton(deltas: torch.Tensor, boxes: torch.Tensor, weights: list[float
     n, k = deltas.shape[0], deltas.shape[1] // 4
     compute_dtype = compute_dtype_of(deltas.dtype)
     out = torch.empty((n, 4 * k), dtype=compute_dtype, device=deltas.device)
-    block = _block_size(compute_dtype)
-    launch(
-        _decode_kernel,
-        (triton.cdiv(n * k, block),),
-        deltas,
-        boxes,
-        out,
-        n,
-        k,
-        *deltas.stride(),
-        *boxes.stride(),
-        *[float(w) for w in weights],
-        float(clip),
-        COMPUTE_FP64=compute_dtype == torch.float64,
-        BLOCK=block,
-        num_warps=_NUM_WARPS,
-    )
+    args, meta = _decode_arguments(deltas, boxes, out, weights, clip)
+    launch(_decode_kernel, (triton.cdiv(n * k, meta["BLOCK"]),), *args, **meta)
     return out
-
-
-# Detection candidates: 8 rows x 32 classes per program (2 per thread at 4 warps); each element
-# holds a proposal, 4 deltas, a box and a score (~20 live fp32 values). 91 COCO classes are 3 chunks.
-_CANDIDATE_ROWS = 8
-_CANDIDATE_CLASSES = 32
-
-
-def detection_candidates_triton(
-    class_logits, box_regression, proposals, num_valid, image_sizes, weights, min_size, clip
-):  # fmt: skip
-    """``[B * P, C]`` logits, ``[B * P, 4 C]`` deltas, ``[B, P, 4]`` proposals -> ``boxes
-    [B, P, C, 4]`` and ``scores [B, P, C]`` fp32 (see :func:`detection_candidates_reference`)."""
-    batch, count = proposals.shape[:2]
-    num_classes = class_logits.shape[1]
-    device = proposals.device
-    boxes = torch.empty((batch, count, num_classes, 4), dtype=torch.float32, device=device)
-    scores = torch.empty((batch, count, num_classes), dtype=torch.float32, device=device)
-    launch(
-        _detection_candidates_kernel,
-        (triton.cdiv(batch * count, _CANDIDATE_ROWS),),
-        class_logits,
-        box_regression,
-        proposals,
-        num_valid,
-        image_sizes.to(torch.float32).contiguous(),
-        boxes,
-        scores,
-        batch * count,
-        count,
-        num_classes,
-        *class_logits.stride(),
-        *box_regression.stride(),
-        *proposals.stride(),
-        *(float(w) for w in weights),
-        float(clip),
-        float(min_size),
-        BLOCK_ROWS=_CANDIDATE_ROWS,
-        BLOCK_CLASSES=_CANDIDATE_CLASSES,
-        num_warps=_NUM_WARPS,
-    )
-    return boxes, scores
 
 
 # ----------------------------------------------------------------------------------------------
@@ -415,26 +285,6 @@ def decode_reference(deltas: torch.Tensor, boxes: torch.Tensor, weights: list[fl
     half_h = 0.5 * (torch.exp(dh) * height)
     decoded = torch.stack((pred_ctr_x - half_w, pred_ctr_y - half_h, pred_ctr_x + half_w, pred_ctr_y + half_h), -1)
     return decoded.flatten(-2)
-
-
-def detection_candidates_reference(
-    class_logits, box_regression, proposals, num_valid, image_sizes, weights, min_size, clip
-):  # fmt: skip
-    """torchvision's ``postprocess_detections`` before NMS, with fixed shapes: softmax scores,
-    every class's box decoded and clipped; class 0 (background), boxes with a side below
-    ``min_size`` and padding proposals (past ``num_valid``) get the score -inf."""
-    batch, count = proposals.shape[:2]
-    num_classes = class_logits.shape[1]
-    boxes = decode_reference(box_regression.view(batch, count, 4 * num_classes), proposals, weights, clip)
-    boxes = boxes.float().view(batch, count, num_classes, 4)
-    size = image_sizes.to(torch.float32)[:, None, None, :]  # (height, width)
-    upper = torch.stack([size[..., 1], size[..., 0], size[..., 1], size[..., 0]], dim=-1)
-    boxes = torch.minimum(boxes.clamp(min=0), upper)
-    scores = torch.softmax(class_logits.float(), dim=-1).view(batch, count, num_classes)
-    large = (boxes[..., 2:] - boxes[..., :2] >= min_size).all(dim=-1)
-    real = torch.arange(count, device=proposals.device) < num_valid[:, None]
-    foreground = torch.arange(num_classes, device=proposals.device) >= 1
-    return boxes, torch.where(large & real[..., None] & foreground, scores, float("-inf"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -501,46 +351,8 @@ def _decode_backward(ctx, grad):
 decode_boxes_op.register_autograd(_decode_backward, setup_context=_decode_setup)
 
 
-@torch.library.custom_op("tritondet::postprocess_detections", mutates_args=())
-def postprocess_detections_op(
-    class_logits: torch.Tensor,
-    box_regression: torch.Tensor,
-    proposals: torch.Tensor,
-    num_valid: torch.Tensor,
-    image_sizes: torch.Tensor,
-    weights: list[float],
-    score_thresh: float,
-    nms_thresh: float,
-    detections_per_img: int,
-    min_size: float,
-    clip: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``boxes [B, D, 4]`` fp32, ``scores [B, D]`` fp32, ``labels [B, D]`` int64, ``num_valid [B]``."""
-    args = (class_logits, box_regression, proposals, num_valid, image_sizes, weights, min_size, clip)
-    if use_triton(proposals.device):
-        boxes, scores = detection_candidates_triton(*args)
-    else:
-        boxes, scores = detection_candidates_reference(*args)
-    boxes, scores, labels, _, count = batched_nms_padded_impl(
-        boxes, scores, nms_thresh, detections_per_img, score_thresh, False, None
-    )
-    return boxes, scores, labels, count
-
-
-@postprocess_detections_op.register_fake
-def _(class_logits, box_regression, proposals, num_valid, image_sizes, weights, score_thresh, nms_thresh,
-      detections_per_img, *_):  # fmt: skip
-    batch = proposals.shape[0]
-    return (
-        proposals.new_empty((batch, detections_per_img, 4), dtype=torch.float32),
-        proposals.new_empty((batch, detections_per_img), dtype=torch.float32),
-        proposals.new_empty((batch, detections_per_img), dtype=torch.int64),
-        proposals.new_empty((batch,), dtype=torch.int64),
-    )
-
-
 # ----------------------------------------------------------------------------------------------
-# Ahead-of-time specializations: every (input dtype) the launchers can produce.
+# Ahead-of-time specializations: every input dtype (and reference-box dtype) the launchers take.
 # ----------------------------------------------------------------------------------------------
 
 _SPEC_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -548,77 +360,19 @@ _SPEC_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 def _aot_specs() -> list[KernelSpec]:
     specs = []
-    weights = dict.fromkeys(("wx", "wy", "ww", "wh"), "fp32")
+    weights = (1.0,) * 4
     for dtype in _SPEC_DTYPES:
-        compute = compute_dtype_of(dtype)
-        constexprs = {"COMPUTE_FP64": compute == torch.float64, "BLOCK": _block_size(compute)}
-        meta = dict.fromkeys(constexprs, "constexpr")
-        box_type, out_type = triton_pointer_type(dtype), triton_pointer_type(compute)
+        boxes, out = torch.empty((1, 4), dtype=dtype), torch.empty((1, 4), dtype=compute_dtype_of(dtype))
         label = str(dtype).removeprefix("torch.")
-        encode_signature = {
-            "reference_ptr": box_type,
-            "proposals_ptr": box_type,
-            "out_ptr": out_type,
-            "N": "i32",
-            **dict.fromkeys(("stride_ref_n", "stride_ref_c", "stride_prop_n", "stride_prop_c"), "i32"),
-            **weights,
-            **meta,
-        }
-        specs.append(KernelSpec(_encode_kernel, encode_signature, constexprs, label, num_warps=_NUM_WARPS))
+        specs.append(KernelSpec.from_example(_encode_kernel, *_encode_arguments(boxes, boxes, out, weights), label))
         # Decode: deltas and reference boxes may differ in dtype (fp16 head, fp32 anchors).
         for boxes_dtype in _SPEC_DTYPES:
-            decode_signature = {
-                "deltas_ptr": box_type,
-                "boxes_ptr": triton_pointer_type(boxes_dtype),
-                "out_ptr": out_type,
-                "N": "i32",
-                "K": "i32",
-                **dict.fromkeys(("stride_deltas_n", "stride_deltas_c", "stride_boxes_n", "stride_boxes_c"), "i32"),
-                **weights,
-                "clip": "fp32",
-                **meta,
-            }
+            reference = torch.empty((1, 4), dtype=boxes_dtype)
+            args, meta = _decode_arguments(boxes, reference, out, weights, 1.0)
             boxes_label = str(boxes_dtype).removeprefix("torch.")
-            specs.append(
-                KernelSpec(
-                    _decode_kernel,
-                    decode_signature,
-                    constexprs,
-                    f"deltas {label},boxes {boxes_label}",
-                    num_warps=_NUM_WARPS,
-                )
-            )
-        # Detection candidates: any head dtype, any proposal dtype.
-        for proposals_dtype in _SPEC_DTYPES:
-            signature = {
-                "logits_ptr": box_type,
-                "deltas_ptr": box_type,
-                "proposals_ptr": triton_pointer_type(proposals_dtype),
-                "num_valid_ptr": "*i64",
-                "image_sizes_ptr": "*fp32",
-                "boxes_ptr": "*fp32",
-                "scores_ptr": "*fp32",
-                **dict.fromkeys(("rows", "P", "C"), "i32"),
-                **dict.fromkeys(("stride_logits_r", "stride_logits_c", "stride_deltas_r", "stride_deltas_c"), "i32"),
-                **dict.fromkeys(("stride_proposals_b", "stride_proposals_p", "stride_proposals_xy"), "i32"),
-                **weights,
-                "clip": "fp32",
-                "min_size": "fp32",
-                **dict.fromkeys(("BLOCK_ROWS", "BLOCK_CLASSES"), "constexpr"),
-            }
-            candidate_meta = {"BLOCK_ROWS": _CANDIDATE_ROWS, "BLOCK_CLASSES": _CANDIDATE_CLASSES}
-            proposals_label = str(proposals_dtype).removeprefix("torch.")
-            specs.append(
-                KernelSpec(
-                    _detection_candidates_kernel,
-                    signature,
-                    candidate_meta,
-                    f"head {label},proposals {proposals_label}",
-                    num_warps=_NUM_WARPS,
-                )
-            )
+            specs.append(KernelSpec.from_example(_decode_kernel, args, meta, f"deltas {label},boxes {boxes_label}"))
     return specs
 
 
 AOT_SPECS = _aot_specs()
-PUBLIC_OPS = ("encode_boxes", "decode_boxes", "postprocess_detections")
+PUBLIC_OPS = ("encode_boxes", "decode_boxes")

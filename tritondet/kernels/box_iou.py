@@ -23,7 +23,8 @@ import triton.language as tl
 
 from .._backend import use_triton
 from ._aot import KernelSpec
-from ._launch import launch, triton_pointer_type
+from ._common import NUM_WARPS, compute_dtype_of
+from ._launch import launch
 
 KINDS = ("iou", "giou", "diou", "ciou")
 BOX_FORMATS = ("xyxy", "xywh", "cxcywh")
@@ -47,7 +48,7 @@ def _corners(raw0, raw1, raw2, raw3, FMT: tl.constexpr):
 
 
 @triton.jit
-def _intersection_union(ax1, ay1, ax2, ay2, area_a, bx1, by1, bx2, by2, area_b):
+def intersection_union(ax1, ay1, ax2, ay2, area_a, bx1, by1, bx2, by2, area_b):
     """Intersection and union areas of box pairs (torchvision's formulas and order); the first box's
     corners and area broadcast against the second's. Shared with the NMS kernels."""
     inter_w = tl.minimum(ax2, bx2) - tl.maximum(ax1, bx1)
@@ -62,7 +63,7 @@ def pairwise_iou_tile(ax1, ay1, ax2, ay2, area_a, bx1, by1, bx2, by2, area_b):
 
     Shared with the matcher (``matcher.py``), whose two passes must see bit-identical IoUs.
     """
-    inter, union = _intersection_union(
+    inter, union = intersection_union(
         ax1[:, None], ay1[:, None], ax2[:, None], ay2[:, None], area_a[:, None],
         bx1[None, :], by1[None, :], bx2[None, :], by2[None, :], area_b[None, :],
     )  # fmt: skip
@@ -153,9 +154,6 @@ def _pairwise_iou_kernel(
     tl.store(out_ptr + out_offsets, result, mask=row_ok[:, None] & col_ok[None, :])
 
 
-_NUM_WARPS = 4
-
-
 def _tile_shape(compute_dtype: torch.dtype) -> tuple[int, int]:
     """(BLOCK_N, BLOCK_M) output tile per program.
 
@@ -167,14 +165,37 @@ def _tile_shape(compute_dtype: torch.dtype) -> tuple[int, int]:
     return (8, 64) if compute_dtype == torch.float64 else (16, 64)
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _aspect_angles(boxes: torch.Tensor, compute_dtype: torch.dtype) -> torch.Tensor:
     """``[..., K, 4]`` xyxy boxes -> ``[..., K]`` atan(w / h), CIoU's per-box aspect term."""
     boxes = boxes.to(compute_dtype)
     return torch.atan((boxes[..., 2] - boxes[..., 0]) / (boxes[..., 3] - boxes[..., 1]))
+
+
+def _iou_arguments(boxes1, boxes2, aspect1, aspect2, out, kind: str, fmt: str, eps: float) -> tuple[tuple, dict]:
+    """``(args, meta)`` of :func:`_pairwise_iou_kernel`: what the launcher passes and what the
+    ahead-of-time specs are derived from."""
+    args = (
+        boxes1,
+        boxes2,
+        aspect1,
+        aspect2,
+        out,
+        boxes1.shape[1],
+        boxes2.shape[1],
+        *boxes1.stride(),
+        *boxes2.stride(),
+        eps,
+    )
+    block_n, block_m = _tile_shape(out.dtype)
+    meta = {
+        "KIND": _KIND_CODE[kind],
+        "FMT": _FORMAT_CODE[fmt],
+        "COMPUTE_FP64": out.dtype == torch.float64,
+        "BLOCK_N": block_n,
+        "BLOCK_M": block_m,
+        "num_warps": NUM_WARPS,
+    }
+    return args, meta
 
 
 def pairwise_iou_triton(
@@ -182,7 +203,7 @@ def pairwise_iou_triton(
 ) -> torch.Tensor:
     """``[B, N, 4] x [B, M, 4] -> [B, N, M]`` on the Triton kernel; one launch (two more for CIoU)."""
     batch, n, m = boxes1.shape[0], boxes1.shape[1], boxes2.shape[1]
-    compute_dtype = _compute_dtype(boxes1.dtype)
+    compute_dtype = compute_dtype_of(boxes1.dtype)
     if not boxes1.is_floating_point():  # integer boxes: one fp32 copy, then the fp32 kernel
         boxes1, boxes2 = boxes1.float(), boxes2.float()
     out = torch.empty((batch, n, m), dtype=compute_dtype, device=boxes1.device)
@@ -191,28 +212,9 @@ def pairwise_iou_triton(
         aspect2 = _aspect_angles(boxes2, compute_dtype).contiguous()
     else:
         aspect1 = aspect2 = out  # never read: KIND is a constexpr
-    block_n, block_m = _tile_shape(compute_dtype)
-    grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m), batch)
-    launch(
-        _pairwise_iou_kernel,
-        grid,
-        boxes1,
-        boxes2,
-        aspect1,
-        aspect2,
-        out,
-        n,
-        m,
-        *boxes1.stride(),
-        *boxes2.stride(),
-        eps,
-        KIND=_KIND_CODE[kind],
-        FMT=_FORMAT_CODE[fmt],
-        COMPUTE_FP64=compute_dtype == torch.float64,
-        BLOCK_N=block_n,
-        BLOCK_M=block_m,
-        num_warps=_NUM_WARPS,
-    )
+    args, meta = _iou_arguments(boxes1, boxes2, aspect1, aspect2, out, kind, fmt, eps)
+    grid = (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, meta["BLOCK_M"]), batch)
+    launch(_pairwise_iou_kernel, grid, *args, **meta)
     return out
 
 
@@ -223,7 +225,7 @@ def pairwise_iou_triton(
 
 def _upcast(t: torch.Tensor) -> torch.Tensor:
     """Boxes in their compute dtype: fp64 stays fp64, everything else becomes fp32."""
-    return t.to(_compute_dtype(t.dtype))
+    return t.to(compute_dtype_of(t.dtype))
 
 
 def _to_corners(boxes: torch.Tensor, fmt: str) -> torch.Tensor:
@@ -241,7 +243,7 @@ def _area(boxes: torch.Tensor, fmt: str) -> torch.Tensor:
     return boxes[..., 2] * boxes[..., 3]
 
 
-def _iou_and_union(boxes1: torch.Tensor, boxes2: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
+def iou_and_union(boxes1: torch.Tensor, boxes2: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
     corners1, corners2 = _to_corners(boxes1, fmt), _to_corners(boxes2, fmt)
     top_left = torch.max(corners1[..., :, None, :2], corners2[..., None, :, :2])
     bottom_right = torch.min(corners1[..., :, None, 2:], corners2[..., None, :, 2:])
@@ -266,7 +268,7 @@ def pairwise_iou_reference(
     Boxes are upcast first (see the module docstring), integers to fp32.
     """
     boxes1, boxes2 = _upcast(boxes1), _upcast(boxes2)
-    iou, union = _iou_and_union(boxes1, boxes2, fmt)
+    iou, union = iou_and_union(boxes1, boxes2, fmt)
     if kind == "iou":
         return iou
     hull = _hull_extent(boxes1, boxes2)
@@ -302,7 +304,7 @@ def pairwise_box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor, kind: str, fmt:
 
 @pairwise_box_iou.register_fake
 def _(boxes1, boxes2, kind, fmt, eps):
-    dtype = _compute_dtype(boxes1.dtype)
+    dtype = compute_dtype_of(boxes1.dtype)
     return boxes1.new_empty((boxes1.shape[0], boxes1.shape[1], boxes2.shape[1]), dtype=dtype)
 
 
@@ -331,33 +333,12 @@ pairwise_box_iou.register_autograd(_backward, setup_context=_setup_context)
 def _aot_specs() -> list[KernelSpec]:
     specs = []
     for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-        compute = triton_pointer_type(_compute_dtype(dtype))
+        boxes, out = torch.empty((1, 1, 4), dtype=dtype), torch.empty((1, 1, 1), dtype=compute_dtype_of(dtype))
         for kind in KINDS:
             for fmt in BOX_FORMATS if kind == "iou" else ("xyxy",):
-                box_type = triton_pointer_type(dtype)
-                signature = {
-                    "boxes1_ptr": box_type,
-                    "boxes2_ptr": box_type,
-                    "aspect1_ptr": compute,
-                    "aspect2_ptr": compute,
-                    "out_ptr": compute,
-                    "N": "i32",
-                    "M": "i32",
-                    **dict.fromkeys(("stride1_b", "stride1_n", "stride1_c"), "i32"),
-                    **dict.fromkeys(("stride2_b", "stride2_m", "stride2_c"), "i32"),
-                    "eps": "fp32",
-                    **dict.fromkeys(("KIND", "FMT", "COMPUTE_FP64", "BLOCK_N", "BLOCK_M"), "constexpr"),
-                }
-                block_n, block_m = _tile_shape(_compute_dtype(dtype))
-                constexprs = {
-                    "KIND": _KIND_CODE[kind],
-                    "FMT": _FORMAT_CODE[fmt],
-                    "COMPUTE_FP64": dtype == torch.float64,
-                    "BLOCK_N": block_n,
-                    "BLOCK_M": block_m,
-                }
+                args, meta = _iou_arguments(boxes, boxes, out, out, out, kind, fmt, 1e-7)
                 label = f"{str(dtype).removeprefix('torch.')},{kind},{fmt}"
-                specs.append(KernelSpec(_pairwise_iou_kernel, signature, constexprs, label, num_warps=_NUM_WARPS))
+                specs.append(KernelSpec.from_example(_pairwise_iou_kernel, args, meta, label))
     return specs
 
 

@@ -26,8 +26,9 @@ import triton.language as tl
 
 from .._backend import use_triton
 from ._aot import KernelSpec
-from ._launch import launch, triton_pointer_type
-from .roi_align import _compute_dtype, _load_roi, _roi_bin_tile
+from ._common import NUM_WARPS, compute_dtype_of
+from ._launch import launch
+from .roi_align import load_roi, roi_bin_tile
 
 
 @triton.jit
@@ -65,11 +66,11 @@ def _crop_pool_fwd_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_P: tl.constexpr,
 ):
-    k, channels, bins, c_ok, p_ok, ph, pw = _roi_bin_tile(C, PH, PW, BLOCK_C, BLOCK_P)
+    k, channels, bins, c_ok, p_ok, ph, pw = roi_bin_tile(C, PH, PW, BLOCK_C, BLOCK_P)
     compute_dtype = tl.float64 if COMPUTE_FP64 else tl.float32
     mask_cp = c_ok[:, None] & p_ok[None, :]
 
-    batch, valid, x1, y1, x2, y2 = _load_roi(rois_ptr, k, stride_rk, stride_rc, N, compute_dtype)
+    batch, valid, x1, y1, x2, y2 = load_roi(rois_ptr, k, stride_rk, stride_rc, N, compute_dtype)
     base = input_ptr + batch * stride_n + channels.to(tl.int64)[:, None] * stride_c
     best = tl.full((BLOCK_C, BLOCK_P), float("-inf"), dtype=compute_dtype)
     best_index = tl.zeros((BLOCK_C, BLOCK_P), dtype=tl.int64)
@@ -110,9 +111,6 @@ def _crop_pool_fwd_kernel(
     tl.store(argmax_ptr + out_offsets, tl.where(valid, best_index, -1), mask=mask_cp)
 
 
-_NUM_WARPS = 4
-
-
 def _pool_blocks(num_bins: int) -> tuple[int, int]:
     """(BLOCK_C, BLOCK_P): 16 bin lanes up to 4x4 outputs, 64 for 7x7 (49 bins); channels fill a
     512-element tile: four taps, the running maximum and its int64 index stay in registers."""
@@ -120,36 +118,27 @@ def _pool_blocks(num_bins: int) -> tuple[int, int]:
     return 512 // block_p, block_p
 
 
+def _crop_pool_arguments(rois, input, out, argmax, sampling_ratio: int) -> tuple[tuple, dict]:
+    """``(args, meta)`` of :func:`_crop_pool_fwd_kernel` for scaled ``rois`` in the compute dtype:
+    what the launcher passes and what the ahead-of-time specs are derived from."""
+    ph, pw = out.shape[2:]
+    args = (rois, input, out, argmax, *input.shape, ph, pw, *rois.stride(), *input.stride(), sampling_ratio)
+    block_c, block_p = _pool_blocks(ph * pw)
+    meta = {"COMPUTE_FP64": rois.dtype == torch.float64, "BLOCK_C": block_c, "BLOCK_P": block_p, "num_warps": NUM_WARPS}
+    return args, meta
+
+
 def crop_pool_triton(input, rois, spatial_scale, output_size, sampling_ratio):
-    compute_dtype = _compute_dtype(input.dtype)
+    compute_dtype = compute_dtype_of(input.dtype)
     # Scaled on the host in the compute dtype (fp64 boxes by the fp64 scale, as torchvision).
     rois = rois.to(compute_dtype) * rois.new_tensor([1.0, *[spatial_scale] * 4], dtype=compute_dtype)
-    n, c, h, w = input.shape
+    c = input.shape[1]
     ph, pw = output_size
     out = torch.empty((rois.shape[0], c, ph, pw), dtype=input.dtype, device=input.device)
     argmax = torch.empty(out.shape, dtype=torch.int64, device=input.device)
-    block_c, block_p = _pool_blocks(ph * pw)
-    launch(
-        _crop_pool_fwd_kernel,
-        (rois.shape[0], triton.cdiv(c, block_c), triton.cdiv(ph * pw, block_p)),
-        rois,
-        input,
-        out,
-        argmax,
-        n,
-        c,
-        h,
-        w,
-        ph,
-        pw,
-        *rois.stride(),
-        *input.stride(),
-        sampling_ratio,
-        COMPUTE_FP64=compute_dtype == torch.float64,
-        BLOCK_C=block_c,
-        BLOCK_P=block_p,
-        num_warps=_NUM_WARPS,
-    )
+    args, meta = _crop_pool_arguments(rois, input, out, argmax, sampling_ratio)
+    grid = (rois.shape[0], triton.cdiv(c, meta["BLOCK_C"]), triton.cdiv(ph * pw, meta["BLOCK_P"]))
+    launch(_crop_pool_fwd_kernel, grid, *args, **meta)
     return out, argmax
 
 
@@ -191,7 +180,7 @@ def _taps(input, batch, y, x):
 
 
 def crop_pool_reference(input, rois, spatial_scale, output_size, sampling_ratio):
-    compute_dtype = _compute_dtype(input.dtype)
+    compute_dtype = compute_dtype_of(input.dtype)
     rois = rois.to(compute_dtype)
     n, c = input.shape[:2]
     ph, pw = output_size
@@ -217,7 +206,7 @@ def crop_pool_reference(input, rois, spatial_scale, output_size, sampling_ratio)
 
 def crop_pool_backward(grad, input, rois, argmax, spatial_scale, sampling_ratio):
     """Gradients with respect to ``input`` and ``rois`` from the argmax samples."""
-    compute_dtype = _compute_dtype(input.dtype)
+    compute_dtype = compute_dtype_of(input.dtype)
     n, c, h, w = input.shape
     k, _, ph, pw = grad.shape
     s = sampling_ratio
@@ -309,22 +298,14 @@ crop_pool_op.register_autograd(_backward, setup_context=_setup_context)
 def _aot_specs() -> list[KernelSpec]:
     specs = []
     for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-        compute = _compute_dtype(dtype)
-        for num_bins in (16, 49):  # the two bin-block widths of _pool_blocks
-            block_c, block_p = _pool_blocks(num_bins)
-            constexprs = {"COMPUTE_FP64": dtype == torch.float64, "BLOCK_C": block_c, "BLOCK_P": block_p}
-            signature = {
-                "rois_ptr": triton_pointer_type(compute),
-                "input_ptr": triton_pointer_type(dtype),
-                "out_ptr": triton_pointer_type(dtype),
-                "argmax_ptr": "*i64",
-                **dict.fromkeys(("N", "C", "H", "W", "PH", "PW"), "i32"),
-                **dict.fromkeys(("stride_rk", "stride_rc", "stride_n", "stride_c", "stride_h", "stride_w"), "i32"),
-                "sampling_ratio": "i32",
-                **dict.fromkeys(constexprs, "constexpr"),
-            }
-            label = f"{str(dtype).removeprefix('torch.')},BLOCK_P={block_p}"
-            specs.append(KernelSpec(_crop_pool_fwd_kernel, signature, constexprs, label, num_warps=_NUM_WARPS))
+        rois = torch.zeros((1, 5), dtype=compute_dtype_of(dtype))
+        features = torch.empty((1, 1, 1, 1), dtype=dtype)
+        for pooled in (4, 7):  # 16 and 49 bins: the two bin-block widths of _pool_blocks
+            out = torch.empty((1, 1, pooled, pooled), dtype=dtype)
+            argmax = torch.empty(out.shape, dtype=torch.int64)
+            args, meta = _crop_pool_arguments(rois, features, out, argmax, 2)
+            label = f"{str(dtype).removeprefix('torch.')},BLOCK_P={meta['BLOCK_P']}"
+            specs.append(KernelSpec.from_example(_crop_pool_fwd_kernel, args, meta, label))
     return specs
 
 

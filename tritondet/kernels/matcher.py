@@ -39,8 +39,9 @@ import triton.language as tl
 
 from .._backend import use_triton
 from ._aot import KernelSpec
-from ._launch import launch, triton_pointer_type
-from .box_iou import _compute_dtype, pairwise_iou_reference, pairwise_iou_tile
+from ._common import NUM_WARPS, compute_dtype_of
+from ._launch import launch
+from .box_iou import pairwise_iou_reference, pairwise_iou_tile
 
 BELOW_LOW_THRESHOLD = -1
 BETWEEN_THRESHOLDS = -2
@@ -197,9 +198,6 @@ def _match_kernel(
     tl.store(out_ptr + batch * A + rows, matched.to(tl.int64), mask=row_ok)
 
 
-_NUM_WARPS = 4
-
-
 def _tile_shape(compute_dtype: torch.dtype) -> tuple[int, int]:
     """(BLOCK_A, BLOCK_G): anchors per program and ground-truth boxes per inner step.
 
@@ -217,6 +215,24 @@ def _thresholds(high: float, low: float, floor: float, dtype: torch.dtype, devic
     return torch.tensor((high, low, floor), dtype=dtype).to(device, non_blocking=True)
 
 
+def _matcher_arguments(anchors, gt_boxes, gt_count, gt_max, thresholds, out) -> tuple[tuple, tuple, dict]:
+    """``(args of _gt_max_kernel, args of _match_kernel, meta shared by both)``: what the launcher
+    passes and what the ahead-of-time specs are derived from (``_match_kernel`` adds ``ALLOW_LOW``)."""
+    common = (anchors.shape[1], gt_boxes.shape[1], *anchors.stride(), *gt_boxes.stride())
+    block_a, block_g = _tile_shape(thresholds.dtype)
+    meta = {
+        "COMPUTE_FP64": thresholds.dtype == torch.float64,
+        "BLOCK_A": block_a,
+        "BLOCK_G": block_g,
+        "num_warps": NUM_WARPS,
+    }
+    return (
+        (anchors, gt_boxes, gt_count, gt_max, *common),
+        (anchors, gt_boxes, gt_count, gt_max, thresholds, out, *common),
+        meta,
+    )
+
+
 def match_boxes_triton(
     anchors: torch.Tensor,
     gt_boxes: torch.Tensor,
@@ -228,47 +244,18 @@ def match_boxes_triton(
 ) -> torch.Tensor:
     """``[B, A, 4] x [B, G, 4] -> [B, A]`` int64 in two launches (the first only with low-quality matches)."""
     batch, num_anchors, num_gt = gt_boxes.shape[0], anchors.shape[1], gt_boxes.shape[1]
-    compute_dtype = _compute_dtype(anchors.dtype)
+    compute_dtype = compute_dtype_of(anchors.dtype)
     if not anchors.is_floating_point():  # integer boxes: one fp32 copy, then the fp32 kernels
         anchors, gt_boxes = anchors.float(), gt_boxes.float()
     key_dtype = torch.int64 if compute_dtype == torch.float64 else torch.int32
     out = torch.empty((batch, num_anchors), dtype=torch.int64, device=anchors.device)
     gt_max = torch.full((batch, num_gt), torch.iinfo(key_dtype).min, dtype=key_dtype, device=anchors.device)
     thresholds = _thresholds(high, low, floor, compute_dtype, anchors.device)
-    block_a, block_g = _tile_shape(compute_dtype)
-    grid = (triton.cdiv(num_anchors, block_a), batch)
-    common = (num_anchors, num_gt, *anchors.stride(), *gt_boxes.stride())
-    fp64 = compute_dtype == torch.float64
+    gt_max_args, match_args, meta = _matcher_arguments(anchors, gt_boxes, gt_count, gt_max, thresholds, out)
+    grid = (triton.cdiv(num_anchors, meta["BLOCK_A"]), batch)
     if allow_low_quality_matches:
-        launch(
-            _gt_max_kernel,
-            grid,
-            anchors,
-            gt_boxes,
-            gt_count,
-            gt_max,
-            *common,
-            COMPUTE_FP64=fp64,
-            BLOCK_A=block_a,
-            BLOCK_G=block_g,
-            num_warps=_NUM_WARPS,
-        )
-    launch(
-        _match_kernel,
-        grid,
-        anchors,
-        gt_boxes,
-        gt_count,
-        gt_max,
-        thresholds,
-        out,
-        *common,
-        ALLOW_LOW=allow_low_quality_matches,
-        COMPUTE_FP64=fp64,
-        BLOCK_A=block_a,
-        BLOCK_G=block_g,
-        num_warps=_NUM_WARPS,
-    )
+        launch(_gt_max_kernel, grid, *gt_max_args, **meta)
+    launch(_match_kernel, grid, *match_args, ALLOW_LOW=allow_low_quality_matches, **meta)
     return out
 
 
@@ -340,37 +327,26 @@ def _(anchors, gt_boxes, gt_count, high, low, floor, allow_low_quality_matches):
 def _aot_specs() -> list[KernelSpec]:
     specs = []
     for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-        compute_dtype = _compute_dtype(dtype)
-        fp64 = compute_dtype == torch.float64
-        box_type = triton_pointer_type(dtype)
-        key_type = "*i64" if fp64 else "*i32"
-        block_a, block_g = _tile_shape(compute_dtype)
-        sizes_and_strides = {
-            "A": "i32",
-            "G": "i32",
-            **dict.fromkeys(("stride_anchor_b", "stride_anchor_a", "stride_anchor_c"), "i32"),
-            **dict.fromkeys(("stride_gt_b", "stride_gt_g", "stride_gt_c"), "i32"),
-        }
+        compute_dtype = compute_dtype_of(dtype)
+        key_dtype = torch.int64 if compute_dtype == torch.float64 else torch.int32
+        boxes = torch.empty((1, 1, 4), dtype=dtype)
+        gt_max_args, match_args, meta = _matcher_arguments(
+            boxes,
+            boxes,
+            torch.zeros(1, dtype=torch.int64),
+            torch.zeros((1, 1), dtype=key_dtype),
+            torch.zeros(3, dtype=compute_dtype),
+            torch.zeros((1, 1), dtype=torch.int64),
+        )
         label = str(dtype).removeprefix("torch.")
-        pointers = {"anchors_ptr": box_type, "gt_ptr": box_type, "count_ptr": "*i64", "gt_max_ptr": key_type}
-        blocks = {"COMPUTE_FP64": fp64, "BLOCK_A": block_a, "BLOCK_G": block_g}
-        signature = {**pointers, **sizes_and_strides, **dict.fromkeys(blocks, "constexpr")}
-        specs.append(KernelSpec(_gt_max_kernel, signature, blocks, label, num_warps=_NUM_WARPS))
+        specs.append(KernelSpec.from_example(_gt_max_kernel, gt_max_args, meta, label))
         for allow_low in (False, True):
-            match_pointers = {
-                **pointers,
-                "thresholds_ptr": triton_pointer_type(compute_dtype),
-                "out_ptr": "*i64",
-            }
-            constexprs = {"ALLOW_LOW": allow_low, **blocks}
-            signature = {**match_pointers, **sizes_and_strides, **dict.fromkeys(constexprs, "constexpr")}
+            match_meta = {"ALLOW_LOW": allow_low, **meta}
             specs.append(
-                KernelSpec(_match_kernel, signature, constexprs, f"{label},allow_low={allow_low}", num_warps=_NUM_WARPS)
+                KernelSpec.from_example(_match_kernel, match_args, match_meta, f"{label},allow_low={allow_low}")
             )
     return specs
 
 
 AOT_SPECS = _aot_specs()
-# The target layers (targets.py) compose these kernels with the box coder's: listed here, since
-# their compiled code is this family's.
-PUBLIC_OPS = ("match_boxes", "sample_balanced", "anchor_targets", "proposal_targets")
+PUBLIC_OPS = ("match_boxes",)

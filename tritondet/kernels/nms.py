@@ -19,7 +19,7 @@ one image; the whole set for plain NMS), each segment sorted by decreasing score
    leaves the device.
 
 Numerics: IoU in fp32 (fp64 for fp64 boxes) with torchvision's formulas
-(:func:`tritondet.kernels.box_iou._intersection_union`); suppression when IoU > threshold,
+(:func:`tritondet.kernels.box_iou.intersection_union`); suppression when IoU > threshold,
 strictly, so a NaN IoU (two empty boxes) never suppresses. Ties in score keep the input order
 (stable sort). NaN scores are ordered after every other score, so a NaN-scored box never
 suppresses or precedes a box with a finite score.
@@ -34,8 +34,9 @@ import triton.language as tl
 
 from .._backend import use_triton
 from ._aot import KernelSpec
-from ._launch import launch, triton_pointer_type
-from .box_iou import _compute_dtype, _intersection_union, _iou_and_union
+from ._common import NUM_WARPS, compute_dtype_of
+from ._launch import launch
+from .box_iou import intersection_union, iou_and_union
 
 SOFT_NMS_METHODS = ("linear", "gaussian")
 _METHOD_CODE = {method: code for code, method in enumerate(SOFT_NMS_METHODS)}
@@ -68,7 +69,7 @@ def _write_mask_tile(
     row_ok = rows < n
     ax1, ay1, ax2, ay2, area_a = _load_box(boxes_ptr + (start + rows) * 4, row_ok, dtype)
     bx1, by1, bx2, by2, area_b = _load_box(boxes_ptr + (start + cols) * 4, cols < n, dtype)
-    inter, union = _intersection_union(
+    inter, union = intersection_union(
         ax1[:, None, None], ay1[:, None, None], ax2[:, None, None], ay2[:, None, None], area_a[:, None, None],
         bx1[None, :, :], by1[None, :, :], bx2[None, :, :], by2[None, :, :], area_b[None, :, :],
     )  # fmt: skip
@@ -412,7 +413,7 @@ def _soft_nms_kernel(
                 ok = offsets < N
                 s = tl.load(scores_ptr + offsets, mask=ok, other=-float("inf")).to(dtype)
                 bx1, by1, bx2, by2, area_b = _load_box(boxes_ptr + offsets.to(tl.int64) * 4, ok, dtype)
-                inter, union = _intersection_union(ax1, ay1, ax2, ay2, area_a, bx1, by1, bx2, by2, area_b)
+                inter, union = intersection_union(ax1, ay1, ax2, ay2, area_a, bx1, by1, bx2, by2, area_b)
                 iou = inter / union
                 if METHOD == 0:  # noqa: SIM108 (a constexpr branch: only one side is compiled)
                     weight = tl.where(iou > iou_threshold, 1 - iou, 1.0)
@@ -438,7 +439,6 @@ def _comparable_threshold(threshold: float, dtype: torch.dtype) -> float:
 
 
 # The block sizes of every launch, with their reasons.
-_NUM_WARPS = 4
 
 
 def _mask_tile(compute_dtype: torch.dtype) -> tuple[int, int]:
@@ -454,6 +454,33 @@ def _mask_tile(compute_dtype: torch.dtype) -> tuple[int, int]:
 _REDUCE_BLOCK_WORDS = 256
 # 512 boxes per soft-NMS chunk: 4 per thread at 4 warps.
 _SOFT_BLOCK = 512
+
+
+# The argument builders give ``(args, meta)`` of a kernel for these tensors: what the launchers
+# pass and what the ahead-of-time specs are derived from.
+
+
+def _mask_meta(compute_dtype: torch.dtype) -> dict:
+    """Meta-parameters of both suppression-mask kernels for boxes in ``compute_dtype``."""
+    block_rows, words = _mask_tile(compute_dtype)
+    return {
+        "COMPUTE_FP64": compute_dtype == torch.float64,
+        "BLOCK_ROWS": block_rows,
+        "WORDS": words,
+        "num_warps": NUM_WARPS,
+    }
+
+
+def _suppression_mask_arguments(
+    boxes, mask, tile_segment, tile_row, seg_start, seg_len, seg_mask_offset, threshold
+):  # fmt: skip
+    args = (boxes, mask, tile_segment, tile_row, seg_start, seg_len, seg_mask_offset, threshold)
+    return args, _mask_meta(boxes.dtype)
+
+
+def _greedy_reduce_arguments(mask, removed, keep, seg_start, seg_len, seg_mask_offset):
+    args = (mask, removed, keep, seg_start, seg_len, seg_mask_offset)
+    return args, {"BLOCK_WORDS": _REDUCE_BLOCK_WORDS, "num_warps": NUM_WARPS}
 
 
 def _segment_keep_triton(
@@ -475,39 +502,19 @@ def _segment_keep_triton(
     mask_words, max_len: mask size in words and the longest segment, bounds known on the host.
     """
     rows = boxes.shape[0]
-    block_rows, words = _mask_tile(boxes.dtype)
+    words = _mask_tile(boxes.dtype)[1]
     mask = torch.empty(mask_words, dtype=torch.int32, device=boxes.device)
     keep = torch.zeros(rows, dtype=torch.int8, device=boxes.device)
     removed = torch.zeros(rows, dtype=torch.int32, device=boxes.device)
     grid = (tile_segment.shape[0], triton.cdiv(max_len, 32 * words))
-    launch(
-        _suppression_mask_kernel,
-        grid,
-        boxes,
-        mask,
-        tile_segment,
-        tile_row,
-        seg_start,
-        seg_len,
-        seg_mask_offset,
-        torch.full((1,), _comparable_threshold(iou_threshold, boxes.dtype), dtype=boxes.dtype, device=boxes.device),
-        COMPUTE_FP64=boxes.dtype == torch.float64,
-        BLOCK_ROWS=block_rows,
-        WORDS=words,
-        num_warps=_NUM_WARPS,
+    threshold = torch.full(
+        (1,), _comparable_threshold(iou_threshold, boxes.dtype), dtype=boxes.dtype, device=boxes.device
     )
-    launch(
-        _greedy_reduce_kernel,
-        (seg_start.shape[0],),
-        mask,
-        removed,
-        keep,
-        seg_start,
-        seg_len,
-        seg_mask_offset,
-        BLOCK_WORDS=_REDUCE_BLOCK_WORDS,
-        num_warps=_NUM_WARPS,
-    )
+    segments = (seg_start, seg_len, seg_mask_offset)
+    args, meta = _suppression_mask_arguments(boxes, mask, tile_segment, tile_row, *segments, threshold)
+    launch(_suppression_mask_kernel, grid, *args, **meta)
+    args, meta = _greedy_reduce_arguments(mask, removed, keep, *segments)
+    launch(_greedy_reduce_kernel, (seg_start.shape[0],), *args, **meta)
     return keep.bool()
 
 
@@ -579,28 +586,46 @@ def _class_strides(t: torch.Tensor, class_dim: int) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2) if t.dim() > class_dim else 0
 
 
-def candidate_keys_triton(scores: torch.Tensor, score_threshold: float, class_agnostic: bool) -> torch.Tensor:
-    """``[B, N(, C)]`` scores -> ``[B, S, P]`` ranking keys (see :func:`candidate_keys_reference`)."""
-    n, num_classes, segments, pool = _pool_shape(scores, class_agnostic)
-    batch = scores.shape[0]
-    key_dtype = _compute_dtype(scores.dtype)
-    keys = torch.empty((batch, segments, pool), dtype=key_dtype, device=scores.device)
-    threshold = torch.full((1,), score_threshold, dtype=key_dtype, device=scores.device)
-    launch(
-        _candidate_key_kernel,
-        (triton.cdiv(pool, _CANDIDATE_BLOCK), batch * segments),
+def _candidate_key_arguments(scores, threshold, keys, n, num_classes, class_agnostic):
+    args = (
         scores,
         threshold,
         keys,
         max(n, 1),  # no program runs when a size is 0; 1 keeps the divisions defined
         max(num_classes, 1),
-        pool,
+        keys.shape[2],
         *_class_strides(scores, 2),
         class_agnostic,
-        BLOCK=_CANDIDATE_BLOCK,
-        num_warps=_NUM_WARPS,
     )
+    return args, {"BLOCK": _CANDIDATE_BLOCK, "num_warps": NUM_WARPS}
+
+
+def candidate_keys_triton(scores: torch.Tensor, score_threshold: float, class_agnostic: bool) -> torch.Tensor:
+    """``[B, N(, C)]`` scores -> ``[B, S, P]`` ranking keys (see :func:`candidate_keys_reference`)."""
+    n, num_classes, segments, pool = _pool_shape(scores, class_agnostic)
+    batch = scores.shape[0]
+    key_dtype = compute_dtype_of(scores.dtype)
+    keys = torch.empty((batch, segments, pool), dtype=key_dtype, device=scores.device)
+    threshold = torch.full((1,), score_threshold, dtype=key_dtype, device=scores.device)
+    args, meta = _candidate_key_arguments(scores, threshold, keys, n, num_classes, class_agnostic)
+    launch(_candidate_key_kernel, (triton.cdiv(pool, _CANDIDATE_BLOCK), batch * segments), *args, **meta)
     return keys
+
+
+def _rank_boxes_arguments(boxes, order, ranked, num_classes, class_agnostic):
+    args = (
+        boxes,
+        order,
+        ranked,
+        max(boxes.shape[1], 1),  # no program runs when a size is 0; 1 keeps the divisions defined
+        max(num_classes, 1),
+        order.shape[2],
+        ranked.shape[2],
+        *_class_strides(boxes, 3),
+        boxes.stride(-1),
+        class_agnostic,
+    )
+    return args, {"BLOCK": _CANDIDATE_BLOCK, "num_warps": NUM_WARPS}
 
 
 def rank_boxes_triton(
@@ -608,26 +633,21 @@ def rank_boxes_triton(
 ) -> torch.Tensor:
     """The boxes of the first ``length`` candidates of every segment in ``order`` (``[B, S, P]``
     pool positions) -> ``[B, S, L, 4]`` contiguous, compute dtype."""
-    batch, segments, pool = order.shape
-    n = boxes.shape[1]
-    ranked = torch.empty((batch, segments, length, 4), dtype=_compute_dtype(boxes.dtype), device=boxes.device)
-    launch(
-        _rank_boxes_kernel,
-        (triton.cdiv(length, _CANDIDATE_BLOCK), batch * segments),
-        boxes,
-        order,
-        ranked,
-        max(n, 1),  # no program runs when a size is 0; 1 keeps the divisions defined
-        max(num_classes, 1),
-        pool,
-        length,
-        *_class_strides(boxes, 3),
-        boxes.stride(-1),
-        class_agnostic,
-        BLOCK=_CANDIDATE_BLOCK,
-        num_warps=_NUM_WARPS,
-    )
+    batch, segments = order.shape[:2]
+    ranked = torch.empty((batch, segments, length, 4), dtype=compute_dtype_of(boxes.dtype), device=boxes.device)
+    args, meta = _rank_boxes_arguments(boxes, order, ranked, num_classes, class_agnostic)
+    launch(_rank_boxes_kernel, (triton.cdiv(length, _CANDIDATE_BLOCK), batch * segments), *args, **meta)
     return ranked
+
+
+def _padded_suppression_mask_arguments(ranked, keys, mask, threshold):
+    args = (ranked, keys, mask, threshold, ranked.shape[2], keys.shape[2])
+    return args, _mask_meta(ranked.dtype)
+
+
+def _padded_greedy_reduce_arguments(mask, removed, keys, merged, length):
+    args = (mask, removed, keys, merged, length, keys.shape[2])
+    return args, {"BLOCK_WORDS": _REDUCE_BLOCK_WORDS, "num_warps": NUM_WARPS}
 
 
 def merged_keys_triton(ranked: torch.Tensor, keys: torch.Tensor, iou_threshold: float) -> torch.Tensor:
@@ -637,38 +657,36 @@ def merged_keys_triton(ranked: torch.Tensor, keys: torch.Tensor, iou_threshold: 
     rows = batch * segments * length
     device = ranked.device
     merged = torch.full((batch, segments * length), float("inf"), dtype=keys.dtype, device=device)
-    block_rows, words = _mask_tile(ranked.dtype)
     mask = torch.empty(rows * triton.cdiv(length, 32), dtype=torch.int32, device=device)
     removed = torch.zeros(rows, dtype=torch.int32, device=device)
     threshold = torch.full((1,), _comparable_threshold(iou_threshold, ranked.dtype), dtype=ranked.dtype, device=device)
-    key_stride = keys.shape[2]
-    launch(
-        _padded_suppression_mask_kernel,
-        (batch * segments * triton.cdiv(length, block_rows), triton.cdiv(length, 32 * words)),
-        ranked,
-        keys,
-        mask,
-        threshold,
-        length,
-        key_stride,
-        COMPUTE_FP64=ranked.dtype == torch.float64,
-        BLOCK_ROWS=block_rows,
-        WORDS=words,
-        num_warps=_NUM_WARPS,
-    )
-    launch(
-        _padded_greedy_reduce_kernel,
-        (batch * segments,),
-        mask,
-        removed,
-        keys,
-        merged,
-        length,
-        key_stride,
-        BLOCK_WORDS=_REDUCE_BLOCK_WORDS,
-        num_warps=_NUM_WARPS,
-    )
+    args, meta = _padded_suppression_mask_arguments(ranked, keys, mask, threshold)
+    grid = (batch * segments * triton.cdiv(length, meta["BLOCK_ROWS"]), triton.cdiv(length, 32 * meta["WORDS"]))
+    launch(_padded_suppression_mask_kernel, grid, *args, **meta)
+    args, meta = _padded_greedy_reduce_arguments(mask, removed, keys, merged, length)
+    launch(_padded_greedy_reduce_kernel, (batch * segments,), *args, **meta)
     return merged
+
+
+def _gather_detections_arguments(
+    merged_key, merged_index, ranked, order, outputs, n, num_classes, class_agnostic, with_labels
+):  # fmt: skip
+    """``outputs``: boxes, scores, labels, indices, num_valid."""
+    args = (
+        merged_key,
+        merged_index,
+        ranked,
+        order,
+        *outputs,
+        merged_key.shape[1],
+        max(ranked.shape[2], 1),  # nothing is kept when L = 0; 1 keeps the kernel's divisions defined
+        order.shape[-1],
+        max(n, 1),
+        max(num_classes, 1),
+        outputs[0].shape[1],
+        class_agnostic,
+    )
+    return args, {"WITH_LABELS": with_labels, "BLOCK": _CANDIDATE_BLOCK, "num_warps": NUM_WARPS}
 
 
 def gather_detections_triton(
@@ -681,8 +699,7 @@ def gather_detections_triton(
     labels: tuple[torch.Tensor, int, int, bool] | None,
 ) -> tuple[torch.Tensor, ...]:
     """The first ``max_output`` merged candidates of every image (see :func:`padded_nms`). One launch."""
-    batch, merged_count = merged_key.shape
-    length = ranked.shape[2]
+    batch = merged_key.shape[0]
     device = ranked.device
     out_boxes = torch.empty((batch, max_output, 4), dtype=boxes_dtype, device=device)
     out_scores = torch.empty((batch, max_output), dtype=scores_dtype, device=device)
@@ -694,29 +711,11 @@ def gather_detections_triton(
         order, n, num_classes, class_agnostic = labels
         out_labels = torch.empty((batch, max_output), dtype=torch.int64, device=device)
         out_indices = torch.empty((batch, max_output), dtype=torch.int64, device=device)
-    launch(
-        _gather_detections_kernel,
-        (batch,),
-        merged_key,
-        merged_index,
-        ranked,
-        order,
-        out_boxes,
-        out_scores,
-        out_labels,
-        out_indices,
-        num_valid,
-        merged_count,
-        max(length, 1),  # nothing is kept when L = 0; 1 keeps the kernel's divisions defined
-        order.shape[-1],
-        max(n, 1),
-        max(num_classes, 1),
-        max_output,
-        class_agnostic,
-        WITH_LABELS=labels is not None,
-        BLOCK=_CANDIDATE_BLOCK,
-        num_warps=_NUM_WARPS,
+    outputs = (out_boxes, out_scores, out_labels, out_indices, num_valid)
+    args, meta = _gather_detections_arguments(
+        merged_key, merged_index, ranked, order, outputs, n, num_classes, class_agnostic, labels is not None
     )
+    launch(_gather_detections_kernel, (batch,), *args, **meta)
     if labels is None:
         return out_boxes, out_scores, None, None, num_valid
     return out_boxes, out_scores, out_labels, out_indices, num_valid
@@ -727,33 +726,41 @@ def _nan_to_minus_inf(scores: torch.Tensor) -> torch.Tensor:
     return torch.where(scores.isnan(), torch.full_like(scores, -float("inf")), scores)
 
 
+def _soft_nms_arguments(boxes, scores, keep, kept_scores, count, iou_threshold, sigma, score_threshold, method):
+    args = (
+        boxes,
+        scores,
+        keep,
+        kept_scores,
+        count,
+        boxes.shape[0],
+        float(iou_threshold),
+        float(sigma),
+        float(score_threshold),
+    )
+    meta = {
+        "METHOD": _METHOD_CODE[method],
+        "COMPUTE_FP64": boxes.dtype == torch.float64,
+        "BLOCK": _SOFT_BLOCK,
+        "num_warps": NUM_WARPS,
+    }
+    return args, meta
+
+
 def soft_nms_triton(
     boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float, sigma: float, score_threshold: float, method: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    compute_dtype = _compute_dtype(boxes.dtype)
+    compute_dtype = compute_dtype_of(boxes.dtype)
     n = boxes.shape[0]
     work_boxes = boxes.to(compute_dtype).contiguous()
     work_scores = _nan_to_minus_inf(scores.to(compute_dtype))
     keep = torch.empty(n, dtype=torch.int64, device=boxes.device)
     kept_scores = torch.empty(n, dtype=compute_dtype, device=boxes.device)
     count = torch.zeros(1, dtype=torch.int32, device=boxes.device)
-    launch(
-        _soft_nms_kernel,
-        (1,),
-        work_boxes,
-        work_scores,
-        keep,
-        kept_scores,
-        count,
-        n,
-        float(iou_threshold),
-        float(sigma),
-        float(score_threshold),
-        METHOD=_METHOD_CODE[method],
-        COMPUTE_FP64=compute_dtype == torch.float64,
-        BLOCK=_SOFT_BLOCK,
-        num_warps=_NUM_WARPS,
+    args, meta = _soft_nms_arguments(
+        work_boxes, work_scores, keep, kept_scores, count, iou_threshold, sigma, score_threshold, method
     )
+    launch(_soft_nms_kernel, (1,), *args, **meta)
     k = int(count.item())  # the one host sync: the output size
     return keep[:k], kept_scores[:k].to(scores.dtype)
 
@@ -777,7 +784,7 @@ _REFERENCE_SYNC_FREE_BLOCK = 32
 def _overlaps_above(boxes1: torch.Tensor, boxes2: torch.Tensor, iou_threshold: float) -> torch.Tensor:
     """``[..., K, 4] x [..., M, 4] -> [..., K, M]`` bool: IoU > iou_threshold.
 
-    The formulas and order of :func:`tritondet.kernels.box_iou._iou_and_union`, restated on 2-D
+    The formulas and order of :func:`tritondet.kernels.box_iou.iou_and_union`, restated on 2-D
     temporaries updated in place: this inner loop of the CPU path runs about 3x faster so.
     """
     ax1, ay1, ax2, ay2 = (c.unsqueeze(-1) for c in boxes1.unbind(-1))
@@ -887,7 +894,7 @@ def nms_impl(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) ->
     if boxes.shape[0] == 0:
         return torch.empty(0, dtype=torch.int64, device=boxes.device)
     order = _score_order(scores)
-    sorted_boxes = boxes[order].to(_compute_dtype(boxes.dtype))
+    sorted_boxes = boxes[order].to(compute_dtype_of(boxes.dtype))
     n = boxes.shape[0]
     if use_triton(boxes.device):
         keep = _padded_segment_keep_triton(
@@ -906,7 +913,7 @@ def batched_nms_impl(
         return torch.empty(0, dtype=torch.int64, device=boxes.device)
     order, rank, seg_len = _segments_by_class(scores, idxs)
     rows = order[rank]
-    sorted_boxes = boxes[rows].to(_compute_dtype(boxes.dtype))
+    sorted_boxes = boxes[rows].to(compute_dtype_of(boxes.dtype))
     if use_triton(boxes.device):
         keep_rows = _packed_segment_keep_triton(sorted_boxes.contiguous(), seg_len, iou_threshold)
     else:
@@ -931,7 +938,7 @@ def candidate_keys_reference(scores: torch.Tensor, score_threshold: float, class
     when class agnostic (pool position = class * N + box)."""
     batch = scores.shape[0]
     n, num_classes, segments, pool = _pool_shape(scores, class_agnostic)
-    scores = scores.to(_compute_dtype(scores.dtype)).reshape(batch, n, num_classes).transpose(1, 2)
+    scores = scores.to(compute_dtype_of(scores.dtype)).reshape(batch, n, num_classes).transpose(1, 2)
     return torch.where(scores > score_threshold, -scores, float("inf")).reshape(batch, segments, pool)
 
 
@@ -945,7 +952,7 @@ def rank_boxes_reference(
     box = position % n if class_agnostic else position
     rows = (box if boxes.dim() == 3 else box * num_classes + label).reshape(batch, segments * length)
     flat = boxes.reshape(batch, boxes.shape[1] * (num_classes if boxes.dim() == 4 else 1), 4).to(
-        _compute_dtype(boxes.dtype)
+        compute_dtype_of(boxes.dtype)
     )
     return flat.gather(1, rows[..., None].expand(-1, -1, 4)).reshape(batch, segments, length, 4)
 
@@ -1049,7 +1056,7 @@ def soft_nms_reference(
     boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float, sigma: float, score_threshold: float, method: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Soft-NMS with one vectorized step per selected box (each selection depends on the last)."""
-    compute_dtype = _compute_dtype(boxes.dtype)
+    compute_dtype = compute_dtype_of(boxes.dtype)
     work_boxes = boxes.to(compute_dtype)
     current = _nan_to_minus_inf(scores.to(compute_dtype))
     keep, kept_scores = [], []
@@ -1063,7 +1070,7 @@ def soft_nms_reference(
             break
         keep.append(best)
         kept_scores.append(best_score)
-        iou, _ = _iou_and_union(work_boxes[best : best + 1], work_boxes, "xyxy")
+        iou, _ = iou_and_union(work_boxes[best : best + 1], work_boxes, "xyxy")
         iou = iou[0]
         if method == "linear":
             weight = torch.where(iou > iou_threshold, 1 - iou, torch.ones_like(iou))
@@ -1155,51 +1162,21 @@ def _(boxes, scores, iou_threshold, sigma, score_threshold, method):
 
 def _aot_specs() -> list[KernelSpec]:
     specs = []
+    int32, int64 = torch.zeros(1, dtype=torch.int32), torch.zeros(1, dtype=torch.int64)
     for compute_dtype in (torch.float32, torch.float64):
         name = str(compute_dtype).removeprefix("torch.")
-        block_rows, words = _mask_tile(compute_dtype)
-        signature = {
-            "boxes_ptr": triton_pointer_type(compute_dtype),
-            "mask_ptr": "*i32",
-            "tile_segment_ptr": "*i32",
-            "tile_row_ptr": "*i32",
-            "seg_start_ptr": "*i32",
-            "seg_len_ptr": "*i32",
-            "seg_mask_offset_ptr": "*i64",
-            "threshold_ptr": triton_pointer_type(compute_dtype),
-            **dict.fromkeys(("COMPUTE_FP64", "BLOCK_ROWS", "WORDS"), "constexpr"),
-        }
-        constexprs = {"COMPUTE_FP64": compute_dtype == torch.float64, "BLOCK_ROWS": block_rows, "WORDS": words}
-        specs.append(KernelSpec(_suppression_mask_kernel, signature, constexprs, name, num_warps=_NUM_WARPS))
+        boxes, values = torch.empty((1, 4), dtype=compute_dtype), torch.empty(1, dtype=compute_dtype)
+        args, meta = _suppression_mask_arguments(boxes, int32, int32, int32, int32, int32, int64, values)
+        specs.append(KernelSpec.from_example(_suppression_mask_kernel, args, meta, name))
         for method in SOFT_NMS_METHODS:
-            signature = {
-                "boxes_ptr": triton_pointer_type(compute_dtype),
-                "scores_ptr": triton_pointer_type(compute_dtype),
-                "keep_ptr": "*i64",
-                "kept_scores_ptr": triton_pointer_type(compute_dtype),
-                "count_ptr": "*i32",
-                "N": "i32",
-                **dict.fromkeys(("iou_threshold", "sigma", "score_threshold"), "fp32"),
-                **dict.fromkeys(("METHOD", "COMPUTE_FP64", "BLOCK"), "constexpr"),
-            }
-            constexprs = {
-                "METHOD": _METHOD_CODE[method],
-                "COMPUTE_FP64": compute_dtype == torch.float64,
-                "BLOCK": _SOFT_BLOCK,
-            }
-            specs.append(KernelSpec(_soft_nms_kernel, signature, constexprs, f"{name},{method}", num_warps=_NUM_WARPS))
+            args, meta = _soft_nms_arguments(boxes, values, int64, values, int32, 0.5, 0.5, 0.0, method)
+            specs.append(KernelSpec.from_example(_soft_nms_kernel, args, meta, f"{name},{method}"))
     specs += _padded_specs()
-    signature = {
-        "mask_ptr": "*i32",
-        "removed_ptr": "*i32",
-        "keep_ptr": "*i8",
-        "seg_start_ptr": "*i32",
-        "seg_len_ptr": "*i32",
-        "seg_mask_offset_ptr": "*i64",
-        "BLOCK_WORDS": "constexpr",
-    }
+    keep = torch.zeros(1, dtype=torch.int8)
     specs.append(
-        KernelSpec(_greedy_reduce_kernel, signature, {"BLOCK_WORDS": _REDUCE_BLOCK_WORDS}, num_warps=_NUM_WARPS)
+        KernelSpec.from_example(
+            _greedy_reduce_kernel, *_greedy_reduce_arguments(int32, int32, keep, int32, int32, int64)
+        )
     )
     return specs
 
@@ -1211,75 +1188,44 @@ def _padded_specs() -> list[KernelSpec]:
     """``batched_nms_padded``'s kernels: every box and score dtype (keys and boxes are computed in
     fp32, fp64 for fp64 inputs)."""
     specs = []
-    candidate_meta = {"BLOCK": _CANDIDATE_BLOCK}
+    int32, order = torch.zeros(1, dtype=torch.int32), torch.zeros((1, 1, 1), dtype=torch.int64)
     for dtype in _FLOATS:
-        name, compute = str(dtype).removeprefix("torch."), triton_pointer_type(_compute_dtype(dtype))
-        signature = {
-            "scores_ptr": triton_pointer_type(dtype),
-            "threshold_ptr": compute,
-            "key_ptr": compute,
-            **dict.fromkeys(("N", "C", "P", "stride_b", "stride_n", "stride_c"), "i32"),
-            "class_agnostic": "i1",
-            "BLOCK": "constexpr",
-        }
-        specs.append(KernelSpec(_candidate_key_kernel, signature, candidate_meta, name, num_warps=_NUM_WARPS))
-        signature = {
-            "boxes_ptr": triton_pointer_type(dtype),
-            "order_ptr": "*i64",
-            "ranked_ptr": compute,
-            **dict.fromkeys(("N", "C", "P", "L", "stride_b", "stride_n", "stride_c", "stride_xy"), "i32"),
-            "class_agnostic": "i1",
-            "BLOCK": "constexpr",
-        }
-        specs.append(KernelSpec(_rank_boxes_kernel, signature, candidate_meta, name, num_warps=_NUM_WARPS))
+        name, compute = str(dtype).removeprefix("torch."), compute_dtype_of(dtype)
+        keys, ranked = torch.empty((1, 1, 1), dtype=compute), torch.empty((1, 1, 1, 4), dtype=compute)
+        threshold = torch.zeros(1, dtype=compute)
+        args, meta = _candidate_key_arguments(torch.empty((1, 1, 1), dtype=dtype), threshold, keys, 1, 1, False)
+        specs.append(KernelSpec.from_example(_candidate_key_kernel, args, meta, name))
+        args, meta = _rank_boxes_arguments(torch.empty((1, 1, 1, 4), dtype=dtype), order, ranked, 1, False)
+        specs.append(KernelSpec.from_example(_rank_boxes_kernel, args, meta, name))
     for box_compute in (torch.float32, torch.float64):
-        block_rows, words = _mask_tile(box_compute)
+        ranked, threshold = torch.empty((1, 1, 1, 4), dtype=box_compute), torch.zeros(1, dtype=box_compute)
         for key_dtype in (torch.float32, torch.float64):
             name = f"boxes {str(box_compute).removeprefix('torch.')}, keys {str(key_dtype).removeprefix('torch.')}"
-            signature = {
-                "boxes_ptr": triton_pointer_type(box_compute),
-                "key_ptr": triton_pointer_type(key_dtype),
-                "mask_ptr": "*i32",
-                "threshold_ptr": triton_pointer_type(box_compute),
-                "length": "i32",
-                "key_stride": "i32",
-                **dict.fromkeys(("COMPUTE_FP64", "BLOCK_ROWS", "WORDS"), "constexpr"),
-            }
-            meta = {"COMPUTE_FP64": box_compute == torch.float64, "BLOCK_ROWS": block_rows, "WORDS": words}
-            specs.append(KernelSpec(_padded_suppression_mask_kernel, signature, meta, name, num_warps=_NUM_WARPS))
+            keys = torch.empty((1, 1, 1), dtype=key_dtype)
+            args, meta = _padded_suppression_mask_arguments(ranked, keys, int32, threshold)
+            specs.append(KernelSpec.from_example(_padded_suppression_mask_kernel, args, meta, name))
     for key_dtype in (torch.float32, torch.float64):
-        signature = {
-            "mask_ptr": "*i32",
-            "removed_ptr": "*i32",
-            "key_ptr": triton_pointer_type(key_dtype),
-            "merged_ptr": triton_pointer_type(key_dtype),
-            "length": "i32",
-            "key_stride": "i32",
-            "BLOCK_WORDS": "constexpr",
-        }
-        name = str(key_dtype).removeprefix("torch.")
-        meta = {"BLOCK_WORDS": _REDUCE_BLOCK_WORDS}
-        specs.append(KernelSpec(_padded_greedy_reduce_kernel, signature, meta, name, num_warps=_NUM_WARPS))
+        keys, merged = torch.empty((1, 1, 1), dtype=key_dtype), torch.empty((1, 1), dtype=key_dtype)
+        args, meta = _padded_greedy_reduce_arguments(int32, int32, keys, merged, 1)
+        specs.append(
+            KernelSpec.from_example(_padded_greedy_reduce_kernel, args, meta, str(key_dtype).removeprefix("torch."))
+        )
     # Outputs: every (boxes, scores) dtype pair with labels; the RPN's fp32 proposals without.
     pairs = [(b, s, True) for b in _FLOATS for s in _FLOATS] + [(torch.float32, torch.float32, False)]
+    index = torch.zeros((1, 1), dtype=torch.int64)
     for boxes_dtype, scores_dtype, with_labels in pairs:
-        signature = {
-            "merged_key_ptr": triton_pointer_type(_compute_dtype(scores_dtype)),
-            "merged_index_ptr": "*i64",
-            "ranked_ptr": triton_pointer_type(_compute_dtype(boxes_dtype)),
-            "order_ptr": "*i64",
-            "out_boxes_ptr": triton_pointer_type(boxes_dtype),
-            "out_scores_ptr": triton_pointer_type(scores_dtype),
-            "out_labels_ptr": "*i64",
-            "out_indices_ptr": "*i64",
-            "num_valid_ptr": "*i64",
-            **dict.fromkeys(("M", "L", "P", "N", "C", "D"), "i32"),
-            "class_agnostic": "i1",
-            **dict.fromkeys(("WITH_LABELS", "BLOCK"), "constexpr"),
-        }
+        merged_key = torch.empty((1, 1), dtype=compute_dtype_of(scores_dtype))
+        ranked = torch.empty((1, 1, 1, 4), dtype=compute_dtype_of(boxes_dtype))
+        outputs = (
+            torch.empty((1, 1, 4), dtype=boxes_dtype),
+            torch.empty((1, 1), dtype=scores_dtype),
+            index,
+            index,
+            index,
+        )
+        args, meta = _gather_detections_arguments(merged_key, index, ranked, order, outputs, 1, 1, False, with_labels)
         name = f"boxes {str(boxes_dtype).removeprefix('torch.')}, scores {str(scores_dtype).removeprefix('torch.')}"
-        meta = {"WITH_LABELS": with_labels, "BLOCK": _CANDIDATE_BLOCK}
-        specs.append(KernelSpec(_gather_detections_kernel, signature, meta, name, num_warps=_NUM_WARPS))
+        specs.append(KernelSpec.from_example(_gather_detections_kernel, args, meta, name))
     return specs
 
 

@@ -31,15 +31,18 @@ import triton.language as tl
 
 from .._backend import use_triton
 from ._aot import KernelSpec
-from ._launch import device_table, launch, triton_pointer_type
+from ._common import (
+    NUM_WARPS,
+    compute_dtype_of,
+    level_pointers,
+    pick_level,
+    roi_level,
+    roi_levels_reference,
+)
+from ._launch import device_table, launch
 
-# FPN uses levels P2..P5 (torchvision: 4 maps) or P2..P6; five per-level pointers cover both (the
-# RoIAlign maps here, the RPN head outputs in rpn_proposals).
-MAX_LEVELS = 5
 # Per-level geometry table columns (int64): H, W, then the feature's and the gradient's strides.
 _GEOMETRY_COLUMNS = tl.constexpr(10)
-# torchvision's LevelMapper epsilon.
-LEVEL_EPS = tl.constexpr(1e-6)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -48,7 +51,7 @@ LEVEL_EPS = tl.constexpr(1e-6)
 
 
 @triton.jit
-def _roi_bin_tile(C, PH, PW, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+def roi_bin_tile(C, PH, PW, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     """The program layout of every per-RoI kernel: RoI ``k`` = program 0, a block of channels
     (program 1) by a block of output bins (program 2). Returns (k, channels [BLOCK_C],
     bins [BLOCK_P], their in-range masks, and each bin's row ph and column pw)."""
@@ -59,7 +62,7 @@ def _roi_bin_tile(C, PH, PW, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
 
 
 @triton.jit
-def _load_roi(rois_ptr, k, stride_rk, stride_rc, N, compute_dtype: tl.constexpr):
+def load_roi(rois_ptr, k, stride_rk, stride_rc, N, compute_dtype: tl.constexpr):
     """(batch index, valid, x1, y1, x2, y2) of RoI ``k``; invalid when the batch index is not an
     integer in [0, N) or a corner is not finite."""
     row = rois_ptr + k * stride_rk.to(tl.int64)
@@ -105,25 +108,6 @@ def _level_view(
     else:
         chan_offsets = channels.to(tl.int64)[:, None] * tl.load(geometry + COLUMN + 1)
     return H, W, base, chan_offsets, tl.load(geometry + COLUMN + 2), tl.load(geometry + COLUMN + 3)
-
-
-@triton.jit
-def _roi_level(x1, y1, x2, y2, num_levels, k_min, canonical_scale, canonical_level):
-    """FPN Eqn. (1) as torchvision's LevelMapper: floor(k0 + log2(sqrt(area) / s0) + eps), clamped."""
-    size = tl.sqrt(((x2 - x1) * (y2 - y1)).to(tl.float32))
-    target = tl.floor(canonical_level + tl.log2(size / canonical_scale) + LEVEL_EPS)
-    target = tl.minimum(tl.maximum(target, k_min), k_min + num_levels - 1)
-    level = tl.where(num_levels > 1, (target - k_min).to(tl.int32), 0)
-    return level
-
-
-@triton.jit
-def pick_level(level, p0, p1, p2, p3, p4):
-    """The pointer of ``level`` among the (at most five) per-level pointers."""
-    p = tl.where(level == 1, p1, p0)
-    p = tl.where(level == 2, p2, p)
-    p = tl.where(level == 3, p3, p)
-    return tl.where(level == 4, p4, p)
 
 
 @triton.jit
@@ -203,11 +187,11 @@ def _roi_align_fwd_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_P: tl.constexpr,
 ):
-    k, channels, bins, c_ok, p_ok, ph, pw = _roi_bin_tile(C, PH, PW, BLOCK_C, BLOCK_P)
+    k, channels, bins, c_ok, p_ok, ph, pw = roi_bin_tile(C, PH, PW, BLOCK_C, BLOCK_P)
     compute_dtype = tl.float64 if COMPUTE_FP64 else tl.float32
 
-    batch, valid, x1, y1, x2, y2 = _load_roi(rois_ptr, k, stride_rk, stride_rc, N, compute_dtype)
-    level = _roi_level(x1, y1, x2, y2, num_levels, k_min, canonical_scale, canonical_level)
+    batch, valid, x1, y1, x2, y2 = load_roi(rois_ptr, k, stride_rk, stride_rc, N, compute_dtype)
+    level = roi_level(x1, y1, x2, y2, num_levels, k_min, canonical_scale, canonical_level)
     H, W, base, chan_offsets, stride_h, stride_w = _level_view(
         geometry_ptr, level, batch, channels, bins, PH, PW, feat0, feat1, feat2, feat3, feat4, 2, POSITION_SENSITIVE
     )
@@ -286,11 +270,11 @@ def _roi_align_bwd_atomic_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_P: tl.constexpr,
 ):
-    k, channels, bins, c_ok, p_ok, ph, pw = _roi_bin_tile(C, PH, PW, BLOCK_C, BLOCK_P)
+    k, channels, bins, c_ok, p_ok, ph, pw = roi_bin_tile(C, PH, PW, BLOCK_C, BLOCK_P)
     compute_dtype = tl.float64 if COMPUTE_FP64 else tl.float32
 
-    batch, valid, x1, y1, x2, y2 = _load_roi(rois_ptr, k, stride_rk, stride_rc, N, compute_dtype)
-    level = _roi_level(x1, y1, x2, y2, num_levels, k_min, canonical_scale, canonical_level)
+    batch, valid, x1, y1, x2, y2 = load_roi(rois_ptr, k, stride_rk, stride_rc, N, compute_dtype)
+    level = roi_level(x1, y1, x2, y2, num_levels, k_min, canonical_scale, canonical_level)
     H, W, base, chan_offsets, stride_h, stride_w = _level_view(
         geometry_ptr, level, batch, channels, bins, PH, PW, grad0, grad1, grad2, grad3, grad4, 6, POSITION_SENSITIVE
     )
@@ -399,8 +383,8 @@ def _roi_align_bwd_gather_kernel(
 
     acc = tl.zeros((BLOCK_C, TILE_H * TILE_W), dtype=compute_dtype)
     for k in range(K):
-        batch, valid, x1, y1, x2, y2 = _load_roi(rois_ptr, k, stride_rk, stride_rc, N, compute_dtype)
-        roi_level = _roi_level(x1, y1, x2, y2, num_levels, k_min, canonical_scale, canonical_level)
+        batch, valid, x1, y1, x2, y2 = load_roi(rois_ptr, k, stride_rk, stride_rc, N, compute_dtype)
+        this_level = roi_level(x1, y1, x2, y2, num_levels, k_min, canonical_scale, canonical_level)
         start_h, start_w, bin_h, bin_w, grid_h, grid_w, count = _bin_grid(
             x1, y1, x2, y2, scale, aligned, PH, PW, sampling_ratio, valid
         )
@@ -408,7 +392,7 @@ def _roi_align_bwd_gather_kernel(
         # conservative footprint: the weights below are exact either way).
         end_h = start_h + PH * bin_h
         end_w = start_w + PW * bin_w
-        mine = valid & (roi_level == level) & (batch == image)
+        mine = valid & (this_level == level) & (batch == image)
         mine = mine & (tl.minimum(start_h, end_h) <= tile_y0 + TILE_H) & (tl.maximum(start_h, end_h) >= tile_y0 - 1)
         mine = mine & (tl.minimum(start_w, end_w) <= tile_x0 + TILE_W) & (tl.maximum(start_w, end_w) >= tile_x0 - 1)
         if mine:
@@ -454,12 +438,6 @@ def _roi_align_bwd_gather_kernel(
 # Host launchers
 # ----------------------------------------------------------------------------------------------
 
-_NUM_WARPS = 4
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
 
 def _pool_blocks(num_bins: int, compute_dtype: torch.dtype) -> tuple[int, int]:
     """(BLOCK_C, BLOCK_P) of the forward and atomic backward programs.
@@ -489,16 +467,106 @@ def _geometry(features: list[torch.Tensor], grads: list[torch.Tensor], scales: l
     compute dtype (torchvision scales fp64 maps by the fp64 scale, others by the fp32 one)."""
     rows = [[f.shape[2], f.shape[3], *f.stride(), *g.stride()] for f, g in zip(features, grads, strict=True)]
     device = features[0].device
-    return device_table(rows, torch.int64, device), device_table(scales, _compute_dtype(features[0].dtype), device)
+    return device_table(rows, torch.int64, device), device_table(scales, compute_dtype_of(features[0].dtype), device)
 
 
-def level_pointers(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Pointer arguments for the per-level kernels: ``tensors``, then level 0 repeated up to ``MAX_LEVELS``."""
-    return [*tensors, *[tensors[0]] * (MAX_LEVELS - len(tensors))]
+def _shared_arguments(rois, sampling_ratio: int, aligned: bool, num_levels: int, mapper: tuple) -> tuple:
+    """The trailing arguments every RoIAlign kernel takes: RoI strides, sampling, level mapper."""
+    k_min, canonical_scale, canonical_level = mapper
+    return (
+        *rois.stride(),
+        sampling_ratio,
+        int(aligned),
+        num_levels,
+        k_min,
+        float(canonical_scale),
+        float(canonical_level),
+    )
 
 
-def _mapper_args(num_levels: int, k_min: int, canonical_scale: float, canonical_level: float) -> tuple:
-    return (num_levels, k_min, float(canonical_scale), float(canonical_level))
+# The three argument builders below give ``(args, meta)`` of a kernel for these tensors: what the
+# launchers pass and what the ahead-of-time specs are derived from. ``rois`` are in the compute dtype.
+
+
+def _bin_tile_meta(num_bins: int, compute_dtype: torch.dtype, position_sensitive: bool) -> dict:
+    """Meta-parameters of the forward and atomic backward kernels (a channel block by a bin block)."""
+    block_c, block_p = _pool_blocks(num_bins, compute_dtype)
+    return {
+        "COMPUTE_FP64": compute_dtype == torch.float64,
+        "POSITION_SENSITIVE": position_sensitive,
+        "BLOCK_C": block_c,
+        "BLOCK_P": block_p,
+        "num_warps": NUM_WARPS,
+    }
+
+
+def _forward_arguments(
+    rois, features, geometry, scale_table, out, sampling_ratio, aligned, mapper, position_sensitive
+):  # fmt: skip
+    c, ph, pw = out.shape[1:]
+    args = (
+        rois,
+        *level_pointers(features),
+        geometry,
+        scale_table,
+        out,
+        features[0].shape[0],
+        c,
+        ph,
+        pw,
+        *_shared_arguments(rois, sampling_ratio, aligned, len(features), mapper),
+    )
+    return args, _bin_tile_meta(ph * pw, rois.dtype, position_sensitive)
+
+
+def _atomic_backward_arguments(
+    rois, grad, grads, geometry, scale_table, sampling_ratio, aligned, mapper, position_sensitive
+):  # fmt: skip
+    c_out, ph, pw = grad.shape[1:]
+    args = (
+        rois,
+        grad,
+        *level_pointers(grads),
+        geometry,
+        scale_table,
+        grads[0].shape[0],
+        c_out,
+        ph,
+        pw,
+        *_shared_arguments(rois, sampling_ratio, aligned, len(grads), mapper),
+    )
+    return args, _bin_tile_meta(ph * pw, rois.dtype, position_sensitive)
+
+
+def _gather_backward_arguments(
+    rois, grad, grads, geometry, scale_table, tiles, sampling_ratio, aligned, mapper, position_sensitive
+):  # fmt: skip
+    n, c = grads[0].shape[:2]
+    ph, pw = grad.shape[2:]
+    args = (
+        rois,
+        grad,
+        *level_pointers(grads),
+        geometry,
+        scale_table,
+        tiles,
+        rois.shape[0],
+        n,
+        c,
+        ph,
+        pw,
+        *_shared_arguments(rois, sampling_ratio, aligned, len(grads), mapper),
+    )
+    block_c, tile_h, tile_w = _gather_tile(rois.dtype)
+    meta = {
+        "COMPUTE_FP64": rois.dtype == torch.float64,
+        "POSITION_SENSITIVE": position_sensitive,
+        "BLOCK_C": block_c,
+        "TILE_H": tile_h,
+        "TILE_W": tile_w,
+        "num_warps": NUM_WARPS,
+    }
+    return args, meta
 
 
 def roi_align_triton(
@@ -514,37 +582,16 @@ def roi_align_triton(
     """``L x [N, C, H_l, W_l], [K, 5] -> [K, C, PH, PW]`` in one launch (``C / (PH * PW)`` output
     channels when position-sensitive)."""
     first = features[0]
-    compute_dtype = _compute_dtype(first.dtype)
-    rois = rois.to(compute_dtype)
-    n, c = first.shape[:2]
+    rois = rois.to(compute_dtype_of(first.dtype))
     ph, pw = output_size
-    c = c // (ph * pw) if position_sensitive else c
+    c = first.shape[1] // (ph * pw) if position_sensitive else first.shape[1]
     out = torch.empty((rois.shape[0], c, ph, pw), dtype=first.dtype, device=first.device)
     geometry, scale_table = _geometry(features, features, scales)
-    block_c, block_p = _pool_blocks(ph * pw, compute_dtype)
-    grid = (rois.shape[0], triton.cdiv(c, block_c), triton.cdiv(ph * pw, block_p))
-    launch(
-        _roi_align_fwd_kernel,
-        grid,
-        rois,
-        *level_pointers(features),
-        geometry,
-        scale_table,
-        out,
-        n,
-        c,
-        ph,
-        pw,
-        *rois.stride(),
-        sampling_ratio,
-        int(aligned),
-        *_mapper_args(len(features), *mapper),
-        COMPUTE_FP64=compute_dtype == torch.float64,
-        POSITION_SENSITIVE=position_sensitive,
-        BLOCK_C=block_c,
-        BLOCK_P=block_p,
-        num_warps=_NUM_WARPS,
+    args, meta = _forward_arguments(
+        rois, features, geometry, scale_table, out, sampling_ratio, aligned, mapper, position_sensitive
     )
+    grid = (rois.shape[0], triton.cdiv(c, meta["BLOCK_C"]), triton.cdiv(ph * pw, meta["BLOCK_P"]))
+    launch(_roi_align_fwd_kernel, grid, *args, **meta)
     return out
 
 
@@ -561,7 +608,7 @@ def roi_align_backward_triton(
 ) -> list[torch.Tensor]:
     """Input gradients, one launch: atomic scatter, or the gather kernel in deterministic mode."""
     first = features[0]
-    compute_dtype = _compute_dtype(first.dtype)
+    compute_dtype = compute_dtype_of(first.dtype)
     rois = rois.to(compute_dtype)
     grad = grad.contiguous()
     n, c = first.shape[:2]
@@ -570,57 +617,19 @@ def roi_align_backward_triton(
     make = torch.empty_like if deterministic else torch.zeros_like
     grads = [make(f, dtype=compute_dtype) for f in features]
     geometry, scale_table = _geometry(features, grads, scales)
-    common = (*rois.stride(), sampling_ratio, int(aligned), *_mapper_args(len(features), *mapper))
-    fp64 = compute_dtype == torch.float64
+    options = (sampling_ratio, aligned, mapper, position_sensitive)
     if deterministic:
-        block_c, tile_h, tile_w = _gather_tile(compute_dtype)
+        _, tile_h, tile_w = _gather_tile(compute_dtype)
         counts = [n * triton.cdiv(f.shape[2], tile_h) * triton.cdiv(f.shape[3], tile_w) for f in features]
         starts = [sum(counts[:i]) for i in range(len(counts) + 1)]
         tiles = torch.tensor(starts, dtype=torch.int32, device=first.device)
-        launch(
-            _roi_align_bwd_gather_kernel,
-            (starts[-1], triton.cdiv(c, block_c)),
-            rois,
-            grad,
-            *level_pointers(grads),
-            geometry,
-            scale_table,
-            tiles,
-            rois.shape[0],
-            n,
-            c,
-            ph,
-            pw,
-            *common,
-            COMPUTE_FP64=fp64,
-            POSITION_SENSITIVE=position_sensitive,
-            BLOCK_C=block_c,
-            TILE_H=tile_h,
-            TILE_W=tile_w,
-            num_warps=_NUM_WARPS,
-        )
+        args, meta = _gather_backward_arguments(rois, grad, grads, geometry, scale_table, tiles, *options)
+        launch(_roi_align_bwd_gather_kernel, (starts[-1], triton.cdiv(c, meta["BLOCK_C"])), *args, **meta)
     else:
-        block_c, block_p = _pool_blocks(ph * pw, compute_dtype)
-        c_out = c // (ph * pw) if position_sensitive else c
-        launch(
-            _roi_align_bwd_atomic_kernel,
-            (rois.shape[0], triton.cdiv(c_out, block_c), triton.cdiv(ph * pw, block_p)),
-            rois,
-            grad,
-            *level_pointers(grads),
-            geometry,
-            scale_table,
-            n,
-            c_out,
-            ph,
-            pw,
-            *common,
-            COMPUTE_FP64=fp64,
-            POSITION_SENSITIVE=position_sensitive,
-            BLOCK_C=block_c,
-            BLOCK_P=block_p,
-            num_warps=_NUM_WARPS,
-        )
+        args, meta = _atomic_backward_arguments(rois, grad, grads, geometry, scale_table, *options)
+        c_out = grad.shape[1]
+        grid = (rois.shape[0], triton.cdiv(c_out, meta["BLOCK_C"]), triton.cdiv(ph * pw, meta["BLOCK_P"]))
+        launch(_roi_align_bwd_atomic_kernel, grid, *args, **meta)
     return [g.to(f.dtype) for g, f in zip(grads, features, strict=True)]
 
 
@@ -630,18 +639,6 @@ def roi_align_backward_triton(
 # taps. The reference builds that matrix (CSR, rows in output order, so no sort) and multiplies
 # it with the pixels as rows of channels; the backward multiplies with its transpose.
 # ----------------------------------------------------------------------------------------------
-
-
-def roi_levels_reference(
-    rois: torch.Tensor, num_levels: int, k_min: int, canonical_scale: float, canonical_level: float
-) -> torch.Tensor:
-    """``[K, 5] -> [K]`` int64 level index (0 for a single level), FPN Eqn. (1) in fp32."""
-    if num_levels == 1:
-        return torch.zeros(rois.shape[0], dtype=torch.int64, device=rois.device)
-    boxes = rois[:, 1:].to(torch.float32)
-    size = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).sqrt()
-    target = torch.floor(canonical_level + torch.log2(size / canonical_scale) + LEVEL_EPS.value)
-    return (target.clamp(k_min, k_min + num_levels - 1) - k_min).to(torch.int64)
 
 
 def _axis_taps(coord: torch.Tensor, size: torch.Tensor, used: torch.Tensor):
@@ -677,7 +674,7 @@ def _sampling_matrix(
 ) -> torch.Tensor:
     """(CSR ``[K * PH * PW, sum_l N * H_l * W_l]``, ``[K]`` RoI order): row = output bin of RoI
     ``order[row // (PH * PW)]``, column = input pixel."""
-    compute_dtype = _compute_dtype(features[0].dtype)
+    compute_dtype = compute_dtype_of(features[0].dtype)
     device = rois.device
     rois = rois.to(compute_dtype)
     num_levels = len(features)
@@ -799,7 +796,7 @@ def roi_align_reference(
 ) -> torch.Tensor:
     """``L x [N, C, H_l, W_l], [K, 5] -> [K, C, PH, PW]`` contiguous, in the features' dtype."""
     first = features[0]
-    compute_dtype = _compute_dtype(first.dtype)
+    compute_dtype = compute_dtype_of(first.dtype)
     matrix, order = _sampling_matrix(features, rois, scales, output_size, sampling_ratio, aligned, mapper)
     k, (ph, pw), c = rois.shape[0], output_size, first.shape[1]
     if k == 0:
@@ -820,7 +817,7 @@ def roi_align_backward_reference(
     mapper: tuple[int, float, float] = (0, 224.0, 4.0),
 ) -> list[torch.Tensor]:
     """The transpose of :func:`roi_align_reference` applied to ``grad`` ``[K, C, PH, PW]``."""
-    compute_dtype = _compute_dtype(features[0].dtype)
+    compute_dtype = compute_dtype_of(features[0].dtype)
     c = features[0].shape[1]
     matrix, order = _sampling_matrix(features, rois, scales, output_size, sampling_ratio, aligned, mapper)
     grad_rows = grad.permute(0, 2, 3, 1)[order].reshape(-1, c).to(compute_dtype)
@@ -993,86 +990,27 @@ ps_roi_align_op.register_autograd(_ps_backward, setup_context=_ps_setup_context)
 # Ahead-of-time specializations: every (dtype, block shape) the launchers can produce.
 # ----------------------------------------------------------------------------------------------
 
-_SCALAR_ARGS = {
-    "sampling_ratio": "i32",
-    "aligned": "i32",
-    "num_levels": "i32",
-    "k_min": "i32",
-    "canonical_scale": "fp32",
-    "canonical_level": "fp32",
-}
-
 
 def _aot_specs() -> list[KernelSpec]:
     specs = []
+    mapper = (2, 224.0, 4.0)  # (k_min, canonical_scale, canonical_level): FPN's
     for dtype, ps in itertools.product((torch.float16, torch.bfloat16, torch.float32, torch.float64), (False, True)):
-        compute_dtype = _compute_dtype(dtype)
-        compute = triton_pointer_type(compute_dtype)
-        feature = triton_pointer_type(dtype)
+        compute_dtype = compute_dtype_of(dtype)
+        rois = torch.zeros((1, 5), dtype=compute_dtype)
+        features, grads = [torch.empty((1, 1, 1, 1), dtype=dtype)], [torch.empty((1, 1, 1, 1), dtype=compute_dtype)]
+        tables = (torch.zeros((1, _GEOMETRY_COLUMNS.value), dtype=torch.int64), torch.zeros(1, dtype=compute_dtype))
+        options = (2, True, mapper, ps)
         name = str(dtype).removeprefix("torch.") + (",position_sensitive" if ps else "")
-        common = {
-            "geometry_ptr": "*i64",
-            "scales_ptr": compute,
-            "N": "i32",
-            "C": "i32",
-            "PH": "i32",
-            "PW": "i32",
-            "stride_rk": "i32",
-            "stride_rc": "i32",
-            **_SCALAR_ARGS,
-        }
-        for num_bins in (16, 49):  # the two bin-block widths of _pool_blocks
-            block_c, block_p = _pool_blocks(num_bins, compute_dtype)
-            constexprs = {
-                "COMPUTE_FP64": dtype == torch.float64,
-                "POSITION_SENSITIVE": ps,
-                "BLOCK_C": block_c,
-                "BLOCK_P": block_p,
-            }
-            levels = {f"feat{i}": feature for i in range(MAX_LEVELS)}
-            signature = {"rois_ptr": compute, **levels, **common, "out_ptr": feature}
-            signature = {name_: signature[name_] for name_ in _roi_align_fwd_kernel.arg_names if name_ in signature}
-            specs.append(
-                KernelSpec(
-                    _roi_align_fwd_kernel,
-                    {**signature, **dict.fromkeys(constexprs, "constexpr")},
-                    constexprs,
-                    f"{name},BLOCK_P={block_p}",
-                    num_warps=_NUM_WARPS,
-                )
-            )
-            grads = {f"grad{i}": compute for i in range(MAX_LEVELS)}
-            signature = {"rois_ptr": compute, "grad_out_ptr": feature, **grads, **common}
-            signature = {n: signature[n] for n in _roi_align_bwd_atomic_kernel.arg_names if n in signature}
-            specs.append(
-                KernelSpec(
-                    _roi_align_bwd_atomic_kernel,
-                    {**signature, **dict.fromkeys(constexprs, "constexpr")},
-                    constexprs,
-                    f"{name},BLOCK_P={block_p}",
-                    num_warps=_NUM_WARPS,
-                )
-            )
-        block_c, tile_h, tile_w = _gather_tile(compute_dtype)
-        constexprs = {
-            "COMPUTE_FP64": dtype == torch.float64,
-            "POSITION_SENSITIVE": ps,
-            "BLOCK_C": block_c,
-            "TILE_H": tile_h,
-            "TILE_W": tile_w,
-        }
-        grads = {f"grad{i}": compute for i in range(MAX_LEVELS)}
-        signature = {"rois_ptr": compute, "grad_out_ptr": feature, **grads, **common, "tiles_ptr": "*i32", "K": "i32"}
-        signature = {n: signature[n] for n in _roi_align_bwd_gather_kernel.arg_names if n in signature}
-        specs.append(
-            KernelSpec(
-                _roi_align_bwd_gather_kernel,
-                {**signature, **dict.fromkeys(constexprs, "constexpr")},
-                constexprs,
-                name,
-                num_warps=_NUM_WARPS,
-            )
-        )
+        for pooled in (4, 7):  # 16 and 49 bins: the two bin-block widths of _pool_blocks
+            out = torch.empty((1, 1, pooled, pooled), dtype=dtype)
+            args, meta = _forward_arguments(rois, features, *tables, out, *options)
+            label = f"{name},BLOCK_P={meta['BLOCK_P']}"
+            specs.append(KernelSpec.from_example(_roi_align_fwd_kernel, args, meta, label))
+            args, meta = _atomic_backward_arguments(rois, out, grads, *tables, *options)
+            specs.append(KernelSpec.from_example(_roi_align_bwd_atomic_kernel, args, meta, label))
+        tiles = torch.zeros(2, dtype=torch.int32)
+        args, meta = _gather_backward_arguments(rois, out, grads, *tables, tiles, *options)
+        specs.append(KernelSpec.from_example(_roi_align_bwd_gather_kernel, args, meta, name))
     return specs
 
 

@@ -25,8 +25,9 @@ import triton.language as tl
 
 from .._backend import use_triton
 from ._aot import KernelSpec
-from ._launch import launch, triton_pointer_type
-from .roi_align import _compute_dtype, _load_roi, _roi_bin_tile
+from ._common import NUM_WARPS, compute_dtype_of
+from ._launch import launch
+from .roi_align import load_roi, roi_bin_tile
 
 
 @triton.jit
@@ -63,10 +64,10 @@ def _roi_pool_fwd_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_P: tl.constexpr,
 ):
-    k, channels, bins, c_ok, p_ok, ph, pw = _roi_bin_tile(C, PH, PW, BLOCK_C, BLOCK_P)
+    k, channels, bins, c_ok, p_ok, ph, pw = roi_bin_tile(C, PH, PW, BLOCK_C, BLOCK_P)
     compute_dtype = tl.float64 if COMPUTE_FP64 else tl.float32
 
-    batch, valid, x1, y1, x2, y2 = _load_roi(rois_ptr, k, stride_rk, stride_rc, N, compute_dtype)
+    batch, valid, x1, y1, x2, y2 = load_roi(rois_ptr, k, stride_rk, stride_rc, N, compute_dtype)
     start_w = _round_half_away(x1)
     start_h = _round_half_away(y1)
     # RoIPool counts the end pixel (inclusive extent); position-sensitive pooling does not.
@@ -119,9 +120,6 @@ def _roi_pool_fwd_kernel(
         tl.store(argmax_ptr + out_offsets, tl.where(empty[None, :], -1, best_index), mask=mask_cp)
 
 
-_NUM_WARPS = 4
-
-
 def _pool_blocks(num_bins: int) -> tuple[int, int]:
     """(BLOCK_C, BLOCK_P): 16 bin lanes up to 4x4 outputs, 64 for 7x7 (49 bins); channels fill a
     512-element tile: value, running maximum and int64 argmax per element stay in registers."""
@@ -129,38 +127,35 @@ def _pool_blocks(num_bins: int) -> tuple[int, int]:
     return 512 // block_p, block_p
 
 
+def _roi_pool_arguments(rois, input, out, argmax, position_sensitive: bool) -> tuple[tuple, dict]:
+    """``(args, meta)`` of :func:`_roi_pool_fwd_kernel` for scaled ``rois`` in the compute dtype:
+    what the launcher passes and what the ahead-of-time specs are derived from."""
+    n, _, h, w = input.shape
+    c, ph, pw = out.shape[1:]
+    args = (rois, input, out, argmax, n, c, h, w, ph, pw, *rois.stride(), *input.stride())
+    block_c, block_p = _pool_blocks(ph * pw)
+    meta = {
+        "COMPUTE_FP64": rois.dtype == torch.float64,
+        "POSITION_SENSITIVE": position_sensitive,
+        "BLOCK_C": block_c,
+        "BLOCK_P": block_p,
+        "num_warps": NUM_WARPS,
+    }
+    return args, meta
+
+
 def roi_pool_triton(input, rois, spatial_scale, output_size, position_sensitive=False):
     """RoIPool's ``(maxima, argmax)``; position-sensitive: ``(means, empty argmax)``."""
-    compute_dtype = _compute_dtype(input.dtype)
+    compute_dtype = compute_dtype_of(input.dtype)
     # Scaled on the host in the compute dtype (fp64 boxes by the fp64 scale, as torchvision).
     rois = rois.to(compute_dtype) * rois.new_tensor([1.0, *[spatial_scale] * 4], dtype=compute_dtype)
-    n, c, h, w = input.shape
     ph, pw = output_size
-    c = c // (ph * pw) if position_sensitive else c
+    c = input.shape[1] // (ph * pw) if position_sensitive else input.shape[1]
     out = torch.empty((rois.shape[0], c, ph, pw), dtype=input.dtype, device=input.device)
     argmax = torch.empty(0 if position_sensitive else out.shape, dtype=torch.int64, device=input.device)
-    block_c, block_p = _pool_blocks(ph * pw)
-    launch(
-        _roi_pool_fwd_kernel,
-        (rois.shape[0], triton.cdiv(c, block_c), triton.cdiv(ph * pw, block_p)),
-        rois,
-        input,
-        out,
-        argmax,
-        n,
-        c,
-        h,
-        w,
-        ph,
-        pw,
-        *rois.stride(),
-        *input.stride(),
-        COMPUTE_FP64=compute_dtype == torch.float64,
-        POSITION_SENSITIVE=position_sensitive,
-        BLOCK_C=block_c,
-        BLOCK_P=block_p,
-        num_warps=_NUM_WARPS,
-    )
+    args, meta = _roi_pool_arguments(rois, input, out, argmax, position_sensitive)
+    grid = (rois.shape[0], triton.cdiv(c, meta["BLOCK_C"]), triton.cdiv(ph * pw, meta["BLOCK_P"]))
+    launch(_roi_pool_fwd_kernel, grid, *args, **meta)
     return out, argmax
 
 
@@ -181,7 +176,7 @@ def _bins(input, rois, spatial_scale, output_size, inclusive, clip_to_last=False
     position-sensitive forward does this, its backward does not).
     Returns batch [K], rows/cols [K, bins, span] (clamped into the map), their masks, empty
     [K, PH, PW] (an empty bin or an invalid RoI) and each bin's pixel count."""
-    compute_dtype = _compute_dtype(input.dtype)
+    compute_dtype = compute_dtype_of(input.dtype)
     n, _, height, width = input.shape
     device = input.device
     rois = rois.to(compute_dtype)
@@ -210,7 +205,7 @@ def _bins(input, rois, spatial_scale, output_size, inclusive, clip_to_last=False
 
 
 def roi_pool_reference(input, rois, spatial_scale, output_size):
-    compute_dtype = _compute_dtype(input.dtype)
+    compute_dtype = compute_dtype_of(input.dtype)
     c, width = input.shape[1], input.shape[3]
     ph_count, pw_count = output_size
     k = rois.shape[0]
@@ -258,7 +253,7 @@ def _ps_candidates(input, rois, spatial_scale, output_size, clip_to_last):
 
 
 def ps_roi_pool_reference(input, rois, spatial_scale, output_size):
-    compute_dtype = _compute_dtype(input.dtype)
+    compute_dtype = compute_dtype_of(input.dtype)
     index, ok, empty, area = _ps_candidates(input, rois, spatial_scale, output_size, True)
     values = torch.where(ok, input.reshape(-1)[index].to(compute_dtype), 0).sum((-1, -2))
     return torch.where(empty, 0, values / area.clamp(min=1)).to(input.dtype)
@@ -367,26 +362,16 @@ ps_roi_pool_op.register_autograd(_ps_backward, setup_context=_ps_setup_context)
 def _aot_specs() -> list[KernelSpec]:
     specs = []
     for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-        compute = _compute_dtype(dtype)
-        for num_bins, ps in itertools.product((16, 49), (False, True)):  # _pool_blocks' two widths
-            block_c, block_p = _pool_blocks(num_bins)
-            constexprs = {
-                "COMPUTE_FP64": dtype == torch.float64,
-                "POSITION_SENSITIVE": ps,
-                "BLOCK_C": block_c,
-                "BLOCK_P": block_p,
-            }
-            signature = {
-                "rois_ptr": triton_pointer_type(compute),
-                "input_ptr": triton_pointer_type(dtype),
-                "out_ptr": triton_pointer_type(dtype),
-                "argmax_ptr": "*i64",
-                **dict.fromkeys(("N", "C", "H", "W", "PH", "PW"), "i32"),
-                **dict.fromkeys(("stride_rk", "stride_rc", "stride_n", "stride_c", "stride_h", "stride_w"), "i32"),
-                **dict.fromkeys(constexprs, "constexpr"),
-            }
-            label = f"{str(dtype).removeprefix('torch.')},BLOCK_P={block_p}" + (",position_sensitive" if ps else "")
-            specs.append(KernelSpec(_roi_pool_fwd_kernel, signature, constexprs, label, num_warps=_NUM_WARPS))
+        rois = torch.zeros((1, 5), dtype=compute_dtype_of(dtype))
+        features = torch.empty((1, 1, 1, 1), dtype=dtype)
+        # 16 and 49 bins: the two bin-block widths of _pool_blocks.
+        for pooled, ps in itertools.product((4, 7), (False, True)):
+            out = torch.empty((1, 1, pooled, pooled), dtype=dtype)
+            args, meta = _roi_pool_arguments(rois, features, out, torch.empty(0, dtype=torch.int64), ps)
+            label = f"{str(dtype).removeprefix('torch.')},BLOCK_P={meta['BLOCK_P']}" + (
+                ",position_sensitive" if ps else ""
+            )
+            specs.append(KernelSpec.from_example(_roi_pool_fwd_kernel, args, meta, label))
     return specs
 
 

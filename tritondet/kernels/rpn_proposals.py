@@ -34,21 +34,21 @@ import triton.language as tl
 
 from .._backend import use_triton
 from ._aot import KernelSpec
-from ._launch import launch, triton_pointer_type
+from ._common import NUM_WARPS, clip_box, clip_to_images, level_pointers, pick_level
+from ._launch import launch
 from .anchors import (
     F_DELTAS_STRIDES,
     F_HEIGHT,
     F_NUM_ANCHORS,
     F_OBJECTNESS_STRIDES,
     F_WIDTH,
+    FIXED_COLUMNS,
     grid_anchors_reference,
     level_anchor,
     level_table,
 )
 from .box_coder import RPN_WEIGHTS, decode_box, decode_reference
 from .nms import padded_nms
-from .roi_align import MAX_LEVELS, level_pointers
-from .roi_align import pick_level as _pick
 
 HEAD_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -88,7 +88,7 @@ def _gather_objectness_kernel(
     index = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     in_level = index < count
     y, x, a = _grid_position(index, row_ptr)
-    objectness = _pick(level, objectness0, objectness1, objectness2, objectness3, objectness4)
+    objectness = pick_level(level, objectness0, objectness1, objectness2, objectness3, objectness4)
     offset = (
         image * tl.load(row_ptr + F_OBJECTNESS_STRIDES)
         + a * tl.load(row_ptr + F_OBJECTNESS_STRIDES + 1)
@@ -138,7 +138,7 @@ def _decode_proposals_kernel(
     y, x, a = _grid_position(index, row_ptr)
     ax1, ay1, ax2, ay2 = level_anchor(row_ptr, y, x, a)
 
-    deltas = _pick(level, deltas0, deltas1, deltas2, deltas3, deltas4)
+    deltas = pick_level(level, deltas0, deltas1, deltas2, deltas3, deltas4)
     stride_c = tl.load(row_ptr + F_DELTAS_STRIDES + 1)
     pd = deltas + (
         image * tl.load(row_ptr + F_DELTAS_STRIDES)
@@ -155,10 +155,7 @@ def _decode_proposals_kernel(
     # Clip to the image before padding (torchvision's clip_boxes_to_image: clamp(min=0, max=size)).
     height = tl.load(image_sizes_ptr + image * 2)
     width = tl.load(image_sizes_ptr + image * 2 + 1)
-    x1 = tl.minimum(tl.maximum(x1, 0.0), width)
-    y1 = tl.minimum(tl.maximum(y1, 0.0), height)
-    x2 = tl.minimum(tl.maximum(x2, 0.0), width)
-    y2 = tl.minimum(tl.maximum(y2, 0.0), height)
+    x1, y1, x2, y2 = clip_box(x1, y1, x2, y2, height, width)
     probability = tl.sigmoid(logits)
     keep = selected & ((x2 - x1) >= min_size) & ((y2 - y1) >= min_size) & (probability >= score_thresh)
 
@@ -171,7 +168,6 @@ def _decode_proposals_kernel(
     tl.store(pb + 3, tl.where(selected, y2, 0.0), mask=in_buffer)
 
 
-_NUM_WARPS = 4
 # Gather: 1024 logits per program (8 per thread at 4 warps), a pure copy whose reads are strided
 # across anchors; wide programs keep the grid of a 200x336x3 FPN level at ~200 programs per image.
 _GATHER_BLOCK = 1024
@@ -187,6 +183,36 @@ def candidate_count(counts: list[int], pre_nms_top_n: int) -> int:
 
 def _level_counts(objectness: list[torch.Tensor]) -> list[int]:
     return [o.shape[1] * o.shape[2] * o.shape[3] for o in objectness]
+
+
+# The two argument builders give ``(args, meta)`` of a kernel for these tensors: what the launcher
+# passes and what the ahead-of-time specs are derived from.
+
+
+def _gather_arguments(table, logits, objectness) -> tuple[tuple, dict]:
+    args = (table, logits, *level_pointers(objectness), table.shape[1], logits.shape[2])
+    return args, {"BLOCK": _GATHER_BLOCK, "num_warps": NUM_WARPS}
+
+
+def _decode_arguments(
+    table, deltas, top_logits, top_index, image_sizes, boxes, keys, pre_nms_top_n, min_size, score_thresh, clip
+):  # fmt: skip
+    args = (
+        table,
+        *level_pointers(deltas),
+        top_logits,
+        top_index,
+        image_sizes,
+        boxes,
+        keys,
+        table.shape[1],
+        keys.shape[2],
+        pre_nms_top_n,
+        float(min_size),
+        float(score_thresh),
+        float(clip),
+    )
+    return args, {"BLOCK": _DECODE_BLOCK, "num_warps": NUM_WARPS}
 
 
 def rpn_candidates_triton(
@@ -205,40 +231,16 @@ def rpn_candidates_triton(
     )
     logits = torch.empty((batch, num_levels, max_count), dtype=torch.float32, device=device)
     grid = (triton.cdiv(max_count, _GATHER_BLOCK), num_levels, batch)
-    launch(
-        _gather_objectness_kernel,
-        grid,
-        table,
-        logits,
-        *level_pointers(objectness),
-        table.shape[1],
-        max_count,
-        BLOCK=_GATHER_BLOCK,
-        num_warps=_NUM_WARPS,
-    )
+    args, meta = _gather_arguments(table, logits, objectness)
+    launch(_gather_objectness_kernel, grid, *args, **meta)
     top_logits, top_index = logits.topk(k, dim=2)
     boxes = torch.empty((batch, num_levels, k, 4), dtype=torch.float32, device=device)
     keys = torch.empty((batch, num_levels, k), dtype=torch.float32, device=device)
     sizes = image_sizes.to(torch.float32).contiguous()
-    launch(
-        _decode_proposals_kernel,
-        (triton.cdiv(k, _DECODE_BLOCK), num_levels, batch),
-        table,
-        *level_pointers(deltas),
-        top_logits,
-        top_index,
-        sizes,
-        boxes,
-        keys,
-        table.shape[1],
-        k,
-        pre_nms_top_n,
-        float(min_size),
-        float(score_thresh),
-        float(clip),
-        BLOCK=_DECODE_BLOCK,
-        num_warps=_NUM_WARPS,
+    args, meta = _decode_arguments(
+        table, deltas, top_logits, top_index, sizes, boxes, keys, pre_nms_top_n, min_size, score_thresh, clip
     )
+    launch(_decode_proposals_kernel, (triton.cdiv(k, _DECODE_BLOCK), num_levels, batch), *args, **meta)
     return boxes, keys
 
 
@@ -260,6 +262,28 @@ def rpn_candidates_reference(
     objectness, deltas, image_sizes, strides, anchor_sizes, anchor_ratios, anchors_per_level, pre_nms_top_n,
     min_size, score_thresh, clip,
 ):  # fmt: skip
+    grid_sizes = [v for o in objectness for v in o.shape[2:]]
+    device = image_sizes.device
+    anchors = grid_anchors_reference(grid_sizes, strides, anchor_sizes, anchor_ratios, anchors_per_level, device)
+    return candidates_from_anchors(
+        objectness, deltas, anchors, image_sizes, pre_nms_top_n, min_size, score_thresh, clip
+    )
+
+
+def candidates_from_anchors(
+    objectness: list[torch.Tensor],
+    deltas: list[torch.Tensor],
+    anchors: torch.Tensor,
+    image_sizes: torch.Tensor,
+    pre_nms_top_n: int,
+    min_size: float,
+    score_thresh: float,
+    clip: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The proposal stage before NMS in PyTorch: ``boxes [N, L, K, 4]`` fp32 and ``keys [N, L, K]``
+    (see the module docstring) from the head outputs and ``anchors [sum_l H_l W_l A_l, 4]`` in
+    (level, y, x, anchor) order. The boxes keep their gradient to ``deltas`` (the detector's joint
+    training path); selection, decoding, clipping and the tests are those of the kernels."""
     batch = image_sizes.shape[0]
     device = image_sizes.device
     counts = _level_counts(objectness)
@@ -267,28 +291,40 @@ def rpn_candidates_reference(
     k = candidate_count(counts, pre_nms_top_n)
     # (y, x, anchor) order, as torchvision's permute_and_flatten.
     logits = [o.permute(0, 2, 3, 1).reshape(batch, -1).float() for o in objectness]
-    codes = [
-        d.reshape(batch, d.shape[1] // 4, 4, *d.shape[2:]).permute(0, 3, 4, 1, 2).reshape(batch, -1, 4).float()
-        for d in deltas
-    ]
-    grid_sizes = [v for o in objectness for v in o.shape[2:]]
-    anchors = grid_anchors_reference(grid_sizes, strides, anchor_sizes, anchor_ratios, anchors_per_level, device)
-    anchors = _pad_levels([a[None] for a in anchors.split(counts)], max_count, 0.0)[0]  # [L, max_count, 4]
-
     top_logits, top_index = _pad_levels(logits, max_count, float("-inf")).topk(k, dim=2)  # [N, L, K]
     # Built on the device (no host-to-device copy): candidate j of level l is one of its top n.
     top_n = torch.stack([torch.full((), min(c, pre_nms_top_n), device=device) for c in counts])
     selected = torch.arange(k, device=device) < top_n[:, None]
-    top_codes = _pad_levels(codes, max_count, 0.0).gather(2, top_index[..., None].expand(-1, -1, -1, 4))
-    top_anchors = anchors[torch.arange(len(counts), device=device)[:, None], top_index]  # [N, L, K, 4]
-    boxes = decode_reference(top_codes, top_anchors, list(RPN_WEIGHTS), clip)
-    size = image_sizes.to(torch.float32)[:, None, None, :]  # (height, width)
-    upper = torch.stack([size[..., 1], size[..., 0], size[..., 1], size[..., 0]], dim=-1)
-    boxes = torch.minimum(boxes.clamp(min=0), upper)
-    probability = torch.sigmoid(top_logits)
+    top_codes, top_anchors = [], []
+    for level, (d, level_anchors) in enumerate(zip(deltas, anchors.split(counts), strict=True)):
+        codes = d.reshape(batch, d.shape[1] // 4, 4, *d.shape[2:]).permute(0, 3, 4, 1, 2).reshape(batch, -1, 4)
+        # Picks past the level's anchors (not selected) read an appended zero row: no empty gather.
+        codes = torch.cat([codes.float(), codes.new_zeros((batch, 1, 4), dtype=torch.float32)], dim=1)
+        level_anchors = torch.cat([level_anchors, level_anchors.new_zeros((1, 4))])
+        index = top_index[:, level].clamp(max=counts[level])
+        top_codes.append(codes.gather(1, index[..., None].expand(-1, -1, 4)))
+        top_anchors.append(level_anchors[index])
+    boxes = decode_reference(torch.stack(top_codes, 1), torch.stack(top_anchors, 1), list(RPN_WEIGHTS), clip)
+    boxes = clip_to_images(boxes, image_sizes)
+    probability = torch.sigmoid(top_logits.detach())
     keep = selected & (boxes[..., 2] - boxes[..., 0] >= min_size) & (boxes[..., 3] - boxes[..., 1] >= min_size)
     keep = keep & (probability >= score_thresh)
     return torch.where(selected[..., None], boxes, 0.0), torch.where(keep, -probability, float("inf"))
+
+
+def select_proposals(
+    boxes: torch.Tensor, keys: torch.Tensor, nms_thresh: float, post_nms_top_n: int, with_index: bool = False
+) -> tuple[torch.Tensor, ...]:
+    """The proposal stage's NMS: per level (levels as segments, already in rank order), then the
+    merge of every image's levels by score. ``boxes [N, L, K, 4]``, ``keys [N, L, K]`` ->
+    ``boxes [N, P, 4]``, ``scores [N, P]`` fp32, ``levels [N, P]`` and ``ranks [N, P]`` (where each
+    proposal is in ``boxes``, rank -1 for empty slots; None unless ``with_index``), ``num_valid [N]``."""
+    labels = None
+    if with_index:
+        batch, num_levels, k = keys.shape
+        order = torch.arange(k, device=keys.device).expand(batch, num_levels, k).contiguous()
+        labels = (order, k, num_levels, False)
+    return padded_nms(boxes, keys, nms_thresh, post_nms_top_n, torch.float32, torch.float32, labels)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -357,7 +393,7 @@ def rpn_proposals(
         objectness, deltas, image_sizes, strides, anchor_sizes, anchor_ratios, anchors_per_level, pre_nms_top_n,
         min_size, score_thresh, clip,
     )  # fmt: skip
-    boxes, scores, _, _, num_valid = padded_nms(boxes, keys, nms_thresh, post_nms_top_n, torch.float32, torch.float32)
+    boxes, scores, _, _, num_valid = select_proposals(boxes, keys, nms_thresh, post_nms_top_n)
     return boxes, scores, num_valid
 
 
@@ -379,37 +415,15 @@ def _(objectness, deltas, image_sizes, strides, anchor_sizes, anchor_ratios, anc
 
 def _aot_specs() -> list[KernelSpec]:
     specs = []
+    table = torch.zeros((1, FIXED_COLUMNS), dtype=torch.int64)
+    logits, index = torch.empty((1, 1, 1)), torch.zeros((1, 1, 1), dtype=torch.int64)
+    image_sizes, boxes = torch.zeros((1, 2)), torch.empty((1, 1, 1, 4))
     for dtype in HEAD_DTYPES:
         label = f"head {str(dtype).removeprefix('torch.')}"
-        head = triton_pointer_type(dtype)
-        gather_signature = {
-            "table_ptr": "*i64",
-            "out_ptr": "*fp32",
-            **{f"objectness{i}": head for i in range(MAX_LEVELS)},
-            "row_width": "i32",
-            "max_count": "i32",
-            "BLOCK": "constexpr",
-        }
-        gather_meta = {"BLOCK": _GATHER_BLOCK}
-        specs.append(KernelSpec(_gather_objectness_kernel, gather_signature, gather_meta, label, num_warps=_NUM_WARPS))
-        decode_signature = {
-            "table_ptr": "*i64",
-            **{f"deltas{i}": head for i in range(MAX_LEVELS)},
-            "top_logits_ptr": "*fp32",
-            "top_index_ptr": "*i64",
-            "image_sizes_ptr": "*fp32",
-            "boxes_ptr": "*fp32",
-            "keys_ptr": "*fp32",
-            "row_width": "i32",
-            "K": "i32",
-            "pre_nms_top_n": "i32",
-            "min_size": "fp32",
-            "score_thresh": "fp32",
-            "clip": "fp32",
-            "BLOCK": "constexpr",
-        }
-        decode_meta = {"BLOCK": _DECODE_BLOCK}
-        specs.append(KernelSpec(_decode_proposals_kernel, decode_signature, decode_meta, label, num_warps=_NUM_WARPS))
+        head = [torch.empty((1, 1, 1, 1), dtype=dtype)]
+        specs.append(KernelSpec.from_example(_gather_objectness_kernel, *_gather_arguments(table, logits, head), label))
+        args, meta = _decode_arguments(table, head, logits, index, image_sizes, boxes, logits, 1000, 0.0, 0.0, 1.0)
+        specs.append(KernelSpec.from_example(_decode_proposals_kernel, args, meta, label))
     return specs
 
 

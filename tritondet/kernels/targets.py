@@ -6,7 +6,7 @@ S = ``batch_size_per_image`` sampled proposals, C classes (background included).
 
 These compose the Triton kernels of the matcher (``matcher.py``) and the box coder
 (``box_coder.py``) with a few fixed-shape PyTorch ops (random keys, ``topk``, ``gather``,
-``scatter``), so they run on either backend and are listed in the matcher family's ``PUBLIC_OPS``.
+``scatter``), so they run on either backend; no kernel of their own (an empty ``AOT_SPECS``).
 Only the sampler draws random numbers (from ``generator``); everything else is deterministic.
 """
 
@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 import torch
 
-from .box_coder import compute_dtype_of
+from ._common import compute_dtype_of
 from .matcher import BELOW_FLOOR
 
 # Keys of non-members: above every torch.rand key in [0, 1), so members are taken first.
@@ -193,3 +193,8 @@ def proposal_targets(
         torch.where(foreground, sampled_matched, -1),
         torch.where(filled, index, -1),
     )
+
+
+# No kernel of its own: the compiled code is the matcher's and the box coder's.
+AOT_SPECS = []
+PUBLIC_OPS = ("sample_balanced", "anchor_targets", "proposal_targets")

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+from ..kernels import _common as kernels_common
 from ..kernels._aot import ARCHS, CompileResult, compile_spec
 
 CACHE_DIR = Path(os.environ.get("TRITONDET_CACHE", Path.home() / ".cache" / "tritondet"))
@@ -46,6 +47,7 @@ def _cache_path(archs: tuple[int, ...]) -> Path:
     for family, module in sorted(_families().items()):
         digest.update(family.encode())
         digest.update(inspect.getsource(module).encode())
+    digest.update(inspect.getsource(kernels_common).encode())  # the Triton helpers families share
     digest.update(inspect.getsource(compile_spec).encode())
     digest.update(repr(archs).encode())
     return CACHE_DIR / f"compile-report-{digest.hexdigest()[:16]}.json"

@@ -12,7 +12,7 @@ import math
 import torch
 from torch import Tensor
 
-from ..kernels import roi_align as _roi_align_family
+from ..kernels._common import MAX_LEVELS
 from . import _checks
 from ._checks import check_tensor
 
@@ -201,10 +201,8 @@ class MultiScaleRoIAlign(torch.nn.Module):
         self, x: dict[str, Tensor], boxes: Tensor | list[Tensor], image_shapes: list[tuple[int, int]]
     ) -> Tensor:
         features = [v for k, v in x.items() if k in self.featmap_names]
-        if not 1 <= len(features) <= _roi_align_family.MAX_LEVELS:
-            raise ValueError(
-                f"featmap_names must select 1 to {_roi_align_family.MAX_LEVELS} feature maps of x, got {len(features)}"
-            )
+        if not 1 <= len(features) <= MAX_LEVELS:
+            raise ValueError(f"featmap_names must select 1 to {MAX_LEVELS} feature maps of x, got {len(features)}")
         for name, f in zip(self.featmap_names, features, strict=False):
             _check_feature_map(f"x[{name!r}]", f)
         first = features[0]

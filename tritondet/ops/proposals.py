@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from ..kernels import anchors as _anchors_family
 from ..kernels import box_coder as _box_coder_family
 from ..kernels import rpn_proposals as _rpn_family
+from ..kernels._common import MAX_LEVELS
 from ._checks import box_coder_weights, check_floating, check_same_device, check_tensor
 
 
@@ -162,8 +163,8 @@ def rpn_proposals(
             f"objectness and deltas must have the same non-zero number of levels, got {len(objectness)} and "
             f"{len(deltas)}"
         )
-    if len(objectness) > _rpn_family.MAX_LEVELS:
-        raise ValueError(f"rpn_proposals takes at most {_rpn_family.MAX_LEVELS} levels, got {len(objectness)}")
+    if len(objectness) > MAX_LEVELS:
+        raise ValueError(f"rpn_proposals takes at most {MAX_LEVELS} levels, got {len(objectness)}")
     sizes, ratios = _anchors_family.normalize_config(anchor_sizes, aspect_ratios)
     num_levels = len(objectness)
     if len(sizes) != num_levels:

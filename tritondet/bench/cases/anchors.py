@@ -10,8 +10,8 @@ import torch
 from torchvision.models.detection import anchor_utils
 from torchvision.models.detection.image_list import ImageList
 
-from ..harness import Case
 from ... import ops
+from ..harness import Case
 
 FPN_SIZES = ((32,), (64,), (128,), (256,), (512,))
 FPN_RATIOS = ((0.5, 1.0, 2.0),) * 5

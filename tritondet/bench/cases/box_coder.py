@@ -11,9 +11,9 @@ from __future__ import annotations
 import torch
 from torchvision.models.detection._utils import BoxCoder
 
+from ... import ops
 from ..harness import Case
 from ..inputs import random_boxes
-from ... import ops
 
 RPN_WEIGHTS = (1.0, 1.0, 1.0, 1.0)
 HEAD_WEIGHTS = (10.0, 10.0, 5.0, 5.0)

@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 import torchvision
 
+from ... import ops
 from ..harness import Case
 from ..inputs import random_boxes
-from ... import ops
 
 _SIZES = {
     "tiny": {"cpu": [(37, 11)], "cuda": [(37, 11)]},

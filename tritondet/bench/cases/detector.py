@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import torch
 
+from ...detector import FasterRCNN, config
 from ..harness import Case
 from ..inputs import assert_same_detections, torchvision_twin
-from ...detector import FasterRCNN, config
 
 # (preset, image height, width, batch) per size set.
 _SIZES = {

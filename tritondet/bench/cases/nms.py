@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 import torchvision
 
-from ..harness import Case
 from ... import ops
+from ..harness import Case
 
 HEIGHT, WIDTH = 800, 1333
 CLASSES = 80

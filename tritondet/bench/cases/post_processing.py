@@ -21,11 +21,11 @@ import functools
 
 import torch
 
-from ..harness import CountCase
-from ..inputs import torchvision_twin
 from ... import _backend
 from ...detector import FasterRCNN, config
 from ...measure.stage_costs import StageCosts, post_processing_costs, torchvision_post_processing_costs
+from ..harness import CountCase
+from ..inputs import torchvision_twin
 
 # (preset, image height, width, std of the RPN head's and predictor's weights) per size set. At
 # torchvision's initial scale (0.01) the R50-FPN's RPN keeps all ~4.7k pre-NMS boxes, as a trained

@@ -18,8 +18,8 @@ import torch
 import torchvision
 from torchvision.ops.poolers import LevelMapper
 
-from ..harness import Case
 from ... import ops
+from ..harness import Case
 
 OUTPUT_SIZE = 7
 SAMPLING_RATIO = 2  # torchvision's Faster R-CNN box head pooler

@@ -18,9 +18,9 @@ from torchvision.models.detection._utils import Matcher
 from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.rpn import RegionProposalNetwork
 
+from ... import ops
 from ..harness import Case
 from ..inputs import random_boxes
-from ... import ops
 
 # (images, anchors, ground truth per image); proposal cases use _PROPOSALS proposals per image.
 _SIZES = {

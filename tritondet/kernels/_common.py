@@ -1,0 +1,94 @@
+"""What several op families share: the compute dtype, the warp count, clipping to the image and
+the FPN levels (the per-level pointer arguments and the level rule).
+
+Shapes: B images; boxes ``[B, ..., 4]`` (x1, y1, x2, y2); image_sizes ``[B, 2]`` (height, width);
+rois ``[K, 5]`` (batch index, x1, y1, x2, y2).
+
+Every Triton helper here has its PyTorch twin beside it (the reference path and test oracle use
+the twin), so the two forms of a rule are read and changed together.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# Every kernel runs 4 warps (128 threads): its tile sizes are chosen for that thread count (each
+# family's block-size helper states the values per thread), and 4 warps let an SM keep several
+# programs resident without the register pressure that 8 warps of these tiles would need.
+NUM_WARPS = 4
+
+# FPN uses levels P2..P5 (torchvision: 4 maps) or P2..P6; five per-level pointers cover both (the
+# RoIAlign maps, the RPN head outputs).
+MAX_LEVELS = 5
+# torchvision's LevelMapper epsilon.
+LEVEL_EPS = tl.constexpr(1e-6)
+
+
+def compute_dtype_of(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the kernels and references compute in: fp64 for fp64 inputs, fp32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ----------------------------------------------------------------------------------------------
+# Clipping boxes to their image: torchvision's clip_boxes_to_image, clamp(min=0, max=size)
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def clip_box(x1, y1, x2, y2, height, width):
+    """(x1, y1, x2, y2) clamped to ``[0, width] x [0, height]``."""
+    x1 = tl.minimum(tl.maximum(x1, 0.0), width)
+    y1 = tl.minimum(tl.maximum(y1, 0.0), height)
+    x2 = tl.minimum(tl.maximum(x2, 0.0), width)
+    y2 = tl.minimum(tl.maximum(y2, 0.0), height)
+    return x1, y1, x2, y2
+
+
+def clip_to_images(boxes: torch.Tensor, image_sizes: torch.Tensor) -> torch.Tensor:
+    """``boxes [B, ..., 4]`` clamped to ``[0, w] x [0, h]`` of each image (``image_sizes [B, 2]``);
+    differentiable, no host sync, a handful of ATen ops whatever B."""
+    limits = image_sizes.flip(-1).repeat(1, 2).to(boxes.dtype)  # [B, 4]: (w, h, w, h)
+    return torch.minimum(boxes.clamp(min=0), limits.view(limits.shape[0], *[1] * (boxes.dim() - 2), 4))
+
+
+# ----------------------------------------------------------------------------------------------
+# FPN levels: per-level pointer arguments and the level of a RoI (FPN Eqn. (1))
+# ----------------------------------------------------------------------------------------------
+
+
+def level_pointers(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Pointer arguments for the per-level kernels: ``tensors``, then level 0 repeated up to ``MAX_LEVELS``."""
+    return [*tensors, *[tensors[0]] * (MAX_LEVELS - len(tensors))]
+
+
+@triton.jit
+def pick_level(level, p0, p1, p2, p3, p4):
+    """The pointer of ``level`` among the (at most five) per-level pointers."""
+    p = tl.where(level == 1, p1, p0)
+    p = tl.where(level == 2, p2, p)
+    p = tl.where(level == 3, p3, p)
+    return tl.where(level == 4, p4, p)
+
+
+@triton.jit
+def roi_level(x1, y1, x2, y2, num_levels, k_min, canonical_scale, canonical_level):
+    """FPN Eqn. (1) as torchvision's LevelMapper: floor(k0 + log2(sqrt(area) / s0) + eps), clamped."""
+    size = tl.sqrt(((x2 - x1) * (y2 - y1)).to(tl.float32))
+    target = tl.floor(canonical_level + tl.log2(size / canonical_scale) + LEVEL_EPS)
+    target = tl.minimum(tl.maximum(target, k_min), k_min + num_levels - 1)
+    level = tl.where(num_levels > 1, (target - k_min).to(tl.int32), 0)
+    return level
+
+
+def roi_levels_reference(
+    rois: torch.Tensor, num_levels: int, k_min: int, canonical_scale: float, canonical_level: float
+) -> torch.Tensor:
+    """``[K, 5] -> [K]`` int64 level index (0 for a single level): :func:`roi_level` in PyTorch, fp32."""
+    if num_levels == 1:
+        return torch.zeros(rois.shape[0], dtype=torch.int64, device=rois.device)
+    boxes = rois[:, 1:].to(torch.float32)
+    size = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).sqrt()
+    target = torch.floor(canonical_level + torch.log2(size / canonical_scale) + LEVEL_EPS.value)
+    return (target.clamp(k_min, k_min + num_levels - 1) - k_min).to(torch.int64)
