@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from tests.test_detector import tiny_images
+from tests.detector.test_detector import tiny_images
 from tritondet import _backend
 from tritondet.bench.inputs import torchvision_twin
 from tritondet.detector import LOSS_NAMES, FasterRCNN, paper_vgg16, tiny

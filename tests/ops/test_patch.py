@@ -6,7 +6,7 @@ import pytest
 import torch
 import torchvision
 
-from tests.test_detector import tiny_images
+from tests.detector.test_detector import tiny_images
 from tritondet import patch_torchvision, unpatch_torchvision
 from tritondet.bench.inputs import assert_same_detections, random_boxes, torchvision_twin
 from tritondet.kernels._launch import count_launches

@@ -9,7 +9,7 @@ import torchvision
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests import nms_loops
+from tests.kernels import nms_loops
 from tests.tolerances import FLOAT_DTYPES, assert_close
 from tritondet import ops
 from tritondet.bench.inputs import random_boxes, special_boxes

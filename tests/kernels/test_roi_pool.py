@@ -4,7 +4,7 @@ import pytest
 import torch
 import torchvision
 
-from tests.test_roi_align import features, make_rois
+from tests.kernels.test_roi_align import features, make_rois
 from tests.tolerances import FLOAT_DTYPES, assert_close
 from tritondet import ops
 
