@@ -224,7 +224,7 @@ def test_unknown_mode_is_a_usage_error():
         gpu_modes.parse_modes("math,fast")
 
 
-def test_another_triton_version_fails_loudly(monkeypatch):
+def test_another_interpreter_version_fails_loudly(monkeypatch):
     monkeypatch.setattr(triton, "__version__", "9.9.9")
     with pytest.raises(RuntimeError, match=r"triton 9\.9\.9 is installed"):
         gpu_modes.check_interpreter()
