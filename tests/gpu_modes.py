@@ -186,13 +186,13 @@ def _set_grid_dim(original):
                 f"{GRID_LIMITS} (x, y, z)"
             )
         original(self, nx, ny, nz)
+        _state.grid = (nx, ny, nz)
+        _state.program_order = None
         if not _state.active:
             return
         programs = nx * ny * nz
         _state.counts["launches"] += 1
         _state.counts["programs"] += programs
-        _state.grid = (nx, ny, nz)
-        _state.program_order = None
         if "shuffle" in _state.active:
             _state.program_order = np.random.default_rng(_launch_seed()).permutation(programs)
         elif "reverse" in _state.active:

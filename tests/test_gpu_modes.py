@@ -1,4 +1,8 @@
-"""The GPU-like interpreter modes of tests/gpu_modes.py, each seen changing a small kernel's result."""
+"""The GPU-like interpreter modes of tests/gpu_modes.py, each seen changing a small kernel's result.
+
+Every launch here runs inside ``gpu_mode(...)``, which sets exactly the modes given (none: the plain
+interpreter), so the file passes whatever ``--gpu-mode`` the session runs with.
+"""
 
 import os
 import subprocess
@@ -34,7 +38,8 @@ def run_order(grid_x: int, grid_y: int = 1) -> list[int]:
 
 
 def test_programs_run_in_grid_order_without_a_mode():
-    assert run_order(12) == list(range(12))
+    with gpu_mode():
+        assert run_order(12) == list(range(12))
 
 
 def test_reverse_runs_the_last_program_first():
@@ -79,7 +84,8 @@ def test_poison_fills_masked_off_lanes_without_other(dtype):
         _masked_copy_kernel[(1,)](source, out, 8, BLOCK=16, OTHER_ZERO=other_zero)
         return out
 
-    assert masked_copy(other_zero=False)[8:].eq(0).all(), "the interpreter reads zeros"
+    with gpu_mode():
+        assert masked_copy(other_zero=False)[8:].eq(0).all(), "the interpreter reads zeros"
     with gpu_mode("poison") as counts:
         poisoned = masked_copy(other_zero=False)
         with_other = masked_copy(other_zero=True)
@@ -136,7 +142,8 @@ def test_math_divides_by_multiplying_with_the_reciprocal():
     x = torch.rand(1000, generator=generator) * 100
     y = torch.rand(1000, generator=generator) * 100 + 0.1
     fast, ieee = torch.empty_like(x), torch.empty_like(x)
-    _divide_kernel[(8,)](x, y, fast, ieee, 1000, BLOCK=128)
+    with gpu_mode():
+        _divide_kernel[(8,)](x, y, fast, ieee, 1000, BLOCK=128)
     assert torch.equal(fast, x / y), "the interpreter divides exactly"
     with gpu_mode("math") as counts:
         _divide_kernel[(8,)](x, y, fast, ieee, 1000, BLOCK=128)
@@ -164,7 +171,7 @@ def _to_int32_kernel(x_ptr, out_ptr, BLOCK: tl.constexpr):
 def test_math_saturates_float_to_int_casts():
     x = torch.tensor([float("nan"), 3e9, -3e9, float("inf"), float("-inf"), 2.7, -2.7, 2147483520.0])
     out = torch.zeros(8, dtype=torch.int32)
-    with np.errstate(invalid="ignore"):
+    with gpu_mode(), np.errstate(invalid="ignore"):
         _to_int32_kernel[(1,)](x, out, BLOCK=8)
     assert out[0] == INT32_MIN, "numpy gives INT_MIN for NaN"
     with gpu_mode("math") as counts:
@@ -192,7 +199,8 @@ def test_math_rounds_bf16_stores_to_nearest_even():
     ulp = 2.0**-7
     x = torch.cat([torch.tensor([1 + 0.75 * ulp, 1 + 1.5 * ulp]), torch.randn(254, generator=torch.Generator())])
     out = torch.zeros(256, dtype=torch.bfloat16)
-    _store_kernel[(1,)](x, out, BLOCK=256)
+    with gpu_mode():
+        _store_kernel[(1,)](x, out, BLOCK=256)
     assert out[:2].tolist() == [1.0, 1 + ulp], "the interpreter truncates"
     with gpu_mode("math"):
         _store_kernel[(1,)](x, out, BLOCK=256)
