@@ -60,14 +60,6 @@ _BUILDER_SIGNATURES = {
     "create_fp_to_ui": ("self", "src", "dst_type"),
     "create_fp_trunc": ("self", "src", "dst_type"),
 }
-# Source fragments the patches rely on: the grid loop sets the grid size once, then every index in order;
-# tl.div_rn and tl.sqrt_rn reach the IEEE builder functions, which stay unpatched.
-_REQUIRED_SOURCE = {
-    "GridExecutor.__call__": ("interpreter_builder.set_grid_dim(*grid)", "interpreter_builder.set_grid_idx(x, y, z)"),
-    "math.div_rn": ("create_precise_divf",),
-    "math.sqrt_rn": ("create_precise_sqrt",),
-    "math.sqrt": ("create_sqrt",),
-}
 
 
 class _State:
@@ -114,15 +106,18 @@ def check_interpreter() -> None:
         found = tuple(inspect.signature(function).parameters) if callable(function) else None
         if found != parameters:
             problems.append(f"InterpreterBuilder.{name} has parameters {found}, expected {parameters}")
-    sources = {
-        "GridExecutor.__call__": interpreter.GridExecutor.__call__,
-        "math.div_rn": tl_math.div_rn,
-        "math.sqrt_rn": tl_math.sqrt_rn,
-        "math.sqrt": tl_math.sqrt,
-    }
-    for name, fragments in _REQUIRED_SOURCE.items():
-        source = inspect.getsource(inspect.unwrap(sources[name]))
-        problems += [f"{name} no longer contains {fragment!r}" for fragment in fragments if fragment not in source]
+    # Source the patches rely on: the grid loop sets the grid size once, then every index in order;
+    # tl.div_rn and tl.sqrt_rn reach the IEEE builder functions, which stay unpatched.
+    required_source = [
+        (interpreter.GridExecutor.__call__, "interpreter_builder.set_grid_dim(*grid)"),
+        (interpreter.GridExecutor.__call__, "interpreter_builder.set_grid_idx(x, y, z)"),
+        (tl_math.div_rn, "create_precise_divf"),
+        (tl_math.sqrt_rn, "create_precise_sqrt"),
+        (tl_math.sqrt, "create_sqrt"),
+    ]
+    for function, fragment in required_source:
+        if fragment not in inspect.getsource(inspect.unwrap(function)):
+            problems.append(f"{function.__qualname__} no longer contains {fragment!r}")
     if problems:
         raise RuntimeError("tritondet GPU modes cannot patch this Triton interpreter:\n  " + "\n  ".join(problems))
 
