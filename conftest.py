@@ -17,6 +17,9 @@ import pytest
 
 from tritondet import _backend
 
+# --gpu-mode: GPU behaviour the interpreter hides (program order, uninitialized memory, fast math, grid limits).
+pytest_plugins = ["tests.gpu_modes"]
+
 
 @pytest.fixture(params=["reference", "triton"])
 def backend(request, monkeypatch):
