@@ -267,8 +267,9 @@ def test_session_mode_from_the_environment_under_xdist(tmp_path):
             """
         )
     )
-    env = {**os.environ, "PYTHONPATH": repository, "TRITON_INTERPRET": "1", gpu_modes.MODE_VARIABLE: "reverse"}
-    env.pop("PYTEST_ADDOPTS", None)
+    # The child is a session of its own: none of this session's pytest or xdist variables.
+    env = {name: value for name, value in os.environ.items() if not name.startswith("PYTEST_")}
+    env.update({"PYTHONPATH": repository, "TRITON_INTERPRET": "1", gpu_modes.MODE_VARIABLE: "reverse"})
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-p", "tests.gpu_modes", "-n", "2", "-p", "no:cacheprovider", str(tmp_path)],
         cwd=tmp_path,
