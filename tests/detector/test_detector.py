@@ -180,7 +180,7 @@ def _same_size_images(batch: int) -> list[torch.Tensor]:
     return [torch.rand((3, 64, 96), generator=generator) for _ in range(batch)]
 
 
-# torchvision's fasterrcnn_resnet50_fpn on one 480x640 image, as the detector issue quotes it: 339
+# torchvision's fasterrcnn_resnet50_fpn on one 480x640 image, as first counted for this project: 339
 # ATen ops in the RPN proposal stage and 350 in the RoI post-processing (tritondet/measure/stage_costs.py
 # measures 319 and 300 on a random image). Ours must take at most a tenth, ATen ops plus launches.
 TORCHVISION_R50_FPN_ATEN_OPS = (339, 350)

@@ -12,7 +12,7 @@ Presets:
   9 anchors (areas 128², 256², 512² x ratios 1:2, 1:1, 2:1), RoI pooling to 7x7, fc6/fc7 of 4096,
   shorter side 600 (longer at most 1000), 21 VOC classes, 128 RoIs per image at 25 % foreground.
 - :func:`resnet_c4` - the same single-level head on a ResNet's C4 (``layer3``, stride 16).
-- :func:`small_cpu` - a ResNet-18 FPN at a short side of 320 for CPU training (issue 8).
+- :func:`small_cpu` - a ResNet-18 FPN at a short side of 320 for CPU training.
 - :func:`tiny` - a few-channel ResNet-18 FPN on 64-pixel images, for interpreter tests.
 - :func:`lite` - ``tritondet train``'s default CPU model: the narrow
   :class:`~tritondet.detector.backbone.LiteBackbone` (trained from scratch) with an FPN at strides
