@@ -145,12 +145,18 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
             )
 
 
+def train_config(args: argparse.Namespace):
+    """The :class:`~tritondet.detector.engine.TrainConfig` of parsed ``train`` arguments."""
+    from .detector.engine import TrainConfig
+
+    return TrainConfig(**{k: v for k, v in vars(args).items() if k not in ("command", "run", "debug")})
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .detector.engine import TrainConfig, train
+    from .detector.engine import train
     from .detector.evaluate import format_coco_table
 
-    options = {k: v for k, v in vars(args).items() if k not in ("command", "run", "debug")}
-    result = train(TrainConfig(**options))
+    result = train(train_config(args))
     import torch.distributed as dist
 
     if dist.is_initialized() and dist.get_rank() != 0:
