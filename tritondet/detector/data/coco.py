@@ -311,7 +311,7 @@ def _read_coco_json(path: Path, problems: list[str]) -> dict:
         raise InputError(f"{path}: not a COCO instances file (a JSON {type(dataset).__name__}, not an object)")
     for key in ("images", "annotations", "categories"):
         if not isinstance(dataset.get(key, []), list):
-            raise InputError(f"{path}: '{key}' must be a list, got a {type(dataset[key]).__name__}")
+            raise InputError(f"{path}: '{key}' must be a list, got {type(dataset[key]).__name__}")
     if "images" not in dataset:
         raise InputError(f"{path}: not a COCO instances file (no 'images' key)")
     categories = dataset.get("categories", [])

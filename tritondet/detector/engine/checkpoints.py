@@ -46,7 +46,8 @@ def read_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu")
     try:
         checkpoint = torch.load(path, map_location=device, weights_only=False)  # our own file: configs are plain dicts
     except Exception as error:  # unpickling an arbitrary file fails in many ways, all meaning "not a checkpoint"
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        # The first sentence: torch's advice after it ("if you are seeing this error...") does not fit one line.
+        reason = str(error).strip().splitlines()[0].split(". ")[0] if str(error).strip() else type(error).__name__
         raise InputError(f"{path}: not a readable checkpoint (truncated or corrupt): {reason}") from error
     if not isinstance(checkpoint, dict) or "version" not in checkpoint:
         bare = isinstance(checkpoint, dict) and checkpoint and all(torch.is_tensor(v) for v in checkpoint.values())

@@ -191,9 +191,10 @@ class _Run:
             distributed=world_size > 1, drop_last=True,
         )  # fmt: skip
         if len(loader) == 0:
+            batch = f"{config.batch_size} images" + (f" on each of {world_size} processes" if world_size > 1 else "")
             raise InputError(
                 f"{train_set.annotation_file}: the training set ({len(train_set)} images with annotations) is "
-                f"smaller than one batch ({config.batch_size} images per process, {world_size} processes)"
+                f"smaller than one batch ({batch})"
             )
         if config.schedule == "alternating" and (world_size > 1 or model is not None):
             raise ValueError("schedule='alternating' runs in one process, on the model preset (no torchrun, no model=)")
