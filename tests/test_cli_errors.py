@@ -303,6 +303,22 @@ def test_bad_input_is_one_line_naming_the_culprit(case, trained, tmp_path, capsy
     assert "Traceback" not in err and "error:" in lines[0]
 
 
+def test_unreadable_images_are_skipped_with_a_warning_by_default(tmp_path):
+    bad = write_coco(tmp_path / "bad")
+    (bad[0] / "3.png").write_bytes((bad[0] / "3.png").read_bytes()[:200])
+    workspace = Workspace(tmp_path, bad, tmp_path)
+    with pytest.warns(UserWarning, match=r"cannot read image .*3.png \(image id 3\)"):
+        assert cli.main(workspace.train("--iterations", "4", "--batch-size", "1")) == 0  # an epoch: every image
+
+
+def test_an_unwritable_output_folder_is_one_line(trained, tmp_path, capsys):
+    _, files, _ = trained
+    (tmp_path / "file").write_text("")
+    argv = train_argv(tmp_path / "file" / "run", files, files)
+    status, err = run(argv, capsys)
+    assert status == 2 and len(err.strip().splitlines()) == 1 and "file/run" in err
+
+
 def test_debug_adds_the_traceback(trained, tmp_path, capsys):
     _, files, _ = trained
     argv = Workspace(tmp_path, files, tmp_path).train("--resume", str(tmp_path / "gone.pt"))

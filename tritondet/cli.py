@@ -1,8 +1,8 @@
 """The ``tritondet`` command: ``ops``, ``compile-report``, ``bench``, ``selftest``, and the detector's ``train``, ``eval``, ``predict``.
 
-Bad input - a file, annotation, image, checkpoint or option the user can fix - ends the command with one line
-on stderr naming the culprit and what is wrong, and exit status 2 (``--debug`` adds the traceback); any other
-exception is a bug and keeps its traceback.
+Bad input - a file, annotation, image, checkpoint or option the user can fix (:class:`InputError`), or a file
+the system refuses (``OSError``) - ends the command with one line on stderr naming the culprit and what is wrong,
+and exit status 2 (``--debug`` adds the traceback); any other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -307,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
         return exit.code
     try:
         return args.run(args)
-    except InputError as error:
+    except (InputError, OSError) as error:  # OSError: a file the system refused (permissions, a full disk)
         if args.debug:
             traceback.print_exc()
         message = " ".join(line.strip() for line in str(error).splitlines())
