@@ -376,14 +376,14 @@ def test_resume_auto_skips_a_corrupt_last_checkpoint(trained, tmp_path, capsys):
 
 
 def test_resume_auto_after_a_first_checkpoint_write_was_interrupted(trained, tmp_path):
-    """The write is atomic: a kill during it leaves ``last.tmp``, no ``last.pt``; resume starts over, saying so."""
+    """The write is atomic: a kill during it leaves ``last.pt.tmp``, no ``last.pt``; resume starts over, saying so."""
     _, files, _ = trained
     argv = Workspace(tmp_path, files, tmp_path).train()
     out = tmp_path / "run"
     out.mkdir()
-    (out / "last.tmp").write_bytes(b"PK\x03\x04 half a checkpoint")
+    (out / "last.pt.tmp").write_bytes(b"PK\x03\x04 half a checkpoint")
     (out / "log.csv").write_text("iteration,step\n1,joint\n")
-    with pytest.warns(UserWarning, match=r"an interrupted write left last.tmp\); starting from iteration 0"):
+    with pytest.warns(UserWarning, match=r"an interrupted write left last.pt.tmp\); starting from iteration 0"):
         result = train(_config_of([*argv, "--resume", "auto"]))
     assert result["iteration"] == 2
     assert read_iterations(out / "log.csv") == [1, 2]

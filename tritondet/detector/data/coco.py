@@ -44,7 +44,7 @@ from torch.utils.data import Dataset
 from torchvision.io import ImageReadMode, decode_image, read_file
 
 from ...ops._checks import check_choice
-from .errors import InputError, file_problem
+from .errors import InputError
 
 BAD_DATA_CHOICES = ("skip", "raise")
 _MAX_REPORTED_PROBLEMS = 20  # problems in a bad-data warning or error; the rest are counted
@@ -172,7 +172,8 @@ class CocoDetection(DetectionDataset):
         on_bad: what to do with bad data (a missing image file, an annotation with non-positive
             width or height, a box outside its image, an unknown category or image id):
             ``"skip"`` warns and leaves out the bad annotation (the image, for a missing file),
-            ``"raise"`` raises ``ValueError``. Every problem names the file and annotation id.
+            ``"raise"`` raises :class:`~.errors.InputError` (a ``ValueError``). Every problem names the file
+            and annotation id. Unreadable images are handled as :class:`DetectionDataset` says.
         remove_images_without_annotations: leave out images with no usable annotation, as torchvision's
             detection references do for training: none that is not crowd, or only boxes at most one
             pixel wide or tall (evaluation keeps every image).
@@ -300,7 +301,7 @@ def _read_coco_json(path: Path, problems: list[str]) -> dict:
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as error:
-        raise file_problem(path, error) from error
+        raise InputError(f"{path}: cannot read it: {error.strerror or error}") from error
     except UnicodeDecodeError as error:
         raise InputError(f"{path}: not a UTF-8 text file ({error.reason} at byte {error.start})") from error
     try:
@@ -322,10 +323,12 @@ def _read_coco_json(path: Path, problems: list[str]) -> dict:
             if not isinstance(category, dict) or not isinstance(category.get(key), (int, str)):
                 raise InputError(f"{path}: categories[{index}] has no valid '{key}'")
 
-    def entries(key: str, required: tuple[str, ...]) -> list[dict]:
+    def entries(key: str, required: dict[str, tuple[type, ...]]) -> list[dict]:
         kept = []
         for index, entry in enumerate(dataset.get(key, [])):
-            missing = [k for k in required if not isinstance(entry, dict) or not isinstance(entry.get(k), (int, str))]
+            missing = [
+                k for k, types in required.items() if not isinstance(entry, dict) or not isinstance(entry.get(k), types)
+            ]
             if missing:
                 problems.append(f"{path}: {key}[{index}]: no valid {', '.join(repr(k) for k in missing)}")
             else:
@@ -333,13 +336,14 @@ def _read_coco_json(path: Path, problems: list[str]) -> dict:
         return kept
 
     images = []
-    for info in entries("images", ("id", "file_name")):
+    identifier = (int, str)
+    for info in entries("images", {"id": identifier, "file_name": (str,)}):
         size = [info[k] for k in ("width", "height") if k in info]
         if all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in size):
             images.append(info)
         else:
             problems.append(f"{path}: image id {info['id']}: width and height must be positive numbers, got {size}")
-    annotations = entries("annotations", ("id", "image_id", "category_id"))
+    annotations = entries("annotations", {"id": identifier, "image_id": identifier, "category_id": identifier})
     return {**dataset, "images": images, "annotations": annotations}
 
 

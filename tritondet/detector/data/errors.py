@@ -7,13 +7,6 @@ with status 2, where any other exception is a bug and keeps its traceback.
 
 from __future__ import annotations
 
-import os
-
 
 class InputError(ValueError):
     """The user's input is bad; the message names the file (and annotation id or key) and what is wrong."""
-
-
-def file_problem(path: str | os.PathLike, error: OSError) -> InputError:
-    """``path`` could not be read: the ``OSError``'s reason, without Python's repetition of the path."""
-    return InputError(f"{path}: cannot read it: {error.strerror or error}")

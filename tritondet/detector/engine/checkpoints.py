@@ -28,7 +28,7 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer, state: dict) -> Non
     """Write atomically (a temporary file, flushed to disk, renamed into place): an interrupted save leaves
     the old file, or none, never a partial one."""
     payload = {"version": CHECKPOINT_VERSION, "model": model.state_dict(), "optimizer": optimizer.state_dict(), **state}
-    temporary = path.with_suffix(".tmp")
+    temporary = path.with_name(path.name + ".tmp")
     with open(temporary, "wb") as file:
         torch.save(payload, file)
         file.flush()
@@ -128,7 +128,7 @@ def resume_checkpoint(config: TrainConfig, device: torch.device) -> tuple[Path, 
         return path, checkpoint
     if failures:
         raise InputError(f"resume auto: no readable checkpoint in {output_dir}: {'; '.join(failures)}")
-    interrupted = sorted(p.name for p in output_dir.glob("*.tmp"))
+    interrupted = sorted(p.name for p in output_dir.glob("*.pt.tmp"))
     if interrupted:
         warnings.warn(
             f"resume auto: no checkpoint in {output_dir} (an interrupted write left {', '.join(interrupted)}); "
