@@ -102,6 +102,11 @@ def test_a_folder_without_stamp_is_regenerated(tmp_path):
     (paths.train_images / "000000.png").unlink()
     again = ensure_synthetic_dataset(tmp_path, **TINY)
     assert (again.train_images / "000000.png").is_file() and (again.root / "stamp.json").is_file()
+    # A stamp torn by a crash (not JSON) is no stamp either.
+    (paths.root / "stamp.json").write_bytes(b'{"vers')
+    (paths.train_images / "000000.png").unlink()
+    third = ensure_synthetic_dataset(tmp_path, **TINY)
+    assert (third.train_images / "000000.png").is_file() and json.loads((third.root / "stamp.json").read_text())
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pycocotools' annToMask under numpy 2
