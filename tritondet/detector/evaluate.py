@@ -261,7 +261,14 @@ def evaluate_checkpoint(
     if (val_images is None) != (val_annotations is None):
         raise InputError("val_images and val_annotations must be given together")
     if val_annotations is None:
-        _, _, val_images, val_annotations = dataset_paths(TrainConfig(**{**checkpoint["train_config"], "resume": None}))
+        try:
+            train_config = TrainConfig(**{**checkpoint["train_config"], "resume": None})
+        except TypeError as error:  # an option this version does not know
+            raise InputError(
+                f"{checkpoint_path}: its train_config is not this tritondet's ({error}); give --val-images and "
+                "--val-annotations"
+            ) from error
+        _, _, val_images, val_annotations = dataset_paths(train_config)
     val_set = CocoDetection(val_images, val_annotations, on_bad=on_bad)
     batch_size = checkpoint["train_config"]["batch_size"] if batch_size is None else batch_size
     loader = make_data_loader(val_set, batch_size, shuffle=False)

@@ -61,6 +61,13 @@ def read_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu")
     missing = [key for key in _CHECKPOINT_KEYS if key not in checkpoint]
     if missing:
         raise InputError(f"{path}: an incomplete training checkpoint: no {', '.join(repr(k) for k in missing)}")
+    not_dicts = [
+        key
+        for key in ("model", "optimizer", "rng", "model_config", "train_config")
+        if not isinstance(checkpoint[key], dict)
+    ]
+    if not_dicts:
+        raise InputError(f"{path}: not a training checkpoint: {', '.join(repr(k) for k in not_dicts)} not a dict")
     return checkpoint
 
 
@@ -75,9 +82,8 @@ def load_weights(path: Path, checkpoint: dict, model: nn.Module, built: str | No
     try:
         model.load_state_dict(checkpoint["model"])
     except RuntimeError as error:
-        trained = model_description(
-            checkpoint["train_config"].get("model"), checkpoint["model_config"]["roi_heads"]["num_classes"]
-        )
+        roi_heads = checkpoint["model_config"].get("roi_heads") or {}
+        trained = model_description(checkpoint["train_config"].get("model"), roi_heads.get("num_classes"))
         detail = str(error).strip().splitlines()[-1].strip()
         if built is None:
             message = f"{path}: its weights do not fit the {trained} its configs describe ({detail})"
@@ -91,7 +97,10 @@ def load_weights(path: Path, checkpoint: dict, model: nn.Module, built: str | No
 def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[FasterRCNN, dict]:
     """The model (in eval mode, on ``device``) and the whole checkpoint dict of a training run."""
     checkpoint = read_checkpoint(path, device)
-    model_config = config_from_dict(checkpoint["model_config"])
+    try:
+        model_config = config_from_dict(checkpoint["model_config"])
+    except (TypeError, KeyError, AttributeError) as error:  # a field this version does not know, or a non-dict
+        raise InputError(f"{path}: its model_config is not one this tritondet builds ({error!r})") from error
     model = build_model(model_config)
     load_weights(Path(path), checkpoint, model, None)
     return model.to(device).eval(), checkpoint
