@@ -111,7 +111,7 @@ _TRAIN_HELP = {
     "iterations": "training iterations (the budget may stop earlier)",
     "batch_size": "images per process and iteration",
     "lr_steps": "fractions of the run at which the learning rate is multiplied by gamma",
-    "max_minutes": "wall-clock budget of the whole run, evaluation included",
+    "max_minutes": "wall-clock budget of the whole run, evaluation included (inf: no budget)",
     "amp": "bf16 autocast (CUDA only)",
     "resume": "a checkpoint to resume from, or 'auto' (output_dir/last.pt if present)",
     "num_workers": "data loader workers (default: 2 on CUDA, 0 on the CPU)",

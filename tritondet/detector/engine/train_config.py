@@ -61,7 +61,7 @@ class TrainConfig:
     schedule: str = "joint"
     alternating_split: tuple[float, ...] = (0.35, 0.35, 0.15, 0.15)
     amp: bool = True  # bf16 autocast, on CUDA only
-    max_minutes: float | None = 15.0  # wall-clock budget of the whole run, evaluation (when on) included
+    max_minutes: float | None = 15.0  # wall-clock budget of the whole run, evaluation (when on) included; inf: none
     # Bookkeeping.
     seed: int = 0
     num_workers: int | None = None  # default: 2 on CUDA, 0 on the CPU (the model needs both cores there)
@@ -93,7 +93,7 @@ class TrainConfig:
         for name in ("lr", "clip_grad_norm", "gamma"):
             check(name, _finite(getattr(self, name)) and getattr(self, name) > 0, "a positive number")
         minutes = self.max_minutes
-        check("max_minutes", minutes is None or (_finite(minutes) and minutes > 0), "a positive number")
+        check("max_minutes", minutes is None or minutes > 0, "a positive number (inf: no budget)")  # nan fails
         check("momentum", _finite(self.momentum) and 0 <= self.momentum < 1, "in [0, 1)")
         check("weight_decay", _finite(self.weight_decay) and self.weight_decay >= 0, "a non-negative number")
         check("warmup_factor", _finite(self.warmup_factor) and 0 < self.warmup_factor <= 1, "in (0, 1]")
