@@ -199,7 +199,7 @@ CASES = {
     ),
     # Flags
     "max-minutes nan": lambda w: (w.train("--max-minutes", "nan"), "max_minutes"),
-    "max-minutes negative": lambda w: (w.train("--max-minutes", "-inf"), "max_minutes"),
+    "max-minutes negative": lambda w: (w.train("--max-minutes", "-1"), "max_minutes"),
     "lr inf": lambda w: (w.train("--lr", "inf"), "lr must be a positive number"),
     "lr negative": lambda w: (w.train("--lr", "-0.1"), "lr must be"),
     "momentum 1.5": lambda w: (w.train("--momentum", "1.5"), "momentum"),
