@@ -1,12 +1,24 @@
-"""The ``tritondet`` command: ``ops``, ``compile-report``, ``bench``, ``selftest``, and the detector's ``train``, ``eval``, ``predict``."""
+"""The ``tritondet`` command: ``ops``, ``compile-report``, ``bench``, ``selftest``, and the detector's ``train``, ``eval``, ``predict``.
+
+Bad input - a file, annotation, image, checkpoint or option the user can fix (:class:`InputError`), or a file
+the system refuses (``OSError``) - ends the command with one line on stderr naming the culprit and what is wrong,
+and exit status 2 (``--debug`` adds the traceback); any other exception is a bug and keeps its traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
+import traceback
 from pathlib import Path
 
 import torch
+
+from .detector.data import BAD_DATA_CHOICES, InputError
+
+EXIT_BAD_INPUT = 2  # argparse's own status for a bad command line
+EXIT_INTERRUPTED = 130  # the shell's status for a command ended by SIGINT (128 + 2)
 
 
 def _cmd_ops(args: argparse.Namespace) -> int:
@@ -99,12 +111,13 @@ _TRAIN_HELP = {
     "iterations": "training iterations (the budget may stop earlier)",
     "batch_size": "images per process and iteration",
     "lr_steps": "fractions of the run at which the learning rate is multiplied by gamma",
-    "max_minutes": "wall-clock budget of the whole run, evaluation included",
+    "max_minutes": "wall-clock budget of the whole run, evaluation included (inf: no budget)",
     "amp": "bf16 autocast (CUDA only)",
     "resume": "a checkpoint to resume from, or 'auto' (output_dir/last.pt if present)",
     "num_workers": "data loader workers (default: 2 on CUDA, 0 on the CPU)",
     "schedule": "joint (approximate joint training) or alternating (the paper's 4-step training, Section 3.2)",
     "alternating_split": "the 4 alternating steps' shares of the iterations and of the time budget",
+    "on_bad_data": "bad annotations and unreadable images: skip (a warning names each) or raise (stop at once)",
 }
 
 
@@ -132,12 +145,18 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
             )
 
 
+def train_config(args: argparse.Namespace):
+    """The :class:`~tritondet.detector.engine.TrainConfig` of parsed ``train`` arguments."""
+    from .detector.engine import TrainConfig
+
+    return TrainConfig(**{k: v for k, v in vars(args).items() if k not in ("command", "run", "debug")})
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .detector.engine import TrainConfig, train
+    from .detector.engine import train
     from .detector.evaluate import format_coco_table
 
-    options = {k: v for k, v in vars(args).items() if k not in ("command", "run")}
-    result = train(TrainConfig(**options))
+    result = train(train_config(args))
     import torch.distributed as dist
 
     if dist.is_initialized() and dist.get_rank() != 0:
@@ -157,7 +176,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from .detector.evaluate import evaluate_checkpoint, format_coco_table
 
-    metrics = evaluate_checkpoint(args.checkpoint, args.val_images, args.val_annotations, args.batch_size, args.device)
+    metrics = evaluate_checkpoint(
+        args.checkpoint, args.val_images, args.val_annotations, args.batch_size, args.device, args.on_bad_data
+    )
     print(format_coco_table(metrics, title=f"COCO box evaluation of {args.checkpoint}"))
     return 0
 
@@ -171,11 +192,34 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser with a one-line error (no usage block), as every other bad input gets."""
+
+    def error(self, message: str):
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not (math.isfinite(value) and 0 <= value <= 1):
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1], got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="tritondet",
         description="Triton GPU kernels for two-stage object detection (Faster R-CNN family).",
     )
+    debug_help = "on bad input, show the traceback as well as the one-line error"
+    parser.add_argument("--debug", action="store_true", help=debug_help)
     commands = parser.add_subparsers(dest="command", required=True)
 
     ops = commands.add_parser("ops", help="list every op, its backend here, and its sm_80/sm_90 compile status")
@@ -201,7 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         help="only the op families (tritondet.bench.cases) whose name contains this (repeatable)",
     )
-    bench.add_argument("--threads", type=int, default=1, help="torch CPU threads while timing on the CPU (default 1)")
+    bench.add_argument(
+        "--threads", type=_positive_int, default=1, help="torch CPU threads while timing on the CPU (default 1)"
+    )
     bench.add_argument("--no-compile-report", action="store_true", help="leave the sm_80/sm_90 compile report out")
     bench.set_defaults(run=_cmd_bench)
 
@@ -229,15 +275,18 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--checkpoint", type=Path, required=True, help="a checkpoint written by train")
     evaluation.add_argument("--val-images", help="COCO-format image folder (default: the checkpoint's val split)")
     evaluation.add_argument("--val-annotations", help="COCO instances JSON for --val-images")
-    evaluation.add_argument("--batch-size", type=int, help="images per batch (default: the training run's)")
+    evaluation.add_argument("--batch-size", type=_positive_int, help="images per batch (default: the training run's)")
     evaluation.add_argument("--device", help="default: cuda if available, else cpu")
+    evaluation.add_argument("--on-bad-data", choices=BAD_DATA_CHOICES, default="skip", help=_TRAIN_HELP["on_bad_data"])
     evaluation.set_defaults(run=_cmd_eval)
 
     predict = commands.add_parser("predict", help="draw a checkpoint's detections on an image")
     predict.add_argument("image", type=Path, help="an image file")
     predict.add_argument("--checkpoint", type=Path, required=True, help="a checkpoint written by train")
     predict.add_argument("--out", type=Path, default=Path("out.png"), help="output PNG (default out.png)")
-    predict.add_argument("--score-thresh", type=float, default=0.5, help="draw detections scoring at least this")
+    predict.add_argument(
+        "--score-thresh", type=_fraction, default=0.5, help="draw detections scoring at least this (in [0, 1])"
+    )
     predict.add_argument("--device", help="default: cuda if available, else cpu")
     predict.add_argument(
         "--stages",
@@ -245,12 +294,30 @@ def build_parser() -> argparse.ArgumentParser:
         help="a 2x2 grid: anchors at one position, top RPN proposals before and after NMS, final detections",
     )
     predict.set_defaults(run=_cmd_predict)
+    for command in commands.choices.values():  # --debug also after the command, where users type options
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.run(args)
+    """Run the command; its exit status (2: bad input, reported in one line on stderr)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit:  # --help, or a bad command line (reported in one line)
+        return exit.code
+    try:
+        return args.run(args)
+    except (InputError, OSError) as error:  # OSError: a file the system refused (permissions, a full disk)
+        if args.debug:
+            traceback.print_exc()
+        message = " ".join(line.strip() for line in str(error).splitlines())
+        print(f"tritondet {args.command}: error: {message}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        if args.debug:
+            traceback.print_exc()
+        print(f"tritondet {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

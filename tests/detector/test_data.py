@@ -102,6 +102,11 @@ def test_a_folder_without_stamp_is_regenerated(tmp_path):
     (paths.train_images / "000000.png").unlink()
     again = ensure_synthetic_dataset(tmp_path, **TINY)
     assert (again.train_images / "000000.png").is_file() and (again.root / "stamp.json").is_file()
+    # A stamp torn by a crash (not JSON) is no stamp either.
+    (paths.root / "stamp.json").write_bytes(b'{"vers')
+    (paths.train_images / "000000.png").unlink()
+    third = ensure_synthetic_dataset(tmp_path, **TINY)
+    assert (third.train_images / "000000.png").is_file() and json.loads((third.root / "stamp.json").read_text())
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pycocotools' annToMask under numpy 2
@@ -233,16 +238,36 @@ def test_bad_coco_data_is_skipped_with_a_warning(bad_coco):
     assert sorted(dataset.coco.anns) == [10, 14, 15] and sorted(dataset.coco.imgs) == [1, 2]
 
 
-def test_coco_options_and_unreadable_image(bad_coco):
+def test_coco_options(bad_coco):
     image_dir, annotation_file = bad_coco
     with pytest.raises(ValueError, match="on_bad"):
         CocoDetection(image_dir, annotation_file, on_bad="ignore")
-    (image_dir / "2.png").write_bytes(b"not a png")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        dataset = CocoDetection(image_dir, annotation_file)
+
+
+@pytest.mark.parametrize("damage", ["not a png", "truncated", "empty"])
+def test_unreadable_image_skipped_with_a_warning_or_refused(tmp_path, damage):
+    images = [{"id": i, "file_name": f"{i}.png", "width": 20, "height": 16} for i in (1, 2)]
+    annotations = [
+        {"id": i, "image_id": i, "category_id": 1, "bbox": [1, 2, 5, 6], "area": 30, "iscrowd": 0} for i in (1, 2)
+    ]
+    image_dir, annotation_file = write_coco(tmp_path, images, annotations, [{"id": 1, "name": "a"}])
+    for i in (1, 2):
+        Image.new("RGB", (20, 16), (10 * i, 0, 0)).save(image_dir / f"{i}.png")
+    whole = (image_dir / "2.png").read_bytes()
+    damaged = {"not a png": b"not a png", "truncated": whole[: len(whole) // 2], "empty": b""}[damage]
+    (image_dir / "2.png").write_bytes(damaged)
+    refusing = CocoDetection(image_dir, annotation_file, on_bad="raise")
     with pytest.raises(ValueError, match=r"cannot read image .*2.png \(image id 2\)"):
-        dataset[1]
+        refusing[1]
+    # By default it is skipped: None, left out of its batch, with a warning naming it (once per file).
+    dataset = CocoDetection(image_dir, annotation_file)
+    with pytest.warns(UserWarning, match=r"cannot read image .*2.png \(image id 2\)"):
+        assert dataset[1] is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        assert dataset[1] is None
+    images, targets = collate_detection([dataset[0], dataset[1]])
+    assert len(images) == len(targets) == 1 and targets[0]["image_id"] == 1
 
 
 def test_read_image_gives_rgb_floats_in_unit_range(tmp_path):
@@ -273,12 +298,19 @@ def test_hand_made_coco_without_iscrowd_or_area(tmp_path):
 
 
 def test_images_without_annotations_kept_or_removed(tmp_path):
-    images = [{"id": i, "file_name": f"{i}.png", "width": 8, "height": 8} for i in (1, 2)]
-    annotations = [{"id": 1, "image_id": 2, "category_id": 1, "bbox": [1, 1, 2, 2], "area": 4, "iscrowd": 0}]
+    """As torchvision's references: for training, images with no annotation, only crowd ones, or only boxes
+    at most 1 pixel wide or tall are left out; evaluation keeps them."""
+    images = [{"id": i, "file_name": f"{i}.png", "width": 8, "height": 8} for i in (1, 2, 3, 4)]
+    annotations = [
+        {"id": 1, "image_id": 2, "category_id": 1, "bbox": [1, 1, 2, 2], "area": 4, "iscrowd": 0},
+        {"id": 2, "image_id": 3, "category_id": 1, "bbox": [1, 1, 1, 5], "area": 5, "iscrowd": 0},
+        {"id": 3, "image_id": 4, "category_id": 1, "bbox": [1, 1, 5, 5], "area": 25, "iscrowd": 1},
+    ]
     image_dir, annotation_file = write_coco(tmp_path, images, annotations, [{"id": 1, "name": "a"}])
-    for i in (1, 2):
+    for i in (1, 2, 3, 4):
         Image.new("RGB", (8, 8)).save(image_dir / f"{i}.png")
     kept = CocoDetection(image_dir, annotation_file)
+    assert kept.image_ids == [1, 2, 3, 4]
     _, empty = kept[0]
     assert empty["boxes"].shape == (0, 4) and empty["labels"].shape == (0,)
     assert empty["boxes"].dtype == torch.float32 and empty["labels"].dtype == torch.int64

@@ -28,8 +28,9 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from .data import CocoDetection, make_data_loader, resize_boxes
+from .data.errors import InputError
 from .engine.checkpoints import load_checkpoint
-from .engine.train_config import TrainConfig, dataset_paths
+from .engine.train_config import TrainConfig, dataset_paths, resolve_device
 
 __all__ = [
     "SUMMARY_KEYS",
@@ -180,13 +181,16 @@ def predict(model: torch.nn.Module, loader: Iterable, device: torch.device | str
     ``model(images)`` takes a list of ``Tensor[3, H, W]`` and returns one dict per image with ``boxes``
     (in the pixels of the image it was given), ``scores`` and ``labels`` (torchvision's interface).
     Boxes are mapped back to the image files' pixels with ``target["orig_size"]`` and moved to the CPU.
-    The model is put in eval mode and its mode restored afterwards.
+    The model is put in eval mode and its mode restored afterwards. Batches left empty (every image
+    unreadable, skipped by the dataset) are passed over.
     """
     was_training = model.training
     model.eval()
     predictions = []
     try:
         for images, targets in loader:
+            if not images:
+                continue
             if device is not None:
                 images = [image.to(device, non_blocking=True) for image in images]
             outputs = model(images)
@@ -232,6 +236,8 @@ def evaluate_model(
         label_to_category_id = dataset.label_to_category_id
     predictions = gather_predictions(predict(model, loader, device))
     image_ids = sorted({int(p["image_id"]) for p in predictions})
+    if not image_ids:
+        raise InputError(f"{getattr(dataset, 'annotation_file', 'the data set')}: no image could be read to evaluate")
     return evaluate_coco(coco_gt, predictions, label_to_category_id, image_ids=image_ids)
 
 
@@ -241,19 +247,29 @@ def evaluate_checkpoint(
     val_annotations: str | None = None,
     batch_size: int | None = None,
     device: str | None = None,
+    on_bad: str = "skip",
 ) -> dict:
     """COCO AP of a training checkpoint on ``val_images``/``val_annotations`` (default: the val split
     of the data it was trained on; the synthetic set is regenerated if missing).
 
     ``batch_size`` defaults to the training run's: images in a batch are padded to a common size, and
     the padding changes the features near the borders slightly, so the same batch size reproduces
-    the AP printed at the end of training."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    the AP printed at the end of training. ``on_bad``: bad annotations and unreadable images are
+    skipped with a warning, or raise (``"raise"``), as in :class:`~.data.CocoDetection`."""
+    device = resolve_device(device)
     model, checkpoint = load_checkpoint(checkpoint_path, device)
+    if (val_images is None) != (val_annotations is None):
+        raise InputError("val_images and val_annotations must be given together")
     if val_annotations is None:
-        _, _, val_images, val_annotations = dataset_paths(TrainConfig(**{**checkpoint["train_config"], "resume": None}))
-    elif val_images is None:
-        raise ValueError("val_images must be given with val_annotations")
-    val_set = CocoDetection(val_images, val_annotations)
-    loader = make_data_loader(val_set, batch_size or checkpoint["train_config"]["batch_size"], shuffle=False)
+        try:
+            train_config = TrainConfig(**{**checkpoint["train_config"], "resume": None})
+        except TypeError as error:  # an option this version does not know
+            raise InputError(
+                f"{checkpoint_path}: its train_config is not this tritondet's ({error}); give --val-images and "
+                "--val-annotations"
+            ) from error
+        _, _, val_images, val_annotations = dataset_paths(train_config)
+    val_set = CocoDetection(val_images, val_annotations, on_bad=on_bad)
+    batch_size = checkpoint["train_config"]["batch_size"] if batch_size is None else batch_size
+    loader = make_data_loader(val_set, batch_size, shuffle=False)
     return evaluate_model(model, loader, device=device)

@@ -20,7 +20,9 @@ from torchvision.utils import draw_bounding_boxes
 from .. import ops
 from .backbone import feature_strides
 from .data import read_image, resize_boxes
+from .data.errors import InputError
 from .engine.checkpoints import load_checkpoint
+from .engine.train_config import resolve_device
 from .faster_rcnn import LOSS_NAMES, FasterRCNN
 
 _CURVE_COLORS = ((0, 0, 0), (214, 39, 40), (31, 119, 180), (44, 160, 44), (255, 127, 14))
@@ -107,7 +109,10 @@ def save_image_grid(images: list[Tensor], path: Path, columns: int = 4, gap: int
 
 
 def plot_val_detections(model: FasterRCNN, val_set, categories, device, out_path: Path, count: int = 8) -> None:
-    images = [val_set[i][0] for i in range(min(count, len(val_set)))]
+    samples = [val_set[i] for i in range(min(count, len(val_set)))]
+    images = [sample[0] for sample in samples if sample is not None]  # None: an unreadable image, skipped
+    if not images:
+        return
     with torch.no_grad():
         outputs = model([image.to(device) for image in images])
     save_image_grid([draw_detections(i, o, categories) for i, o in zip(images, outputs, strict=True)], out_path)
@@ -193,8 +198,16 @@ def predict_image(
     """Detect objects in one image file and write it with boxes, labels and scores drawn to ``out_path``.
 
     ``stages``: a 2x2 grid instead - the anchors at one position, the top RPN proposals before and
-    after NMS, and the final detections (:func:`pipeline_stages`)."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    after NMS, and the final detections (:func:`pipeline_stages`).
+
+    Raises :class:`~.data.errors.InputError` naming the file for an unreadable checkpoint or image, or an
+    ``out_path`` whose folder is missing or whose extension names no image format."""
+    out_path = Path(out_path)
+    if not out_path.parent.is_dir():
+        raise InputError(f"{out_path}: its folder {out_path.parent} does not exist")
+    if out_path.suffix.lower() not in Image.registered_extensions():
+        raise InputError(f"{out_path}: the extension names no image format PIL writes (e.g. .png, .jpg)")
+    device = resolve_device(device)
     model, checkpoint = load_checkpoint(checkpoint_path, device)
     image = read_image(image_path)
     categories = checkpoint["categories"]

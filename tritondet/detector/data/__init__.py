@@ -1,9 +1,10 @@
 """Detection data, one concern per module: COCO-format datasets and what every dataset shares (``coco.py``),
 Pascal VOC (``voc.py``), the training flip and box rescaling (``transforms.py``; the model resizes images), batching
-(``loader.py``), and the built-in synthetic shapes set (``synthetic.py``). Samples are described in
-:mod:`.coco`."""
+(``loader.py``), the built-in synthetic shapes set (``synthetic.py``), and :class:`InputError`, the error for bad
+input (``errors.py``). Samples are described in :mod:`.coco`."""
 
 from .coco import BAD_DATA_CHOICES, CocoDetection, DetectionDataset, read_image
+from .errors import InputError
 from .loader import collate_detection, make_data_loader
 from .synthetic import (
     SYNTHETIC_CLASSES,
@@ -25,6 +26,7 @@ __all__ = [
     "CocoDetection",
     "DetectionDataset",
     "DetectionTransform",
+    "InputError",
     "SyntheticConfig",
     "SyntheticPaths",
     "VOCDetection",

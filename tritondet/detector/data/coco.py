@@ -28,8 +28,10 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import math
 import os
+import re
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,15 +44,28 @@ from torch.utils.data import Dataset
 from torchvision.io import ImageReadMode, decode_image, read_file
 
 from ...ops._checks import check_choice
+from .errors import InputError
 
 BAD_DATA_CHOICES = ("skip", "raise")
-_MAX_REPORTED_PROBLEMS = 20  # lines in a bad-data warning or error; the rest are counted
+_MAX_REPORTED_PROBLEMS = 20  # problems in a bad-data warning or error; the rest are counted
+# torchvision's decoders prefix their reason with the C++ function, file and line.
+_DECODER_LOCATION = re.compile(r"^.*\.cpp:\d+, ")
 
 
-def read_image(path: str | os.PathLike) -> torch.Tensor:
-    """An image file (PNG, JPEG, WebP or GIF) as ``Tensor[3, H, W]`` float32 RGB in [0, 1]; ``RuntimeError``
-    when the file is missing or not an image of those formats."""
-    pixels = decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
+def read_image(path: str | os.PathLike, image_id: int | None = None) -> torch.Tensor:
+    """An image file (PNG, JPEG, WebP or GIF) as ``Tensor[3, H, W]`` float32 RGB in [0, 1].
+
+    Raises :class:`~.errors.InputError` naming the file (and ``image_id``, when given) when it is missing,
+    empty, truncated or not an image of those formats."""
+    path = Path(path)
+    try:
+        if not path.is_file():
+            raise RuntimeError("it is a directory" if path.is_dir() else "no such file")
+        pixels = decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
+    except RuntimeError as error:
+        which = "" if image_id is None else f" (image id {image_id})"
+        reason = _DECODER_LOCATION.sub("", str(error).strip())
+        raise InputError(f"cannot read image {path}{which}: {reason}") from error
     return pixels.float().div_(255.0)
 
 
@@ -60,14 +75,16 @@ def read_image(path: str | os.PathLike) -> torch.Tensor:
 
 
 def report_problems(problems: list[str], on_bad: str, what: str) -> None:
-    """Warn about (``on_bad="skip"``) or raise ``ValueError`` for (``"raise"``) the problems found."""
+    """Warn about (``on_bad="skip"``) or raise :class:`~.errors.InputError` for (``"raise"``) the problems
+    found; the error is one line, the warning one line per problem."""
     if not problems:
         return
     shown = problems[:_MAX_REPORTED_PROBLEMS]
     more = len(problems) - len(shown)
-    text = "\n  ".join(shown) + (f"\n  ... and {more} more" if more else "")
     if on_bad == "raise":
-        raise ValueError(f"bad data in {what} ({len(problems)} problems):\n  {text}")
+        text = "; ".join(shown) + (f"; ... and {more} more" if more else "")
+        raise InputError(f"bad data in {what} ({len(problems)} problems): {text}")
+    text = "\n  ".join(shown) + (f"\n  ... and {more} more" if more else "")
     warnings.warn(f"skipping bad data in {what} ({len(problems)} problems):\n  {text}", stacklevel=3)
 
 
@@ -88,15 +105,22 @@ class Sample:
 
 
 class DetectionDataset(Dataset):
-    """Shared ``__getitem__``: decode the image, build the target, apply ``transforms``."""
+    """Shared ``__getitem__``: decode the image, build the target, apply ``transforms``.
+
+    An image file that cannot be decoded (truncated, corrupt) raises :class:`~.errors.InputError` with
+    ``on_bad="raise"``; with ``"skip"`` it is reported in a warning (once per file) and the sample is
+    ``None``, which :func:`~.loader.collate_detection` leaves out of its batch."""
 
     categories: list[str]
     label_to_category_id: dict[int, int]
     coco: COCO
 
-    def __init__(self, transforms: Callable | None) -> None:
+    def __init__(self, transforms: Callable | None, on_bad: str) -> None:
+        check_choice("on_bad", on_bad, BAD_DATA_CHOICES)
         self.transforms = transforms
+        self.on_bad = on_bad
         self._samples: list[Sample] = []
+        self._unreadable: set[Path] = set()  # images already reported
 
     def __len__(self) -> int:
         return len(self._samples)
@@ -110,12 +134,17 @@ class DetectionDataset(Dataset):
     def image_ids(self) -> list[int]:
         return [sample.image_id for sample in self._samples]
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict] | None:
         sample = self._samples[index]
         try:
-            image = read_image(sample.path)
-        except RuntimeError as error:
-            raise ValueError(f"cannot read image {sample.path} (image id {sample.image_id}): {error}") from error
+            image = read_image(sample.path, sample.image_id)
+        except InputError as error:
+            if self.on_bad == "raise":
+                raise
+            if sample.path not in self._unreadable:
+                self._unreadable.add(sample.path)
+                warnings.warn(f"skipping an unreadable image: {error}", stacklevel=2)
+            return None
         height, width = image.shape[-2:]
         boxes = torch.from_numpy(sample.boxes).reshape(-1, 4).clone()
         boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
@@ -143,8 +172,15 @@ class CocoDetection(DetectionDataset):
         on_bad: what to do with bad data (a missing image file, an annotation with non-positive
             width or height, a box outside its image, an unknown category or image id):
             ``"skip"`` warns and leaves out the bad annotation (the image, for a missing file),
-            ``"raise"`` raises ``ValueError``. Every problem names the file and annotation id.
-        remove_images_without_annotations: leave out images with no (non-crowd) annotation.
+            ``"raise"`` raises :class:`~.errors.InputError` (a ``ValueError``). Every problem names the file
+            and annotation id. Unreadable images are handled as :class:`DetectionDataset` says.
+        remove_images_without_annotations: leave out images with no usable annotation, as torchvision's
+            detection references do for training: none that is not crowd, or only boxes at most one
+            pixel wide or tall (evaluation keeps every image).
+
+    Raises :class:`~.errors.InputError` naming ``annotation_file`` when it cannot be read, is not valid JSON
+    (with the line and column), is not a COCO instances file (a missing key, a category without id or name,
+    no categories), or when no usable image is left.
 
     Labels are the categories in increasing id order, mapped to 1..K. Crowd annotations
     (``iscrowd=1``) are not training targets but stay in ``coco`` for evaluation, where COCOeval
@@ -159,18 +195,18 @@ class CocoDetection(DetectionDataset):
         on_bad: str = "skip",
         remove_images_without_annotations: bool = False,
     ) -> None:
-        super().__init__(transforms)
-        check_choice("on_bad", on_bad, BAD_DATA_CHOICES)
+        super().__init__(transforms, on_bad)
         self.image_dir = Path(image_dir)
         self.annotation_file = Path(annotation_file)
-        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
-            coco = COCO(str(self.annotation_file))
+        if not self.image_dir.is_dir():
+            raise InputError(f"{self.image_dir}: no such image folder (for {self.annotation_file})")
+        problems: list[str] = []
+        coco = make_coco(_read_coco_json(self.annotation_file, problems))
         category_ids = sorted(coco.cats)
         self.categories = ["__background__"] + [coco.cats[c]["name"] for c in category_ids]
         self.label_to_category_id = {label: c for label, c in enumerate(category_ids, start=1)}
         category_id_to_label = {c: label for label, c in self.label_to_category_id.items()}
 
-        problems: list[str] = []
         where = str(self.annotation_file)
         kept_images = []
         for image_id in sorted(coco.imgs):
@@ -199,7 +235,7 @@ class CocoDetection(DetectionDataset):
             if not ann.get("iscrowd", 0):
                 per_image[ann["image_id"]].append(ann)
         if remove_images_without_annotations:
-            kept_images = [info for info in kept_images if per_image[info["id"]]]
+            kept_images = [info for info in kept_images if _has_usable_box(per_image[info["id"]])]
             kept_ids = {info["id"] for info in kept_images}
             kept_annotations = [ann for ann in kept_annotations if ann["image_id"] in kept_ids]
 
@@ -209,6 +245,14 @@ class CocoDetection(DetectionDataset):
             boxes = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
             labels = np.array([category_id_to_label[ann["category_id"]] for ann in anns], dtype=np.int64)
             self._samples.append(Sample(self.image_dir / info["file_name"], info["id"], boxes, labels))
+        if not self._samples:
+            usable = "image file found in " + str(self.image_dir)
+            if remove_images_without_annotations and known_images:
+                usable = "image with a usable annotation (not crowd, a box over 1 pixel wide and tall)"
+            raise InputError(
+                f"{where}: no {usable} among its {len(coco.dataset['images'])} valid image entries and "
+                f"{len(coco.dataset['annotations'])} annotations"
+            )
         self.coco = make_coco(
             {
                 **coco.dataset,
@@ -243,6 +287,64 @@ class CocoDetection(DetectionDataset):
         ):
             return f"bbox {bbox} lies outside its {info['width']}x{info['height']} image"
         return None
+
+
+def _has_usable_box(annotations: list[dict]) -> bool:
+    """Whether an image's (non-crowd) annotations hold a box over one pixel wide and tall (torchvision's
+    references leave the others out of training)."""
+    return any(float(ann["bbox"][2]) > 1 and float(ann["bbox"][3]) > 1 for ann in annotations)
+
+
+def _read_coco_json(path: Path, problems: list[str]) -> dict:
+    """A COCO instances file's dict, its malformed image and annotation entries left out and described in
+    ``problems``; :class:`~.errors.InputError` naming ``path`` when the file as a whole is unusable."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise InputError(f"{path}: cannot read it: {error.strerror or error}") from error
+    except UnicodeDecodeError as error:
+        raise InputError(f"{path}: not a UTF-8 text file ({error.reason} at byte {error.start})") from error
+    try:
+        dataset = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise InputError(f"{path}: not valid JSON: {error.msg} at line {error.lineno} column {error.colno}") from None
+    if not isinstance(dataset, dict):
+        raise InputError(f"{path}: not a COCO instances file (a JSON {type(dataset).__name__}, not an object)")
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(dataset.get(key, []), list):
+            raise InputError(f"{path}: '{key}' must be a list, got {type(dataset[key]).__name__}")
+    if "images" not in dataset:
+        raise InputError(f"{path}: not a COCO instances file (no 'images' key)")
+    categories = dataset.get("categories", [])
+    if not categories:
+        raise InputError(f"{path}: no categories: a COCO instances file lists its classes in 'categories'")
+    for index, category in enumerate(categories):
+        for key in ("id", "name"):
+            if not isinstance(category, dict) or not isinstance(category.get(key), (int, str)):
+                raise InputError(f"{path}: categories[{index}] has no valid '{key}'")
+
+    def entries(key: str, required: dict[str, tuple[type, ...]]) -> list[dict]:
+        kept = []
+        for index, entry in enumerate(dataset.get(key, [])):
+            missing = [
+                k for k, types in required.items() if not isinstance(entry, dict) or not isinstance(entry.get(k), types)
+            ]
+            if missing:
+                problems.append(f"{path}: {key}[{index}]: no valid {', '.join(repr(k) for k in missing)}")
+            else:
+                kept.append(entry)
+        return kept
+
+    images = []
+    identifier = (int, str)
+    for info in entries("images", {"id": identifier, "file_name": (str,)}):
+        size = [info[k] for k in ("width", "height") if k in info]
+        if all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in size):
+            images.append(info)
+        else:
+            problems.append(f"{path}: image id {info['id']}: width and height must be positive numbers, got {size}")
+    annotations = entries("annotations", {"id": identifier, "image_id": identifier, "category_id": identifier})
+    return {**dataset, "images": images, "annotations": annotations}
 
 
 def make_coco(dataset: dict) -> COCO:

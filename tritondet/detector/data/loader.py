@@ -11,10 +11,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler
 
 
-def collate_detection(batch: Sequence[tuple[torch.Tensor, dict]]) -> tuple[list[torch.Tensor], list[dict]]:
-    """``[(image, target)] * B`` -> ``(images, targets)``: two lists of length B; images keep their own sizes."""
-    images = [image for image, _ in batch]
-    targets = [target for _, target in batch]
+def collate_detection(batch: Sequence[tuple[torch.Tensor, dict] | None]) -> tuple[list[torch.Tensor], list[dict]]:
+    """``[(image, target)] * B`` -> ``(images, targets)``: two lists of length B; images keep their own sizes.
+
+    ``None`` samples (images the dataset skipped as unreadable) are left out, so a batch may be shorter, or empty."""
+    kept = [sample for sample in batch if sample is not None]
+    images = [image for image, _ in kept]
+    targets = [target for _, target in kept]
     return images, targets
 
 

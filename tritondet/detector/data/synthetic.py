@@ -122,7 +122,7 @@ def ensure_synthetic_dataset(
     root = Path(root) if root is not None else default_cache_dir()
     folder = root / f"synthetic-v{SYNTHETIC_VERSION}-{config.digest()}"
     stamp_file = folder / "stamp.json"
-    if stamp_file.is_file() and json.loads(stamp_file.read_text()) == config.stamp():
+    if _stamped(stamp_file, config):
         return _paths(folder, config)
     root.mkdir(parents=True, exist_ok=True)
     staging = root / f".{folder.name}.tmp-{os.getpid()}"
@@ -132,15 +132,23 @@ def ensure_synthetic_dataset(
     generate_synthetic_split(config, "train", paths.train_images, paths.train_annotations, workers)
     generate_synthetic_split(config, "val", paths.val_images, paths.val_annotations, workers)
     (staging / "stamp.json").write_text(json.dumps(config.stamp(), sort_keys=True, indent=1) + "\n")
-    if folder.exists() and not stamp_file.is_file():
-        shutil.rmtree(folder)  # a folder without a stamp is not ours to keep (e.g. copied by hand, incomplete)
+    if folder.exists() and not _stamped(stamp_file, config):
+        shutil.rmtree(folder)  # without a valid stamp it is not ours to keep (e.g. copied by hand, incomplete)
     try:
         staging.rename(folder)
     except OSError:
-        if not stamp_file.is_file():  # not another process finishing first: a real error
+        if not _stamped(stamp_file, config):  # not another process finishing first: a real error
             raise
         shutil.rmtree(staging, ignore_errors=True)
     return _paths(folder, config)
+
+
+def _stamped(stamp_file: Path, config: SyntheticConfig) -> bool:
+    """Whether ``stamp_file`` holds ``config``'s stamp (a missing or unreadable one does not)."""
+    try:
+        return json.loads(stamp_file.read_text()) == config.stamp()
+    except (OSError, ValueError):  # ValueError: not JSON, or not UTF-8
+        return False
 
 
 _SPLIT_CODES = {"train": 0, "val": 1}  # part of every image's seed, so the splits never share an image

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ...ops._checks import check_choice
-from .coco import BAD_DATA_CHOICES, DetectionDataset, Sample, make_coco, report_problems
+from .coco import DetectionDataset, Sample, make_coco, report_problems
+from .errors import InputError
 
 VOC_CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -37,8 +37,8 @@ class VOCDetection(DetectionDataset):
         keep_difficult: keep ``difficult`` objects in the training targets (flagged in
             ``target["difficult"]``); they are always in ``coco``, as crowd regions, so that
             COCOeval ignores them as the VOC benchmark does.
-        on_bad: ``"skip"`` or ``"raise"`` for a missing or malformed annotation file, a missing image
-            file, an unknown class name, or a box with non-positive width or height; problems name the XML file and object index.
+        on_bad: ``"skip"`` or ``"raise"`` for a missing or malformed annotation file, a missing or unreadable
+            image file, an unknown class name, or a box with non-positive width or height; problems name the XML file and object index.
 
     Image ids are the 1-based positions in the split file.
     """
@@ -52,8 +52,7 @@ class VOCDetection(DetectionDataset):
         keep_difficult: bool = True,
         on_bad: str = "skip",
     ) -> None:
-        super().__init__(transforms)
-        check_choice("on_bad", on_bad, BAD_DATA_CHOICES)
+        super().__init__(transforms, on_bad)
         self.root = Path(root)
         self.split = split
         self.categories = ["__background__", *classes]
@@ -61,7 +60,7 @@ class VOCDetection(DetectionDataset):
         label_of = {name: label for label, name in enumerate(self.categories) if label > 0}
         split_file = self.root / "ImageSets" / "Main" / f"{split}.txt"
         if not split_file.is_file():
-            raise ValueError(f"VOC split file {split_file} does not exist")
+            raise InputError(f"VOC split file {split_file} does not exist")
         names = [line.split()[0] for line in split_file.read_text().splitlines() if line.strip()]
 
         problems: list[str] = []

@@ -75,11 +75,12 @@ from torch.utils.data import DataLoader
 from .. import evaluate, visualize
 from ..config import FasterRCNNConfig
 from ..data import CocoDetection, DetectionTransform, make_data_loader
+from ..data.errors import InputError
 from ..faster_rcnn import LOSS_NAMES
-from .checkpoints import restore_checkpoint, resume_path, save_checkpoint
+from .checkpoints import model_description, restore_checkpoint, resume_checkpoint, save_checkpoint
 from .distributed import average_buffers, init_distributed, is_distributed, max_over_ranks
 from .schedule import Step, final_model, learning_rate, prepare_step, schedule_steps
-from .train_config import TrainConfig, build_model, dataset_paths, model_config_of
+from .train_config import TrainConfig, build_model, dataset_paths, model_config_of, resolve_device
 
 _CSV_FIELDS = ("iteration", "step", "epoch", "lr", "loss", *LOSS_NAMES, "images_per_s", "elapsed_s")
 # Progress-bar names of the loss terms.
@@ -173,7 +174,7 @@ class _Run:
     def start(cls, config: TrainConfig, model: nn.Module | None) -> _Run:
         """Join the process group, read the data, build (or resume) the model and open the logs."""
         start_time = time.monotonic()
-        device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = resolve_device(config.device)
         rank, world_size = init_distributed(device)
         if device.type == "cuda" and world_size > 1:
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
@@ -190,8 +191,10 @@ class _Run:
             distributed=world_size > 1, drop_last=True,
         )  # fmt: skip
         if len(loader) == 0:
-            raise ValueError(
-                f"the training set ({len(train_set)} images) is smaller than one batch ({config.batch_size})"
+            batch = f"{config.batch_size} images" + (f" on each of {world_size} processes" if world_size > 1 else "")
+            raise InputError(
+                f"{train_set.annotation_file}: the training set ({len(train_set)} images with annotations) is "
+                f"smaller than one batch ({batch})"
             )
         if config.schedule == "alternating" and (world_size > 1 or model is not None):
             raise ValueError("schedule='alternating' runs in one process, on the model preset (no torchrun, no model=)")
@@ -201,15 +204,17 @@ class _Run:
         sampling = torch.Generator(device=device).manual_seed(config.seed + rank)
         steps = schedule_steps(config, model)
         optimizer = _optimizer(config, (model,))
-        resume = resume_path(config)
+        resume = resume_checkpoint(config, device)
         iteration, trained_seconds = 0, 0.0
         if resume is not None:
-            iteration, trained_seconds = restore_checkpoint(resume, model, optimizer, sampling, rank, device)
+            built = model_description(config.model, model_config.roi_heads.num_classes)
+            iteration, trained_seconds = restore_checkpoint(*resume, model, optimizer, sampling, rank, built)
         forward = model
         if world_size > 1:
             ids = [device.index] if device.type == "cuda" else None
             forward = nn.parallel.DistributedDataParallel(model, device_ids=ids)
-        log = _TrainingLog(output_dir, rank == 0 and config.progress, append=resume is not None, main=rank == 0)
+        resumed_from = None if resume is None else iteration
+        log = _TrainingLog(output_dir, rank == 0 and config.progress, resumed_from, main=rank == 0)
         return cls(
             config, start_time, device, rank, world_size, output_dir, train_set, val_set, loader, num_workers,
             model_config, model, forward, optimizer, sampling, steps, log, iteration, trained_seconds,
@@ -242,8 +247,9 @@ def _datasets(config: TrainConfig, rank: int) -> tuple[CocoDetection, CocoDetect
         dist.barrier()  # rank 0 generated it; the others find it complete
     train_images, train_annotations, val_images, val_annotations = dataset_paths(config)
     train_tf = DetectionTransform(train=True)
-    train_set = CocoDetection(train_images, train_annotations, train_tf, remove_images_without_annotations=True)
-    return train_set, CocoDetection(val_images, val_annotations)
+    on_bad = config.on_bad_data
+    train_set = CocoDetection(train_images, train_annotations, train_tf, on_bad, remove_images_without_annotations=True)
+    return train_set, CocoDetection(val_images, val_annotations, on_bad=on_bad)
 
 
 def _optimizer(config: TrainConfig, modules: tuple[nn.Module, ...]) -> torch.optim.SGD:
@@ -282,16 +288,27 @@ def _begin_step(run: _Run, step: Step, number: int) -> None:
 
 def _batches(run: _Run) -> Iterator[tuple[int, list[Tensor], list[dict]]]:
     """``(epoch, images, targets)`` from the run's iteration on, epoch after epoch; the batches of the
-    current epoch already trained are drawn again and skipped (their flips use up the same random numbers)."""
+    current epoch already trained are drawn again and skipped (their flips use up the same random numbers).
+
+    A batch whose images were all skipped as unreadable is passed over in one process; under torchrun it
+    is an error (the other ranks would wait for this one's gradients), as is a whole epoch of them."""
     epoch, skip = divmod(run.iteration, len(run.loader))
     while True:
         if run.world_size > 1:
             run.loader.sampler.set_epoch(epoch)
         else:
             run.loader.generator.manual_seed(run.config.seed * 100_003 + epoch)  # epoch e's order, resumable
+        trained = False
         for batch_index, (images, targets) in enumerate(run.loader):
-            if batch_index >= skip:
+            if batch_index < skip:
+                continue
+            if not images and run.world_size > 1:
+                raise InputError(f"{run.train_set.annotation_file}: every image of a batch is unreadable")
+            if images:
+                trained = True
                 yield epoch, images, targets
+        if not trained and skip == 0:
+            raise InputError(f"{run.train_set.annotation_file}: no image of the training set could be read")
         skip = 0
         epoch += 1
 
@@ -416,11 +433,13 @@ def _finish(run: _Run) -> dict:
 
 
 class _TrainingLog:
-    """The main process's ``log.csv`` (appended to when resuming), TensorBoard events (when installed) and
-    progress bar; one row of running means of the loss terms per ``log_every`` iterations. Other ranks
-    only keep the running means."""
+    """The main process's ``log.csv``, TensorBoard events (when installed) and progress bar; one row of
+    running means of the loss terms per ``log_every`` iterations. Other ranks only keep the running means.
 
-    def __init__(self, output_dir: Path, progress: bool, append: bool, main: bool) -> None:
+    Resuming from iteration ``resumed_from``, the rows of the interrupted run up to that iteration are kept
+    and the later ones (the iterations trained again) dropped, so each iteration has at most one row."""
+
+    def __init__(self, output_dir: Path, progress: bool, resumed_from: int | None, main: bool) -> None:
         self.csv_path = output_dir / "log.csv"
         self.progress = progress
         self.main = main
@@ -434,12 +453,15 @@ class _TrainingLog:
             self.writer = SummaryWriter(output_dir / "tensorboard")
         except ImportError:  # TensorBoard is optional
             self.writer = None
-        fresh = not append or not self.csv_path.is_file()
-        self.csv_file = open(self.csv_path, "w" if fresh else "a", newline="")  # noqa: SIM115 - closed in close()
+        kept = [] if resumed_from is None else _logged_rows(self.csv_path, resumed_from)
+        temporary = self.csv_path.with_suffix(".tmp")
+        with open(temporary, "w", newline="") as file:
+            rows = csv.DictWriter(file, _CSV_FIELDS, extrasaction="ignore")
+            rows.writeheader()
+            rows.writerows(kept)
+        temporary.replace(self.csv_path)
+        self.csv_file = open(self.csv_path, "a", newline="")  # noqa: SIM115 - closed in close()
         self.rows = csv.DictWriter(self.csv_file, _CSV_FIELDS)
-        if fresh:
-            self.rows.writeheader()
-            self.csv_file.flush()
 
     def _reset(self, now: float) -> None:
         self.sums, self.counts = {}, {}
@@ -496,3 +518,16 @@ class _TrainingLog:
             self.csv_file.close()
         if self.writer is not None:
             self.writer.close()
+
+
+def _logged_rows(csv_path: Path, last_iteration: int) -> list[dict]:
+    """The complete rows of ``csv_path`` (if any) up to ``last_iteration``; a row cut by a kill is dropped."""
+    if not csv_path.is_file():
+        return []
+    with open(csv_path, newline="") as file:
+        rows = list(csv.DictReader(file))
+    return [
+        row
+        for row in rows
+        if row.get(_CSV_FIELDS[-1]) and row["iteration"].isdigit() and int(row["iteration"]) <= last_iteration
+    ]

@@ -3,7 +3,10 @@ model configuration read back from a checkpoint (the dict ``dataclasses.asdict``
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+
+import torch
 
 from ..backbone import LiteBackbone
 from ..config import (
@@ -15,7 +18,8 @@ from ..config import (
     RPNConfig,
     TransformConfig,
 )
-from ..data import ensure_synthetic_dataset
+from ..data import BAD_DATA_CHOICES, ensure_synthetic_dataset
+from ..data.errors import InputError
 from ..faster_rcnn import FasterRCNN
 
 SCHEDULES = ("joint", "alternating")
@@ -35,6 +39,8 @@ class TrainConfig:
     train_annotations: str | None = None
     val_images: str | None = None
     val_annotations: str | None = None
+    # Bad annotations and unreadable images: "skip" (with a warning naming each) or "raise".
+    on_bad_data: str = "skip"
     # Model: a preset of MODEL_PRESETS; min_size/max_size override its image sizes when set.
     model: str = "lite"
     min_size: int | None = None
@@ -55,7 +61,7 @@ class TrainConfig:
     schedule: str = "joint"
     alternating_split: tuple[float, ...] = (0.35, 0.35, 0.15, 0.15)
     amp: bool = True  # bf16 autocast, on CUDA only
-    max_minutes: float | None = 15.0  # wall-clock budget of the whole run, evaluation (when on) included
+    max_minutes: float | None = 15.0  # wall-clock budget of the whole run, evaluation (when on) included; inf: none
     # Bookkeeping.
     seed: int = 0
     num_workers: int | None = None  # default: 2 on CUDA, 0 on the CPU (the model needs both cores there)
@@ -69,25 +75,52 @@ class TrainConfig:
     extra: dict = field(default_factory=dict)  # free-form notes stored in the checkpoint
 
     def __post_init__(self) -> None:
-        if self.model not in MODEL_PRESETS:
-            raise ValueError(f"model must be one of {sorted(MODEL_PRESETS)}, got {self.model!r}")
-        for name in ("iterations", "batch_size", "checkpoint_every", "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.lr <= 0 or self.clip_grad_norm <= 0:
-            raise ValueError(f"lr and clip_grad_norm must be positive, got {self.lr}, {self.clip_grad_norm}")
-        if any(not 0 < s < 1 for s in self.lr_steps):
-            raise ValueError(f"lr_steps must be fractions in (0, 1), got {self.lr_steps}")
-        if self.max_minutes is not None and self.max_minutes <= 0:
-            raise ValueError(f"max_minutes must be positive, got {self.max_minutes}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
-        if len(self.alternating_split) != 4 or any(share <= 0 for share in self.alternating_split):
-            raise ValueError(f"alternating_split must be 4 positive shares, got {self.alternating_split}")
+        """Check every option; :class:`~..data.errors.InputError` names the first bad one."""
+
+        def check(name: str, ok: bool, requirement: str) -> None:
+            if not ok:
+                raise InputError(f"{name} must be {requirement}, got {getattr(self, name)!r}")
+
+        check("model", self.model in MODEL_PRESETS, f"one of {sorted(MODEL_PRESETS)}")
+        check("schedule", self.schedule in SCHEDULES, f"one of {SCHEDULES}")
+        check("on_bad_data", self.on_bad_data in BAD_DATA_CHOICES, f"one of {BAD_DATA_CHOICES}")
+        for name in ("iterations", "batch_size", "checkpoint_every", "log_every", "num_train", "num_val"):
+            check(name, getattr(self, name) >= 1, "at least 1")
+        for name in ("warmup_iters", "seed", "num_workers"):
+            check(name, getattr(self, name) is None or getattr(self, name) >= 0, "non-negative")
+        for name in ("min_size", "max_size"):
+            check(name, getattr(self, name) is None or getattr(self, name) >= 1, "at least 1")
+        for name in ("lr", "clip_grad_norm", "gamma"):
+            check(name, _finite(getattr(self, name)) and getattr(self, name) > 0, "a positive number")
+        minutes = self.max_minutes
+        check("max_minutes", minutes is None or minutes > 0, "a positive number (inf: no budget)")  # nan fails
+        check("momentum", _finite(self.momentum) and 0 <= self.momentum < 1, "in [0, 1)")
+        check("weight_decay", _finite(self.weight_decay) and self.weight_decay >= 0, "a non-negative number")
+        check("warmup_factor", _finite(self.warmup_factor) and 0 < self.warmup_factor <= 1, "in (0, 1]")
+        check("lr_steps", all(_finite(s) and 0 < s < 1 for s in self.lr_steps), "fractions in (0, 1)")
+        shares = self.alternating_split
+        check("alternating_split", len(shares) == 4 and all(_finite(s) and s > 0 for s in shares), "4 positive shares")
         if self.schedule == "alternating" and self.resume is not None:
-            raise ValueError("resume: the alternating schedule cannot resume (it writes step<k>.pt after each step)")
+            raise InputError("resume: the alternating schedule cannot resume (it writes step<k>.pt after each step)")
         self.lr_steps = tuple(self.lr_steps)
         self.alternating_split = tuple(self.alternating_split)
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """The device ``name`` (``--device``) names; ``None``: cuda if available, else cpu."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise InputError(f"device must be a torch device such as cpu, cuda or cuda:1, got {name!r}") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device {name!r}: no CUDA device is available here")
+    return device
 
 
 def build_model(config: FasterRCNNConfig) -> FasterRCNN:
@@ -134,9 +167,10 @@ def config_from_dict(values: dict) -> FasterRCNNConfig:
 def dataset_paths(config: TrainConfig) -> tuple[str, str, str, str]:
     """The run's data: (train images, train annotations, val images, val annotations), COCO format; the
     synthetic set (generated into ``config.data_root`` if missing) unless ``config`` names COCO files."""
-    if config.train_annotations:
-        if not (config.train_images and config.val_images and config.val_annotations):
-            raise ValueError("COCO data needs train_images, train_annotations, val_images and val_annotations")
+    coco_paths = (config.train_images, config.train_annotations, config.val_images, config.val_annotations)
+    if any(coco_paths):
+        if not all(coco_paths):
+            raise InputError("COCO data needs train_images, train_annotations, val_images and val_annotations")
         return config.train_images, config.train_annotations, config.val_images, config.val_annotations
     synthetic = ensure_synthetic_dataset(
         config.data_root, seed=config.seed, num_train=config.num_train, num_val=config.num_val
