@@ -306,9 +306,9 @@ def _mask_loss_bwd_kernel(
 # Argument builders and host launchers
 # ----------------------------------------------------------------------------------------------
 
-# Paste tiles of 8 rows x 128 columns: 8 values per thread of 4 warps, each row's 128 pixels a
-# contiguous store (128 bytes of uint8 masks, 512 of fp32).
-_PASTE_BLOCK_H, _PASTE_BLOCK_W = 8, 128
+# Paste tiles of 4 rows x 128 columns: 4 values per thread of 4 warps (8 spilled fp16 tiles on
+# sm_90); each row's 128 pixels are one contiguous store (128 bytes of uint8 masks, 512 of fp32).
+_PASTE_BLOCK_H, _PASTE_BLOCK_W = 4, 128
 # Mask targets: 256 bins per program, 2 per thread; a 28 x 28 target spreads over 4 programs,
 # which keeps the SMs busy at a few hundred RoIs.
 _TARGETS_BLOCK = 256
