@@ -185,8 +185,8 @@ def test_mask_targets_match_torchvision(backend, device, m):
     matched[1, 2] = -1  # unmatched: zero
     num_valid = torch.tensor([5, 3])
     expected = _torchvision_targets(gt, counts, proposals, matched, num_valid, m)
-    dense = torch.stack(gt).to(device)
-    args = [t.to(device) for t in (counts, proposals, matched, num_valid)]
+    dense = torch.stack(gt).transpose(2, 3).contiguous().transpose(2, 3).to(device)  # column-major planes
+    args = [t.to(device) for t in (counts, proposals.transpose(0, 1).contiguous().transpose(0, 1), matched, num_valid)]
     ours = ops.mask_targets(dense, *args, m)
     assert ours.dtype == torch.float32 and ours.shape == (2, 5, m, m)
     assert_close(ours.cpu(), expected, torch.float32)
