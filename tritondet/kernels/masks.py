@@ -312,8 +312,6 @@ _PASTE_BLOCK_H, _PASTE_BLOCK_W = 4, 128
 # Mask targets: 256 bins per program, 2 per thread; a 28 x 28 target spreads over 4 programs,
 # which keeps the SMs busy at a few hundred RoIs.
 _TARGETS_BLOCK = 256
-
-
 # Mask loss: 1024 pixels per program, 8 per thread: a 28 x 28 mask (784 pixels) in one program.
 _LOSS_BLOCK = 1024
 
