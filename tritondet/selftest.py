@@ -29,7 +29,7 @@ from typing import Any
 import torch
 import torchvision
 from torchvision.models.detection import _utils as detection_utils
-from torchvision.models.detection import anchor_utils
+from torchvision.models.detection import anchor_utils, roi_heads
 from torchvision.models.detection.image_list import ImageList
 
 from . import _backend, ops
@@ -525,6 +525,64 @@ def _training_targets(real: bool, device: torch.device) -> list[Check]:
     ]  # fmt: skip
 
 
+def _torchvision_mask_targets(gt_masks, proposals, matched):
+    return torch.stack(
+        [
+            roi_heads.project_masks_on_boxes(g, p, i, MASK_SIZE)
+            for g, p, i in zip(gt_masks, proposals, matched, strict=True)
+        ]
+    )
+
+
+def _torchvision_mask_loss(logits, labels, targets):
+    picked = logits[torch.arange(labels.shape[0], device=labels.device), labels]
+    return torch.nn.functional.binary_cross_entropy_with_logits(picked, targets)
+
+
+def _torchvision_paste_per_image(masks, boxes, image):
+    return torch.stack(
+        [roi_heads.paste_masks_in_image(m[:, None], b, image)[:, 0] for m, b in zip(masks, boxes, strict=True)]
+    )
+
+
+MASK_SIZE = 28  # Mask R-CNN's mask head output and target side
+
+
+def _masks(real: bool, device: torch.device) -> list[Check]:
+    """Mask R-CNN's mask ops. Test time: 100 detections per image with 28x28 masks pasted into the
+    800x1088 image; training: 20 ground-truth masks per image, 128 positive RoIs per image (a
+    quarter of 512 sampled), 91 classes."""
+    detections, gt_count, positives, classes = (100, 20, 128, 91) if real else (8, 3, 6, 4)
+    image = REAL_IMAGE if real else SMALL_IMAGE
+    generator = _generator()
+    masks = torch.rand(2, detections, MASK_SIZE, MASK_SIZE, generator=generator).to(device)
+    boxes = random_boxes(2, detections, image=image, generator=generator).to(device)
+    num_valid = torch.tensor([detections, detections], device=device)
+    image_sizes = torch.tensor([image, image], device=device)
+    gt_masks = (torch.rand(2, gt_count, *image, generator=generator) > 0.5).to(device)
+    proposals = random_boxes(2, positives, image=image, generator=generator).to(device)
+    matched = torch.randint(gt_count, (2, positives), generator=generator).to(device)
+    counts, valid = torch.tensor([gt_count] * 2, device=device), torch.tensor([positives] * 2, device=device)
+    logits = (torch.randn(2 * positives, classes, MASK_SIZE, MASK_SIZE, generator=generator) * 3).to(device)
+    labels = torch.randint(classes, (2 * positives,), generator=generator).to(device)
+    targets = (torch.rand(2 * positives, MASK_SIZE, MASK_SIZE, generator=generator) > 0.5).float().to(device)
+    paste_size = f"{detections}x{MASK_SIZE}x{MASK_SIZE} {image[0]}x{image[1]}"
+    return [
+        Check("paste_masks_in_image", paste_size, "torchvision", (masks[0, :, None], boxes[0]),
+              lambda m, b: ops.paste_masks_in_image(m, b, image),
+              lambda m, b: roi_heads.paste_masks_in_image(m, b, image), compare_close),
+        Check("paste_masks_padded", "2x" + paste_size, "torchvision", (masks, boxes),
+              lambda m, b: ops.paste_masks_padded(m, b, num_valid, image_sizes, image, None, torch.float32),
+              lambda m, b: _torchvision_paste_per_image(m, b, image), compare_close),
+        Check("mask_targets", f"2x{positives} of {gt_count} {MASK_SIZE}x{MASK_SIZE}", "torchvision",
+              (gt_masks, proposals, matched),
+              lambda g, p, i: ops.mask_targets(g, counts, p, i, valid, MASK_SIZE), _torchvision_mask_targets,
+              compare_close),
+        Check("mask_loss", f"{2 * positives}x{classes}cls", "torchvision", (logits, labels, targets),
+              ops.mask_loss, _torchvision_mask_loss, compare_close),
+    ]  # fmt: skip
+
+
 # Every op name ``--only`` accepts -> the builder of its checks (a builder may serve several ops:
 # one set of inputs for both RoI poolings, the four pairwise IoUs, the two box codings).
 BUILDERS: dict[str, Callable[[bool, torch.device], list[Check]]] = {
@@ -551,6 +609,10 @@ BUILDERS: dict[str, Callable[[bool, torch.device], list[Check]]] = {
     "match_boxes": _match_boxes,
     "anchor_targets": _training_targets,
     "proposal_targets": _training_targets,
+    "paste_masks_in_image": _masks,
+    "paste_masks_padded": _masks,
+    "mask_targets": _masks,
+    "mask_loss": _masks,
 }
 CAPTURE_OP = "forward_padded"
 OP_NAMES = (*BUILDERS, CAPTURE_OP)

@@ -10,6 +10,7 @@ from . import (
     box_coder,
     box_iou,
     crop_pool,
+    masks,
     matcher,
     nms,
     postprocess,
@@ -31,4 +32,5 @@ FAMILIES = {
     "roi_align": roi_align,
     "roi_pool": roi_pool,
     "crop_pool": crop_pool,
+    "masks": masks,
 }

@@ -111,7 +111,7 @@ def _level_view(
 
 
 @triton.jit
-def _bin_grid(x1, y1, x2, y2, scale, aligned, PH, PW, sampling_ratio, valid):
+def bin_grid(x1, y1, x2, y2, scale, aligned, PH, PW, sampling_ratio, valid):
     """torchvision's RoIAlign geometry: start, bin size and sampling grid per axis, sample count."""
     offset = tl.where(aligned != 0, 0.5, 0.0)
     start_w = x1 * scale - offset
@@ -132,7 +132,7 @@ def _bin_grid(x1, y1, x2, y2, scale, aligned, PH, PW, sampling_ratio, valid):
 
 
 @triton.jit
-def _axis_weights(coord, size):
+def axis_weights(coord, size):
     """Bilinear taps along one axis, torchvision's boundary rules: (low, high, w_low, w_high, inside).
 
     A sample further than one pixel outside the map (coord < -1 or coord > size) contributes
@@ -196,7 +196,7 @@ def _roi_align_fwd_kernel(
         geometry_ptr, level, batch, channels, bins, PH, PW, feat0, feat1, feat2, feat3, feat4, 2, POSITION_SENSITIVE
     )
     scale = tl.load(scales_ptr + level)
-    start_h, start_w, bin_h, bin_w, grid_h, grid_w, count = _bin_grid(
+    start_h, start_w, bin_h, bin_w, grid_h, grid_w, count = bin_grid(
         x1, y1, x2, y2, scale, aligned, PH, PW, sampling_ratio, valid
     )
 
@@ -204,12 +204,12 @@ def _roi_align_fwd_kernel(
     mask_cp = c_ok[:, None] & p_ok[None, :]
     for iy in range(grid_h):
         y = start_h + ph * bin_h + ((iy + 0.5) * bin_h) / grid_h
-        y_low, y_high, wy_low, wy_high, y_in = _axis_weights(y, H)
+        y_low, y_high, wy_low, wy_high, y_in = axis_weights(y, H)
         row_low = y_low.to(tl.int64) * stride_h
         row_high = y_high.to(tl.int64) * stride_h
         for ix in range(grid_w):
             x = start_w + pw * bin_w + ((ix + 0.5) * bin_w) / grid_w
-            x_low, x_high, wx_low, wx_high, x_in = _axis_weights(x, W)
+            x_low, x_high, wx_low, wx_high, x_in = axis_weights(x, W)
             col_low = x_low.to(tl.int64) * stride_w
             col_high = x_high.to(tl.int64) * stride_w
             mask = mask_cp & (y_in & x_in)[None, :]
@@ -279,7 +279,7 @@ def _roi_align_bwd_atomic_kernel(
         geometry_ptr, level, batch, channels, bins, PH, PW, grad0, grad1, grad2, grad3, grad4, 6, POSITION_SENSITIVE
     )
     scale = tl.load(scales_ptr + level)
-    start_h, start_w, bin_h, bin_w, grid_h, grid_w, count = _bin_grid(
+    start_h, start_w, bin_h, bin_w, grid_h, grid_w, count = bin_grid(
         x1, y1, x2, y2, scale, aligned, PH, PW, sampling_ratio, valid
     )
 
@@ -288,12 +288,12 @@ def _roi_align_bwd_atomic_kernel(
     grad = tl.load(grad_out_ptr + out_offsets, mask=mask_cp, other=0).to(compute_dtype) / count
     for iy in range(grid_h):
         y = start_h + ph * bin_h + ((iy + 0.5) * bin_h) / grid_h
-        y_low, y_high, wy_low, wy_high, y_in = _axis_weights(y, H)
+        y_low, y_high, wy_low, wy_high, y_in = axis_weights(y, H)
         row_low = y_low.to(tl.int64) * stride_h
         row_high = y_high.to(tl.int64) * stride_h
         for ix in range(grid_w):
             x = start_w + pw * bin_w + ((ix + 0.5) * bin_w) / grid_w
-            x_low, x_high, wx_low, wx_high, x_in = _axis_weights(x, W)
+            x_low, x_high, wx_low, wx_high, x_in = axis_weights(x, W)
             col_low = x_low.to(tl.int64) * stride_w
             col_high = x_high.to(tl.int64) * stride_w
             mask = mask_cp & (y_in & x_in)[None, :]
@@ -318,7 +318,7 @@ def _axis_tap_weight(coord, size, positions):
     """Weight of the bilinear taps of ``coord`` on each of ``positions`` (one axis); zero when the
     sample is outside the map along this axis, so the product of the two axes' weights is the
     forward's weight."""
-    low, high, w_low, w_high, inside = _axis_weights(coord, size)
+    low, high, w_low, w_high, inside = axis_weights(coord, size)
     weight = tl.where(positions == low, w_low, 0.0) + tl.where(positions == high, w_high, 0.0)
     return tl.where(inside, weight, 0.0)
 
@@ -385,7 +385,7 @@ def _roi_align_bwd_gather_kernel(
     for k in range(K):
         batch, valid, x1, y1, x2, y2 = load_roi(rois_ptr, k, stride_rk, stride_rc, N, compute_dtype)
         this_level = roi_level(x1, y1, x2, y2, num_levels, k_min, canonical_scale, canonical_level)
-        start_h, start_w, bin_h, bin_w, grid_h, grid_w, count = _bin_grid(
+        start_h, start_w, bin_h, bin_w, grid_h, grid_w, count = bin_grid(
             x1, y1, x2, y2, scale, aligned, PH, PW, sampling_ratio, valid
         )
         # Samples lie between start and start + PH * bin; their taps one pixel around (a
@@ -642,7 +642,7 @@ def roi_align_backward_triton(
 
 
 def _axis_taps(coord: torch.Tensor, size: torch.Tensor, used: torch.Tensor):
-    """Reference of ``_axis_weights``: taps ``[..., 2]`` (low, high) and their weights."""
+    """Reference of ``axis_weights``: taps ``[..., 2]`` (low, high) and their weights."""
     size = size.to(coord.dtype)
     inside = (coord >= -1.0) & (coord <= size) & used
     c = torch.where(inside, coord.clamp(min=0), 0)

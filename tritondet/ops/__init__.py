@@ -9,6 +9,7 @@ One module per family:
 - :mod:`.nms`: ``nms``, ``batched_nms``, ``batched_nms_padded``, ``soft_nms``
 - :mod:`.proposals`: ``grid_anchors``, ``AnchorGenerator``, ``rpn_proposals``, ``postprocess_detections``
 - :mod:`.targets`: ``match_boxes``, ``sample_balanced``, ``anchor_targets``, ``proposal_targets``
+- :mod:`.masks`: ``paste_masks_in_image``, ``paste_masks_padded``, ``mask_targets``, ``mask_loss``
 - :mod:`.pooling`: ``roi_align``, ``MultiScaleRoIAlign``, ``roi_pool``, ``crop_pool``, ``ps_roi_align``,
   ``ps_roi_pool`` and their modules
 
@@ -29,6 +30,7 @@ from .boxes import (
     encode_boxes,
     generalized_box_iou,
 )
+from .masks import mask_loss, mask_targets, paste_masks_in_image, paste_masks_padded
 from .nms import batched_nms, batched_nms_padded, nms, soft_nms
 from .pooling import (
     MultiScaleRoIAlign,
@@ -64,8 +66,12 @@ __all__ = [
     "encode_boxes",
     "generalized_box_iou",
     "grid_anchors",
+    "mask_loss",
+    "mask_targets",
     "match_boxes",
     "nms",
+    "paste_masks_in_image",
+    "paste_masks_padded",
     "postprocess_detections",
     "proposal_targets",
     "ps_roi_align",
