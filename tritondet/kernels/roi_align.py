@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._backend import use_triton
+from .._backend import use_fast_cpu, use_triton
 from ._aot import KernelSpec
 from ._common import (
     NUM_WARPS,
@@ -39,6 +39,7 @@ from ._common import (
     roi_level,
     roi_levels_reference,
 )
+from ._cpu import ps_roi_align_backward_cpu, ps_roi_align_cpu, roi_align_backward_cpu, roi_align_cpu, torchvision_reads
 from ._launch import device_table, launch
 
 # Per-level geometry table columns (int64): H, W, then the feature's and the gradient's strides.
@@ -854,6 +855,8 @@ def roi_align_op(
     args = (scales, (pooled_height, pooled_width), sampling_ratio, aligned, (k_min, canonical_scale, canonical_level))
     if use_triton(rois.device):
         return roi_align_triton(features, rois, *args)
+    if use_fast_cpu(rois.device) and torchvision_reads(rois, features[0].shape[0]):
+        return roi_align_cpu(features, rois, *args)
     return roi_align_reference(features, rois, *args)
 
 
@@ -881,6 +884,8 @@ def roi_align_backward_op(
     args = (scales, (pooled_height, pooled_width), sampling_ratio, aligned, (k_min, canonical_scale, canonical_level))
     if use_triton(rois.device):
         return roi_align_backward_triton(grad, features, rois, *args)
+    if use_fast_cpu(rois.device) and torchvision_reads(rois, features[0].shape[0]):
+        return roi_align_backward_cpu(grad, features, rois, *args)
     return roi_align_backward_reference(grad, features, rois, *args)
 
 
@@ -938,6 +943,8 @@ def ps_roi_align_op(
     size = (pooled_height, pooled_width)
     if use_triton(rois.device):
         return roi_align_triton([input], rois, [spatial_scale], size, sampling_ratio, True, (0, 224.0, 4.0), True)
+    if use_fast_cpu(rois.device) and torchvision_reads(rois, input.shape[0]):
+        return ps_roi_align_cpu(input, rois, spatial_scale, size, sampling_ratio)
     return ps_roi_align_reference(input, rois, spatial_scale, size, sampling_ratio).contiguous()
 
 
@@ -962,6 +969,9 @@ def ps_roi_align_backward_op(
     if use_triton(rois.device):
         args = ([spatial_scale], size, sampling_ratio, True, (0, 224.0, 4.0), True)
         return roi_align_backward_triton(grad, [input], rois, *args)[0]
+    if use_fast_cpu(rois.device) and torchvision_reads(rois, input.shape[0]):
+        channels = _diagonal_index(grad.shape[1], *size, grad.device)[0]
+        return ps_roi_align_backward_cpu(grad, input, rois, spatial_scale, size, sampling_ratio, channels)
     full = grad.new_zeros((rois.shape[0], input.shape[1], *size))
     full[(slice(None), *_diagonal_index(grad.shape[1], *size, grad.device))] = grad
     return roi_align_backward_reference(full, [input], rois, [spatial_scale], size, sampling_ratio, True)[0]
