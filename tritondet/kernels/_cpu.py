@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torchvision  # noqa: F401  (registers torch.ops.torchvision)
 
-from ._common import compute_dtype_of, roi_levels_reference
+from ._common import compute_dtype_of
 
 
 def greedy_keep(ranked: torch.Tensor, iou_threshold: float) -> torch.Tensor:
@@ -42,72 +42,6 @@ def torchvision_reads(rois: torch.Tensor, batch_size: int) -> bool:
     batch = rois[:, 0]
     ok = torch.isfinite(rois[:, 1:]).all() & ((batch >= 0) & (batch < batch_size) & (batch == batch.floor())).all()
     return bool(ok)
-
-
-def _level_members(rois: torch.Tensor, num_levels: int, mapper: tuple[int, float, float]) -> list[torch.Tensor]:
-    """The RoI indices of each FPN level (torchvision's MultiScaleRoIAlign rule)."""
-    level = roi_levels_reference(rois, num_levels, *mapper)
-    return [(level == index).nonzero().squeeze(1) for index in range(num_levels)]
-
-
-def roi_align_cpu(
-    features: list[torch.Tensor],
-    rois: torch.Tensor,
-    scales: list[float],
-    output_size: tuple[int, int],
-    sampling_ratio: int,
-    aligned: bool,
-    mapper: tuple[int, float, float],
-) -> torch.Tensor:
-    """``L x [N, C, H_l, W_l], [K, 5] -> [K, C, PH, PW]`` contiguous, the features' dtype: one
-    torchvision ``roi_align`` per level on that level's RoIs."""
-    first = features[0]
-    compute_dtype = compute_dtype_of(first.dtype)
-    rois = rois.to(compute_dtype)
-
-    def pool(level_features, level_rois, scale):
-        level_features = level_features.to(compute_dtype)
-        return torch.ops.torchvision.roi_align(level_features, level_rois, scale, *output_size, sampling_ratio, aligned)
-
-    if len(features) == 1:
-        return pool(first, rois, scales[0]).contiguous().to(first.dtype)
-    out = rois.new_zeros((rois.shape[0], first.shape[1], *output_size))
-    for level_features, scale, members in zip(
-        features, scales, _level_members(rois, len(features), mapper), strict=True
-    ):
-        if members.numel():
-            out[members] = pool(level_features, rois[members], scale)
-    return out.to(first.dtype)
-
-
-def roi_align_backward_cpu(
-    grad: torch.Tensor,
-    features: list[torch.Tensor],
-    rois: torch.Tensor,
-    scales: list[float],
-    output_size: tuple[int, int],
-    sampling_ratio: int,
-    aligned: bool,
-    mapper: tuple[int, float, float],
-) -> list[torch.Tensor]:
-    """``[K, C, PH, PW]`` -> each level's ``[N, C, H_l, W_l]`` gradient (the features' dtype and
-    memory format): torchvision's ``_roi_align_backward`` per level."""
-    compute_dtype = compute_dtype_of(features[0].dtype)
-    rois, grad = rois.to(compute_dtype), grad.to(compute_dtype)
-    members = [slice(None)] if len(features) == 1 else _level_members(rois, len(features), mapper)
-    grads = []
-    for level_features, scale, level_members in zip(features, scales, members, strict=True):
-        level_grad = torch.ops.torchvision._roi_align_backward(
-            grad[level_members],
-            rois[level_members],
-            scale,
-            *output_size,
-            *level_features.shape,
-            sampling_ratio,
-            aligned,
-        )
-        grads.append(torch.empty_like(level_features).copy_(level_grad))
-    return grads
 
 
 def ps_roi_align_cpu(
