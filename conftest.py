@@ -21,9 +21,9 @@ from tritondet import _backend
 pytest_plugins = ["tests.gpu_modes"]
 
 
-@pytest.fixture(params=["reference", "triton"])
+@pytest.fixture(params=["reference", "triton", "cpu"])
 def backend(request, monkeypatch):
-    """Run the test once on the pure-PyTorch reference and once on the Triton kernels."""
+    """Run the test on the pure-PyTorch reference, on the Triton kernels and on the fast CPU path."""
     monkeypatch.setenv(_backend.BACKEND_VARIABLE, request.param)
     return request.param
 

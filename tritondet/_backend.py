@@ -1,11 +1,16 @@
-"""Which implementation an op runs: the compiled Triton kernels or the pure-PyTorch reference.
+"""Which implementation an op runs: the compiled Triton kernels, the fast CPU path or the
+pure-PyTorch reference.
 
 ``TRITONDET_BACKEND`` (read at every call, so tests and users can switch it at run time):
 
-- ``auto`` (default): Triton kernels on CUDA tensors, the reference (the CPU path) elsewhere.
+- ``auto`` (default): Triton kernels on CUDA tensors, the fast CPU path elsewhere.
 - ``triton``: Triton kernels even on CPU tensors. That needs the Triton interpreter, which only
   exists when ``TRITON_INTERPRET=1`` was set before :mod:`triton` was first imported.
-- ``reference``: the pure-PyTorch reference everywhere.
+- ``cpu``: the fast CPU path everywhere. Sync-freedom and fixed shapes are GPU properties: with no
+  device to stall, this path runs the fastest exact algorithm (data-dependent shapes, early exits,
+  torchvision's C++ kernels where they compute exactly what the op promises). Ops without a fast
+  CPU version run the reference.
+- ``reference``: the vectorized pure-PyTorch reference everywhere: the test oracle.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import torch
 import triton
 
 BACKEND_VARIABLE = "TRITONDET_BACKEND"
-BACKENDS = ("auto", "triton", "reference")
+BACKENDS = ("auto", "triton", "cpu", "reference")
 
 
 @triton.jit
@@ -39,7 +44,7 @@ def requested_backend() -> str:
 def use_triton(device: torch.device) -> bool:
     """Whether an op whose tensors live on ``device`` runs the Triton kernels."""
     choice = requested_backend()
-    if choice == "reference":
+    if choice in ("cpu", "reference"):
         return False
     if device.type == "cuda":
         return True
@@ -54,11 +59,19 @@ def use_triton(device: torch.device) -> bool:
     return True
 
 
+def use_fast_cpu(device: torch.device) -> bool:
+    """Whether an op whose tensors live on ``device`` runs the fast CPU path (when it has one;
+    never together with :func:`use_triton`)."""
+    choice = requested_backend()
+    return choice == "cpu" or (choice == "auto" and device.type != "cuda")
+
+
 def backend_name(device: torch.device) -> str:
-    """``"triton"``, ``"triton-interpreter"`` or ``"reference"``: what runs for tensors on ``device``."""
+    """``"triton"``, ``"triton-interpreter"``, ``"cpu"`` or ``"reference"``: what runs for tensors
+    on ``device``."""
     try:
-        if not use_triton(device):
-            return "reference"
+        if use_triton(device):
+            return "triton" if device.type == "cuda" else "triton-interpreter"
     except RuntimeError:
         return "unavailable (set TRITON_INTERPRET=1)"
-    return "triton" if device.type == "cuda" else "triton-interpreter"
+    return "cpu" if use_fast_cpu(device) else "reference"

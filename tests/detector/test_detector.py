@@ -197,6 +197,8 @@ def test_post_processing_costs_do_not_grow_with_batch_and_never_sync(backend):
     """Our stage costs depend on neither B nor the number of classes (nor levels and sizes: the tiny
     model's counts are R50-FPN's at 800x1067), and they are at most a tenth of torchvision's R50-FPN
     figures."""
+    if backend == "cpu":
+        pytest.skip("fixed, sync-free costs are a GPU property: the fast CPU path's work follows the data")
     counts = {}
     for name, config in (("tiny", tiny()), ("11 classes", tiny(num_classes=11))):
         model = FasterRCNN(config).eval()
@@ -228,7 +230,8 @@ def test_torchvision_post_processing_costs_on_the_same_stages(backend):
             assert stage.launches == 0 and stage.interpreter_ops == 0
             assert stage.syncs >= batch and "torchvision.nms.default" in stage.sync_ops
             assert stage.kernel_ops > 0 and stage.aten_ops >= stage.kernel_ops
-        assert mine.rpn.syncs == mine.roi.syncs == 0
+        if backend != "cpu":  # the fast CPU path reads candidate counts on the host
+            assert mine.rpn.syncs == mine.roi.syncs == 0
         if backend == "triton" and batch == 8:  # torchvision's costs grow with B, ours do not
             for our, their_stage in ((mine.rpn, their.rpn), (mine.roi, their.roi)):
                 assert (our.net_aten_ops + our.launches) * 10 <= their_stage.net_aten_ops

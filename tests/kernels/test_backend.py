@@ -16,9 +16,9 @@ def test_unknown_backend_is_rejected(monkeypatch):
         ops.box_iou(torch.zeros(1, 4), torch.zeros(1, 4))
 
 
-def test_auto_runs_the_reference_on_cpu_tensors(monkeypatch):
+def test_auto_runs_the_fast_cpu_path_on_cpu_tensors(monkeypatch):
     monkeypatch.setenv("TRITONDET_BACKEND", "auto")
-    assert _backend.backend_name(torch.device("cpu")) == "reference"
+    assert _backend.backend_name(torch.device("cpu")) == "cpu"
 
 
 def test_triton_on_cpu_without_interpreter_says_how_to_enable_it():

@@ -397,6 +397,8 @@ def test_property_padded_equals_per_image_batched_nms(
 
 
 def test_padded_has_no_host_sync_and_fixed_launches(backend, device):
+    if backend == "cpu":
+        pytest.skip("sync-freedom is a GPU property: the fast CPU path reads segment sizes on the host")
     boxes, scores = padded_inputs(2, 50, 3, True, seed=4, device=device)
     launches = set()
     for score_threshold in (0.0, 0.5, 0.99, 2.0):  # different data, the same work on the host

@@ -120,6 +120,8 @@ def test_no_proposals_and_no_detections(backend, device):
 
 
 def test_fixed_costs_and_no_host_sync(backend, device):
+    if backend == "cpu":
+        pytest.skip("sync-freedom is a GPU property: the fast CPU path reads candidate counts on the host")
     counts = set()
     for batch in (1, 3):
         logits, deltas, proposals, sizes = head_outputs(batch, 20, 4, seed=batch, device=device)

@@ -284,6 +284,24 @@ def test_multiscale_matches_torchvision(backend, device, output_size, sampling_r
     assert len(set(levels.tolist())) == 4  # every level is used
 
 
+# 0: torchvision's kernel on every level; 10**9: the reference's sparse gather on every level.
+@pytest.mark.parametrize("pixels_per_bin", [0, 10**9])
+def test_fast_cpu_multiscale_pools_each_level_either_way(monkeypatch, pixels_per_bin):
+    monkeypatch.setenv("TRITONDET_BACKEND", "cpu")
+    monkeypatch.setattr(family, "_REFERENCE_PIXELS_PER_BIN", pixels_per_bin)
+    x, boxes, image_shapes = fpn_inputs(torch.Generator().manual_seed(31))
+    names = ["p2", "p3", "p4", "p5"]
+    results = []
+    for pooler in (ops.MultiScaleRoIAlign(names, 7, 2, canonical_scale=32, canonical_level=4),
+                   torchvision.ops.MultiScaleRoIAlign(names, 7, 2, canonical_scale=32)):  # fmt: skip
+        maps = OrderedDict((k, v.clone().requires_grad_()) for k, v in x.items())
+        out = pooler(maps, boxes, image_shapes)
+        out.backward(torch.linspace(-1, 1, out.numel()).reshape(out.shape))
+        results.append((out, *[maps[name].grad for name in names]))
+    for ours, theirs in zip(*results, strict=True):
+        assert_close(ours, theirs, torch.float32)
+
+
 def test_multiscale_infers_the_scales_of_every_call(backend, device):
     generator = torch.Generator().manual_seed(41)
     names = ["p2", "p3", "p4", "p5"]

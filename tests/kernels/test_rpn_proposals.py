@@ -215,6 +215,8 @@ def test_non_contiguous_heads(backend, device):
 
 
 def test_no_host_sync_and_launch_count(backend, device):
+    if backend == "cpu":
+        pytest.skip("sync-freedom is a GPU property: the fast CPU path reads candidate counts on the host")
     config = FPN
     padded = (128, 192)
     counts = {}

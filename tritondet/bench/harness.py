@@ -60,7 +60,7 @@ class Row:
     size: str
     dtype: str
     device: str
-    ours_backend: str  # what ran for us: "triton" (CUDA), "triton-interpreter" or "reference" (the CPU path)
+    ours_backend: str  # what ran for us: "triton", "triton-interpreter", "cpu" or "reference"
     ours_ms: float | None  # None: counted, not timed
     ours_ms_q20: float | None
     ours_ms_q80: float | None

@@ -153,7 +153,7 @@ def markdown_report(
     ]
     if any(row.device == "cpu" for row in rows):
         lines += [
-            "On the CPU ours is the PyTorch reference (the CPU path), so its counts are that path's, not",
+            "On the CPU ours is the CPU path (`auto`: the fast CPU backend), so its counts are that path's, not",
             "the Triton kernels' (run `tritondet bench` on a GPU for those), except in rows naming the",
             "triton-interpreter: the Triton path's counts, net of the interpreter's argument copies.",
         ]

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._backend import use_triton
+from .._backend import use_fast_cpu, use_triton
 from ._aot import KernelSpec
 from ._common import NUM_WARPS, compute_dtype_of
 from ._launch import launch
@@ -289,6 +289,19 @@ def pairwise_iou_reference(
     return diou - alpha * v
 
 
+def pairwise_iou_cpu(boxes1: torch.Tensor, boxes2: torch.Tensor, fmt: str) -> torch.Tensor:
+    """The fast CPU path of the plain IoU, ``[..., N, 4] x [..., M, 4] -> [..., N, M]``: the
+    reference's formulas in the reference's order on ``[..., N, M]`` temporaries updated in place
+    (half the passes over memory: about twice as fast on the CPU), bit for bit the same values."""
+    boxes1, boxes2 = _upcast(boxes1), _upcast(boxes2)
+    ax1, ay1, ax2, ay2 = (c.unsqueeze(-1) for c in _to_corners(boxes1, fmt).unbind(-1))
+    bx1, by1, bx2, by2 = (c.unsqueeze(-2) for c in _to_corners(boxes2, fmt).unbind(-1))
+    width = torch.minimum(ax2, bx2).sub_(torch.maximum(ax1, bx1)).clamp_(min=0)
+    inter = torch.minimum(ay2, by2).sub_(torch.maximum(ay1, by1)).clamp_(min=0).mul_(width)
+    union = (_area(boxes1, fmt).unsqueeze(-1) + _area(boxes2, fmt).unsqueeze(-2)).sub_(inter)
+    return inter.div_(union)
+
+
 # ----------------------------------------------------------------------------------------------
 # torch.library registration: one op for the whole family, dispatching per backend.
 # ----------------------------------------------------------------------------------------------
@@ -299,6 +312,8 @@ def pairwise_box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor, kind: str, fmt:
     """``[B, N, 4] x [B, M, 4] -> [B, N, M]`` (fp32, or fp64 for fp64 boxes)."""
     if use_triton(boxes1.device):
         return pairwise_iou_triton(boxes1, boxes2, kind, fmt, eps)
+    if kind == "iou" and use_fast_cpu(boxes1.device):
+        return pairwise_iou_cpu(boxes1, boxes2, fmt)
     return pairwise_iou_reference(boxes1, boxes2, kind, fmt, eps).contiguous()
 
 

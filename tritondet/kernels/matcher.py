@@ -37,11 +37,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .._backend import use_triton
+from .._backend import use_fast_cpu, use_triton
 from ._aot import KernelSpec
 from ._common import NUM_WARPS, compute_dtype_of
 from ._launch import launch
-from .box_iou import pairwise_iou_reference, pairwise_iou_tile
+from .box_iou import pairwise_iou_cpu, pairwise_iou_reference, pairwise_iou_tile
 
 BELOW_LOW_THRESHOLD = -1
 BETWEEN_THRESHOLDS = -2
@@ -274,10 +274,20 @@ def match_boxes_reference(
     allow_low_quality_matches: bool,
 ) -> torch.Tensor:
     """``[B, A, 4] x [B, G, 4] -> [B, A]`` int64; builds the ``[B, G, A]`` IoU matrix."""
-    batch, num_anchors, num_gt = gt_boxes.shape[0], anchors.shape[1], gt_boxes.shape[1]
+    num_gt = gt_boxes.shape[1]
     iou = pairwise_iou_reference(gt_boxes, anchors, "iou")  # [B, G, A]
     valid = torch.arange(num_gt, device=gt_boxes.device) < gt_count[:, None]  # [B, G]
-    iou = iou.masked_fill(~valid[..., None], float("-inf"))
+    matched = _matches_from_iou(
+        iou.masked_fill(~valid[..., None], float("-inf")), valid, high, low, floor, allow_low_quality_matches
+    )
+    return torch.where(gt_count[:, None] > 0, matched, BELOW_LOW_THRESHOLD)
+
+
+def _matches_from_iou(
+    iou: torch.Tensor, valid: torch.Tensor, high: float, low: float, floor: float, allow_low_quality_matches: bool
+) -> torch.Tensor:
+    """``[B, G, A]`` IoU (-inf on padding rows), ``[B, G]`` real rows -> ``[B, A]`` int64 matches."""
+    batch, num_gt, num_anchors = iou.shape
     if num_gt == 0:
         best = iou.new_full((batch, num_anchors), float("-inf"))
         best_idx = torch.zeros((batch, num_anchors), dtype=torch.int64, device=iou.device)
@@ -290,7 +300,28 @@ def match_boxes_reference(
         gt_max = iou.amax(dim=2, keepdim=True)  # [B, G, 1]
         attains = ((iou == gt_max) & valid[..., None]).any(dim=1)
         matched = torch.where(attains, best_idx, matched)
-    return torch.where(gt_count[:, None] > 0, matched, BELOW_LOW_THRESHOLD)
+    return matched
+
+
+def match_boxes_cpu(
+    anchors: torch.Tensor,
+    gt_boxes: torch.Tensor,
+    gt_count: torch.Tensor,
+    high: float,
+    low: float,
+    floor: float,
+    allow_low_quality_matches: bool,
+) -> torch.Tensor:
+    """The fast CPU path, the reference's result: image by image on its real ground truth only
+    (host read: the counts), never the ``[B, G, A]`` matrix, the IoU computed in place."""
+    matched = torch.full((gt_boxes.shape[0], anchors.shape[1]), BELOW_LOW_THRESHOLD, device=anchors.device)
+    for image, count in enumerate(gt_count.tolist()):
+        if count > 0:
+            image_anchors = anchors[min(image, anchors.shape[0] - 1)]
+            iou = pairwise_iou_cpu(gt_boxes[image, :count], image_anchors, "xyxy")[None]  # [1, G_image, A]
+            valid = torch.ones((1, count), dtype=torch.bool, device=anchors.device)
+            matched[image] = _matches_from_iou(iou, valid, high, low, floor, allow_low_quality_matches)[0]
+    return matched
 
 
 # ----------------------------------------------------------------------------------------------
@@ -311,6 +342,8 @@ def match_boxes(
     """``[B, A, 4] x [B, G, 4] x [B] -> [B, A]`` int64 matched ground-truth index (see module doc)."""
     if use_triton(anchors.device):
         return match_boxes_triton(anchors, gt_boxes, gt_count, high, low, floor, allow_low_quality_matches)
+    if use_fast_cpu(anchors.device):
+        return match_boxes_cpu(anchors, gt_boxes, gt_count, high, low, floor, allow_low_quality_matches)
     return match_boxes_reference(anchors, gt_boxes, gt_count, high, low, floor, allow_low_quality_matches)
 
 

@@ -32,9 +32,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .._backend import use_triton
+from .._backend import use_fast_cpu, use_triton
 from ._aot import KernelSpec
 from ._common import NUM_WARPS, compute_dtype_of
+from ._cpu import greedy_keep
 from ._launch import launch
 from .box_iou import intersection_union, iou_and_union
 
@@ -896,6 +897,8 @@ def nms_impl(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) ->
     order = _score_order(scores)
     sorted_boxes = boxes[order].to(compute_dtype_of(boxes.dtype))
     n = boxes.shape[0]
+    if use_fast_cpu(boxes.device):
+        return order[greedy_keep(sorted_boxes, iou_threshold)]
     if use_triton(boxes.device):
         keep = _padded_segment_keep_triton(
             sorted_boxes.unsqueeze(0).contiguous(), torch.full((1,), n, device=boxes.device), iou_threshold
@@ -911,6 +914,8 @@ def batched_nms_impl(
 ) -> torch.Tensor:
     if boxes.shape[0] == 0:
         return torch.empty(0, dtype=torch.int64, device=boxes.device)
+    if use_fast_cpu(boxes.device):
+        return batched_nms_cpu(boxes, scores, idxs, iou_threshold)
     order, rank, seg_len = _segments_by_class(scores, idxs)
     rows = order[rank]
     sorted_boxes = boxes[rows].to(compute_dtype_of(boxes.dtype))
@@ -929,6 +934,23 @@ def batched_nms_impl(
     keep_at_rank = torch.empty_like(keep_rows)
     keep_at_rank[rank] = keep_rows
     return _kept_in_score_order(order, keep_at_rank)
+
+
+def batched_nms_cpu(
+    boxes: torch.Tensor, scores: torch.Tensor, idxs: torch.Tensor, iou_threshold: float
+) -> torch.Tensor:
+    """The fast CPU path of :func:`batched_nms`: ``[N, 4], [N], [N] -> [K]``, the reference's
+    result. Boxes by decreasing score, grouped by class (one stable sort each), then
+    torchvision's C++ NMS on each class's contiguous rows (host reads: the class sizes)."""
+    order = _score_order(scores)
+    classes, rank = torch.sort(idxs[order], stable=True)
+    ranked = boxes[order[rank]].to(compute_dtype_of(boxes.dtype))
+    kept, start = [], 0
+    for size in torch.unique_consecutive(classes, return_counts=True)[1].tolist():
+        kept.append(start + greedy_keep(ranked[start : start + size], iou_threshold))
+        start += size
+    # kept rows of the class-grouped order -> their positions in score order, ascending
+    return order[torch.sort(rank[torch.cat(kept)]).values]
 
 
 def candidate_keys_reference(scores: torch.Tensor, score_threshold: float, class_agnostic: bool) -> torch.Tensor:
@@ -965,6 +987,27 @@ def merged_keys_reference(ranked: torch.Tensor, keys: torch.Tensor, iou_threshol
     taking_part = (keys < float("inf")).reshape(batch * segments, length)
     keep = _padded_segment_keep_reference(ranked.reshape(-1, length, 4), taking_part, iou_threshold, sync_free=True)
     return torch.where(keep.reshape(keys.shape), keys, float("inf")).reshape(batch, segments * length)
+
+
+def merged_keys_cpu(ranked: torch.Tensor, keys: torch.Tensor, iou_threshold: float) -> torch.Tensor:
+    """The fast CPU path of :func:`merged_keys_reference`, the same ``[B, S * L]`` keys: each
+    segment's taking-part candidates (``key < +inf``) gathered, torchvision's C++ NMS on them, no
+    work for empty segments (host reads: the per-segment counts)."""
+    batch, segments, length = ranked.shape[:3]
+    keys = keys[..., :length].reshape(-1)
+    taking_part = keys < float("inf")
+    where = taking_part.nonzero().squeeze(1)  # flat [B * S * L] positions, segment by segment
+    candidates = ranked.reshape(-1, 4)[where]
+    kept, start = [], 0
+    for count in taking_part.reshape(batch * segments, length).sum(1).tolist():
+        if count:
+            kept.append(start + greedy_keep(candidates[start : start + count], iou_threshold))
+            start += count
+    merged = torch.full_like(keys, float("inf"))
+    if kept:
+        kept_positions = where[torch.cat(kept)]
+        merged[kept_positions] = keys[kept_positions]
+    return merged.reshape(batch, segments * length)
 
 
 def gather_detections_reference(
@@ -1022,6 +1065,8 @@ def padded_nms(
     """
     if use_triton(ranked.device):
         merged = merged_keys_triton(ranked, keys, iou_threshold)
+    elif use_fast_cpu(ranked.device):
+        merged = merged_keys_cpu(ranked, keys, iou_threshold)
     else:
         merged = merged_keys_reference(ranked, keys, iou_threshold)
     # Ties keep segment (class) order, then rank: torchvision's order among equal scores.

@@ -23,9 +23,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .._backend import use_triton
+from .._backend import use_fast_cpu, use_triton
 from ._aot import KernelSpec
 from ._common import NUM_WARPS, compute_dtype_of
+from ._cpu import ps_roi_pool_cpu, roi_pool_cpu, torchvision_reads
 from ._launch import launch
 from .roi_align import load_roi, roi_bin_tile
 
@@ -293,6 +294,8 @@ def roi_pool_op(
     """``[N, C, H, W], [K, 5] -> ([K, C, PH, PW] maxima, [K, C, PH, PW] int64 argmax)``."""
     if use_triton(input.device):
         return roi_pool_triton(input, rois, spatial_scale, (pooled_height, pooled_width))
+    if use_fast_cpu(input.device) and torchvision_reads(rois, input.shape[0]):
+        return roi_pool_cpu(input, rois, spatial_scale, (pooled_height, pooled_width))
     return roi_pool_reference(input, rois, spatial_scale, (pooled_height, pooled_width))
 
 
@@ -335,6 +338,8 @@ def ps_roi_pool_op(
     size = (pooled_height, pooled_width)
     if use_triton(input.device):
         return roi_pool_triton(input, rois, spatial_scale, size, position_sensitive=True)[0]
+    if use_fast_cpu(input.device) and torchvision_reads(rois, input.shape[0]):
+        return ps_roi_pool_cpu(input, rois, spatial_scale, size)
     return ps_roi_pool_reference(input, rois, spatial_scale, size)
 
 

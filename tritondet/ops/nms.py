@@ -99,9 +99,10 @@ def batched_nms_padded(
 
     Kernel launches: 5 on the Triton backend (ranking keys, ranked boxes, suppression mask, greedy
     pass, output gather) and two ``torch.sort`` calls, whatever the data and B; no host sync on
-    either backend. Scores are compared with ``score_threshold`` in fp32 (fp64 for fp64 scores). The work is static, sized by the shapes: the CPU path costs
+    the Triton and reference backends. Scores are compared with ``score_threshold`` in fp32 (fp64 for fp64 scores). The reference's work is static, sized by the shapes:
     ``B * segments * L^2 / 2`` box pairs (0.3-0.7 s per image at N = 1000, C = 91 on one core),
-    so bound L with ``pre_nms_top_n`` where the pool is large.
+    so bound L with ``pre_nms_top_n`` where the pool is large. The fast CPU path (the default on
+    CPU tensors) reads the candidate counts on the host and runs NMS only on the candidates.
     """
     check_tensor("boxes", boxes, last_dim=4)
     check_floating("boxes", boxes)

@@ -9,7 +9,7 @@ is built from torchvision's (``FasterRCNN.from_torchvision``): identical weights
 
 Counted, never timed (:class:`tritondet.bench.harness.CountCase`): the figures are exact and the same on
 every machine. The op name says whose path was counted for us: on a GPU the Triton kernels; on the
-CPU the PyTorch reference, unless the Triton interpreter is on (``TRITON_INTERPRET=1
+CPU the fast CPU path (``auto``) or the reference, unless the Triton interpreter is on (``TRITON_INTERPRET=1
 TRITONDET_BACKEND=triton``), which runs the Triton path and is counted net of its argument copies.
 ``tritondet bench`` prints these rows in its table; ``pytest benchmarks/ --benchmark-only`` skips
 them (they use no timer).

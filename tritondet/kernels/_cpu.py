@@ -1,0 +1,107 @@
+"""The fast CPU path's thin wrappers over torchvision's C++ kernels, where those compute exactly
+what our ops promise.
+
+Shapes: boxes ``[N, 4]`` xyxy; features ``[N, C, H, W]`` (one per FPN level); rois ``[K, 5]``
+(batch index, x1, y1, x2, y2); pooled outputs ``[K, C, PH, PW]``.
+
+On CPU tensors there is no device to stall, so these run data-dependent shapes and host reads
+freely. Every wrapper computes in the compute dtype of our ops (fp32, fp64 for fp64 inputs: fp16
+and bf16 are upcast before torchvision sees them) and returns the dtype our ops return.
+torchvision's pooling kernels index the feature map with the RoI's batch index and coordinates
+unchecked, so :func:`torchvision_reads` says when a set of RoIs is safe to hand them; the callers
+run the reference otherwise.
+"""
+
+from __future__ import annotations
+
+import torch
+import torchvision  # noqa: F401  (registers torch.ops.torchvision)
+
+from ._common import compute_dtype_of
+
+
+def greedy_keep(ranked: torch.Tensor, iou_threshold: float) -> torch.Tensor:
+    """``[N, 4]`` boxes by decreasing score (compute dtype) -> ``[K]`` int64 kept positions, ascending.
+
+    torchvision's C++ NMS is our formula (fp32 or fp64 IoU, suppression when IoU > threshold, a
+    NaN IoU never suppresses); it re-sorts by score with an unstable sort and puts NaN first, so
+    it is given strictly decreasing rank scores instead of the real ones: our order is kept.
+    fp32 ranks are distinct integers up to 2**24 boxes, far beyond what a quadratic NMS takes.
+    """
+    n = ranked.shape[0]
+    if n <= 1:  # nothing to suppress
+        return torch.arange(n, device=ranked.device)
+    ranks = torch.arange(n, 0, -1, dtype=ranked.dtype, device=ranked.device)
+    return torch.ops.torchvision.nms(ranked, ranks, iou_threshold)
+
+
+def torchvision_reads(rois: torch.Tensor, batch_size: int) -> bool:
+    """Whether torchvision's pooling kernels may read ``rois`` (one host read): finite
+    coordinates and integral batch indices in ``[0, batch_size)``. Our ops return zeros for the
+    other RoIs; torchvision's kernels would read out of bounds."""
+    batch = rois[:, 0]
+    ok = torch.isfinite(rois[:, 1:]).all() & ((batch >= 0) & (batch < batch_size) & (batch == batch.floor())).all()
+    return bool(ok)
+
+
+def ps_roi_align_cpu(
+    input: torch.Tensor, rois: torch.Tensor, spatial_scale: float, output_size: tuple[int, int], sampling_ratio: int
+) -> torch.Tensor:
+    """``[N, C * PH * PW, H, W], [K, 5] -> [K, C, PH, PW]`` contiguous, the input's dtype."""
+    compute_dtype = compute_dtype_of(input.dtype)
+    rois = rois.to(compute_dtype)
+    out, _ = torch.ops.torchvision.ps_roi_align(
+        input.to(compute_dtype), rois, spatial_scale, *output_size, sampling_ratio
+    )
+    if sampling_ratio <= 0:
+        # An adaptive grid has no sample in an RoI of zero width or height: torchvision divides
+        # 0 by 0 there, our op returns 0.
+        _, x1, y1, x2, y2 = rois.unbind(1)
+        out[~((x2 > x1) & (y2 > y1))] = 0
+    return out.contiguous().to(input.dtype)
+
+
+def ps_roi_align_backward_cpu(
+    grad: torch.Tensor,
+    input: torch.Tensor,
+    rois: torch.Tensor,
+    spatial_scale: float,
+    output_size: tuple[int, int],
+    sampling_ratio: int,
+    channel_mapping: torch.Tensor,
+) -> torch.Tensor:
+    """``[K, C, PH, PW]`` -> ``[N, C * PH * PW, H, W]`` gradient (the input's dtype and memory
+    format). ``channel_mapping [C, PH, PW]``: the input channel each output bin reads."""
+    compute_dtype = compute_dtype_of(input.dtype)
+    grad_input = torch.ops.torchvision._ps_roi_align_backward(
+        grad.to(compute_dtype).contiguous(),
+        rois.to(compute_dtype),
+        channel_mapping.to(torch.int32).expand(grad.shape).contiguous(),
+        spatial_scale,
+        *output_size,
+        sampling_ratio,
+        *input.shape,
+    )
+    return torch.empty_like(input).copy_(grad_input)
+
+
+def roi_pool_cpu(
+    input: torch.Tensor, rois: torch.Tensor, spatial_scale: float, output_size: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[N, C, H, W], [K, 5] -> ([K, C, PH, PW] maxima in the input's dtype, int64 argmax)``."""
+    compute_dtype = compute_dtype_of(input.dtype)
+    out, argmax = torch.ops.torchvision.roi_pool(
+        input.to(compute_dtype), rois.to(compute_dtype), spatial_scale, *output_size
+    )
+    return out.contiguous().to(input.dtype), argmax.to(torch.int64)
+
+
+def ps_roi_pool_cpu(
+    input: torch.Tensor, rois: torch.Tensor, spatial_scale: float, output_size: tuple[int, int]
+) -> torch.Tensor:
+    """``[N, C * PH * PW, H, W], [K, 5] -> [K, C, PH, PW]`` bin means in the input's dtype."""
+    compute_dtype = compute_dtype_of(input.dtype)
+    out, _ = torch.ops.torchvision.ps_roi_pool(
+        input.to(compute_dtype), rois.to(compute_dtype), spatial_scale, *output_size
+    )
+    return out.contiguous().to(input.dtype)
