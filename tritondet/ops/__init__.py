@@ -29,6 +29,9 @@ from .boxes import (
     encode_boxes,
     generalized_box_iou,
 )
+
+# Importable, not yet in __all__: the temporary plain-PyTorch mask ops.
+from .masks import mask_loss, mask_targets, paste_masks_in_image, paste_masks_padded  # noqa: F401
 from .nms import batched_nms, batched_nms_padded, nms, soft_nms
 from .pooling import (
     MultiScaleRoIAlign,
