@@ -16,7 +16,9 @@ One sample is ``(image, target)``:
   ``image_id`` ``int`` (the id in the dataset's ``coco`` ground truth, for evaluation);
   ``orig_size`` ``Tensor[2]`` int64, (H, W) of the image file, so that predictions on an image a
   transform resized can be mapped back with :func:`~.transforms.resize_boxes` for evaluation;
-  VOC samples also carry ``difficult`` ``Tensor[N]`` bool.
+  VOC samples also carry ``difficult`` ``Tensor[N]`` bool; COCO samples read with ``masks=True``
+  carry ``masks`` ``Tensor[N, H, W]`` uint8 (1 inside the instance: its polygons or RLE decoded by
+  ``pycocotools`` at the image's size).
 
 Every dataset exposes ``categories`` (class names indexed by label, ``categories[0] == "__background__"``),
 ``label_to_category_id`` (label -> category id of ``coco``) and ``coco``, a ``pycocotools.coco.COCO``
@@ -37,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from pycocotools import mask as coco_mask
 from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 from torchvision.io import ImageReadMode, decode_image, read_file
@@ -85,6 +88,7 @@ class Sample:
     boxes: np.ndarray  # [N, 4] float32 xyxy
     labels: np.ndarray  # [N] int64 in 1..K
     difficult: np.ndarray | None = None  # [N] bool (VOC only)
+    segmentations: list | None = None  # N COCO segmentations (polygons or RLE), when masks are read
 
 
 class DetectionDataset(Dataset):
@@ -128,6 +132,8 @@ class DetectionDataset(Dataset):
         }
         if sample.difficult is not None:
             target["difficult"] = torch.from_numpy(sample.difficult).clone()
+        if sample.segmentations is not None:
+            target["masks"] = segmentation_masks(sample.segmentations, height, width)
         if self.transforms is not None:
             image, target = self.transforms(image, target)
         return image, target
@@ -145,6 +151,8 @@ class CocoDetection(DetectionDataset):
             ``"skip"`` warns and leaves out the bad annotation (the image, for a missing file),
             ``"raise"`` raises ``ValueError``. Every problem names the file and annotation id.
         remove_images_without_annotations: leave out images with no (non-crowd) annotation.
+        masks: also serve ``target["masks"]`` (instance segmentation); annotations without a
+            ``segmentation`` are then bad data.
 
     Labels are the categories in increasing id order, mapped to 1..K. Crowd annotations
     (``iscrowd=1``) are not training targets but stay in ``coco`` for evaluation, where COCOeval
@@ -158,6 +166,7 @@ class CocoDetection(DetectionDataset):
         transforms: Callable | None = None,
         on_bad: str = "skip",
         remove_images_without_annotations: bool = False,
+        masks: bool = False,
     ) -> None:
         super().__init__(transforms)
         check_choice("on_bad", on_bad, BAD_DATA_CHOICES)
@@ -192,6 +201,12 @@ class CocoDetection(DetectionDataset):
                 # COCOeval reads "iscrowd" and "area", which hand-made files may leave out.
                 _, _, w, h = (float(v) for v in ann["bbox"])
                 kept_annotations.append({"iscrowd": 0, "area": w * h, **ann})
+        if masks:  # a mask target needs a segmentation (polygons or RLE)
+            for ann in kept_annotations:
+                if not ann.get("segmentation"):
+                    image = coco.imgs[ann["image_id"]].get("file_name", "?")
+                    problems.append(f"{where}: annotation id {ann.get('id')} (image {image}): no segmentation")
+            kept_annotations = [ann for ann in kept_annotations if ann.get("segmentation")]
         report_problems(problems, on_bad, where)
 
         per_image: dict[int, list[dict]] = {image_id: [] for image_id in known_images}
@@ -208,7 +223,9 @@ class CocoDetection(DetectionDataset):
             xywh = np.array([ann["bbox"] for ann in anns], dtype=np.float32).reshape(-1, 4)
             boxes = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
             labels = np.array([category_id_to_label[ann["category_id"]] for ann in anns], dtype=np.int64)
-            self._samples.append(Sample(self.image_dir / info["file_name"], info["id"], boxes, labels))
+            segmentations = [ann["segmentation"] for ann in anns] if masks else None
+            sample = Sample(self.image_dir / info["file_name"], info["id"], boxes, labels, segmentations=segmentations)
+            self._samples.append(sample)
         self.coco = make_coco(
             {
                 **coco.dataset,
@@ -243,6 +260,21 @@ class CocoDetection(DetectionDataset):
         ):
             return f"bbox {bbox} lies outside its {info['width']}x{info['height']} image"
         return None
+
+
+def segmentation_masks(segmentations: list, height: int, width: int) -> torch.Tensor:
+    """COCO segmentations (polygon lists, uncompressed or compressed RLE) -> ``Tensor[N, H, W]`` uint8,
+    decoded by ``pycocotools`` as ``COCO.annToMask`` does, at the image's size."""
+    masks = np.zeros((len(segmentations), height, width), dtype=np.uint8)
+    for i, segmentation in enumerate(segmentations):
+        if isinstance(segmentation, list):  # polygons: one RLE per part, merged
+            rle = coco_mask.merge(coco_mask.frPyObjects(segmentation, height, width))
+        elif isinstance(segmentation["counts"], list):  # uncompressed RLE
+            rle = coco_mask.frPyObjects(segmentation, height, width)
+        else:
+            rle = segmentation
+        masks[i] = coco_mask.decode(rle)
+    return torch.from_numpy(masks)
 
 
 def make_coco(dataset: dict) -> COCO:

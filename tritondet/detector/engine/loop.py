@@ -76,12 +76,12 @@ from .. import evaluate, visualize
 from ..config import FasterRCNNConfig
 from ..data import CocoDetection, DetectionTransform, make_data_loader
 from ..faster_rcnn import LOSS_NAMES
+from ..mask_rcnn import MASK_LOSS_NAMES
 from .checkpoints import restore_checkpoint, resume_path, save_checkpoint
 from .distributed import average_buffers, init_distributed, is_distributed, max_over_ranks
 from .schedule import Step, final_model, learning_rate, prepare_step, schedule_steps
 from .train_config import TrainConfig, build_model, dataset_paths, model_config_of
 
-_CSV_FIELDS = ("iteration", "step", "epoch", "lr", "loss", *LOSS_NAMES, "images_per_s", "elapsed_s")
 # Progress-bar names of the loss terms.
 _SHORT_NAMES = {
     "loss": "loss",
@@ -89,6 +89,7 @@ _SHORT_NAMES = {
     "loss_rpn_box_reg": "rpn_box",
     "loss_classifier": "cls",
     "loss_box_reg": "box",
+    "loss_mask": "mask",
 }
 # Evaluation time per val batch as a fraction of a training step's (inference only, no backward).
 _INFERENCE_SHARE_OF_STEP = 0.5
@@ -209,7 +210,10 @@ class _Run:
         if world_size > 1:
             ids = [device.index] if device.type == "cuda" else None
             forward = nn.parallel.DistributedDataParallel(model, device_ids=ids)
-        log = _TrainingLog(output_dir, rank == 0 and config.progress, append=resume is not None, main=rank == 0)
+        loss_names = LOSS_NAMES if model_config.mask is None else MASK_LOSS_NAMES
+        log = _TrainingLog(
+            output_dir, rank == 0 and config.progress, append=resume is not None, main=rank == 0, loss_names=loss_names
+        )
         return cls(
             config, start_time, device, rank, world_size, output_dir, train_set, val_set, loader, num_workers,
             model_config, model, forward, optimizer, sampling, steps, log, iteration, trained_seconds,
@@ -242,7 +246,9 @@ def _datasets(config: TrainConfig, rank: int) -> tuple[CocoDetection, CocoDetect
         dist.barrier()  # rank 0 generated it; the others find it complete
     train_images, train_annotations, val_images, val_annotations = dataset_paths(config)
     train_tf = DetectionTransform(train=True)
-    train_set = CocoDetection(train_images, train_annotations, train_tf, remove_images_without_annotations=True)
+    train_set = CocoDetection(
+        train_images, train_annotations, train_tf, remove_images_without_annotations=True, masks=config.masks
+    )
     return train_set, CocoDetection(val_images, val_annotations)
 
 
@@ -303,7 +309,8 @@ def _train_iteration(
     begin = time.monotonic()
     device = run.device
     images = [image.to(device, non_blocking=True) for image in images]
-    targets = [{"boxes": t["boxes"].to(device), "labels": t["labels"].to(device)} for t in targets]
+    fields = ("boxes", "labels", "masks")  # masks: only a Mask R-CNN run's data sets serve them
+    targets = [{k: t[k].to(device) for k in fields if k in t} for t in targets]
     lr = learning_rate(run.config, run.iteration - run.step_start, run.progress)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
@@ -312,7 +319,7 @@ def _train_iteration(
             losses = step.model.partial_losses(images, targets, run.sampling, **step.losses)
         else:
             losses = run.forward(images, targets, generator=run.sampling)
-    loss = sum(value.float() for name, value in losses.items() if name in LOSS_NAMES)
+    loss = sum(value.float() for name, value in losses.items() if name in MASK_LOSS_NAMES)
     if not torch.isfinite(loss):
         raise FloatingPointError(f"iteration {run.iteration}: the loss is {float(loss)}; lower the lr")
     run.optimizer.zero_grad(set_to_none=True)
@@ -351,8 +358,9 @@ def _account(run: _Run, step: Step, losses: dict[str, Tensor], batch_images: int
 
 
 def _loss_terms(losses: dict[str, Tensor]) -> dict[str, float]:
-    """The terms of :data:`LOSS_NAMES` present (an alternating step trains some) and their sum, ``loss``."""
-    values = {name: float(losses[name].detach()) for name in LOSS_NAMES if name in losses}
+    """The terms of :data:`MASK_LOSS_NAMES` present (an alternating step trains some, a Faster R-CNN has
+    no ``loss_mask``) and their sum, ``loss``."""
+    values = {name: float(losses[name].detach()) for name in MASK_LOSS_NAMES if name in losses}
     values["loss"] = sum(values.values())
     return values
 
@@ -420,7 +428,7 @@ class _TrainingLog:
     progress bar; one row of running means of the loss terms per ``log_every`` iterations. Other ranks
     only keep the running means."""
 
-    def __init__(self, output_dir: Path, progress: bool, append: bool, main: bool) -> None:
+    def __init__(self, output_dir: Path, progress: bool, append: bool, main: bool, loss_names: tuple[str, ...]) -> None:
         self.csv_path = output_dir / "log.csv"
         self.progress = progress
         self.main = main
@@ -436,7 +444,8 @@ class _TrainingLog:
             self.writer = None
         fresh = not append or not self.csv_path.is_file()
         self.csv_file = open(self.csv_path, "w" if fresh else "a", newline="")  # noqa: SIM115 - closed in close()
-        self.rows = csv.DictWriter(self.csv_file, _CSV_FIELDS)
+        fields = ("iteration", "step", "epoch", "lr", "loss", *loss_names, "images_per_s", "elapsed_s")
+        self.rows = csv.DictWriter(self.csv_file, fields)
         if fresh:
             self.rows.writeheader()
             self.csv_file.flush()

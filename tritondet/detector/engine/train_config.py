@@ -11,12 +11,15 @@ from ..config import (
     AnchorConfig,
     BackboneConfig,
     FasterRCNNConfig,
+    MaskHeadConfig,
     RoIHeadsConfig,
     RPNConfig,
     TransformConfig,
+    with_masks,
 )
 from ..data import ensure_synthetic_dataset
 from ..faster_rcnn import FasterRCNN
+from ..mask_rcnn import MaskRCNN
 
 SCHEDULES = ("joint", "alternating")
 
@@ -37,6 +40,7 @@ class TrainConfig:
     val_annotations: str | None = None
     # Model: a preset of MODEL_PRESETS; min_size/max_size override its image sizes when set.
     model: str = "lite"
+    masks: bool = False  # Mask R-CNN: the preset plus a mask branch (config.with_masks), trained on instance masks
     min_size: int | None = None
     max_size: int | None = None
     # Optimization.
@@ -91,15 +95,18 @@ class TrainConfig:
 
 
 def build_model(config: FasterRCNNConfig) -> FasterRCNN:
-    """The detector for ``config``; ``config.backbone is None`` means :class:`~.backbone.LiteBackbone`
-    (the ``lite`` preset)."""
+    """The detector for ``config`` (a :class:`~..mask_rcnn.MaskRCNN` when ``config.mask`` is set);
+    ``config.backbone is None`` means :class:`~.backbone.LiteBackbone` (the ``lite`` preset)."""
     backbone = LiteBackbone() if config.backbone is None else None
-    return FasterRCNN(config, backbone=backbone)
+    return (FasterRCNN if config.mask is None else MaskRCNN)(config, backbone=backbone)
 
 
 def model_config_of(config: TrainConfig, num_classes: int) -> FasterRCNNConfig:
-    """The model a run of ``config`` trains: its preset with ``num_classes`` and the image sizes it overrides."""
+    """The model a run of ``config`` trains: its preset with ``num_classes``, the image sizes it
+    overrides and, with ``masks``, a mask branch."""
     model_config = MODEL_PRESETS[config.model](num_classes)
+    if config.masks:
+        model_config = with_masks(model_config)
     if config.min_size is not None or config.max_size is not None:
         model_config = model_config.replace(
             transform=dict(
@@ -123,6 +130,7 @@ def config_from_dict(values: dict) -> FasterRCNNConfig:
         "anchors": AnchorConfig,
         "rpn": RPNConfig,
         "roi_heads": RoIHeadsConfig,
+        "mask": MaskHeadConfig,
     }
     kwargs = {}
     for name, cls in sections.items():
