@@ -20,6 +20,11 @@ schedule) and ``last.pt`` (model, optimizer, iteration, elapsed time, random sta
 does not train are empty), TensorBoard events when ``tensorboard`` is installed, ``loss_curves.png``,
 ``detections.png`` (a few val images with their detections), ``metrics.json``.
 
+With ``masks`` (``tritondet train --masks``) the preset gets a mask branch
+(:func:`~tritondet.detector.config.with_masks`): a :class:`~tritondet.detector.mask_rcnn.MaskRCNN`
+trained on the data's instance masks with ``loss_mask`` as a fifth term (logged in ``log.csv``) and
+evaluated with box and mask (segm) AP.
+
 Schedules (``schedule``): ``"joint"`` (the default) trains everything at once on the sum of the four
 losses (the paper's approximate joint training). ``"alternating"`` is the paper's 4-step alternating
 training (Section 3.2), each step a training of its own (fresh SGD, warm-up and step decay over the
