@@ -106,6 +106,7 @@ _TRAIN_HELP = {
     "num_val": "synthetic val images",
     "train_images": "COCO-format training image folder (with the three other paths, instead of the synthetic set)",
     "model": "model preset: lite (CPU, from scratch), small_cpu, tiny, resnet50_fpn, resnet_c4, paper_vgg16",
+    "masks": "Mask R-CNN: add a mask branch to the preset, train on instance masks, report box and mask AP",
     "min_size": "shorter image side (overrides the preset)",
     "max_size": "cap on the longer image side (overrides the preset)",
     "iterations": "training iterations (the budget may stop earlier)",
@@ -154,7 +155,6 @@ def train_config(args: argparse.Namespace):
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from .detector.engine import train
-    from .detector.evaluate import format_coco_table
 
     result = train(train_config(args))
     import torch.distributed as dist
@@ -166,21 +166,29 @@ def _cmd_train(args: argparse.Namespace) -> int:
         f"trained {result['iteration']} iterations in {result['trained_seconds'] / 60:.1f} min ({minutes:.1f} min in all)"
     )
     if result["metrics"] is not None:
-        print(
-            format_coco_table(result["metrics"], title=f"COCO box evaluation on the val split ({result['output_dir']})")
-        )
+        _print_metrics(result["metrics"], f"on the val split ({result['output_dir']})")
     print(f"outputs in {result['output_dir']}/: last.pt, log.csv, loss_curves.png, detections.png, metrics.json")
     return 0
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from .detector.evaluate import evaluate_checkpoint, format_coco_table
+    from .detector.evaluate import evaluate_checkpoint
 
     metrics = evaluate_checkpoint(
         args.checkpoint, args.val_images, args.val_annotations, args.batch_size, args.device, args.on_bad_data
     )
-    print(format_coco_table(metrics, title=f"COCO box evaluation of {args.checkpoint}"))
+    _print_metrics(metrics, f"of {args.checkpoint}")
     return 0
+
+
+def _print_metrics(metrics: dict, where: str) -> None:
+    """The box AP table, and the mask AP table of a Mask R-CNN's metrics."""
+    from .detector.evaluate import format_coco_table
+
+    print(format_coco_table(metrics, title=f"COCO box evaluation {where}"))
+    if "segm" in metrics:
+        print()
+        print(format_coco_table(metrics["segm"], title=f"COCO mask (segm) evaluation {where}"))
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
@@ -271,7 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_options(train)
     train.set_defaults(run=_cmd_train)
 
-    evaluation = commands.add_parser("eval", help="COCO box AP of a training checkpoint (default: its val split)")
+    evaluation = commands.add_parser(
+        "eval", help="COCO box (and, for Mask R-CNN, mask) AP of a training checkpoint (default: its val split)"
+    )
     evaluation.add_argument("--checkpoint", type=Path, required=True, help="a checkpoint written by train")
     evaluation.add_argument("--val-images", help="COCO-format image folder (default: the checkpoint's val split)")
     evaluation.add_argument("--val-annotations", help="COCO instances JSON for --val-images")
@@ -280,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--on-bad-data", choices=BAD_DATA_CHOICES, default="skip", help=_TRAIN_HELP["on_bad_data"])
     evaluation.set_defaults(run=_cmd_eval)
 
-    predict = commands.add_parser("predict", help="draw a checkpoint's detections on an image")
+    predict = commands.add_parser("predict", help="draw a checkpoint's detections (and masks) on an image")
     predict.add_argument("image", type=Path, help="an image file")
     predict.add_argument("--checkpoint", type=Path, required=True, help="a checkpoint written by train")
     predict.add_argument("--out", type=Path, default=Path("out.png"), help="output PNG (default out.png)")

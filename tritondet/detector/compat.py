@@ -4,13 +4,15 @@ tritondet's ops.
 - :func:`from_torchvision` reads a ``torchvision.models.detection.FasterRCNN``'s configuration
   (preprocessing, anchors, RPN and RoI-head settings), copies its backbone (and any non-standard box
   head, e.g. ``fasterrcnn_resnet50_fpn_v2``'s conv-FC head) and loads its RPN head, two-FC head and
-  predictor weights. The detections are torchvision's (see the parity tests).
+  predictor weights; a ``MaskRCNN`` becomes a :class:`~.mask_rcnn.MaskRCNN` (mask head and predictor
+  loaded, or copied when normalized). The detections (and masks) are torchvision's (see the parity tests).
 - :func:`to_torchvision`: the reverse, torchvision's ``FasterRCNN`` configured as a
   :class:`~tritondet.detector.config.FasterRCNNConfig` around a given backbone (benchmarks train
   both side by side from the same weights: ``theirs.load_state_dict(ours.state_dict())``).
-- :func:`load_torchvision_state_dict` loads a ``fasterrcnn_resnet50_fpn`` state dict (e.g. the
-  COCO weights users already have) into :func:`~tritondet.detector.config.resnet50_fpn`: the keys
-  are the same; old RPN-head keys (``rpn.head.conv.weight``) are renamed as torchvision does.
+- :func:`load_torchvision_state_dict` loads a ``fasterrcnn_resnet50_fpn`` (or ``maskrcnn_resnet50_fpn``)
+  state dict (e.g. the COCO weights users already have) into
+  :func:`~tritondet.detector.config.resnet50_fpn` (:func:`~tritondet.detector.config.resnet50_fpn_masks`):
+  the keys are the same; old RPN-head keys (``rpn.head.conv.weight``) are renamed as torchvision does.
 """
 
 from __future__ import annotations
@@ -20,11 +22,22 @@ import copy
 import torchvision
 from torch import nn
 from torchvision.models.detection import faster_rcnn as tv_faster_rcnn
+from torchvision.models.detection import mask_rcnn as tv_mask_rcnn
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.rpn import RPNHead as TorchvisionRPNHead
 
-from .config import AnchorConfig, FasterRCNNConfig, RoIHeadsConfig, RPNConfig, TransformConfig, resnet50_fpn
+from .config import (
+    AnchorConfig,
+    FasterRCNNConfig,
+    MaskHeadConfig,
+    RoIHeadsConfig,
+    RPNConfig,
+    TransformConfig,
+    resnet50_fpn,
+    resnet50_fpn_masks,
+)
 from .faster_rcnn import FasterRCNN
+from .mask_rcnn import MaskRCNN, MaskRCNNHeads, MaskRCNNPredictor
 from .roi_heads import FastRCNNPredictor, TwoMLPHead
 
 
@@ -42,9 +55,20 @@ def config_from_torchvision(model: nn.Module) -> FasterRCNNConfig:
     if getattr(transform, "fixed_size", None) is not None:
         raise ValueError("torchvision transforms with fixed_size are not supported")
     pool = heads.box_roi_pool
-    if (getattr(pool, "canonical_scale", 224), getattr(pool, "canonical_level", 4)) != (224, 4):
-        raise ValueError("only MultiScaleRoIAlign with canonical_scale 224 and canonical_level 4 is supported")
+    pools = (pool, heads.mask_roi_pool) if heads.has_mask() else (pool,)
+    for roi_pool in pools:
+        if (getattr(roi_pool, "canonical_scale", 224), getattr(roi_pool, "canonical_level", 4)) != (224, 4):
+            raise ValueError("only MultiScaleRoIAlign with canonical_scale 224 and canonical_level 4 is supported")
     predictor = heads.box_predictor
+    mask = None
+    if heads.has_mask():
+        mask_pool = heads.mask_roi_pool
+        mask = MaskHeadConfig(
+            featmap_names=tuple(mask_pool.featmap_names),
+            output_size=int(_single(mask_pool.output_size, "mask_roi_pool.output_size")),
+            sampling_ratio=int(mask_pool.sampling_ratio),
+            conv_channels=tuple(m.out_channels for m in heads.mask_head.modules() if isinstance(m, nn.Conv2d)),
+        )
     return FasterRCNNConfig(
         transform=TransformConfig(
             min_size=int(_single(transform.min_size, "transform.min_size")),
@@ -85,17 +109,19 @@ def config_from_torchvision(model: nn.Module) -> FasterRCNNConfig:
             nms_thresh=float(heads.nms_thresh),
             detections_per_img=int(heads.detections_per_img),
         ),
+        mask=mask,
     )
 
 
 def from_torchvision(model: nn.Module) -> FasterRCNN:
-    """A :class:`FasterRCNN` computing what the torchvision ``FasterRCNN`` ``model`` computes, on
-    tritondet's ops. The backbone (and a non-``TwoMLPHead`` box head) is deep-copied; the other
-    weights are loaded. The result is in ``model``'s training mode, on its device."""
+    """A :class:`FasterRCNN` (a :class:`~.mask_rcnn.MaskRCNN` for a torchvision ``MaskRCNN``)
+    computing what the torchvision ``model`` computes, on tritondet's ops. The backbone (and a
+    non-``TwoMLPHead`` box head, a mask head with normalization) is deep-copied; the other weights
+    are loaded. The result is in ``model``'s training mode, on its device."""
     if not isinstance(model, tv_faster_rcnn.FasterRCNN):
         raise TypeError(f"expected a torchvision FasterRCNN, got {type(model).__name__}")
-    if model.roi_heads.has_mask() or model.roi_heads.has_keypoint():
-        raise ValueError("Mask and keypoint heads are not supported")
+    if model.roi_heads.has_keypoint():
+        raise ValueError("Keypoint heads are not supported")
     config = config_from_torchvision(model)
     tv_head = model.roi_heads.box_head
     box_head = None if isinstance(tv_head, tv_faster_rcnn.TwoMLPHead) else copy.deepcopy(tv_head)
@@ -104,14 +130,35 @@ def from_torchvision(model: nn.Module) -> FasterRCNN:
         box_head.load_state_dict(tv_head.state_dict())
     predictor = FastRCNNPredictor(config.roi_heads.representation_size, config.roi_heads.num_classes)
     predictor.load_state_dict(model.roi_heads.box_predictor.state_dict())
-    ours = FasterRCNN(config, backbone=copy.deepcopy(model.backbone), box_head=box_head, box_predictor=predictor)
+    parts = dict(backbone=copy.deepcopy(model.backbone), box_head=box_head, box_predictor=predictor)
+    if config.mask is None:
+        ours = FasterRCNN(config, **parts)
+    else:
+        ours = MaskRCNN(config, **parts, **_mask_parts(model.roi_heads, config))
     ours.rpn.head.load_state_dict(model.rpn.head.state_dict())
     device = next(model.parameters()).device
     return ours.to(device).train(model.training)
 
 
+def _mask_parts(heads: nn.Module, config: FasterRCNNConfig) -> dict[str, nn.Module]:
+    """Our mask head and predictor with torchvision's ``heads``' weights: loaded into
+    :class:`~.mask_rcnn.MaskRCNNHeads` / :class:`~.mask_rcnn.MaskRCNNPredictor` when they have that
+    layout, else deep copies."""
+    in_channels = next(m for m in heads.mask_head.modules() if isinstance(m, nn.Conv2d)).in_channels
+    mask_head = MaskRCNNHeads(in_channels, config.mask.conv_channels)
+    try:
+        mask_head.load_state_dict(heads.mask_head.state_dict())
+    except (RuntimeError, KeyError):  # normalized convolutions (maskrcnn_resnet50_fpn_v2): used as they are
+        mask_head = copy.deepcopy(heads.mask_head)
+    tv_predictor = heads.mask_predictor
+    conv5 = tv_predictor.conv5_mask
+    mask_predictor = MaskRCNNPredictor(conv5.in_channels, conv5.out_channels, config.roi_heads.num_classes)
+    mask_predictor.load_state_dict(tv_predictor.state_dict())
+    return {"mask_head": mask_head, "mask_predictor": mask_predictor}
+
+
 def to_torchvision(config: FasterRCNNConfig, backbone: nn.Module) -> tv_faster_rcnn.FasterRCNN:
-    """torchvision's ``FasterRCNN`` around ``backbone`` (used as is, not copied) configured as ``config``,
+    """torchvision's ``FasterRCNN`` (``MaskRCNN`` when ``config.mask`` is set) around ``backbone`` (used as is, not copied) configured as ``config``,
     with torchvision's default initialization; our :class:`FasterRCNN` with the same config and backbone
     has the same state-dict keys. Settings torchvision cannot express raise ``ValueError``: the paper's
     RPN loss or softmax objectness, RoI pooling other than ``roi_align``, a low background IoU bound,
@@ -131,7 +178,20 @@ def to_torchvision(config: FasterRCNNConfig, backbone: nn.Module) -> tv_faster_r
         if bad:
             raise ValueError(f"{name}: torchvision's FasterRCNN has no such setting")
     num_anchors = config.anchors.num_anchors()
-    return tv_faster_rcnn.FasterRCNN(
+    mask_branch = {}
+    if config.mask is not None:
+        mask = config.mask
+        mask_branch = dict(
+            mask_roi_pool=torchvision.ops.MultiScaleRoIAlign(
+                list(mask.featmap_names), mask.output_size, mask.sampling_ratio
+            ),
+            mask_head=tv_mask_rcnn.MaskRCNNHeads(backbone.out_channels, list(mask.conv_channels), 1),
+            mask_predictor=tv_mask_rcnn.MaskRCNNPredictor(
+                mask.conv_channels[-1], mask.conv_channels[-1], heads.num_classes
+            ),
+        )
+    detector = tv_faster_rcnn.FasterRCNN if config.mask is None else tv_mask_rcnn.MaskRCNN
+    return detector(
         backbone,
         min_size=transform.min_size,
         max_size=transform.max_size,
@@ -163,6 +223,7 @@ def to_torchvision(config: FasterRCNNConfig, backbone: nn.Module) -> tv_faster_r
         box_batch_size_per_image=heads.batch_size_per_image,
         box_positive_fraction=heads.positive_fraction,
         bbox_reg_weights=heads.bbox_reg_weights,
+        **mask_branch,
     )
 
 
@@ -184,6 +245,17 @@ def fasterrcnn_resnet50_fpn(state_dict: dict | None = None, num_classes: int | N
     if num_classes is None:
         num_classes = state_dict["roi_heads.box_predictor.cls_score.weight"].shape[0] if state_dict else 91
     model = FasterRCNN(resnet50_fpn(num_classes))
+    if state_dict is not None:
+        load_torchvision_state_dict(model, state_dict)
+    return model
+
+
+def maskrcnn_resnet50_fpn(state_dict: dict | None = None, num_classes: int | None = None) -> MaskRCNN:
+    """torchvision's ``maskrcnn_resnet50_fpn`` architecture on tritondet's ops; with ``state_dict``
+    (torchvision's) its weights. ``num_classes`` defaults to the state dict's (91 without one)."""
+    if num_classes is None:
+        num_classes = state_dict["roi_heads.box_predictor.cls_score.weight"].shape[0] if state_dict else 91
+    model = MaskRCNN(resnet50_fpn_masks(num_classes))
     if state_dict is not None:
         load_torchvision_state_dict(model, state_dict)
     return model

@@ -14,6 +14,8 @@ Presets:
 - :func:`resnet_c4` - the same single-level head on a ResNet's C4 (``layer3``, stride 16).
 - :func:`small_cpu` - a ResNet-18 FPN at a short side of 320 for CPU training.
 - :func:`tiny` - a few-channel ResNet-18 FPN on 64-pixel images, for interpreter tests.
+- :func:`resnet50_fpn_masks` - torchvision's ``maskrcnn_resnet50_fpn``: :func:`resnet50_fpn` plus the mask
+  branch (:class:`MaskHeadConfig`); :func:`with_masks` adds a mask branch to any preset.
 - :func:`lite` - ``tritondet train``'s default CPU model: the narrow
   :class:`~tritondet.detector.backbone.LiteBackbone` (trained from scratch) with an FPN at strides
   8..64, at a short side of 192.
@@ -157,12 +159,39 @@ class RoIHeadsConfig:
 
 
 @dataclass
+class MaskHeadConfig:
+    """Mask R-CNN's mask branch (He, Gkioxari, Dollar, Girshick 2017, Section 3; torchvision's FPN head).
+
+    Each detection (in training: each foreground sampled RoI) is pooled to ``[channels, output_size,
+    output_size]`` (``MultiScaleRoIAlign`` over ``featmap_names``), passed through 3x3 convolutions
+    with ReLU (``conv_channels``, one per layer), a stride-2 2x2 transposed convolution with ReLU to
+    ``2 * output_size`` and a 1x1 convolution giving one mask logit map per class. Loss: per-pixel
+    binary cross-entropy on the ground-truth class's map against the ground-truth mask cropped to the
+    RoI, averaged over the foreground RoIs. ``mask_threshold``: the padded interface's binarization.
+    """
+
+    featmap_names: tuple[str, ...] = FPN_LEVELS
+    output_size: int = 14
+    sampling_ratio: int = 2
+    conv_channels: tuple[int, ...] = (256, 256, 256, 256)
+    mask_threshold: float = 0.5
+
+    @property
+    def resolution(self) -> int:
+        """M: the side of the predicted masks (the transposed convolution doubles the pooled grid)."""
+        return 2 * self.output_size
+
+
+@dataclass
 class FasterRCNNConfig:
+    """The detector's sections; ``mask`` set (a :class:`MaskHeadConfig`) makes it a Mask R-CNN."""
+
     transform: TransformConfig = field(default_factory=TransformConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     anchors: AnchorConfig = field(default_factory=AnchorConfig)
     rpn: RPNConfig = field(default_factory=RPNConfig)
     roi_heads: RoIHeadsConfig = field(default_factory=RoIHeadsConfig)
+    mask: MaskHeadConfig | None = None
 
     def replace(self, **sections) -> FasterRCNNConfig:
         """A copy with some fields changed: ``config.replace(rpn=dict(objectness="softmax"))``."""
@@ -176,6 +205,21 @@ class FasterRCNNConfig:
 def resnet50_fpn(num_classes: int = 91) -> FasterRCNNConfig:
     """torchvision's ``fasterrcnn_resnet50_fpn``: every default above."""
     return FasterRCNNConfig(roi_heads=RoIHeadsConfig(num_classes=num_classes))
+
+
+def resnet50_fpn_masks(num_classes: int = 91) -> FasterRCNNConfig:
+    """torchvision's ``maskrcnn_resnet50_fpn``: :func:`resnet50_fpn` plus its mask branch (14x14
+    RoIAlign, four 256-channel convolutions, 28x28 masks)."""
+    return resnet50_fpn(num_classes).replace(mask=MaskHeadConfig())
+
+
+def with_masks(config: FasterRCNNConfig) -> FasterRCNNConfig:
+    """``config`` with a mask branch (``tritondet train --masks``) on its RoI head's feature maps,
+    its convolutions as wide as the backbone's FPN: torchvision's head for :func:`resnet50_fpn`."""
+    # backbone None is the lite preset's LiteBackbone: 64 FPN channels, a head cheap enough for a CPU.
+    width = 64 if config.backbone is None else config.backbone.fpn_channels
+    mask = MaskHeadConfig(featmap_names=config.roi_heads.featmap_names, conv_channels=(width,) * 4)
+    return config.replace(mask=mask)
 
 
 def _single_level(backbone: BackboneConfig, num_classes: int, representation_size: int) -> FasterRCNNConfig:

@@ -1,4 +1,4 @@
-"""COCO box evaluation (pycocotools' ``COCOeval``) of a detector's predictions, and the AP table.
+"""COCO box and mask evaluation (pycocotools' ``COCOeval``) of a detector's predictions, and the AP table.
 
 Shape shorthand: D detections in an image, K object classes (labels 1..K).
 
@@ -7,6 +7,9 @@ Predictions are one dict per image, as the detector returns them, plus the image
 with boxes in the pixels of the *original* image (the ground truth's): map boxes predicted on a
 resized image back with ``tritondet.detector.data.resize_boxes(boxes, image.shape[-2:], target["orig_size"])``.
 Labels are mapped to the ground truth's category ids with ``label_to_category_id`` (the dataset's).
+A Mask R-CNN's predictions also carry ``"segmentation"``: one COCO RLE per detection (its mask
+probability > 0.5 at the original image's size, :func:`encode_masks`); they are then evaluated with
+``iouType="segm"`` too.
 
 The metrics are COCO's: AP is the mean over IoU thresholds 0.50:0.05:0.95 of the 101-point
 interpolated precision, AP50/AP75 at one threshold, APs/APm/APl for ground truth areas below 32²,
@@ -24,6 +27,8 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
+from pycocotools import mask as coco_mask
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
@@ -34,6 +39,7 @@ from .engine.train_config import TrainConfig, dataset_paths, resolve_device
 
 __all__ = [
     "SUMMARY_KEYS",
+    "encode_masks",
     "evaluate_checkpoint",
     "evaluate_coco",
     "evaluate_model",
@@ -46,12 +52,22 @@ __all__ = [
 # Names for COCOeval.stats[0:6] and [8] (bbox), in COCOeval's order.
 SUMMARY_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 _AR100_INDEX = 8
+# Mask R-CNN's binarization of the predicted mask probabilities (torchvision's reference evaluation).
+MASK_THRESHOLD = 0.5
+
+
+def encode_masks(masks: torch.Tensor) -> list[dict]:
+    """``masks [D, 1, H, W]`` probabilities -> D COCO RLEs of ``masks > MASK_THRESHOLD`` (``counts`` as str)."""
+    binary = (masks[:, 0] > MASK_THRESHOLD).cpu().numpy().astype(np.uint8)
+    rles = coco_mask.encode(np.asfortranarray(binary.transpose(1, 2, 0)))
+    return [{"size": list(rle["size"]), "counts": rle["counts"].decode("ascii")} for rle in rles]
 
 
 def predictions_to_coco_results(
     predictions: Iterable[Mapping], label_to_category_id: Mapping[int, int] | None = None
 ) -> list[dict]:
-    """Per-image predictions -> COCO result records ``{"image_id", "category_id", "bbox" (xywh), "score"}``."""
+    """Per-image predictions -> COCO result records ``{"image_id", "category_id", "bbox" (xywh), "score"}``
+    (and ``"segmentation"`` when the predictions carry it)."""
     results = []
     for prediction in predictions:
         missing = {"image_id", "boxes", "scores", "labels"} - set(prediction)
@@ -67,14 +83,22 @@ def predictions_to_coco_results(
                 f"({len(boxes)}, {len(scores)}, {len(labels)})"
             )
         xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
-        for box, score, label in zip(xywh, scores, labels, strict=True):
+        segmentations = prediction.get("segmentation")
+        if segmentations is not None and len(segmentations) != len(scores):
+            raise ValueError(
+                f"predictions for image {image_id}: {len(segmentations)} segmentations for {len(scores)} boxes"
+            )
+        for k, (box, score, label) in enumerate(zip(xywh, scores, labels, strict=True)):
             if label_to_category_id is not None:
                 if int(label) not in label_to_category_id:
                     raise ValueError(f"predictions for image {image_id}: label {label} has no category id")
                 category_id = label_to_category_id[int(label)]
             else:
                 category_id = int(label)
-            results.append({"image_id": image_id, "category_id": category_id, "bbox": box, "score": float(score)})
+            result = {"image_id": image_id, "category_id": category_id, "bbox": box, "score": float(score)}
+            if segmentations is not None:
+                result["segmentation"] = segmentations[k]
+            results.append(result)
     return results
 
 
@@ -85,7 +109,8 @@ def evaluate_coco(
     image_ids: Sequence[int] | None = None,
     verbose: bool = False,
 ) -> dict:
-    """COCO box AP of ``predictions`` against ``coco_gt`` (e.g. ``dataset.coco``).
+    """COCO box AP (and mask AP, for predictions with ``segmentation``) of ``predictions`` against
+    ``coco_gt`` (e.g. ``dataset.coco``).
 
     Args:
         coco_gt: the ground truth.
@@ -98,8 +123,8 @@ def evaluate_coco(
         verbose: print COCOeval's own summary.
 
     Returns:
-        ``{"AP", "AP50", "AP75", "APs", "APm", "APl", "AR100": float, "per_class_AP": {name: float}}``.
-        A value is ``nan`` where the ground truth has nothing to measure (e.g. no small objects, or
+        ``{"AP", "AP50", "AP75", "APs", "APm", "APl", "AR100": float, "per_class_AP": {name: float}}``
+        for the boxes, with ``"segm"``: the same dict for the masks when the predictions have them. A value is ``nan`` where the ground truth has nothing to measure (e.g. no small objects, or
         no instance of a class), as COCOeval's -1.
     """
     unique, seen = [], set()
@@ -113,21 +138,38 @@ def evaluate_coco(
         raise ValueError(f"predictions: image ids {sorted(unknown)[:10]} are not in the ground truth")
     results = predictions_to_coco_results(unique, label_to_category_id)
     category_ids = sorted(coco_gt.getCatIds())
-    names = {c: coco_gt.cats[c]["name"] for c in category_ids}
     image_ids = sorted(coco_gt.getImgIds()) if image_ids is None else sorted(int(i) for i in image_ids)
     if not image_ids or not category_ids:
         raise ValueError("coco_gt: the ground truth has no images or no categories to evaluate")
+    # One result list per IoU type, as torchvision's reference evaluation: a segm result's area is its mask's.
+    box_results = [{k: v for k, v in r.items() if k != "segmentation"} for r in results]
+    summary = _summarize(coco_gt, box_results, "bbox", image_ids, verbose)
+    if any("segmentation" in prediction for prediction in unique):
+        segm_results = [{k: v for k, v in r.items() if k != "bbox"} for r in results]
+        summary["segm"] = _summarize(coco_gt, segm_results, "segm", image_ids, verbose)
+    return summary
+
+
+def _summarize(coco_gt: COCO, results: list[dict], iou_type: str, image_ids: list[int], verbose: bool) -> dict:
+    """COCOeval of ``results`` with ``iou_type`` ("bbox" or "segm"): the summary dict of :func:`evaluate_coco`."""
+    category_ids = sorted(coco_gt.getCatIds())
     if not results:
         # pycocotools cannot load an empty result list: stand in one detection that overlaps nothing, so
         # every AP is 0 where there is ground truth and nan where there is none, exactly as COCOeval scores.
-        results = [
-            {"image_id": image_ids[0], "category_id": category_ids[0], "bbox": [-10.0, -10.0, 1.0, 1.0], "score": 0.0}
-        ]
+        stand_in = {"image_id": image_ids[0], "category_id": category_ids[0], "score": 0.0}
+        if iou_type == "bbox":
+            stand_in["bbox"] = [-10.0, -10.0, 1.0, 1.0]
+        else:
+            info = coco_gt.imgs[image_ids[0]]
+            empty = np.zeros((info["height"], info["width"], 1), dtype=np.uint8, order="F")
+            rle = coco_mask.encode(empty)[0]
+            stand_in["segmentation"] = {"size": list(rle["size"]), "counts": rle["counts"].decode("ascii")}
+        results = [stand_in]
 
     output = io.StringIO()
     with contextlib.redirect_stdout(output):
         coco_dt = coco_gt.loadRes(results)
-        evaluator = COCOeval(coco_gt, coco_dt, iouType="bbox")
+        evaluator = COCOeval(coco_gt, coco_dt, iouType=iou_type)
         evaluator.params.imgIds = image_ids
         evaluator.evaluate()
         evaluator.accumulate()
@@ -146,7 +188,7 @@ def evaluate_coco(
     for k, category_id in enumerate(evaluator.params.catIds):
         values = precision[:, :, k, 0, -1]
         values = values[values > -1]
-        per_class[names[category_id]] = float(np.mean(values)) if values.size else math.nan
+        per_class[coco_gt.cats[category_id]["name"]] = float(np.mean(values)) if values.size else math.nan
     summary["per_class_AP"] = per_class
     return summary
 
@@ -180,9 +222,10 @@ def predict(model: torch.nn.Module, loader: Iterable, device: torch.device | str
 
     ``model(images)`` takes a list of ``Tensor[3, H, W]`` and returns one dict per image with ``boxes``
     (in the pixels of the image it was given), ``scores`` and ``labels`` (torchvision's interface).
-    Boxes are mapped back to the image files' pixels with ``target["orig_size"]`` and moved to the CPU.
-    The model is put in eval mode and its mode restored afterwards. Batches left empty (every image
-    unreadable, skipped by the dataset) are passed over.
+    Boxes are mapped back to the image files' pixels with ``target["orig_size"]`` and moved to the CPU;
+    masks (a Mask R-CNN's ``[D, 1, H, W]`` probabilities) are resized likewise and kept as RLEs
+    (``"segmentation"``, :func:`encode_masks`). The model is put in eval mode and its mode restored
+    afterwards. Batches left empty (every image unreadable, skipped by the dataset) are passed over.
     """
     was_training = model.training
     model.eval()
@@ -196,14 +239,18 @@ def predict(model: torch.nn.Module, loader: Iterable, device: torch.device | str
             outputs = model(images)
             for image, target, output in zip(images, targets, outputs, strict=True):
                 size = target.get("orig_size", image.shape[-2:])
-                predictions.append(
-                    {
-                        "image_id": int(target["image_id"]),
-                        "boxes": resize_boxes(output["boxes"].float(), image.shape[-2:], size).cpu(),
-                        "scores": output["scores"].float().cpu(),
-                        "labels": output["labels"].cpu(),
-                    }
-                )
+                prediction = {
+                    "image_id": int(target["image_id"]),
+                    "boxes": resize_boxes(output["boxes"].float(), image.shape[-2:], size).cpu(),
+                    "scores": output["scores"].float().cpu(),
+                    "labels": output["labels"].cpu(),
+                }
+                if "masks" in output:  # RLEs right away: D full-image masks per image would fill the memory
+                    masks = output["masks"].float()
+                    if tuple(masks.shape[-2:]) != tuple(int(v) for v in size):
+                        masks = F.interpolate(masks, size=tuple(int(v) for v in size), mode="bilinear")
+                    prediction["segmentation"] = encode_masks(masks)
+                predictions.append(prediction)
     finally:
         model.train(was_training)
     return predictions

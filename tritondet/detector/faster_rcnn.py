@@ -31,7 +31,7 @@ from .backbone import build_backbone, feature_strides
 from .config import FasterRCNNConfig, TransformConfig, resnet50_fpn
 from .roi_heads import RoIHeads
 from .rpn import RegionProposalNetwork
-from .targets import check_targets, pack_targets
+from .targets import GroundTruth, check_targets, pack_targets
 
 LOSS_NAMES = ("loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg")
 
@@ -70,6 +70,29 @@ def normalize_padded(images: Tensor, image_sizes: Tensor, mean: Tensor, std: Ten
     sizes = image_sizes.to(images.device)
     inside = (rows[None, :, None] < sizes[:, 0, None, None]) & (cols[None, None, :] < sizes[:, 1, None, None])
     return normalized * inside[:, None].to(normalized.dtype)
+
+
+def check_padded_batch(images, image_sizes) -> None:
+    """Raise ``ValueError`` unless ``images`` is a ``Tensor[B, 3, H, W]`` and ``image_sizes`` a ``Tensor[B, 2]``."""
+    if not isinstance(images, Tensor) or images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must be a Tensor[B, 3, H, W], got {getattr(images, 'shape', type(images))}")
+    if not isinstance(image_sizes, Tensor) or image_sizes.shape != (images.shape[0], 2):
+        raise ValueError(
+            f"image_sizes must be a Tensor[B, 2] = [{images.shape[0]}, 2], got {getattr(image_sizes, 'shape', None)}"
+        )
+
+
+def rescale_padded_boxes(boxes: Tensor, image_sizes: Tensor, original_image_sizes: Tensor) -> Tensor:
+    """``boxes [B, D, 4]`` from images of ``image_sizes [B, 2]`` (h, w) to ``original_image_sizes [B, 2]``."""
+    ratio = original_image_sizes.to(boxes) / image_sizes.to(boxes)  # [B, 2] (h, w)
+    return boxes * ratio[:, None, [1, 0, 1, 0]]
+
+
+def split_detections(num_valid: Tensor, **padded: Tensor) -> list[dict[str, Tensor]]:
+    """Per image ``b``, the first ``num_valid[b]`` rows of every padded ``[B, D, ...]`` field: the
+    list interface's one host sync."""
+    counts = num_valid.tolist()
+    return [{name: value[i, :n] for name, value in padded.items()} for i, n in enumerate(counts)]
 
 
 class FasterRCNN(nn.Module):
@@ -151,7 +174,7 @@ class FasterRCNN(nn.Module):
         roi_heads: bool = True,
         proposer: FasterRCNN | None = None,
     ) -> dict[str, Tensor]:
-        gt = pack_targets(targets, padded.device)
+        gt = self._ground_truth(targets, padded.device)
         features = self.backbone(padded)
         levels = list(features.values())
         strides = feature_strides(levels, tuple(padded.shape[-2:]))
@@ -171,6 +194,10 @@ class FasterRCNN(nn.Module):
         if roi_heads:
             losses.update(self.roi_heads.loss(features, proposals, num_valid, gt, image_shapes, generator))
         return losses
+
+    def _ground_truth(self, targets: list[dict[str, Tensor]], device: torch.device) -> GroundTruth:
+        """The (resized) ``targets`` padded into a batch."""
+        return pack_targets(targets, device)
 
     def _prepare(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None):
         """Check and preprocess: ``padded [B, 3, H, W]``, ``image_sizes [B, 2]``, their list
@@ -219,10 +246,7 @@ class FasterRCNN(nn.Module):
         if self.training:
             return self._losses(padded, image_sizes, image_shapes, targets, generator)
         boxes, scores, labels, num_valid = self._detect(padded, image_sizes, image_shapes)
-        counts = num_valid.tolist()  # the list interface's one host sync
-        detections = [
-            {"boxes": boxes[i, :n], "scores": scores[i, :n], "labels": labels[i, :n]} for i, n in enumerate(counts)
-        ]
+        detections = split_detections(num_valid, boxes=boxes, scores=scores, labels=labels)
         return self.transform.postprocess(detections, image_shapes, original_sizes)
 
     # -- sync-free batched inference -------------------------------------------------------------
@@ -247,15 +271,9 @@ class FasterRCNN(nn.Module):
         image's size, as torchvision); both give the same powers of two unless images are smaller
         than their padding by a factor of about 1.4.
         """
-        if not isinstance(images, Tensor) or images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f"images must be a Tensor[B, 3, H, W], got {getattr(images, 'shape', type(images))}")
-        if not isinstance(image_sizes, Tensor) or image_sizes.shape != (images.shape[0], 2):
-            raise ValueError(
-                f"image_sizes must be a Tensor[B, 2] = [{images.shape[0]}, 2], got {getattr(image_sizes, 'shape', None)}"
-            )
+        check_padded_batch(images, image_sizes)
         padded = normalize_padded(images, image_sizes, self.image_mean, self.image_std)
         boxes, scores, labels, num_valid = self._detect(padded, image_sizes, [tuple(images.shape[-2:])])
         if original_image_sizes is not None:
-            ratio = original_image_sizes.to(boxes) / image_sizes.to(boxes)  # [B, 2] (h, w)
-            boxes = boxes * ratio[:, None, [1, 0, 1, 0]]
+            boxes = rescale_padded_boxes(boxes, image_sizes, original_image_sizes)
         return boxes, scores, labels, num_valid

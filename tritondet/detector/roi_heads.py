@@ -138,8 +138,19 @@ class RoIHeads(nn.Module):
         """``loss_classifier`` and ``loss_box_reg`` on sampled proposals (the proposal target
         layer). If ``proposals`` carry gradients (``crop_pool`` joint training), the pooled boxes
         keep them; the targets are computed on detached boxes."""
+        targets = proposal_target_layer(proposals.detach(), num_valid, gt, self.config, generator)
+        return self.box_loss(features, proposals, targets, gt, image_shapes)
+
+    def box_loss(
+        self,
+        features: dict[str, Tensor],
+        proposals: Tensor,
+        targets: ops.ProposalTargets,
+        gt: GroundTruth,
+        image_shapes: list[tuple[int, int]],
+    ) -> dict[str, Tensor]:
+        """:meth:`loss` on the proposal target layer's ``targets`` for ``proposals [B, P, 4]``."""
         config = self.config
-        targets = proposal_target_layer(proposals.detach(), num_valid, gt, config, generator)
         rois = targets.proposals
         if proposals.requires_grad:
             candidates = torch.cat([proposals, gt.boxes.to(proposals.dtype)], dim=1)

@@ -1,4 +1,4 @@
-"""Pictures of the detector at work: the loss chart of a run's ``log.csv``, detections drawn on images, an
+"""Pictures of the detector at work: the loss chart of a run's ``log.csv``, detections (and masks) drawn on images, an
 image grid, ``tritondet predict`` (:func:`predict_image`) and its ``--stages`` view (:func:`pipeline_stages`).
 
 Shape shorthand: N boxes, H x W image height and width; images are ``[3, H, W]``, float in [0, 1] or uint8.
@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 from torch import Tensor
-from torchvision.utils import draw_bounding_boxes
+from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
 from .. import ops
 from .backbone import feature_strides
@@ -23,9 +23,12 @@ from .data import read_image, resize_boxes
 from .data.errors import InputError
 from .engine.checkpoints import load_checkpoint
 from .engine.train_config import resolve_device
-from .faster_rcnn import LOSS_NAMES, FasterRCNN
+from .faster_rcnn import FasterRCNN
+from .mask_rcnn import MASK_LOSS_NAMES
 
-_CURVE_COLORS = ((0, 0, 0), (214, 39, 40), (31, 119, 180), (44, 160, 44), (255, 127, 14))
+_CURVE_COLORS = ((0, 0, 0), (214, 39, 40), (31, 119, 180), (44, 160, 44), (255, 127, 14), (148, 103, 189))
+# Drawn masks: how much of the colour covers the image under them.
+_MASK_ALPHA = 0.45
 
 
 def plot_loss_curves(csv_path: Path, out_path: Path, size: tuple[int, int] = (800, 480)) -> None:
@@ -34,7 +37,7 @@ def plot_loss_curves(csv_path: Path, out_path: Path, size: tuple[int, int] = (80
         rows = list(csv.DictReader(file))
     if not rows:
         return
-    names = ("loss", *LOSS_NAMES)
+    names = [name for name in ("loss", *MASK_LOSS_NAMES) if name in rows[0]]  # loss_mask: Mask R-CNN runs
     iterations = [int(r["iteration"]) for r in rows]
     # Per term, the runs of consecutive rows that log it (an alternating step trains some terms only).
     series = {n: [[]] for n in names}
@@ -84,7 +87,8 @@ def draw_detections(
     image: Tensor, prediction: dict, categories: list[str], score_thresh: float = 0.5, color: str = "red"
 ) -> Tensor:
     """``image`` ``[3, H, W]`` in [0, 1] with the boxes scoring at least ``score_thresh``, labelled
-    ``"name score"``; returns ``uint8 [3, H, W]``."""
+    ``"name score"``, and their masks (a Mask R-CNN's ``masks [N, 1, H, W]`` probabilities > 0.5,
+    one colour per class) under them; returns ``uint8 [3, H, W]``."""
     keep = prediction["scores"] >= score_thresh
     boxes = prediction["boxes"][keep].detach().float().cpu()
     names = [
@@ -92,6 +96,10 @@ def draw_detections(
         for label, score in zip(prediction["labels"][keep], prediction["scores"][keep], strict=True)
     ]
     pixels = (image.detach().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
+    if "masks" in prediction and bool(keep.any()):
+        masks = prediction["masks"][keep][:, 0].detach().cpu() > 0.5
+        palette = [_CURVE_COLORS[1 + int(label) % (len(_CURVE_COLORS) - 1)] for label in prediction["labels"][keep]]
+        pixels = draw_segmentation_masks(pixels, masks, alpha=_MASK_ALPHA, colors=palette)
     return draw_bounding_boxes(pixels, boxes, labels=names, colors=color, width=2)
 
 

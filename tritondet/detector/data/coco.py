@@ -16,7 +16,9 @@ One sample is ``(image, target)``:
   ``image_id`` ``int`` (the id in the dataset's ``coco`` ground truth, for evaluation);
   ``orig_size`` ``Tensor[2]`` int64, (H, W) of the image file, so that predictions on an image a
   transform resized can be mapped back with :func:`~.transforms.resize_boxes` for evaluation;
-  VOC samples also carry ``difficult`` ``Tensor[N]`` bool.
+  VOC samples also carry ``difficult`` ``Tensor[N]`` bool; COCO samples read with ``masks=True``
+  carry ``masks`` ``Tensor[N, H, W]`` uint8 (1 inside the instance: its polygons or RLE decoded by
+  ``pycocotools`` at the image's size).
 
 Every dataset exposes ``categories`` (class names indexed by label, ``categories[0] == "__background__"``),
 ``label_to_category_id`` (label -> category id of ``coco``) and ``coco``, a ``pycocotools.coco.COCO``
@@ -39,6 +41,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from pycocotools import mask as coco_mask
 from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 from torchvision.io import ImageReadMode, decode_image, read_file
@@ -102,6 +105,7 @@ class Sample:
     boxes: np.ndarray  # [N, 4] float32 xyxy
     labels: np.ndarray  # [N] int64 in 1..K
     difficult: np.ndarray | None = None  # [N] bool (VOC only)
+    segmentations: list | None = None  # N COCO segmentations (polygons or RLE), when masks are read
 
 
 class DetectionDataset(Dataset):
@@ -157,6 +161,8 @@ class DetectionDataset(Dataset):
         }
         if sample.difficult is not None:
             target["difficult"] = torch.from_numpy(sample.difficult).clone()
+        if sample.segmentations is not None:
+            target["masks"] = segmentation_masks(sample.segmentations, height, width)
         if self.transforms is not None:
             image, target = self.transforms(image, target)
         return image, target
@@ -177,6 +183,8 @@ class CocoDetection(DetectionDataset):
         remove_images_without_annotations: leave out images with no usable annotation, as torchvision's
             detection references do for training: none that is not crowd, or only boxes at most one
             pixel wide or tall (evaluation keeps every image).
+        masks: also serve ``target["masks"]`` (instance segmentation); annotations without a
+            ``segmentation`` are then bad data.
 
     Raises :class:`~.errors.InputError` naming ``annotation_file`` when it cannot be read, is not valid JSON
     (with the line and column), is not a COCO instances file (a missing key, a category without id or name,
@@ -194,6 +202,7 @@ class CocoDetection(DetectionDataset):
         transforms: Callable | None = None,
         on_bad: str = "skip",
         remove_images_without_annotations: bool = False,
+        masks: bool = False,
     ) -> None:
         super().__init__(transforms, on_bad)
         self.image_dir = Path(image_dir)
@@ -228,6 +237,12 @@ class CocoDetection(DetectionDataset):
                 # COCOeval reads "iscrowd" and "area", which hand-made files may leave out.
                 _, _, w, h = (float(v) for v in ann["bbox"])
                 kept_annotations.append({"iscrowd": 0, "area": w * h, **ann})
+        if masks:  # a mask target needs a segmentation (polygons or RLE)
+            for ann in kept_annotations:
+                if not ann.get("segmentation"):
+                    image = coco.imgs[ann["image_id"]].get("file_name", "?")
+                    problems.append(f"{where}: annotation id {ann.get('id')} (image {image}): no segmentation")
+            kept_annotations = [ann for ann in kept_annotations if ann.get("segmentation")]
         report_problems(problems, on_bad, where)
 
         per_image: dict[int, list[dict]] = {image_id: [] for image_id in known_images}
@@ -244,7 +259,9 @@ class CocoDetection(DetectionDataset):
             xywh = np.array([ann["bbox"] for ann in anns], dtype=np.float32).reshape(-1, 4)
             boxes = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
             labels = np.array([category_id_to_label[ann["category_id"]] for ann in anns], dtype=np.int64)
-            self._samples.append(Sample(self.image_dir / info["file_name"], info["id"], boxes, labels))
+            segmentations = [ann["segmentation"] for ann in anns] if masks else None
+            sample = Sample(self.image_dir / info["file_name"], info["id"], boxes, labels, segmentations=segmentations)
+            self._samples.append(sample)
         if not self._samples:
             usable = "image file found in " + str(self.image_dir)
             if remove_images_without_annotations and known_images:
@@ -345,6 +362,21 @@ def _read_coco_json(path: Path, problems: list[str]) -> dict:
             problems.append(f"{path}: image id {info['id']}: width and height must be positive numbers, got {size}")
     annotations = entries("annotations", {"id": identifier, "image_id": identifier, "category_id": identifier})
     return {**dataset, "images": images, "annotations": annotations}
+
+
+def segmentation_masks(segmentations: list, height: int, width: int) -> torch.Tensor:
+    """COCO segmentations (polygon lists, uncompressed or compressed RLE) -> ``Tensor[N, H, W]`` uint8,
+    decoded by ``pycocotools`` as ``COCO.annToMask`` does, at the image's size."""
+    masks = np.zeros((len(segmentations), height, width), dtype=np.uint8)
+    for i, segmentation in enumerate(segmentations):
+        if isinstance(segmentation, list):  # polygons: one RLE per part, merged
+            rle = coco_mask.merge(coco_mask.frPyObjects(segmentation, height, width))
+        elif isinstance(segmentation["counts"], list):  # uncompressed RLE
+            rle = coco_mask.frPyObjects(segmentation, height, width)
+        else:
+            rle = segmentation
+        masks[i] = coco_mask.decode(rle)
+    return torch.from_numpy(masks)
 
 
 def make_coco(dataset: dict) -> COCO:

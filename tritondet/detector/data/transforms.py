@@ -32,7 +32,7 @@ def resize_boxes(boxes: torch.Tensor, from_size: Sequence[int], to_size: Sequenc
 @dataclass
 class DetectionTransform:
     """The paper's data augmentation for one ``(image, target)`` sample: when ``train``, a horizontal
-    flip with probability ``flip_prob`` (boxes flipped with the image). Resizing and normalization
+    flip with probability ``flip_prob`` (boxes and masks flipped with the image). Resizing and normalization
     are the model's (see the module docstring).
 
     The flip draws from ``generator`` when given, else from torch's global generator: in
@@ -54,4 +54,6 @@ class DetectionTransform:
                 target["boxes"] = torch.stack(
                     [width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], dim=1
                 )
+            if "masks" in target:
+                target["masks"] = target["masks"].flip(-1)
         return image, target

@@ -20,6 +20,11 @@ schedule) and ``last.pt`` (model, optimizer, iteration, elapsed time, random sta
 does not train are empty), TensorBoard events when ``tensorboard`` is installed, ``loss_curves.png``,
 ``detections.png`` (a few val images with their detections), ``metrics.json``.
 
+With ``masks`` (``tritondet train --masks``) the preset gets a mask branch
+(:func:`~tritondet.detector.config.with_masks`): a :class:`~tritondet.detector.mask_rcnn.MaskRCNN`
+trained on the data's instance masks with ``loss_mask`` as a fifth term (logged in ``log.csv``) and
+evaluated with box and mask (segm) AP.
+
 Schedules (``schedule``): ``"joint"`` (the default) trains everything at once on the sum of the four
 losses (the paper's approximate joint training). ``"alternating"`` is the paper's 4-step alternating
 training (Section 3.2), each step a training of its own (fresh SGD, warm-up and step decay over the
@@ -77,12 +82,12 @@ from ..config import FasterRCNNConfig
 from ..data import CocoDetection, DetectionTransform, make_data_loader
 from ..data.errors import InputError
 from ..faster_rcnn import LOSS_NAMES
+from ..mask_rcnn import MASK_LOSS_NAMES
 from .checkpoints import model_description, restore_checkpoint, resume_checkpoint, save_checkpoint
 from .distributed import average_buffers, init_distributed, is_distributed, max_over_ranks
 from .schedule import Step, final_model, learning_rate, prepare_step, schedule_steps
 from .train_config import TrainConfig, build_model, dataset_paths, model_config_of, resolve_device
 
-_CSV_FIELDS = ("iteration", "step", "epoch", "lr", "loss", *LOSS_NAMES, "images_per_s", "elapsed_s")
 # Progress-bar names of the loss terms.
 _SHORT_NAMES = {
     "loss": "loss",
@@ -90,6 +95,7 @@ _SHORT_NAMES = {
     "loss_rpn_box_reg": "rpn_box",
     "loss_classifier": "cls",
     "loss_box_reg": "box",
+    "loss_mask": "mask",
 }
 # Evaluation time per val batch as a fraction of a training step's (inference only, no backward).
 _INFERENCE_SHARE_OF_STEP = 0.5
@@ -214,7 +220,8 @@ class _Run:
             ids = [device.index] if device.type == "cuda" else None
             forward = nn.parallel.DistributedDataParallel(model, device_ids=ids)
         resumed_from = None if resume is None else iteration
-        log = _TrainingLog(output_dir, rank == 0 and config.progress, resumed_from, main=rank == 0)
+        loss_names = LOSS_NAMES if model_config.mask is None else MASK_LOSS_NAMES
+        log = _TrainingLog(output_dir, rank == 0 and config.progress, resumed_from, rank == 0, loss_names)
         return cls(
             config, start_time, device, rank, world_size, output_dir, train_set, val_set, loader, num_workers,
             model_config, model, forward, optimizer, sampling, steps, log, iteration, trained_seconds,
@@ -248,7 +255,9 @@ def _datasets(config: TrainConfig, rank: int) -> tuple[CocoDetection, CocoDetect
     train_images, train_annotations, val_images, val_annotations = dataset_paths(config)
     train_tf = DetectionTransform(train=True)
     on_bad = config.on_bad_data
-    train_set = CocoDetection(train_images, train_annotations, train_tf, on_bad, remove_images_without_annotations=True)
+    train_set = CocoDetection(
+        train_images, train_annotations, train_tf, on_bad, remove_images_without_annotations=True, masks=config.masks
+    )
     return train_set, CocoDetection(val_images, val_annotations, on_bad=on_bad)
 
 
@@ -320,7 +329,8 @@ def _train_iteration(
     begin = time.monotonic()
     device = run.device
     images = [image.to(device, non_blocking=True) for image in images]
-    targets = [{"boxes": t["boxes"].to(device), "labels": t["labels"].to(device)} for t in targets]
+    fields = ("boxes", "labels", "masks")  # masks: only a Mask R-CNN run's data sets serve them
+    targets = [{k: t[k].to(device) for k in fields if k in t} for t in targets]
     lr = learning_rate(run.config, run.iteration - run.step_start, run.progress)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
@@ -329,7 +339,7 @@ def _train_iteration(
             losses = step.model.partial_losses(images, targets, run.sampling, **step.losses)
         else:
             losses = run.forward(images, targets, generator=run.sampling)
-    loss = sum(value.float() for name, value in losses.items() if name in LOSS_NAMES)
+    loss = sum(value.float() for name, value in losses.items() if name in MASK_LOSS_NAMES)
     if not torch.isfinite(loss):
         raise FloatingPointError(f"iteration {run.iteration}: the loss is {float(loss)}; lower the lr")
     run.optimizer.zero_grad(set_to_none=True)
@@ -368,8 +378,9 @@ def _account(run: _Run, step: Step, losses: dict[str, Tensor], batch_images: int
 
 
 def _loss_terms(losses: dict[str, Tensor]) -> dict[str, float]:
-    """The terms of :data:`LOSS_NAMES` present (an alternating step trains some) and their sum, ``loss``."""
-    values = {name: float(losses[name].detach()) for name in LOSS_NAMES if name in losses}
+    """The terms of :data:`MASK_LOSS_NAMES` present (an alternating step trains some, a Faster R-CNN has
+    no ``loss_mask``) and their sum, ``loss``."""
+    values = {name: float(losses[name].detach()) for name in MASK_LOSS_NAMES if name in losses}
     values["loss"] = sum(values.values())
     return values
 
@@ -437,9 +448,12 @@ class _TrainingLog:
     running means of the loss terms per ``log_every`` iterations. Other ranks only keep the running means.
 
     Resuming from iteration ``resumed_from``, the rows of the interrupted run up to that iteration are kept
-    and the later ones (the iterations trained again) dropped, so each iteration has at most one row."""
+    and the later ones (the iterations trained again) dropped, so each iteration has at most one row.
+    ``loss_names``: the model's loss terms, a column each."""
 
-    def __init__(self, output_dir: Path, progress: bool, resumed_from: int | None, main: bool) -> None:
+    def __init__(
+        self, output_dir: Path, progress: bool, resumed_from: int | None, main: bool, loss_names: tuple[str, ...]
+    ) -> None:
         self.csv_path = output_dir / "log.csv"
         self.progress = progress
         self.main = main
@@ -453,15 +467,16 @@ class _TrainingLog:
             self.writer = SummaryWriter(output_dir / "tensorboard")
         except ImportError:  # TensorBoard is optional
             self.writer = None
+        fields = ("iteration", "step", "epoch", "lr", "loss", *loss_names, "images_per_s", "elapsed_s")
         kept = [] if resumed_from is None else _logged_rows(self.csv_path, resumed_from)
         temporary = self.csv_path.with_suffix(".tmp")
         with open(temporary, "w", newline="") as file:
-            rows = csv.DictWriter(file, _CSV_FIELDS, extrasaction="ignore")
+            rows = csv.DictWriter(file, fields, extrasaction="ignore")
             rows.writeheader()
             rows.writerows(kept)
         temporary.replace(self.csv_path)
         self.csv_file = open(self.csv_path, "a", newline="")  # noqa: SIM115 - closed in close()
-        self.rows = csv.DictWriter(self.csv_file, _CSV_FIELDS)
+        self.rows = csv.DictWriter(self.csv_file, fields)
 
     def _reset(self, now: float) -> None:
         self.sums, self.counts = {}, {}
@@ -521,7 +536,8 @@ class _TrainingLog:
 
 
 def _logged_rows(csv_path: Path, last_iteration: int) -> list[dict]:
-    """The complete rows of ``csv_path`` (if any) up to ``last_iteration``; a row cut by a kill is dropped."""
+    """The complete rows of ``csv_path`` (if any) up to ``last_iteration``; a row cut by a kill (no last
+    column, ``elapsed_s``) is dropped."""
     if not csv_path.is_file():
         return []
     with open(csv_path, newline="") as file:
@@ -529,5 +545,5 @@ def _logged_rows(csv_path: Path, last_iteration: int) -> list[dict]:
     return [
         row
         for row in rows
-        if row.get(_CSV_FIELDS[-1]) and row["iteration"].isdigit() and int(row["iteration"]) <= last_iteration
+        if row.get("elapsed_s") and row["iteration"].isdigit() and int(row["iteration"]) <= last_iteration
     ]

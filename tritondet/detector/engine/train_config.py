@@ -14,13 +14,16 @@ from ..config import (
     AnchorConfig,
     BackboneConfig,
     FasterRCNNConfig,
+    MaskHeadConfig,
     RoIHeadsConfig,
     RPNConfig,
     TransformConfig,
+    with_masks,
 )
 from ..data import BAD_DATA_CHOICES, ensure_synthetic_dataset
 from ..data.errors import InputError
 from ..faster_rcnn import FasterRCNN
+from ..mask_rcnn import MaskRCNN
 
 SCHEDULES = ("joint", "alternating")
 
@@ -43,6 +46,7 @@ class TrainConfig:
     on_bad_data: str = "skip"
     # Model: a preset of MODEL_PRESETS; min_size/max_size override its image sizes when set.
     model: str = "lite"
+    masks: bool = False  # Mask R-CNN: the preset plus a mask branch (config.with_masks), trained on instance masks
     min_size: int | None = None
     max_size: int | None = None
     # Optimization.
@@ -124,15 +128,18 @@ def resolve_device(name: str | None) -> torch.device:
 
 
 def build_model(config: FasterRCNNConfig) -> FasterRCNN:
-    """The detector for ``config``; ``config.backbone is None`` means :class:`~.backbone.LiteBackbone`
-    (the ``lite`` preset)."""
+    """The detector for ``config`` (a :class:`~..mask_rcnn.MaskRCNN` when ``config.mask`` is set);
+    ``config.backbone is None`` means :class:`~.backbone.LiteBackbone` (the ``lite`` preset)."""
     backbone = LiteBackbone() if config.backbone is None else None
-    return FasterRCNN(config, backbone=backbone)
+    return (FasterRCNN if config.mask is None else MaskRCNN)(config, backbone=backbone)
 
 
 def model_config_of(config: TrainConfig, num_classes: int) -> FasterRCNNConfig:
-    """The model a run of ``config`` trains: its preset with ``num_classes`` and the image sizes it overrides."""
+    """The model a run of ``config`` trains: its preset with ``num_classes``, the image sizes it
+    overrides and, with ``masks``, a mask branch."""
     model_config = MODEL_PRESETS[config.model](num_classes)
+    if config.masks:
+        model_config = with_masks(model_config)
     if config.min_size is not None or config.max_size is not None:
         model_config = model_config.replace(
             transform=dict(
@@ -156,6 +163,7 @@ def config_from_dict(values: dict) -> FasterRCNNConfig:
         "anchors": AnchorConfig,
         "rpn": RPNConfig,
         "roi_heads": RoIHeadsConfig,
+        "mask": MaskHeadConfig,
     }
     kwargs = {}
     for name, cls in sections.items():
