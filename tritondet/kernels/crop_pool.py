@@ -103,7 +103,8 @@ def _crop_pool_fwd_kernel(
                 + v10.to(compute_dtype) * (w_y * (1 - w_x))[None, :]
                 + v11.to(compute_dtype) * (w_y * w_x)[None, :]
             )
-            better = value > best
+            # As max_pool2d: the first NaN sample wins and nothing replaces it.
+            better = (best == best) & ((value > best) | (value != value))
             best = tl.where(better, value, best)
             best_index = tl.where(better, iy * sampling_ratio + ix, best_index)
     out_offsets = (k.to(tl.int64) * C + channels)[:, None] * (PH * PW) + bins[None, :]
