@@ -26,7 +26,7 @@ import triton.language as tl
 
 from .._backend import use_triton
 from ._aot import KernelSpec
-from ._common import NUM_WARPS, compute_dtype_of
+from ._common import NUM_WARPS, compute_dtype_of, no_pixels
 from ._launch import launch
 from .roi_align import load_roi, roi_bin_tile
 
@@ -273,6 +273,8 @@ def ps_roi_pool_backward(
 
     Vectorized PyTorch on every backend; an op of its own because the candidate padding is sized
     from the data."""
+    if no_pixels(input):
+        return torch.zeros_like(input, memory_format=torch.contiguous_format)
     # torchvision's backward clips bins to [0, H] and [0, W], unlike its forward: its gradient is
     # reproduced here (so it is not the exact derivative for bins on the last row or column).
     index, ok, empty, area = _ps_candidates(input, rois, spatial_scale, tuple(output_size), False)
@@ -297,6 +299,9 @@ def roi_pool_op(
     input: torch.Tensor, rois: torch.Tensor, spatial_scale: float, pooled_height: int, pooled_width: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``[N, C, H, W], [K, 5] -> ([K, C, PH, PW] maxima, [K, C, PH, PW] int64 argmax)``."""
+    if no_pixels(input):
+        shape = (rois.shape[0], input.shape[1], pooled_height, pooled_width)
+        return input.new_zeros(shape), input.new_full(shape, -1, dtype=torch.int64)
     if use_triton(input.device):
         return roi_pool_triton(input, rois, spatial_scale, (pooled_height, pooled_width))
     return roi_pool_reference(input, rois, spatial_scale, (pooled_height, pooled_width))
@@ -311,6 +316,8 @@ def _(input, rois, spatial_scale, pooled_height, pooled_width):
 def roi_pool_backward(grad: torch.Tensor, argmax: torch.Tensor, rois: torch.Tensor, input_shape) -> torch.Tensor:
     """Scatter ``grad`` to the argmax of each bin (deterministic in deterministic mode)."""
     n, c, h, w = input_shape
+    if n * c * h * w == 0:
+        return grad.new_zeros(input_shape)
     batch = rois[:, 0].clamp(0, n - 1).long()  # argmax is -1 for bad RoIs: masked below
     planes = (batch[:, None] * c + torch.arange(c, device=grad.device))[:, :, None, None] * (h * w)
     index = torch.where(argmax >= 0, planes + argmax, 0).reshape(-1)
@@ -339,6 +346,8 @@ def ps_roi_pool_op(
 ) -> torch.Tensor:
     """``[N, C * PH * PW, H, W], [K, 5] -> [K, C, PH, PW]`` bin means (R-FCN)."""
     size = (pooled_height, pooled_width)
+    if no_pixels(input):
+        return input.new_zeros((rois.shape[0], input.shape[1] // (pooled_height * pooled_width), *size))
     if use_triton(input.device):
         return roi_pool_triton(input, rois, spatial_scale, size, position_sensitive=True)[0]
     return ps_roi_pool_reference(input, rois, spatial_scale, size)
