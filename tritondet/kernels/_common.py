@@ -46,6 +46,12 @@ def clip_box(x1, y1, x2, y2, height, width):
     return x1, y1, x2, y2
 
 
+def no_pixels(*maps: torch.Tensor) -> bool:
+    """True when no map has an element (a zero batch, channel, height or width): pooling then
+    reads no pixel, so every output is 0 (argmax -1) and every gradient 0, without a launch."""
+    return all(m.numel() == 0 for m in maps)
+
+
 def clip_to_images(boxes: torch.Tensor, image_sizes: torch.Tensor) -> torch.Tensor:
     """``boxes [B, ..., 4]`` clamped to ``[0, w] x [0, h]`` of each image (``image_sizes [B, 2]``);
     differentiable, no host sync, a handful of ATen ops whatever B."""

@@ -57,8 +57,9 @@ def decode_box(x1, y1, x2, y2, dx, dy, dw, dh, wx, wy, ww, wh, clip):
     ctr_y = y1 + 0.5 * height
     dx = ieee_div(dx, wx)
     dy = ieee_div(dy, wy)
-    dw = tl.minimum(ieee_div(dw, ww), clip)
-    dh = tl.minimum(ieee_div(dh, wh), clip)
+    # NaN propagates (a NaN delta or clip decodes to NaN), as torch.clamp.
+    dw = tl.minimum(ieee_div(dw, ww), clip, propagate_nan=tl.PropagateNan.ALL)
+    dh = tl.minimum(ieee_div(dh, wh), clip, propagate_nan=tl.PropagateNan.ALL)
     pred_ctr_x = dx * width + ctr_x
     pred_ctr_y = dy * height + ctr_y
     half_w = 0.5 * (tl.exp(dw) * width)

@@ -26,7 +26,7 @@ import triton.language as tl
 
 from .._backend import use_triton
 from ._aot import KernelSpec
-from ._common import NUM_WARPS, compute_dtype_of
+from ._common import NUM_WARPS, compute_dtype_of, no_pixels
 from ._launch import launch
 from .roi_align import load_roi, roi_bin_tile
 
@@ -103,7 +103,8 @@ def _crop_pool_fwd_kernel(
                 + v10.to(compute_dtype) * (w_y * (1 - w_x))[None, :]
                 + v11.to(compute_dtype) * (w_y * w_x)[None, :]
             )
-            better = value > best
+            # As max_pool2d: the first NaN sample wins and nothing replaces it.
+            better = (best == best) & ((value > best) | (value != value))
             best = tl.where(better, value, best)
             best_index = tl.where(better, iy * sampling_ratio + ix, best_index)
     out_offsets = (k.to(tl.int64) * C + channels)[:, None] * (PH * PW) + bins[None, :]
@@ -269,6 +270,9 @@ def crop_pool_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``[N, C, H, W], [K, 5] -> ([K, C, PH, PW] crops, [K, C, PH, PW] int64 argmax sample)``."""
     size = (pooled_height, pooled_width)
+    if no_pixels(input):
+        shape = (rois.shape[0], input.shape[1], *size)
+        return input.new_zeros(shape), input.new_full(shape, -1, dtype=torch.int64)
     if use_triton(input.device):
         return crop_pool_triton(input, rois, spatial_scale, size, sampling_ratio)
     return crop_pool_reference(input, rois, spatial_scale, size, sampling_ratio)
@@ -288,6 +292,8 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad, _grad_argmax):
     input, rois, argmax = ctx.saved_tensors
+    if no_pixels(input):
+        return torch.zeros_like(input), torch.zeros_like(rois), None, None, None, None
     grad_input, grad_rois = crop_pool_backward(grad, input, rois, argmax, ctx.spatial_scale, ctx.sampling_ratio)
     return grad_input, grad_rois, None, None, None, None
 

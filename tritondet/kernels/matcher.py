@@ -27,8 +27,10 @@ threshold tensor and the ``[B, A]`` int64 output: O(B·(A + G)). Work: 2·B·A·
 
 Numerics: boxes are upcast on load (fp16/bf16 -> fp32, fp64 stays fp64) like ``box_iou``; the
 thresholds are rounded to the compute dtype as PyTorch does when comparing a fp32 tensor with a
-Python float, so the threshold decisions equal torchvision's on fp32/fp64 boxes. NaN IoUs (two
-empty boxes) are not supported.
+Python float, so the threshold decisions equal torchvision's on fp32/fp64 boxes. A NaN IoU (a NaN
+or infinite box, two empty boxes) behaves as in torchvision's ``Tensor.max``: the anchor matches
+the first ground truth with a NaN IoU whatever the thresholds, and that ground truth's maximum is
+NaN, which no anchor attains.
 """
 
 from __future__ import annotations
@@ -119,8 +121,11 @@ def _gt_max_kernel(
             gt_ptr + batch * stride_gt_b, cols.to(tl.int64) * stride_gt_g, col_ok, stride_gt_c, compute_dtype
         )
         iou, _ = pairwise_iou_tile(ax1, ay1, ax2, ay2, area_a, bx1, by1, bx2, by2, area_b)
-        iou = tl.where(row_ok[:, None], iou, float("-inf"))
-        tile_max = tl.max(iou, axis=0)
+        nan_iou = (iou != iou) & row_ok[:, None]
+        iou = tl.where(row_ok[:, None] & ~nan_iou, iou, float("-inf"))
+        # A NaN IoU makes the ground truth's maximum NaN, as Tensor.amax; the key of the positive
+        # NaN literal orders above +inf, so it wins the atomic max.
+        tile_max = tl.where(tl.max(nan_iou.to(tl.int32), axis=0) > 0, float("nan"), tl.max(iou, axis=0))
         tl.atomic_max(gt_max_ptr + batch * G + cols, _order_key(tile_max, COMPUTE_FP64), mask=col_ok)
 
 
@@ -172,14 +177,18 @@ def _match_kernel(
             gt_ptr + batch * stride_gt_b, cols.to(tl.int64) * stride_gt_g, col_ok, stride_gt_c, compute_dtype
         )
         iou, _ = pairwise_iou_tile(ax1, ay1, ax2, ay2, area_a, bx1, by1, bx2, by2, area_b)
-        iou = tl.where(col_ok[None, :], iou, float("-inf"))
-        chunk_max = tl.max(iou, axis=1)
+        nan_iou = (iou != iou) & col_ok[None, :]
+        ordered_iou = tl.where(col_ok[None, :] & ~nan_iou, iou, float("-inf"))
+        chunk_max = tl.max(ordered_iou, axis=1)
         # The first column attaining the chunk's max; chunks run in ascending order and replace
         # the running best only when strictly better, so the first maximal index wins overall.
-        chunk_arg = tl.min(tl.where(iou == chunk_max[:, None], cols[None, :], 2147483647), axis=1)
-        better = chunk_max > best
-        best = tl.where(better, chunk_max, best)
-        best_idx = tl.where(better, chunk_arg, best_idx)
+        chunk_arg = tl.min(tl.where(ordered_iou == chunk_max[:, None], cols[None, :], 2147483647), axis=1)
+        # As Tensor.max, the first NaN IoU wins over any number, and nothing replaces it.
+        chunk_nan_arg = tl.min(tl.where(nan_iou, cols[None, :], 2147483647), axis=1)
+        chunk_has_nan = chunk_nan_arg < 2147483647
+        better = (best == best) & (chunk_has_nan | (chunk_max > best))
+        best = tl.where(better, tl.where(chunk_has_nan, float("nan"), chunk_max), best)
+        best_idx = tl.where(better, tl.where(chunk_has_nan, chunk_nan_arg, chunk_arg), best_idx)
         if ALLOW_LOW:
             gt_max_key = tl.load(gt_max_ptr + batch * G + cols, mask=col_ok, other=0)
             gt_max = _from_order_key(gt_max_key, COMPUTE_FP64)

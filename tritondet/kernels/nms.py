@@ -416,12 +416,14 @@ def _soft_nms_kernel(
                 bx1, by1, bx2, by2, area_b = _load_box(boxes_ptr + offsets.to(tl.int64) * 4, ok, dtype)
                 inter, union = intersection_union(ax1, ay1, ax2, ay2, area_a, bx1, by1, bx2, by2, area_b)
                 iou = inter / union
+                iou = tl.where(iou == iou, iou, 0.0)  # a NaN IoU (zero or infinite areas) is no overlap
                 if METHOD == 0:  # noqa: SIM108 (a constexpr branch: only one side is compiled)
                     weight = tl.where(iou > iou_threshold, 1 - iou, 1.0)
                 else:
                     weight = tl.exp(-(iou * iou) / sigma)
                 s = s * weight
-                s = tl.where((s < score_threshold) | (offsets == best_index), -float("inf"), s)
+                # NaN (an infinite score times a zero weight) is dropped like a NaN input score.
+                s = tl.where((s < score_threshold) | (s != s) | (offsets == best_index), -float("inf"), s)
                 tl.store(scores_ptr + offsets, s, mask=ok)
             # Every thread must see the decayed scores before the next selection pass.
             tl.debug_barrier()
@@ -1100,11 +1102,15 @@ def batched_nms_padded_impl(
 def soft_nms_reference(
     boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float, sigma: float, score_threshold: float, method: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Soft-NMS with one vectorized step per selected box (each selection depends on the last)."""
+    """Soft-NMS with one vectorized step per selected box (each selection depends on the last).
+
+    As the kernel: a NaN IoU (a zero-area or infinite box) is no overlap, and a score that is or
+    becomes NaN is dropped. Memory is O(N): kept scores are copied into one preallocated vector."""
     compute_dtype = compute_dtype_of(boxes.dtype)
     work_boxes = boxes.to(compute_dtype)
     current = _nan_to_minus_inf(scores.to(compute_dtype))
-    keep, kept_scores = [], []
+    keep = []
+    kept_scores = current.new_empty(boxes.shape[0])
     index = torch.arange(boxes.shape[0], device=boxes.device)
     while True:
         if boxes.shape[0] == 0:
@@ -1113,20 +1119,19 @@ def soft_nms_reference(
         best_score = current[best]
         if not bool((best_score >= score_threshold) & (best_score > -float("inf"))):
             break
+        kept_scores[len(keep)] = best_score
         keep.append(best)
-        kept_scores.append(best_score)
         iou, _ = iou_and_union(work_boxes[best : best + 1], work_boxes, "xyxy")
-        iou = iou[0]
+        iou = iou[0].nan_to_num(nan=0.0, posinf=torch.inf, neginf=-torch.inf)
         if method == "linear":
             weight = torch.where(iou > iou_threshold, 1 - iou, torch.ones_like(iou))
         else:
             weight = torch.exp(-(iou * iou) / sigma)
         current = current * weight
-        dropped = (current < score_threshold) | (index == best)
+        dropped = (current < score_threshold) | current.isnan() | (index == best)
         current = torch.where(dropped, torch.full_like(current, -float("inf")), current)
     keep_tensor = torch.tensor(keep, dtype=torch.int64, device=boxes.device)
-    new_scores = torch.stack(kept_scores) if kept_scores else current.new_empty(0)
-    return keep_tensor, new_scores.to(scores.dtype)
+    return keep_tensor, kept_scores[: len(keep)].to(scores.dtype)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from ._common import (
     NUM_WARPS,
     compute_dtype_of,
     level_pointers,
+    no_pixels,
     pick_level,
     roi_level,
     roi_levels_reference,
@@ -947,6 +948,8 @@ def roi_align_op(
 ) -> torch.Tensor:
     """``L x [N, C, H_l, W_l], [K, 5] -> [K, C, PH, PW]`` (contiguous, the features' dtype)."""
     args = (scales, (pooled_height, pooled_width), sampling_ratio, aligned, (k_min, canonical_scale, canonical_level))
+    if no_pixels(*features):
+        return features[0].new_zeros((rois.shape[0], features[0].shape[1], pooled_height, pooled_width))
     if use_triton(rois.device):
         return roi_align_triton(features, rois, *args)
     if use_fast_cpu(rois.device) and torchvision_reads(rois, features[0].shape[0]):
@@ -976,6 +979,8 @@ def roi_align_backward_op(
 ) -> list[torch.Tensor]:
     """Gradients with respect to each level's features (``features`` give shapes and strides)."""
     args = (scales, (pooled_height, pooled_width), sampling_ratio, aligned, (k_min, canonical_scale, canonical_level))
+    if no_pixels(*features):
+        return [torch.zeros_like(f) for f in features]
     if use_triton(rois.device):
         return roi_align_backward_triton(grad, features, rois, *args)
     if use_fast_cpu(rois.device) and torchvision_reads(rois, features[0].shape[0]):
@@ -1035,6 +1040,8 @@ def ps_roi_align_op(
 ) -> torch.Tensor:
     """``[N, C * PH * PW, H, W], [K, 5] -> [K, C, PH, PW]`` (contiguous, the input dtype)."""
     size = (pooled_height, pooled_width)
+    if no_pixels(input):
+        return input.new_zeros((rois.shape[0], input.shape[1] // (pooled_height * pooled_width), *size))
     if use_triton(rois.device):
         return roi_align_triton([input], rois, [spatial_scale], size, sampling_ratio, True, (0, 224.0, 4.0), True)
     if use_fast_cpu(rois.device) and torchvision_reads(rois, input.shape[0]):
@@ -1060,6 +1067,8 @@ def ps_roi_align_backward_op(
 ) -> torch.Tensor:
     """Gradient with respect to ``input`` (which gives shape and strides)."""
     size = (pooled_height, pooled_width)
+    if no_pixels(input):
+        return torch.zeros_like(input)
     if use_triton(rois.device):
         args = ([spatial_scale], size, sampling_ratio, True, (0, 224.0, 4.0), True)
         return roi_align_backward_triton(grad, [input], rois, *args)[0]

@@ -12,7 +12,8 @@ start and clipped to the map; an empty bin gives 0. The first maximum in row-maj
 Order of this file: Triton kernel -> host launcher -> pure-PyTorch reference -> registration
 (the backward scatters the gradient to the argmax with ``index_put_(accumulate=True)``, which
 PyTorch makes deterministic under ``torch.use_deterministic_algorithms``) -> AOT specializations.
-A RoI whose batch index is not an integer in ``[0, N)`` pools zeros (argmax -1).
+A RoI whose batch index is not an integer in ``[0, N)``, or with a corner that is not finite once
+scaled, pools zeros (argmax -1); torchvision casts such corners to int, which C leaves undefined.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import triton.language as tl
 
 from .._backend import use_fast_cpu, use_triton
 from ._aot import KernelSpec
-from ._common import NUM_WARPS, compute_dtype_of
+from ._common import NUM_WARPS, compute_dtype_of, no_pixels
 from ._cpu import ps_roi_pool_cpu, roi_pool_cpu, torchvision_reads
 from ._launch import launch
 from .roi_align import load_roi, roi_bin_tile
@@ -84,9 +85,10 @@ def _roi_pool_fwd_kernel(
     h_end = tl.minimum(tl.maximum(tl.ceil((ph + 1) * bin_h) + start_h, 0), clip_h).to(tl.int32)
     w_start = tl.minimum(tl.maximum(tl.floor(pw * bin_w) + start_w, 0), clip_w).to(tl.int32)
     w_end = tl.minimum(tl.maximum(tl.ceil((pw + 1) * bin_w) + start_w, 0), clip_w).to(tl.int32)
-    # Every bin spans at most ceil(bin) + 1 rows and columns; none when the RoI is invalid.
-    span_h = tl.where(valid, tl.ceil(bin_h).to(tl.int32) + 1, 0)
-    span_w = tl.where(valid, tl.ceil(bin_w).to(tl.int32) + 1, 0)
+    # Every bin spans at most ceil(bin) + 1 rows and columns, and no more than the clipped map
+    # (a huge RoI's bin size does not fit an int32); none when the RoI is invalid.
+    span_h = tl.where(valid, tl.minimum(tl.ceil(bin_h), clip_h).to(tl.int32) + 1, 0)
+    span_w = tl.where(valid, tl.minimum(tl.ceil(bin_w), clip_w).to(tl.int32) + 1, 0)
 
     if POSITION_SENSITIVE:
         base = input_ptr + batch * stride_n + (channels.to(tl.int64)[:, None] * (PH * PW) + bins[None, :]) * stride_c
@@ -181,19 +183,23 @@ def _bins(input, rois, spatial_scale, output_size, inclusive, clip_to_last=False
     n, _, height, width = input.shape
     device = input.device
     rois = rois.to(compute_dtype)
-    b, x1, y1, x2, y2 = rois.unbind(1)
-    valid = (b >= 0) & (b < n) & (b == b.floor()) & torch.isfinite(rois[:, 1:]).all(1)
-    scale = torch.tensor(spatial_scale, dtype=compute_dtype, device=device)
-    start_w, start_h = _round_half_away_reference(x1 * scale), _round_half_away_reference(y1 * scale)
-    roi_w = (_round_half_away_reference(x2 * scale) - start_w + inclusive).clamp(min=1)
-    roi_h = (_round_half_away_reference(y2 * scale) - start_h + inclusive).clamp(min=1)
+    b = rois[:, 0]
+    corners = rois[:, 1:] * torch.tensor(spatial_scale, dtype=compute_dtype, device=device)
+    # As the kernel's load_roi: a RoI with a non-finite scaled corner is invalid; its geometry is
+    # computed from zeros so that no NaN reaches the bin sizes.
+    valid = (b >= 0) & (b < n) & (b == b.floor()) & torch.isfinite(corners).all(1)
+    x1, y1, x2, y2 = torch.where(valid[:, None], corners, 0).unbind(1)
+    start_w, start_h = _round_half_away_reference(x1), _round_half_away_reference(y1)
+    roi_w = (_round_half_away_reference(x2) - start_w + inclusive).clamp(min=1)
+    roi_h = (_round_half_away_reference(y2) - start_h + inclusive).clamp(min=1)
 
     def axis(start, bin_size, bins, size):
         p = torch.arange(bins, dtype=compute_dtype, device=device)
         clip = size - 1 if clip_to_last else size
         lo = (torch.floor(p * bin_size[:, None]) + start[:, None]).clamp(0, clip)
         hi = (torch.ceil((p + 1) * bin_size[:, None]) + start[:, None]).clamp(0, clip)
-        span = int((hi - lo).max()) if len(lo) else 0
+        # At least one (masked) candidate, so that a max over candidates exists when every bin is empty.
+        span = max(int((hi - lo).max()) if lo.numel() else 0, 1)
         index = lo[:, :, None] + torch.arange(span, dtype=compute_dtype, device=device)  # [K, bins, span]
         return index.long().clamp(max=size - 1), index < hi[:, :, None], hi <= lo, hi - lo
 
@@ -222,7 +228,7 @@ def roi_pool_reference(input, rois, spatial_scale, output_size):
     # torchvision keeps a value only if it is greater than the running maximum, which starts at
     # the lowest finite float: NaN and values <= that never win (argmax -1).
     values = torch.where(ok & ~values.isnan(), values, -torch.inf).flatten(-2)
-    best, position = values.max(-1) if values.shape[-1] else (values.new_full(values.shape[:-1], -torch.inf),) * 2
+    best, position = values.max(-1)
     lowest = torch.finfo(torch.float32).min
     found = best > lowest
     best = torch.where(found, best, lowest)
@@ -268,6 +274,8 @@ def ps_roi_pool_backward(
 
     Vectorized PyTorch on every backend; an op of its own because the candidate padding is sized
     from the data."""
+    if no_pixels(input):
+        return torch.zeros_like(input, memory_format=torch.contiguous_format)
     # torchvision's backward clips bins to [0, H] and [0, W], unlike its forward: its gradient is
     # reproduced here (so it is not the exact derivative for bins on the last row or column).
     index, ok, empty, area = _ps_candidates(input, rois, spatial_scale, tuple(output_size), False)
@@ -292,6 +300,9 @@ def roi_pool_op(
     input: torch.Tensor, rois: torch.Tensor, spatial_scale: float, pooled_height: int, pooled_width: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``[N, C, H, W], [K, 5] -> ([K, C, PH, PW] maxima, [K, C, PH, PW] int64 argmax)``."""
+    if no_pixels(input):
+        shape = (rois.shape[0], input.shape[1], pooled_height, pooled_width)
+        return input.new_zeros(shape), input.new_full(shape, -1, dtype=torch.int64)
     if use_triton(input.device):
         return roi_pool_triton(input, rois, spatial_scale, (pooled_height, pooled_width))
     if use_fast_cpu(input.device) and torchvision_reads(rois, input.shape[0]):
@@ -308,6 +319,8 @@ def _(input, rois, spatial_scale, pooled_height, pooled_width):
 def roi_pool_backward(grad: torch.Tensor, argmax: torch.Tensor, rois: torch.Tensor, input_shape) -> torch.Tensor:
     """Scatter ``grad`` to the argmax of each bin (deterministic in deterministic mode)."""
     n, c, h, w = input_shape
+    if n * c * h * w == 0:
+        return grad.new_zeros(input_shape)
     batch = rois[:, 0].clamp(0, n - 1).long()  # argmax is -1 for bad RoIs: masked below
     planes = (batch[:, None] * c + torch.arange(c, device=grad.device))[:, :, None, None] * (h * w)
     index = torch.where(argmax >= 0, planes + argmax, 0).reshape(-1)
@@ -336,6 +349,8 @@ def ps_roi_pool_op(
 ) -> torch.Tensor:
     """``[N, C * PH * PW, H, W], [K, 5] -> [K, C, PH, PW]`` bin means (R-FCN)."""
     size = (pooled_height, pooled_width)
+    if no_pixels(input):
+        return input.new_zeros((rois.shape[0], input.shape[1] // (pooled_height * pooled_width), *size))
     if use_triton(input.device):
         return roi_pool_triton(input, rois, spatial_scale, size, position_sensitive=True)[0]
     if use_fast_cpu(input.device) and torchvision_reads(rois, input.shape[0]):

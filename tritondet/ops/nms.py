@@ -149,7 +149,8 @@ def soft_nms(
     Repeatedly select the remaining box with the highest score (the lowest index among ties),
     then multiply every other remaining score by ``exp(-IoU^2 / sigma)`` (``"gaussian"``) or, where
     IoU > ``iou_threshold``, by ``1 - IoU`` (``"linear"``); boxes whose score falls below
-    ``score_threshold`` are dropped. NaN scores are never selected.
+    ``score_threshold`` are dropped. NaN scores are never selected, a NaN IoU (a zero-area or
+    infinite box) is no overlap, and a score that becomes NaN (infinite times zero) is dropped.
 
     Args:
         boxes (Tensor[N, 4]): ``(x1, y1, x2, y2)`` boxes.
