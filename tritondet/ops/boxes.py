@@ -9,6 +9,7 @@ import torch
 import torchvision
 from torch import Tensor
 
+from ..errors import ArgumentValueError
 from ..kernels import box_coder as _box_coder_family
 from ..kernels import box_iou as _box_iou_family
 from ._checks import box_coder_weights, check_choice, check_floating, check_same_device, check_tensor
@@ -24,7 +25,7 @@ def _pairwise(boxes1: Tensor, boxes2: Tensor, kind: str, fmt: str = "xyxy", eps:
     try:
         batch_shape = torch.broadcast_shapes(boxes1.shape[:-2], boxes2.shape[:-2])
     except RuntimeError as error:
-        raise ValueError(
+        raise ArgumentValueError(
             f"boxes1 and boxes2 leading dimensions do not broadcast: {tuple(boxes1.shape[:-2])} and "
             f"{tuple(boxes2.shape[:-2])}"
         ) from error
@@ -107,11 +108,11 @@ def batched_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     check_tensor("boxes1", boxes1, last_dim=4)
     check_tensor("boxes2", boxes2, last_dim=4)
     if boxes1.dim() != 3 or boxes2.dim() != 3:
-        raise ValueError(
+        raise ArgumentValueError(
             f"boxes1 and boxes2 must be [B, N, 4] and [B, M, 4], got {tuple(boxes1.shape)} and {tuple(boxes2.shape)}"
         )
     if boxes1.shape[0] != boxes2.shape[0]:
-        raise ValueError(
+        raise ArgumentValueError(
             f"boxes1 and boxes2 must have the same batch size, got {boxes1.shape[0]} and {boxes2.shape[0]}"
         )
     return _pairwise(boxes1, boxes2, "iou")
@@ -136,7 +137,7 @@ def encode_boxes(reference_boxes: Tensor, proposals: Tensor, weights) -> Tensor:
     check_floating("proposals", proposals)
     check_same_device(reference_boxes=reference_boxes, proposals=proposals)
     if reference_boxes.shape != proposals.shape:
-        raise ValueError(
+        raise ArgumentValueError(
             f"reference_boxes and proposals must have the same shape, got {tuple(reference_boxes.shape)} and "
             f"{tuple(proposals.shape)}"
         )
@@ -171,15 +172,15 @@ def decode_boxes(
     check_floating("boxes", boxes)
     check_same_device(deltas=deltas, boxes=boxes)
     if deltas.shape[-1] % 4 != 0:
-        raise ValueError(f"deltas must have shape [..., 4K], got {tuple(deltas.shape)}")
+        raise ArgumentValueError(f"deltas must have shape [..., 4K], got {tuple(deltas.shape)}")
     if deltas.shape[:-1] != boxes.shape[:-1]:
-        raise ValueError(
+        raise ArgumentValueError(
             f"deltas and boxes must have the same leading dimensions, got {tuple(deltas.shape)} and "
             f"{tuple(boxes.shape)}"
         )
     values = box_coder_weights(weights)
     if 0.0 in values:
-        raise ValueError(f"weights must be non-zero to decode, got {values}")
+        raise ArgumentValueError(f"weights must be non-zero to decode, got {values}")
     shape = deltas.shape
     result = torch.ops.tritondet.decode_boxes(
         deltas.reshape(-1, shape[-1]), boxes.reshape(-1, 4), values, float(bbox_xform_clip)

@@ -12,6 +12,7 @@ import math
 import torch
 from torch import Tensor
 
+from ..errors import ArgumentTypeError, ArgumentValueError
 from ..kernels._common import MAX_LEVELS
 from . import _checks
 from ._checks import check_tensor
@@ -20,16 +21,16 @@ from ._checks import check_tensor
 def _pair_size(name: str, value) -> tuple[int, int]:
     size = (value, value) if isinstance(value, int) else tuple(value)
     if len(size) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size):
-        raise ValueError(f"{name} must be a positive int or a pair of positive ints, got {value!r}")
+        raise ArgumentValueError(f"{name} must be a positive int or a pair of positive ints, got {value!r}")
     return size
 
 
 def _check_feature_map(name: str, value) -> Tensor:
     check_tensor(name, value)
     if value.dim() != 4:
-        raise ValueError(f"{name} must be [N, C, H, W], got shape {tuple(value.shape)}")
+        raise ArgumentValueError(f"{name} must be [N, C, H, W], got shape {tuple(value.shape)}")
     if not value.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
+        raise ArgumentTypeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
     return value
 
 
@@ -38,7 +39,7 @@ def _rois_from_padded(boxes: Tensor, num_images: int) -> Tensor:
     in one concatenation whatever B."""
     batch, count = boxes.shape[:2]
     if batch > num_images:
-        raise ValueError(f"boxes holds {batch} images (Tensor[B, P, 4]) but input has {num_images}")
+        raise ArgumentValueError(f"boxes holds {batch} images (Tensor[B, P, 4]) but input has {num_images}")
     index = torch.arange(batch, device=boxes.device, dtype=boxes.dtype)
     return torch.cat([index[:, None, None].expand(batch, count, 1), boxes], dim=2).reshape(batch * count, 5)
 
@@ -53,7 +54,7 @@ def _rois_from_boxes(boxes, num_images: int, device: torch.device) -> Tensor:
     elif isinstance(boxes, Tensor):
         check_tensor("boxes", boxes)
         if boxes.dim() != 2 or boxes.shape[1] != 5:
-            raise ValueError(
+            raise ArgumentValueError(
                 "boxes must be a Tensor[K, 5], a Tensor[B, P, 4] or a list of Tensor[L, 4], got shape "
                 f"{tuple(boxes.shape)}"
             )
@@ -62,17 +63,17 @@ def _rois_from_boxes(boxes, num_images: int, device: torch.device) -> Tensor:
         for i, image_boxes in enumerate(boxes):
             check_tensor(f"boxes[{i}]", image_boxes)
             if image_boxes.dim() != 2 or image_boxes.shape[1] != 4:
-                raise ValueError(f"boxes[{i}] must be a Tensor[L, 4], got shape {tuple(image_boxes.shape)}")
+                raise ArgumentValueError(f"boxes[{i}] must be a Tensor[L, 4], got shape {tuple(image_boxes.shape)}")
         # One small tensor per image (a short, fixed loop): the batch-index column.
         ids = [torch.full_like(b[:, :1], i) for i, b in enumerate(boxes)]
         rois = torch.cat([torch.cat(ids), torch.cat(list(boxes))], dim=1)
     else:
-        raise TypeError(
+        raise ArgumentTypeError(
             "boxes must be a Tensor[K, 5], a Tensor[B, P, 4] or a non-empty list of Tensor[L, 4], got "
             f"{type(boxes).__name__}"
         )
     if rois.device != device:
-        raise ValueError(f"input and boxes must be on the same device, got {device} and {rois.device}")
+        raise ArgumentValueError(f"input and boxes must be on the same device, got {device} and {rois.device}")
     if not rois.is_floating_point():
         rois = rois.float()
     built_indices = isinstance(boxes, Tensor) and boxes.dim() == 3
@@ -149,7 +150,7 @@ def level_scales(features: list[Tensor], image_shapes: list[tuple[int, int]]) ->
         (List[float], int): the L scales and ``k_min``; host arithmetic on sizes, no host sync.
     """
     if not image_shapes:
-        raise ValueError("image_shapes must not be empty")
+        raise ArgumentValueError("image_shapes must not be empty")
     largest_height = max(height for height, _ in image_shapes)
     scales = [2.0 ** round(math.log2(feature.shape[-2] / largest_height)) for feature in features]
     return scales, int(-math.log2(scales[0]))
@@ -202,12 +203,14 @@ class MultiScaleRoIAlign(torch.nn.Module):
     ) -> Tensor:
         features = [v for k, v in x.items() if k in self.featmap_names]
         if not 1 <= len(features) <= MAX_LEVELS:
-            raise ValueError(f"featmap_names must select 1 to {MAX_LEVELS} feature maps of x, got {len(features)}")
+            raise ArgumentValueError(
+                f"featmap_names must select 1 to {MAX_LEVELS} feature maps of x, got {len(features)}"
+            )
         for name, f in zip(self.featmap_names, features, strict=False):
             _check_feature_map(f"x[{name!r}]", f)
         first = features[0]
         if any(f.shape[:2] != first.shape[:2] or f.device != first.device for f in features):
-            raise ValueError("the feature maps must share batch size, channel count and device")
+            raise ArgumentValueError("the feature maps must share batch size, channel count and device")
         features = [f.to(first.dtype) for f in features]
         scales, k_min = level_scales(features, image_shapes)
         ph, pw = _pair_size("output_size", self.output_size)
@@ -292,7 +295,7 @@ def crop_pool(
     _check_feature_map("input", input)
     ph, pw = _pair_size("output_size", output_size)
     if isinstance(sampling_ratio, bool) or not isinstance(sampling_ratio, int) or sampling_ratio < 1:
-        raise ValueError(f"sampling_ratio must be a positive int, got {sampling_ratio!r}")
+        raise ArgumentValueError(f"sampling_ratio must be a positive int, got {sampling_ratio!r}")
     rois = _rois_from_boxes(boxes, input.shape[0], input.device)
     return torch.ops.tritondet.crop_pool(input, rois, float(spatial_scale), ph, pw, sampling_ratio)[0]
 
@@ -318,7 +321,7 @@ def ps_roi_align(
     _check_feature_map("input", input)
     ph, pw = _pair_size("output_size", output_size)
     if input.shape[1] % (ph * pw):
-        raise ValueError(f"input must have a multiple of {ph * pw} channels, got {input.shape[1]}")
+        raise ArgumentValueError(f"input must have a multiple of {ph * pw} channels, got {input.shape[1]}")
     rois = _rois_from_boxes(boxes, input.shape[0], input.device)
     return torch.ops.tritondet.ps_roi_align(input, rois, float(spatial_scale), ph, pw, int(sampling_ratio))
 
@@ -362,7 +365,7 @@ def ps_roi_pool(
     _check_feature_map("input", input)
     ph, pw = _pair_size("output_size", output_size)
     if input.shape[1] % (ph * pw):
-        raise ValueError(f"input must have a multiple of {ph * pw} channels, got {input.shape[1]}")
+        raise ArgumentValueError(f"input must have a multiple of {ph * pw} channels, got {input.shape[1]}")
     rois = _rois_from_boxes(boxes, input.shape[0], input.device)
     return torch.ops.tritondet.ps_roi_pool(input, rois, float(spatial_scale), ph, pw)
 
