@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torchvision
 from torch import Tensor
@@ -12,32 +10,41 @@ from torch import Tensor
 from ..errors import ArgumentValueError
 from ..kernels import box_coder as _box_coder_family
 from ..kernels import box_iou as _box_iou_family
-from ._checks import box_coder_weights, check_choice, check_floating, check_same_device, check_tensor
+from ._checks import box_coder_weights, check_choice, check_floating, check_same_device, check_tensor, traced_call
 
 _ROTATED_FORMATS = ("cxcywhr", "xywhr", "xyxyxyxy")
 
 
-def _pairwise(boxes1: Tensor, boxes2: Tensor, kind: str, fmt: str = "xyxy", eps: float = 1e-7) -> Tensor:
-    """``[..., N, 4] x [..., M, 4] -> [..., N, M]`` with broadcast leading dimensions."""
+def _check_pairwise(boxes1, boxes2) -> None:
     check_tensor("boxes1", boxes1, min_dim=2, last_dim=4)
     check_tensor("boxes2", boxes2, min_dim=2, last_dim=4)
     check_same_device(boxes1=boxes1, boxes2=boxes2)
     try:
-        batch_shape = torch.broadcast_shapes(boxes1.shape[:-2], boxes2.shape[:-2])
+        torch.broadcast_shapes(boxes1.shape[:-2], boxes2.shape[:-2])
     except RuntimeError as error:
         raise ArgumentValueError(
             f"boxes1 and boxes2 leading dimensions do not broadcast: {tuple(boxes1.shape[:-2])} and "
             f"{tuple(boxes2.shape[:-2])}"
         ) from error
+
+
+def _pairwise(boxes1: Tensor, boxes2: Tensor, kind: str, fmt: str = "xyxy", eps: float = 1e-7) -> Tensor:
+    """``[..., N, 4] x [..., M, 4] -> [..., N, M]`` with broadcast leading dimensions."""
+    if not torch.jit.is_scripting():
+        _check_pairwise(boxes1, boxes2)
     if boxes1.dtype != boxes2.dtype:
         common = torch.promote_types(boxes1.dtype, boxes2.dtype)
         boxes1, boxes2 = boxes1.to(common), boxes2.to(common)
     n, m = boxes1.shape[-2], boxes2.shape[-2]
-    batch = math.prod(batch_shape)
-    flat1 = boxes1.expand(*batch_shape, n, 4).reshape(batch, n, 4)
-    flat2 = boxes2.expand(*batch_shape, m, 4).reshape(batch, m, 4)
+    batch_shape = torch.broadcast_shapes(boxes1.shape[:-2], boxes2.shape[:-2])
+    batch = 1
+    for size in batch_shape:
+        batch *= size
+    # Concatenated lists, not starred ones: TorchScript has no starred expressions.
+    flat1 = boxes1.expand(list(batch_shape) + [n, 4]).reshape(batch, n, 4)  # noqa: RUF005
+    flat2 = boxes2.expand(list(batch_shape) + [m, 4]).reshape(batch, m, 4)  # noqa: RUF005
     result = torch.ops.tritondet.pairwise_box_iou(flat1, flat2, kind, fmt, float(eps))
-    return result.reshape(*batch_shape, n, m)
+    return result.reshape(list(batch_shape) + [n, m])  # noqa: RUF005
 
 
 def box_iou(boxes1: Tensor, boxes2: Tensor, fmt: str = "xyxy") -> Tensor:
@@ -52,9 +59,14 @@ def box_iou(boxes1: Tensor, boxes2: Tensor, fmt: str = "xyxy") -> Tensor:
     Returns:
         Tensor[..., N, M]: fp32 (fp64 for fp64 boxes), NaN where the union is zero.
     """
-    if fmt in _ROTATED_FORMATS:
-        return torchvision.ops.box_iou(boxes1, boxes2, fmt=fmt)
-    check_choice("fmt", fmt, _box_iou_family.BOX_FORMATS + _ROTATED_FORMATS)
+    if not torch.jit.is_scripting():
+        traced = traced_call(box_iou, boxes1, boxes2, fmt)
+        if traced is not None:
+            return traced
+        if fmt in _ROTATED_FORMATS:
+            # torchvision's own function even where torchvision.ops.box_iou is rebound to this one.
+            return torchvision.ops.boxes.box_iou(boxes1, boxes2, fmt=fmt)
+        check_choice("fmt", fmt, _box_iou_family.BOX_FORMATS + _ROTATED_FORMATS)
     return _pairwise(boxes1, boxes2, "iou", fmt)
 
 
@@ -67,6 +79,10 @@ def generalized_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     Returns:
         Tensor[..., N, M]: fp32 (fp64 for fp64 boxes).
     """
+    if not torch.jit.is_scripting():
+        traced = traced_call(generalized_box_iou, boxes1, boxes2)
+        if traced is not None:
+            return traced
     return _pairwise(boxes1, boxes2, "giou")
 
 
@@ -80,6 +96,10 @@ def distance_box_iou(boxes1: Tensor, boxes2: Tensor, eps: float = 1e-7) -> Tenso
     Returns:
         Tensor[..., N, M]: fp32 (fp64 for fp64 boxes).
     """
+    if not torch.jit.is_scripting():
+        traced = traced_call(distance_box_iou, boxes1, boxes2, eps)
+        if traced is not None:
+            return traced
     return _pairwise(boxes1, boxes2, "diou", eps=eps)
 
 
@@ -93,6 +113,10 @@ def complete_box_iou(boxes1: Tensor, boxes2: Tensor, eps: float = 1e-7) -> Tenso
     Returns:
         Tensor[..., N, M]: fp32 (fp64 for fp64 boxes).
     """
+    if not torch.jit.is_scripting():
+        traced = traced_call(complete_box_iou, boxes1, boxes2, eps)
+        if traced is not None:
+            return traced
     return _pairwise(boxes1, boxes2, "ciou", eps=eps)
 
 
