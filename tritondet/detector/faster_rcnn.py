@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from .. import ops
+from ..ops._checks import check_counts
 from .backbone import build_backbone, feature_strides
 from .config import FasterRCNNConfig, TransformConfig, resnet50_fpn
 from .roi_heads import RoIHeads
@@ -253,6 +254,9 @@ class FasterRCNN(nn.Module):
             raise ValueError(
                 f"image_sizes must be a Tensor[B, 2] = [{images.shape[0]}, 2], got {getattr(image_sizes, 'shape', None)}"
             )
+        # Sizes within the padded batch, checked without a host sync (a device-side assert on CUDA).
+        check_counts("image_sizes[:, 0] (heights)", image_sizes[:, 0], images.shape[-2], lower=1)
+        check_counts("image_sizes[:, 1] (widths)", image_sizes[:, 1], images.shape[-1], lower=1)
         padded = normalize_padded(images, image_sizes, self.image_mean, self.image_std)
         boxes, scores, labels, num_valid = self._detect(padded, image_sizes, [tuple(images.shape[-2:])])
         if original_image_sizes is not None:

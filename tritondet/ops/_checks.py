@@ -78,17 +78,17 @@ def check_choice(name: str, value, choices) -> None:
         raise ArgumentValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
 
 
-def check_counts(name: str, counts: torch.Tensor, upper: int) -> None:
-    """Every value of the integer tensor ``counts`` lies in ``[0, upper]``, checked without a host sync.
+def check_counts(name: str, counts: torch.Tensor, upper: int, lower: int = 0) -> None:
+    """Every value of the integer tensor ``counts`` lies in ``[lower, upper]``, checked without a host sync.
 
-    ``torch._assert_async`` raises at once on the CPU (re-raised here as a ``ValueError`` naming
-    the argument) and becomes a device-side assert on CUDA, so the check never waits for the GPU.
+    ``torch._assert_async`` raises at once on the CPU (re-raised here as an ``ArgumentValueError``
+    naming the argument) and becomes a device-side assert on CUDA, so the check never waits for the GPU.
     """
     if counts.is_floating_point() or counts.dtype == torch.bool or counts.is_complex():
         raise ArgumentTypeError(f"{name} must be an integer tensor, got dtype {counts.dtype}")
-    message = f"{name} values must lie in [0, {upper}]"
+    message = f"{name} values must lie in [{lower}, {upper}]"
     try:
-        torch._assert_async(((counts >= 0) & (counts <= upper)).all(), message)
+        torch._assert_async(((counts >= lower) & (counts <= upper)).all(), message)
     except RuntimeError as error:
         raise ArgumentValueError(message) from error
 

@@ -37,9 +37,15 @@ def _pair_size(value: int | tuple[int, int] | list[int]) -> tuple[int, int]:
     return value
 
 
+# Feature maps are at most this many times finer than the box coordinates (detectors use 1/4 to
+# 1/64); beyond it, adaptive sample counts (box size times scale) overflow the sampling grids.
+MAX_SPATIAL_SCALE = 2.0**16
+
+
 def _check_spatial_scale(spatial_scale) -> None:
-    if not math.isfinite(check_real("spatial_scale", spatial_scale)):
-        raise ArgumentValueError(f"spatial_scale must be finite, got {spatial_scale!r}")
+    scale = check_real("spatial_scale", spatial_scale)
+    if not (math.isfinite(scale) and abs(scale) <= MAX_SPATIAL_SCALE):
+        raise ArgumentValueError(f"spatial_scale must be finite with |spatial_scale| <= 2**16, got {spatial_scale!r}")
 
 
 def _check_feature_map(name: str, value) -> Tensor:
@@ -333,6 +339,7 @@ class MultiScaleRoIAlign(torch.nn.Module):
         canonical_level: int = 4,
     ):
         super().__init__()
+        _check_output_size(output_size)
         if isinstance(output_size, int):
             output_size = (output_size, output_size)
         self.featmap_names = featmap_names

@@ -11,7 +11,7 @@ from ..kernels import anchors as _anchors_family
 from ..kernels import box_coder as _box_coder_family
 from ..kernels import rpn_proposals as _rpn_family
 from ..kernels._common import MAX_LEVELS
-from ._checks import box_coder_weights, check_floating, check_same_device, check_tensor
+from ._checks import box_coder_weights, check_counts, check_floating, check_int, check_same_device, check_tensor
 
 
 def grid_anchors(
@@ -91,6 +91,11 @@ class AnchorGenerator(nn.Module):
                 f"feature_maps has {len(feature_maps)} levels but the generator has sizes for {len(self._sizes)}"
             )
         grid_sizes = [tuple(feature_map.shape[-2:]) for feature_map in feature_maps]
+        for level, (height, width) in enumerate(grid_sizes):
+            if height == 0 or width == 0:
+                raise ArgumentValueError(
+                    f"feature_maps[{level}] has an empty map {height}x{width}: no stride to place anchors at"
+                )
         image_height, image_width = image_list.tensors.shape[-2:]
         strides = [(image_height // height, image_width // width) for height, width in grid_sizes]
         anchors = grid_anchors(
@@ -110,9 +115,11 @@ def _per_level_strides(strides, num_levels: int) -> list[int]:
         raise ArgumentValueError(f"strides must have one entry per level ({num_levels}), got {strides!r}")
     flat = []
     for stride in strides:
-        pair = (stride, stride) if isinstance(stride, int) else tuple(stride)
-        if len(pair) != 2 or any(not isinstance(s, int) or s <= 0 for s in pair):
-            raise ArgumentValueError(f"strides must be positive ints or (height, width) pairs of them, got {strides!r}")
+        pair = (stride, stride) if not isinstance(stride, (list, tuple)) else tuple(stride)
+        if len(pair) != 2 or any(isinstance(s, bool) or not isinstance(s, int) for s in pair):
+            raise ArgumentTypeError(f"strides must be ints or (height, width) pairs of ints, got {strides!r}")
+        if min(pair) <= 0:
+            raise ArgumentValueError(f"strides must be positive, got {strides!r}")
         flat += pair
     return flat
 
@@ -198,9 +205,8 @@ def rpn_proposals(
         check_same_device(image_sizes=image_sizes, objectness=logits, deltas=codes)
     if len({o.dtype for o in objectness}) != 1:
         raise ArgumentTypeError(f"all levels must share one dtype, got {[o.dtype for o in objectness]}")
-    for name, value in (("pre_nms_top_n", pre_nms_top_n), ("post_nms_top_n", post_nms_top_n)):
-        if not isinstance(value, int) or value < 0:
-            raise ArgumentValueError(f"{name} must be a non-negative int, got {value!r}")
+    check_int("pre_nms_top_n", pre_nms_top_n, minimum=0)
+    check_int("post_nms_top_n", post_nms_top_n, minimum=0)
     boxes, scores, num_valid = torch.ops.tritondet.rpn_proposals(
         list(objectness),
         list(deltas),
@@ -291,8 +297,8 @@ def postprocess_detections(
         num_valid=num_valid,
         image_sizes=image_sizes,
     )
-    if not isinstance(detections_per_img, int) or detections_per_img < 0:
-        raise ArgumentValueError(f"detections_per_img must be a non-negative int, got {detections_per_img!r}")
+    check_counts("num_valid", num_valid, count)
+    check_int("detections_per_img", detections_per_img, minimum=0)
     return torch.ops.tritondet.postprocess_detections(
         class_logits,
         box_regression,
