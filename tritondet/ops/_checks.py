@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from ..errors import ArgumentTypeError, ArgumentValueError
@@ -21,8 +23,9 @@ def check_tensor(name: str, value, *, min_dim: int = 0, last_dim: int | None = N
 
 
 def check_real(name: str, value) -> float:
-    """``value`` as a float; ``ArgumentTypeError`` unless it is a real number (a bool is not)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    """``value`` as a float; ``ArgumentTypeError`` unless it is a real number (a Python or NumPy
+    int or float; a bool is not)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ArgumentTypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
     return float(value)
 

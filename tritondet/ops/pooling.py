@@ -173,7 +173,8 @@ def roi_align(
             per image. A batch index that is not an integer in ``[0, N)`` raises ``ValueError`` on
             CPU tensors (and with ``TRITONDET_VALIDATE=1``); otherwise that RoI's output is zero.
         output_size (int or Tuple[int, int]): ``(PH, PW)`` bins.
-        spatial_scale (float): factor from box coordinates to input coordinates (finite).
+        spatial_scale (float): factor from box coordinates to input coordinates (finite, at most
+            ``MAX_SPATIAL_SCALE`` = 2**16 in magnitude).
         sampling_ratio (int): samples per bin along each axis; ``<= 0``: ``ceil(roi_size / bins)``.
         aligned (bool): shift the boxes by -0.5 pixel (Detectron2); False: legacy, RoIs at least 1x1.
 
