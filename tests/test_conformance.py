@@ -190,6 +190,12 @@ BAD_ARGUMENTS = [
     (lambda: ops.roi_align(x8, box5, 2, float("inf")), errors.ArgumentValueError, "spatial_scale"),
     (lambda: ops.roi_align(x8, box5, 2, 1e30), errors.ArgumentValueError, "spatial_scale"),
     (lambda: ops.roi_pool(x8, box5, 2, "1"), errors.ArgumentTypeError, "spatial_scale"),
+    (lambda: ops.soft_nms(boxes4, scores4, sigma="1"), errors.ArgumentTypeError, "sigma"),
+    (
+        lambda: ops.batched_nms_padded(torch.rand(1, 3, 4), torch.rand(1, 3), None, 4),
+        errors.ArgumentTypeError,
+        "iou_threshold",
+    ),
     (
         lambda: ops.batched_nms_padded(torch.rand(1, 3, 4), torch.rand(1, 3), 0.5, True),
         errors.ArgumentTypeError,

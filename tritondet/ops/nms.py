@@ -152,6 +152,8 @@ def batched_nms_padded(
             f"got {tuple(scores.shape)}"
         )
     check_same_device(boxes=boxes, scores=scores)
+    check_real("iou_threshold", iou_threshold)
+    check_real("score_threshold", score_threshold)
     check_int("max_output", max_output, minimum=0)
     if pre_nms_top_n is not None:
         check_int("pre_nms_top_n", pre_nms_top_n, minimum=0)
@@ -191,7 +193,8 @@ def soft_nms(
     """
     check_nms_inputs(boxes, scores, iou_threshold)
     check_choice("method", method, _nms_family.SOFT_NMS_METHODS)
-    if not sigma > 0:
+    check_real("score_threshold", score_threshold)
+    if not check_real("sigma", sigma) > 0:
         raise ArgumentValueError(f"sigma must be positive, got {sigma!r}")
     return torch.ops.tritondet.soft_nms(
         boxes, scores, float(iou_threshold), float(sigma), float(score_threshold), method
