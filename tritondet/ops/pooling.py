@@ -475,9 +475,10 @@ def ps_roi_align(
         _check_output_size(output_size)
         _check_spatial_scale(spatial_scale)
         check_int("sampling_ratio", sampling_ratio)
-        _check_position_sensitive_channels(input, output_size)
     ph, pw = _pair_size(output_size)
     rois = _rois_from_boxes(boxes, input.shape[0], input.device)
+    if not torch.jit.is_scripting():  # after the boxes' shape, as torchvision checks
+        _check_position_sensitive_channels(input, output_size)
     return torch.ops.tritondet.ps_roi_align(input, rois, float(spatial_scale), ph, pw, sampling_ratio)
 
 
@@ -527,9 +528,10 @@ def ps_roi_pool(
         _check_feature_map("input", input)
         _check_output_size(output_size)
         _check_spatial_scale(spatial_scale)
-        _check_position_sensitive_channels(input, output_size)
     ph, pw = _pair_size(output_size)
     rois = _rois_from_boxes(boxes, input.shape[0], input.device)
+    if not torch.jit.is_scripting():  # after the boxes' shape, as torchvision checks
+        _check_position_sensitive_channels(input, output_size)
     return torch.ops.tritondet.ps_roi_pool(input, rois, float(spatial_scale), ph, pw)
 
 
