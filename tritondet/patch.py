@@ -5,6 +5,10 @@ After the patch, ``torchvision::nms``, ``roi_align``, ``_roi_align_backward``, `
 torchvision detector and any code calling ``torchvision.ops`` runs on our kernels unchanged.
 torchvision's autograd and autocast wrappers stay in front of our kernels. ``unpatch_torchvision()``
 restores torchvision's own kernels.
+
+The patched kernels check their arguments as :mod:`tritondet.ops` does (errors from
+:mod:`tritondet.errors`, which ``except RuntimeError`` catches as it catches torchvision's), and
+return torchvision's dtypes (``roi_pool``'s argmax is int32).
 """
 
 from __future__ import annotations
@@ -12,16 +16,28 @@ from __future__ import annotations
 import torch
 import torchvision  # noqa: F401  (registers the torchvision:: ops being overridden)
 
+from .ops import _checks
+from .ops.nms import check_nms_inputs
+
 _library: torch.library.Library | None = None
 # (k_min, canonical_scale, canonical_level) of a single-level roi_align: no level assignment.
 _SINGLE_LEVEL = (0, 224.0, 4.0)
 
 
 def _nms(dets: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:
+    check_nms_inputs(dets, scores, iou_threshold, same_dtype=True)
     return torch.ops.tritondet.nms(dets, scores, iou_threshold)
 
 
+def _check_roi_batch_indices(input: torch.Tensor, rois: torch.Tensor) -> None:
+    """Raise, as :func:`tritondet.ops.roi_align` does, on a RoI whose batch index is out of range
+    (where validation is on: CPU tensors, or ``TRITONDET_VALIDATE=1``)."""
+    if _checks.validation_enabled(input.device):
+        _checks.check_roi_batch_indices("rois", rois, input.shape[0])
+
+
 def _roi_align(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned):
+    _check_roi_batch_indices(input, rois)
     return torch.ops.tritondet.roi_align(
         [input], rois, [spatial_scale], pooled_height, pooled_width, sampling_ratio, aligned, *_SINGLE_LEVEL
     )
@@ -39,6 +55,7 @@ def _roi_align_backward(
 
 
 def _roi_pool(input, rois, spatial_scale, pooled_height, pooled_width):
+    _check_roi_batch_indices(input, rois)
     return torch.ops.tritondet.roi_pool(input, rois, spatial_scale, pooled_height, pooled_width)
 
 

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from .. import ops
+from ..ops._checks import check_counts
 from .backbone import build_backbone, feature_strides
 from .config import FasterRCNNConfig, TransformConfig, resnet50_fpn
 from .roi_heads import RoIHeads
@@ -73,13 +74,16 @@ def normalize_padded(images: Tensor, image_sizes: Tensor, mean: Tensor, std: Ten
 
 
 def check_padded_batch(images, image_sizes) -> None:
-    """Raise ``ValueError`` unless ``images`` is a ``Tensor[B, 3, H, W]`` and ``image_sizes`` a ``Tensor[B, 2]``."""
+    """Raise ``ValueError`` unless ``images`` is a ``Tensor[B, 3, H, W]`` and ``image_sizes`` a ``Tensor[B, 2]``
+    of sizes within the padded batch (checked without a host sync: a device-side assert on CUDA)."""
     if not isinstance(images, Tensor) or images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(f"images must be a Tensor[B, 3, H, W], got {getattr(images, 'shape', type(images))}")
     if not isinstance(image_sizes, Tensor) or image_sizes.shape != (images.shape[0], 2):
         raise ValueError(
             f"image_sizes must be a Tensor[B, 2] = [{images.shape[0]}, 2], got {getattr(image_sizes, 'shape', None)}"
         )
+    check_counts("image_sizes[:, 0] (heights)", image_sizes[:, 0], images.shape[-2], lower=1)
+    check_counts("image_sizes[:, 1] (widths)", image_sizes[:, 1], images.shape[-1], lower=1)
 
 
 def rescale_padded_boxes(boxes: Tensor, image_sizes: Tensor, original_image_sizes: Tensor) -> Tensor:

@@ -88,12 +88,12 @@ def ps_roi_align_backward_cpu(
 def roi_pool_cpu(
     input: torch.Tensor, rois: torch.Tensor, spatial_scale: float, output_size: tuple[int, int]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[N, C, H, W], [K, 5] -> ([K, C, PH, PW] maxima in the input's dtype, int64 argmax)``."""
+    """``[N, C, H, W], [K, 5] -> ([K, C, PH, PW] maxima in the input's dtype, int32 argmax)``."""
     compute_dtype = compute_dtype_of(input.dtype)
     out, argmax = torch.ops.torchvision.roi_pool(
         input.to(compute_dtype), rois.to(compute_dtype), spatial_scale, *output_size
     )
-    return out.contiguous().to(input.dtype), argmax.to(torch.int64)
+    return out.contiguous().to(input.dtype), argmax
 
 
 def ps_roi_pool_cpu(

@@ -299,21 +299,24 @@ def _(grad, input, rois, spatial_scale, output_size):
 def roi_pool_op(
     input: torch.Tensor, rois: torch.Tensor, spatial_scale: float, pooled_height: int, pooled_width: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[N, C, H, W], [K, 5] -> ([K, C, PH, PW] maxima, [K, C, PH, PW] int64 argmax)``."""
+    """``[N, C, H, W], [K, 5] -> ([K, C, PH, PW] maxima, [K, C, PH, PW] int32 argmax)``: torchvision's
+    schema and dtypes (``torchvision::roi_pool`` returns an int32 argmax)."""
     if no_pixels(input):
         shape = (rois.shape[0], input.shape[1], pooled_height, pooled_width)
-        return input.new_zeros(shape), input.new_full(shape, -1, dtype=torch.int64)
+        return input.new_zeros(shape), input.new_full(shape, -1, dtype=torch.int32)
     if use_triton(input.device):
-        return roi_pool_triton(input, rois, spatial_scale, (pooled_height, pooled_width))
-    if use_fast_cpu(input.device) and torchvision_reads(rois, input.shape[0]):
-        return roi_pool_cpu(input, rois, spatial_scale, (pooled_height, pooled_width))
-    return roi_pool_reference(input, rois, spatial_scale, (pooled_height, pooled_width))
+        maxima, argmax = roi_pool_triton(input, rois, spatial_scale, (pooled_height, pooled_width))
+    elif use_fast_cpu(input.device) and torchvision_reads(rois, input.shape[0]):
+        maxima, argmax = roi_pool_cpu(input, rois, spatial_scale, (pooled_height, pooled_width))
+    else:
+        maxima, argmax = roi_pool_reference(input, rois, spatial_scale, (pooled_height, pooled_width))
+    return maxima, argmax.to(torch.int32)
 
 
 @roi_pool_op.register_fake
 def _(input, rois, spatial_scale, pooled_height, pooled_width):
     shape = (rois.shape[0], input.shape[1], pooled_height, pooled_width)
-    return input.new_empty(shape), input.new_empty(shape, dtype=torch.int64)
+    return input.new_empty(shape), input.new_empty(shape, dtype=torch.int32)
 
 
 def roi_pool_backward(grad: torch.Tensor, argmax: torch.Tensor, rois: torch.Tensor, input_shape) -> torch.Tensor:

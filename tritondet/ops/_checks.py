@@ -2,25 +2,65 @@
 
 from __future__ import annotations
 
+import numbers
+
 import torch
+
+from ..errors import ArgumentTypeError, ArgumentValueError
 
 
 def check_tensor(name: str, value, *, min_dim: int = 0, last_dim: int | None = None) -> torch.Tensor:
     """Raise ``TypeError``/``ValueError`` unless ``value`` is a real-valued tensor of the given rank."""
     if not isinstance(value, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+        raise ArgumentTypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     if value.dtype == torch.bool or value.is_complex():
-        raise TypeError(f"{name} must hold real numbers, got dtype {value.dtype}")
+        raise ArgumentTypeError(f"{name} must hold real numbers, got dtype {value.dtype}")
     if value.dim() < min_dim:
-        raise ValueError(f"{name} must have at least {min_dim} dimensions, got shape {tuple(value.shape)}")
+        raise ArgumentValueError(f"{name} must have at least {min_dim} dimensions, got shape {tuple(value.shape)}")
     if last_dim is not None and (value.dim() == 0 or value.shape[-1] != last_dim):
-        raise ValueError(f"{name} must have shape [..., {last_dim}], got shape {tuple(value.shape)}")
+        raise ArgumentValueError(f"{name} must have shape [..., {last_dim}], got shape {tuple(value.shape)}")
     return value
+
+
+def check_real(name: str, value) -> float:
+    """``value`` as a float; ``ArgumentTypeError`` unless it is a real number (a Python or NumPy
+    int or float; a bool is not)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ArgumentTypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    return float(value)
+
+
+def check_int(name: str, value, *, minimum: int | None = None) -> int:
+    """``value`` unchanged; ``ArgumentTypeError`` unless it is an int (a bool or a float is not),
+    ``ArgumentValueError`` when it is below ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ArgumentTypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if minimum is not None and value < minimum:
+        raise ArgumentValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return value
+
+
+def check_bool(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise ArgumentTypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+    return value
+
+
+def traced_call(function, *args):
+    """Under ``torch.fx`` symbolic tracing (an argument, or an element of a list, tuple or dict
+    argument, is a ``torch.fx.Proxy``): the proxy of one call to ``function``, which stays a leaf
+    of the graph as torchvision's ``torch.fx.wrap``-ed ops do; otherwise None."""
+    for value in args:
+        values = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else (value,)
+        for item in values:
+            if isinstance(item, torch.fx.Proxy):
+                return item.tracer.create_proxy("call_function", function, args, {})
+    return None
 
 
 def check_floating(name: str, value: torch.Tensor) -> torch.Tensor:
     if not value.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
+        raise ArgumentTypeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
     return value
 
 
@@ -30,7 +70,7 @@ def check_same_device(**tensors: torch.Tensor) -> torch.device:
     first = names[0]
     for name in names[1:]:
         if tensors[name].device != tensors[first].device:
-            raise ValueError(
+            raise ArgumentValueError(
                 f"{first} and {name} must be on the same device, got {tensors[first].device} and {tensors[name].device}"
             )
     return tensors[first].device
@@ -38,22 +78,22 @@ def check_same_device(**tensors: torch.Tensor) -> torch.device:
 
 def check_choice(name: str, value, choices) -> None:
     if value not in choices:
-        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+        raise ArgumentValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
 
 
-def check_counts(name: str, counts: torch.Tensor, upper: int) -> None:
-    """Every value of the integer tensor ``counts`` lies in ``[0, upper]``, checked without a host sync.
+def check_counts(name: str, counts: torch.Tensor, upper: int, lower: int = 0) -> None:
+    """Every value of the integer tensor ``counts`` lies in ``[lower, upper]``, checked without a host sync.
 
-    ``torch._assert_async`` raises at once on the CPU (re-raised here as a ``ValueError`` naming
-    the argument) and becomes a device-side assert on CUDA, so the check never waits for the GPU.
+    ``torch._assert_async`` raises at once on the CPU (re-raised here as an ``ArgumentValueError``
+    naming the argument) and becomes a device-side assert on CUDA, so the check never waits for the GPU.
     """
     if counts.is_floating_point() or counts.dtype == torch.bool or counts.is_complex():
-        raise TypeError(f"{name} must be an integer tensor, got dtype {counts.dtype}")
-    message = f"{name} values must lie in [0, {upper}]"
+        raise ArgumentTypeError(f"{name} must be an integer tensor, got dtype {counts.dtype}")
+    message = f"{name} values must lie in [{lower}, {upper}]"
     try:
-        torch._assert_async(((counts >= 0) & (counts <= upper)).all(), message)
+        torch._assert_async(((counts >= lower) & (counts <= upper)).all(), message)
     except RuntimeError as error:
-        raise ValueError(message) from error
+        raise ArgumentValueError(message) from error
 
 
 VALIDATE_VARIABLE = "TRITONDET_VALIDATE"
@@ -78,7 +118,7 @@ def check_roi_batch_indices(name: str, rois: torch.Tensor, num_images: int) -> N
     bad = ~((index >= 0) & (index < num_images) & (index == index.floor()))
     if bool(bad.any()):
         first = int(bad.int().argmax())
-        raise ValueError(
+        raise ArgumentValueError(
             f"{name}[{first}] has batch index {index[first].item()}, which is not an integer in [0, {num_images})"
         )
 
@@ -87,12 +127,12 @@ def box_coder_weights(weights) -> list[float]:
     """Four Python floats from a sequence or a 4-element tensor (a CUDA tensor is read back once)."""
     if isinstance(weights, torch.Tensor):
         if weights.numel() != 4:
-            raise ValueError(f"weights must have 4 elements (wx, wy, ww, wh), got shape {tuple(weights.shape)}")
+            raise ArgumentValueError(f"weights must have 4 elements (wx, wy, ww, wh), got shape {tuple(weights.shape)}")
         return [float(w) for w in weights.detach().reshape(4).tolist()]
     try:
         values = [float(w) for w in weights]
     except (TypeError, ValueError) as error:
-        raise TypeError(f"weights must be 4 numbers (wx, wy, ww, wh), got {weights!r}") from error
+        raise ArgumentTypeError(f"weights must be 4 numbers (wx, wy, ww, wh), got {weights!r}") from error
     if len(values) != 4:
-        raise ValueError(f"weights must have 4 elements (wx, wy, ww, wh), got {len(values)}")
+        raise ArgumentValueError(f"weights must have 4 elements (wx, wy, ww, wh), got {len(values)}")
     return values

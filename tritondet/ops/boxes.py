@@ -3,40 +3,48 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torchvision
 from torch import Tensor
 
+from ..errors import ArgumentValueError
 from ..kernels import box_coder as _box_coder_family
 from ..kernels import box_iou as _box_iou_family
-from ._checks import box_coder_weights, check_choice, check_floating, check_same_device, check_tensor
+from ._checks import box_coder_weights, check_choice, check_floating, check_same_device, check_tensor, traced_call
 
 _ROTATED_FORMATS = ("cxcywhr", "xywhr", "xyxyxyxy")
 
 
-def _pairwise(boxes1: Tensor, boxes2: Tensor, kind: str, fmt: str = "xyxy", eps: float = 1e-7) -> Tensor:
-    """``[..., N, 4] x [..., M, 4] -> [..., N, M]`` with broadcast leading dimensions."""
+def _check_pairwise(boxes1, boxes2) -> None:
     check_tensor("boxes1", boxes1, min_dim=2, last_dim=4)
     check_tensor("boxes2", boxes2, min_dim=2, last_dim=4)
     check_same_device(boxes1=boxes1, boxes2=boxes2)
     try:
-        batch_shape = torch.broadcast_shapes(boxes1.shape[:-2], boxes2.shape[:-2])
+        torch.broadcast_shapes(boxes1.shape[:-2], boxes2.shape[:-2])
     except RuntimeError as error:
-        raise ValueError(
+        raise ArgumentValueError(
             f"boxes1 and boxes2 leading dimensions do not broadcast: {tuple(boxes1.shape[:-2])} and "
             f"{tuple(boxes2.shape[:-2])}"
         ) from error
+
+
+def _pairwise(boxes1: Tensor, boxes2: Tensor, kind: str, fmt: str = "xyxy", eps: float = 1e-7) -> Tensor:
+    """``[..., N, 4] x [..., M, 4] -> [..., N, M]`` with broadcast leading dimensions."""
+    if not torch.jit.is_scripting():
+        _check_pairwise(boxes1, boxes2)
     if boxes1.dtype != boxes2.dtype:
         common = torch.promote_types(boxes1.dtype, boxes2.dtype)
         boxes1, boxes2 = boxes1.to(common), boxes2.to(common)
     n, m = boxes1.shape[-2], boxes2.shape[-2]
-    batch = math.prod(batch_shape)
-    flat1 = boxes1.expand(*batch_shape, n, 4).reshape(batch, n, 4)
-    flat2 = boxes2.expand(*batch_shape, m, 4).reshape(batch, m, 4)
+    batch_shape = torch.broadcast_shapes(boxes1.shape[:-2], boxes2.shape[:-2])
+    batch = 1
+    for size in batch_shape:
+        batch *= size
+    # Concatenated lists, not starred ones: TorchScript has no starred expressions.
+    flat1 = boxes1.expand(list(batch_shape) + [n, 4]).reshape(batch, n, 4)  # noqa: RUF005
+    flat2 = boxes2.expand(list(batch_shape) + [m, 4]).reshape(batch, m, 4)  # noqa: RUF005
     result = torch.ops.tritondet.pairwise_box_iou(flat1, flat2, kind, fmt, float(eps))
-    return result.reshape(*batch_shape, n, m)
+    return result.reshape(list(batch_shape) + [n, m])  # noqa: RUF005
 
 
 def box_iou(boxes1: Tensor, boxes2: Tensor, fmt: str = "xyxy") -> Tensor:
@@ -51,9 +59,14 @@ def box_iou(boxes1: Tensor, boxes2: Tensor, fmt: str = "xyxy") -> Tensor:
     Returns:
         Tensor[..., N, M]: fp32 (fp64 for fp64 boxes), NaN where the union is zero.
     """
-    if fmt in _ROTATED_FORMATS:
-        return torchvision.ops.box_iou(boxes1, boxes2, fmt=fmt)
-    check_choice("fmt", fmt, _box_iou_family.BOX_FORMATS + _ROTATED_FORMATS)
+    if not torch.jit.is_scripting():
+        traced = traced_call(box_iou, boxes1, boxes2, fmt)
+        if traced is not None:
+            return traced
+        if fmt in _ROTATED_FORMATS:
+            # torchvision's own function even where torchvision.ops.box_iou is rebound to this one.
+            return torchvision.ops.boxes.box_iou(boxes1, boxes2, fmt=fmt)
+        check_choice("fmt", fmt, _box_iou_family.BOX_FORMATS + _ROTATED_FORMATS)
     return _pairwise(boxes1, boxes2, "iou", fmt)
 
 
@@ -66,6 +79,10 @@ def generalized_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     Returns:
         Tensor[..., N, M]: fp32 (fp64 for fp64 boxes).
     """
+    if not torch.jit.is_scripting():
+        traced = traced_call(generalized_box_iou, boxes1, boxes2)
+        if traced is not None:
+            return traced
     return _pairwise(boxes1, boxes2, "giou")
 
 
@@ -79,6 +96,10 @@ def distance_box_iou(boxes1: Tensor, boxes2: Tensor, eps: float = 1e-7) -> Tenso
     Returns:
         Tensor[..., N, M]: fp32 (fp64 for fp64 boxes).
     """
+    if not torch.jit.is_scripting():
+        traced = traced_call(distance_box_iou, boxes1, boxes2, eps)
+        if traced is not None:
+            return traced
     return _pairwise(boxes1, boxes2, "diou", eps=eps)
 
 
@@ -92,6 +113,10 @@ def complete_box_iou(boxes1: Tensor, boxes2: Tensor, eps: float = 1e-7) -> Tenso
     Returns:
         Tensor[..., N, M]: fp32 (fp64 for fp64 boxes).
     """
+    if not torch.jit.is_scripting():
+        traced = traced_call(complete_box_iou, boxes1, boxes2, eps)
+        if traced is not None:
+            return traced
     return _pairwise(boxes1, boxes2, "ciou", eps=eps)
 
 
@@ -107,11 +132,11 @@ def batched_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     check_tensor("boxes1", boxes1, last_dim=4)
     check_tensor("boxes2", boxes2, last_dim=4)
     if boxes1.dim() != 3 or boxes2.dim() != 3:
-        raise ValueError(
+        raise ArgumentValueError(
             f"boxes1 and boxes2 must be [B, N, 4] and [B, M, 4], got {tuple(boxes1.shape)} and {tuple(boxes2.shape)}"
         )
     if boxes1.shape[0] != boxes2.shape[0]:
-        raise ValueError(
+        raise ArgumentValueError(
             f"boxes1 and boxes2 must have the same batch size, got {boxes1.shape[0]} and {boxes2.shape[0]}"
         )
     return _pairwise(boxes1, boxes2, "iou")
@@ -136,7 +161,7 @@ def encode_boxes(reference_boxes: Tensor, proposals: Tensor, weights) -> Tensor:
     check_floating("proposals", proposals)
     check_same_device(reference_boxes=reference_boxes, proposals=proposals)
     if reference_boxes.shape != proposals.shape:
-        raise ValueError(
+        raise ArgumentValueError(
             f"reference_boxes and proposals must have the same shape, got {tuple(reference_boxes.shape)} and "
             f"{tuple(proposals.shape)}"
         )
@@ -171,15 +196,15 @@ def decode_boxes(
     check_floating("boxes", boxes)
     check_same_device(deltas=deltas, boxes=boxes)
     if deltas.shape[-1] % 4 != 0:
-        raise ValueError(f"deltas must have shape [..., 4K], got {tuple(deltas.shape)}")
+        raise ArgumentValueError(f"deltas must have shape [..., 4K], got {tuple(deltas.shape)}")
     if deltas.shape[:-1] != boxes.shape[:-1]:
-        raise ValueError(
+        raise ArgumentValueError(
             f"deltas and boxes must have the same leading dimensions, got {tuple(deltas.shape)} and "
             f"{tuple(boxes.shape)}"
         )
     values = box_coder_weights(weights)
     if 0.0 in values:
-        raise ValueError(f"weights must be non-zero to decode, got {values}")
+        raise ArgumentValueError(f"weights must be non-zero to decode, got {values}")
     shape = deltas.shape
     result = torch.ops.tritondet.decode_boxes(
         deltas.reshape(-1, shape[-1]), boxes.reshape(-1, 4), values, float(bbox_xform_clip)

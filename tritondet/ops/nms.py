@@ -5,24 +5,38 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..errors import ArgumentTypeError, ArgumentValueError
 from ..kernels import nms as _nms_family
-from ._checks import check_choice, check_floating, check_same_device, check_tensor
+from ._checks import check_choice, check_floating, check_int, check_real, check_same_device, check_tensor, traced_call
 
 
-def _check_nms_inputs(boxes: Tensor, scores: Tensor, **extra: Tensor) -> None:
-    check_tensor("boxes", boxes, last_dim=4)
+def check_nms_inputs(
+    boxes: Tensor, scores: Tensor, iou_threshold, *, same_dtype: bool = False, **extra: Tensor
+) -> None:
+    """The checks of torchvision's ``nms``, with errors naming the argument: ``boxes`` a floating
+    ``Tensor[N, 4]``, ``scores`` (and every ``extra`` tensor) ``Tensor[N]``, one device, a real
+    ``iou_threshold``; with ``same_dtype``, boxes and scores of one dtype (torchvision's kernel
+    requires it; tritondet's ops compare in fp32 whatever the two dtypes)."""
+    check_tensor("boxes", boxes)
     check_floating("boxes", boxes)
     check_tensor("scores", scores)
     check_floating("scores", scores)
-    if boxes.dim() != 2:
-        raise ValueError(f"boxes must have shape [N, 4], got {tuple(boxes.shape)}")
+    if boxes.dim() != 2 or boxes.shape[1] != 4:
+        raise ArgumentValueError(f"boxes must have shape [N, 4], got {tuple(boxes.shape)}")
     if scores.dim() != 1 or scores.shape[0] != boxes.shape[0]:
-        raise ValueError(f"scores must have shape [N] = [{boxes.shape[0]}] like boxes, got {tuple(scores.shape)}")
+        raise ArgumentValueError(
+            f"scores must have shape [N] = [{boxes.shape[0]}] like boxes, got {tuple(scores.shape)}"
+        )
     for name, value in extra.items():
         check_tensor(name, value)
         if value.dim() != 1 or value.shape[0] != boxes.shape[0]:
-            raise ValueError(f"{name} must have shape [N] = [{boxes.shape[0]}] like boxes, got {tuple(value.shape)}")
+            raise ArgumentValueError(
+                f"{name} must have shape [N] = [{boxes.shape[0]}] like boxes, got {tuple(value.shape)}"
+            )
     check_same_device(boxes=boxes, scores=scores, **extra)
+    if same_dtype and boxes.dtype != scores.dtype:
+        raise ArgumentTypeError(f"boxes and scores must have the same dtype, got {boxes.dtype} and {scores.dtype}")
+    check_real("iou_threshold", iou_threshold)
 
 
 def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
@@ -31,6 +45,7 @@ def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
 
     Args:
         boxes (Tensor[N, 4]): ``(x1, y1, x2, y2)`` boxes (floating point); IoU in fp32 (fp64 for fp64).
+            Quantized boxes and scores go to torchvision's quantized kernel.
         scores (Tensor[N]): one score per box. Equal scores keep their input order; NaN scores
             count as lower than every other score (never kept ahead of a finite score).
         iou_threshold (float): suppress when IoU > iou_threshold (strictly).
@@ -39,7 +54,15 @@ def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
         Tensor[K]: int64 indices of the kept boxes, by decreasing score. On the GPU the greedy pass
         runs on the device; the only host sync is learning K.
     """
-    _check_nms_inputs(boxes, scores)
+    if not torch.jit.is_scripting():
+        traced = traced_call(nms, boxes, scores, iou_threshold)
+        if traced is not None:
+            return traced
+        if isinstance(boxes, Tensor) and boxes.is_quantized:
+            return torch.ops.torchvision.qnms(
+                boxes.int_repr(), scores.int_repr(), check_real("iou_threshold", iou_threshold)
+            )
+        check_nms_inputs(boxes, scores, iou_threshold)
     return torch.ops.tritondet.nms(boxes, scores, float(iou_threshold))
 
 
@@ -55,11 +78,20 @@ def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: floa
         Tensor[K]: int64 indices of the kept boxes, by decreasing score. All categories run as
         independent segments in two kernel launches (a block-diagonal bit mask, one bit per box
         pair of a category: 100,000 boxes of one category take 1.25 GB). Host syncs: two (the mask
-        size, then K); no Python loop over categories.
+        size, then K); no Python loop over categories. Like torchvision, empty ``boxes`` (any
+        shape) return an empty result before any other argument is looked at.
     """
-    _check_nms_inputs(boxes, scores, idxs=idxs)
-    if idxs.is_floating_point():
-        raise TypeError(f"idxs must be an integer tensor, got dtype {idxs.dtype}")
+    if not torch.jit.is_scripting():
+        traced = traced_call(batched_nms, boxes, scores, idxs, iou_threshold)
+        if traced is not None:
+            return traced
+        check_tensor("boxes", boxes)
+    if boxes.numel() == 0:
+        return torch.empty((0,), dtype=torch.int64, device=boxes.device)
+    if not torch.jit.is_scripting():
+        check_nms_inputs(boxes, scores, iou_threshold, idxs=idxs)
+        if idxs.is_floating_point():
+            raise ArgumentTypeError(f"idxs must be an integer tensor, got dtype {idxs.dtype}")
     return torch.ops.tritondet.batched_nms(boxes, scores, idxs, float(iou_threshold))
 
 
@@ -109,22 +141,23 @@ def batched_nms_padded(
     check_tensor("scores", scores)
     check_floating("scores", scores)
     if scores.dim() not in (2, 3):
-        raise ValueError(f"scores must have shape [B, N] or [B, N, C], got {tuple(scores.shape)}")
+        raise ArgumentValueError(f"scores must have shape [B, N] or [B, N, C], got {tuple(scores.shape)}")
     if tuple(boxes.shape[:2]) != tuple(scores.shape[:2]) or boxes.dim() not in (3, 4):
-        raise ValueError(
+        raise ArgumentValueError(
             f"boxes must have shape [B, N, 4] or [B, N, C, 4] with scores' B, N, got {tuple(boxes.shape)} "
             f"for scores {tuple(scores.shape)}"
         )
     if boxes.dim() == 4 and (scores.dim() != 3 or boxes.shape[2] != scores.shape[2]):
-        raise ValueError(
+        raise ArgumentValueError(
             f"class-specific boxes {tuple(boxes.shape)} need scores of shape [B, N, C] with the same C, "
             f"got {tuple(scores.shape)}"
         )
     check_same_device(boxes=boxes, scores=scores)
-    if not isinstance(max_output, int) or max_output < 0:
-        raise ValueError(f"max_output must be a non-negative int, got {max_output!r}")
-    if pre_nms_top_n is not None and (not isinstance(pre_nms_top_n, int) or pre_nms_top_n < 0):
-        raise ValueError(f"pre_nms_top_n must be None or a non-negative int, got {pre_nms_top_n!r}")
+    check_real("iou_threshold", iou_threshold)
+    check_real("score_threshold", score_threshold)
+    check_int("max_output", max_output, minimum=0)
+    if pre_nms_top_n is not None:
+        check_int("pre_nms_top_n", pre_nms_top_n, minimum=0)
     return torch.ops.tritondet.batched_nms_padded(
         boxes,
         scores,
@@ -160,10 +193,11 @@ def soft_nms(
         keep (Tensor[K], int64): selected indices in selection order (decreasing new score).
         scores (Tensor[K]): their decayed scores when selected, in scores' dtype.
     """
-    _check_nms_inputs(boxes, scores)
+    check_nms_inputs(boxes, scores, iou_threshold)
     check_choice("method", method, _nms_family.SOFT_NMS_METHODS)
-    if not sigma > 0:
-        raise ValueError(f"sigma must be positive, got {sigma!r}")
+    check_real("score_threshold", score_threshold)
+    if not check_real("sigma", sigma) > 0:
+        raise ArgumentValueError(f"sigma must be positive, got {sigma!r}")
     return torch.ops.tritondet.soft_nms(
         boxes, scores, float(iou_threshold), float(sigma), float(score_threshold), method
     )

@@ -12,79 +12,151 @@ import math
 import torch
 from torch import Tensor
 
+from ..errors import ArgumentTypeError, ArgumentValueError, BoxesShapeError
 from ..kernels._common import MAX_LEVELS
 from . import _checks
-from ._checks import check_tensor
+from ._checks import check_bool, check_int, check_real, check_tensor, traced_call
 
 
-def _pair_size(name: str, value) -> tuple[int, int]:
-    size = (value, value) if isinstance(value, int) else tuple(value)
-    if len(size) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size):
-        raise ValueError(f"{name} must be a positive int or a pair of positive ints, got {value!r}")
-    return size
+def _check_output_size(value) -> None:
+    """An int or a pair of positive ints (torchvision's ``BroadcastingList2[int]``); a float, even a
+    whole one, is rejected as torchvision's ops reject it."""
+    size = (value, value) if isinstance(value, int) else value
+    if not isinstance(size, (tuple, list)) or not all(isinstance(v, int) and not isinstance(v, bool) for v in size):
+        raise ArgumentTypeError(f"output_size must be an int or a pair of ints, got {value!r}")
+    if len(size) != 2 or min(size) <= 0:
+        raise ArgumentValueError(f"output_size must be a positive int or a pair of positive ints, got {value!r}")
+
+
+def _pair_size(value: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    """``(PH, PW)`` from an output size that :func:`_check_output_size` accepts."""
+    if isinstance(value, int):
+        return value, value
+    if isinstance(value, list):
+        return value[0], value[1]
+    return value
+
+
+# Feature maps are at most this many times finer than the box coordinates (detectors use 1/4 to
+# 1/64); beyond it, adaptive sample counts (box size times scale) overflow the sampling grids.
+MAX_SPATIAL_SCALE = 2.0**16
+
+
+def _check_spatial_scale(spatial_scale) -> None:
+    scale = check_real("spatial_scale", spatial_scale)
+    if not (math.isfinite(scale) and abs(scale) <= MAX_SPATIAL_SCALE):
+        raise ArgumentValueError(f"spatial_scale must be finite with |spatial_scale| <= 2**16, got {spatial_scale!r}")
 
 
 def _check_feature_map(name: str, value) -> Tensor:
     check_tensor(name, value)
     if value.dim() != 4:
-        raise ValueError(f"{name} must be [N, C, H, W], got shape {tuple(value.shape)}")
+        raise ArgumentValueError(f"{name} must be [N, C, H, W], got shape {tuple(value.shape)}")
     if not value.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
+        raise ArgumentTypeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
     return value
 
 
-def _rois_from_padded(boxes: Tensor, num_images: int) -> Tensor:
-    """``Tensor[B, P, 4]`` -> ``Tensor[B * P, 5]``: row ``b * P + p`` is ``(b, *boxes[b, p])``, built
-    in one concatenation whatever B."""
-    batch, count = boxes.shape[:2]
-    if batch > num_images:
-        raise ValueError(f"boxes holds {batch} images (Tensor[B, P, 4]) but input has {num_images}")
-    index = torch.arange(batch, device=boxes.device, dtype=boxes.dtype)
-    return torch.cat([index[:, None, None].expand(batch, count, 1), boxes], dim=2).reshape(batch * count, 5)
+def _check_position_sensitive_channels(input: Tensor, output_size) -> None:
+    ph, pw = _pair_size(output_size)
+    if input.shape[1] % (ph * pw):
+        raise ArgumentValueError(f"input must have a multiple of {ph * pw} channels, got {input.shape[1]}")
 
 
-def _rois_from_boxes(boxes, num_images: int, device: torch.device) -> Tensor:
-    """``Tensor[K, 5]`` or ``list[Tensor[L, 4]]`` (one per image), whose batch indices are checked
-    when validation is on, or ``Tensor[B, P, 4]`` (padded, every row pooled, indices built here)
-    -> ``Tensor[K, 5]``, K = B * P for the padded form."""
-    if isinstance(boxes, Tensor) and boxes.dim() == 3:
-        check_tensor("boxes", boxes, last_dim=4)
-        rois = _rois_from_padded(boxes, num_images)
-    elif isinstance(boxes, Tensor):
+def _check_boxes(boxes, num_images: int, device: torch.device) -> None:
+    """Eager checks of the three box forms :func:`_rois_from_boxes` takes; a wrong shape raises
+    :class:`~tritondet.errors.BoxesShapeError` (an ``AssertionError`` too, as torchvision's)."""
+    if isinstance(boxes, Tensor):
         check_tensor("boxes", boxes)
-        if boxes.dim() != 2 or boxes.shape[1] != 5:
-            raise ValueError(
+        if boxes.dim() == 3 and boxes.shape[2] == 4:
+            if boxes.shape[0] > num_images:
+                raise ArgumentValueError(
+                    f"boxes holds {boxes.shape[0]} images (Tensor[B, P, 4]) but input has {num_images}"
+                )
+        elif boxes.dim() != 2 or boxes.shape[1] != 5:
+            raise BoxesShapeError(
                 "boxes must be a Tensor[K, 5], a Tensor[B, P, 4] or a list of Tensor[L, 4], got shape "
                 f"{tuple(boxes.shape)}"
             )
-        rois = boxes
+        tensors = [boxes]
     elif isinstance(boxes, (list, tuple)) and boxes:
         for i, image_boxes in enumerate(boxes):
             check_tensor(f"boxes[{i}]", image_boxes)
             if image_boxes.dim() != 2 or image_boxes.shape[1] != 4:
-                raise ValueError(f"boxes[{i}] must be a Tensor[L, 4], got shape {tuple(image_boxes.shape)}")
-        # One small tensor per image (a short, fixed loop): the batch-index column.
-        ids = [torch.full_like(b[:, :1], i) for i, b in enumerate(boxes)]
-        rois = torch.cat([torch.cat(ids), torch.cat(list(boxes))], dim=1)
+                raise BoxesShapeError(f"boxes[{i}] must be a Tensor[L, 4], got shape {tuple(image_boxes.shape)}")
+        tensors = list(boxes)
     else:
-        raise TypeError(
+        raise ArgumentTypeError(
             "boxes must be a Tensor[K, 5], a Tensor[B, P, 4] or a non-empty list of Tensor[L, 4], got "
             f"{type(boxes).__name__}"
         )
-    if rois.device != device:
-        raise ValueError(f"input and boxes must be on the same device, got {device} and {rois.device}")
+    for tensor in tensors:
+        if tensor.device != device:
+            raise ArgumentValueError(f"input and boxes must be on the same device, got {device} and {tensor.device}")
+
+
+def _rois_from_boxes(boxes: Tensor | list[Tensor], num_images: int, device: torch.device) -> Tensor:
+    """``Tensor[K, 5]`` or ``list[Tensor[L, 4]]`` (one per image), whose batch indices are checked
+    when validation is on, or ``Tensor[B, P, 4]`` (padded, every row pooled: row ``b * P + p`` is
+    ``(b, *boxes[b, p])``, built in one concatenation whatever B) -> ``Tensor[K, 5]``, K = B * P
+    for the padded form."""
+    if not torch.jit.is_scripting():
+        _check_boxes(boxes, num_images, device)
+    built_indices = False
+    if isinstance(boxes, Tensor):
+        if boxes.dim() == 3:
+            batch, count = boxes.shape[0], boxes.shape[1]
+            index = torch.arange(batch, device=boxes.device, dtype=boxes.dtype)
+            rois = torch.cat([index[:, None, None].expand(batch, count, 1), boxes], dim=2).reshape(batch * count, 5)
+            built_indices = True
+        else:
+            rois = boxes
+    else:
+        # One small tensor per image (a short, fixed loop): the batch-index column.
+        ids: list[Tensor] = []
+        for i, image_boxes in enumerate(boxes):
+            ids.append(torch.full_like(image_boxes[:, :1], i))
+        rois = torch.cat([torch.cat(ids), torch.cat(boxes)], dim=1)
     if not rois.is_floating_point():
         rois = rois.float()
-    built_indices = isinstance(boxes, Tensor) and boxes.dim() == 3
-    if not built_indices and _checks.validation_enabled(device):
-        _checks.check_roi_batch_indices("boxes", rois, num_images)
+    # Nested: TorchScript skips the body of an `is_scripting()` test only when it stands alone.
+    if not torch.jit.is_scripting():  # noqa: SIM102
+        if not built_indices and _checks.validation_enabled(device):
+            _checks.check_roi_batch_indices("boxes", rois, num_images)
     return rois
+
+
+def _quantized_roi_align(
+    input: Tensor, boxes, output_size, spatial_scale: float, sampling_ratio: int, aligned: bool
+) -> Tensor:
+    """RoI Align of a quantized ``input`` by torchvision's quantized kernel (``torchvision::qroi_align``),
+    which tritondet has no kernel for: ``boxes`` must be a quantized ``Tensor[K, 5]``; the result is
+    quantized with ``input``'s scale and zero point."""
+    if not isinstance(boxes, Tensor) or not boxes.is_quantized:
+        raise ArgumentValueError("boxes must be a quantized Tensor[K, 5] when input is quantized")
+    _check_output_size(output_size)
+    ph, pw = _pair_size(output_size)
+    scale, zero_point = input.q_scale(), input.q_zero_point()
+    pooled = torch.ops.torchvision.qroi_align(
+        input.int_repr(),
+        boxes.int_repr(),
+        scale,
+        zero_point,
+        boxes.q_scale(),
+        boxes.q_zero_point(),
+        float(spatial_scale),
+        ph,
+        pw,
+        sampling_ratio,
+        aligned,
+    )
+    return torch._make_per_tensor_quantized_tensor(pooled, scale=scale, zero_point=zero_point)
 
 
 def roi_align(
     input: Tensor,
     boxes: Tensor | list[Tensor],
-    output_size: int | tuple[int, int],
+    output_size: int | tuple[int, int] | list[int],
     spatial_scale: float = 1.0,
     sampling_ratio: int = -1,
     aligned: bool = False,
@@ -93,14 +165,16 @@ def roi_align(
 
     Args:
         input (Tensor[N, C, H, W]): feature maps, fp16/bf16/fp32/fp64, NCHW or channels_last
-            (read in place), any strides.
+            (read in place), any strides. A quantized input (with quantized ``Tensor[K, 5]`` boxes)
+            goes to torchvision's quantized kernel.
         boxes (Tensor[K, 5], Tensor[B, P, 4] or List[Tensor[L, 4]]): ``(batch_index, x1, y1, x2, y2)``
             rows; or ``(x1, y1, x2, y2)`` boxes padded to P per image, B <= N, every row pooled
             (K = B * P, row ``b * P + p`` from ``boxes[b, p]``); or one ``(x1, y1, x2, y2)`` tensor
             per image. A batch index that is not an integer in ``[0, N)`` raises ``ValueError`` on
             CPU tensors (and with ``TRITONDET_VALIDATE=1``); otherwise that RoI's output is zero.
         output_size (int or Tuple[int, int]): ``(PH, PW)`` bins.
-        spatial_scale (float): factor from box coordinates to input coordinates.
+        spatial_scale (float): factor from box coordinates to input coordinates (finite, at most
+            ``MAX_SPATIAL_SCALE`` = 2**16 in magnitude).
         sampling_ratio (int): samples per bin along each axis; ``<= 0``: ``ceil(roi_size / bins)``.
         aligned (bool): shift the boxes by -0.5 pixel (Detectron2); False: legacy, RoIs at least 1x1.
 
@@ -108,11 +182,21 @@ def roi_align(
         Tensor[K, C, PH, PW]: contiguous (NCHW) in ``input``'s dtype, whatever ``input``'s layout;
         computed in fp32 (fp64 for fp64 input).
     """
-    _check_feature_map("input", input)
-    ph, pw = _pair_size("output_size", output_size)
+    if not torch.jit.is_scripting():
+        traced = traced_call(roi_align, input, boxes, output_size, spatial_scale, sampling_ratio, aligned)
+        if traced is not None:
+            return traced
+        if isinstance(input, Tensor) and input.is_quantized:
+            return _quantized_roi_align(input, boxes, output_size, spatial_scale, sampling_ratio, aligned)
+        _check_feature_map("input", input)
+        _check_output_size(output_size)
+        _check_spatial_scale(spatial_scale)
+        check_int("sampling_ratio", sampling_ratio)
+        check_bool("aligned", aligned)
+    ph, pw = _pair_size(output_size)
     rois = _rois_from_boxes(boxes, input.shape[0], input.device)
     return torch.ops.tritondet.roi_align(
-        [input], rois, [float(spatial_scale)], ph, pw, int(sampling_ratio), bool(aligned), 0, 224.0, 4.0
+        [input], rois, [float(spatial_scale)], ph, pw, sampling_ratio, aligned, 0, 224.0, 4.0
     )
 
 
@@ -148,11 +232,78 @@ def level_scales(features: list[Tensor], image_shapes: list[tuple[int, int]]) ->
     Returns:
         (List[float], int): the L scales and ``k_min``; host arithmetic on sizes, no host sync.
     """
-    if not image_shapes:
-        raise ValueError("image_shapes must not be empty")
-    largest_height = max(height for height, _ in image_shapes)
-    scales = [2.0 ** round(math.log2(feature.shape[-2] / largest_height)) for feature in features]
-    return scales, int(-math.log2(scales[0]))
+    if not torch.jit.is_scripting() and not image_shapes:
+        raise ArgumentValueError("image_shapes must not be empty")
+    largest_height = 0
+    for height, _ in image_shapes:
+        largest_height = max(largest_height, height)
+    # log2 as log / log(2): TorchScript has no math.log2; the rounding absorbs the last-bit error.
+    scales: list[float] = []
+    for feature in features:
+        scales.append(2.0 ** round(math.log(feature.shape[-2] / largest_height) / math.log(2.0)))
+    return scales, int(round(-math.log(scales[0]) / math.log(2.0)))  # noqa: RUF046 (a float in TorchScript)
+
+
+def _check_multiscale_inputs(features: list[Tensor], featmap_names, output_size, sampling_ratio) -> None:
+    if not 1 <= len(features) <= MAX_LEVELS:
+        raise ArgumentValueError(f"featmap_names must select 1 to {MAX_LEVELS} feature maps of x, got {len(features)}")
+    for name, f in zip(featmap_names, features, strict=False):
+        _check_feature_map(f"x[{name!r}]", f)
+    first = features[0]
+    if any(f.shape[:2] != first.shape[:2] or f.device != first.device for f in features):
+        raise ArgumentValueError("the feature maps must share batch size, channel count and device")
+    _check_output_size(output_size)
+    check_int("sampling_ratio", sampling_ratio)
+
+
+def _multiscale_roi_align(
+    x: dict[str, Tensor],
+    boxes: Tensor | list[Tensor],
+    image_shapes: list[tuple[int, int]],
+    featmap_names: list[str],
+    output_size: tuple[int, int],
+    sampling_ratio: int,
+    canonical_scale: int,
+    canonical_level: int,
+) -> Tensor:
+    """:class:`MultiScaleRoIAlign`'s forward, a function so that ``torch.fx`` keeps it one leaf."""
+    if not torch.jit.is_scripting():
+        traced = traced_call(
+            _multiscale_roi_align,
+            x,
+            boxes,
+            image_shapes,
+            featmap_names,
+            output_size,
+            sampling_ratio,
+            canonical_scale,
+            canonical_level,
+        )
+        if traced is not None:
+            return traced
+    features: list[Tensor] = []
+    for name, feature in x.items():
+        if name in featmap_names:
+            features.append(feature)
+    if not torch.jit.is_scripting():
+        _check_multiscale_inputs(features, featmap_names, output_size, sampling_ratio)
+    first = features[0]
+    features = [f.to(first.dtype) for f in features]
+    scales, k_min = level_scales(features, image_shapes)
+    ph, pw = _pair_size(output_size)
+    rois = _rois_from_boxes(boxes, first.shape[0], first.device)
+    return torch.ops.tritondet.roi_align(
+        features,
+        rois,
+        scales,
+        ph,
+        pw,
+        sampling_ratio,
+        False,
+        k_min,
+        float(canonical_scale),
+        float(canonical_level),
+    )
 
 
 class MultiScaleRoIAlign(torch.nn.Module):
@@ -189,6 +340,7 @@ class MultiScaleRoIAlign(torch.nn.Module):
         canonical_level: int = 4,
     ):
         super().__init__()
+        _check_output_size(output_size)
         if isinstance(output_size, int):
             output_size = (output_size, output_size)
         self.featmap_names = featmap_names
@@ -200,29 +352,15 @@ class MultiScaleRoIAlign(torch.nn.Module):
     def forward(
         self, x: dict[str, Tensor], boxes: Tensor | list[Tensor], image_shapes: list[tuple[int, int]]
     ) -> Tensor:
-        features = [v for k, v in x.items() if k in self.featmap_names]
-        if not 1 <= len(features) <= MAX_LEVELS:
-            raise ValueError(f"featmap_names must select 1 to {MAX_LEVELS} feature maps of x, got {len(features)}")
-        for name, f in zip(self.featmap_names, features, strict=False):
-            _check_feature_map(f"x[{name!r}]", f)
-        first = features[0]
-        if any(f.shape[:2] != first.shape[:2] or f.device != first.device for f in features):
-            raise ValueError("the feature maps must share batch size, channel count and device")
-        features = [f.to(first.dtype) for f in features]
-        scales, k_min = level_scales(features, image_shapes)
-        ph, pw = _pair_size("output_size", self.output_size)
-        rois = _rois_from_boxes(boxes, first.shape[0], first.device)
-        return torch.ops.tritondet.roi_align(
-            features,
-            rois,
-            scales,
-            ph,
-            pw,
-            int(self.sampling_ratio),
-            False,
-            k_min,
-            float(self.canonical_scale),
-            float(self.canonical_level),
+        return _multiscale_roi_align(
+            x,
+            boxes,
+            image_shapes,
+            self.featmap_names,
+            self.output_size,
+            self.sampling_ratio,
+            self.canonical_scale,
+            self.canonical_level,
         )
 
     def __repr__(self) -> str:
@@ -233,7 +371,10 @@ class MultiScaleRoIAlign(torch.nn.Module):
 
 
 def roi_pool(
-    input: Tensor, boxes: Tensor | list[Tensor], output_size: int | tuple[int, int], spatial_scale: float = 1.0
+    input: Tensor,
+    boxes: Tensor | list[Tensor],
+    output_size: int | tuple[int, int] | list[int],
+    spatial_scale: float = 1.0,
 ) -> Tensor:
     """RoI Pool (Fast R-CNN): the maximum over each bin of each region.
 
@@ -246,8 +387,14 @@ def roi_pool(
     Returns:
         Tensor[K, C, PH, PW]: contiguous, in ``input``'s dtype; empty bins are 0.
     """
-    _check_feature_map("input", input)
-    ph, pw = _pair_size("output_size", output_size)
+    if not torch.jit.is_scripting():
+        traced = traced_call(roi_pool, input, boxes, output_size, spatial_scale)
+        if traced is not None:
+            return traced
+        _check_feature_map("input", input)
+        _check_output_size(output_size)
+        _check_spatial_scale(spatial_scale)
+    ph, pw = _pair_size(output_size)
     rois = _rois_from_boxes(boxes, input.shape[0], input.device)
     return torch.ops.tritondet.roi_pool(input, rois, float(spatial_scale), ph, pw)[0]
 
@@ -270,7 +417,7 @@ class RoIPool(torch.nn.Module):
 def crop_pool(
     input: Tensor,
     boxes: Tensor | list[Tensor],
-    output_size: int | tuple[int, int],
+    output_size: int | tuple[int, int] | list[int],
     spatial_scale: float = 1.0,
     sampling_ratio: int = 2,
 ) -> Tensor:
@@ -289,10 +436,15 @@ def crop_pool(
     Returns:
         Tensor[K, C, PH, PW]: contiguous, in ``input``'s dtype.
     """
-    _check_feature_map("input", input)
-    ph, pw = _pair_size("output_size", output_size)
-    if isinstance(sampling_ratio, bool) or not isinstance(sampling_ratio, int) or sampling_ratio < 1:
-        raise ValueError(f"sampling_ratio must be a positive int, got {sampling_ratio!r}")
+    if not torch.jit.is_scripting():
+        traced = traced_call(crop_pool, input, boxes, output_size, spatial_scale, sampling_ratio)
+        if traced is not None:
+            return traced
+        _check_feature_map("input", input)
+        _check_output_size(output_size)
+        _check_spatial_scale(spatial_scale)
+        check_int("sampling_ratio", sampling_ratio, minimum=1)
+    ph, pw = _pair_size(output_size)
     rois = _rois_from_boxes(boxes, input.shape[0], input.device)
     return torch.ops.tritondet.crop_pool(input, rois, float(spatial_scale), ph, pw, sampling_ratio)[0]
 
@@ -300,7 +452,7 @@ def crop_pool(
 def ps_roi_align(
     input: Tensor,
     boxes: Tensor | list[Tensor],
-    output_size: int | tuple[int, int],
+    output_size: int | tuple[int, int] | list[int],
     spatial_scale: float = 1.0,
     sampling_ratio: int = -1,
 ) -> Tensor:
@@ -315,12 +467,19 @@ def ps_roi_align(
         Tensor[K, C, PH, PW]: contiguous, in ``input``'s dtype. A bin with no samples (an empty
         box with adaptive sampling) is 0, where torchvision divides 0 by 0 (NaN).
     """
-    _check_feature_map("input", input)
-    ph, pw = _pair_size("output_size", output_size)
-    if input.shape[1] % (ph * pw):
-        raise ValueError(f"input must have a multiple of {ph * pw} channels, got {input.shape[1]}")
+    if not torch.jit.is_scripting():
+        traced = traced_call(ps_roi_align, input, boxes, output_size, spatial_scale, sampling_ratio)
+        if traced is not None:
+            return traced
+        _check_feature_map("input", input)
+        _check_output_size(output_size)
+        _check_spatial_scale(spatial_scale)
+        check_int("sampling_ratio", sampling_ratio)
+    ph, pw = _pair_size(output_size)
     rois = _rois_from_boxes(boxes, input.shape[0], input.device)
-    return torch.ops.tritondet.ps_roi_align(input, rois, float(spatial_scale), ph, pw, int(sampling_ratio))
+    if not torch.jit.is_scripting():  # after the boxes' shape, as torchvision checks
+        _check_position_sensitive_channels(input, output_size)
+    return torch.ops.tritondet.ps_roi_align(input, rois, float(spatial_scale), ph, pw, sampling_ratio)
 
 
 class PSRoIAlign(torch.nn.Module):
@@ -343,7 +502,10 @@ class PSRoIAlign(torch.nn.Module):
 
 
 def ps_roi_pool(
-    input: Tensor, boxes: Tensor | list[Tensor], output_size: int | tuple[int, int], spatial_scale: float = 1.0
+    input: Tensor,
+    boxes: Tensor | list[Tensor],
+    output_size: int | tuple[int, int] | list[int],
+    spatial_scale: float = 1.0,
 ) -> Tensor:
     """Position-sensitive RoI Pool (R-FCN): bin ``(ph, pw)`` of output channel ``c`` is the mean of
     input channel ``c * PH * PW + ph * PW + pw`` over the bin's pixels (torchvision's rounding,
@@ -359,11 +521,17 @@ def ps_roi_pool(
     Returns:
         Tensor[K, C, PH, PW]: contiguous, in ``input``'s dtype.
     """
-    _check_feature_map("input", input)
-    ph, pw = _pair_size("output_size", output_size)
-    if input.shape[1] % (ph * pw):
-        raise ValueError(f"input must have a multiple of {ph * pw} channels, got {input.shape[1]}")
+    if not torch.jit.is_scripting():
+        traced = traced_call(ps_roi_pool, input, boxes, output_size, spatial_scale)
+        if traced is not None:
+            return traced
+        _check_feature_map("input", input)
+        _check_output_size(output_size)
+        _check_spatial_scale(spatial_scale)
+    ph, pw = _pair_size(output_size)
     rois = _rois_from_boxes(boxes, input.shape[0], input.device)
+    if not torch.jit.is_scripting():  # after the boxes' shape, as torchvision checks
+        _check_position_sensitive_channels(input, output_size)
     return torch.ops.tritondet.ps_roi_pool(input, rois, float(spatial_scale), ph, pw)
 
 

@@ -6,11 +6,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..errors import ArgumentTypeError, ArgumentValueError
 from ..kernels import anchors as _anchors_family
 from ..kernels import box_coder as _box_coder_family
 from ..kernels import rpn_proposals as _rpn_family
 from ..kernels._common import MAX_LEVELS
-from ._checks import box_coder_weights, check_floating, check_same_device, check_tensor
+from ._checks import box_coder_weights, check_counts, check_floating, check_int, check_same_device, check_tensor
 
 
 def grid_anchors(
@@ -32,14 +33,14 @@ def grid_anchors(
     sizes, aspect_ratios = _anchors_family.normalize_config(sizes, aspect_ratios)
     grid_sizes, strides = [tuple(int(v) for v in g) for g in grid_sizes], [tuple(int(v) for v in s) for s in strides]
     if not len(grid_sizes) == len(strides) == len(sizes):
-        raise ValueError(
+        raise ArgumentValueError(
             f"grid_sizes, strides and sizes must have one entry per feature map, got {len(grid_sizes)}, "
             f"{len(strides)} and {len(sizes)}"
         )
     if any(len(g) != 2 or min(g) < 0 for g in grid_sizes):
-        raise ValueError(f"grid_sizes must be (height, width) pairs of non-negative sizes, got {grid_sizes}")
+        raise ArgumentValueError(f"grid_sizes must be (height, width) pairs of non-negative sizes, got {grid_sizes}")
     if any(len(s) != 2 or min(s) <= 0 for s in strides):
-        raise ValueError(f"strides must be (height, width) pairs of positive strides, got {strides}")
+        raise ArgumentValueError(f"strides must be (height, width) pairs of positive strides, got {strides}")
     anchor_sizes, anchor_ratios, counts = _anchors_family.anchor_parameters(sizes, aspect_ratios)
     anchors = torch.ops.tritondet.grid_anchors(
         [v for g in grid_sizes for v in g],
@@ -86,10 +87,15 @@ class AnchorGenerator(nn.Module):
 
     def forward(self, image_list, feature_maps: list[Tensor]) -> list[Tensor]:
         if len(feature_maps) != len(self._sizes):
-            raise ValueError(
+            raise ArgumentValueError(
                 f"feature_maps has {len(feature_maps)} levels but the generator has sizes for {len(self._sizes)}"
             )
         grid_sizes = [tuple(feature_map.shape[-2:]) for feature_map in feature_maps]
+        for level, (height, width) in enumerate(grid_sizes):
+            if height == 0 or width == 0:
+                raise ArgumentValueError(
+                    f"feature_maps[{level}] has an empty map {height}x{width}: no stride to place anchors at"
+                )
         image_height, image_width = image_list.tensors.shape[-2:]
         strides = [(image_height // height, image_width // width) for height, width in grid_sizes]
         anchors = grid_anchors(
@@ -106,12 +112,14 @@ class AnchorGenerator(nn.Module):
 def _per_level_strides(strides, num_levels: int) -> list[int]:
     """Flattened (s_h, s_w) per level from ints or pairs."""
     if not isinstance(strides, (list, tuple)) or len(strides) != num_levels:
-        raise ValueError(f"strides must have one entry per level ({num_levels}), got {strides!r}")
+        raise ArgumentValueError(f"strides must have one entry per level ({num_levels}), got {strides!r}")
     flat = []
     for stride in strides:
-        pair = (stride, stride) if isinstance(stride, int) else tuple(stride)
-        if len(pair) != 2 or any(not isinstance(s, int) or s <= 0 for s in pair):
-            raise ValueError(f"strides must be positive ints or (height, width) pairs of them, got {strides!r}")
+        pair = (stride, stride) if not isinstance(stride, (list, tuple)) else tuple(stride)
+        if len(pair) != 2 or any(isinstance(s, bool) or not isinstance(s, int) for s in pair):
+            raise ArgumentTypeError(f"strides must be ints or (height, width) pairs of ints, got {strides!r}")
+        if min(pair) <= 0:
+            raise ArgumentValueError(f"strides must be positive, got {strides!r}")
         flat += pair
     return flat
 
@@ -157,49 +165,48 @@ def rpn_proposals(
     fixed number of other ATen ops; the computation is fp32 whatever the head's dtype.
     """
     if not isinstance(objectness, (list, tuple)) or not isinstance(deltas, (list, tuple)):
-        raise TypeError("objectness and deltas must be lists of per-level tensors")
+        raise ArgumentTypeError("objectness and deltas must be lists of per-level tensors")
     if len(objectness) != len(deltas) or len(objectness) == 0:
-        raise ValueError(
+        raise ArgumentValueError(
             f"objectness and deltas must have the same non-zero number of levels, got {len(objectness)} and "
             f"{len(deltas)}"
         )
     if len(objectness) > MAX_LEVELS:
-        raise ValueError(f"rpn_proposals takes at most {MAX_LEVELS} levels, got {len(objectness)}")
+        raise ArgumentValueError(f"rpn_proposals takes at most {MAX_LEVELS} levels, got {len(objectness)}")
     sizes, ratios = _anchors_family.normalize_config(anchor_sizes, aspect_ratios)
     num_levels = len(objectness)
     if len(sizes) != num_levels:
-        raise ValueError(f"anchor_sizes has {len(sizes)} levels but objectness has {num_levels}")
+        raise ArgumentValueError(f"anchor_sizes has {len(sizes)} levels but objectness has {num_levels}")
     flat_strides = _per_level_strides(strides, num_levels)
     flat_sizes, flat_ratios, counts = _anchors_family.anchor_parameters(sizes, ratios)
     check_tensor("image_sizes", image_sizes)
     if image_sizes.dim() != 2 or image_sizes.shape[1] != 2:
-        raise ValueError(f"image_sizes must have shape [B, 2] (height, width), got {tuple(image_sizes.shape)}")
+        raise ArgumentValueError(f"image_sizes must have shape [B, 2] (height, width), got {tuple(image_sizes.shape)}")
     batch = image_sizes.shape[0]
     for level, (logits, codes) in enumerate(zip(objectness, deltas, strict=True)):
         check_tensor(f"objectness[{level}]", logits)
         check_tensor(f"deltas[{level}]", codes)
         expected = (batch, counts[level], *logits.shape[2:])
         if logits.dim() != 4 or tuple(logits.shape) != expected:
-            raise ValueError(
+            raise ArgumentValueError(
                 f"objectness[{level}] must have shape [B, A, H, W] = {expected} (B from image_sizes, A = "
                 f"{counts[level]} anchors per position), got {tuple(logits.shape)}"
             )
         if tuple(codes.shape) != (batch, 4 * counts[level], *logits.shape[2:]):
-            raise ValueError(
+            raise ArgumentValueError(
                 f"deltas[{level}] must have shape [B, 4A, H, W] = {(batch, 4 * counts[level], *logits.shape[2:])}, "
                 f"got {tuple(codes.shape)}"
             )
         if logits.dtype not in _rpn_family.HEAD_DTYPES or codes.dtype != logits.dtype:
-            raise TypeError(
+            raise ArgumentTypeError(
                 f"objectness[{level}] and deltas[{level}] must share one floating dtype of "
                 f"{_rpn_family.HEAD_DTYPES}, got {logits.dtype} and {codes.dtype}"
             )
         check_same_device(image_sizes=image_sizes, objectness=logits, deltas=codes)
     if len({o.dtype for o in objectness}) != 1:
-        raise TypeError(f"all levels must share one dtype, got {[o.dtype for o in objectness]}")
-    for name, value in (("pre_nms_top_n", pre_nms_top_n), ("post_nms_top_n", post_nms_top_n)):
-        if not isinstance(value, int) or value < 0:
-            raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+        raise ArgumentTypeError(f"all levels must share one dtype, got {[o.dtype for o in objectness]}")
+    check_int("pre_nms_top_n", pre_nms_top_n, minimum=0)
+    check_int("post_nms_top_n", post_nms_top_n, minimum=0)
     boxes, scores, num_valid = torch.ops.tritondet.rpn_proposals(
         list(objectness),
         list(deltas),
@@ -262,26 +269,26 @@ def postprocess_detections(
     check_tensor("image_sizes", image_sizes)
     check_tensor("num_valid", num_valid)
     if proposals.dim() != 3:
-        raise ValueError(f"proposals must have shape [B, P, 4], got {tuple(proposals.shape)}")
+        raise ArgumentValueError(f"proposals must have shape [B, P, 4], got {tuple(proposals.shape)}")
     batch, count = proposals.shape[:2]
     if class_logits.dim() != 2 or class_logits.shape[0] != batch * count or class_logits.shape[1] < 1:
-        raise ValueError(
+        raise ArgumentValueError(
             f"class_logits must have shape [B * P, C] = [{batch * count}, C >= 1] for proposals "
             f"{tuple(proposals.shape)}, got {tuple(class_logits.shape)}"
         )
     if tuple(box_regression.shape) != (batch * count, 4 * class_logits.shape[1]):
-        raise ValueError(
+        raise ArgumentValueError(
             f"box_regression must have shape [B * P, 4 C] = {(batch * count, 4 * class_logits.shape[1])}, "
             f"got {tuple(box_regression.shape)}"
         )
     if box_regression.dtype != class_logits.dtype:
-        raise TypeError(
+        raise ArgumentTypeError(
             f"class_logits and box_regression must share a dtype, got {class_logits.dtype} and {box_regression.dtype}"
         )
     if tuple(image_sizes.shape) != (batch, 2):
-        raise ValueError(f"image_sizes must have shape [B, 2] = {(batch, 2)}, got {tuple(image_sizes.shape)}")
+        raise ArgumentValueError(f"image_sizes must have shape [B, 2] = {(batch, 2)}, got {tuple(image_sizes.shape)}")
     if tuple(num_valid.shape) != (batch,) or num_valid.is_floating_point():
-        raise ValueError(f"num_valid must be an integer tensor of shape [B] = {(batch,)}, got {num_valid.dtype} "
+        raise ArgumentValueError(f"num_valid must be an integer tensor of shape [B] = {(batch,)}, got {num_valid.dtype} "
                          f"{tuple(num_valid.shape)}")  # fmt: skip
     check_same_device(
         class_logits=class_logits,
@@ -290,8 +297,8 @@ def postprocess_detections(
         num_valid=num_valid,
         image_sizes=image_sizes,
     )
-    if not isinstance(detections_per_img, int) or detections_per_img < 0:
-        raise ValueError(f"detections_per_img must be a non-negative int, got {detections_per_img!r}")
+    check_counts("num_valid", num_valid, count)
+    check_int("detections_per_img", detections_per_img, minimum=0)
     return torch.ops.tritondet.postprocess_detections(
         class_logits,
         box_regression,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..errors import ArgumentTypeError, ArgumentValueError
 from ..kernels import targets as _targets_family
 from ._checks import box_coder_weights, check_counts, check_floating, check_same_device, check_tensor
 
@@ -14,11 +15,11 @@ def _check_gt(gt_boxes: Tensor, gt_count) -> Tensor:
     """Validate ``gt_boxes [B, G, 4]`` and ``gt_count [B]``; the counts as int64 on the boxes' device."""
     check_tensor("gt_boxes", gt_boxes, last_dim=4)
     if gt_boxes.dim() != 3:
-        raise ValueError(f"gt_boxes must have shape [B, G, 4], got {tuple(gt_boxes.shape)}")
+        raise ArgumentValueError(f"gt_boxes must have shape [B, G, 4], got {tuple(gt_boxes.shape)}")
     if not isinstance(gt_count, Tensor):
         gt_count = torch.as_tensor(gt_count)
     if gt_count.shape != (gt_boxes.shape[0],):
-        raise ValueError(f"gt_count must have shape [B] = [{gt_boxes.shape[0]}], got {tuple(gt_count.shape)}")
+        raise ArgumentValueError(f"gt_count must have shape [B] = [{gt_boxes.shape[0]}], got {tuple(gt_count.shape)}")
     check_counts("gt_count", gt_count, gt_boxes.shape[1])
     return gt_count.to(device=gt_boxes.device, dtype=torch.int64, non_blocking=True).contiguous()
 
@@ -29,7 +30,9 @@ def _batched_boxes(name: str, boxes: Tensor, batch: int) -> Tensor:
     if boxes.dim() == 2:
         return boxes.expand(batch, *boxes.shape)
     if boxes.dim() != 3 or boxes.shape[0] != batch:
-        raise ValueError(f"{name} must have shape [A, 4] or [B, A, 4] with B = {batch}, got {tuple(boxes.shape)}")
+        raise ArgumentValueError(
+            f"{name} must have shape [A, 4] or [B, A, 4] with B = {batch}, got {tuple(boxes.shape)}"
+        )
     return boxes
 
 
@@ -62,7 +65,7 @@ def match_boxes(
         -1 everywhere for images without ground truth (torchvision raises there).
     """
     if not low <= high:
-        raise ValueError(f"low must be <= high, got low={low} and high={high}")
+        raise ArgumentValueError(f"low must be <= high, got low={low} and high={high}")
     gt_count = _check_gt(gt_boxes, gt_count)
     anchors = _batched_boxes("anchors_or_proposals", anchors_or_proposals, gt_boxes.shape[0])
     check_same_device(anchors_or_proposals=anchors, gt_boxes=gt_boxes)
@@ -77,13 +80,13 @@ def match_boxes(
 
 def _check_sampling(batch_size_per_image: int, positive_fraction: float, generator, device: torch.device) -> None:
     if isinstance(batch_size_per_image, bool) or not isinstance(batch_size_per_image, int) or batch_size_per_image < 0:
-        raise ValueError(f"batch_size_per_image must be a non-negative int, got {batch_size_per_image!r}")
+        raise ArgumentValueError(f"batch_size_per_image must be a non-negative int, got {batch_size_per_image!r}")
     if not 0.0 <= positive_fraction <= 1.0:
-        raise ValueError(f"positive_fraction must lie in [0, 1], got {positive_fraction!r}")
+        raise ArgumentValueError(f"positive_fraction must lie in [0, 1], got {positive_fraction!r}")
     if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        raise ArgumentTypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     if generator is not None and generator.device.type != device.type:
-        raise ValueError(
+        raise ArgumentValueError(
             f"generator must be on the {device.type} device of the boxes, got a {generator.device.type} one"
         )
 
@@ -113,7 +116,7 @@ def sample_balanced(
     """
     check_tensor("matched_idx", matched_idx)
     if matched_idx.is_floating_point() or matched_idx.dim() != 2:
-        raise ValueError(
+        raise ArgumentValueError(
             f"matched_idx must be an integer tensor of shape [B, N], got {matched_idx.dtype} {tuple(matched_idx.shape)}"
         )
     _check_sampling(batch_size_per_image, positive_fraction, generator, matched_idx.device)
@@ -122,7 +125,7 @@ def sample_balanced(
 
 def _check_weights(weights) -> tuple[float, ...]:
     if isinstance(weights, Tensor):
-        raise TypeError("weights must be 4 Python numbers (a tensor would be read back from the device)")
+        raise ArgumentTypeError("weights must be 4 Python numbers (a tensor would be read back from the device)")
     return tuple(box_coder_weights(weights))
 
 
@@ -155,7 +158,7 @@ def anchor_targets(
     """
     values = _check_weights(weights)
     if not bg_iou_thresh <= fg_iou_thresh:
-        raise ValueError(f"bg_iou_thresh must be <= fg_iou_thresh, got {bg_iou_thresh} and {fg_iou_thresh}")
+        raise ArgumentValueError(f"bg_iou_thresh must be <= fg_iou_thresh, got {bg_iou_thresh} and {fg_iou_thresh}")
     gt_count = _check_gt(gt_boxes, gt_count)
     _check_sampling(batch_size_per_image, positive_fraction, generator, gt_boxes.device)
     anchors = _batched_boxes("anchors", anchors, gt_boxes.shape[0])
@@ -213,27 +216,27 @@ def proposal_targets(
     """
     values = _check_weights(weights)
     if not bg_iou_thresh_low <= bg_iou_thresh <= fg_iou_thresh:
-        raise ValueError(
+        raise ArgumentValueError(
             "need bg_iou_thresh_low <= bg_iou_thresh <= fg_iou_thresh, got "
             f"{bg_iou_thresh_low}, {bg_iou_thresh} and {fg_iou_thresh}"
         )
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        raise ArgumentValueError(f"num_classes must be a positive int, got {num_classes!r}")
     gt_count = _check_gt(gt_boxes, gt_count)
     _check_sampling(batch_size_per_image, positive_fraction, generator, gt_boxes.device)
     check_tensor("proposals", proposals, last_dim=4)
     if proposals.dim() != 3 or proposals.shape[0] != gt_boxes.shape[0]:
-        raise ValueError(
+        raise ArgumentValueError(
             f"proposals must have shape [B, P, 4] with B = {gt_boxes.shape[0]}, got {tuple(proposals.shape)}"
         )
     check_floating("proposals", proposals)
     check_same_device(proposals=proposals, gt_boxes=gt_boxes)
     if proposals.shape[1] + gt_boxes.shape[1] == 0:
-        raise ValueError("proposals and gt_boxes are both empty: there is nothing to sample")
+        raise ArgumentValueError("proposals and gt_boxes are both empty: there is nothing to sample")
     batch, num_gt = gt_boxes.shape[:2]
     check_tensor("gt_labels", gt_labels)
     if gt_labels.is_floating_point() or gt_labels.shape != (batch, num_gt):
-        raise ValueError(
+        raise ArgumentValueError(
             f"gt_labels must be an integer tensor of shape [B, G] = [{batch}, {num_gt}], got "
             f"{gt_labels.dtype} {tuple(gt_labels.shape)}"
         )
@@ -245,7 +248,9 @@ def proposal_targets(
         if not isinstance(proposal_count, Tensor):
             proposal_count = torch.as_tensor(proposal_count)
         if proposal_count.shape != (batch,):
-            raise ValueError(f"proposal_count must have shape [B] = [{batch}], got {tuple(proposal_count.shape)}")
+            raise ArgumentValueError(
+                f"proposal_count must have shape [B] = [{batch}], got {tuple(proposal_count.shape)}"
+            )
         check_counts("proposal_count", proposal_count, proposals.shape[1])
         proposal_count = proposal_count.to(device=proposals.device, dtype=torch.int64, non_blocking=True)
     return _targets_family.proposal_targets(
