@@ -59,11 +59,16 @@ def use_triton(device: torch.device) -> bool:
     return True
 
 
+# Set by :func:`tritondet.patch_torchvision` while torchvision's CPU kernels are ours: the fast CPU
+# path calls those kernels, so it would call itself; the reference runs instead.
+torchvision_cpu_patched = False
+
+
 def use_fast_cpu(device: torch.device) -> bool:
     """Whether an op whose tensors live on ``device`` runs the fast CPU path (when it has one;
     never together with :func:`use_triton`)."""
     choice = requested_backend()
-    return choice == "cpu" or (choice == "auto" and device.type != "cuda")
+    return not torchvision_cpu_patched and (choice == "cpu" or (choice == "auto" and device.type != "cuda"))
 
 
 def backend_name(device: torch.device) -> str:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 import torchvision  # noqa: F401  (registers the torchvision:: ops being overridden)
 
+from . import _backend
 from .ops import _checks
 from .ops.nms import check_nms_inputs
 
@@ -79,8 +80,9 @@ PATCHED_OPS = {
 def patch_torchvision(devices: tuple[str, ...] = ("CUDA",)) -> None:
     """Register tritondet's kernels for torchvision's ops on ``devices`` (``"CUDA"``, ``"CPU"``).
 
-    On CPU tensors tritondet runs its backend's CPU path (see ``TRITONDET_BACKEND``). Calling it
-    again first undoes the previous patch.
+    On CPU tensors tritondet runs its backend's CPU path (see ``TRITONDET_BACKEND``), the reference
+    where that would be the fast CPU path (which calls torchvision's CPU kernels, now ours). Calling
+    it again first undoes the previous patch.
     """
     global _library
     unknown = [device for device in devices if device not in ("CUDA", "CPU")]
@@ -92,6 +94,7 @@ def patch_torchvision(devices: tuple[str, ...] = ("CUDA",)) -> None:
         for name, kernel in PATCHED_OPS.items():
             library.impl(name, kernel, device)
     _library = library
+    _backend.torchvision_cpu_patched = "CPU" in devices
 
 
 def unpatch_torchvision() -> None:
@@ -100,6 +103,7 @@ def unpatch_torchvision() -> None:
     if _library is not None:
         _library._destroy()
         _library = None
+        _backend.torchvision_cpu_patched = False
 
 
 def torchvision_patched() -> bool:
