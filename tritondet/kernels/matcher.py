@@ -39,8 +39,8 @@ import triton.language as tl
 
 from .._backend import use_triton
 from ._aot import KernelSpec
-from ._common import NUM_WARPS, compute_dtype_of
-from ._launch import launch
+from ._common import NUM_WARPS, compute_dtype_of, split_program
+from ._launch import device_table, launch
 from .box_iou import pairwise_iou_reference, pairwise_iou_tile
 
 BELOW_LOW_THRESHOLD = -1
@@ -99,8 +99,7 @@ def _gt_max_kernel(
     BLOCK_A: tl.constexpr,
     BLOCK_G: tl.constexpr,
 ):
-    pid_a = tl.program_id(0)
-    batch = tl.program_id(1).to(tl.int64)
+    batch, pid_a = split_program(tl.cdiv(A, BLOCK_A))
     compute_dtype = tl.float64 if COMPUTE_FP64 else tl.float32
     rows = pid_a * BLOCK_A + tl.arange(0, BLOCK_A)
     row_ok = rows < A
@@ -149,8 +148,7 @@ def _match_kernel(
     BLOCK_A: tl.constexpr,
     BLOCK_G: tl.constexpr,
 ):
-    pid_a = tl.program_id(0)
-    batch = tl.program_id(1).to(tl.int64)
+    batch, pid_a = split_program(tl.cdiv(A, BLOCK_A))
     compute_dtype = tl.float64 if COMPUTE_FP64 else tl.float32
     rows = pid_a * BLOCK_A + tl.arange(0, BLOCK_A)
     row_ok = rows < A
@@ -211,8 +209,9 @@ def _tile_shape(compute_dtype: torch.dtype) -> tuple[int, int]:
 
 def _thresholds(high: float, low: float, floor: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """The thresholds rounded to the compute dtype, as PyTorch rounds a Python float compared with
-    a tensor; copied to the device without waiting (no host sync)."""
-    return torch.tensor((high, low, floor), dtype=dtype).to(device, non_blocking=True)
+    a tensor: a cached device table (a kernel's float scalar is fp32, too coarse for fp64 boxes),
+    so a repeated call, or a CUDA-graph capture after a warm-up call, copies nothing."""
+    return device_table([high, low, floor], dtype, device)
 
 
 def _matcher_arguments(anchors, gt_boxes, gt_count, gt_max, thresholds, out) -> tuple[tuple, tuple, dict]:
@@ -252,7 +251,7 @@ def match_boxes_triton(
     gt_max = torch.full((batch, num_gt), torch.iinfo(key_dtype).min, dtype=key_dtype, device=anchors.device)
     thresholds = _thresholds(high, low, floor, compute_dtype, anchors.device)
     gt_max_args, match_args, meta = _matcher_arguments(anchors, gt_boxes, gt_count, gt_max, thresholds, out)
-    grid = (triton.cdiv(num_anchors, meta["BLOCK_A"]), batch)
+    grid = (batch * triton.cdiv(num_anchors, meta["BLOCK_A"]),)
     if allow_low_quality_matches:
         launch(_gt_max_kernel, grid, *gt_max_args, **meta)
     launch(_match_kernel, grid, *match_args, ALLOW_LOW=allow_low_quality_matches, **meta)
