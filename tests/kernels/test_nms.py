@@ -396,6 +396,29 @@ def test_property_padded_equals_per_image_batched_nms(
         torch.testing.assert_close(outputs[1][image, : len(expected_scores)], expected_scores, rtol=0, atol=0)
 
 
+def sparse_class_inputs(batch, num_classes, seed, device):
+    """3 boxes per image over ``num_classes`` classes; 1 to 3 candidates per image score above 0.5
+    (two of them on overlapping boxes of one class), every other score is 0."""
+    generator = torch.Generator().manual_seed(seed)
+    boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [1.0, 1.0, 11.0, 11.0], [30.0, 30.0, 40.0, 45.0]])
+    boxes = boxes.expand(batch, 3, 4).contiguous()
+    scores = torch.zeros(batch, 3, num_classes)
+    for image in range(batch):
+        label = int(torch.randint(num_classes, (1,), generator=generator))
+        taking_part = 1 + image % 3
+        scores[image, :taking_part, label] = 0.5 + torch.rand(taking_part, generator=generator) / 2
+    return boxes.to(device), scores.to(device)
+
+
+# 66 x 1000 segments pass CUDA's 65535 programs on grid axes y and z (the launch checks the limits).
+@pytest.mark.parametrize("batch,num_classes", [(66, 1000), pytest.param(70, 1000, marks=pytest.mark.slow)])
+def test_padded_triton_images_times_classes_past_grid_axis_y(monkeypatch, device, batch, num_classes):
+    monkeypatch.setenv("TRITONDET_BACKEND", "triton")
+    boxes, scores = sparse_class_inputs(batch, num_classes, seed=batch, device=device)
+    outputs = ops.batched_nms_padded(boxes, scores, 0.5, 4, score_threshold=0.5)
+    check_padded(outputs, padded_expected(boxes.cpu(), scores.cpu(), 0.5, 4, 0.5), 4)
+
+
 def test_padded_has_no_host_sync_and_fixed_launches(backend, device):
     boxes, scores = padded_inputs(2, 50, 3, True, seed=4, device=device)
     launches = set()

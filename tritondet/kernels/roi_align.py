@@ -444,9 +444,9 @@ def _roi_align_bwd_gather_kernel(
         mine = mine & (tl.minimum(start_w, end_w) <= tile_x0 + TILE_W) & (tl.maximum(start_w, end_w) >= tile_x0 - 1)
         if mine:
             if POSITION_SENSITIVE:  # C counts input channels here, C // (PH * PW) outputs
-                grad_row = grad_out_ptr + (k.to(tl.int64) * (C // (PH * PW)) + channels // (PH * PW)) * (PH * PW)
+                grad_row = grad_out_ptr + (tl.cast(k, tl.int64) * (C // (PH * PW)) + channels // (PH * PW)) * (PH * PW)
             else:
-                grad_row = grad_out_ptr + (k.to(tl.int64) * C + channels) * (PH * PW)
+                grad_row = grad_out_ptr + (tl.cast(k, tl.int64) * C + channels) * (PH * PW)
             for ph in range(PH):
                 bin_y0 = start_h + ph * bin_h
                 near_y = (tl.minimum(bin_y0, bin_y0 + bin_h) <= tile_y0 + TILE_H) & (
