@@ -143,9 +143,10 @@ def _bin_grid(x1, y1, x2, y2, scale, aligned, PH, PW, sampling_ratio, valid):
 def _sample_span(origin, bin_size, grid, size):
     """(first, count) int32 of the samples ``i`` in ``[0, grid)`` of a bin, at ``origin + (i + 0.5)
     * bin_size / grid``, that can land in ``[-1, size]`` (the others have no bilinear tap and add
-    nothing). At most ``2 * (size + 1)`` and a few samples for an adaptive grid, however large
-    the RoI; the interval is widened by one pixel plus a relative margin covering the rounding of
-    the positions, and by one sample at each end."""
+    nothing). The interval is widened by ``pad``: one pixel plus a relative margin covering the
+    rounding of the positions, and by one sample at each end; with an adaptive grid (at most two
+    samples per pixel) that is at most ``2 * (size + 1 + 2 * pad) + 4`` samples, however large
+    the RoI."""
     step = bin_size / tl.maximum(grid, 1.0)
     pad = 1.0 + (tl.abs(origin) + tl.abs(bin_size)) * SPAN_MARGIN
     a = (-1.0 - pad - origin) / step - 1.5
