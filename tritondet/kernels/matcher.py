@@ -39,7 +39,7 @@ import triton.language as tl
 
 from .._backend import use_triton
 from ._aot import KernelSpec
-from ._common import NUM_WARPS, compute_dtype_of, split_program
+from ._common import NUM_WARPS, compute_dtype_of
 from ._launch import device_table, launch
 from .box_iou import pairwise_iou_reference, pairwise_iou_tile
 
@@ -99,7 +99,8 @@ def _gt_max_kernel(
     BLOCK_A: tl.constexpr,
     BLOCK_G: tl.constexpr,
 ):
-    batch, pid_a = split_program(tl.cdiv(A, BLOCK_A))
+    pid_a = tl.program_id(0)
+    batch = tl.program_id(1).to(tl.int64)
     compute_dtype = tl.float64 if COMPUTE_FP64 else tl.float32
     rows = pid_a * BLOCK_A + tl.arange(0, BLOCK_A)
     row_ok = rows < A
@@ -148,7 +149,8 @@ def _match_kernel(
     BLOCK_A: tl.constexpr,
     BLOCK_G: tl.constexpr,
 ):
-    batch, pid_a = split_program(tl.cdiv(A, BLOCK_A))
+    pid_a = tl.program_id(0)
+    batch = tl.program_id(1).to(tl.int64)
     compute_dtype = tl.float64 if COMPUTE_FP64 else tl.float32
     rows = pid_a * BLOCK_A + tl.arange(0, BLOCK_A)
     row_ok = rows < A
@@ -251,7 +253,7 @@ def match_boxes_triton(
     gt_max = torch.full((batch, num_gt), torch.iinfo(key_dtype).min, dtype=key_dtype, device=anchors.device)
     thresholds = _thresholds(high, low, floor, compute_dtype, anchors.device)
     gt_max_args, match_args, meta = _matcher_arguments(anchors, gt_boxes, gt_count, gt_max, thresholds, out)
-    grid = (batch * triton.cdiv(num_anchors, meta["BLOCK_A"]),)
+    grid = (triton.cdiv(num_anchors, meta["BLOCK_A"]), batch)
     if allow_low_quality_matches:
         launch(_gt_max_kernel, grid, *gt_max_args, **meta)
     launch(_match_kernel, grid, *match_args, ALLOW_LOW=allow_low_quality_matches, **meta)

@@ -107,7 +107,7 @@ def _roi_pool_fwd_kernel(
             else:
                 better = inside[None, :] & (value > best)
                 best = tl.where(better, value, best)
-                best_index = tl.where(better, (h.to(tl.int64) * W + w)[None, :], best_index)
+                best_index = tl.where(better, (h * W + w).to(tl.int64)[None, :], best_index)
     empty = (h_end <= h_start) | (w_end <= w_start) | (not valid)
     out_offsets = (k.to(tl.int64) * C + channels)[:, None] * (PH * PW) + bins[None, :]
     if POSITION_SENSITIVE:
