@@ -406,6 +406,48 @@ def test_property_padded_equals_per_image_batched_nms(
     check_padded(outputs, expected, max_output)
 
 
+def sparse_class_inputs(batch, num_classes, seed, device):
+    """3 boxes per image over ``num_classes`` classes; 1 to 3 candidates per image score above 0.5
+    (two of them on overlapping boxes of one class), every other score is 0."""
+    generator = torch.Generator().manual_seed(seed)
+    boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [1.0, 1.0, 11.0, 11.0], [30.0, 30.0, 40.0, 45.0]])
+    boxes = boxes.expand(batch, 3, 4).contiguous()
+    scores = torch.zeros(batch, 3, num_classes)
+    for image in range(batch):
+        label = int(torch.randint(num_classes, (1,), generator=generator))
+        taking_part = 1 + image % 3
+        scores[image, :taking_part, label] = 0.5 + torch.rand(taking_part, generator=generator) / 2
+    return boxes.to(device), scores.to(device)
+
+
+# 66 x 1000 and 70 x 1000 segments pass CUDA's 65535 programs on grid axes y and z (launch()
+# checks the limits); the interpreter runs ~4 x 70000 programs, minutes on a loaded CPU.
+@pytest.mark.slow
+@pytest.mark.parametrize("batch,num_classes", [(66, 1000), (70, 1000)])
+def test_padded_triton_images_times_classes_past_grid_axis_y(monkeypatch, device, batch, num_classes):
+    monkeypatch.setenv("TRITONDET_BACKEND", "triton")
+    boxes, scores = sparse_class_inputs(batch, num_classes, seed=batch, device=device)
+    outputs = ops.batched_nms_padded(boxes, scores, 0.5, 4, score_threshold=0.5)
+    check_padded(outputs, padded_expected(boxes.cpu(), scores.cpu(), 0.5, 4, 0.5), 4)
+
+
+def test_padded_triton_grids_fit_cuda_at_70_images_x_1000_classes(monkeypatch):
+    """Every launch of a 70 x 1000 call (kernels not run) fits CUDA's grid; images x classes
+    (70000 > 65535) go on axis x."""
+    from tritondet.kernels import _launch, nms
+
+    grids = []
+
+    def record(kernel, grid, *args, **meta):
+        _launch.check_grid(kernel.__name__, grid)
+        grids.append(grid)
+
+    monkeypatch.setenv("TRITONDET_BACKEND", "triton")
+    monkeypatch.setattr(nms, "launch", record)
+    ops.batched_nms_padded(*sparse_class_inputs(70, 1000, seed=0, device="cpu"), 0.5, 4, score_threshold=0.5)
+    assert len(grids) == 5 and max(grid[0] for grid in grids) >= 70 * 1000
+
+
 def test_padded_has_no_host_sync_and_fixed_launches(backend, device):
     if backend == "cpu":
         pytest.skip("sync-freedom is a GPU property: the fast CPU path reads segment sizes on the host")

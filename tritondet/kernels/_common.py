@@ -31,6 +31,24 @@ def compute_dtype_of(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+@triton.jit
+def split_program(tiles):
+    """(group (int64), tile) of this program in a 1-D grid of ``tiles`` programs per group.
+
+    Images, classes and RoIs go on grid axis x, which takes 2**31 - 1 programs: axes y and z
+    take at most 65535, which images x classes of a detector pass (LVIS: 1203 classes x 55)."""
+    program = tl.program_id(0)
+    return (program // tiles).to(tl.int64), program % tiles
+
+
+def scaled_rois(rois: torch.Tensor, spatial_scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """``[K, 5]`` rois in ``dtype`` with the corners multiplied by ``spatial_scale`` rounded to
+    ``dtype`` (fp64 boxes by the fp64 scale, as torchvision); the scale is an op scalar, not host
+    data copied to the device, so a CUDA-graph capture can record it."""
+    rois = rois.to(dtype)
+    return torch.cat([rois[:, :1], rois[:, 1:] * spatial_scale], 1)
+
+
 # ----------------------------------------------------------------------------------------------
 # Clipping boxes to their image: torchvision's clip_boxes_to_image, clamp(min=0, max=size)
 # ----------------------------------------------------------------------------------------------

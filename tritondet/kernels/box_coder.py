@@ -149,7 +149,7 @@ def _decode_kernel(
     BLOCK: tl.constexpr,
 ):
     pairs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    ok = pairs < N * K
+    ok = pairs < tl.cast(N, tl.int64) * K
     rows = pairs // K
     compute_dtype = tl.float64 if COMPUTE_FP64 else tl.float32
     pb = boxes_ptr + rows * stride_boxes_n

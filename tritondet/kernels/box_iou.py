@@ -23,7 +23,7 @@ import triton.language as tl
 
 from .._backend import use_fast_cpu, use_triton
 from ._aot import KernelSpec
-from ._common import NUM_WARPS, compute_dtype_of
+from ._common import NUM_WARPS, compute_dtype_of, split_program
 from ._launch import launch
 
 KINDS = ("iou", "giou", "diou", "ciou")
@@ -97,9 +97,10 @@ def _pairwise_iou_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    batch = tl.program_id(2).to(tl.int64)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    batch, tile = split_program(tl.cdiv(N, BLOCK_N) * tiles_m)
+    pid_n = tile // tiles_m
+    pid_m = tile % tiles_m
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < N
@@ -213,7 +214,7 @@ def pairwise_iou_triton(
     else:
         aspect1 = aspect2 = out  # never read: KIND is a constexpr
     args, meta = _iou_arguments(boxes1, boxes2, aspect1, aspect2, out, kind, fmt, eps)
-    grid = (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, meta["BLOCK_M"]), batch)
+    grid = (batch * triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(m, meta["BLOCK_M"]),)
     launch(_pairwise_iou_kernel, grid, *args, **meta)
     return out
 

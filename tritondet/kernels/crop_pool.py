@@ -26,7 +26,7 @@ import triton.language as tl
 
 from .._backend import use_triton
 from ._aot import KernelSpec
-from ._common import NUM_WARPS, compute_dtype_of, no_pixels
+from ._common import NUM_WARPS, compute_dtype_of, no_pixels, scaled_rois
 from ._launch import launch
 from .roi_align import load_roi, roi_bin_tile
 
@@ -79,14 +79,15 @@ def _crop_pool_fwd_kernel(
         y = _sample_position(ph * sampling_ratio + iy, PH * sampling_ratio, y1, y2)
         y_low = tl.floor(y)
         w_y = y - y_low
-        row0 = y_low.to(tl.int32)
+        # Clamped before the int conversion (a far sample's taps stay outside the map either way).
+        row0 = tl.minimum(tl.maximum(y_low, -2.0), H).to(tl.int32)
         row0_in = (row0 >= 0) & (row0 < H)
         row1_in = (row0 + 1 >= 0) & (row0 + 1 < H)
         for ix in range(samples):
             x = _sample_position(pw * sampling_ratio + ix, PW * sampling_ratio, x1, x2)
             x_low = tl.floor(x)
             w_x = x - x_low
-            col0 = x_low.to(tl.int32)
+            col0 = tl.minimum(tl.maximum(x_low, -2.0), W).to(tl.int32)
             col0_in = (col0 >= 0) & (col0 < W)
             col1_in = (col0 + 1 >= 0) & (col0 + 1 < W)
             offset = row0.to(tl.int64) * stride_h + col0.to(tl.int64) * stride_w
@@ -131,8 +132,7 @@ def _crop_pool_arguments(rois, input, out, argmax, sampling_ratio: int) -> tuple
 
 def crop_pool_triton(input, rois, spatial_scale, output_size, sampling_ratio):
     compute_dtype = compute_dtype_of(input.dtype)
-    # Scaled on the host in the compute dtype (fp64 boxes by the fp64 scale, as torchvision).
-    rois = rois.to(compute_dtype) * rois.new_tensor([1.0, *[spatial_scale] * 4], dtype=compute_dtype)
+    rois = scaled_rois(rois, spatial_scale, compute_dtype)
     c = input.shape[1]
     ph, pw = output_size
     out = torch.empty((rois.shape[0], c, ph, pw), dtype=input.dtype, device=input.device)

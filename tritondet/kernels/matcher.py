@@ -42,7 +42,7 @@ import triton.language as tl
 from .._backend import use_fast_cpu, use_triton
 from ._aot import KernelSpec
 from ._common import NUM_WARPS, compute_dtype_of
-from ._launch import launch
+from ._launch import device_table, launch
 from .box_iou import pairwise_iou_cpu, pairwise_iou_reference, pairwise_iou_tile
 
 BELOW_LOW_THRESHOLD = -1
@@ -220,8 +220,9 @@ def _tile_shape(compute_dtype: torch.dtype) -> tuple[int, int]:
 
 def _thresholds(high: float, low: float, floor: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """The thresholds rounded to the compute dtype, as PyTorch rounds a Python float compared with
-    a tensor; copied to the device without waiting (no host sync)."""
-    return torch.tensor((high, low, floor), dtype=dtype).to(device, non_blocking=True)
+    a tensor: a cached device table (a kernel's float scalar is fp32, too coarse for fp64 boxes),
+    so a repeated call, or a CUDA-graph capture after a warm-up call, copies nothing."""
+    return device_table([high, low, floor], dtype, device)
 
 
 def _matcher_arguments(anchors, gt_boxes, gt_count, gt_max, thresholds, out) -> tuple[tuple, tuple, dict]:

@@ -34,7 +34,7 @@ import triton.language as tl
 
 from .._backend import use_fast_cpu, use_triton
 from ._aot import KernelSpec
-from ._common import NUM_WARPS, compute_dtype_of
+from ._common import NUM_WARPS, compute_dtype_of, split_program
 from ._cpu import greedy_keep
 from ._launch import launch
 from .box_iou import intersection_union, iou_and_union
@@ -269,12 +269,13 @@ def _candidate_key_kernel(
     # meta-parameters
     BLOCK: tl.constexpr,
 ):
-    segment = tl.program_id(1).to(tl.int64)
-    position = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    segment, block = split_program(tl.cdiv(P, BLOCK))
+    position = block * BLOCK + tl.arange(0, BLOCK)
     ok = position < P
     image, label, box = _candidate(segment, position, N, C, class_agnostic)
     threshold = tl.load(threshold_ptr)
-    score = tl.load(scores_ptr + image * stride_b + box * stride_n + label * stride_c, mask=ok).to(threshold.dtype)
+    offsets = image * stride_b + box.to(tl.int64) * stride_n + label.to(tl.int64) * stride_c
+    score = tl.load(scores_ptr + offsets, mask=ok).to(threshold.dtype)
     key = tl.where(score > threshold, -score, float("inf"))  # NaN never passes
     tl.store(key_ptr + segment * P + position, key, mask=ok)
 
@@ -300,8 +301,8 @@ def _rank_boxes_kernel(
     # meta-parameters
     BLOCK: tl.constexpr,
 ):
-    segment = tl.program_id(1).to(tl.int64)
-    rank = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    segment, block = split_program(tl.cdiv(L, BLOCK))
+    rank = block * BLOCK + tl.arange(0, BLOCK)
     ok = rank < L
     position = tl.load(order_ptr + segment * P + rank, mask=ok, other=0)
     image, label, box = _candidate(segment, position, N, C, class_agnostic)
@@ -611,7 +612,7 @@ def candidate_keys_triton(scores: torch.Tensor, score_threshold: float, class_ag
     keys = torch.empty((batch, segments, pool), dtype=key_dtype, device=scores.device)
     threshold = torch.full((1,), score_threshold, dtype=key_dtype, device=scores.device)
     args, meta = _candidate_key_arguments(scores, threshold, keys, n, num_classes, class_agnostic)
-    launch(_candidate_key_kernel, (triton.cdiv(pool, _CANDIDATE_BLOCK), batch * segments), *args, **meta)
+    launch(_candidate_key_kernel, (batch * segments * triton.cdiv(pool, _CANDIDATE_BLOCK),), *args, **meta)
     return keys
 
 
@@ -639,7 +640,7 @@ def rank_boxes_triton(
     batch, segments = order.shape[:2]
     ranked = torch.empty((batch, segments, length, 4), dtype=compute_dtype_of(boxes.dtype), device=boxes.device)
     args, meta = _rank_boxes_arguments(boxes, order, ranked, num_classes, class_agnostic)
-    launch(_rank_boxes_kernel, (triton.cdiv(length, _CANDIDATE_BLOCK), batch * segments), *args, **meta)
+    launch(_rank_boxes_kernel, (batch * segments * triton.cdiv(length, _CANDIDATE_BLOCK),), *args, **meta)
     return ranked
 
 

@@ -45,6 +45,12 @@ from ._launch import device_table, launch
 
 # Per-level geometry table columns (int64): H, W, then the feature's and the gradient's strides.
 _GEOMETRY_COLUMNS = tl.constexpr(10)
+# Largest sample grid per bin axis: sample indices stay int32 (torchvision's own int count
+# overflows past 2**31; a RoI needs over 2**30 pixels per bin side to reach this).
+MAX_GRID = tl.constexpr(2.0**30)
+# Relative rounding margin of the sample positions when their span is bounded (fp32 rounds
+# each of the few operations forming a position by 2**-24 of its magnitude).
+SPAN_MARGIN = tl.constexpr(2.0**-16)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -125,12 +131,44 @@ def bin_grid(x1, y1, x2, y2, scale, aligned, PH, PW, sampling_ratio, valid):
     roi_h = tl.where(aligned != 0, roi_h, tl.maximum(roi_h, 1.0))
     bin_h = roi_h / PH
     bin_w = roi_w / PW
-    grid_h = tl.where(sampling_ratio > 0, sampling_ratio, tl.ceil(roi_h / PH).to(tl.int32))
-    grid_w = tl.where(sampling_ratio > 0, sampling_ratio, tl.ceil(roi_w / PW).to(tl.int32))
-    grid_h = tl.where(valid, grid_h, 0)
-    grid_w = tl.where(valid, grid_w, 0)
-    count = tl.maximum(grid_h * grid_w, 1).to(bin_h.dtype)
+    # Sample counts stay floats, clamped before any integer conversion: only the samples near the
+    # map are visited (_sample_span), so the loops are bounded by the map, not by the RoI.
+    grid_h = tl.where(sampling_ratio > 0, sampling_ratio, tl.ceil(roi_h / PH))
+    grid_w = tl.where(sampling_ratio > 0, sampling_ratio, tl.ceil(roi_w / PW))
+    grid_h = tl.where(valid, tl.minimum(tl.maximum(grid_h, 0.0), MAX_GRID), 0.0)
+    grid_w = tl.where(valid, tl.minimum(tl.maximum(grid_w, 0.0), MAX_GRID), 0.0)
+    count = tl.maximum(grid_h * grid_w, 1.0)
     return start_h, start_w, bin_h, bin_w, grid_h, grid_w, count
+
+
+@triton.jit
+def _sample_span(origin, bin_size, grid, size):
+    """(first, count) int32 of the samples ``i`` in ``[0, grid)`` of a bin, at ``origin + (i + 0.5)
+    * bin_size / grid``, that can land in ``[-1, size]`` (the others have no bilinear tap and add
+    nothing). The interval is widened by ``pad``: one pixel plus a relative margin covering the
+    rounding of the positions, and by one sample at each end; with an adaptive grid (at most two
+    samples per pixel) that is at most ``2 * (size + 1 + 2 * pad) + 4`` samples, however large
+    the RoI."""
+    step = bin_size / tl.maximum(grid, 1.0)
+    pad = 1.0 + (tl.abs(origin) + tl.abs(bin_size)) * SPAN_MARGIN
+    a = (-1.0 - pad - origin) / step - 1.5
+    b = (size + pad - origin) / step + 0.5
+    # A zero step puts every sample at the origin.
+    flat_inside = (origin >= -1.0) & (origin <= size)
+    lo = tl.where(step == 0, tl.where(flat_inside, 0.0, grid), tl.minimum(a, b))
+    hi = tl.where(step == 0, tl.where(flat_inside, grid, 0.0), tl.maximum(a, b))
+    ok = lo <= hi  # false for NaN
+    first = tl.where(ok, tl.minimum(tl.maximum(tl.floor(lo), 0.0), grid), 0.0)
+    end = tl.where(ok, tl.minimum(tl.maximum(tl.ceil(hi), 0.0), grid), 0.0)
+    return first.to(tl.int32), tl.maximum(end - first, 0.0).to(tl.int32)
+
+
+@triton.jit
+def _bin_spans(start_h, start_w, bin_h, bin_w, grid_h, grid_w, ph, pw, p_ok, H, W):
+    """:func:`_sample_span` of each bin (ph, pw) along both axes (empty for bins out of range)."""
+    first_y, span_y = _sample_span(start_h + ph * bin_h, bin_h, grid_h, H)
+    first_x, span_x = _sample_span(start_w + pw * bin_w, bin_w, grid_w, W)
+    return first_y, tl.where(p_ok, span_y, 0), first_x, tl.where(p_ok, span_x, 0)
 
 
 @triton.jit
@@ -204,14 +242,19 @@ def _roi_align_fwd_kernel(
 
     acc = tl.zeros((BLOCK_C, BLOCK_P), dtype=compute_dtype)
     mask_cp = c_ok[:, None] & p_ok[None, :]
-    for iy in range(grid_h):
+    first_y, span_y, first_x, span_x = _bin_spans(start_h, start_w, bin_h, bin_w, grid_h, grid_w, ph, pw, p_ok, H, W)
+    for dy in range(tl.max(span_y, 0)):
+        iy = first_y + dy
         y = start_h + ph * bin_h + ((iy + 0.5) * bin_h) / grid_h
         y_low, y_high, wy_low, wy_high, y_in = axis_weights(y, H)
+        y_in = y_in & (dy < span_y)
         row_low = y_low.to(tl.int64) * stride_h
         row_high = y_high.to(tl.int64) * stride_h
-        for ix in range(grid_w):
+        for dx in range(tl.max(span_x, 0)):
+            ix = first_x + dx
             x = start_w + pw * bin_w + ((ix + 0.5) * bin_w) / grid_w
             x_low, x_high, wx_low, wx_high, x_in = axis_weights(x, W)
+            x_in = x_in & (dx < span_x)
             col_low = x_low.to(tl.int64) * stride_w
             col_high = x_high.to(tl.int64) * stride_w
             mask = mask_cp & (y_in & x_in)[None, :]
@@ -288,14 +331,19 @@ def _roi_align_bwd_atomic_kernel(
     mask_cp = c_ok[:, None] & p_ok[None, :]
     out_offsets = (k.to(tl.int64) * C + channels)[:, None] * (PH * PW) + bins[None, :]
     grad = tl.load(grad_out_ptr + out_offsets, mask=mask_cp, other=0).to(compute_dtype) / count
-    for iy in range(grid_h):
+    first_y, span_y, first_x, span_x = _bin_spans(start_h, start_w, bin_h, bin_w, grid_h, grid_w, ph, pw, p_ok, H, W)
+    for dy in range(tl.max(span_y, 0)):
+        iy = first_y + dy
         y = start_h + ph * bin_h + ((iy + 0.5) * bin_h) / grid_h
         y_low, y_high, wy_low, wy_high, y_in = axis_weights(y, H)
+        y_in = y_in & (dy < span_y)
         row_low = y_low.to(tl.int64) * stride_h
         row_high = y_high.to(tl.int64) * stride_h
-        for ix in range(grid_w):
+        for dx in range(tl.max(span_x, 0)):
+            ix = first_x + dx
             x = start_w + pw * bin_w + ((ix + 0.5) * bin_w) / grid_w
             x_low, x_high, wx_low, wx_high, x_in = axis_weights(x, W)
+            x_in = x_in & (dx < span_x)
             col_low = x_low.to(tl.int64) * stride_w
             col_high = x_high.to(tl.int64) * stride_w
             mask = mask_cp & (y_in & x_in)[None, :]
@@ -399,9 +447,9 @@ def _roi_align_bwd_gather_kernel(
         mine = mine & (tl.minimum(start_w, end_w) <= tile_x0 + TILE_W) & (tl.maximum(start_w, end_w) >= tile_x0 - 1)
         if mine:
             if POSITION_SENSITIVE:  # C counts input channels here, C // (PH * PW) outputs
-                grad_row = grad_out_ptr + (k * (C // (PH * PW)) + channels // (PH * PW)).to(tl.int64) * (PH * PW)
+                grad_row = grad_out_ptr + (tl.cast(k, tl.int64) * (C // (PH * PW)) + channels // (PH * PW)) * (PH * PW)
             else:
-                grad_row = grad_out_ptr + (k * C + channels).to(tl.int64) * (PH * PW)
+                grad_row = grad_out_ptr + (tl.cast(k, tl.int64) * C + channels) * (PH * PW)
             for ph in range(PH):
                 bin_y0 = start_h + ph * bin_h
                 near_y = (tl.minimum(bin_y0, bin_y0 + bin_h) <= tile_y0 + TILE_H) & (
@@ -409,7 +457,8 @@ def _roi_align_bwd_gather_kernel(
                 )
                 if near_y:
                     wy = tl.zeros((TILE_H * TILE_W,), dtype=compute_dtype)
-                    for iy in range(grid_h):
+                    first_y, span_y = _sample_span(bin_y0, bin_h, grid_h, H)
+                    for iy in range(first_y, first_y + span_y):
                         y = bin_y0 + ((iy + 0.5) * bin_h) / grid_h
                         wy += _axis_tap_weight(y, H, rows)
                     for pw in range(PW):
@@ -423,7 +472,8 @@ def _roi_align_bwd_gather_kernel(
                                 grad_mask = grad_mask & (channels % (PH * PW) == ph * PW + pw)
                             grad = tl.load(grad_row + ph * PW + pw, mask=grad_mask, other=0).to(compute_dtype) / count
                             wx = tl.zeros((TILE_H * TILE_W,), dtype=compute_dtype)
-                            for ix in range(grid_w):
+                            first_x, span_x = _sample_span(bin_x0, bin_w, grid_w, W)
+                            for ix in range(first_x, first_x + span_x):
                                 x = bin_x0 + ((ix + 0.5) * bin_w) / grid_w
                                 wx += _axis_tap_weight(x, W, cols)
                             acc += grad[:, None] * (wy * wx)[None, :]
@@ -624,7 +674,7 @@ def roi_align_backward_triton(
         _, tile_h, tile_w = _gather_tile(compute_dtype)
         counts = [n * triton.cdiv(f.shape[2], tile_h) * triton.cdiv(f.shape[3], tile_w) for f in features]
         starts = [sum(counts[:i]) for i in range(len(counts) + 1)]
-        tiles = torch.tensor(starts, dtype=torch.int32, device=first.device)
+        tiles = device_table(starts, torch.int32, first.device)
         args, meta = _gather_backward_arguments(rois, grad, grads, geometry, scale_table, tiles, *options)
         launch(_roi_align_bwd_gather_kernel, (starts[-1], triton.cdiv(c, meta["BLOCK_C"])), *args, **meta)
     else:

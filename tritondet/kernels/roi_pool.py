@@ -26,7 +26,7 @@ import triton.language as tl
 
 from .._backend import use_fast_cpu, use_triton
 from ._aot import KernelSpec
-from ._common import NUM_WARPS, compute_dtype_of, no_pixels
+from ._common import NUM_WARPS, compute_dtype_of, no_pixels, scaled_rois
 from ._cpu import ps_roi_pool_cpu, roi_pool_cpu, torchvision_reads
 from ._launch import launch
 from .roi_align import load_roi, roi_bin_tile
@@ -85,10 +85,9 @@ def _roi_pool_fwd_kernel(
     h_end = tl.minimum(tl.maximum(tl.ceil((ph + 1) * bin_h) + start_h, 0), clip_h).to(tl.int32)
     w_start = tl.minimum(tl.maximum(tl.floor(pw * bin_w) + start_w, 0), clip_w).to(tl.int32)
     w_end = tl.minimum(tl.maximum(tl.ceil((pw + 1) * bin_w) + start_w, 0), clip_w).to(tl.int32)
-    # Every bin spans at most ceil(bin) + 1 rows and columns, and no more than the clipped map
-    # (a huge RoI's bin size does not fit an int32); none when the RoI is invalid.
-    span_h = tl.where(valid, tl.minimum(tl.ceil(bin_h), clip_h).to(tl.int32) + 1, 0)
-    span_w = tl.where(valid, tl.minimum(tl.ceil(bin_w), clip_w).to(tl.int32) + 1, 0)
+    # The loops span the program's widest clipped bin (at most the map), none for an invalid RoI.
+    span_h = tl.where(valid, tl.max(tl.where(p_ok, h_end - h_start, 0), 0), 0)
+    span_w = tl.where(valid, tl.max(tl.where(p_ok, w_end - w_start, 0), 0), 0)
 
     if POSITION_SENSITIVE:
         base = input_ptr + batch * stride_n + (channels.to(tl.int64)[:, None] * (PH * PW) + bins[None, :]) * stride_c
@@ -114,7 +113,7 @@ def _roi_pool_fwd_kernel(
     empty = (h_end <= h_start) | (w_end <= w_start) | (not valid)
     out_offsets = (k.to(tl.int64) * C + channels)[:, None] * (PH * PW) + bins[None, :]
     if POSITION_SENSITIVE:
-        area = tl.maximum((h_end - h_start) * (w_end - w_start), 1).to(compute_dtype)
+        area = tl.maximum((h_end - h_start).to(compute_dtype) * (w_end - w_start), 1.0)
         mean = tl.where(empty[None, :], 0.0, total / area[None, :])
         tl.store(out_ptr + out_offsets, mean.to(out_ptr.dtype.element_ty), mask=mask_cp)
     else:
@@ -150,8 +149,7 @@ def _roi_pool_arguments(rois, input, out, argmax, position_sensitive: bool) -> t
 def roi_pool_triton(input, rois, spatial_scale, output_size, position_sensitive=False):
     """RoIPool's ``(maxima, argmax)``; position-sensitive: ``(means, empty argmax)``."""
     compute_dtype = compute_dtype_of(input.dtype)
-    # Scaled on the host in the compute dtype (fp64 boxes by the fp64 scale, as torchvision).
-    rois = rois.to(compute_dtype) * rois.new_tensor([1.0, *[spatial_scale] * 4], dtype=compute_dtype)
+    rois = scaled_rois(rois, spatial_scale, compute_dtype)
     ph, pw = output_size
     c = input.shape[1] // (ph * pw) if position_sensitive else input.shape[1]
     out = torch.empty((rois.shape[0], c, ph, pw), dtype=input.dtype, device=input.device)

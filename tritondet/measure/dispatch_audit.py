@@ -8,6 +8,10 @@ and host syncs, through a ``TorchDispatchMode``.
 - :class:`DispatchCounter` counts ATen ops, sync-causing ops and Triton launches (benchmarks).
   Under the Triton interpreter, the ATen ops that move a kernel's arguments during a launch are
   left out: a GPU launch makes none, so the counts are those of the GPU path on every machine.
+- :class:`HostCopyCounter` counts what a CUDA-graph capture cannot record: host data copied to
+  a device (a tensor built from Python values, a copy from a CPU tensor to another device) and
+  the kernel tables copied by ``_launch.device_table``; on the CPU it proves a warmed-up op
+  would make no host-to-device copy on a GPU.
 - :func:`measure_costs` gives a block's :class:`Costs`: the same counts plus the ATen ops that
   launch a device kernel, with the Triton interpreter's own argument copies counted apart (a GPU
   launch makes none), so that counts taken on the CPU under the interpreter are the GPU's.
@@ -114,6 +118,54 @@ class DispatchCounter(TorchDispatchMode):
             self.syncs += 1
             self.sync_ops.append(str(func))
         return func(*args, **kwargs)
+
+
+# Ops that copy host data to a device: a tensor built from Python values (``torch.tensor``,
+# ``new_tensor``, ``as_tensor``: built on the host, then copied) and copies from a CPU tensor.
+_HOST_DATA_OPS = {_aten.lift_fresh.default, _aten.lift_fresh_copy.default}
+_COPY_OPS = {_aten._to_copy.default, _aten.copy_.default}
+
+
+def copies_host_data(func, args, kwargs) -> bool:
+    """Whether this ATen call copies host data to a device (on the CPU: would on a GPU)."""
+    if func in _HOST_DATA_OPS:
+        return True
+    if func not in _COPY_OPS:
+        return False
+    if func is _aten.copy_.default:  # copy_(destination, source)
+        return args[1].device.type == "cpu" and args[0].device.type != "cpu"
+    device = kwargs.get("device")
+    return args[0].device.type == "cpu" and device is not None and torch.device(device).type != "cpu"
+
+
+class HostCopyCounter(DispatchCounter):
+    """Counts, inside the ``with`` block, the ATen ops that copy host data to a device
+    (``copies``, names in ``copy_ops``; see :func:`copies_host_data`) and the kernel tables
+    ``_launch.device_table`` copied (``table_misses``): a CUDA-graph capture records neither."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.copies = 0
+        self.copy_ops: list[str] = []
+        self._misses_at_start = 0
+        self.table_misses = 0
+
+    def __enter__(self):
+        if self._depth == 0:
+            self._misses_at_start = _launch.table_misses()
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        if self._depth == 1:
+            self.table_misses = _launch.table_misses() - self._misses_at_start
+        return super().__exit__(*exc)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if not _launch.launching() and _custom_op_body(func) is None and copies_host_data(func, args, kwargs):
+            self.copies += 1
+            self.copy_ops.append(str(func))
+        return super().__torch_dispatch__(func, types, args, kwargs)
 
 
 class HostSyncError(AssertionError):
