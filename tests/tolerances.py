@@ -22,3 +22,9 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, input_dtype: torc
     """``torch.testing.assert_close`` with the table's tolerance for ``input_dtype``; NaN equal NaN."""
     atol, rtol = TOLERANCES[input_dtype]
     torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol, equal_nan=True, **kwargs)
+
+
+# Float64 gradients summed with atomics differ between two backward passes only by the order of
+# the additions: a few ulps of the gradients' size (of order 1 in the tests); gradcheck's
+# reentrancy check takes this as its nondet_tol.
+ATOMIC_NONDET_TOL = 1e-12
