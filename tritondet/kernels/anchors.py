@@ -266,6 +266,10 @@ def _(grid_sizes, strides, anchor_sizes, anchor_ratios, anchors_per_level, devic
     return torch.empty((total, 4), dtype=torch.float32, device=device)
 
 
+# Kernels whose results are compared exactly with torchvision or rounded (to pixels, levels,
+# keep/drop decisions): IEEE division and square root only, no contracted multiply-add (the
+# compile gate's PTX lint, `tritondet compile-report`).
+EXACT_KERNELS = frozenset({_grid_anchors_kernel})
 AOT_SPECS = [
     KernelSpec.from_example(
         _grid_anchors_kernel,

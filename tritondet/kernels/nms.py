@@ -34,7 +34,7 @@ import triton.language as tl
 
 from .._backend import use_triton
 from ._aot import KernelSpec
-from ._common import NUM_WARPS, compute_dtype_of
+from ._common import NO_FP_FUSION, NUM_WARPS, compute_dtype_of, ieee_div
 from ._launch import launch
 from .box_iou import intersection_union, iou_and_union
 
@@ -73,7 +73,7 @@ def _write_mask_tile(
         ax1[:, None, None], ay1[:, None, None], ax2[:, None, None], ay2[:, None, None], area_a[:, None, None],
         bx1[None, :, :], by1[None, :, :], bx2[None, :, :], by2[None, :, :], area_b[None, :, :],
     )  # fmt: skip
-    suppress = (inter / union > iou_threshold) & (cols[None, :, :] > rows[:, None, None]) & (cols < n)[None, :, :]
+    suppress = (ieee_div(inter, union) > iou_threshold) & (cols[None, :, :] > rows[:, None, None]) & (cols < n)[None, :, :]
     # Distinct bits: their sum is their OR (bit 31 wraps to the sign bit, as intended).
     packed = tl.sum(suppress.to(tl.int32) << bits[None, None, :], 2)  # [BLOCK_ROWS, WORDS]
     offsets = mask_offset + rows[:, None].to(tl.int64) * words_per_row + words[None, :]
@@ -414,11 +414,11 @@ def _soft_nms_kernel(
                 s = tl.load(scores_ptr + offsets, mask=ok, other=-float("inf")).to(dtype)
                 bx1, by1, bx2, by2, area_b = _load_box(boxes_ptr + offsets.to(tl.int64) * 4, ok, dtype)
                 inter, union = intersection_union(ax1, ay1, ax2, ay2, area_a, bx1, by1, bx2, by2, area_b)
-                iou = inter / union
-                if METHOD == 0:  # noqa: SIM108 (a constexpr branch: only one side is compiled)
+                iou = ieee_div(inter, union)
+                if METHOD == 0:  # a constexpr branch: only one side is compiled
                     weight = tl.where(iou > iou_threshold, 1 - iou, 1.0)
                 else:
-                    weight = tl.exp(-(iou * iou) / sigma)
+                    weight = tl.exp(ieee_div(-(iou * iou), sigma))
                 s = s * weight
                 s = tl.where((s < score_threshold) | (offsets == best_index), -float("inf"), s)
                 tl.store(scores_ptr + offsets, s, mask=ok)
@@ -468,6 +468,7 @@ def _mask_meta(compute_dtype: torch.dtype) -> dict:
         "BLOCK_ROWS": block_rows,
         "WORDS": words,
         "num_warps": NUM_WARPS,
+        **NO_FP_FUSION,
     }
 
 
@@ -743,6 +744,7 @@ def _soft_nms_arguments(boxes, scores, keep, kept_scores, count, iou_threshold, 
         "COMPUTE_FP64": boxes.dtype == torch.float64,
         "BLOCK": _SOFT_BLOCK,
         "num_warps": NUM_WARPS,
+        **NO_FP_FUSION,
     }
     return args, meta
 
@@ -1229,5 +1231,20 @@ def _padded_specs() -> list[KernelSpec]:
     return specs
 
 
+# Kernels whose results are compared exactly with torchvision or rounded (to pixels, levels,
+# keep/drop decisions): IEEE division and square root only, no contracted multiply-add (the
+# compile gate's PTX lint, `tritondet compile-report`).
+EXACT_KERNELS = frozenset(
+    {
+        _suppression_mask_kernel,
+        _padded_suppression_mask_kernel,
+        _greedy_reduce_kernel,
+        _padded_greedy_reduce_kernel,
+        _candidate_key_kernel,
+        _rank_boxes_kernel,
+        _gather_detections_kernel,
+        _soft_nms_kernel,
+    }
+)
 AOT_SPECS = _aot_specs()
 PUBLIC_OPS = ("nms", "batched_nms", "batched_nms_padded", "soft_nms")

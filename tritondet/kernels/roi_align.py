@@ -32,8 +32,11 @@ import triton.language as tl
 from .._backend import use_triton
 from ._aot import KernelSpec
 from ._common import (
+    NO_FP_FUSION,
     NUM_WARPS,
     compute_dtype_of,
+    ieee_div,
+    level_area_thresholds,
     level_pointers,
     pick_level,
     roi_level,
@@ -121,10 +124,10 @@ def _bin_grid(x1, y1, x2, y2, scale, aligned, PH, PW, sampling_ratio, valid):
     # Legacy (non-aligned) mode forces malformed RoIs to be 1x1.
     roi_w = tl.where(aligned != 0, roi_w, tl.maximum(roi_w, 1.0))
     roi_h = tl.where(aligned != 0, roi_h, tl.maximum(roi_h, 1.0))
-    bin_h = roi_h / PH
-    bin_w = roi_w / PW
-    grid_h = tl.where(sampling_ratio > 0, sampling_ratio, tl.ceil(roi_h / PH).to(tl.int32))
-    grid_w = tl.where(sampling_ratio > 0, sampling_ratio, tl.ceil(roi_w / PW).to(tl.int32))
+    bin_h = ieee_div(roi_h, PH)
+    bin_w = ieee_div(roi_w, PW)
+    grid_h = tl.where(sampling_ratio > 0, sampling_ratio, tl.ceil(bin_h).to(tl.int32))
+    grid_w = tl.where(sampling_ratio > 0, sampling_ratio, tl.ceil(bin_w).to(tl.int32))
     grid_h = tl.where(valid, grid_h, 0)
     grid_w = tl.where(valid, grid_w, 0)
     count = tl.maximum(grid_h * grid_w, 1).to(bin_h.dtype)
@@ -178,9 +181,7 @@ def _roi_align_fwd_kernel(
     sampling_ratio,
     aligned,
     num_levels,
-    k_min,
-    canonical_scale,
-    canonical_level,
+    level_areas_ptr,  # [MAX_LEVELS - 1] fp32: _common.level_area_thresholds
     # meta-parameters
     COMPUTE_FP64: tl.constexpr,
     POSITION_SENSITIVE: tl.constexpr,  # R-FCN: bin (ph, pw) of output channel c reads input channel c * PH * PW + ph * PW + pw
@@ -191,7 +192,7 @@ def _roi_align_fwd_kernel(
     compute_dtype = tl.float64 if COMPUTE_FP64 else tl.float32
 
     batch, valid, x1, y1, x2, y2 = load_roi(rois_ptr, k, stride_rk, stride_rc, N, compute_dtype)
-    level = roi_level(x1, y1, x2, y2, num_levels, k_min, canonical_scale, canonical_level)
+    level = roi_level(x1, y1, x2, y2, level_areas_ptr)
     H, W, base, chan_offsets, stride_h, stride_w = _level_view(
         geometry_ptr, level, batch, channels, bins, PH, PW, feat0, feat1, feat2, feat3, feat4, 2, POSITION_SENSITIVE
     )
@@ -203,12 +204,12 @@ def _roi_align_fwd_kernel(
     acc = tl.zeros((BLOCK_C, BLOCK_P), dtype=compute_dtype)
     mask_cp = c_ok[:, None] & p_ok[None, :]
     for iy in range(grid_h):
-        y = start_h + ph * bin_h + ((iy + 0.5) * bin_h) / grid_h
+        y = start_h + ph * bin_h + ieee_div((iy + 0.5) * bin_h, grid_h)
         y_low, y_high, wy_low, wy_high, y_in = _axis_weights(y, H)
         row_low = y_low.to(tl.int64) * stride_h
         row_high = y_high.to(tl.int64) * stride_h
         for ix in range(grid_w):
-            x = start_w + pw * bin_w + ((ix + 0.5) * bin_w) / grid_w
+            x = start_w + pw * bin_w + ieee_div((ix + 0.5) * bin_w, grid_w)
             x_low, x_high, wx_low, wx_high, x_in = _axis_weights(x, W)
             col_low = x_low.to(tl.int64) * stride_w
             col_high = x_high.to(tl.int64) * stride_w
@@ -227,7 +228,7 @@ def _roi_align_fwd_kernel(
                 + w3 * v3.to(compute_dtype)
                 + w4 * v4.to(compute_dtype)
             )
-    acc = acc / count
+    acc = ieee_div(acc, count)
     out_offsets = (k.to(tl.int64) * C + channels)[:, None] * (PH * PW) + bins[None, :]
     tl.store(out_ptr + out_offsets, acc.to(out_ptr.dtype.element_ty), mask=mask_cp)
 
@@ -261,9 +262,7 @@ def _roi_align_bwd_atomic_kernel(
     sampling_ratio,
     aligned,
     num_levels,
-    k_min,
-    canonical_scale,
-    canonical_level,
+    level_areas_ptr,  # [MAX_LEVELS - 1] fp32: _common.level_area_thresholds
     # meta-parameters
     COMPUTE_FP64: tl.constexpr,
     POSITION_SENSITIVE: tl.constexpr,  # R-FCN: bin (ph, pw) of output channel c reads input channel c * PH * PW + ph * PW + pw
@@ -274,7 +273,7 @@ def _roi_align_bwd_atomic_kernel(
     compute_dtype = tl.float64 if COMPUTE_FP64 else tl.float32
 
     batch, valid, x1, y1, x2, y2 = load_roi(rois_ptr, k, stride_rk, stride_rc, N, compute_dtype)
-    level = roi_level(x1, y1, x2, y2, num_levels, k_min, canonical_scale, canonical_level)
+    level = roi_level(x1, y1, x2, y2, level_areas_ptr)
     H, W, base, chan_offsets, stride_h, stride_w = _level_view(
         geometry_ptr, level, batch, channels, bins, PH, PW, grad0, grad1, grad2, grad3, grad4, 6, POSITION_SENSITIVE
     )
@@ -285,14 +284,14 @@ def _roi_align_bwd_atomic_kernel(
 
     mask_cp = c_ok[:, None] & p_ok[None, :]
     out_offsets = (k.to(tl.int64) * C + channels)[:, None] * (PH * PW) + bins[None, :]
-    grad = tl.load(grad_out_ptr + out_offsets, mask=mask_cp, other=0).to(compute_dtype) / count
+    grad = ieee_div(tl.load(grad_out_ptr + out_offsets, mask=mask_cp, other=0).to(compute_dtype), count)
     for iy in range(grid_h):
-        y = start_h + ph * bin_h + ((iy + 0.5) * bin_h) / grid_h
+        y = start_h + ph * bin_h + ieee_div((iy + 0.5) * bin_h, grid_h)
         y_low, y_high, wy_low, wy_high, y_in = _axis_weights(y, H)
         row_low = y_low.to(tl.int64) * stride_h
         row_high = y_high.to(tl.int64) * stride_h
         for ix in range(grid_w):
-            x = start_w + pw * bin_w + ((ix + 0.5) * bin_w) / grid_w
+            x = start_w + pw * bin_w + ieee_div((ix + 0.5) * bin_w, grid_w)
             x_low, x_high, wx_low, wx_high, x_in = _axis_weights(x, W)
             col_low = x_low.to(tl.int64) * stride_w
             col_high = x_high.to(tl.int64) * stride_w
@@ -349,9 +348,7 @@ def _roi_align_bwd_gather_kernel(
     sampling_ratio,
     aligned,
     num_levels,
-    k_min,
-    canonical_scale,
-    canonical_level,
+    level_areas_ptr,  # [MAX_LEVELS - 1] fp32: _common.level_area_thresholds
     # meta-parameters
     COMPUTE_FP64: tl.constexpr,
     POSITION_SENSITIVE: tl.constexpr,  # R-FCN: bin (ph, pw) of output channel c reads input channel c * PH * PW + ph * PW + pw
@@ -384,7 +381,7 @@ def _roi_align_bwd_gather_kernel(
     acc = tl.zeros((BLOCK_C, TILE_H * TILE_W), dtype=compute_dtype)
     for k in range(K):
         batch, valid, x1, y1, x2, y2 = load_roi(rois_ptr, k, stride_rk, stride_rc, N, compute_dtype)
-        this_level = roi_level(x1, y1, x2, y2, num_levels, k_min, canonical_scale, canonical_level)
+        this_level = roi_level(x1, y1, x2, y2, level_areas_ptr)
         start_h, start_w, bin_h, bin_w, grid_h, grid_w, count = _bin_grid(
             x1, y1, x2, y2, scale, aligned, PH, PW, sampling_ratio, valid
         )
@@ -408,7 +405,7 @@ def _roi_align_bwd_gather_kernel(
                 if near_y:
                     wy = tl.zeros((TILE_H * TILE_W,), dtype=compute_dtype)
                     for iy in range(grid_h):
-                        y = bin_y0 + ((iy + 0.5) * bin_h) / grid_h
+                        y = bin_y0 + ieee_div((iy + 0.5) * bin_h, grid_h)
                         wy += _axis_tap_weight(y, H, rows)
                     for pw in range(PW):
                         bin_x0 = start_w + pw * bin_w
@@ -419,10 +416,10 @@ def _roi_align_bwd_gather_kernel(
                             grad_mask = c_ok
                             if POSITION_SENSITIVE:
                                 grad_mask = grad_mask & (channels % (PH * PW) == ph * PW + pw)
-                            grad = tl.load(grad_row + ph * PW + pw, mask=grad_mask, other=0).to(compute_dtype) / count
+                            grad = ieee_div(tl.load(grad_row + ph * PW + pw, mask=grad_mask, other=0).to(compute_dtype), count)
                             wx = tl.zeros((TILE_H * TILE_W,), dtype=compute_dtype)
                             for ix in range(grid_w):
-                                x = bin_x0 + ((ix + 0.5) * bin_w) / grid_w
+                                x = bin_x0 + ieee_div((ix + 0.5) * bin_w, grid_w)
                                 wx += _axis_tap_weight(x, W, cols)
                             acc += grad[:, None] * (wy * wx)[None, :]
     in_map = (rows < H) & (cols < W)
@@ -471,16 +468,16 @@ def _geometry(features: list[torch.Tensor], grads: list[torch.Tensor], scales: l
 
 
 def _shared_arguments(rois, sampling_ratio: int, aligned: bool, num_levels: int, mapper: tuple) -> tuple:
-    """The trailing arguments every RoIAlign kernel takes: RoI strides, sampling, level mapper."""
+    """The trailing arguments every RoIAlign kernel takes: RoI strides, sampling, level mapper
+    (``mapper``: k_min, canonical scale, canonical level) as its level area thresholds."""
     k_min, canonical_scale, canonical_level = mapper
+    level_areas = level_area_thresholds(num_levels, int(k_min), float(canonical_scale), float(canonical_level))
     return (
         *rois.stride(),
         sampling_ratio,
         int(aligned),
         num_levels,
-        k_min,
-        float(canonical_scale),
-        float(canonical_level),
+        device_table(list(level_areas), torch.float32, rois.device),
     )
 
 
@@ -497,6 +494,7 @@ def _bin_tile_meta(num_bins: int, compute_dtype: torch.dtype, position_sensitive
         "BLOCK_C": block_c,
         "BLOCK_P": block_p,
         "num_warps": NUM_WARPS,
+        **NO_FP_FUSION,
     }
 
 
@@ -565,6 +563,7 @@ def _gather_backward_arguments(
         "TILE_H": tile_h,
         "TILE_W": tile_w,
         "num_warps": NUM_WARPS,
+        **NO_FP_FUSION,
     }
     return args, meta
 
@@ -1014,5 +1013,9 @@ def _aot_specs() -> list[KernelSpec]:
     return specs
 
 
+# Kernels whose results are compared exactly with torchvision or rounded (to pixels, levels,
+# keep/drop decisions): IEEE division and square root only, no contracted multiply-add (the
+# compile gate's PTX lint, `tritondet compile-report`).
+EXACT_KERNELS = frozenset({_roi_align_fwd_kernel, _roi_align_bwd_atomic_kernel, _roi_align_bwd_gather_kernel})
 AOT_SPECS = _aot_specs()
 PUBLIC_OPS = ("roi_align", "RoIAlign", "MultiScaleRoIAlign", "ps_roi_align", "PSRoIAlign")
