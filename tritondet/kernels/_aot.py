@@ -42,7 +42,9 @@ DEFAULT_FP_FUSION = True
 # ``EXACT_KERNELS`` contain none of them (the compile gate's PTX lint).
 INEXACT_OPCODES = ("div.full.f32", "div.approx.f32", "rcp.approx.f32", "sqrt.approx.f32", "fma.rn.f32")
 # One of them in PTX text, with the optional flush-to-zero and saturation modifiers: ``rcp.approx.ftz.f32``.
-_INEXACT_INSTRUCTION = re.compile(r"\b(div\.full|div\.approx|rcp\.approx|sqrt\.approx|fma\.rn)(?:\.ftz)?(?:\.sat)?\.f32\b")
+_INEXACT_INSTRUCTION = re.compile(
+    r"\b(div\.full|div\.approx|rcp\.approx|sqrt\.approx|fma\.rn)(?:\.ftz)?(?:\.sat)?\.f32\b"
+)
 
 
 def triton_type(value) -> str:

@@ -1,5 +1,5 @@
-"""What several op families share: the compute dtype, the warp count, IEEE division and square
-root, clipping to the image and the FPN levels (the per-level pointer arguments and the level rule).
+"""What several op families share: the compute dtype, the warp count, IEEE division, clipping to
+the image and the FPN levels (the per-level pointer arguments and the level rule).
 
 Shapes: B images; boxes ``[B, ..., 4]`` (x1, y1, x2, y2); image_sizes ``[B, 2]`` (height, width);
 rois ``[K, 5]`` (batch index, x1, y1, x2, y2).
@@ -41,8 +41,8 @@ def compute_dtype_of(dtype: torch.dtype) -> torch.dtype:
 
 
 # ----------------------------------------------------------------------------------------------
-# IEEE division and square root: Triton compiles fp32 ``/`` to div.full.f32 and ``tl.sqrt`` to
-# sqrt.approx.f32, which can be an ulp off where PyTorch rounds to nearest (fp64 is always IEEE)
+# IEEE division: Triton compiles fp32 ``/`` to div.full.f32, which can be an ulp off where PyTorch
+# rounds to nearest (fp64 division is IEEE; fp32 square roots take tl.sqrt_rn likewise)
 # ----------------------------------------------------------------------------------------------
 
 
@@ -53,15 +53,6 @@ def ieee_div(x, y):
         return x / y
     else:
         return tl.div_rn(x, tl.cast(y, tl.float32))
-
-
-@triton.jit
-def ieee_sqrt(x):
-    """``sqrt(x)`` rounded to nearest as torch's."""
-    if x.dtype == tl.float64:
-        return tl.sqrt(x)
-    else:
-        return tl.sqrt_rn(x)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -73,7 +73,8 @@ def _write_mask_tile(
         ax1[:, None, None], ay1[:, None, None], ax2[:, None, None], ay2[:, None, None], area_a[:, None, None],
         bx1[None, :, :], by1[None, :, :], bx2[None, :, :], by2[None, :, :], area_b[None, :, :],
     )  # fmt: skip
-    suppress = (ieee_div(inter, union) > iou_threshold) & (cols[None, :, :] > rows[:, None, None]) & (cols < n)[None, :, :]
+    iou = ieee_div(inter, union)
+    suppress = (iou > iou_threshold) & (cols[None, :, :] > rows[:, None, None]) & (cols < n)[None, :, :]
     # Distinct bits: their sum is their OR (bit 31 wraps to the sign bit, as intended).
     packed = tl.sum(suppress.to(tl.int32) << bits[None, None, :], 2)  # [BLOCK_ROWS, WORDS]
     offsets = mask_offset + rows[:, None].to(tl.int64) * words_per_row + words[None, :]

@@ -416,7 +416,9 @@ def _roi_align_bwd_gather_kernel(
                             grad_mask = c_ok
                             if POSITION_SENSITIVE:
                                 grad_mask = grad_mask & (channels % (PH * PW) == ph * PW + pw)
-                            grad = ieee_div(tl.load(grad_row + ph * PW + pw, mask=grad_mask, other=0).to(compute_dtype), count)
+                            grad = ieee_div(
+                                tl.load(grad_row + ph * PW + pw, mask=grad_mask, other=0).to(compute_dtype), count
+                            )
                             wx = tl.zeros((TILE_H * TILE_W,), dtype=compute_dtype)
                             for ix in range(grid_w):
                                 x = bin_x0 + ieee_div((ix + 0.5) * bin_w, grid_w)
