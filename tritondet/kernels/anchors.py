@@ -27,7 +27,7 @@ import triton.language as tl
 
 from .._backend import use_triton
 from ._aot import KernelSpec
-from ._common import NUM_WARPS
+from ._common import NO_FP_FUSION, NUM_WARPS
 from ._launch import device_table, launch
 
 # Level-table columns (int64).
@@ -189,7 +189,7 @@ def level_table(
 def _anchors_arguments(table: torch.Tensor, out: torch.Tensor) -> tuple[tuple, dict]:
     """``(args, meta)`` of :func:`_grid_anchors_kernel`: what the launcher passes and what the
     ahead-of-time spec is derived from."""
-    return (table, out, table.shape[1]), {"BLOCK": _BLOCK, "num_warps": NUM_WARPS}
+    return (table, out, table.shape[1]), {"BLOCK": _BLOCK, "num_warps": NUM_WARPS, **NO_FP_FUSION}
 
 
 def grid_anchors_triton(grid_sizes, strides, anchor_sizes, anchor_ratios, anchors_per_level, device) -> torch.Tensor:
