@@ -3,9 +3,10 @@ sm_90 with zero register spills, the report reads registers, shared memory and S
 PTX of every exact kernel has no instruction that rounds otherwise than PyTorch."""
 
 import pytest
+import torch
 
-from tritondet.kernels import FAMILIES
-from tritondet.kernels._aot import ARCHS, INEXACT_OPCODES, inexact_opcodes
+from tritondet.kernels import FAMILIES, box_iou
+from tritondet.kernels._aot import ARCHS, INEXACT_OPCODES, inexact_opcodes, specialization_key
 from tritondet.measure import compile_report
 
 
@@ -68,6 +69,17 @@ def test_inexact_opcodes_reads_ptx_instructions():
     """
     assert inexact_opcodes(ptx) == {"div.full.f32": 1, "rcp.approx.f32": 1, "sqrt.approx.f32": 1, "fma.rn.f32": 2}
     assert set(inexact_opcodes(ptx)) <= set(INEXACT_OPCODES)
+
+
+def test_fma_contraction_is_part_of_the_specialization():
+    """A launch with FMA contraction is another specialization than the declared one without."""
+    boxes = torch.empty((1, 1, 4))
+    args, meta = box_iou._iou_arguments(boxes, boxes, boxes, boxes, boxes, "iou", "xyxy", 1e-7)
+    assert meta["enable_fp_fusion"] is False
+    declared = {spec.key for spec in box_iou.AOT_SPECS}
+    kernel = box_iou._pairwise_iou_kernel
+    assert specialization_key(kernel, args, meta) in declared
+    assert specialization_key(kernel, args, {**meta, "enable_fp_fusion": True}) not in declared
 
 
 def test_exact_kernels_have_only_ieee_arithmetic(results):
