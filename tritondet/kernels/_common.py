@@ -111,7 +111,7 @@ def roi_level(x1, y1, x2, y2, level_areas_ptr):
     return level
 
 
-def _torchvision_levels(areas: torch.Tensor, k_min: int, canonical_scale: float, canonical_level: float):
+def _torchvision_levels(areas: torch.Tensor, canonical_scale: float, canonical_level: float) -> torch.Tensor:
     """torchvision's LevelMapper target level of fp32 ``areas`` before clamping, in its fp32 order."""
     target = canonical_level + torch.log2(areas.sqrt() / canonical_scale)
     return torch.floor(target + torch.tensor(LEVEL_EPS, dtype=areas.dtype))
@@ -133,7 +133,7 @@ def level_area_thresholds(
         while low < high:
             middle = (low + high) // 2
             area = torch.tensor([middle], dtype=torch.int32).view(torch.float32)
-            if _torchvision_levels(area, k_min, canonical_scale, canonical_level).item() >= level:
+            if _torchvision_levels(area, canonical_scale, canonical_level).item() >= level:
                 high = middle
             else:
                 low = middle + 1
@@ -149,5 +149,5 @@ def roi_levels_reference(
         return torch.zeros(rois.shape[0], dtype=torch.int64, device=rois.device)
     boxes = rois[:, 1:].to(torch.float32)
     areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    target = _torchvision_levels(areas, k_min, canonical_scale, canonical_level)
+    target = _torchvision_levels(areas, canonical_scale, canonical_level)
     return (target.clamp(k_min, k_min + num_levels - 1) - k_min).to(torch.int64)
