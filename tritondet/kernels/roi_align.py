@@ -454,11 +454,12 @@ def _pool_blocks(num_bins: int, compute_dtype: torch.dtype) -> tuple[int, int]:
 def _gather_tile(compute_dtype: torch.dtype) -> tuple[int, int, int]:
     """(BLOCK_C, TILE_H, TILE_W) of the deterministic backward.
 
-    fp32: an 8x16 pixel tile (16 columns are 64 contiguous bytes of a row) times 8 channels, 8
-    accumulators per thread at 4 warps (16 channels spill 16 bytes around the IEEE divisions on
-    sm_80). fp64: a 4x16 tile times 8 channels; ptxas spills both the 8x16x8 tile and, oddly, the
-    smaller 8x16x4 and 8x8x4 ones on sm_80/sm_90, not this one (`tritondet compile-report`)."""
-    return (8, 4, 16) if compute_dtype == torch.float64 else (8, 8, 16)
+    fp32: a 4x16 pixel tile (16 columns are 64 contiguous bytes of a row) times 16 channels, 8
+    accumulators per thread at 4 warps (an 8x16 tile spills around the IEEE divisions: 16 bytes
+    with 16 channels on sm_80, 32 with 8 channels on sm_90). fp64: a 4x16 tile times 8 channels;
+    ptxas spills both the 8x16x8 tile and, oddly, the smaller 8x16x4 and 8x8x4 ones on
+    sm_80/sm_90, not this one (`tritondet compile-report`)."""
+    return (8, 4, 16) if compute_dtype == torch.float64 else (16, 4, 16)
 
 
 def _geometry(features: list[torch.Tensor], grads: list[torch.Tensor], scales: list[float]):
