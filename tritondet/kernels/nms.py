@@ -453,10 +453,11 @@ def _mask_tile(compute_dtype: torch.dtype) -> tuple[int, int]:
 
 # 256 removed-set words per chunk: 2 per thread at 4 warps; one chunk covers 8192 boxes.
 _REDUCE_BLOCK_WORDS = 256
-# 512 boxes per soft-NMS chunk: 4 per thread at 4 warps. fp64: 128 (1 per thread), as the
-# Gaussian decay's fp64 exp without FMA contraction spills 16-24 bytes at 256 and 512 on sm_90.
+# 512 boxes per soft-NMS chunk: 4 per thread at 4 warps. The fp64 Gaussian decay: 128 (1 per
+# thread), as its fp64 exp without FMA contraction spills 16-24 bytes at 256 and 512 on sm_90
+# (and the fp64 linear decay spills 12 bytes at 128 on sm_80, none at 512).
 _SOFT_BLOCK = 512
-_SOFT_BLOCK_FP64 = 128
+_SOFT_BLOCK_FP64_GAUSSIAN = 128
 
 
 # The argument builders give ``(args, meta)`` of a kernel for these tensors: what the launchers
@@ -745,7 +746,7 @@ def _soft_nms_arguments(boxes, scores, keep, kept_scores, count, iou_threshold, 
     meta = {
         "METHOD": _METHOD_CODE[method],
         "COMPUTE_FP64": boxes.dtype == torch.float64,
-        "BLOCK": _SOFT_BLOCK_FP64 if boxes.dtype == torch.float64 else _SOFT_BLOCK,
+        "BLOCK": _SOFT_BLOCK_FP64_GAUSSIAN if boxes.dtype == torch.float64 and method == "gaussian" else _SOFT_BLOCK,
         "num_warps": NUM_WARPS,
         **NO_FP_FUSION,
     }
