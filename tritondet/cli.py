@@ -54,10 +54,14 @@ def _cmd_compile_report(args: argparse.Namespace) -> int:
 
     archs = tuple(args.arch) if args.arch else compile_report.ARCHS
     results = compile_report.compile_all(archs=archs, use_cache=not args.no_cache)
-    print(compile_report.format_table(results))
+    print(compile_report.format_table(results, archs))
     failed = [r for _, r in results if not r.ok]
-    print(f"\n{len(results)} compilations, {len(failed)} failed or spilled")
-    return 1 if failed else 0
+    inexact = compile_report.ptx_lint_failures(results, archs)
+    print(
+        f"\n{len(results)} compilations, {len(failed)} failed or spilled, "
+        f"{len(inexact)} with inexact PTX in an exact kernel"
+    )
+    return 1 if failed or inexact else 0
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:

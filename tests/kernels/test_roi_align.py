@@ -308,6 +308,33 @@ def test_fast_cpu_multiscale_pools_each_level_either_way(monkeypatch, pixels_per
         assert_close(ours, theirs, torch.float32)
 
 
+def test_multiscale_levels_at_the_boundaries_match_torchvision(backend, device):
+    """Boxes whose fp32 area is a level boundary of torchvision's LevelMapper, or one ulp either
+    side, are pooled from torchvision's level (the level rule compares areas, no log2)."""
+    generator = torch.Generator().manual_seed(43)
+    names = ["p2", "p3", "p4", "p5"]
+    x = OrderedDict(
+        (name, torch.randn(1, 3, 512 >> level, 512 >> level, generator=generator).to(device))
+        for level, name in enumerate(names, start=2)
+    )
+    height = 512.0  # a power of two: width * height is exact, so the area is the intended one
+    widths = []
+    for threshold in family.level_area_thresholds(4, 2, 224.0, 4.0)[:3]:
+        width = torch.tensor(threshold / height)
+        widths += [width.nextafter(torch.tensor(0.0)), width, width.nextafter(torch.tensor(1e9))]
+    boxes = torch.stack([torch.tensor([0.0, 0.0, width, height]) for width in widths]).to(device)
+    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    levels = torchvision.ops.poolers.LevelMapper(2, 5)([boxes]).flatten().cpu()
+    assert levels.tolist() == [0, 1, 1, 1, 2, 2, 2, 3, 3]
+    assert torch.equal(
+        family.roi_levels_reference(torch.cat([torch.zeros_like(areas)[:, None], boxes], 1), 4, 2, 224.0, 4.0).cpu(),
+        levels,
+    )
+    ours = ops.MultiScaleRoIAlign(names, 2, 2)
+    theirs = torchvision.ops.MultiScaleRoIAlign(names, 2, 2)
+    assert_close(ours(x, [boxes], [(512, 512)]), theirs(x, [boxes], [(512, 512)]), torch.float32)
+
+
 def test_multiscale_infers_the_scales_of_every_call(backend, device):
     generator = torch.Generator().manual_seed(41)
     names = ["p2", "p3", "p4", "p5"]

@@ -1,6 +1,7 @@
 """Triton kernels, one module per op family: kernel(s), launcher, reference, registration, AOT specs.
 
-Every module in :data:`FAMILIES` defines ``AOT_SPECS`` (the specializations its launchers use) and
+Every module in :data:`FAMILIES` defines ``AOT_SPECS`` (the specializations its launchers use),
+``EXACT_KERNELS`` (those of its kernels the compile gate lints for inexact PTX instructions) and
 ``PUBLIC_OPS`` (the names in :mod:`tritondet.ops` it serves); a family without a kernel of its own
 (``targets``) declares an empty ``AOT_SPECS``.
 """

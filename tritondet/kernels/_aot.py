@@ -1,7 +1,8 @@
 """Ahead-of-time compilation of every kernel specialization the ops launch, for real GPU targets.
 
 No GPU is needed: :func:`compile_spec` runs Triton's full pipeline (TTIR -> TTGIR -> LLVM -> PTX ->
-cubin via ptxas) for ``GPUTarget("cuda", arch, 32)`` and reads the cubin back with the
+cubin via ptxas) for ``GPUTarget("cuda", arch, 32)``, counts the PTX instructions that round
+otherwise than PyTorch (:data:`INEXACT_OPCODES`) and reads the cubin back with the
 ``cuobjdump``/``ptxas`` binaries that ship inside triton's NVIDIA backend.
 
 Each kernel module lists its :class:`KernelSpec` objects in ``AOT_SPECS``, built with
@@ -14,6 +15,7 @@ launches by the same rule (:func:`specialization_key`) and requires it to be dec
 
 from __future__ import annotations
 
+import collections
 import inspect
 import os
 import re
@@ -29,9 +31,20 @@ WARP_SIZE = 32
 
 
 # Launch options that are not kernel arguments, and Triton's defaults for them on CUDA.
-LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas")
+LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "enable_fp_fusion")
 DEFAULT_NUM_WARPS = 4
 DEFAULT_NUM_STAGES = 3
+DEFAULT_FP_FUSION = True
+
+# PTX instructions that round otherwise than PyTorch: Triton's fp32 ``/`` (div.full.f32, up to two
+# ulps off), approximate division, reciprocal and square root (``tl.sqrt``), and the FMA that a
+# contracted ``a * b + c`` becomes (one rounding where torch rounds twice). A family's
+# ``EXACT_KERNELS`` contain none of them (the compile gate's PTX lint).
+INEXACT_OPCODES = ("div.full.f32", "div.approx.f32", "rcp.approx.f32", "sqrt.approx.f32", "fma.rn.f32")
+# One of them in PTX text, with the optional flush-to-zero and saturation modifiers: ``rcp.approx.ftz.f32``.
+_INEXACT_INSTRUCTION = re.compile(
+    r"\b(div\.full|div\.approx|rcp\.approx|sqrt\.approx|fma\.rn)(?:\.ftz)?(?:\.sat)?\.f32\b"
+)
 
 
 def triton_type(value) -> str:
@@ -75,7 +88,7 @@ def launch_signature(kernel, args: tuple, meta: dict) -> tuple[dict[str, str], d
 
 def specialization_key(kernel, args: tuple, meta: dict) -> tuple:
     """What identifies a compiled specialization: the kernel, the Triton type of every argument,
-    the constexpr values, warps and pipeline stages."""
+    the constexpr values, warps, pipeline stages and FMA contraction."""
     signature, constexprs = launch_signature(kernel, args, meta)
     return (
         kernel_name(kernel),
@@ -83,6 +96,7 @@ def specialization_key(kernel, args: tuple, meta: dict) -> tuple:
         tuple(sorted(constexprs.items())),
         meta.get("num_warps", DEFAULT_NUM_WARPS),
         meta.get("num_stages", DEFAULT_NUM_STAGES),
+        meta.get("enable_fp_fusion", DEFAULT_FP_FUSION),
     )
 
 
@@ -103,6 +117,7 @@ class KernelSpec:
     label: str = ""
     num_warps: int = DEFAULT_NUM_WARPS
     num_stages: int = DEFAULT_NUM_STAGES
+    enable_fp_fusion: bool = DEFAULT_FP_FUSION
     pointer_alignment: int = field(default=16)
 
     @classmethod
@@ -119,6 +134,7 @@ class KernelSpec:
             label,
             meta.get("num_warps", DEFAULT_NUM_WARPS),
             meta.get("num_stages", DEFAULT_NUM_STAGES),
+            meta.get("enable_fp_fusion", DEFAULT_FP_FUSION),
         )
 
     @property
@@ -139,6 +155,8 @@ class CompileResult:
     stack_bytes: int | None = None
     shared_bytes: int | None = None
     sass_instructions: int | None = None
+    # INEXACT_OPCODES found in the PTX -> count (absent when none).
+    inexact_opcodes: dict[str, int] = field(default_factory=dict)
     error: str | None = None
 
     @property
@@ -177,15 +195,27 @@ def compile_spec(spec: KernelSpec, arch: int) -> CompileResult:
         compiled = triton.compile(
             source,
             target=GPUTarget("cuda", arch, WARP_SIZE),
-            options={"num_warps": spec.num_warps, "num_stages": spec.num_stages},
+            options={
+                "num_warps": spec.num_warps,
+                "num_stages": spec.num_stages,
+                "enable_fp_fusion": spec.enable_fp_fusion,
+            },
         )
     except Exception as error:  # the report lists every failure instead of stopping at the first
         result.error = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error) else ''}"
         return result
     result.shared_bytes = int(compiled.metadata.shared)
+    result.inexact_opcodes = inexact_opcodes(compiled.asm["ptx"])
     _read_cubin(compiled.asm["cubin"], result)
     _read_ptxas_spills(compiled.asm["ptx"], arch, result)
     return result
+
+
+def inexact_opcodes(ptx: str) -> dict[str, int]:
+    """:data:`INEXACT_OPCODES` in ``ptx`` -> how often each occurs (modifiers dropped: ``rcp.approx.ftz.f32``
+    counts as ``rcp.approx.f32``); the ones absent are left out."""
+    found = collections.Counter(f"{name}.f32" for name in _INEXACT_INSTRUCTION.findall(ptx))
+    return {opcode: found[opcode] for opcode in INEXACT_OPCODES if found[opcode]}
 
 
 def _read_cubin(cubin: bytes, result: CompileResult) -> None:

@@ -1,5 +1,5 @@
-"""What several op families share: the compute dtype, the warp count, clipping to the image and
-the FPN levels (the per-level pointer arguments and the level rule).
+"""What several op families share: the compute dtype, the warp count, IEEE division, clipping to
+the image and the FPN levels (the per-level pointer arguments and the level rule).
 
 Shapes: B images; boxes ``[B, ..., 4]`` (x1, y1, x2, y2); image_sizes ``[B, 2]`` (height, width);
 rois ``[K, 5]`` (batch index, x1, y1, x2, y2).
@@ -10,6 +10,8 @@ the twin), so the two forms of a rule are read and changed together.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -19,11 +21,18 @@ import triton.language as tl
 # programs resident without the register pressure that 8 warps of these tiles would need.
 NUM_WARPS = 4
 
+# Launch option of the kernels whose results are compared exactly or rounded: Triton otherwise
+# contracts a * b + c into one FMA, rounded once where torch (CPU) rounds twice (the IoU's union
+# ``area_a + area_b - inter``, RoIAlign's sample positions).
+NO_FP_FUSION = {"enable_fp_fusion": False}
+
 # FPN uses levels P2..P5 (torchvision: 4 maps) or P2..P6; five per-level pointers cover both (the
 # RoIAlign maps, the RPN head outputs).
 MAX_LEVELS = 5
+# The level boundaries a RoI's area is compared with (see roi_level).
+_LEVEL_BOUNDARIES = tl.constexpr(MAX_LEVELS - 1)
 # torchvision's LevelMapper epsilon.
-LEVEL_EPS = tl.constexpr(1e-6)
+LEVEL_EPS = 1e-6
 
 
 def compute_dtype_of(dtype: torch.dtype) -> torch.dtype:
@@ -47,6 +56,21 @@ def scaled_rois(rois: torch.Tensor, spatial_scale: float, dtype: torch.dtype) ->
     data copied to the device, so a CUDA-graph capture can record it."""
     rois = rois.to(dtype)
     return torch.cat([rois[:, :1], rois[:, 1:] * spatial_scale], 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# IEEE division: Triton compiles fp32 ``/`` to div.full.f32, which can be an ulp off where PyTorch
+# rounds to nearest (fp64 division is IEEE; fp32 square roots take tl.sqrt_rn likewise)
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def ieee_div(x, y):
+    """``x / y`` rounded to nearest as torch divides; ``x`` is a float tensor, ``y`` any number tensor."""
+    if x.dtype == tl.float64:
+        return x / y
+    else:
+        return tl.div_rn(x, tl.cast(y, tl.float32))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -97,22 +121,57 @@ def pick_level(level, p0, p1, p2, p3, p4):
 
 
 @triton.jit
-def roi_level(x1, y1, x2, y2, num_levels, k_min, canonical_scale, canonical_level):
-    """FPN Eqn. (1) as torchvision's LevelMapper: floor(k0 + log2(sqrt(area) / s0) + eps), clamped."""
-    size = tl.sqrt(((x2 - x1) * (y2 - y1)).to(tl.float32))
-    target = tl.floor(canonical_level + tl.log2(size / canonical_scale) + LEVEL_EPS)
-    target = tl.minimum(tl.maximum(target, k_min), k_min + num_levels - 1)
-    level = tl.where(num_levels > 1, (target - k_min).to(tl.int32), 0)
+def roi_level(x1, y1, x2, y2, level_areas_ptr):
+    """FPN Eqn. (1) as torchvision's LevelMapper: the level index (0 = k_min) of a RoI.
+
+    ``level_areas_ptr`` holds :func:`level_area_thresholds` (fp32 ``[MAX_LEVELS - 1]``): the level
+    is the number of thresholds the fp32 area reaches, bit for bit torchvision's fp32
+    ``floor(k0 + log2(sqrt(area) / s0) + eps)`` without a transcendental on the GPU.
+    """
+    area = (x2.to(tl.float32) - x1.to(tl.float32)) * (y2.to(tl.float32) - y1.to(tl.float32))
+    level = tl.zeros_like(area).to(tl.int32)
+    for boundary in tl.static_range(_LEVEL_BOUNDARIES):
+        level += (area >= tl.load(level_areas_ptr + boundary)).to(tl.int32)
     return level
+
+
+def _torchvision_levels(areas: torch.Tensor, canonical_scale: float, canonical_level: float) -> torch.Tensor:
+    """torchvision's LevelMapper target level of fp32 ``areas`` before clamping, in its fp32 order."""
+    target = canonical_level + torch.log2(areas.sqrt() / canonical_scale)
+    return torch.floor(target + torch.tensor(LEVEL_EPS, dtype=areas.dtype))
+
+
+@functools.lru_cache(maxsize=64)
+def level_area_thresholds(
+    num_levels: int, k_min: int, canonical_scale: float, canonical_level: float
+) -> tuple[float, ...]:
+    """``MAX_LEVELS - 1`` fp32 areas: entry ``i`` is the smallest area torchvision puts on level
+    ``k_min + i + 1`` or above (``inf`` past the last of ``num_levels`` levels).
+
+    Found by bisection over the fp32 bit patterns of torchvision's own fp32 rule, which only grows
+    with the area, so comparing an area with these is exact, at the level boundaries too.
+    """
+    thresholds = []
+    for level in range(k_min + 1, k_min + num_levels):
+        low, high = 0, 0x7F800000  # bit patterns of 0 and inf: fp32 order is integer order
+        while low < high:
+            middle = (low + high) // 2
+            area = torch.tensor([middle], dtype=torch.int32).view(torch.float32)
+            if _torchvision_levels(area, canonical_scale, canonical_level).item() >= level:
+                high = middle
+            else:
+                low = middle + 1
+        thresholds.append(torch.tensor([low], dtype=torch.int32).view(torch.float32).item())
+    return (*thresholds, *[float("inf")] * (MAX_LEVELS - num_levels))
 
 
 def roi_levels_reference(
     rois: torch.Tensor, num_levels: int, k_min: int, canonical_scale: float, canonical_level: float
 ) -> torch.Tensor:
-    """``[K, 5] -> [K]`` int64 level index (0 for a single level): :func:`roi_level` in PyTorch, fp32."""
+    """``[K, 5] -> [K]`` int64 level index (0 for a single level): torchvision's LevelMapper in fp32."""
     if num_levels == 1:
         return torch.zeros(rois.shape[0], dtype=torch.int64, device=rois.device)
     boxes = rois[:, 1:].to(torch.float32)
-    size = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).sqrt()
-    target = torch.floor(canonical_level + torch.log2(size / canonical_scale) + LEVEL_EPS.value)
+    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    target = _torchvision_levels(areas, canonical_scale, canonical_level)
     return (target.clamp(k_min, k_min + num_levels - 1) - k_min).to(torch.int64)

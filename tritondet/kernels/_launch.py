@@ -20,15 +20,16 @@ _launches = 0
 # launch does not make, so the dispatch counters leave out the ops made while this is non-zero.
 _launch_depth = 0
 # With TRITONDET_CHECK_SPECS=1 (the test suite sets it) a launch whose full signature (every
-# argument's Triton type, constexprs, warps, stages: _aot.specialization_key) no module declares in
-# AOT_SPECS raises, so the ahead-of-time compile gate covers all that runs.
+# argument's Triton type, constexprs, warps, stages, FMA contraction: _aot.specialization_key) no
+# module declares in AOT_SPECS raises, so the ahead-of-time compile gate covers all that runs.
 CHECK_SPECS_VARIABLE = "TRITONDET_CHECK_SPECS"
 # CUDA's largest grid (programs per axis): gridDim.x < 2**31, gridDim.y and gridDim.z <= 65535.
 GRID_LIMITS = (2**31 - 1, 65535, 65535)
 
 
 def launch(kernel, grid: tuple[int, ...], *args, **meta) -> None:
-    """Launch ``kernel`` on ``grid`` (programs along each axis) with ``args`` and ``meta``.
+    """Launch ``kernel`` on ``grid`` (programs along each axis) with ``args`` and ``meta``
+    (constexprs and launch options: ``num_warps``, ``enable_fp_fusion``, which the interpreter ignores).
 
     The launch runs on the device of its first CUDA tensor argument (under that device's guard,
     so on its current stream), whatever device is current. A grid with a zero-sized axis launches

@@ -27,7 +27,7 @@ import triton.language as tl
 
 from .._backend import use_triton
 from ._aot import KernelSpec
-from ._common import NUM_WARPS
+from ._common import NO_FP_FUSION, NUM_WARPS
 from ._launch import device_table, launch
 
 # Level-table columns (int64).
@@ -189,7 +189,7 @@ def level_table(
 def _anchors_arguments(table: torch.Tensor, out: torch.Tensor) -> tuple[tuple, dict]:
     """``(args, meta)`` of :func:`_grid_anchors_kernel`: what the launcher passes and what the
     ahead-of-time spec is derived from."""
-    return (table, out, table.shape[1]), {"BLOCK": _BLOCK, "num_warps": NUM_WARPS}
+    return (table, out, table.shape[1]), {"BLOCK": _BLOCK, "num_warps": NUM_WARPS, **NO_FP_FUSION}
 
 
 def grid_anchors_triton(grid_sizes, strides, anchor_sizes, anchor_ratios, anchors_per_level, device) -> torch.Tensor:
@@ -266,6 +266,10 @@ def _(grid_sizes, strides, anchor_sizes, anchor_ratios, anchors_per_level, devic
     return torch.empty((total, 4), dtype=torch.float32, device=device)
 
 
+# Kernels whose results are compared exactly with torchvision or rounded (to pixels, levels,
+# keep/drop decisions): IEEE division and square root only, no contracted multiply-add (the
+# compile gate's PTX lint, `tritondet compile-report`).
+EXACT_KERNELS = frozenset({_grid_anchors_kernel})
 AOT_SPECS = [
     KernelSpec.from_example(
         _grid_anchors_kernel,

@@ -28,21 +28,12 @@ import triton.language as tl
 
 from .._backend import use_triton
 from ._aot import KernelSpec
-from ._common import NUM_WARPS, compute_dtype_of
+from ._common import NUM_WARPS, compute_dtype_of, ieee_div
 from ._launch import launch
 
 DEFAULT_XFORM_CLIP = math.log(1000.0 / 16)
 RPN_WEIGHTS = (1.0, 1.0, 1.0, 1.0)
 BOX_HEAD_WEIGHTS = (10.0, 10.0, 5.0, 5.0)
-
-
-@triton.jit
-def ieee_div(x, y):
-    """x / y rounded to nearest like torch's division (Triton's fp32 ``/`` is approximate on GPUs)."""
-    if x.dtype == tl.float64:
-        return x / y
-    else:
-        return tl.div_rn(x, y)
 
 
 @triton.jit
@@ -375,5 +366,7 @@ def _aot_specs() -> list[KernelSpec]:
     return specs
 
 
+# None: encoding takes a log, decoding an exp (both approximate on a GPU; see CONTRIBUTING).
+EXACT_KERNELS: frozenset = frozenset()
 AOT_SPECS = _aot_specs()
 PUBLIC_OPS = ("encode_boxes", "decode_boxes")

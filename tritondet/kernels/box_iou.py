@@ -23,7 +23,7 @@ import triton.language as tl
 
 from .._backend import use_fast_cpu, use_triton
 from ._aot import KernelSpec
-from ._common import NUM_WARPS, compute_dtype_of, split_program
+from ._common import NO_FP_FUSION, NUM_WARPS, compute_dtype_of, ieee_div, split_program
 from ._launch import launch
 
 KINDS = ("iou", "giou", "diou", "ciou")
@@ -42,8 +42,8 @@ def _corners(raw0, raw1, raw2, raw3, FMT: tl.constexpr):
     elif FMT == 1:  # xywh
         return raw0, raw1, raw0 + raw2, raw1 + raw3
     else:  # cxcywh
-        half_w = raw2 / 2
-        half_h = raw3 / 2
+        half_w = raw2 * 0.5
+        half_h = raw3 * 0.5
         return raw0 - half_w, raw1 - half_h, raw0 + half_w, raw1 + half_h
 
 
@@ -67,7 +67,7 @@ def pairwise_iou_tile(ax1, ay1, ax2, ay2, area_a, bx1, by1, bx2, by2, area_b):
         ax1[:, None], ay1[:, None], ax2[:, None], ay2[:, None], area_a[:, None],
         bx1[None, :], by1[None, :], bx2[None, :], by2[None, :], area_b[None, :],
     )  # fmt: skip
-    return inter / union, union
+    return ieee_div(inter, union), union
 
 
 @triton.jit
@@ -137,18 +137,18 @@ def _pairwise_iou_kernel(
         hull_h = tl.maximum(tl.maximum(ay2[:, None], by2[None, :]) - tl.minimum(ay1[:, None], by1[None, :]), 0.0)
         if KIND == 1:
             hull_area = hull_w * hull_h
-            result = iou - (hull_area - union) / hull_area
+            result = iou - ieee_div(hull_area - union, hull_area)
         else:
             diagonal_sq = hull_w * hull_w + hull_h * hull_h + eps
-            dx = (ax1 + ax2)[:, None] / 2 - (bx1 + bx2)[None, :] / 2
-            dy = (ay1 + ay2)[:, None] / 2 - (by1 + by2)[None, :] / 2
-            result = iou - (dx * dx + dy * dy) / diagonal_sq
+            dx = (ax1 + ax2)[:, None] * 0.5 - (bx1 + bx2)[None, :] * 0.5
+            dy = (ay1 + ay2)[:, None] * 0.5 - (by1 + by2)[None, :] * 0.5
+            result = iou - ieee_div(dx * dx + dy * dy, diagonal_sq)
             if KIND == 3:
                 aspect_a = tl.load(aspect1_ptr + batch * N + rows, mask=row_ok, other=0)
                 aspect_b = tl.load(aspect2_ptr + batch * M + cols, mask=col_ok, other=0)
                 aspect_gap = aspect_a[:, None] - aspect_b[None, :]
                 v = CIOU_FACTOR * (aspect_gap * aspect_gap)
-                alpha = v / (1 - iou + v + eps)
+                alpha = ieee_div(v, 1 - iou + v + eps)
                 result = result - alpha * v
 
     out_offsets = (batch * N + rows.to(tl.int64))[:, None] * M + cols[None, :]
@@ -195,6 +195,7 @@ def _iou_arguments(boxes1, boxes2, aspect1, aspect2, out, kind: str, fmt: str, e
         "BLOCK_N": block_n,
         "BLOCK_M": block_m,
         "num_warps": NUM_WARPS,
+        **NO_FP_FUSION,
     }
     return args, meta
 
@@ -358,6 +359,10 @@ def _aot_specs() -> list[KernelSpec]:
     return specs
 
 
+# Kernels whose results are compared exactly with torchvision or rounded (to pixels, levels,
+# keep/drop decisions): IEEE division and square root only, no contracted multiply-add (the
+# compile gate's PTX lint, `tritondet compile-report`).
+EXACT_KERNELS = frozenset({_pairwise_iou_kernel})
 AOT_SPECS = _aot_specs()
 PUBLIC_OPS = (
     "box_iou",

@@ -39,7 +39,7 @@ from ._aot import KernelSpec
 from ._common import NUM_WARPS, compute_dtype_of
 from ._launch import device_table, launch
 from .box_coder import ieee_div
-from .roi_align import axis_weights, bin_grid, roi_align_reference
+from .roi_align import axis_weights, bin_grid, bin_spans, roi_align_reference
 
 # ----------------------------------------------------------------------------------------------
 # Triton kernels
@@ -193,14 +193,20 @@ def _mask_targets_kernel(
 
     start_h, start_w, bin_h, bin_w, grid_h, grid_w, count = bin_grid(x1, y1, x2, y2, 1.0, 0, M, M, -1, valid)
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for iy in range(grid_h):
-        y = start_h + ph * bin_h + ieee_div((iy + 0.5) * bin_h, grid_h.to(tl.float32))
+    # Only the samples that can land on the mask are visited: bounded by the mask, not the proposal.
+    first_y, span_y, first_x, span_x = bin_spans(start_h, start_w, bin_h, bin_w, grid_h, grid_w, ph, pw, bins_ok, H, W)
+    for dy in range(tl.max(span_y, 0)):
+        iy = first_y + dy
+        y = start_h + ph * bin_h + ieee_div((iy + 0.5) * bin_h, grid_h)
         y_low, y_high, wy_low, wy_high, y_in = axis_weights(y, H)
+        y_in = y_in & (dy < span_y)
         row_low = y_low.to(tl.int64) * stride_gh
         row_high = y_high.to(tl.int64) * stride_gh
-        for ix in range(grid_w):
-            x = start_w + pw * bin_w + ieee_div((ix + 0.5) * bin_w, grid_w.to(tl.float32))
+        for dx in range(tl.max(span_x, 0)):
+            ix = first_x + dx
+            x = start_w + pw * bin_w + ieee_div((ix + 0.5) * bin_w, grid_w)
             x_low, x_high, wx_low, wx_high, x_in = axis_weights(x, W)
+            x_in = x_in & (dx < span_x)
             col_low = x_low.to(tl.int64) * stride_gw
             col_high = x_high.to(tl.int64) * stride_gw
             inside = bins_ok & y_in & x_in

@@ -41,7 +41,7 @@ import triton.language as tl
 
 from .._backend import use_fast_cpu, use_triton
 from ._aot import KernelSpec
-from ._common import NUM_WARPS, compute_dtype_of
+from ._common import NO_FP_FUSION, NUM_WARPS, compute_dtype_of
 from ._launch import device_table, launch
 from .box_iou import pairwise_iou_cpu, pairwise_iou_reference, pairwise_iou_tile
 
@@ -235,6 +235,7 @@ def _matcher_arguments(anchors, gt_boxes, gt_count, gt_max, thresholds, out) -> 
         "BLOCK_A": block_a,
         "BLOCK_G": block_g,
         "num_warps": NUM_WARPS,
+        **NO_FP_FUSION,
     }
     return (
         (anchors, gt_boxes, gt_count, gt_max, *common),
@@ -391,5 +392,9 @@ def _aot_specs() -> list[KernelSpec]:
     return specs
 
 
+# Kernels whose results are compared exactly with torchvision or rounded (to pixels, levels,
+# keep/drop decisions): IEEE division and square root only, no contracted multiply-add (the
+# compile gate's PTX lint, `tritondet compile-report`).
+EXACT_KERNELS = frozenset({_gt_max_kernel, _match_kernel})
 AOT_SPECS = _aot_specs()
 PUBLIC_OPS = ("match_boxes",)

@@ -34,7 +34,7 @@ import triton.language as tl
 
 from .._backend import use_fast_cpu, use_triton
 from ._aot import KernelSpec
-from ._common import NUM_WARPS, compute_dtype_of, split_program
+from ._common import NO_FP_FUSION, NUM_WARPS, compute_dtype_of, ieee_div, split_program
 from ._cpu import greedy_keep
 from ._launch import launch
 from .box_iou import intersection_union, iou_and_union
@@ -74,7 +74,8 @@ def _write_mask_tile(
         ax1[:, None, None], ay1[:, None, None], ax2[:, None, None], ay2[:, None, None], area_a[:, None, None],
         bx1[None, :, :], by1[None, :, :], bx2[None, :, :], by2[None, :, :], area_b[None, :, :],
     )  # fmt: skip
-    suppress = (inter / union > iou_threshold) & (cols[None, :, :] > rows[:, None, None]) & (cols < n)[None, :, :]
+    iou = ieee_div(inter, union)
+    suppress = (iou > iou_threshold) & (cols[None, :, :] > rows[:, None, None]) & (cols < n)[None, :, :]
     # Distinct bits: their sum is their OR (bit 31 wraps to the sign bit, as intended).
     packed = tl.sum(suppress.to(tl.int32) << bits[None, None, :], 2)  # [BLOCK_ROWS, WORDS]
     offsets = mask_offset + rows[:, None].to(tl.int64) * words_per_row + words[None, :]
@@ -416,12 +417,12 @@ def _soft_nms_kernel(
                 s = tl.load(scores_ptr + offsets, mask=ok, other=-float("inf")).to(dtype)
                 bx1, by1, bx2, by2, area_b = _load_box(boxes_ptr + offsets.to(tl.int64) * 4, ok, dtype)
                 inter, union = intersection_union(ax1, ay1, ax2, ay2, area_a, bx1, by1, bx2, by2, area_b)
-                iou = inter / union
+                iou = ieee_div(inter, union)
                 iou = tl.where(iou == iou, iou, 0.0)  # a NaN IoU (zero or infinite areas) is no overlap
-                if METHOD == 0:  # noqa: SIM108 (a constexpr branch: only one side is compiled)
+                if METHOD == 0:  # a constexpr branch: only one side is compiled
                     weight = tl.where(iou > iou_threshold, 1 - iou, 1.0)
                 else:
-                    weight = tl.exp(-(iou * iou) / sigma)
+                    weight = tl.exp(ieee_div(-(iou * iou), sigma))
                 s = s * weight
                 # NaN (an infinite score times a zero weight) is dropped like a NaN input score.
                 s = tl.where((s < score_threshold) | (s != s) | (offsets == best_index), -float("inf"), s)
@@ -456,8 +457,11 @@ def _mask_tile(compute_dtype: torch.dtype) -> tuple[int, int]:
 
 # 256 removed-set words per chunk: 2 per thread at 4 warps; one chunk covers 8192 boxes.
 _REDUCE_BLOCK_WORDS = 256
-# 512 boxes per soft-NMS chunk: 4 per thread at 4 warps.
+# 512 boxes per soft-NMS chunk: 4 per thread at 4 warps. The fp64 Gaussian decay: 128 (1 per
+# thread), as its fp64 exp without FMA contraction spills 16-24 bytes at 256 and 512 on sm_90
+# (and the fp64 linear decay spills 12 bytes at 128 on sm_80, none at 512).
 _SOFT_BLOCK = 512
+_SOFT_BLOCK_FP64_GAUSSIAN = 128
 
 
 # The argument builders give ``(args, meta)`` of a kernel for these tensors: what the launchers
@@ -472,6 +476,7 @@ def _mask_meta(compute_dtype: torch.dtype) -> dict:
         "BLOCK_ROWS": block_rows,
         "WORDS": words,
         "num_warps": NUM_WARPS,
+        **NO_FP_FUSION,
     }
 
 
@@ -745,8 +750,9 @@ def _soft_nms_arguments(boxes, scores, keep, kept_scores, count, iou_threshold, 
     meta = {
         "METHOD": _METHOD_CODE[method],
         "COMPUTE_FP64": boxes.dtype == torch.float64,
-        "BLOCK": _SOFT_BLOCK,
+        "BLOCK": _SOFT_BLOCK_FP64_GAUSSIAN if boxes.dtype == torch.float64 and method == "gaussian" else _SOFT_BLOCK,
         "num_warps": NUM_WARPS,
+        **NO_FP_FUSION,
     }
     return args, meta
 
@@ -1280,5 +1286,20 @@ def _padded_specs() -> list[KernelSpec]:
     return specs
 
 
+# Kernels whose results are compared exactly with torchvision or rounded (to pixels, levels,
+# keep/drop decisions): IEEE division and square root only, no contracted multiply-add (the
+# compile gate's PTX lint, `tritondet compile-report`).
+EXACT_KERNELS = frozenset(
+    {
+        _suppression_mask_kernel,
+        _padded_suppression_mask_kernel,
+        _greedy_reduce_kernel,
+        _padded_greedy_reduce_kernel,
+        _candidate_key_kernel,
+        _rank_boxes_kernel,
+        _gather_detections_kernel,
+        _soft_nms_kernel,
+    }
+)
 AOT_SPECS = _aot_specs()
 PUBLIC_OPS = ("nms", "batched_nms", "batched_nms_padded", "soft_nms")

@@ -22,7 +22,7 @@ import triton.language as tl
 
 from .._backend import use_triton
 from ._aot import KernelSpec
-from ._common import NUM_WARPS, clip_box, clip_to_images
+from ._common import NUM_WARPS, clip_box, clip_to_images, ieee_div
 from ._launch import launch
 from .box_coder import decode_box, decode_reference
 from .nms import batched_nms_padded_impl
@@ -94,7 +94,7 @@ def _detection_candidates_kernel(
         cls = first + lanes
         ok = row_ok[:, None] & (cls < C)[None, :]
         x = tl.load(logits + cls[None, :] * stride_logits_c, mask=ok, other=float("-inf")).to(tl.float32)
-        probability = tl.exp(x - largest[:, None]) / total[:, None]
+        probability = ieee_div(tl.exp(x - largest[:, None]), total[:, None])
         pd = deltas_ptr + row[:, None] * stride_deltas_r + (4 * cls)[None, :] * stride_deltas_c
         dx = tl.load(pd, mask=ok, other=0).to(tl.float32)
         dy = tl.load(pd + stride_deltas_c, mask=ok, other=0).to(tl.float32)
@@ -254,5 +254,7 @@ def _aot_specs() -> list[KernelSpec]:
     return specs
 
 
+# None: the softmax takes exps and decoding an exp (approximate on a GPU; see CONTRIBUTING).
+EXACT_KERNELS: frozenset = frozenset()
 AOT_SPECS = _aot_specs()
 PUBLIC_OPS = ("postprocess_detections",)

@@ -32,8 +32,11 @@ import triton.language as tl
 from .._backend import use_fast_cpu, use_triton
 from ._aot import KernelSpec
 from ._common import (
+    NO_FP_FUSION,
     NUM_WARPS,
     compute_dtype_of,
+    ieee_div,
+    level_area_thresholds,
     level_pointers,
     no_pixels,
     pick_level,
@@ -129,12 +132,12 @@ def bin_grid(x1, y1, x2, y2, scale, aligned, PH, PW, sampling_ratio, valid):
     # Legacy (non-aligned) mode forces malformed RoIs to be 1x1.
     roi_w = tl.where(aligned != 0, roi_w, tl.maximum(roi_w, 1.0))
     roi_h = tl.where(aligned != 0, roi_h, tl.maximum(roi_h, 1.0))
-    bin_h = roi_h / PH
-    bin_w = roi_w / PW
+    bin_h = ieee_div(roi_h, PH)
+    bin_w = ieee_div(roi_w, PW)
     # Sample counts stay floats, clamped before any integer conversion: only the samples near the
     # map are visited (_sample_span), so the loops are bounded by the map, not by the RoI.
-    grid_h = tl.where(sampling_ratio > 0, sampling_ratio, tl.ceil(roi_h / PH))
-    grid_w = tl.where(sampling_ratio > 0, sampling_ratio, tl.ceil(roi_w / PW))
+    grid_h = tl.where(sampling_ratio > 0, sampling_ratio, tl.ceil(bin_h))
+    grid_w = tl.where(sampling_ratio > 0, sampling_ratio, tl.ceil(bin_w))
     grid_h = tl.where(valid, tl.minimum(tl.maximum(grid_h, 0.0), MAX_GRID), 0.0)
     grid_w = tl.where(valid, tl.minimum(tl.maximum(grid_w, 0.0), MAX_GRID), 0.0)
     count = tl.maximum(grid_h * grid_w, 1.0)
@@ -149,10 +152,10 @@ def _sample_span(origin, bin_size, grid, size):
     rounding of the positions, and by one sample at each end; with an adaptive grid (at most two
     samples per pixel) that is at most ``2 * (size + 1 + 2 * pad) + 4`` samples, however large
     the RoI."""
-    step = bin_size / tl.maximum(grid, 1.0)
+    step = ieee_div(bin_size, tl.maximum(grid, 1.0))
     pad = 1.0 + (tl.abs(origin) + tl.abs(bin_size)) * SPAN_MARGIN
-    a = (-1.0 - pad - origin) / step - 1.5
-    b = (size + pad - origin) / step + 0.5
+    a = ieee_div(-1.0 - pad - origin, step) - 1.5
+    b = ieee_div(size + pad - origin, step) + 0.5
     # A zero step puts every sample at the origin.
     flat_inside = (origin >= -1.0) & (origin <= size)
     lo = tl.where(step == 0, tl.where(flat_inside, 0.0, grid), tl.minimum(a, b))
@@ -164,7 +167,7 @@ def _sample_span(origin, bin_size, grid, size):
 
 
 @triton.jit
-def _bin_spans(start_h, start_w, bin_h, bin_w, grid_h, grid_w, ph, pw, p_ok, H, W):
+def bin_spans(start_h, start_w, bin_h, bin_w, grid_h, grid_w, ph, pw, p_ok, H, W):
     """:func:`_sample_span` of each bin (ph, pw) along both axes (empty for bins out of range)."""
     first_y, span_y = _sample_span(start_h + ph * bin_h, bin_h, grid_h, H)
     first_x, span_x = _sample_span(start_w + pw * bin_w, bin_w, grid_w, W)
@@ -218,9 +221,7 @@ def _roi_align_fwd_kernel(
     sampling_ratio,
     aligned,
     num_levels,
-    k_min,
-    canonical_scale,
-    canonical_level,
+    level_areas_ptr,  # [MAX_LEVELS - 1] fp32: _common.level_area_thresholds
     # meta-parameters
     COMPUTE_FP64: tl.constexpr,
     POSITION_SENSITIVE: tl.constexpr,  # R-FCN: bin (ph, pw) of output channel c reads input channel c * PH * PW + ph * PW + pw
@@ -231,7 +232,7 @@ def _roi_align_fwd_kernel(
     compute_dtype = tl.float64 if COMPUTE_FP64 else tl.float32
 
     batch, valid, x1, y1, x2, y2 = load_roi(rois_ptr, k, stride_rk, stride_rc, N, compute_dtype)
-    level = roi_level(x1, y1, x2, y2, num_levels, k_min, canonical_scale, canonical_level)
+    level = roi_level(x1, y1, x2, y2, level_areas_ptr)
     H, W, base, chan_offsets, stride_h, stride_w = _level_view(
         geometry_ptr, level, batch, channels, bins, PH, PW, feat0, feat1, feat2, feat3, feat4, 2, POSITION_SENSITIVE
     )
@@ -242,17 +243,17 @@ def _roi_align_fwd_kernel(
 
     acc = tl.zeros((BLOCK_C, BLOCK_P), dtype=compute_dtype)
     mask_cp = c_ok[:, None] & p_ok[None, :]
-    first_y, span_y, first_x, span_x = _bin_spans(start_h, start_w, bin_h, bin_w, grid_h, grid_w, ph, pw, p_ok, H, W)
+    first_y, span_y, first_x, span_x = bin_spans(start_h, start_w, bin_h, bin_w, grid_h, grid_w, ph, pw, p_ok, H, W)
     for dy in range(tl.max(span_y, 0)):
         iy = first_y + dy
-        y = start_h + ph * bin_h + ((iy + 0.5) * bin_h) / grid_h
+        y = start_h + ph * bin_h + ieee_div((iy + 0.5) * bin_h, grid_h)
         y_low, y_high, wy_low, wy_high, y_in = axis_weights(y, H)
         y_in = y_in & (dy < span_y)
         row_low = y_low.to(tl.int64) * stride_h
         row_high = y_high.to(tl.int64) * stride_h
         for dx in range(tl.max(span_x, 0)):
             ix = first_x + dx
-            x = start_w + pw * bin_w + ((ix + 0.5) * bin_w) / grid_w
+            x = start_w + pw * bin_w + ieee_div((ix + 0.5) * bin_w, grid_w)
             x_low, x_high, wx_low, wx_high, x_in = axis_weights(x, W)
             x_in = x_in & (dx < span_x)
             col_low = x_low.to(tl.int64) * stride_w
@@ -272,7 +273,7 @@ def _roi_align_fwd_kernel(
                 + w3 * v3.to(compute_dtype)
                 + w4 * v4.to(compute_dtype)
             )
-    acc = acc / count
+    acc = ieee_div(acc, count)
     out_offsets = (k.to(tl.int64) * C + channels)[:, None] * (PH * PW) + bins[None, :]
     tl.store(out_ptr + out_offsets, acc.to(out_ptr.dtype.element_ty), mask=mask_cp)
 
@@ -306,9 +307,7 @@ def _roi_align_bwd_atomic_kernel(
     sampling_ratio,
     aligned,
     num_levels,
-    k_min,
-    canonical_scale,
-    canonical_level,
+    level_areas_ptr,  # [MAX_LEVELS - 1] fp32: _common.level_area_thresholds
     # meta-parameters
     COMPUTE_FP64: tl.constexpr,
     POSITION_SENSITIVE: tl.constexpr,  # R-FCN: bin (ph, pw) of output channel c reads input channel c * PH * PW + ph * PW + pw
@@ -319,7 +318,7 @@ def _roi_align_bwd_atomic_kernel(
     compute_dtype = tl.float64 if COMPUTE_FP64 else tl.float32
 
     batch, valid, x1, y1, x2, y2 = load_roi(rois_ptr, k, stride_rk, stride_rc, N, compute_dtype)
-    level = roi_level(x1, y1, x2, y2, num_levels, k_min, canonical_scale, canonical_level)
+    level = roi_level(x1, y1, x2, y2, level_areas_ptr)
     H, W, base, chan_offsets, stride_h, stride_w = _level_view(
         geometry_ptr, level, batch, channels, bins, PH, PW, grad0, grad1, grad2, grad3, grad4, 6, POSITION_SENSITIVE
     )
@@ -330,18 +329,18 @@ def _roi_align_bwd_atomic_kernel(
 
     mask_cp = c_ok[:, None] & p_ok[None, :]
     out_offsets = (k.to(tl.int64) * C + channels)[:, None] * (PH * PW) + bins[None, :]
-    grad = tl.load(grad_out_ptr + out_offsets, mask=mask_cp, other=0).to(compute_dtype) / count
-    first_y, span_y, first_x, span_x = _bin_spans(start_h, start_w, bin_h, bin_w, grid_h, grid_w, ph, pw, p_ok, H, W)
+    grad = ieee_div(tl.load(grad_out_ptr + out_offsets, mask=mask_cp, other=0).to(compute_dtype), count)
+    first_y, span_y, first_x, span_x = bin_spans(start_h, start_w, bin_h, bin_w, grid_h, grid_w, ph, pw, p_ok, H, W)
     for dy in range(tl.max(span_y, 0)):
         iy = first_y + dy
-        y = start_h + ph * bin_h + ((iy + 0.5) * bin_h) / grid_h
+        y = start_h + ph * bin_h + ieee_div((iy + 0.5) * bin_h, grid_h)
         y_low, y_high, wy_low, wy_high, y_in = axis_weights(y, H)
         y_in = y_in & (dy < span_y)
         row_low = y_low.to(tl.int64) * stride_h
         row_high = y_high.to(tl.int64) * stride_h
         for dx in range(tl.max(span_x, 0)):
             ix = first_x + dx
-            x = start_w + pw * bin_w + ((ix + 0.5) * bin_w) / grid_w
+            x = start_w + pw * bin_w + ieee_div((ix + 0.5) * bin_w, grid_w)
             x_low, x_high, wx_low, wx_high, x_in = axis_weights(x, W)
             x_in = x_in & (dx < span_x)
             col_low = x_low.to(tl.int64) * stride_w
@@ -399,9 +398,7 @@ def _roi_align_bwd_gather_kernel(
     sampling_ratio,
     aligned,
     num_levels,
-    k_min,
-    canonical_scale,
-    canonical_level,
+    level_areas_ptr,  # [MAX_LEVELS - 1] fp32: _common.level_area_thresholds
     # meta-parameters
     COMPUTE_FP64: tl.constexpr,
     POSITION_SENSITIVE: tl.constexpr,  # R-FCN: bin (ph, pw) of output channel c reads input channel c * PH * PW + ph * PW + pw
@@ -434,7 +431,7 @@ def _roi_align_bwd_gather_kernel(
     acc = tl.zeros((BLOCK_C, TILE_H * TILE_W), dtype=compute_dtype)
     for k in range(K):
         batch, valid, x1, y1, x2, y2 = load_roi(rois_ptr, k, stride_rk, stride_rc, N, compute_dtype)
-        this_level = roi_level(x1, y1, x2, y2, num_levels, k_min, canonical_scale, canonical_level)
+        this_level = roi_level(x1, y1, x2, y2, level_areas_ptr)
         start_h, start_w, bin_h, bin_w, grid_h, grid_w, count = bin_grid(
             x1, y1, x2, y2, scale, aligned, PH, PW, sampling_ratio, valid
         )
@@ -459,7 +456,7 @@ def _roi_align_bwd_gather_kernel(
                     wy = tl.zeros((TILE_H * TILE_W,), dtype=compute_dtype)
                     first_y, span_y = _sample_span(bin_y0, bin_h, grid_h, H)
                     for iy in range(first_y, first_y + span_y):
-                        y = bin_y0 + ((iy + 0.5) * bin_h) / grid_h
+                        y = bin_y0 + ieee_div((iy + 0.5) * bin_h, grid_h)
                         wy += _axis_tap_weight(y, H, rows)
                     for pw in range(PW):
                         bin_x0 = start_w + pw * bin_w
@@ -470,11 +467,13 @@ def _roi_align_bwd_gather_kernel(
                             grad_mask = c_ok
                             if POSITION_SENSITIVE:
                                 grad_mask = grad_mask & (channels % (PH * PW) == ph * PW + pw)
-                            grad = tl.load(grad_row + ph * PW + pw, mask=grad_mask, other=0).to(compute_dtype) / count
+                            grad = ieee_div(
+                                tl.load(grad_row + ph * PW + pw, mask=grad_mask, other=0).to(compute_dtype), count
+                            )
                             wx = tl.zeros((TILE_H * TILE_W,), dtype=compute_dtype)
                             first_x, span_x = _sample_span(bin_x0, bin_w, grid_w, W)
                             for ix in range(first_x, first_x + span_x):
-                                x = bin_x0 + ((ix + 0.5) * bin_w) / grid_w
+                                x = bin_x0 + ieee_div((ix + 0.5) * bin_w, grid_w)
                                 wx += _axis_tap_weight(x, W, cols)
                             acc += grad[:, None] * (wy * wx)[None, :]
     in_map = (rows < H) & (cols < W)
@@ -507,11 +506,12 @@ def _pool_blocks(num_bins: int, compute_dtype: torch.dtype) -> tuple[int, int]:
 def _gather_tile(compute_dtype: torch.dtype) -> tuple[int, int, int]:
     """(BLOCK_C, TILE_H, TILE_W) of the deterministic backward.
 
-    fp32: an 8x16 pixel tile (16 columns are 64 contiguous bytes of a row) times 16 channels, 16
-    accumulators per thread at 4 warps. fp64: a 4x16 tile times 8 channels; ptxas spills both
-    the 8x16x8 tile and, oddly, the smaller 8x16x4 and 8x8x4 ones on sm_80/sm_90, not this one
-    (`tritondet compile-report`)."""
-    return (8, 4, 16) if compute_dtype == torch.float64 else (16, 8, 16)
+    fp32: a 4x16 pixel tile (16 columns are 64 contiguous bytes of a row) times 16 channels, 8
+    accumulators per thread at 4 warps (an 8x16 tile spills around the IEEE divisions: 16 bytes
+    with 16 channels on sm_80, 32 with 8 channels on sm_90). fp64: a 4x16 tile times 8 channels;
+    ptxas spills both the 8x16x8 tile and, oddly, the smaller 8x16x4 and 8x8x4 ones on
+    sm_80/sm_90, not this one (`tritondet compile-report`)."""
+    return (8, 4, 16) if compute_dtype == torch.float64 else (16, 4, 16)
 
 
 def _geometry(features: list[torch.Tensor], grads: list[torch.Tensor], scales: list[float]):
@@ -523,16 +523,16 @@ def _geometry(features: list[torch.Tensor], grads: list[torch.Tensor], scales: l
 
 
 def _shared_arguments(rois, sampling_ratio: int, aligned: bool, num_levels: int, mapper: tuple) -> tuple:
-    """The trailing arguments every RoIAlign kernel takes: RoI strides, sampling, level mapper."""
+    """The trailing arguments every RoIAlign kernel takes: RoI strides, sampling, level mapper
+    (``mapper``: k_min, canonical scale, canonical level) as its level area thresholds."""
     k_min, canonical_scale, canonical_level = mapper
+    level_areas = level_area_thresholds(num_levels, int(k_min), float(canonical_scale), float(canonical_level))
     return (
         *rois.stride(),
         sampling_ratio,
         int(aligned),
         num_levels,
-        k_min,
-        float(canonical_scale),
-        float(canonical_level),
+        device_table(list(level_areas), torch.float32, rois.device),
     )
 
 
@@ -549,6 +549,7 @@ def _bin_tile_meta(num_bins: int, compute_dtype: torch.dtype, position_sensitive
         "BLOCK_C": block_c,
         "BLOCK_P": block_p,
         "num_warps": NUM_WARPS,
+        **NO_FP_FUSION,
     }
 
 
@@ -617,6 +618,7 @@ def _gather_backward_arguments(
         "TILE_H": tile_h,
         "TILE_W": tile_w,
         "num_warps": NUM_WARPS,
+        **NO_FP_FUSION,
     }
     return args, meta
 
@@ -1177,5 +1179,9 @@ def _aot_specs() -> list[KernelSpec]:
     return specs
 
 
+# Kernels whose results are compared exactly with torchvision or rounded (to pixels, levels,
+# keep/drop decisions): IEEE division and square root only, no contracted multiply-add (the
+# compile gate's PTX lint, `tritondet compile-report`).
+EXACT_KERNELS = frozenset({_roi_align_fwd_kernel, _roi_align_bwd_atomic_kernel, _roi_align_bwd_gather_kernel})
 AOT_SPECS = _aot_specs()
 PUBLIC_OPS = ("roi_align", "RoIAlign", "MultiScaleRoIAlign", "ps_roi_align", "PSRoIAlign")

@@ -26,7 +26,7 @@ import triton.language as tl
 
 from .._backend import use_fast_cpu, use_triton
 from ._aot import KernelSpec
-from ._common import NUM_WARPS, compute_dtype_of, no_pixels, scaled_rois
+from ._common import NO_FP_FUSION, NUM_WARPS, compute_dtype_of, ieee_div, no_pixels, scaled_rois
 from ._cpu import ps_roi_pool_cpu, roi_pool_cpu, torchvision_reads
 from ._launch import launch
 from .roi_align import load_roi, roi_bin_tile
@@ -76,8 +76,8 @@ def _roi_pool_fwd_kernel(
     inclusive = 0.0 if POSITION_SENSITIVE else 1.0
     roi_w = tl.maximum(_round_half_away(x2) - start_w + inclusive, 1.0)
     roi_h = tl.maximum(_round_half_away(y2) - start_h + inclusive, 1.0)
-    bin_h = roi_h / PH
-    bin_w = roi_w / PW
+    bin_h = ieee_div(roi_h, PH)
+    bin_w = ieee_div(roi_w, PW)
     # torchvision clips bins to [0, H] for RoIPool, to [0, H - 1] for position-sensitive pooling.
     clip_h = H - 1 if POSITION_SENSITIVE else H
     clip_w = W - 1 if POSITION_SENSITIVE else W
@@ -114,7 +114,7 @@ def _roi_pool_fwd_kernel(
     out_offsets = (k.to(tl.int64) * C + channels)[:, None] * (PH * PW) + bins[None, :]
     if POSITION_SENSITIVE:
         area = tl.maximum((h_end - h_start).to(compute_dtype) * (w_end - w_start), 1.0)
-        mean = tl.where(empty[None, :], 0.0, total / area[None, :])
+        mean = tl.where(empty[None, :], 0.0, ieee_div(total, area[None, :]))
         tl.store(out_ptr + out_offsets, mean.to(out_ptr.dtype.element_ty), mask=mask_cp)
     else:
         best = tl.where(empty[None, :], 0.0, best)
@@ -142,6 +142,7 @@ def _roi_pool_arguments(rois, input, out, argmax, position_sensitive: bool) -> t
         "BLOCK_C": block_c,
         "BLOCK_P": block_p,
         "num_warps": NUM_WARPS,
+        **NO_FP_FUSION,
     }
     return args, meta
 
@@ -396,5 +397,9 @@ def _aot_specs() -> list[KernelSpec]:
     return specs
 
 
+# Kernels whose results are compared exactly with torchvision or rounded (to pixels, levels,
+# keep/drop decisions): IEEE division and square root only, no contracted multiply-add (the
+# compile gate's PTX lint, `tritondet compile-report`).
+EXACT_KERNELS = frozenset({_roi_pool_fwd_kernel})
 AOT_SPECS = _aot_specs()
 PUBLIC_OPS = ("roi_pool", "RoIPool", "ps_roi_pool", "PSRoIPool")

@@ -427,5 +427,7 @@ def _aot_specs() -> list[KernelSpec]:
     return specs
 
 
+# None: decoding takes an exp and the sigmoid an exp (approximate on a GPU; see CONTRIBUTING).
+EXACT_KERNELS: frozenset = frozenset()
 AOT_SPECS = _aot_specs()
 PUBLIC_OPS = ("rpn_proposals",)

@@ -196,5 +196,7 @@ def proposal_targets(
 
 
 # No kernel of its own: the compiled code is the matcher's and the box coder's.
+# None: this family launches no kernel of its own.
+EXACT_KERNELS: frozenset = frozenset()
 AOT_SPECS = []
 PUBLIC_OPS = ("sample_balanced", "anchor_targets", "proposal_targets")
