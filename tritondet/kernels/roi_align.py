@@ -508,10 +508,17 @@ def _gather_tile(compute_dtype: torch.dtype) -> tuple[int, int, int]:
     """(BLOCK_C, TILE_H, TILE_W) of the deterministic backward.
 
     fp32: an 8x16 pixel tile (16 columns are 64 contiguous bytes of a row) times 16 channels, 16
-    accumulators per thread at 4 warps. fp64: a 4x16 tile times 8 channels; ptxas spills both
-    the 8x16x8 tile and, oddly, the smaller 8x16x4 and 8x8x4 ones on sm_80/sm_90, not this one
-    (`tritondet compile-report`)."""
+    accumulators per thread at 4 warps. fp64: a 4x16 tile times 8 channels, 2 accumulators per
+    thread at ``_GATHER_FP64_WARPS``; at 4 warps ptxas spilled both the 8x16x8 tile and, oddly,
+    the smaller 8x16x4 and 8x8x4 ones on sm_80/sm_90 (`tritondet compile-report`)."""
     return (8, 4, 16) if compute_dtype == torch.float64 else (16, 8, 16)
+
+
+# Warps of the fp64 deterministic backward: at 4 warps (4 fp64 accumulators per thread) the
+# bounded sample loops (_sample_span) compile to 128 registers plus 16 spilled bytes on sm_90;
+# 8 warps halve the accumulators per thread to 2 and take ~115 registers, no spills on
+# sm_80/sm_90 (`tritondet compile-report`).
+_GATHER_FP64_WARPS = 8
 
 
 def _geometry(features: list[torch.Tensor], grads: list[torch.Tensor], scales: list[float]):
@@ -616,7 +623,7 @@ def _gather_backward_arguments(
         "BLOCK_C": block_c,
         "TILE_H": tile_h,
         "TILE_W": tile_w,
-        "num_warps": NUM_WARPS,
+        "num_warps": _GATHER_FP64_WARPS if rois.dtype == torch.float64 else NUM_WARPS,
     }
     return args, meta
 
