@@ -36,9 +36,8 @@ import triton.language as tl
 
 from .._backend import use_triton
 from ._aot import KernelSpec
-from ._common import NUM_WARPS, compute_dtype_of
+from ._common import NO_FP_FUSION, NUM_WARPS, compute_dtype_of, ieee_div
 from ._launch import device_table, launch
-from .box_coder import ieee_div
 from .roi_align import axis_weights, bin_grid, bin_spans, roi_align_reference
 
 # ----------------------------------------------------------------------------------------------
@@ -380,7 +379,7 @@ def _mask_targets_arguments(gt_masks, gt_sizes, gt_count, proposals, matched_idx
     _, p, m, _ = out.shape
     args = (gt_masks, gt_sizes, gt_count, proposals, matched_idxs, num_valid, out, p, m)
     args = (*args, *gt_masks.stride(), *proposals.stride(), *matched_idxs.stride())
-    return args, {"BLOCK": _TARGETS_BLOCK, "num_warps": NUM_WARPS}
+    return args, {"BLOCK": _TARGETS_BLOCK, "num_warps": NUM_WARPS, **NO_FP_FUSION}
 
 
 def _kernel_masks(gt_masks: torch.Tensor) -> torch.Tensor:
@@ -690,5 +689,8 @@ def _aot_specs() -> list[KernelSpec]:
     return specs
 
 
+# Mask targets are RoIAlign's samples (sample counts and positions rounded as torchvision's); the
+# pasting and the loss are compared within tolerance (bilinear weights, exp and log).
+EXACT_KERNELS = frozenset({_mask_targets_kernel})
 AOT_SPECS = _aot_specs()
 PUBLIC_OPS = ("paste_masks_in_image", "paste_masks_padded", "mask_targets", "mask_loss")

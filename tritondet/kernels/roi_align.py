@@ -503,15 +503,17 @@ def _pool_blocks(num_bins: int, compute_dtype: torch.dtype) -> tuple[int, int]:
     return tile // block_p, block_p
 
 
-def _gather_tile(compute_dtype: torch.dtype) -> tuple[int, int, int]:
-    """(BLOCK_C, TILE_H, TILE_W) of the deterministic backward.
+# (BLOCK_C, TILE_H, TILE_W) of the deterministic backward: a 4x16 pixel tile (16 columns are 64
+# contiguous bytes of an fp32 row) times 8 channels. Its sample loops (bounded spans, IEEE
+# divisions) leave few registers for the accumulators: 16 channels spilled 8 bytes for
+# position-sensitive maps on sm_90, an 8x16 tile 16-32 bytes (`tritondet compile-report`).
+_GATHER_TILE = (8, 4, 16)
 
-    fp32: a 4x16 pixel tile (16 columns are 64 contiguous bytes of a row) times 16 channels, 8
-    accumulators per thread at 4 warps (an 8x16 tile spills around the IEEE divisions: 16 bytes
-    with 16 channels on sm_80, 32 with 8 channels on sm_90). fp64: a 4x16 tile times 8 channels;
-    ptxas spills both the 8x16x8 tile and, oddly, the smaller 8x16x4 and 8x8x4 ones on
-    sm_80/sm_90, not this one (`tritondet compile-report`)."""
-    return (8, 4, 16) if compute_dtype == torch.float64 else (16, 4, 16)
+
+def _gather_warps(compute_dtype: torch.dtype) -> int:
+    """Warps of the deterministic backward: fp64 accumulators spilled 16-32 bytes on sm_90 at 4
+    warps; 8 warps halve the accumulators per thread (~115 registers, no spills)."""
+    return 8 if compute_dtype == torch.float64 else NUM_WARPS
 
 
 def _geometry(features: list[torch.Tensor], grads: list[torch.Tensor], scales: list[float]):
@@ -610,14 +612,14 @@ def _gather_backward_arguments(
         pw,
         *_shared_arguments(rois, sampling_ratio, aligned, len(grads), mapper),
     )
-    block_c, tile_h, tile_w = _gather_tile(rois.dtype)
+    block_c, tile_h, tile_w = _GATHER_TILE
     meta = {
         "COMPUTE_FP64": rois.dtype == torch.float64,
         "POSITION_SENSITIVE": position_sensitive,
         "BLOCK_C": block_c,
         "TILE_H": tile_h,
         "TILE_W": tile_w,
-        "num_warps": NUM_WARPS,
+        "num_warps": _gather_warps(rois.dtype),
         **NO_FP_FUSION,
     }
     return args, meta
@@ -673,7 +675,7 @@ def roi_align_backward_triton(
     geometry, scale_table = _geometry(features, grads, scales)
     options = (sampling_ratio, aligned, mapper, position_sensitive)
     if deterministic:
-        _, tile_h, tile_w = _gather_tile(compute_dtype)
+        _, tile_h, tile_w = _GATHER_TILE
         counts = [n * triton.cdiv(f.shape[2], tile_h) * triton.cdiv(f.shape[3], tile_w) for f in features]
         starts = [sum(counts[:i]) for i in range(len(counts) + 1)]
         tiles = device_table(starts, torch.int32, first.device)
