@@ -29,8 +29,11 @@ import torch
 import torchvision
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
+from torch.nn import functional as F
 from torchvision.models.detection._utils import BoxCoder, Matcher
 from torchvision.models.detection.image_list import ImageList
+from torchvision.models.detection.roi_heads import expand_boxes, project_masks_on_boxes
+from torchvision.models.detection.roi_heads import paste_masks_in_image as torchvision_paste
 
 from tests.tolerances import TOLERANCES
 from tritondet import _backend, ops
@@ -41,7 +44,7 @@ HOSTILE = (0.0, 1.0, 2.5, 4.0, 10.0, -3.0, 1e30, -1e30, NAN, INF, -INF)
 # Per-example wall-clock limit (seconds): the largest example takes about 2 s in the interpreter on a
 # loaded 2-core machine; a hang fails instead of stalling CI.
 TIME_LIMIT = 60
-# Examples per op and backend: 12 keep the whole file within about 3 min with -n 2 in the interpreter.
+# Examples per op and backend: 12 keep the whole file within about a minute with -n 2 in the interpreter.
 CI_EXAMPLES = 12
 SLOW_EXAMPLES = 400
 
@@ -518,6 +521,168 @@ def _draw_postprocess(data):
     return _fixed((logits, regression, proposals, num_valid, image_sizes), kwargs)
 
 
+# Mask probabilities: ordinary, the ends of [0, 1], beyond them and non-finite.
+MASK_VALUES = st.one_of(st.sampled_from((0.0, 1.0, 0.25, 0.5, 2.0, -1.0, NAN, INF)), st.floats(0, 1, width=32))
+
+
+def _mask_size(data) -> int:
+    return data.draw(st.sampled_from((3, 3, 2, 1, 0)), label="M")
+
+
+def _padded_boxes(data, batch: int, slots: int, label: str) -> torch.Tensor:
+    """``[batch, slots, 4]`` xyxy boxes; sometimes a wrong last dimension or rank."""
+    shape = data.draw(
+        st.sampled_from(((batch, slots, 4),) * 6 + ((batch, slots, 3), (slots, 4))), label=f"{label} shape"
+    )
+    return tensor(data, shape, coordinate(), float_dtype(data), label)
+
+
+def _pastes_inside(boxes: torch.Tensor, mask_size: int, padding: int, height: int, width: int) -> bool:
+    """Every box, finite and grown as torchvision's paste grows it, overlaps the image: torchvision
+    casts non-finite corners to int, and its slices fail or wrap around for a box outside the image."""
+    if not _finite_moderate(boxes):
+        return False
+    grown = expand_boxes(boxes, (mask_size + 2 * padding) / mask_size).to(torch.int64)
+    x1, y1, x2, y2 = grown.unbind(1)
+    overlaps_x = x1.clamp(min=0) < (x2 + 1).clamp(max=width)
+    overlaps_y = y1.clamp(min=0) < (y2 + 1).clamp(max=height)
+    return bool((overlaps_x & overlaps_y).all())
+
+
+def _draw_paste(data):
+    k, m = data.draw(st.integers(0, 3), label="K"), _mask_size(data)
+    shape = data.draw(st.sampled_from(((k, 1, m, m),) * 6 + ((k, 2, m, m), (k, m, m))), label="masks shape")
+    masks = tensor(data, shape, MASK_VALUES, float_dtype(data), "masks")
+    img_shape = data.draw(
+        st.sampled_from(((6, 7),) * 4 + ((4, 4), (0, 5), (6, 0), (-1, 5), (6,), "67", None)), label="img_shape"
+    )
+    padding = small_int(data, (1, 1, 0, 2), "padding", (-1, 2.5, True, "1"))
+    return _fixed((masks, boxes(data, k), img_shape, padding))
+
+
+def _paste_twin(args, kwargs):
+    masks, b, (height, width), padding = args
+    if not _pastes_inside(b, masks.shape[-1], padding, height, width):
+        return None
+    return torchvision_paste(masks, b, (height, width), padding)
+
+
+def _draw_paste_padded(data):
+    batch, slots, m = data.draw(st.sampled_from((1, 2, 0)), label="B"), data.draw(st.integers(0, 2)), _mask_size(data)
+    masks = tensor(data, (batch, slots, m, m), MASK_VALUES, float_dtype(data), "masks")
+    padded_boxes = _padded_boxes(data, batch, slots, "boxes")
+    counts = st.sampled_from((slots,) * 3 + (0, slots + 1, -1))
+    num_valid = tensor(
+        data,
+        (batch,),
+        counts,
+        data.draw(st.sampled_from((torch.int64,) * 4 + (torch.int32, torch.float32))),
+        "num_valid",
+    )
+    image_sizes = tensor(data, (batch, 2), st.sampled_from((6, 6, 4, 0, 9)), torch.int64, "image_sizes")
+    out_hw = data.draw(st.sampled_from(((6, 6),) * 4 + ((7, 5), (0, 0), (-1, 6), "66")), label="out_hw")
+    threshold = data.draw(st.sampled_from((0.5, 0.5, None, 0.0, -1.0, NAN, "0.5")), label="threshold")
+    out_dtype = data.draw(
+        st.sampled_from((torch.bool,) * 3 + (torch.uint8, torch.float32, torch.float64, torch.int64)), label="out_dtype"
+    )
+    return _fixed(
+        (masks, padded_boxes, num_valid, image_sizes, out_hw), {"threshold": threshold, "out_dtype": out_dtype}
+    )
+
+
+def _paste_padded_twin(args, kwargs):
+    """Per image, torchvision's paste at the image's size then ``> threshold``; zero elsewhere."""
+    masks, padded_boxes, num_valid, image_sizes, (height, width) = args
+    threshold, out_dtype = kwargs["threshold"], kwargs["out_dtype"]
+    if threshold is not None and not isinstance(threshold, float):
+        return None
+    out = torch.zeros((*masks.shape[:2], height, width), dtype=out_dtype)
+    for image, (count, (image_height, image_width)) in enumerate(
+        zip(num_valid.tolist(), image_sizes.tolist(), strict=True)
+    ):
+        valid_boxes = padded_boxes[image, :count]
+        if image_height > height or image_width > width:
+            return None
+        if not _pastes_inside(valid_boxes, masks.shape[-1], 1, image_height, image_width):
+            return None
+        pasted = torchvision_paste(masks[image, :count, None], valid_boxes, (image_height, image_width))[:, 0]
+        pasted = pasted if threshold is None else pasted > threshold
+        out[image, :count, :image_height, :image_width] = pasted.to(out_dtype)
+    return out
+
+
+def _draw_mask_targets(data):
+    batch, g, slots = (
+        data.draw(st.sampled_from((1, 2, 0)), label="B"),
+        data.draw(st.integers(0, 2)),
+        data.draw(st.integers(0, 3)),
+    )
+    dtype = data.draw(
+        st.sampled_from((torch.uint8, torch.bool, torch.float32, torch.float64, torch.int64)), label="mask dtype"
+    )
+    binary = st.sampled_from((0.0, 1.0))
+    if data.draw(st.booleans(), label="as list"):
+        sizes = [data.draw(st.sampled_from(((6, 5), (4, 7), (0, 3))), label="mask size") for _ in range(batch)]
+        gt_masks = [tensor(data, (g, *size), binary, dtype, "gt_masks") for size in sizes]
+    else:
+        size = data.draw(st.sampled_from(((6, 5), (6, 5), (0, 3))), label="mask size")
+        gt_masks = tensor(data, (batch, g, *size), binary, dtype, "gt_masks")
+    gt_count = tensor(data, (batch,), st.sampled_from((g, g, 0, g + 1)), torch.int64, "gt_count")
+    proposals = _padded_boxes(data, batch, slots, "proposals")
+    matched = tensor(data, (batch, slots), st.sampled_from((0, 0, 1, -1, 5)), torch.int64, "matched_idxs")
+    num_valid = tensor(data, (batch,), st.sampled_from((slots, slots, 0, slots + 1)), torch.int64, "num_valid")
+    return _fixed(
+        (gt_masks, gt_count, proposals, matched, num_valid, small_int(data, (3, 2, 1), "M", (0, -1, 2.5, True, "3")))
+    )
+
+
+def _mask_targets_twin(args, kwargs):
+    """Per image, torchvision's ``project_masks_on_boxes`` of the valid proposals matched to a real
+    mask (fp32); zero elsewhere."""
+    gt_masks, gt_count, proposals, matched, num_valid, m = args
+    out = torch.zeros((*proposals.shape[:2], m, m))
+    for image, (masks, count, used) in enumerate(zip(gt_masks, gt_count.tolist(), num_valid.tolist(), strict=True)):
+        rows = ((matched[image, :used] >= 0) & (matched[image, :used] < count)).nonzero()[:, 0]
+        if not rows.numel():
+            continue
+        if 0 in masks.shape[-2:] or not _finite_moderate(proposals[image, rows]):
+            return None  # roi_align of an empty mask, or of corners torchvision casts to int
+        out[image, rows] = project_masks_on_boxes(masks, proposals[image, rows], matched[image, rows], m).float()
+    return out
+
+
+def _draw_mask_loss(data):
+    k, classes, m = (
+        data.draw(st.integers(0, 3), label="K"),
+        data.draw(st.sampled_from((1, 2))),
+        data.draw(st.sampled_from((2, 3))),
+    )
+    dtype = float_dtype(data)
+    special = st.sampled_from((0.0, 0.5, -1.0, 3.0, 100.0, NAN, INF, -INF))
+    shape = data.draw(
+        st.sampled_from(((k, classes, m, m),) * 6 + ((k, classes, m, m + 1), (k, m, m))), label="logits shape"
+    )
+    logits = tensor(data, shape, special, dtype, "mask_logits")
+    labels = tensor(data, (k,), st.sampled_from((0,) * 3 + (classes - 1, -1, classes)), torch.int64, "labels")
+    if data.draw(st.booleans(), label="float labels"):
+        labels = labels.float()
+    targets = tensor(data, (k, m, m), st.sampled_from((0.0, 1.0, 0.5, NAN)), dtype, "targets")
+    weights = None
+    if data.draw(st.booleans(), label="weights"):
+        weights = tensor(data, (k,), st.sampled_from((1.0, 1.0, 0.0, 0.5, -1.0, NAN)), dtype, "weights")
+    return _fixed((logits, labels, targets), {"weights": weights})
+
+
+def _mask_loss_twin(args, kwargs):
+    """``maskrcnn_loss``'s value: binary cross-entropy with logits of each RoI's labelled channel."""
+    logits, labels, targets = args
+    if kwargs["weights"] is not None:
+        return None
+    if targets.numel() == 0:
+        return logits.sum() * 0
+    return F.binary_cross_entropy_with_logits(logits[torch.arange(labels.shape[0]), labels], targets)
+
+
 def _tv_pool(name):
     return getattr(torchvision.ops, name)
 
@@ -549,6 +714,10 @@ CASES: dict[str, Case] = {
     "proposal_targets": Case(_draw_proposal_targets),
     "rpn_proposals": Case(_draw_rpn_proposals, examples=20),
     "postprocess_detections": Case(_draw_postprocess, examples=20),
+    "paste_masks_in_image": Case(_draw_paste, _paste_twin),
+    "paste_masks_padded": Case(_draw_paste_padded, _paste_padded_twin),
+    "mask_targets": Case(_draw_mask_targets, _mask_targets_twin),
+    "mask_loss": Case(_draw_mask_loss, _mask_loss_twin),
 }
 FUNCTIONS["MultiScaleRoIAlign"] = _multiscale_call
 FUNCTIONS["AnchorGenerator"] = _anchor_generator_call
@@ -571,27 +740,30 @@ for _module, _init in (
 
 
 # What the fuzz finds that is not fixed yet, by op: the class of the outcome and an example.
-_UNNAMED = "unnamed error (argument validation): a None or str scalar raises float()'s or '<='s TypeError"
+def _unnamed(example: str) -> str:
+    return f"unnamed error (argument validation): {example} raises a TypeError that names no argument"
+
+
 KNOWN_FAILURES: dict[str, str] = {
-    **dict.fromkeys(
-        (
-            "anchor_targets",
-            "batched_nms",
-            "complete_box_iou",
-            "decode_boxes",
-            "distance_box_iou",
-            "match_boxes",
-            "nms",
-            "postprocess_detections",
-            "proposal_targets",
-            "rpn_proposals",
-            "soft_nms",
-        ),
-        _UNNAMED,
-    ),
-    "AnchorGenerator": "unclear error (argument validation): ZeroDivisionError on an empty feature map",
+    "anchor_targets": _unnamed("a str bg_iou_thresh ('0.5' <= float)"),
+    "complete_box_iou": _unnamed("eps=None (float(None))"),
+    "decode_boxes": _unnamed("bbox_xform_clip=None (float(None))"),
+    "distance_box_iou": _unnamed("eps=None (float(None))"),
+    "match_boxes": _unnamed("low=None (None <= float)"),
+    "postprocess_detections": _unnamed("nms_thresh=None (float(None))"),
+    "proposal_targets": _unnamed("fg_iou_thresh=None (float <= None)"),
+    "rpn_proposals": _unnamed("min_size=None (float(None))"),
     "MultiScaleRoIAlign": "unclear error (argument validation): ZeroDivisionError on a zero image shape or output size",
-    "box_iou": "backends disagree (value semantics): fmt 'cxcywh' with NaN and inf corners, NaN in other places",
+    **dict.fromkeys(
+        ("paste_masks_in_image", "paste_masks_padded"),
+        "backends disagree (value semantics): the reference (and cpu) paste, a product of weight matrices, spreads a "
+        "NaN mask pixel over the whole image (NaN times the zero weights); torchvision and triton keep NaN to the "
+        "pixels whose taps read it",
+    ),
+    "mask_targets": "unclear error (value semantics): a 1e30 proposal corner gives the RoIAlign reference "
+    "(cpu, reference) an adaptive sampling grid of int(ceil(1e30 / M)) samples: OverflowError from torch.arange",
+    "box_iou": "backends disagree (value semantics): on the triton backend, fmt 'cxcywh' with NaN and inf corners "
+    "gives NaN in other places than the reference",
 }
 
 

@@ -131,12 +131,20 @@ def paste_masks_padded(
     return torch.ops.tritondet.paste_masks(masks, boxes, num_valid, image_sizes, height, width, 1, threshold, out_dtype)
 
 
+def _check_mask_pixels(name: str, masks: Tensor) -> None:
+    """Masks ``[..., G, H, W]``, if any (G > 0), have at least 1 x 1 pixels: RoIAlign reads a
+    pixel of every matched mask."""
+    if masks.shape[-3] and not (masks.shape[-2] and masks.shape[-1]):
+        raise ValueError(f"{name} must have masks of at least 1 x 1 pixels, got shape {tuple(masks.shape)}")
+
+
 def _dense_gt_masks(gt_masks, batch: int, device: torch.device) -> tuple[Tensor, list[int]]:
     """``([B, G, HG, WG] masks, 2B ints: each image's mask height and width)``: a list of
     ``[G_b, H_b, W_b]`` masks is copied into one zero-padded tensor (a loop over images)."""
     if isinstance(gt_masks, Tensor):
         if gt_masks.dim() != 4 or gt_masks.shape[0] != batch:
             raise ValueError(f"gt_masks must have shape [{batch}, G, H, W], got shape {tuple(gt_masks.shape)}")
+        _check_mask_pixels("gt_masks", gt_masks)
         return gt_masks, list(gt_masks.shape[-2:]) * batch
     if not isinstance(gt_masks, (list, tuple)) or not all(isinstance(m, Tensor) for m in gt_masks):
         raise TypeError(
@@ -147,6 +155,7 @@ def _dense_gt_masks(gt_masks, batch: int, device: torch.device) -> tuple[Tensor,
     for i, masks in enumerate(gt_masks):
         if masks.dim() != 3:
             raise ValueError(f"gt_masks[{i}] must have shape [G, H, W], got shape {tuple(masks.shape)}")
+        _check_mask_pixels(f"gt_masks[{i}]", masks)
     dtypes = {m.dtype for m in gt_masks}
     if len(dtypes) > 1:
         raise TypeError(f"gt_masks must share one dtype, got {sorted(map(str, dtypes))}")
