@@ -11,5 +11,6 @@ from tritondet.bench.harness import bench_device, bench_sizes, measure
 @pytest.mark.parametrize("case", post_processing.cases(bench_device(), bench_sizes()), ids=lambda case: case.id)
 def test_post_processing(case):
     row = measure(case)
-    assert row.ours_syncs == 0  # our stages never wait for the device
+    if row.ours_backend != "cpu":  # the fast CPU path reads counts on the host: no device to stall
+        assert row.ours_syncs == 0  # our device paths never wait for the device
     assert row.torchvision_syncs > 0  # torchvision's filters and NMS size their outputs from data

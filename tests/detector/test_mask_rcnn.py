@@ -21,8 +21,8 @@ import torchvision
 from PIL import Image
 from pycocotools import mask as coco_mask
 
-from tests.test_detector import _padded_batch, tiny_images
-from tests.test_detector_training import DETERMINISTIC, _step, tiny_targets
+from tests.detector.test_detector import _padded_batch, tiny_images
+from tests.detector.test_detector_training import DETERMINISTIC, _step, tiny_targets
 from tritondet import cli
 from tritondet.bench.inputs import assert_same_detections, torchvision_twin
 from tritondet.detector import MASK_LOSS_NAMES, MaskRCNN, resnet50_fpn_masks, tiny, with_masks
