@@ -1,11 +1,13 @@
 """The one launch point: the device guard of its tensors, CUDA's grid limits, the device-table cache."""
 
 import contextlib
+import importlib
 import types
 
 import pytest
 import torch
 
+from tritondet import ops
 from tritondet.kernels import _launch
 
 
@@ -94,3 +96,48 @@ def test_tables_used_while_capturing_are_never_evicted(monkeypatch):
         _launch.device_table([[i]], torch.int64, "cpu")
     assert _launch.device_table(rows, torch.int64, "cpu") is table
     assert _launch.table_misses() == misses + _launch._TABLE_CACHE_SIZE + 1
+
+
+# 70 images x 1000 classes, or 70,000 images, pass CUDA's 65535 programs on grid axes y and z.
+PAST_AXIS_Y = 70_000
+
+
+def _padded_nms_call():
+    from tests.kernels.test_nms import sparse_class_inputs
+
+    boxes, scores = sparse_class_inputs(70, 1000, seed=0, device="cpu")
+    ops.batched_nms_padded(boxes, scores, 0.5, 4, score_threshold=0.5)
+
+
+def _matcher_call():
+    anchors = torch.tensor([[0.0, 0.0, 10.0, 10.0]]).expand(PAST_AXIS_Y, 3, 4)
+    gt_boxes = torch.tensor([[1.0, 1.0, 9.0, 9.0]]).expand(PAST_AXIS_Y, 1, 4)
+    ops.match_boxes(anchors, gt_boxes, torch.ones(PAST_AXIS_Y, dtype=torch.int64), 0.7, 0.3, True)
+
+
+def _rpn_call():
+    objectness = [torch.zeros(PAST_AXIS_Y, 3, 1, 1)]
+    deltas = [torch.zeros(PAST_AXIS_Y, 12, 1, 1)]
+    sizes = torch.tensor([[16, 16]]).expand(PAST_AXIS_Y, 2)
+    ops.rpn_proposals(objectness, deltas, sizes, ((128, 256, 512),), ((1.0,),), [16], 3, 3)
+
+
+@pytest.mark.parametrize(
+    "modules,call",
+    [(("nms",), _padded_nms_call), (("matcher",), _matcher_call), (("rpn_proposals", "nms"), _rpn_call)],
+    ids=["batched_nms_padded", "match_boxes", "rpn_proposals"],
+)
+def test_images_and_segments_go_on_grid_axis_x(monkeypatch, modules, call):
+    """Every launch (kernels recorded, not run) fits CUDA's grid: images and segments past 65535
+    share axis x with their tiles."""
+    grids = []
+
+    def record(kernel, grid, *args, **meta):
+        _launch.check_grid(kernel.__name__, grid)
+        grids.append(grid)
+
+    monkeypatch.setenv("TRITONDET_BACKEND", "triton")
+    for name in modules:
+        monkeypatch.setattr(importlib.import_module(f"tritondet.kernels.{name}"), "launch", record)
+    call()
+    assert grids and max(grid[0] for grid in grids) >= PAST_AXIS_Y

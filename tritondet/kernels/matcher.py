@@ -41,7 +41,7 @@ import triton.language as tl
 
 from .._backend import use_fast_cpu, use_triton
 from ._aot import KernelSpec
-from ._common import NO_FP_FUSION, NUM_WARPS, compute_dtype_of
+from ._common import NO_FP_FUSION, NUM_WARPS, compute_dtype_of, split_program
 from ._launch import device_table, launch
 from .box_iou import pairwise_iou_cpu, pairwise_iou_reference, pairwise_iou_tile
 
@@ -101,8 +101,7 @@ def _gt_max_kernel(
     BLOCK_A: tl.constexpr,
     BLOCK_G: tl.constexpr,
 ):
-    pid_a = tl.program_id(0)
-    batch = tl.program_id(1).to(tl.int64)
+    batch, pid_a = split_program(tl.cdiv(A, BLOCK_A))
     compute_dtype = tl.float64 if COMPUTE_FP64 else tl.float32
     rows = pid_a * BLOCK_A + tl.arange(0, BLOCK_A)
     row_ok = rows < A
@@ -154,8 +153,7 @@ def _match_kernel(
     BLOCK_A: tl.constexpr,
     BLOCK_G: tl.constexpr,
 ):
-    pid_a = tl.program_id(0)
-    batch = tl.program_id(1).to(tl.int64)
+    batch, pid_a = split_program(tl.cdiv(A, BLOCK_A))
     compute_dtype = tl.float64 if COMPUTE_FP64 else tl.float32
     rows = pid_a * BLOCK_A + tl.arange(0, BLOCK_A)
     row_ok = rows < A
@@ -263,7 +261,7 @@ def match_boxes_triton(
     gt_max = torch.full((batch, num_gt), torch.iinfo(key_dtype).min, dtype=key_dtype, device=anchors.device)
     thresholds = _thresholds(high, low, floor, compute_dtype, anchors.device)
     gt_max_args, match_args, meta = _matcher_arguments(anchors, gt_boxes, gt_count, gt_max, thresholds, out)
-    grid = (triton.cdiv(num_anchors, meta["BLOCK_A"]), batch)
+    grid = (batch * triton.cdiv(num_anchors, meta["BLOCK_A"]),)
     if allow_low_quality_matches:
         launch(_gt_max_kernel, grid, *gt_max_args, **meta)
     launch(_match_kernel, grid, *match_args, ALLOW_LOW=allow_low_quality_matches, **meta)

@@ -34,7 +34,7 @@ import triton.language as tl
 
 from .._backend import use_fast_cpu, use_triton
 from ._aot import KernelSpec
-from ._common import NO_FP_FUSION, NUM_WARPS, compute_dtype_of, ieee_div, split_program
+from ._common import NO_FP_FUSION, NUM_WARPS, compute_dtype_of, ieee_div
 from ._cpu import greedy_keep
 from ._launch import launch
 from .box_iou import intersection_union, iou_and_union
@@ -261,6 +261,7 @@ def _candidate_key_kernel(
     N,
     C,
     P,  # pool size: N, or C * N when class agnostic
+    total,  # B * S * P
     # strides (in elements)
     stride_b,
     stride_n,
@@ -270,15 +271,17 @@ def _candidate_key_kernel(
     # meta-parameters
     BLOCK: tl.constexpr,
 ):
-    segment, block = split_program(tl.cdiv(P, BLOCK))
-    position = block * BLOCK + tl.arange(0, BLOCK)
-    ok = position < P
+    # One flat index over every segment's pool: short pools (a few boxes per class) share a program.
+    flat = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = flat < total
+    segment = flat // P
+    position = flat % P
     image, label, box = _candidate(segment, position, N, C, class_agnostic)
     threshold = tl.load(threshold_ptr)
     offsets = image * stride_b + box.to(tl.int64) * stride_n + label.to(tl.int64) * stride_c
     score = tl.load(scores_ptr + offsets, mask=ok).to(threshold.dtype)
     key = tl.where(score > threshold, -score, float("inf"))  # NaN never passes
-    tl.store(key_ptr + segment * P + position, key, mask=ok)
+    tl.store(key_ptr + flat, key, mask=ok)
 
 
 @triton.jit
@@ -292,6 +295,7 @@ def _rank_boxes_kernel(
     C,
     P,
     L,
+    total,  # B * S * L
     # strides (in elements; stride_c is 0 for [B, N, 4] boxes)
     stride_b,
     stride_n,
@@ -302,13 +306,15 @@ def _rank_boxes_kernel(
     # meta-parameters
     BLOCK: tl.constexpr,
 ):
-    segment, block = split_program(tl.cdiv(L, BLOCK))
-    rank = block * BLOCK + tl.arange(0, BLOCK)
-    ok = rank < L
+    # One flat index over every segment's first L ranks, as in _candidate_key_kernel.
+    flat = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = flat < total
+    segment = flat // L
+    rank = flat % L
     position = tl.load(order_ptr + segment * P + rank, mask=ok, other=0)
     image, label, box = _candidate(segment, position, N, C, class_agnostic)
     source = boxes_ptr + image * stride_b + box * stride_n + label * stride_c
-    out = ranked_ptr + (segment * L + rank) * 4
+    out = ranked_ptr + flat * 4
     for coordinate in tl.static_range(4):
         value = tl.load(source + coordinate * stride_xy, mask=ok)
         tl.store(out + coordinate, value.to(ranked_ptr.dtype.element_ty), mask=ok)
@@ -603,6 +609,7 @@ def _candidate_key_arguments(scores, threshold, keys, n, num_classes, class_agno
         max(n, 1),  # no program runs when a size is 0; 1 keeps the divisions defined
         max(num_classes, 1),
         keys.shape[2],
+        keys.numel(),
         *_class_strides(scores, 2),
         class_agnostic,
     )
@@ -617,7 +624,7 @@ def candidate_keys_triton(scores: torch.Tensor, score_threshold: float, class_ag
     keys = torch.empty((batch, segments, pool), dtype=key_dtype, device=scores.device)
     threshold = torch.full((1,), score_threshold, dtype=key_dtype, device=scores.device)
     args, meta = _candidate_key_arguments(scores, threshold, keys, n, num_classes, class_agnostic)
-    launch(_candidate_key_kernel, (batch * segments * triton.cdiv(pool, _CANDIDATE_BLOCK),), *args, **meta)
+    launch(_candidate_key_kernel, (triton.cdiv(keys.numel(), _CANDIDATE_BLOCK),), *args, **meta)
     return keys
 
 
@@ -630,6 +637,7 @@ def _rank_boxes_arguments(boxes, order, ranked, num_classes, class_agnostic):
         max(num_classes, 1),
         order.shape[2],
         ranked.shape[2],
+        ranked.numel() // 4,
         *_class_strides(boxes, 3),
         boxes.stride(-1),
         class_agnostic,
@@ -645,7 +653,7 @@ def rank_boxes_triton(
     batch, segments = order.shape[:2]
     ranked = torch.empty((batch, segments, length, 4), dtype=compute_dtype_of(boxes.dtype), device=boxes.device)
     args, meta = _rank_boxes_arguments(boxes, order, ranked, num_classes, class_agnostic)
-    launch(_rank_boxes_kernel, (batch * segments * triton.cdiv(length, _CANDIDATE_BLOCK),), *args, **meta)
+    launch(_rank_boxes_kernel, (triton.cdiv(ranked.numel() // 4, _CANDIDATE_BLOCK),), *args, **meta)
     return ranked
 
 

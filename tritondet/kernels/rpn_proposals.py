@@ -34,7 +34,7 @@ import triton.language as tl
 
 from .._backend import use_triton
 from ._aot import KernelSpec
-from ._common import NUM_WARPS, clip_box, clip_to_images, level_pointers, pick_level
+from ._common import NUM_WARPS, clip_box, clip_to_images, level_pointers, pick_level, split_program
 from ._launch import launch
 from .anchors import (
     F_DELTAS_STRIDES,
@@ -80,12 +80,12 @@ def _gather_objectness_kernel(
     # meta-parameters
     BLOCK: tl.constexpr,
 ):
+    image, tile = split_program(tl.cdiv(max_count, BLOCK))
     level = tl.program_id(1)
-    image = tl.program_id(2).to(tl.int64)
     num_levels = tl.num_programs(1)
     row_ptr = table_ptr + level * row_width
     count = tl.load(row_ptr + F_HEIGHT) * tl.load(row_ptr + F_WIDTH) * tl.load(row_ptr + F_NUM_ANCHORS)
-    index = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    index = tile * BLOCK + tl.arange(0, BLOCK)
     in_level = index < count
     y, x, a = _grid_position(index, row_ptr)
     objectness = pick_level(level, objectness0, objectness1, objectness2, objectness3, objectness4)
@@ -124,12 +124,12 @@ def _decode_proposals_kernel(
     # meta-parameters
     BLOCK: tl.constexpr,
 ):
+    image, tile = split_program(tl.cdiv(K, BLOCK))
     level = tl.program_id(1)
-    image = tl.program_id(2).to(tl.int64)
     num_levels = tl.num_programs(1)
     row_ptr = table_ptr + level * row_width
     count = tl.load(row_ptr + F_HEIGHT) * tl.load(row_ptr + F_WIDTH) * tl.load(row_ptr + F_NUM_ANCHORS)
-    j = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    j = tile.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     in_buffer = j < K
     selected = j < tl.minimum(count, pre_nms_top_n)  # torchvision's per-level top n
     top = (image * num_levels + level) * K + j
@@ -230,7 +230,7 @@ def rpn_candidates_triton(
         grid_sizes, strides, anchor_sizes, anchor_ratios, anchors_per_level, device, heads=(objectness, deltas)
     )
     logits = torch.empty((batch, num_levels, max_count), dtype=torch.float32, device=device)
-    grid = (triton.cdiv(max_count, _GATHER_BLOCK), num_levels, batch)
+    grid = (batch * triton.cdiv(max_count, _GATHER_BLOCK), num_levels)
     args, meta = _gather_arguments(table, logits, objectness)
     launch(_gather_objectness_kernel, grid, *args, **meta)
     top_logits, top_index = logits.topk(k, dim=2)
@@ -240,7 +240,7 @@ def rpn_candidates_triton(
     args, meta = _decode_arguments(
         table, deltas, top_logits, top_index, sizes, boxes, keys, pre_nms_top_n, min_size, score_thresh, clip
     )
-    launch(_decode_proposals_kernel, (triton.cdiv(k, _DECODE_BLOCK), num_levels, batch), *args, **meta)
+    launch(_decode_proposals_kernel, (batch * triton.cdiv(k, _DECODE_BLOCK), num_levels), *args, **meta)
     return boxes, keys
 
 
