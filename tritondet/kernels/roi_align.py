@@ -168,10 +168,34 @@ def _sample_span(origin, bin_size, grid, size):
 
 @triton.jit
 def bin_spans(start_h, start_w, bin_h, bin_w, grid_h, grid_w, ph, pw, p_ok, H, W):
-    """:func:`_sample_span` of each bin (ph, pw) along both axes (empty for bins out of range)."""
-    first_y, span_y = _sample_span(start_h + ph * bin_h, bin_h, grid_h, H)
-    first_x, span_x = _sample_span(start_w + pw * bin_w, bin_w, grid_w, W)
-    return first_y, tl.where(p_ok, span_y, 0), first_x, tl.where(p_ok, span_x, 0)
+    """Each bin (ph, pw)'s origin and :func:`_sample_span` along both axes (empty for bins out of
+    range): (origin_y, first_y, span_y, origin_x, first_x, span_x)."""
+    origin_y = start_h + ph * bin_h
+    origin_x = start_w + pw * bin_w
+    first_y, span_y = _sample_span(origin_y, bin_h, grid_h, H)
+    first_x, span_x = _sample_span(origin_x, bin_w, grid_w, W)
+    return origin_y, first_y, tl.where(p_ok, span_y, 0), origin_x, first_x, tl.where(p_ok, span_x, 0)
+
+
+@triton.jit
+def sample_taps(step, first, span, origin, bin_size, grid, size, stride):
+    """Sample ``first + step`` of a bin along one axis, at ``origin + (i + 0.5) * bin_size / grid``:
+    the element offsets (int64, ``stride`` per pixel) of its low and high bilinear taps, their
+    weights, and whether it counts (within the bin's ``span`` and the map's reach)."""
+    coord = origin + ieee_div((first + step + 0.5) * bin_size, grid)
+    low, high, w_low, w_high, inside = axis_weights(coord, size)
+    return low.to(tl.int64) * stride, high.to(tl.int64) * stride, w_low, w_high, inside & (step < span)
+
+
+@triton.jit
+def bilinear_sample(ptr, row_low, row_high, col_low, col_high, wy_low, wy_high, wx_low, wx_high, mask, dtype):
+    """torchvision's bilinear interpolation from the four taps at ``ptr`` + row + column offsets
+    (any broadcastable shapes), in ``dtype`` and in torchvision's order of operations."""
+    v1 = tl.load(ptr + (row_low + col_low), mask=mask, other=0).to(dtype)
+    v2 = tl.load(ptr + (row_low + col_high), mask=mask, other=0).to(dtype)
+    v3 = tl.load(ptr + (row_high + col_low), mask=mask, other=0).to(dtype)
+    v4 = tl.load(ptr + (row_high + col_high), mask=mask, other=0).to(dtype)
+    return wy_low * wx_low * v1 + wy_low * wx_high * v2 + wy_high * wx_low * v3 + wy_high * wx_high * v4
 
 
 @triton.jit
@@ -190,6 +214,38 @@ def axis_weights(coord, size):
     w_high = c - low
     w_low = 1.0 - w_high
     return low, high, w_low, w_high, inside
+
+
+@triton.jit
+def _pooled_bins(
+    rois_ptr, geometry_ptr, scales_ptr, level_areas_ptr, ptr0, ptr1, ptr2, ptr3, ptr4,
+    N, C, PH, PW, stride_rk, stride_rc, sampling_ratio, aligned,
+    COLUMN: tl.constexpr, COMPUTE_FP64: tl.constexpr, POSITION_SENSITIVE: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+):  # fmt: skip
+    """What the forward and the atomic backward program of one (RoI, channel block, bin block)
+    share: the output offsets [BLOCK_C, BLOCK_P] and their mask, the RoI's level tensor (H, W, base
+    pointer, channel offsets, row and column strides; ``COLUMN`` and ``ptr0..4`` as in
+    :func:`_level_view`), and each bin's sampling (origins, spans, bin sizes, grids, count)."""
+    k, channels, bins, c_ok, p_ok, ph, pw = roi_bin_tile(C, PH, PW, BLOCK_C, BLOCK_P)
+    compute_dtype = tl.float64 if COMPUTE_FP64 else tl.float32
+    batch, valid, x1, y1, x2, y2 = load_roi(rois_ptr, k, stride_rk, stride_rc, N, compute_dtype)
+    level = roi_level(x1, y1, x2, y2, level_areas_ptr)
+    H, W, base, chan_offsets, stride_h, stride_w = _level_view(
+        geometry_ptr, level, batch, channels, bins, PH, PW, ptr0, ptr1, ptr2, ptr3, ptr4, COLUMN, POSITION_SENSITIVE
+    )
+    scale = tl.load(scales_ptr + level)
+    start_h, start_w, bin_h, bin_w, grid_h, grid_w, count = bin_grid(
+        x1, y1, x2, y2, scale, aligned, PH, PW, sampling_ratio, valid
+    )
+    origin_y, first_y, span_y, origin_x, first_x, span_x = bin_spans(
+        start_h, start_w, bin_h, bin_w, grid_h, grid_w, ph, pw, p_ok, H, W
+    )
+    out_offsets = (k.to(tl.int64) * C + channels)[:, None] * (PH * PW) + bins[None, :]
+    return (
+        out_offsets, c_ok[:, None] & p_ok[None, :], H, W, base + chan_offsets, stride_h, stride_w,
+        origin_y, first_y, span_y, bin_h, grid_h, origin_x, first_x, span_x, bin_w, grid_w, count,
+    )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------
@@ -228,53 +284,30 @@ def _roi_align_fwd_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_P: tl.constexpr,
 ):
-    k, channels, bins, c_ok, p_ok, ph, pw = roi_bin_tile(C, PH, PW, BLOCK_C, BLOCK_P)
     compute_dtype = tl.float64 if COMPUTE_FP64 else tl.float32
-
-    batch, valid, x1, y1, x2, y2 = load_roi(rois_ptr, k, stride_rk, stride_rc, N, compute_dtype)
-    level = roi_level(x1, y1, x2, y2, level_areas_ptr)
-    H, W, base, chan_offsets, stride_h, stride_w = _level_view(
-        geometry_ptr, level, batch, channels, bins, PH, PW, feat0, feat1, feat2, feat3, feat4, 2, POSITION_SENSITIVE
-    )
-    scale = tl.load(scales_ptr + level)
-    start_h, start_w, bin_h, bin_w, grid_h, grid_w, count = bin_grid(
-        x1, y1, x2, y2, scale, aligned, PH, PW, sampling_ratio, valid
-    )
-
+    (
+        out_offsets, mask_cp, H, W, plane, stride_h, stride_w,
+        origin_y, first_y, span_y, bin_h, grid_h, origin_x, first_x, span_x, bin_w, grid_w, count,
+    ) = _pooled_bins(
+        rois_ptr, geometry_ptr, scales_ptr, level_areas_ptr, feat0, feat1, feat2, feat3, feat4,
+        N, C, PH, PW, stride_rk, stride_rc, sampling_ratio, aligned,
+        2, COMPUTE_FP64, POSITION_SENSITIVE, BLOCK_C, BLOCK_P,
+    )  # fmt: skip
     acc = tl.zeros((BLOCK_C, BLOCK_P), dtype=compute_dtype)
-    mask_cp = c_ok[:, None] & p_ok[None, :]
-    first_y, span_y, first_x, span_x = bin_spans(start_h, start_w, bin_h, bin_w, grid_h, grid_w, ph, pw, p_ok, H, W)
     for dy in range(tl.max(span_y, 0)):
-        iy = first_y + dy
-        y = start_h + ph * bin_h + ieee_div((iy + 0.5) * bin_h, grid_h)
-        y_low, y_high, wy_low, wy_high, y_in = axis_weights(y, H)
-        y_in = y_in & (dy < span_y)
-        row_low = y_low.to(tl.int64) * stride_h
-        row_high = y_high.to(tl.int64) * stride_h
+        row_low, row_high, wy_low, wy_high, y_in = sample_taps(
+            dy, first_y, span_y, origin_y, bin_h, grid_h, H, stride_h
+        )
         for dx in range(tl.max(span_x, 0)):
-            ix = first_x + dx
-            x = start_w + pw * bin_w + ieee_div((ix + 0.5) * bin_w, grid_w)
-            x_low, x_high, wx_low, wx_high, x_in = axis_weights(x, W)
-            x_in = x_in & (dx < span_x)
-            col_low = x_low.to(tl.int64) * stride_w
-            col_high = x_high.to(tl.int64) * stride_w
-            mask = mask_cp & (y_in & x_in)[None, :]
-            v1 = tl.load(base + chan_offsets + (row_low + col_low)[None, :], mask=mask, other=0)
-            v2 = tl.load(base + chan_offsets + (row_low + col_high)[None, :], mask=mask, other=0)
-            v3 = tl.load(base + chan_offsets + (row_high + col_low)[None, :], mask=mask, other=0)
-            v4 = tl.load(base + chan_offsets + (row_high + col_high)[None, :], mask=mask, other=0)
-            w1 = (wy_low * wx_low)[None, :]
-            w2 = (wy_low * wx_high)[None, :]
-            w3 = (wy_high * wx_low)[None, :]
-            w4 = (wy_high * wx_high)[None, :]
-            acc += (
-                w1 * v1.to(compute_dtype)
-                + w2 * v2.to(compute_dtype)
-                + w3 * v3.to(compute_dtype)
-                + w4 * v4.to(compute_dtype)
+            col_low, col_high, wx_low, wx_high, x_in = sample_taps(
+                dx, first_x, span_x, origin_x, bin_w, grid_w, W, stride_w
             )
+            acc += bilinear_sample(
+                plane, row_low[None, :], row_high[None, :], col_low[None, :], col_high[None, :],
+                wy_low[None, :], wy_high[None, :], wx_low[None, :], wx_high[None, :],
+                mask_cp & (y_in & x_in)[None, :], compute_dtype,
+            )  # fmt: skip
     acc = ieee_div(acc, count)
-    out_offsets = (k.to(tl.int64) * C + channels)[:, None] * (PH * PW) + bins[None, :]
     tl.store(out_ptr + out_offsets, acc.to(out_ptr.dtype.element_ty), mask=mask_cp)
 
 
@@ -314,44 +347,29 @@ def _roi_align_bwd_atomic_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_P: tl.constexpr,
 ):
-    k, channels, bins, c_ok, p_ok, ph, pw = roi_bin_tile(C, PH, PW, BLOCK_C, BLOCK_P)
     compute_dtype = tl.float64 if COMPUTE_FP64 else tl.float32
-
-    batch, valid, x1, y1, x2, y2 = load_roi(rois_ptr, k, stride_rk, stride_rc, N, compute_dtype)
-    level = roi_level(x1, y1, x2, y2, level_areas_ptr)
-    H, W, base, chan_offsets, stride_h, stride_w = _level_view(
-        geometry_ptr, level, batch, channels, bins, PH, PW, grad0, grad1, grad2, grad3, grad4, 6, POSITION_SENSITIVE
-    )
-    scale = tl.load(scales_ptr + level)
-    start_h, start_w, bin_h, bin_w, grid_h, grid_w, count = bin_grid(
-        x1, y1, x2, y2, scale, aligned, PH, PW, sampling_ratio, valid
-    )
-
-    mask_cp = c_ok[:, None] & p_ok[None, :]
-    out_offsets = (k.to(tl.int64) * C + channels)[:, None] * (PH * PW) + bins[None, :]
+    (
+        out_offsets, mask_cp, H, W, plane, stride_h, stride_w,
+        origin_y, first_y, span_y, bin_h, grid_h, origin_x, first_x, span_x, bin_w, grid_w, count,
+    ) = _pooled_bins(
+        rois_ptr, geometry_ptr, scales_ptr, level_areas_ptr, grad0, grad1, grad2, grad3, grad4,
+        N, C, PH, PW, stride_rk, stride_rc, sampling_ratio, aligned,
+        6, COMPUTE_FP64, POSITION_SENSITIVE, BLOCK_C, BLOCK_P,
+    )  # fmt: skip
     grad = ieee_div(tl.load(grad_out_ptr + out_offsets, mask=mask_cp, other=0).to(compute_dtype), count)
-    first_y, span_y, first_x, span_x = bin_spans(start_h, start_w, bin_h, bin_w, grid_h, grid_w, ph, pw, p_ok, H, W)
     for dy in range(tl.max(span_y, 0)):
-        iy = first_y + dy
-        y = start_h + ph * bin_h + ieee_div((iy + 0.5) * bin_h, grid_h)
-        y_low, y_high, wy_low, wy_high, y_in = axis_weights(y, H)
-        y_in = y_in & (dy < span_y)
-        row_low = y_low.to(tl.int64) * stride_h
-        row_high = y_high.to(tl.int64) * stride_h
+        row_low, row_high, wy_low, wy_high, y_in = sample_taps(
+            dy, first_y, span_y, origin_y, bin_h, grid_h, H, stride_h
+        )
         for dx in range(tl.max(span_x, 0)):
-            ix = first_x + dx
-            x = start_w + pw * bin_w + ieee_div((ix + 0.5) * bin_w, grid_w)
-            x_low, x_high, wx_low, wx_high, x_in = axis_weights(x, W)
-            x_in = x_in & (dx < span_x)
-            col_low = x_low.to(tl.int64) * stride_w
-            col_high = x_high.to(tl.int64) * stride_w
-            mask = mask_cp & (y_in & x_in)[None, :]
-            tl.atomic_add(base + chan_offsets + (row_low + col_low)[None, :], grad * (wy_low * wx_low)[None, :], mask)
-            tl.atomic_add(base + chan_offsets + (row_low + col_high)[None, :], grad * (wy_low * wx_high)[None, :], mask)
-            tl.atomic_add(base + chan_offsets + (row_high + col_low)[None, :], grad * (wy_high * wx_low)[None, :], mask)
-            tl.atomic_add(
-                base + chan_offsets + (row_high + col_high)[None, :], grad * (wy_high * wx_high)[None, :], mask
+            col_low, col_high, wx_low, wx_high, x_in = sample_taps(
+                dx, first_x, span_x, origin_x, bin_w, grid_w, W, stride_w
             )
+            mask = mask_cp & (y_in & x_in)[None, :]
+            tl.atomic_add(plane + (row_low + col_low)[None, :], grad * (wy_low * wx_low)[None, :], mask)
+            tl.atomic_add(plane + (row_low + col_high)[None, :], grad * (wy_low * wx_high)[None, :], mask)
+            tl.atomic_add(plane + (row_high + col_low)[None, :], grad * (wy_high * wx_low)[None, :], mask)
+            tl.atomic_add(plane + (row_high + col_high)[None, :], grad * (wy_high * wx_high)[None, :], mask)
 
 
 # ----------------------------------------------------------------------------------------------
