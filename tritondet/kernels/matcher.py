@@ -80,6 +80,41 @@ def _from_order_key(key, COMPUTE_FP64: tl.constexpr):
 
 
 @triton.jit
+def _anchor_tile(
+    anchors_ptr, A, stride_anchor_b, stride_anchor_a, stride_anchor_c, compute_dtype: tl.constexpr, BLOCK_A: tl.constexpr
+):  # fmt: skip
+    """(image, anchor rows [BLOCK_A], their mask, corners, areas) of this program; images share
+    grid axis x with their anchor tiles."""
+    batch, pid_a = split_program(tl.cdiv(A, BLOCK_A))
+    rows = pid_a * BLOCK_A + tl.arange(0, BLOCK_A)
+    row_ok = rows < A
+    ax1, ay1, ax2, ay2, area_a = _load_corners(
+        anchors_ptr + batch * stride_anchor_b,
+        rows.to(tl.int64) * stride_anchor_a,
+        row_ok,
+        stride_anchor_c,
+        compute_dtype,
+    )
+    return batch, rows, row_ok, ax1, ay1, ax2, ay2, area_a
+
+
+@triton.jit
+def _gt_tile_iou(
+    gt_ptr, batch, g0, count, stride_gt_b, stride_gt_g, stride_gt_c,
+    ax1, ay1, ax2, ay2, area_a, compute_dtype: tl.constexpr, BLOCK_G: tl.constexpr,
+):  # fmt: skip
+    """(columns [BLOCK_G], their mask, IoU [BLOCK_A, BLOCK_G]) of the image's ground-truth boxes
+    ``g0 + [0, BLOCK_G)`` (of ``count``) against the anchor tile."""
+    cols = g0 + tl.arange(0, BLOCK_G)
+    col_ok = cols < count
+    bx1, by1, bx2, by2, area_b = _load_corners(
+        gt_ptr + batch * stride_gt_b, cols.to(tl.int64) * stride_gt_g, col_ok, stride_gt_c, compute_dtype
+    )
+    iou, _ = pairwise_iou_tile(ax1, ay1, ax2, ay2, area_a, bx1, by1, bx2, by2, area_b)
+    return cols, col_ok, iou
+
+
+@triton.jit
 def _gt_max_kernel(
     # pointers
     anchors_ptr,  # [B, A, 4], any strides (stride_anchor_b 0 for a shared set)
@@ -101,25 +136,16 @@ def _gt_max_kernel(
     BLOCK_A: tl.constexpr,
     BLOCK_G: tl.constexpr,
 ):
-    batch, pid_a = split_program(tl.cdiv(A, BLOCK_A))
     compute_dtype = tl.float64 if COMPUTE_FP64 else tl.float32
-    rows = pid_a * BLOCK_A + tl.arange(0, BLOCK_A)
-    row_ok = rows < A
-    ax1, ay1, ax2, ay2, area_a = _load_corners(
-        anchors_ptr + batch * stride_anchor_b,
-        rows.to(tl.int64) * stride_anchor_a,
-        row_ok,
-        stride_anchor_c,
-        compute_dtype,
+    batch, _, row_ok, ax1, ay1, ax2, ay2, area_a = _anchor_tile(
+        anchors_ptr, A, stride_anchor_b, stride_anchor_a, stride_anchor_c, compute_dtype, BLOCK_A
     )
     count = tl.load(count_ptr + batch).to(tl.int32)
     for g0 in tl.range(0, count, BLOCK_G):
-        cols = g0 + tl.arange(0, BLOCK_G)
-        col_ok = cols < count
-        bx1, by1, bx2, by2, area_b = _load_corners(
-            gt_ptr + batch * stride_gt_b, cols.to(tl.int64) * stride_gt_g, col_ok, stride_gt_c, compute_dtype
-        )
-        iou, _ = pairwise_iou_tile(ax1, ay1, ax2, ay2, area_a, bx1, by1, bx2, by2, area_b)
+        cols, col_ok, iou = _gt_tile_iou(
+            gt_ptr, batch, g0, count, stride_gt_b, stride_gt_g, stride_gt_c,
+            ax1, ay1, ax2, ay2, area_a, compute_dtype, BLOCK_G,
+        )  # fmt: skip
         nan_iou = (iou != iou) & row_ok[:, None]
         iou = tl.where(row_ok[:, None] & ~nan_iou, iou, float("-inf"))
         # A NaN IoU makes the ground truth's maximum NaN, as Tensor.amax; the key of the positive
@@ -153,28 +179,19 @@ def _match_kernel(
     BLOCK_A: tl.constexpr,
     BLOCK_G: tl.constexpr,
 ):
-    batch, pid_a = split_program(tl.cdiv(A, BLOCK_A))
     compute_dtype = tl.float64 if COMPUTE_FP64 else tl.float32
-    rows = pid_a * BLOCK_A + tl.arange(0, BLOCK_A)
-    row_ok = rows < A
-    ax1, ay1, ax2, ay2, area_a = _load_corners(
-        anchors_ptr + batch * stride_anchor_b,
-        rows.to(tl.int64) * stride_anchor_a,
-        row_ok,
-        stride_anchor_c,
-        compute_dtype,
+    batch, rows, row_ok, ax1, ay1, ax2, ay2, area_a = _anchor_tile(
+        anchors_ptr, A, stride_anchor_b, stride_anchor_a, stride_anchor_c, compute_dtype, BLOCK_A
     )
     count = tl.load(count_ptr + batch).to(tl.int32)
     best = tl.full((BLOCK_A,), float("-inf"), compute_dtype)
     best_idx = tl.zeros((BLOCK_A,), tl.int32)
     attains_gt_max = tl.zeros((BLOCK_A,), tl.int32)
     for g0 in tl.range(0, count, BLOCK_G):
-        cols = g0 + tl.arange(0, BLOCK_G)
-        col_ok = cols < count
-        bx1, by1, bx2, by2, area_b = _load_corners(
-            gt_ptr + batch * stride_gt_b, cols.to(tl.int64) * stride_gt_g, col_ok, stride_gt_c, compute_dtype
-        )
-        iou, _ = pairwise_iou_tile(ax1, ay1, ax2, ay2, area_a, bx1, by1, bx2, by2, area_b)
+        cols, col_ok, iou = _gt_tile_iou(
+            gt_ptr, batch, g0, count, stride_gt_b, stride_gt_g, stride_gt_c,
+            ax1, ay1, ax2, ay2, area_a, compute_dtype, BLOCK_G,
+        )  # fmt: skip
         nan_iou = (iou != iou) & col_ok[None, :]
         ordered_iou = tl.where(col_ok[None, :] & ~nan_iou, iou, float("-inf"))
         chunk_max = tl.max(ordered_iou, axis=1)
