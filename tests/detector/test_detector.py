@@ -126,17 +126,20 @@ def _padded_batch():
     return images, sizes
 
 
-def test_forward_padded_equals_the_list_interface_without_host_sync(backend, monkeypatch):
+def padded_and_listed(model, backend, monkeypatch):
+    """``(sizes, list-interface detections, forward_padded outputs)`` of ``model`` on
+    :func:`_padded_batch`; the padded call makes no host sync on the triton backend. Asserts the
+    padded boxes, scores and labels equal the list interface's, zero past ``num_valid``."""
     # RoIAlign's batch-index check reads values back on CPU tensors only (off by default on CUDA).
     monkeypatch.setenv("TRITONDET_VALIDATE", "0")
-    ours = FasterRCNN.from_torchvision(torchvision_twin(roi_heads=dict(score_thresh=0.0))).eval()
     images, sizes = _padded_batch()
     with torch.no_grad():
-        expected = ours([images[i, :, :h, :w] for i, (h, w) in enumerate(sizes.tolist())])
+        expected = model([images[i, :, :h, :w] for i, (h, w) in enumerate(sizes.tolist())])
         # The GPU path (the Triton kernels) must not sync; the CPU reference of RoIAlign may.
         with NoHostSync() if backend == "triton" else contextlib.nullcontext():
-            boxes, scores, labels, num_valid = ours.forward_padded(images, sizes)
-    detections = ours.config.roi_heads.detections_per_img
+            outputs = model.forward_padded(images, sizes)
+    boxes, scores, labels, num_valid = outputs[:4]
+    detections = model.config.roi_heads.detections_per_img
     assert boxes.shape == (3, detections, 4) and scores.shape == labels.shape == (3, detections)
     assert boxes.dtype == torch.float32 and labels.dtype == torch.int64
     for i, n in enumerate(num_valid.tolist()):
@@ -144,6 +147,12 @@ def test_forward_padded_equals_the_list_interface_without_host_sync(backend, mon
             [{"boxes": boxes[i, :n], "scores": scores[i, :n], "labels": labels[i, :n]}], [expected[i]]
         )
         assert not boxes[i, n:].any() and not scores[i, n:].any() and not labels[i, n:].any()
+    return sizes, expected, outputs
+
+
+def test_forward_padded_equals_the_list_interface_without_host_sync(backend, monkeypatch):
+    ours = FasterRCNN.from_torchvision(torchvision_twin(roi_heads=dict(score_thresh=0.0))).eval()
+    padded_and_listed(ours, backend, monkeypatch)
 
 
 def test_forward_padded_rescales_to_original_sizes():

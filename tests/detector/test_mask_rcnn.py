@@ -8,7 +8,6 @@ Interpreter-sized: the ``tiny`` configuration with a mask branch (``with_masks``
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import itertools
 import json
@@ -21,7 +20,7 @@ import torchvision
 from PIL import Image
 from pycocotools import mask as coco_mask
 
-from tests.detector.test_detector import _padded_batch, tiny_images
+from tests.detector.test_detector import _padded_batch, padded_and_listed, tiny_images
 from tests.detector.test_detector_training import DETERMINISTIC, _step, tiny_targets
 from tritondet import cli
 from tritondet.bench.inputs import assert_same_detections, torchvision_twin
@@ -31,7 +30,6 @@ from tritondet.detector.compat import config_from_torchvision, maskrcnn_resnet50
 from tritondet.detector.engine import TrainConfig, load_checkpoint, train
 from tritondet.detector.evaluate import encode_masks, evaluate_coco
 from tritondet.detector.visualize import draw_detections
-from tritondet.measure.dispatch_audit import NoHostSync
 
 # Mask probabilities: both sides paste the same 28x28 maps at boxes equal within BOX_ATOL.
 MASK_ATOL = 1e-4
@@ -154,21 +152,12 @@ def test_from_torchvision_needs_a_mask_head_and_config_a_mask_section():
 
 
 def test_forward_padded_masks_equal_the_list_interface_without_host_sync(backend, monkeypatch):
-    monkeypatch.setenv("TRITONDET_VALIDATE", "0")
     ours = MaskRCNN.from_torchvision(mask_twin(roi_heads=dict(score_thresh=0.0))).eval()
-    images, sizes = _padded_batch()
-    with torch.no_grad():
-        expected = ours([images[i, :, :h, :w] for i, (h, w) in enumerate(sizes.tolist())])
-        # The GPU path (the Triton kernels) must not sync; the CPU reference of RoIAlign may.
-        with NoHostSync() if backend == "triton" else contextlib.nullcontext():
-            boxes, scores, labels, num_valid, masks = ours.forward_padded(images, sizes)
+    sizes, expected, (*_, num_valid, masks) = padded_and_listed(ours, backend, monkeypatch)
     detections = ours.config.roi_heads.detections_per_img
     assert masks.shape == (3, detections, 64, 96) and masks.dtype == torch.bool
     for i, n in enumerate(num_valid.tolist()):
         h, w = sizes[i].tolist()
-        assert_same_detections(
-            [{"boxes": boxes[i, :n], "scores": scores[i, :n], "labels": labels[i, :n]}], [expected[i]]
-        )
         binary = expected[i]["masks"][:, 0] > ours.config.mask.mask_threshold
         # Pixels whose probability lies within MASK_ATOL of the threshold may go either way.
         settled = (expected[i]["masks"][:, 0] - ours.config.mask.mask_threshold).abs() > MASK_ATOL
