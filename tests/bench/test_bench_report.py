@@ -87,6 +87,13 @@ def test_counted_rows_show_no_times_and_their_aten_op_ratio(tmp_path):
     assert list(report._series(rows)) == ["box_iou"]  # the time-ratio plots leave them out
 
 
+def test_markdown_table_shows_peak_memory_of_timed_rows():
+    table = report.markdown_table([_row(ours_peak_mem=3 * 2**20, torchvision_peak_mem=2**19), _counted_row()])
+    lines = table.splitlines()
+    assert lines[0].endswith("| ATen ops | peak MiB |")
+    assert lines[2].endswith("| 3 / 0.5 |") and lines[3].endswith("| - |")
+
+
 def test_markdown_table_shows_bandwidth_against_peak_on_cuda():
     table = report.markdown_table([_row(device="cuda", ours_gbps=1000.0, peak_gbps=2000.0)])
     assert "ours GB/s (% of peak)" in table and "| 1000 (50%) |" in table
@@ -188,7 +195,9 @@ def test_measure_compares_the_same_work_and_fills_a_row():
     assert row.op == "box_iou" and row.device == "cpu" and row.ours_backend == "cpu"
     assert row.ratio == pytest.approx(row.torchvision_ms / row.ours_ms)
     assert row.ours_ms_q20 <= row.ours_ms <= row.ours_ms_q80
-    assert row.ours_gbps is None and row.ours_peak_mem is None  # CUDA-only figures
+    assert row.ours_gbps is None  # a CUDA-only figure
+    # The 50x7 IoU matrix (1400 bytes) is allocated at least once on each side.
+    assert row.ours_peak_mem >= 50 * 7 * 4 and row.torchvision_peak_mem >= 50 * 7 * 4
     wrong = dataclasses.replace(case, ours=ops.generalized_box_iou)
     with pytest.raises(AssertionError):
         harness.measure(wrong)

@@ -10,8 +10,9 @@ and for the pytest-benchmark entry points in ``benchmarks/`` alike. For every ca
   (:func:`tritondet.measure.dispatch_audit.measure_costs`): exact figures, not timings;
 - times both sides (unless ``timed=False``): on CUDA with ``triton.testing.do_bench`` (warm-up,
   then the median and the 20th/80th percentiles), with the achieved GB/s against the device's peak
-  DRAM bandwidth and the peak memory of one call; on the CPU our CPU path against torchvision's
-  CPU op, the median of a few calls within a short time budget.
+  DRAM bandwidth; on the CPU our CPU path against torchvision's CPU op, the median of a few calls
+  within a short time budget; on both, the peak memory of one call
+  (:func:`tritondet.measure.memory.peak_allocated_bytes`).
 
 A :class:`CountCase` (e.g. one stage of the detector, :mod:`tritondet.bench.cases.post_processing`)
 is counted only and never timed, like every case measured with ``timed=False``: its row has no
@@ -38,6 +39,7 @@ import torch
 
 from .. import _backend
 from ..measure.dispatch_audit import Costs, measure_costs
+from ..measure.memory import peak_allocated_bytes
 
 SIZES_VARIABLE = "TRITONDET_BENCH_SIZES"
 SIZE_SETS = ("tiny", "quick", "full")
@@ -78,7 +80,7 @@ class Row:
     ours_gbps: float | None = None  # min_bytes / ours_ms (CUDA only)
     torchvision_gbps: float | None = None
     peak_gbps: float | None = None  # the device's peak DRAM bandwidth
-    ours_peak_mem: int | None = None  # peak bytes allocated during one call (CUDA only)
+    ours_peak_mem: int | None = None  # peak bytes allocated during one call (timed rows)
     torchvision_peak_mem: int | None = None
     device_name: str = ""
 
@@ -195,12 +197,8 @@ def _time_cuda(fn: Callable[[], Any], grad_to_none) -> Timing:
     import triton.testing
 
     median, q20, q80 = triton.testing.do_bench(fn, quantiles=list(QUANTILES), grad_to_none=list(grad_to_none) or None)
-    torch.cuda.synchronize()
-    before = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return Timing(median, q20, q80, torch.cuda.max_memory_allocated() - before)
+    _reset_grads(grad_to_none)
+    return Timing(median, q20, q80, peak_allocated_bytes(fn, torch.device("cuda", torch.cuda.current_device())))
 
 
 @contextlib.contextmanager
@@ -218,9 +216,13 @@ def timing_threads(device: torch.device) -> Iterator[None]:
 
 
 def _time_cpu(fn: Callable[[], Any], grad_to_none) -> Timing:
-    """The calls :func:`measure` makes before timing (the check and the count) are the warm-up."""
+    """The calls :func:`measure` makes before timing (the check and the count) are the warm-up;
+    one more call after the timed ones measures the peak memory (profiled, so never timed)."""
     with timing_threads(torch.device("cpu")):
-        return _time_cpu_samples(fn, grad_to_none)
+        timing = _time_cpu_samples(fn, grad_to_none)
+        _reset_grads(grad_to_none)
+        timing.peak_mem = peak_allocated_bytes(fn, torch.device("cpu"))
+    return timing
 
 
 def _time_cpu_samples(fn: Callable[[], Any], grad_to_none) -> Timing:

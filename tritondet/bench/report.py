@@ -69,11 +69,19 @@ def timed(row: Row) -> bool:
     return row.ours_ms is not None
 
 
+def _mib(nbytes: int) -> str:
+    return f"{nbytes / 2**20:.3g}"
+
+
 def markdown_table(rows: Sequence[Row]) -> str:
     """One line per case: op, size, dtype, device, ours, torchvision, ratio, launches, syncs, ATen ops
-    (+ GB/s on CUDA). Counted-only rows show "-" for times and their ATen-op ratio as "<r>x ops"."""
+    (+ peak MiB of one call on timed rows, + GB/s on CUDA). Counted-only rows show "-" for times
+    and their ATen-op ratio as "<r>x ops"."""
     with_bandwidth = any(row.ours_gbps is not None for row in rows)
+    with_memory = any(row.ours_peak_mem is not None for row in rows)
     header = ["op", "size", "dtype", "device", "ours ms", "torchvision ms", "ratio", "launches", "syncs", "ATen ops"]
+    if with_memory:
+        header += ["peak MiB"]
     if with_bandwidth:
         header += ["ours GB/s (% of peak)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
@@ -90,6 +98,10 @@ def markdown_table(rows: Sequence[Row]) -> str:
             f"{row.ours_syncs} / {row.torchvision_syncs}",
             f"{row.ours_aten_ops} / {row.torchvision_aten_ops}",
         ]
+        if with_memory:
+            cells.append(
+                "-" if row.ours_peak_mem is None else f"{_mib(row.ours_peak_mem)} / {_mib(row.torchvision_peak_mem)}"
+            )
         if with_bandwidth:
             cells.append(
                 "" if row.ours_gbps is None else f"{row.ours_gbps:.0f} ({100 * row.ours_gbps / row.peak_gbps:.0f}%)"
@@ -150,6 +162,7 @@ def markdown_report(
         "launch a device kernel, ops that make the host wait for the device, all ATen ops; counted exactly,",
         "not timed. Rows without times are counted only (the detector's post-processing stages): their",
         "ratio is torchvision's ATen ops over ours, and the op name says whose path (backend) was counted.",
+        "peak MiB, ours / torchvision: the most one call holds allocated at once (its inputs excluded).",
     ]
     if any(row.device == "cpu" for row in rows):
         lines += [
