@@ -59,7 +59,6 @@ def _roi_pool_fwd_kernel(
     stride_c,
     stride_h,
     stride_w,
-    # scalars
     # meta-parameters
     COMPUTE_FP64: tl.constexpr,
     POSITION_SENSITIVE: tl.constexpr,  # R-FCN's average: output channel c, bin b reads input channel c * PH * PW + b
