@@ -712,6 +712,34 @@ def _axis_taps(coord: torch.Tensor, size: torch.Tensor, used: torch.Tensor):
     return torch.stack([low, high], -1).to(torch.int64), torch.stack([w_low, w_high], -1)
 
 
+def axis_samples(
+    first: torch.Tensor, bin_size: torch.Tensor, extent: torch.Tensor, samples: int, bins: int, adaptive: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One axis of RoIAlign's samples for G RoIs of ``samples`` samples per bin: ``first [G]`` (the
+    RoI's start in map pixels), ``bin_size [G]``, ``extent [G]`` (the map's size on this axis) ->
+    (map rows ``[G, bins, T, taps]`` int64, their bilinear weights, summed over the bin's samples
+    for an ``adaptive`` grid of 3 or more samples). Sample positions follow torchvision's formula in
+    its order of operations."""
+    device, compute_dtype = first.device, first.dtype
+    i = torch.arange(samples, device=device, dtype=compute_dtype)
+    p = torch.arange(bins, device=device, dtype=compute_dtype)
+    bin_size = bin_size[:, None, None]
+    coord = first[:, None, None] + p[:, None] * bin_size + ((i + 0.5) * bin_size) / samples
+    used = torch.ones_like(coord, dtype=torch.bool)
+    taps, tap_weights = _axis_taps(coord, extent[:, None, None], used)  # [G, bins, samples, 2]
+    if not adaptive or samples < 3:
+        return taps, tap_weights
+    # Adaptive grids sample about once per pixel, so the 2 * samples taps of a bin hit at
+    # most samples + 2 consecutive rows: sum them into that window (fewer matrix entries).
+    window = samples + 2
+    first_tap = taps[:, :, :1, :1]
+    # Out-of-map samples have weight 0, so clamping their position is harmless.
+    relative = (taps - first_tap).clamp(0, window - 1).flatten(2)
+    dense = tap_weights.new_zeros(*taps.shape[:2], window).scatter_add_(2, relative, tap_weights.flatten(2))
+    rows = (first_tap[..., 0] + torch.arange(window, device=device)).clamp(max=extent[:, None, None] - 1)
+    return rows[..., None], dense[..., None]  # [G, bins, window, 1]
+
+
 def _csr(crow, columns, values, size) -> torch.Tensor:
     """A CSR tensor without invariant checks (rows are built in order) or the beta warning."""
     with warnings.catch_warnings():
@@ -775,27 +803,9 @@ def _sampling_matrix(
         start += size
         gh, gw = int(grid_h[members[0]]), int(grid_w[members[0]])
 
-        def axis(first, bin_size, samples, bins, extent, members=members):
-            i = torch.arange(samples, device=device, dtype=compute_dtype)
-            p = torch.arange(bins, device=device, dtype=compute_dtype)
-            bin_size = bin_size[members, None, None]
-            coord = first[members, None, None] + p[:, None] * bin_size + ((i + 0.5) * bin_size) / samples
-            used = torch.ones_like(coord, dtype=torch.bool)
-            taps, tap_weights = _axis_taps(coord, extent[members, None, None], used)  # [G, bins, samples, 2]
-            if sampling_ratio > 0 or samples < 3:
-                return taps, tap_weights
-            # Adaptive grids sample about once per pixel, so the 2 * samples taps of a bin hit at
-            # most samples + 2 consecutive rows: sum them into that window (fewer matrix entries).
-            window = samples + 2
-            first = taps[:, :, :1, :1]
-            # Out-of-map samples have weight 0, so clamping their position is harmless.
-            relative = (taps - first).clamp(0, window - 1).flatten(2)
-            dense = tap_weights.new_zeros(*taps.shape[:2], window).scatter_add_(2, relative, tap_weights.flatten(2))
-            rows = (first[..., 0] + torch.arange(window, device=device)).clamp(max=extent[members, None, None] - 1)
-            return rows[..., None], dense[..., None]  # [G, bins, window, 1]
-
-        y_taps, y_weights = axis(start_h, bin_h, gh, ph_count, heights)
-        x_taps, x_weights = axis(start_w, bin_w, gw, pw_count, widths)
+        adaptive = sampling_ratio <= 0
+        y_taps, y_weights = axis_samples(start_h[members], bin_h[members], heights[members], gh, ph_count, adaptive)
+        x_taps, x_weights = axis_samples(start_w[members], bin_w[members], widths[members], gw, pw_count, adaptive)
         row_offset = (y_taps * widths[members, None, None, None])[:, :, None, :, None, :, None]
         group_columns = image_start[members, None, None, None, None, None, None] + row_offset
         group_columns = group_columns + x_taps[:, None, :, None, :, None, :]  # [G, PH, PW, gh, gw, 2, 2] (or windows)
