@@ -38,7 +38,7 @@ from .._backend import use_fast_cpu, use_triton
 from ._aot import KernelSpec
 from ._common import NO_FP_FUSION, NUM_WARPS, compute_dtype_of, ieee_div
 from ._launch import device_table, launch
-from .roi_align import axis_samples, axis_weights, bin_grid, bin_spans, roi_align_reference
+from .roi_align import axis_samples, bin_grid, bin_sample_sums, roi_align_reference
 
 # ----------------------------------------------------------------------------------------------
 # Triton kernels
@@ -191,29 +191,12 @@ def _mask_targets_kernel(
     plane = gt_masks_ptr + b.to(tl.int64) * stride_gb + tl.where(valid, matched, 0) * stride_gg
 
     start_h, start_w, bin_h, bin_w, grid_h, grid_w, count = bin_grid(x1, y1, x2, y2, 1.0, 0, M, M, -1, valid)
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    # Only the samples that can land on the mask are visited: bounded by the mask, not the proposal.
-    first_y, span_y, first_x, span_x = bin_spans(start_h, start_w, bin_h, bin_w, grid_h, grid_w, ph, pw, bins_ok, H, W)
-    for dy in range(tl.max(span_y, 0)):
-        iy = first_y + dy
-        y = start_h + ph * bin_h + ieee_div((iy + 0.5) * bin_h, grid_h)
-        y_low, y_high, wy_low, wy_high, y_in = axis_weights(y, H)
-        y_in = y_in & (dy < span_y)
-        row_low = y_low.to(tl.int64) * stride_gh
-        row_high = y_high.to(tl.int64) * stride_gh
-        for dx in range(tl.max(span_x, 0)):
-            ix = first_x + dx
-            x = start_w + pw * bin_w + ieee_div((ix + 0.5) * bin_w, grid_w)
-            x_low, x_high, wx_low, wx_high, x_in = axis_weights(x, W)
-            x_in = x_in & (dx < span_x)
-            col_low = x_low.to(tl.int64) * stride_gw
-            col_high = x_high.to(tl.int64) * stride_gw
-            inside = bins_ok & y_in & x_in
-            v1 = tl.load(plane + row_low + col_low, mask=inside, other=0).to(tl.float32)
-            v2 = tl.load(plane + row_low + col_high, mask=inside, other=0).to(tl.float32)
-            v3 = tl.load(plane + row_high + col_low, mask=inside, other=0).to(tl.float32)
-            v4 = tl.load(plane + row_high + col_high, mask=inside, other=0).to(tl.float32)
-            acc += wy_low * wx_low * v1 + wy_low * wx_high * v2 + wy_high * wx_low * v3 + wy_high * wx_high * v4
+    # One row of lanes: RoIAlign's [channels, bins] tile for a single-channel plane.
+    sums = bin_sample_sums(
+        plane, tl.zeros((1, 1), dtype=tl.int64), bins_ok[None, :], start_h, start_w, bin_h, bin_w, grid_h, grid_w,
+        ph, pw, bins_ok, H, W, stride_gh, stride_gw, tl.float32, 1, BLOCK,
+    )  # fmt: skip
+    acc = tl.sum(sums, axis=0)
     acc = ieee_div(acc, count)
     tl.store(out_ptr + row.to(tl.int64) * M * M + bins, acc, mask=bins_ok)
 

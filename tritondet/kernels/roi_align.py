@@ -192,6 +192,67 @@ def axis_weights(coord, size):
     return low, high, w_low, w_high, inside
 
 
+@triton.jit
+def bin_sample_sums(
+    base,
+    offsets,
+    mask,
+    start_h,
+    start_w,
+    bin_h,
+    bin_w,
+    grid_h,
+    grid_w,
+    ph,
+    pw,
+    p_ok,
+    H,
+    W,
+    stride_h,
+    stride_w,
+    compute_dtype: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
+    """``[BLOCK_C, BLOCK_P]``: the sum of each bin's (ph, pw) bilinear samples (RoIAlign's forward
+    before the division by the sample count, torchvision's sample positions and order of
+    operations), read at ``base + offsets [BLOCK_C, 1]`` plus each tap's row and column offset,
+    on the lanes of ``mask [BLOCK_C, BLOCK_P]``. Only the samples that can land on the H x W map
+    are visited (:func:`bin_spans`)."""
+    acc = tl.zeros((BLOCK_C, BLOCK_P), dtype=compute_dtype)
+    first_y, span_y, first_x, span_x = bin_spans(start_h, start_w, bin_h, bin_w, grid_h, grid_w, ph, pw, p_ok, H, W)
+    for dy in range(tl.max(span_y, 0)):
+        iy = first_y + dy
+        y = start_h + ph * bin_h + ieee_div((iy + 0.5) * bin_h, grid_h)
+        y_low, y_high, wy_low, wy_high, y_in = axis_weights(y, H)
+        y_in = y_in & (dy < span_y)
+        row_low = y_low.to(tl.int64) * stride_h
+        row_high = y_high.to(tl.int64) * stride_h
+        for dx in range(tl.max(span_x, 0)):
+            ix = first_x + dx
+            x = start_w + pw * bin_w + ieee_div((ix + 0.5) * bin_w, grid_w)
+            x_low, x_high, wx_low, wx_high, x_in = axis_weights(x, W)
+            x_in = x_in & (dx < span_x)
+            col_low = x_low.to(tl.int64) * stride_w
+            col_high = x_high.to(tl.int64) * stride_w
+            sampled = mask & (y_in & x_in)[None, :]
+            v1 = tl.load(base + offsets + (row_low + col_low)[None, :], mask=sampled, other=0)
+            v2 = tl.load(base + offsets + (row_low + col_high)[None, :], mask=sampled, other=0)
+            v3 = tl.load(base + offsets + (row_high + col_low)[None, :], mask=sampled, other=0)
+            v4 = tl.load(base + offsets + (row_high + col_high)[None, :], mask=sampled, other=0)
+            w1 = (wy_low * wx_low)[None, :]
+            w2 = (wy_low * wx_high)[None, :]
+            w3 = (wy_high * wx_low)[None, :]
+            w4 = (wy_high * wx_high)[None, :]
+            acc += (
+                w1 * v1.to(compute_dtype)
+                + w2 * v2.to(compute_dtype)
+                + w3 * v3.to(compute_dtype)
+                + w4 * v4.to(compute_dtype)
+            )
+    return acc
+
+
 # ----------------------------------------------------------------------------------------------
 # Forward: one program per (RoI, channel block, bin block).
 # ----------------------------------------------------------------------------------------------
@@ -241,38 +302,11 @@ def _roi_align_fwd_kernel(
         x1, y1, x2, y2, scale, aligned, PH, PW, sampling_ratio, valid
     )
 
-    acc = tl.zeros((BLOCK_C, BLOCK_P), dtype=compute_dtype)
     mask_cp = c_ok[:, None] & p_ok[None, :]
-    first_y, span_y, first_x, span_x = bin_spans(start_h, start_w, bin_h, bin_w, grid_h, grid_w, ph, pw, p_ok, H, W)
-    for dy in range(tl.max(span_y, 0)):
-        iy = first_y + dy
-        y = start_h + ph * bin_h + ieee_div((iy + 0.5) * bin_h, grid_h)
-        y_low, y_high, wy_low, wy_high, y_in = axis_weights(y, H)
-        y_in = y_in & (dy < span_y)
-        row_low = y_low.to(tl.int64) * stride_h
-        row_high = y_high.to(tl.int64) * stride_h
-        for dx in range(tl.max(span_x, 0)):
-            ix = first_x + dx
-            x = start_w + pw * bin_w + ieee_div((ix + 0.5) * bin_w, grid_w)
-            x_low, x_high, wx_low, wx_high, x_in = axis_weights(x, W)
-            x_in = x_in & (dx < span_x)
-            col_low = x_low.to(tl.int64) * stride_w
-            col_high = x_high.to(tl.int64) * stride_w
-            mask = mask_cp & (y_in & x_in)[None, :]
-            v1 = tl.load(base + chan_offsets + (row_low + col_low)[None, :], mask=mask, other=0)
-            v2 = tl.load(base + chan_offsets + (row_low + col_high)[None, :], mask=mask, other=0)
-            v3 = tl.load(base + chan_offsets + (row_high + col_low)[None, :], mask=mask, other=0)
-            v4 = tl.load(base + chan_offsets + (row_high + col_high)[None, :], mask=mask, other=0)
-            w1 = (wy_low * wx_low)[None, :]
-            w2 = (wy_low * wx_high)[None, :]
-            w3 = (wy_high * wx_low)[None, :]
-            w4 = (wy_high * wx_high)[None, :]
-            acc += (
-                w1 * v1.to(compute_dtype)
-                + w2 * v2.to(compute_dtype)
-                + w3 * v3.to(compute_dtype)
-                + w4 * v4.to(compute_dtype)
-            )
+    acc = bin_sample_sums(
+        base, chan_offsets, mask_cp, start_h, start_w, bin_h, bin_w, grid_h, grid_w, ph, pw, p_ok, H, W,
+        stride_h, stride_w, compute_dtype, BLOCK_C, BLOCK_P,
+    )  # fmt: skip
     acc = ieee_div(acc, count)
     out_offsets = (k.to(tl.int64) * C + channels)[:, None] * (PH * PW) + bins[None, :]
     tl.store(out_ptr + out_offsets, acc.to(out_ptr.dtype.element_ty), mask=mask_cp)
