@@ -20,8 +20,8 @@ H x W images.
   channel's gradient, which the backward scales and spreads into the ``C`` channels.
 
 Order of this file: Triton kernels -> argument builders and host launchers -> pure-PyTorch
-references (vectorized: the CPU path and the test oracle) -> ``torch.library`` registration ->
-AOT specializations.
+references (vectorized: the test oracle, and the CPU path of the pasting and the loss) and the
+mask targets' fast CPU path -> ``torch.library`` registration -> AOT specializations.
 
 Numerics: fp32 (fp64 for fp64 inputs), fp16/bf16 upcast as loaded; divisions whose result is
 floored or compared are IEEE (``ieee_div``). Box expansion runs in PyTorch on the boxes' dtype in
@@ -427,7 +427,7 @@ def mask_loss_backward_triton(grad, labels, scale, num_classes, dtype):
 
 
 # ----------------------------------------------------------------------------------------------
-# References: vectorized PyTorch (the CPU path and the test oracle)
+# References: vectorized PyTorch (the test oracle); the mask targets' fast CPU path
 # ----------------------------------------------------------------------------------------------
 
 

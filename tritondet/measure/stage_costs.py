@@ -1,7 +1,7 @@
 """What the post-processing stages cost on the host, ours against torchvision's, counted exactly.
 
-Two stages (three for a Mask R-CNN), bounded the same way on both sides (everything before a stage runs unmeasured, on the
-same images, through each model's own transform, backbone and heads):
+Two stages (three for a Mask R-CNN), bounded the same way on both sides (everything before a stage
+runs unmeasured, on the same images, through each model's own transform, backbone and heads):
 
 - **RPN proposals**: from the RPN head's per-level outputs (objectness logits ``L x [B, A, H, W]``,
   deltas ``L x [B, 4A, H, W]``) and the image sizes to the proposals of every image. Ours:
