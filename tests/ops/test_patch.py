@@ -145,3 +145,17 @@ def test_patched_paste_counts_fewer_syncs_and_launches(backend, monkeypatch):
         )
     assert ours.syncs == 0 < theirs.syncs
     assert ours.device_launches < theirs.device_launches
+
+
+def test_paste_of_masks_on_other_devices_stays_torchvision():
+    generator = torch.Generator().manual_seed(5)
+    masks, boxes = torch.rand(3, 1, 7, 7, generator=generator), random_boxes(3, scale=10.0, generator=generator)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        patch_torchvision(devices=("CUDA",))
+    try:
+        with measure_costs() as costs:
+            transform.paste_masks_in_image(masks, boxes, (24, 30))
+    finally:
+        unpatch_torchvision()
+    assert costs.syncs > 0  # torchvision's loop, reading every box on the host
