@@ -3,8 +3,13 @@
 After the patch, ``torchvision::nms``, ``roi_align``, ``_roi_align_backward``, ``roi_pool`` and
 ``_roi_pool_backward`` dispatch to tritondet for tensors on the patched devices, so every
 torchvision detector and any code calling ``torchvision.ops`` runs on our kernels unchanged.
-torchvision's autograd and autocast wrappers stay in front of our kernels. ``unpatch_torchvision()``
-restores torchvision's own kernels.
+torchvision's autograd and autocast wrappers stay in front of our kernels. Mask R-CNN's mask
+pasting, a Python function rather than an op, is rebound instead: ``paste_masks_in_image`` in
+``torchvision.models.detection.roi_heads``, where it is defined, and in
+``torchvision.models.detection.transform``, which imports it by name and calls it from
+``GeneralizedRCNNTransform.postprocess`` (the only caller), runs :func:`tritondet.ops.paste_masks_in_image`
+for masks on the patched devices: one call for all of an image's detections instead of a Python loop
+with host reads per mask. ``unpatch_torchvision()`` restores torchvision's own kernels and functions.
 
 The patched kernels check their arguments as :mod:`tritondet.ops` does (errors from
 :mod:`tritondet.errors`, which ``except RuntimeError`` catches as it catches torchvision's), and
@@ -14,13 +19,20 @@ return torchvision's dtypes (``roi_pool``'s argmax is int32).
 from __future__ import annotations
 
 import torch
-import torchvision  # noqa: F401  (registers the torchvision:: ops being overridden)
+import torchvision  # registers the torchvision:: ops being overridden
+from torchvision.models.detection import roi_heads, transform
 
 from . import _backend
 from .ops import _checks
+from .ops.masks import paste_masks_in_image
 from .ops.nms import check_nms_inputs
 
 _library: torch.library.Library | None = None
+# torchvision's modules holding a binding of its mask pasting, each rebound while patched.
+PASTE_MODULES = (roi_heads, transform)
+# While patched: torchvision's own paste_masks_in_image and the patched device types ("cuda", "cpu").
+_torchvision_paste = None
+_paste_devices: tuple[str, ...] = ()
 # (k_min, canonical_scale, canonical_level) of a single-level roi_align: no level assignment.
 _SINGLE_LEVEL = (0, 224.0, 4.0)
 
@@ -68,6 +80,14 @@ def _roi_pool_backward(
     return roi_pool_backward(grad, argmax, rois, (batch_size, channels, height, width))
 
 
+def _paste_masks_in_image(masks, boxes, img_shape, padding=1):
+    """torchvision's ``paste_masks_in_image`` signature and result: ours for masks on a patched
+    device, torchvision's own otherwise and while tracing (its ONNX export path)."""
+    if masks.device.type not in _paste_devices or torchvision._is_tracing():
+        return _torchvision_paste(masks, boxes, img_shape, padding=padding)
+    return paste_masks_in_image(masks, boxes, tuple(img_shape), padding)
+
+
 PATCHED_OPS = {
     "nms": _nms,
     "roi_align": _roi_align,
@@ -78,13 +98,14 @@ PATCHED_OPS = {
 
 
 def patch_torchvision(devices: tuple[str, ...] = ("CUDA",)) -> None:
-    """Register tritondet's kernels for torchvision's ops on ``devices`` (``"CUDA"``, ``"CPU"``).
+    """Register tritondet's kernels for torchvision's ops on ``devices`` (``"CUDA"``, ``"CPU"``),
+    and our mask pasting for torchvision's on masks on those devices.
 
     On CPU tensors tritondet runs its backend's CPU path (see ``TRITONDET_BACKEND``), the reference
     where that would be the fast CPU path (which calls torchvision's CPU kernels, now ours). Calling
     it again first undoes the previous patch.
     """
-    global _library
+    global _library, _torchvision_paste, _paste_devices
     unknown = [device for device in devices if device not in ("CUDA", "CPU")]
     if unknown or not devices:
         raise ValueError(f"devices must be a non-empty subset of ('CUDA', 'CPU'), got {devices!r}")
@@ -95,15 +116,22 @@ def patch_torchvision(devices: tuple[str, ...] = ("CUDA",)) -> None:
             library.impl(name, kernel, device)
     _library = library
     _backend.torchvision_cpu_patched = "CPU" in devices
+    _torchvision_paste = roi_heads.paste_masks_in_image
+    _paste_devices = tuple(device.lower() for device in devices)
+    for module in PASTE_MODULES:
+        module.paste_masks_in_image = _paste_masks_in_image
 
 
 def unpatch_torchvision() -> None:
-    """Restore torchvision's own kernels (a no-op when nothing is patched)."""
-    global _library
+    """Restore torchvision's own kernels and mask pasting (a no-op when nothing is patched)."""
+    global _library, _torchvision_paste, _paste_devices
     if _library is not None:
         _library._destroy()
         _library = None
         _backend.torchvision_cpu_patched = False
+        for module in PASTE_MODULES:
+            module.paste_masks_in_image = _torchvision_paste
+        _torchvision_paste, _paste_devices = None, ()
 
 
 def torchvision_patched() -> bool:

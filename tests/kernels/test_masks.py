@@ -193,6 +193,22 @@ def test_mask_targets_match_torchvision(backend, device, m):
     assert not ours[1, 2:].any()
 
 
+def test_mask_targets_of_proposals_many_pixels_wide_match_torchvision(backend, device):
+    """Proposals of up to the whole mask and beyond: adaptive grids of 1 to 15 samples per bin on
+    each axis, samples at and past every edge."""
+    generator = torch.Generator().manual_seed(19)
+    gt = torch.rand(2, 3, 60, 90, generator=generator) > 0.5
+    corner = torch.rand(2, 6, 2, generator=generator) * torch.tensor([80.0, 50.0]) - 5
+    size = torch.rand(2, 6, 2, generator=generator) * torch.tensor([100.0, 70.0]) + 0.5
+    proposals = torch.cat([corner, corner + size], -1)
+    proposals[1, 0] = torch.tensor([-10.0, -10.0, 100.0, 70.0])  # the whole mask and more
+    matched = torch.randint(0, 3, (2, 6), generator=generator)
+    counts, num_valid = torch.tensor([3, 3]), torch.tensor([6, 6])
+    expected = _torchvision_targets(list(gt), counts, proposals, matched, num_valid, 7)
+    ours = ops.mask_targets(gt.to(device), *[t.to(device) for t in (counts, proposals, matched, num_valid)], 7)
+    assert_close(ours.cpu(), expected, torch.float32)
+
+
 def test_mask_targets_from_a_list_of_image_sizes(backend, device):
     generator = torch.Generator().manual_seed(11)
     gt, counts, proposals, matched = _targets_inputs(generator, sizes=((20, 25), (13, 31)))

@@ -304,12 +304,15 @@ class MaskRCNN(FasterRCNN):
         if original_image_sizes is not None:
             boxes = rescale_padded_boxes(boxes, image_sizes, original_image_sizes)
             sizes = original_image_sizes
-        pasted = ops.paste_masks_padded(
-            masks,
-            boxes,
-            num_valid,
-            sizes,
-            tuple(mask_size or images.shape[-2:]),
-            threshold=self.config.mask.mask_threshold,
-        )
+        pasted = self.paste_padded(masks, boxes, num_valid, sizes, tuple(mask_size or images.shape[-2:]))
         return boxes, scores, labels, num_valid, pasted
+
+    def paste_padded(
+        self, masks: Tensor, boxes: Tensor, num_valid: Tensor, image_sizes: Tensor, out_hw: tuple[int, int]
+    ) -> Tensor:
+        """Mask probabilities ``masks [B, D, M, M]`` of the detections ``boxes [B, D, 4]`` -> ``[B, D, H, W]``
+        bool (``out_hw``): each probability > ``mask_threshold`` pasted at its box in one launch; false past
+        ``num_valid`` and outside ``image_sizes [B, 2]``."""
+        return ops.paste_masks_padded(
+            masks, boxes, num_valid, image_sizes, out_hw, threshold=self.config.mask.mask_threshold
+        )

@@ -20,8 +20,8 @@ H x W images.
   channel's gradient, which the backward scales and spreads into the ``C`` channels.
 
 Order of this file: Triton kernels -> argument builders and host launchers -> pure-PyTorch
-references (vectorized: the CPU path and the test oracle) -> ``torch.library`` registration ->
-AOT specializations.
+references (vectorized: the test oracle, and the CPU path of the pasting and the loss) and the
+mask targets' fast CPU path -> ``torch.library`` registration -> AOT specializations.
 
 Numerics: fp32 (fp64 for fp64 inputs), fp16/bf16 upcast as loaded; divisions whose result is
 floored or compared are IEEE (``ieee_div``). Box expansion runs in PyTorch on the boxes' dtype in
@@ -34,11 +34,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .._backend import use_triton
+from .._backend import use_fast_cpu, use_triton
 from ._aot import KernelSpec
 from ._common import NO_FP_FUSION, NUM_WARPS, compute_dtype_of, ieee_div
 from ._launch import device_table, launch
-from .roi_align import bilinear_sample, bin_grid, bin_spans, roi_align_reference, sample_taps
+from .roi_align import axis_samples, bin_grid, bin_sample_sums, bin_spans, roi_align_reference
 
 # ----------------------------------------------------------------------------------------------
 # Triton kernels
@@ -191,23 +191,16 @@ def _mask_targets_kernel(
     plane = gt_masks_ptr + b.to(tl.int64) * stride_gb + tl.where(valid, matched, 0) * stride_gg
 
     start_h, start_w, bin_h, bin_w, grid_h, grid_w, count = bin_grid(x1, y1, x2, y2, 1.0, 0, M, M, -1, valid)
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
     # Only the samples that can land on the mask are visited: bounded by the mask, not the proposal.
     origin_y, first_y, span_y, origin_x, first_x, span_x = bin_spans(
         start_h, start_w, bin_h, bin_w, grid_h, grid_w, ph, pw, bins_ok, H, W
     )
-    for dy in range(tl.max(span_y, 0)):
-        row_low, row_high, wy_low, wy_high, y_in = sample_taps(
-            dy, first_y, span_y, origin_y, bin_h, grid_h, H, stride_gh
-        )
-        for dx in range(tl.max(span_x, 0)):
-            col_low, col_high, wx_low, wx_high, x_in = sample_taps(
-                dx, first_x, span_x, origin_x, bin_w, grid_w, W, stride_gw
-            )
-            acc += bilinear_sample(
-                plane, row_low, row_high, col_low, col_high, wy_low, wy_high, wx_low, wx_high,
-                bins_ok & y_in & x_in, tl.float32,
-            )  # fmt: skip
+    # One row of lanes: RoIAlign's [channels, bins] tile for a single-channel plane.
+    sums = bin_sample_sums(
+        plane, bins_ok[None, :], origin_y, first_y, span_y, bin_h, grid_h, origin_x, first_x, span_x, bin_w, grid_w,
+        H, W, stride_gh, stride_gw, tl.float32, 1, BLOCK,
+    )  # fmt: skip
+    acc = tl.sum(sums, axis=0)
     acc = ieee_div(acc, count)
     tl.store(out_ptr + row.to(tl.int64) * M * M + bins, acc, mask=bins_ok)
 
@@ -438,7 +431,7 @@ def mask_loss_backward_triton(grad, labels, scale, num_classes, dtype):
 
 
 # ----------------------------------------------------------------------------------------------
-# References: vectorized PyTorch (the CPU path and the test oracle)
+# References: vectorized PyTorch (the test oracle); the mask targets' fast CPU path
 # ----------------------------------------------------------------------------------------------
 
 
@@ -503,6 +496,67 @@ def mask_targets_reference(gt_masks, gt_sizes, gt_count, proposals, matched_idxs
     if not targets:
         return torch.zeros((0, p, mask_size, mask_size), device=device)
     return torch.stack(targets)
+
+
+def _axis_windows(first, bin_size, grid, bins: int, extent: int) -> list[tuple[torch.Tensor, int, int]]:
+    """Per RoI, ``(weights [bins, L], start, end)``: the summed bilinear weights of each bin's
+    samples (:func:`~.roi_align.axis_samples`) on the map's rows (or columns) ``start .. end - 1``,
+    the window its samples touch (``L >= end - start``, zero past it; ``end == start`` when none
+    lands on the map). One vectorized call per distinct sample count."""
+    windows: list = [None] * first.shape[0]
+    extents = torch.full_like(grid, extent, dtype=torch.int64)
+    for samples in grid.unique().tolist():
+        members = (grid == samples).nonzero().squeeze(1)
+        taps, weights = axis_samples(first[members], bin_size[members], extents[members], int(samples), bins, True)
+        taps, weights = taps.flatten(1), weights.flatten(1)
+        touched = weights != 0
+        start = torch.where(touched, taps, extent).amin(1)
+        end = torch.where(touched, taps + 1, 0).amax(1)
+        length = int((end - start).amax().clamp(min=1))
+        # Taps of weight 0 may lie anywhere: clamped into the window, they add nothing.
+        relative = (taps - start[:, None]).clamp(0, length - 1).view(-1, bins, taps.shape[1] // bins)
+        matrix = weights.new_zeros((members.shape[0], bins, length))
+        matrix.scatter_add_(2, relative, weights.view_as(relative))
+        for member, row, first_row, end_row in zip(members.tolist(), matrix, start.tolist(), end.tolist(), strict=True):
+            windows[member] = (row, first_row, max(end_row, first_row))
+    return windows
+
+
+def mask_targets_cpu(gt_masks, gt_sizes, gt_count, proposals, matched_idxs, num_valid, mask_size):
+    """The fast CPU path (see :func:`mask_targets_reference`): RoIAlign split into its two axes. A
+    bin is the mean of its samples' bilinear values, and a sample's weights are a row weight
+    times a column weight, so a target is ``rows @ mask @ cols.T / count`` with ``rows [M, H]``
+    and ``cols [M, W]`` each axis's summed sample weights (torchvision's sample positions). Each
+    proposal reads (as fp32) only the rows and columns its samples touch, where torchvision's
+    ``project_masks_on_boxes`` converts every mask whole; a loop over the proposals on the host."""
+    b, p = proposals.shape[:2]
+    device = proposals.device
+    out = torch.zeros((b, p, mask_size, mask_size), dtype=torch.float32, device=device)
+    matched = matched_idxs.to(device).long()
+    boxes = proposals.to(torch.float32)
+    valid = (torch.arange(p, device=device) < num_valid.to(device)[:, None]) & (matched >= 0)
+    valid &= (matched < gt_count.to(device)[:, None]) & torch.isfinite(boxes).all(-1)
+    for image in range(b):
+        members = valid[image].nonzero().squeeze(1)
+        if members.numel() == 0:
+            continue
+        height, width = gt_sizes[2 * image : 2 * image + 2]
+        x1, y1, x2, y2 = boxes[image, members].unbind(1)
+        # torchvision's roi_align at spatial scale 1, aligned=False: RoIs of at least 1 x 1 pixel,
+        # ceil(RoI / M) samples per bin on each axis.
+        roi_h, roi_w = (y2 - y1).clamp(min=1.0), (x2 - x1).clamp(min=1.0)
+        grid_h, grid_w = torch.ceil(roi_h / mask_size), torch.ceil(roi_w / mask_size)
+        rows = _axis_windows(y1, roi_h / mask_size, grid_h, mask_size, height)
+        cols = _axis_windows(x1, roi_w / mask_size, grid_w, mask_size, width)
+        planes = gt_masks[image]
+        targets = out.new_zeros((members.shape[0], mask_size, mask_size))
+        for j, mask in enumerate(matched[image, members].tolist()):
+            (row_weights, top, bottom), (col_weights, left, right) = rows[j], cols[j]
+            if bottom > top and right > left:
+                crop = planes[mask, top:bottom, left:right].to(torch.float32)
+                targets[j] = row_weights[:, : bottom - top] @ crop @ col_weights[:, : right - left].T
+        out[image, members] = targets / (grid_h * grid_w).clamp(min=1)[:, None, None]
+    return out
 
 
 def mask_loss_reference(logits, labels, targets, weights):
@@ -577,6 +631,8 @@ def mask_targets_op(
         pairs = [gt_sizes[i : i + 2] for i in range(0, len(gt_sizes), 2)]
         sizes = device_table(pairs, torch.int64, proposals.device)
         return mask_targets_triton(gt_masks, sizes, gt_count, proposals, matched_idxs, num_valid, mask_size)
+    if use_fast_cpu(proposals.device):
+        return mask_targets_cpu(gt_masks, gt_sizes, gt_count, proposals, matched_idxs, num_valid, mask_size)
     return mask_targets_reference(gt_masks, gt_sizes, gt_count, proposals, matched_idxs, num_valid, mask_size)
 
 

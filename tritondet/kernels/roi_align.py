@@ -217,6 +217,33 @@ def axis_weights(coord, size):
 
 
 @triton.jit
+def bin_sample_sums(
+    plane, mask, origin_y, first_y, span_y, bin_h, grid_h, origin_x, first_x, span_x, bin_w, grid_w,
+    H, W, stride_h, stride_w, compute_dtype: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+):  # fmt: skip
+    """``[BLOCK_C, BLOCK_P]``: the sum of each bin's bilinear samples (RoIAlign's forward before the
+    division by the sample count, torchvision's positions and order of operations), read at the
+    pointers ``plane`` (``[BLOCK_C, BLOCK_P]`` or broadcastable) plus each tap's row and column
+    offset, on the lanes of ``mask``; only the samples of each bin's span are visited
+    (:func:`bin_spans`: bounded by the map, not by the RoI)."""
+    acc = tl.zeros((BLOCK_C, BLOCK_P), dtype=compute_dtype)
+    for dy in range(tl.max(span_y, 0)):
+        row_low, row_high, wy_low, wy_high, y_in = sample_taps(
+            dy, first_y, span_y, origin_y, bin_h, grid_h, H, stride_h
+        )
+        for dx in range(tl.max(span_x, 0)):
+            col_low, col_high, wx_low, wx_high, x_in = sample_taps(
+                dx, first_x, span_x, origin_x, bin_w, grid_w, W, stride_w
+            )
+            acc += bilinear_sample(
+                plane, row_low[None, :], row_high[None, :], col_low[None, :], col_high[None, :],
+                wy_low[None, :], wy_high[None, :], wx_low[None, :], wx_high[None, :],
+                mask & (y_in & x_in)[None, :], compute_dtype,
+            )  # fmt: skip
+    return acc
+
+
+@triton.jit
 def _pooled_bins(
     rois_ptr, geometry_ptr, scales_ptr, level_areas_ptr, ptr0, ptr1, ptr2, ptr3, ptr4,
     N, C, PH, PW, stride_rk, stride_rc, sampling_ratio, aligned,
@@ -293,20 +320,10 @@ def _roi_align_fwd_kernel(
         N, C, PH, PW, stride_rk, stride_rc, sampling_ratio, aligned,
         2, COMPUTE_FP64, POSITION_SENSITIVE, BLOCK_C, BLOCK_P,
     )  # fmt: skip
-    acc = tl.zeros((BLOCK_C, BLOCK_P), dtype=compute_dtype)
-    for dy in range(tl.max(span_y, 0)):
-        row_low, row_high, wy_low, wy_high, y_in = sample_taps(
-            dy, first_y, span_y, origin_y, bin_h, grid_h, H, stride_h
-        )
-        for dx in range(tl.max(span_x, 0)):
-            col_low, col_high, wx_low, wx_high, x_in = sample_taps(
-                dx, first_x, span_x, origin_x, bin_w, grid_w, W, stride_w
-            )
-            acc += bilinear_sample(
-                plane, row_low[None, :], row_high[None, :], col_low[None, :], col_high[None, :],
-                wy_low[None, :], wy_high[None, :], wx_low[None, :], wx_high[None, :],
-                mask_cp & (y_in & x_in)[None, :], compute_dtype,
-            )  # fmt: skip
+    acc = bin_sample_sums(
+        plane, mask_cp, origin_y, first_y, span_y, bin_h, grid_h, origin_x, first_x, span_x, bin_w, grid_w,
+        H, W, stride_h, stride_w, compute_dtype, BLOCK_C, BLOCK_P,
+    )  # fmt: skip
     acc = ieee_div(acc, count)
     tl.store(out_ptr + out_offsets, acc.to(out_ptr.dtype.element_ty), mask=mask_cp)
 
@@ -730,6 +747,34 @@ def _axis_taps(coord: torch.Tensor, size: torch.Tensor, used: torch.Tensor):
     return torch.stack([low, high], -1).to(torch.int64), torch.stack([w_low, w_high], -1)
 
 
+def axis_samples(
+    first: torch.Tensor, bin_size: torch.Tensor, extent: torch.Tensor, samples: int, bins: int, adaptive: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One axis of RoIAlign's samples for G RoIs of ``samples`` samples per bin: ``first [G]`` (the
+    RoI's start in map pixels), ``bin_size [G]``, ``extent [G]`` (the map's size on this axis) ->
+    (map rows ``[G, bins, T, taps]`` int64, their bilinear weights, summed over the bin's samples
+    for an ``adaptive`` grid of 3 or more samples). Sample positions follow torchvision's formula in
+    its order of operations."""
+    device, compute_dtype = first.device, first.dtype
+    i = torch.arange(samples, device=device, dtype=compute_dtype)
+    p = torch.arange(bins, device=device, dtype=compute_dtype)
+    bin_size = bin_size[:, None, None]
+    coord = first[:, None, None] + p[:, None] * bin_size + ((i + 0.5) * bin_size) / samples
+    used = torch.ones_like(coord, dtype=torch.bool)
+    taps, tap_weights = _axis_taps(coord, extent[:, None, None], used)  # [G, bins, samples, 2]
+    if not adaptive or samples < 3:
+        return taps, tap_weights
+    # Adaptive grids sample about once per pixel, so the 2 * samples taps of a bin hit at
+    # most samples + 2 consecutive rows: sum them into that window (fewer matrix entries).
+    window = samples + 2
+    first_tap = taps[:, :, :1, :1]
+    # Out-of-map samples have weight 0, so clamping their position is harmless.
+    relative = (taps - first_tap).clamp(0, window - 1).flatten(2)
+    dense = tap_weights.new_zeros(*taps.shape[:2], window).scatter_add_(2, relative, tap_weights.flatten(2))
+    rows = (first_tap[..., 0] + torch.arange(window, device=device)).clamp(max=extent[:, None, None] - 1)
+    return rows[..., None], dense[..., None]  # [G, bins, window, 1]
+
+
 def _csr(crow, columns, values, size) -> torch.Tensor:
     """A CSR tensor without invariant checks (rows are built in order) or the beta warning."""
     with warnings.catch_warnings():
@@ -793,27 +838,9 @@ def _sampling_matrix(
         start += size
         gh, gw = int(grid_h[members[0]]), int(grid_w[members[0]])
 
-        def axis(first, bin_size, samples, bins, extent, members=members):
-            i = torch.arange(samples, device=device, dtype=compute_dtype)
-            p = torch.arange(bins, device=device, dtype=compute_dtype)
-            bin_size = bin_size[members, None, None]
-            coord = first[members, None, None] + p[:, None] * bin_size + ((i + 0.5) * bin_size) / samples
-            used = torch.ones_like(coord, dtype=torch.bool)
-            taps, tap_weights = _axis_taps(coord, extent[members, None, None], used)  # [G, bins, samples, 2]
-            if sampling_ratio > 0 or samples < 3:
-                return taps, tap_weights
-            # Adaptive grids sample about once per pixel, so the 2 * samples taps of a bin hit at
-            # most samples + 2 consecutive rows: sum them into that window (fewer matrix entries).
-            window = samples + 2
-            first = taps[:, :, :1, :1]
-            # Out-of-map samples have weight 0, so clamping their position is harmless.
-            relative = (taps - first).clamp(0, window - 1).flatten(2)
-            dense = tap_weights.new_zeros(*taps.shape[:2], window).scatter_add_(2, relative, tap_weights.flatten(2))
-            rows = (first[..., 0] + torch.arange(window, device=device)).clamp(max=extent[members, None, None] - 1)
-            return rows[..., None], dense[..., None]  # [G, bins, window, 1]
-
-        y_taps, y_weights = axis(start_h, bin_h, gh, ph_count, heights)
-        x_taps, x_weights = axis(start_w, bin_w, gw, pw_count, widths)
+        adaptive = sampling_ratio <= 0
+        y_taps, y_weights = axis_samples(start_h[members], bin_h[members], heights[members], gh, ph_count, adaptive)
+        x_taps, x_weights = axis_samples(start_w[members], bin_w[members], widths[members], gw, pw_count, adaptive)
         row_offset = (y_taps * widths[members, None, None, None])[:, :, None, :, None, :, None]
         group_columns = image_start[members, None, None, None, None, None, None] + row_offset
         group_columns = group_columns + x_taps[:, None, :, None, :, None, :]  # [G, PH, PW, gh, gw, 2, 2] (or windows)

@@ -1,7 +1,7 @@
 """What the post-processing stages cost on the host, ours against torchvision's, counted exactly.
 
-Two stages, bounded the same way on both sides (everything before a stage runs unmeasured, on the
-same images, through each model's own transform, backbone and heads):
+Two stages (three for a Mask R-CNN), bounded the same way on both sides (everything before a stage
+runs unmeasured, on the same images, through each model's own transform, backbone and heads):
 
 - **RPN proposals**: from the RPN head's per-level outputs (objectness logits ``L x [B, A, H, W]``,
   deltas ``L x [B, 4A, H, W]``) and the image sizes to the proposals of every image. Ours:
@@ -19,6 +19,15 @@ same images, through each model's own transform, backbone and heads):
   ``roi_heads.postprocess_detections`` (decode, softmax, then per image: clip, score threshold,
   ``remove_small_boxes``, ``batched_nms``, top D). Neither side's rescaling to the original image
   sizes (``transform.postprocess``) is included.
+- **Mask branch** (Mask R-CNN only): from the features and the detections (boxes in the resized
+  images' coordinates, labels) to every detection's mask pasted into its resized image. Ours:
+  ``model.roi_heads.mask_probabilities`` (``ops.MultiScaleRoIAlign``, the mask head and predictor,
+  the label's map through a sigmoid; padded ``[B, D, M, M]``) and ``model.paste_padded``
+  (:func:`tritondet.ops.paste_masks_padded`, thresholded, one launch), as ``forward_padded``.
+  torchvision's: what ``RoIHeads.forward`` does for masks at inference (``mask_roi_pool``,
+  ``mask_head``, ``mask_predictor``, ``maskrcnn_inference``) and the ``paste_masks_in_image`` of
+  ``transform.postprocess`` per image (a Python loop over the detections, with host reads of every
+  box), at the resized size: as above, the boxes' rescaling is left out on both sides.
 
 Counts (:class:`tritondet.measure.dispatch_audit.Costs`): all ATen ops (and net of the Triton
 interpreter's argument copies, which a GPU launch does not make), device launches (Triton launches
@@ -46,19 +55,23 @@ import dataclasses
 
 import torch
 from torch import Tensor, nn
+from torchvision.models.detection import transform
+from torchvision.models.detection.roi_heads import maskrcnn_inference
 from torchvision.models.detection.rpn import concat_box_prediction_layers
 
 from ..detector.backbone import feature_strides
 from ..detector.faster_rcnn import FasterRCNN
+from ..detector.mask_rcnn import MaskRCNN
 from .dispatch_audit import Costs, measure_costs
 
 
 @dataclasses.dataclass
 class StageCosts:
-    """The costs of the two post-processing stages of one detector on one batch."""
+    """The costs of the post-processing stages of one detector on one batch."""
 
     rpn: Costs  # RPN proposals: head outputs (+ anchors) -> proposals
     roi: Costs  # RoI post-processing: class logits, box regression, proposals -> detections
+    mask: Costs | None = None  # mask branch: features, detections -> pasted masks (a Mask R-CNN's only)
 
 
 def _check_inference(model: nn.Module, images) -> None:
@@ -69,7 +82,8 @@ def _check_inference(model: nn.Module, images) -> None:
 
 
 def post_processing_costs(model: FasterRCNN, images: list[Tensor]) -> StageCosts:
-    """The costs of our ``model``'s RPN proposal stage and RoI post-processing on ``images`` (a
+    """The costs of our ``model``'s RPN proposal stage, RoI post-processing and, for a
+    :class:`~tritondet.detector.MaskRCNN`, mask branch on ``images`` (a
     list of ``[3, H, W]`` tensors, resized and batched by ``model.transform`` as ``model(images)``
     does). On the backend ops choose for the images' device (:mod:`tritondet._backend`)."""
     _check_inference(model, images)
@@ -86,13 +100,20 @@ def post_processing_costs(model: FasterRCNN, images: list[Tensor]) -> StageCosts
             proposals, num_valid = model.rpn.proposals(objectness, deltas, image_sizes, strides)
         class_logits, box_regression = model.roi_heads.predict(model.roi_heads.pool(features, proposals, shapes))
         with measure_costs() as roi:
-            model.roi_heads.postprocess(class_logits, box_regression, proposals, num_valid, image_sizes)
-    return StageCosts(rpn, roi)
+            boxes, _, labels, num_valid = model.roi_heads.postprocess(
+                class_logits, box_regression, proposals, num_valid, image_sizes
+            )
+        mask = None
+        if isinstance(model, MaskRCNN):
+            with measure_costs() as mask:
+                masks = model.roi_heads.mask_probabilities(features, boxes, labels, shapes)
+                model.paste_padded(masks, boxes, num_valid, image_sizes, tuple(padded.shape[-2:]))
+    return StageCosts(rpn, roi, mask)
 
 
 def torchvision_post_processing_costs(model: nn.Module, images: list[Tensor]) -> StageCosts:
-    """The same two stages of a torchvision ``FasterRCNN`` (e.g. ``fasterrcnn_resnet50_fpn``) on
-    ``images``, bounded as in this module's docstring."""
+    """The same stages of a torchvision ``FasterRCNN`` (e.g. ``fasterrcnn_resnet50_fpn``) or
+    ``MaskRCNN`` (the mask branch too) on ``images``, bounded as in this module's docstring."""
     _check_inference(model, images)
     rpn, heads = model.rpn, model.roi_heads
     with torch.no_grad():
@@ -110,5 +131,15 @@ def torchvision_post_processing_costs(model: nn.Module, images: list[Tensor]) ->
         pooled = heads.box_roi_pool(features, proposals, image_list.image_sizes)
         class_logits, box_regression = heads.box_predictor(heads.box_head(pooled))
         with measure_costs() as roi_costs:
-            heads.postprocess_detections(class_logits, box_regression, proposals, image_list.image_sizes)
-    return StageCosts(rpn_costs, roi_costs)
+            boxes, _, labels = heads.postprocess_detections(
+                class_logits, box_regression, proposals, image_list.image_sizes
+            )
+        mask_costs = None
+        if heads.has_mask():
+            with measure_costs() as mask_costs:
+                # RoIHeads.forward's mask branch at inference, then transform.postprocess's pasting.
+                pooled = heads.mask_roi_pool(features, boxes, image_list.image_sizes)
+                masks = maskrcnn_inference(heads.mask_predictor(heads.mask_head(pooled)), labels)
+                for image_masks, image_boxes, size in zip(masks, boxes, image_list.image_sizes, strict=True):
+                    transform.paste_masks_in_image(image_masks, image_boxes, size)
+    return StageCosts(rpn_costs, roi_costs, mask_costs)
