@@ -17,12 +17,11 @@ import torch
 import torchvision  # noqa: F401  (registers the torchvision:: ops being overridden)
 
 from . import _backend
+from .kernels._common import SINGLE_LEVEL_MAPPER
 from .ops import _checks
 from .ops.nms import check_nms_inputs
 
 _library: torch.library.Library | None = None
-# (k_min, canonical_scale, canonical_level) of a single-level roi_align: no level assignment.
-_SINGLE_LEVEL = (0, 224.0, 4.0)
 
 
 def _nms(dets: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:
@@ -40,7 +39,7 @@ def _check_roi_batch_indices(input: torch.Tensor, rois: torch.Tensor) -> None:
 def _roi_align(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned):
     _check_roi_batch_indices(input, rois)
     return torch.ops.tritondet.roi_align(
-        [input], rois, [spatial_scale], pooled_height, pooled_width, sampling_ratio, aligned, *_SINGLE_LEVEL
+        [input], rois, [spatial_scale], pooled_height, pooled_width, sampling_ratio, aligned, *SINGLE_LEVEL_MAPPER
     )
 
 
@@ -50,7 +49,15 @@ def _roi_align_backward(
     # Only the input's shape is needed: an uninitialized stand-in carries it.
     like_input = grad.new_empty((batch_size, channels, height, width))
     (grad_input,) = torch.ops.tritondet.roi_align_backward(
-        grad, [like_input], rois, [spatial_scale], pooled_height, pooled_width, sampling_ratio, aligned, *_SINGLE_LEVEL
+        grad,
+        [like_input],
+        rois,
+        [spatial_scale],
+        pooled_height,
+        pooled_width,
+        sampling_ratio,
+        aligned,
+        *SINGLE_LEVEL_MAPPER,
     )
     return grad_input
 

@@ -34,6 +34,7 @@ from ._aot import KernelSpec
 from ._common import (
     NO_FP_FUSION,
     NUM_WARPS,
+    SINGLE_LEVEL_MAPPER,
     compute_dtype_of,
     ieee_div,
     level_area_thresholds,
@@ -848,7 +849,7 @@ def roi_align_reference(
     output_size: tuple[int, int],
     sampling_ratio: int,
     aligned: bool,
-    mapper: tuple[int, float, float] = (0, 224.0, 4.0),
+    mapper: tuple[int, float, float] = SINGLE_LEVEL_MAPPER,
 ) -> torch.Tensor:
     """``L x [N, C, H_l, W_l], [K, 5] -> [K, C, PH, PW]`` contiguous, in the features' dtype."""
     first = features[0]
@@ -870,7 +871,7 @@ def roi_align_backward_reference(
     output_size: tuple[int, int],
     sampling_ratio: int,
     aligned: bool,
-    mapper: tuple[int, float, float] = (0, 224.0, 4.0),
+    mapper: tuple[int, float, float] = SINGLE_LEVEL_MAPPER,
 ) -> list[torch.Tensor]:
     """The transpose of :func:`roi_align_reference` applied to ``grad`` ``[K, C, PH, PW]``."""
     compute_dtype = compute_dtype_of(features[0].dtype)
@@ -924,7 +925,7 @@ def roi_align_cpu(
     output_size: tuple[int, int],
     sampling_ratio: int,
     aligned: bool,
-    mapper: tuple[int, float, float] = (0, 224.0, 4.0),
+    mapper: tuple[int, float, float] = SINGLE_LEVEL_MAPPER,
 ) -> torch.Tensor:
     """``L x [N, C, H_l, W_l], [K, 5] -> [K, C, PH, PW]`` contiguous, in the features' dtype.
     torchvision's kernel reads the RoIs unchecked: callers pass only :func:`torchvision_reads` ones."""
@@ -955,7 +956,7 @@ def roi_align_backward_cpu(
     output_size: tuple[int, int],
     sampling_ratio: int,
     aligned: bool,
-    mapper: tuple[int, float, float] = (0, 224.0, 4.0),
+    mapper: tuple[int, float, float] = SINGLE_LEVEL_MAPPER,
 ) -> list[torch.Tensor]:
     """The gradient of :func:`roi_align_cpu` for ``grad`` ``[K, C, PH, PW]``, level by level."""
     grads = []
@@ -1097,7 +1098,7 @@ def ps_roi_align_op(
     if no_pixels(input):
         return input.new_zeros((rois.shape[0], input.shape[1] // (pooled_height * pooled_width), *size))
     if use_triton(rois.device):
-        return roi_align_triton([input], rois, [spatial_scale], size, sampling_ratio, True, (0, 224.0, 4.0), True)
+        return roi_align_triton([input], rois, [spatial_scale], size, sampling_ratio, True, SINGLE_LEVEL_MAPPER, True)
     if use_fast_cpu(rois.device) and torchvision_reads(rois, input.shape[0]):
         return ps_roi_align_cpu(input, rois, spatial_scale, size, sampling_ratio)
     return ps_roi_align_reference(input, rois, spatial_scale, size, sampling_ratio).contiguous()
@@ -1124,7 +1125,7 @@ def ps_roi_align_backward_op(
     if no_pixels(input):
         return torch.zeros_like(input)
     if use_triton(rois.device):
-        args = ([spatial_scale], size, sampling_ratio, True, (0, 224.0, 4.0), True)
+        args = ([spatial_scale], size, sampling_ratio, True, SINGLE_LEVEL_MAPPER, True)
         return roi_align_backward_triton(grad, [input], rois, *args)[0]
     if use_fast_cpu(rois.device) and torchvision_reads(rois, input.shape[0]):
         channels = _diagonal_index(grad.shape[1], *size, grad.device)[0]
