@@ -23,6 +23,7 @@ import torchvision  # registers the torchvision:: ops being overridden
 from torchvision.models.detection import roi_heads, transform
 
 from . import _backend
+from .kernels._common import SINGLE_LEVEL_MAPPER
 from .ops import _checks
 from .ops.masks import paste_masks_in_image
 from .ops.nms import check_nms_inputs
@@ -33,8 +34,6 @@ PASTE_MODULES = (roi_heads, transform)
 # While patched: torchvision's own paste_masks_in_image and the patched device types ("cuda", "cpu").
 _torchvision_paste = None
 _paste_devices: tuple[str, ...] = ()
-# (k_min, canonical_scale, canonical_level) of a single-level roi_align: no level assignment.
-_SINGLE_LEVEL = (0, 224.0, 4.0)
 
 
 def _nms(dets: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:
@@ -52,7 +51,7 @@ def _check_roi_batch_indices(input: torch.Tensor, rois: torch.Tensor) -> None:
 def _roi_align(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned):
     _check_roi_batch_indices(input, rois)
     return torch.ops.tritondet.roi_align(
-        [input], rois, [spatial_scale], pooled_height, pooled_width, sampling_ratio, aligned, *_SINGLE_LEVEL
+        [input], rois, [spatial_scale], pooled_height, pooled_width, sampling_ratio, aligned, *SINGLE_LEVEL_MAPPER
     )
 
 
@@ -62,7 +61,15 @@ def _roi_align_backward(
     # Only the input's shape is needed: an uninitialized stand-in carries it.
     like_input = grad.new_empty((batch_size, channels, height, width))
     (grad_input,) = torch.ops.tritondet.roi_align_backward(
-        grad, [like_input], rois, [spatial_scale], pooled_height, pooled_width, sampling_ratio, aligned, *_SINGLE_LEVEL
+        grad,
+        [like_input],
+        rois,
+        [spatial_scale],
+        pooled_height,
+        pooled_width,
+        sampling_ratio,
+        aligned,
+        *SINGLE_LEVEL_MAPPER,
     )
     return grad_input
 

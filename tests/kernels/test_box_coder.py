@@ -178,3 +178,22 @@ def test_bad_input(device):
         ops.decode_boxes(torch.zeros(2, 4, device=device), boxes, RPN_WEIGHTS)
     with pytest.raises(TypeError, match="reference_boxes"):
         ops.encode_boxes(boxes.long(), boxes, RPN_WEIGHTS)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("weights", [*WEIGHTS, (2.0, 1.0, 1.0, 0.5)])
+def test_fast_cpu_path_is_the_reference_bit_for_bit(monkeypatch, dtype, weights):
+    """The fast CPU path's in-place passes (and skipped unit weights) change no bit, non-finite
+    and degenerate boxes and deltas included."""
+    monkeypatch.setenv("TRITONDET_BACKEND", "cpu")
+    gt, anchors = _pair(200, 11)
+    anchors[:3] = torch.tensor([[5.0, 5.0, 5.0, 9.0], [1.0, 1.0, 0.0, 0.0], [0.0, 0.0, float("inf"), 2.0]])
+    gt[3, 1] = float("nan")
+    deltas = torch.randn(200, 8, generator=torch.Generator().manual_seed(12)) * 3
+    deltas[4, 2], deltas[5, 1] = float("inf"), float("nan")
+    gt, anchors, deltas = gt.to(dtype), anchors.to(dtype), deltas.to(dtype)
+    encoded = torch.ops.tritondet.encode_boxes(gt, anchors, list(weights))
+    decoded = torch.ops.tritondet.decode_boxes(deltas, anchors, list(weights), math.log(1000.0 / 16))
+    torch.testing.assert_close(encoded, encode_reference(gt, anchors, list(weights)), rtol=0, atol=0, equal_nan=True)
+    expected = decode_reference(deltas, anchors, list(weights), math.log(1000.0 / 16))
+    torch.testing.assert_close(decoded, expected, rtol=0, atol=0, equal_nan=True)

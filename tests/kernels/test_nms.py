@@ -44,6 +44,17 @@ def test_nms_matches_torchvision(backend, device, n, iou_threshold):
         assert torch.equal(keep.cpu(), nms_loops.greedy_nms(boxes.cpu(), scores.cpu(), iou_threshold))
 
 
+@pytest.mark.parametrize("iou_threshold", [0.0, 0.5, 0.7, 1.0])
+def test_blocked_cpu_nms_matches_torchvision(monkeypatch, iou_threshold):
+    """From 1500 boxes the fast CPU path runs the blocked NMS: torchvision's decisions, identical,
+    degenerate, huge and non-finite boxes among them."""
+    monkeypatch.setenv("TRITONDET_BACKEND", "cpu")
+    boxes, scores = random_set(1600, seed=3)
+    boxes[::40] = special_boxes().repeat(4, 1)[:40]
+    boxes[7, 2], boxes[11, 0] = float("nan"), float("inf")
+    assert torch.equal(ops.nms(boxes, scores, iou_threshold), torchvision.ops.nms(boxes, scores, iou_threshold))
+
+
 @pytest.mark.parametrize("n", [0, 1, 2, 63, 64, 65, 1000])
 @pytest.mark.parametrize("num_classes", [1, 3, 80])
 def test_batched_nms_matches_torchvision(backend, device, n, num_classes):

@@ -332,3 +332,27 @@ def test_target_dtypes(backend, device, dtype):
     labels = torch.tensor([[1, 2, 3]], device=device)
     proposals = ops.proposal_targets(anchors[None], gt_boxes, labels, gt_count, 4, batch_size_per_image=32)
     assert proposals.proposals.dtype == proposals.regression_targets.dtype == expected_dtype
+
+
+def test_proposal_targets_fast_cpu_path_is_the_reference(monkeypatch):
+    """The fast CPU path's class rows (zeros with one row scattered per slot) and matching are the
+    reference's, with the same sampler draws."""
+    generator = torch.Generator().manual_seed(14)
+    gt_boxes = random_boxes(6, generator=generator, batch=(2,))
+    proposals = torch.cat([gt_boxes.repeat(1, 20, 1) + 2.0, random_boxes(80, generator=generator, batch=(2,))], 1)
+    gt_labels = torch.randint(1, 7, (2, 6), generator=generator)
+    results = {}
+    for name in ("reference", "cpu"):
+        monkeypatch.setenv("TRITONDET_BACKEND", name)
+        results[name] = ops.proposal_targets(
+            proposals,
+            gt_boxes,
+            gt_labels,
+            [6, 3],
+            7,
+            batch_size_per_image=64,
+            generator=torch.Generator().manual_seed(0),
+        )
+    for ours, reference in zip(results["cpu"], results["reference"], strict=True):
+        assert ours.dtype == reference.dtype and ours.shape == reference.shape
+        torch.testing.assert_close(ours, reference, rtol=0, atol=0)

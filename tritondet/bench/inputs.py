@@ -1,6 +1,9 @@
 """Inputs shared by the benchmark cases and the tests: box sets, torchvision's detector twin, the parity check.
 
 - :func:`random_boxes`, :func:`special_boxes`: random, degenerate and adversarial xyxy box sets;
+  ``random_boxes(n, scale=IMAGE_SCALE)``: boxes spread over an 800x1333 image, as anchors,
+  proposals and ground truth are;
+- :func:`proposal_like_boxes`: boxes of 16 to ~400 px inside an image, small ones the likelier;
 - :func:`torchvision_twin`: torchvision's ``FasterRCNN`` built from one of our configurations with
   random weights (``FasterRCNN.from_torchvision`` then gives ours the same weights);
 - :func:`assert_same_detections`: our detections against torchvision's, within the parity bounds.
@@ -17,12 +20,23 @@ from ..detector.config import tiny
 
 # Detector parity bounds: box corners in pixels at image scale, scores as probabilities.
 BOX_ATOL, SCORE_ATOL = 1e-3, 1e-4
+# random_boxes' scale for boxes spread over an 800x1333 image (corners and sides up to 600 px).
+IMAGE_SCALE = 600.0
 
 
 def random_boxes(n: int, *, scale: float = 100.0, generator: torch.Generator | None = None, batch=()) -> torch.Tensor:
     """``[*batch, n, 4]`` valid xyxy boxes (x1 < x2, y1 < y2) in fp32 inside ``[0, 2 * scale]``."""
     corner = torch.rand(*batch, n, 2, generator=generator) * scale
     size = torch.rand(*batch, n, 2, generator=generator) * scale + scale * 1e-3
+    return torch.cat([corner, corner + size], dim=-1)
+
+
+def proposal_like_boxes(*shape: int, height: int, width: int, generator: torch.Generator) -> torch.Tensor:
+    """``[*shape, 4]`` proposal-like xyxy boxes in fp32 inside a ``height x width`` image: a corner
+    in its first 80%, sides of 16 px plus up to half the shorter side (~400 px at 800x1333), small
+    ones the likelier (so that boxes overlap and suppress each other as proposals do)."""
+    corner = torch.rand(*shape, 2, generator=generator) * torch.tensor([width * 0.8, height * 0.8])
+    size = 16 + torch.rand(*shape, 2, generator=generator) ** 2 * (min(height, width) * 0.5)
     return torch.cat([corner, corner + size], dim=-1)
 
 

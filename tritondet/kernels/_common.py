@@ -33,6 +33,9 @@ MAX_LEVELS = 5
 _LEVEL_BOUNDARIES = tl.constexpr(MAX_LEVELS - 1)
 # torchvision's LevelMapper epsilon.
 LEVEL_EPS = 1e-6
+# The level mapper (k_min, canonical_scale, canonical_level) of a single-level RoIAlign: one map,
+# so no level is assigned (the scale and level are torchvision's LevelMapper defaults, never read).
+SINGLE_LEVEL_MAPPER = (0, 224.0, 4.0)
 
 
 def compute_dtype_of(dtype: torch.dtype) -> torch.dtype:

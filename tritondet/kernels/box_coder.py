@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._backend import use_triton
+from .._backend import use_fast_cpu, use_triton
 from ._aot import KernelSpec
 from ._common import NUM_WARPS, compute_dtype_of, ieee_div
 from ._launch import launch
@@ -279,6 +279,60 @@ def decode_reference(deltas: torch.Tensor, boxes: torch.Tensor, weights: list[fl
     return decoded.flatten(-2)
 
 
+def _scale_(values: torch.Tensor, factor: float) -> torch.Tensor:
+    """``values * factor`` in place; a factor of 1 is skipped (``x * 1`` is ``x`` to the bit)."""
+    return values if factor == 1.0 else values.mul_(factor)
+
+
+def _centre_size_cpu(boxes: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """:func:`_centre_size` of ``[N, 4]`` boxes, each a new ``[N]`` tensor, in fewer passes."""
+    width = boxes[:, 2] - boxes[:, 0]
+    height = boxes[:, 3] - boxes[:, 1]
+    return width.mul(0.5).add_(boxes[:, 0]), height.mul(0.5).add_(boxes[:, 1]), width, height
+
+
+def encode_cpu(reference_boxes: torch.Tensor, proposals: torch.Tensor, weights: list[float]) -> torch.Tensor:
+    """The fast CPU path of :func:`encode_reference`, ``[N, 4] x [N, 4] -> [N, 4]`` contiguous:
+    the same formulas in the same order, updated in place and written into the result's columns
+    (half the passes over memory), bit for bit the same values."""
+    compute_dtype = compute_dtype_of(reference_boxes.dtype)
+    wx, wy, ww, wh = weights
+    ex_ctr_x, ex_ctr_y, ex_w, ex_h = _centre_size_cpu(proposals.to(compute_dtype))
+    gt_ctr_x, gt_ctr_y, gt_w, gt_h = _centre_size_cpu(reference_boxes.to(compute_dtype))
+    out = torch.empty((ex_w.shape[0], 4), dtype=compute_dtype, device=ex_w.device)
+    torch.div(_scale_(gt_ctr_x.sub_(ex_ctr_x), wx), ex_w, out=out[:, 0])
+    torch.div(_scale_(gt_ctr_y.sub_(ex_ctr_y), wy), ex_h, out=out[:, 1])
+    _scale_(torch.log(gt_w.div_(ex_w), out=out[:, 2]), ww)
+    _scale_(torch.log(gt_h.div_(ex_h), out=out[:, 3]), wh)
+    return out
+
+
+def _unweighted(codes: torch.Tensor, weight: float) -> torch.Tensor:
+    """``codes / weight`` as a new tensor; a weight of 1 is skipped (``x / 1`` is ``x`` to the
+    bit): then ``codes`` itself, which the caller must not update in place."""
+    return codes / weight if weight != 1.0 else codes
+
+
+def decode_cpu(deltas: torch.Tensor, boxes: torch.Tensor, weights: list[float], clip: float) -> torch.Tensor:
+    """The fast CPU path of :func:`decode_reference`, ``[N, 4K] x [N, 4] -> [N, 4K]`` contiguous:
+    the same formulas in the same order, updated in place and written into the result's columns
+    (half the passes over memory), bit for bit the same values."""
+    compute_dtype = compute_dtype_of(deltas.dtype)
+    wx, wy, ww, wh = weights
+    codes = deltas.to(compute_dtype).unflatten(-1, (-1, 4))  # [N, K, 4]
+    ctr_x, ctr_y, width, height = (t[:, None] for t in _centre_size_cpu(boxes.to(compute_dtype)))
+    pred_ctr_x = torch.mul(_unweighted(codes[..., 0], wx), width).add_(ctr_x)
+    pred_ctr_y = torch.mul(_unweighted(codes[..., 1], wy), height).add_(ctr_y)
+    half_w = torch.clamp(_unweighted(codes[..., 2], ww), max=clip).exp_().mul_(width).mul_(0.5)
+    half_h = torch.clamp(_unweighted(codes[..., 3], wh), max=clip).exp_().mul_(height).mul_(0.5)
+    out = torch.empty(codes.shape, dtype=compute_dtype, device=codes.device)
+    torch.sub(pred_ctr_x, half_w, out=out[..., 0])
+    torch.sub(pred_ctr_y, half_h, out=out[..., 1])
+    torch.add(pred_ctr_x, half_w, out=out[..., 2])
+    torch.add(pred_ctr_y, half_h, out=out[..., 3])
+    return out.flatten(-2)
+
+
 # ----------------------------------------------------------------------------------------------
 # torch.library registration
 # ----------------------------------------------------------------------------------------------
@@ -289,6 +343,8 @@ def encode_boxes_op(reference_boxes: torch.Tensor, proposals: torch.Tensor, weig
     """``[N, 4] x [N, 4] -> [N, 4]`` (fp32, or fp64 for fp64 boxes)."""
     if use_triton(reference_boxes.device):
         return encode_triton(reference_boxes, proposals, weights)
+    if use_fast_cpu(reference_boxes.device):
+        return encode_cpu(reference_boxes, proposals, weights)
     return encode_reference(reference_boxes, proposals, weights).contiguous()
 
 
@@ -319,6 +375,8 @@ def decode_boxes_op(deltas: torch.Tensor, boxes: torch.Tensor, weights: list[flo
     """``[N, 4K] x [N, 4] -> [N, 4K]`` (fp32, or fp64 for fp64 deltas)."""
     if use_triton(deltas.device):
         return decode_triton(deltas, boxes, weights, clip)
+    if use_fast_cpu(deltas.device):
+        return decode_cpu(deltas, boxes, weights, clip)
     return decode_reference(deltas, boxes, weights, clip).contiguous()
 
 

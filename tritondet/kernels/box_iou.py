@@ -291,17 +291,26 @@ def pairwise_iou_reference(
     return diou - alpha * v
 
 
-def pairwise_iou_cpu(boxes1: torch.Tensor, boxes2: torch.Tensor, fmt: str) -> torch.Tensor:
-    """The fast CPU path of the plain IoU, ``[..., N, 4] x [..., M, 4] -> [..., N, M]``: the
-    reference's formulas in the reference's order on ``[..., N, M]`` temporaries updated in place
-    (half the passes over memory: about twice as fast on the CPU), bit for bit the same values."""
+def pairwise_iou_cpu(boxes1: torch.Tensor, boxes2: torch.Tensor, kind: str, fmt: str) -> torch.Tensor:
+    """The fast CPU path of the plain and the generalized IoU (``kind`` "iou" or "giou"),
+    ``[..., N, 4] x [..., M, 4] -> [..., N, M]``: the reference's formulas in the reference's order
+    on ``[..., N, M]`` temporaries updated in place (half the passes over memory), from contiguous
+    coordinate planes (the broadcast operands of every pass contiguous, so vectorized: 3 to 6 times
+    faster than from the strided columns of the boxes), bit for bit the same values."""
     boxes1, boxes2 = _upcast(boxes1), _upcast(boxes2)
-    ax1, ay1, ax2, ay2 = (c.unsqueeze(-1) for c in _to_corners(boxes1, fmt).unbind(-1))
-    bx1, by1, bx2, by2 = (c.unsqueeze(-2) for c in _to_corners(boxes2, fmt).unbind(-1))
+    ax1, ay1, ax2, ay2 = (c.unsqueeze(-1) for c in _to_corners(boxes1, fmt).movedim(-1, 0).contiguous())
+    bx1, by1, bx2, by2 = (c.unsqueeze(-2) for c in _to_corners(boxes2, fmt).movedim(-1, 0).contiguous())
     width = torch.minimum(ax2, bx2).sub_(torch.maximum(ax1, bx1)).clamp_(min=0)
     inter = torch.minimum(ay2, by2).sub_(torch.maximum(ay1, by1)).clamp_(min=0).mul_(width)
     union = (_area(boxes1, fmt).unsqueeze(-1) + _area(boxes2, fmt).unsqueeze(-2)).sub_(inter)
-    return inter.div_(union)
+    iou = inter.div_(union)
+    if kind == "iou":
+        return iou
+    # iou - (hull_area - union) / hull_area, the hull of the corners (the boxes themselves: the
+    # generalized IoU takes xyxy boxes only).
+    hull_area = torch.maximum(ax2, bx2).sub_(torch.minimum(ax1, bx1)).clamp_(min=0)
+    hull_area.mul_(torch.maximum(ay2, by2).sub_(torch.minimum(ay1, by1)).clamp_(min=0))
+    return iou.sub_(torch.sub(hull_area, union, out=union).div_(hull_area))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -314,8 +323,8 @@ def pairwise_box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor, kind: str, fmt:
     """``[B, N, 4] x [B, M, 4] -> [B, N, M]`` (fp32, or fp64 for fp64 boxes)."""
     if use_triton(boxes1.device):
         return pairwise_iou_triton(boxes1, boxes2, kind, fmt, eps)
-    if kind == "iou" and use_fast_cpu(boxes1.device):
-        return pairwise_iou_cpu(boxes1, boxes2, fmt)
+    if kind in ("iou", "giou") and use_fast_cpu(boxes1.device):
+        return pairwise_iou_cpu(boxes1, boxes2, kind, fmt)
     return pairwise_iou_reference(boxes1, boxes2, kind, fmt, eps).contiguous()
 
 

@@ -344,7 +344,7 @@ def match_boxes_cpu(
     for image, count in enumerate(gt_count.tolist()):
         if count > 0:
             image_anchors = anchors[min(image, anchors.shape[0] - 1)]
-            iou = pairwise_iou_cpu(gt_boxes[image, :count], image_anchors, "xyxy")[None]  # [1, G_image, A]
+            iou = pairwise_iou_cpu(gt_boxes[image, :count], image_anchors, "iou", "xyxy")[None]  # [1, G_image, A]
             valid = torch.ones((1, count), dtype=torch.bool, device=anchors.device)
             matched[image] = _matches_from_iou(iou, valid, high, low, floor, allow_low_quality_matches)[0]
     return matched

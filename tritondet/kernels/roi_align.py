@@ -34,6 +34,7 @@ from ._aot import KernelSpec
 from ._common import (
     NO_FP_FUSION,
     NUM_WARPS,
+    SINGLE_LEVEL_MAPPER,
     compute_dtype_of,
     ieee_div,
     level_area_thresholds,
@@ -893,7 +894,7 @@ def roi_align_reference(
     output_size: tuple[int, int],
     sampling_ratio: int,
     aligned: bool,
-    mapper: tuple[int, float, float] = (0, 224.0, 4.0),
+    mapper: tuple[int, float, float] = SINGLE_LEVEL_MAPPER,
 ) -> torch.Tensor:
     """``L x [N, C, H_l, W_l], [K, 5] -> [K, C, PH, PW]`` contiguous, in the features' dtype."""
     first = features[0]
@@ -915,7 +916,7 @@ def roi_align_backward_reference(
     output_size: tuple[int, int],
     sampling_ratio: int,
     aligned: bool,
-    mapper: tuple[int, float, float] = (0, 224.0, 4.0),
+    mapper: tuple[int, float, float] = SINGLE_LEVEL_MAPPER,
 ) -> list[torch.Tensor]:
     """The transpose of :func:`roi_align_reference` applied to ``grad`` ``[K, C, PH, PW]``."""
     compute_dtype = compute_dtype_of(features[0].dtype)
@@ -926,11 +927,25 @@ def roi_align_backward_reference(
     grads, start = [], 0
     for f in features:
         n, _, h, w = f.shape
-        block = pixel_grads[start : start + n * h * w].reshape(n, h, w, c).permute(0, 3, 1, 2)
-        # copy=True: each level's gradient in its own storage (a custom op's outputs must not alias).
-        grads.append(block.to(f.dtype, copy=True))
+        # Each level's gradient in its own storage (a custom op's outputs must not alias).
+        grads.append(_map_from_rows(pixel_grads[start : start + n * h * w], f))
         start += n * h * w
     return grads
+
+
+def _map_from_rows(rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``[N * H * W, C]`` pixel rows -> a new ``[N, C, H, W]`` map in ``like``'s dtype and memory
+    format (autograd then keeps it as the gradient without another copy). Into an NCHW map image
+    by image as a 2-D transposed copy, which PyTorch tiles: twice as fast as the 4-D permuted copy
+    at 256 x 200 x 336."""
+    n, c, h, w = like.shape
+    out = torch.empty_like(like)
+    if out.is_contiguous():
+        for image in range(n):
+            out[image].view(c, h * w).copy_(rows[image * h * w : (image + 1) * h * w].t())
+    else:
+        out.copy_(rows.reshape(n, h, w, c).permute(0, 3, 1, 2))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -969,7 +984,7 @@ def roi_align_cpu(
     output_size: tuple[int, int],
     sampling_ratio: int,
     aligned: bool,
-    mapper: tuple[int, float, float] = (0, 224.0, 4.0),
+    mapper: tuple[int, float, float] = SINGLE_LEVEL_MAPPER,
 ) -> torch.Tensor:
     """``L x [N, C, H_l, W_l], [K, 5] -> [K, C, PH, PW]`` contiguous, in the features' dtype.
     torchvision's kernel reads the RoIs unchecked: callers pass only :func:`torchvision_reads` ones."""
@@ -1000,7 +1015,7 @@ def roi_align_backward_cpu(
     output_size: tuple[int, int],
     sampling_ratio: int,
     aligned: bool,
-    mapper: tuple[int, float, float] = (0, 224.0, 4.0),
+    mapper: tuple[int, float, float] = SINGLE_LEVEL_MAPPER,
 ) -> list[torch.Tensor]:
     """The gradient of :func:`roi_align_cpu` for ``grad`` ``[K, C, PH, PW]``, level by level."""
     grads = []
@@ -1142,7 +1157,7 @@ def ps_roi_align_op(
     if no_pixels(input):
         return input.new_zeros((rois.shape[0], input.shape[1] // (pooled_height * pooled_width), *size))
     if use_triton(rois.device):
-        return roi_align_triton([input], rois, [spatial_scale], size, sampling_ratio, True, (0, 224.0, 4.0), True)
+        return roi_align_triton([input], rois, [spatial_scale], size, sampling_ratio, True, SINGLE_LEVEL_MAPPER, True)
     if use_fast_cpu(rois.device) and torchvision_reads(rois, input.shape[0]):
         return ps_roi_align_cpu(input, rois, spatial_scale, size, sampling_ratio)
     return ps_roi_align_reference(input, rois, spatial_scale, size, sampling_ratio).contiguous()
@@ -1169,7 +1184,7 @@ def ps_roi_align_backward_op(
     if no_pixels(input):
         return torch.zeros_like(input)
     if use_triton(rois.device):
-        args = ([spatial_scale], size, sampling_ratio, True, (0, 224.0, 4.0), True)
+        args = ([spatial_scale], size, sampling_ratio, True, SINGLE_LEVEL_MAPPER, True)
         return roi_align_backward_triton(grad, [input], rois, *args)[0]
     if use_fast_cpu(rois.device) and torchvision_reads(rois, input.shape[0]):
         channels = _diagonal_index(grad.shape[1], *size, grad.device)[0]

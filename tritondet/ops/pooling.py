@@ -195,6 +195,7 @@ def roi_align(
         check_bool("aligned", aligned)
     ph, pw = _pair_size(output_size)
     rois = _rois_from_boxes(boxes, input.shape[0], input.device)
+    # The last three: kernels._common.SINGLE_LEVEL_MAPPER, spelled out (TorchScript reads no global).
     return torch.ops.tritondet.roi_align(
         [input], rois, [float(spatial_scale)], ph, pw, sampling_ratio, aligned, 0, 224.0, 4.0
     )

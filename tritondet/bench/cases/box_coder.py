@@ -13,7 +13,7 @@ from torchvision.models.detection._utils import BoxCoder
 
 from ... import ops
 from ..harness import Case
-from ..inputs import random_boxes
+from ..inputs import IMAGE_SCALE, random_boxes
 
 RPN_WEIGHTS = (1.0, 1.0, 1.0, 1.0)
 HEAD_WEIGHTS = (10.0, 10.0, 5.0, 5.0)
@@ -41,7 +41,7 @@ def _decode_case(stage, n, classes, weights, dtype, device) -> Case:
     def inputs():
         generator = torch.Generator().manual_seed(n)
         deltas = torch.randn(n, 4 * classes, generator=generator) * 0.5
-        return deltas.to(device, dtype), random_boxes(n, scale=600.0, generator=generator).to(device, dtype)
+        return deltas.to(device, dtype), random_boxes(n, scale=IMAGE_SCALE, generator=generator).to(device, dtype)
 
     return Case(
         op="decode_boxes",
@@ -59,8 +59,8 @@ def _decode_case(stage, n, classes, weights, dtype, device) -> Case:
 def _encode_case(stage, n, weights, dtype, device) -> Case:
     def inputs():
         generator = torch.Generator().manual_seed(n)
-        gt = random_boxes(n, scale=600.0, generator=generator).to(device, dtype)
-        return gt, random_boxes(n, scale=600.0, generator=generator).to(device, dtype)
+        gt = random_boxes(n, scale=IMAGE_SCALE, generator=generator).to(device, dtype)
+        return gt, random_boxes(n, scale=IMAGE_SCALE, generator=generator).to(device, dtype)
 
     return Case(
         op="encode_boxes",

@@ -12,7 +12,7 @@ import torchvision
 
 from ... import ops
 from ..harness import Case
-from ..inputs import random_boxes
+from ..inputs import IMAGE_SCALE, random_boxes
 
 _SIZES = {
     "tiny": {"cpu": [(37, 11)], "cuda": [(37, 11)]},
@@ -22,8 +22,6 @@ _SIZES = {
         "cuda": [(2000, 100), (12000, 100), (250000, 20)],
     },
 }
-# Boxes spread over an 800x1333 image, as proposals and ground truth are.
-_IMAGE_SCALE = 600.0
 
 
 def _check(ours: torch.Tensor, theirs: torch.Tensor) -> None:
@@ -35,8 +33,8 @@ def _check(ours: torch.Tensor, theirs: torch.Tensor) -> None:
 def _boxes(n: int, m: int, dtype: torch.dtype, device: torch.device):
     def inputs():
         generator = torch.Generator().manual_seed(n + m)
-        boxes1 = random_boxes(n, scale=_IMAGE_SCALE, generator=generator)
-        boxes2 = random_boxes(m, scale=_IMAGE_SCALE, generator=generator)
+        boxes1 = random_boxes(n, scale=IMAGE_SCALE, generator=generator)
+        boxes2 = random_boxes(m, scale=IMAGE_SCALE, generator=generator)
         return boxes1.to(device, dtype), boxes2.to(device, dtype)
 
     return inputs

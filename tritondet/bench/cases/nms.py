@@ -15,6 +15,7 @@ import torchvision
 
 from ... import ops
 from ..harness import Case
+from ..inputs import proposal_like_boxes
 
 HEIGHT, WIDTH = 800, 1333
 CLASSES = 80
@@ -33,12 +34,6 @@ _SIZES = {
 _CPU_LIMIT = {"nms": 12000, "batched_nms": 10000}
 
 
-def _boxes(*shape: int, generator: torch.Generator) -> torch.Tensor:
-    corner = torch.rand(*shape, 2, generator=generator) * torch.tensor([WIDTH * 0.8, HEIGHT * 0.8])
-    size = 16 + torch.rand(*shape, 2, generator=generator) ** 2 * 400
-    return torch.cat([corner, corner + size], dim=-1)
-
-
 def _same_kept_set(ours: torch.Tensor, theirs: torch.Tensor) -> None:
     """The same kept indices; their order may differ only where scores tie (random fp32 scores tie
     a few times in 10k), which torchvision's own tests accept."""
@@ -48,7 +43,9 @@ def _same_kept_set(ours: torch.Tensor, theirs: torch.Tensor) -> None:
 def _nms_case(n: int, dtype: torch.dtype, device: torch.device) -> Case:
     def inputs():
         generator = torch.Generator().manual_seed(n)
-        return _boxes(n, generator=generator).to(device, dtype), torch.rand(n, generator=generator).to(device, dtype)
+        return proposal_like_boxes(n, height=HEIGHT, width=WIDTH, generator=generator).to(device, dtype), torch.rand(
+            n, generator=generator
+        ).to(device, dtype)
 
     return Case(
         op="nms",
@@ -66,7 +63,7 @@ def _nms_case(n: int, dtype: torch.dtype, device: torch.device) -> Case:
 def _batched_case(n: int, dtype: torch.dtype, device: torch.device) -> Case:
     def inputs():
         generator = torch.Generator().manual_seed(n)
-        boxes = _boxes(n, generator=generator).to(device, dtype)
+        boxes = proposal_like_boxes(n, height=HEIGHT, width=WIDTH, generator=generator).to(device, dtype)
         scores = torch.rand(n, generator=generator).to(device, dtype)
         return boxes, scores, torch.randint(CLASSES, (n,), generator=generator).to(device)
 
@@ -113,7 +110,9 @@ def _check_padded(ours, theirs) -> None:
 def _padded_case(images: int, n: int, dtype: torch.dtype, device: torch.device) -> Case:
     def inputs():
         generator = torch.Generator().manual_seed(images * n)
-        boxes = _boxes(images, n, CLASSES, generator=generator).to(device, dtype)
+        boxes = proposal_like_boxes(images, n, CLASSES, height=HEIGHT, width=WIDTH, generator=generator).to(
+            device, dtype
+        )
         # Softmax-like scores: most classes low, a few above the threshold.
         scores = (torch.rand(images, n, CLASSES, generator=generator) ** 8).to(device, dtype)
         return boxes, scores

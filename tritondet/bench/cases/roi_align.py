@@ -20,6 +20,7 @@ from torchvision.ops.poolers import LevelMapper
 
 from ... import ops
 from ..harness import Case
+from ..inputs import proposal_like_boxes
 
 OUTPUT_SIZE = 7
 SAMPLING_RATIO = 2  # torchvision's Faster R-CNN box head pooler
@@ -54,13 +55,9 @@ def _layout_name(layout: torch.memory_format) -> str:
 
 def _rois(count: int, images: int, height: int, width: int, generator) -> list[torch.Tensor]:
     """Per image, ``count // images`` proposal-like boxes (16 to ~400 px) inside the image."""
-    per_image = count // images
-    boxes = []
-    for _ in range(images):
-        corner = torch.rand(per_image, 2, generator=generator) * torch.tensor([width * 0.8, height * 0.8])
-        size = 16 + torch.rand(per_image, 2, generator=generator) ** 2 * min(height, width) * 0.5
-        boxes.append(torch.cat([corner, corner + size], dim=1))
-    return boxes
+    return [
+        proposal_like_boxes(count // images, height=height, width=width, generator=generator) for _ in range(images)
+    ]
 
 
 def _touched_pixels(boxes: torch.Tensor, scale: float, height: int, width: int) -> int:

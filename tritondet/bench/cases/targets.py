@@ -20,7 +20,7 @@ from torchvision.models.detection.rpn import RegionProposalNetwork
 
 from ... import ops
 from ..harness import Case
-from ..inputs import random_boxes
+from ..inputs import IMAGE_SCALE, random_boxes
 
 # (images, anchors, ground truth per image); proposal cases use _PROPOSALS proposals per image.
 _SIZES = {
@@ -32,16 +32,14 @@ _SIZES = {
     },
 }
 _PROPOSALS = {"tiny": 300, "quick": 2000, "full": 2000}
-# Boxes spread over an 800x1333 image, as anchors and ground truth are.
-_IMAGE_SCALE = 600.0
 _INT64_BYTES = 8
 
 
 def _inputs(batch: int, num_boxes: int, num_gt: int, device: torch.device, per_image: bool):
     def inputs():
         generator = torch.Generator().manual_seed(batch * num_boxes + num_gt)
-        boxes = random_boxes(num_boxes, scale=_IMAGE_SCALE, generator=generator, batch=(batch,) if per_image else ())
-        gt_boxes = random_boxes(num_gt, scale=_IMAGE_SCALE, generator=generator, batch=(batch,))
+        boxes = random_boxes(num_boxes, scale=IMAGE_SCALE, generator=generator, batch=(batch,) if per_image else ())
+        gt_boxes = random_boxes(num_gt, scale=IMAGE_SCALE, generator=generator, batch=(batch,))
         # Ground truth near some boxes, so that there are foreground matches to sample.
         gt_boxes[:, : num_gt // 2] = boxes.reshape(-1, 4)[: num_gt // 2] + 2.0
         gt_labels = torch.randint(1, 91, (batch, num_gt), generator=generator)
