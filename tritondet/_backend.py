@@ -64,11 +64,14 @@ def use_triton(device: torch.device) -> bool:
 torchvision_cpu_patched = False
 
 
-def use_fast_cpu(device: torch.device) -> bool:
+def use_fast_cpu(device: torch.device, calls_torchvision: bool = True) -> bool:
     """Whether an op whose tensors live on ``device`` runs the fast CPU path (when it has one;
-    never together with :func:`use_triton`)."""
+    never together with :func:`use_triton`). A fast path that ``calls_torchvision``'s CPU kernels
+    steps aside while they are patched to be ours (it would call itself)."""
     choice = requested_backend()
-    return not torchvision_cpu_patched and (choice == "cpu" or (choice == "auto" and device.type != "cuda"))
+    if calls_torchvision and torchvision_cpu_patched:
+        return False
+    return choice == "cpu" or (choice == "auto" and device.type != "cuda")
 
 
 def backend_name(device: torch.device) -> str:

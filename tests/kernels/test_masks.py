@@ -14,8 +14,16 @@ from torchvision.models.detection.roi_heads import project_masks_on_boxes
 
 from tests.tolerances import FLOAT_DTYPES, assert_close
 from tritondet import ops
+from tritondet.kernels import masks as masks_kernels
 
 IMAGE = (23, 31)
+
+
+@pytest.fixture(autouse=True)
+def windowed_paste_at_test_sizes(monkeypatch):
+    """The CPU backend pastes mask by mask over each box's window from WINDOWED_PASTE_PIXELS on;
+    at 0 every test size takes that path (the reference and Triton paths never read it)."""
+    monkeypatch.setattr(masks_kernels, "WINDOWED_PASTE_PIXELS", 0)
 
 
 def _boxes_in_and_around(count: int, height: int, width: int, generator) -> torch.Tensor:

@@ -435,13 +435,12 @@ def mask_loss_backward_triton(grad, labels, scale, num_classes, dtype):
 # ----------------------------------------------------------------------------------------------
 
 
-def _resize_matrix(start, end, size, inside, padding, mask_size, compute_dtype):
-    """``[B, P, size, mask_size]``: row ``o`` holds the bilinear weights of image coordinate ``o``
-    on the mask's pixels (zero rows outside the box, the image or the valid rows): the Triton
-    ``_resize_axis`` in PyTorch."""
+def _resize_matrix(start, end, coords, inside, padding, mask_size, compute_dtype):
+    """``[..., len(coords), mask_size]``: row ``o`` holds the bilinear weights of image coordinate
+    ``coords[o]`` on the mask's pixels (zero rows outside the box ``[start, end]`` (``[...]``) and
+    where ``inside`` is false): the Triton ``_resize_axis`` in PyTorch."""
     device = start.device
     padded = mask_size + 2 * padding
-    coords = torch.arange(size, device=device)
     box = (end - start + 1).clamp(min=1).to(compute_dtype)
     scale = (padded / box)[..., None]
     source = (scale * ((coords - start[..., None]).to(compute_dtype) + 0.5) - 0.5).clamp(min=0)
@@ -468,13 +467,57 @@ def paste_masks_reference(masks, boxes, num_valid, image_sizes, out_hw, padding,
     valid = torch.arange(p, device=device) < num_valid.to(device)[:, None]  # [B, P]
     in_image_y = (torch.arange(height, device=device) < image_sizes[:, None, 0, None]) & valid[..., None]
     in_image_x = (torch.arange(width, device=device) < image_sizes[:, None, 1, None]).expand(b, p, width)
-    rows = _resize_matrix(y0, y1, height, in_image_y, padding, mh, compute_dtype)  # [B, P, H, MH]
-    cols = _resize_matrix(x0, x1, width, in_image_x, padding, mw, compute_dtype)  # [B, P, W, MW]
-    values = (rows @ (masks.to(compute_dtype) @ cols.transpose(-1, -2))).to(masks.dtype)
+    rows = _resize_matrix(y0, y1, torch.arange(height, device=device), in_image_y, padding, mh, compute_dtype)
+    cols = _resize_matrix(x0, x1, torch.arange(width, device=device), in_image_x, padding, mw, compute_dtype)
+    values = _resized(masks, rows, cols)  # [B, P, H, W]
     if threshold is None:
         return values.to(out_dtype)
     above = (values > threshold) & in_image_y[..., :, None] & in_image_x[..., None, :]
     return above.to(out_dtype)
+
+
+# From images of this many pixels on, the CPU pastes mask by mask over the box's window: below it
+# the reference's image-sized weight products cost less than the window path's ~50 small ops per
+# mask (one thread: 20 masks into 96x120, 0.9 ms against 15 ms; 100 masks into 800x1333, 1.19 s
+# against 0.64 s, torchvision's loop 1.56 s).
+WINDOWED_PASTE_PIXELS = 2**17
+
+
+def _resized(masks: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """``masks [..., MH, MW]`` resized by the weights ``rows [..., H, MH]`` and ``cols [..., W, MW]``
+    -> ``[..., H, W]`` in the masks' dtype (computed in the weights' dtype)."""
+    return (rows @ (masks.to(rows.dtype) @ cols.transpose(-1, -2))).to(masks.dtype)
+
+
+def paste_masks_cpu(masks, boxes, num_valid, image_sizes, out_hw, padding, threshold, out_dtype):
+    """The fast CPU path of :func:`paste_masks_reference`, the same values: each valid mask resized
+    over its box's window inside its image only (host reads of the counts, boxes and sizes), where
+    the reference multiplies weight matrices as large as the image for every mask."""
+    compute_dtype = compute_dtype_of(masks.dtype)
+    b, p, mh, mw = masks.shape
+    height, width = out_hw
+    int_boxes = expand_boxes(boxes, mw, padding).tolist()
+    sizes = image_sizes.tolist()
+    out = torch.zeros((b, p, height, width), dtype=out_dtype)
+    # A valid mask's pixels outside its window hold the value 0: True inside the image if 0 passes.
+    zero_passes = threshold is not None and bool(torch.zeros((), dtype=masks.dtype) > threshold)
+    yes = torch.ones((), dtype=torch.bool)
+    for image, count in enumerate(num_valid.clamp(0, p).tolist()):
+        image_h, image_w = min(sizes[image][0], height), min(sizes[image][1], width)
+        if zero_passes:
+            out[image, :count, :image_h, :image_w] = True
+        for row in range(count):
+            x0, y0, x1, y1 = int_boxes[image][row]
+            top, bottom = max(y0, 0), min(y1 + 1, image_h)
+            left, right = max(x0, 0), min(x1 + 1, image_w)
+            if top >= bottom or left >= right:
+                continue
+            corners = torch.tensor([x0, y0, x1, y1])
+            rows = _resize_matrix(corners[1], corners[3], torch.arange(top, bottom), yes, padding, mh, compute_dtype)
+            cols = _resize_matrix(corners[0], corners[2], torch.arange(left, right), yes, padding, mw, compute_dtype)
+            values = _resized(masks[image, row], rows, cols)
+            out[image, row, top:bottom, left:right] = values if threshold is None else values > threshold
+    return out
 
 
 def mask_targets_reference(gt_masks, gt_sizes, gt_count, proposals, matched_idxs, num_valid, mask_size):
@@ -607,6 +650,8 @@ def paste_masks_op(
     args = (masks, boxes, num_valid, image_sizes, (height, width), padding, threshold, out_dtype)
     if use_triton(masks.device):
         return paste_masks_triton(*args)
+    if use_fast_cpu(masks.device, calls_torchvision=False) and height * width >= WINDOWED_PASTE_PIXELS:
+        return paste_masks_cpu(*args)
     return paste_masks_reference(*args)
 
 
