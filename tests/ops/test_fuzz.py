@@ -744,27 +744,7 @@ def _unnamed(example: str) -> str:
     return f"unnamed error (argument validation): {example} raises a TypeError that names no argument"
 
 
-KNOWN_FAILURES: dict[str, str] = {
-    "anchor_targets": _unnamed("a str bg_iou_thresh ('0.5' <= float)"),
-    "complete_box_iou": _unnamed("eps=None (float(None))"),
-    "decode_boxes": _unnamed("bbox_xform_clip=None (float(None))"),
-    "distance_box_iou": _unnamed("eps=None (float(None))"),
-    "match_boxes": _unnamed("low=None (None <= float)"),
-    "postprocess_detections": _unnamed("nms_thresh=None (float(None))"),
-    "proposal_targets": _unnamed("fg_iou_thresh=None (float <= None)"),
-    "rpn_proposals": _unnamed("min_size=None (float(None))"),
-    "MultiScaleRoIAlign": "unclear error (argument validation): ZeroDivisionError on a zero image shape or output size",
-    **dict.fromkeys(
-        ("paste_masks_in_image", "paste_masks_padded"),
-        "backends disagree (value semantics): the reference (and cpu) paste, a product of weight matrices, spreads a "
-        "NaN mask pixel over the whole image (NaN times the zero weights); torchvision and triton keep NaN to the "
-        "pixels whose taps read it",
-    ),
-    "mask_targets": "unclear error (value semantics): a 1e30 proposal corner gives the RoIAlign reference "
-    "(cpu, reference) an adaptive sampling grid of int(ceil(1e30 / M)) samples: OverflowError from torch.arange",
-    "box_iou": "backends disagree (value semantics): on the triton backend, fmt 'cxcywh' with NaN and inf corners "
-    "gives NaN in other places than the reference",
-}
+KNOWN_FAILURES: dict[str, str] = {}
 
 
 def _with_known_failure(name: str):

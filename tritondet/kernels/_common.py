@@ -80,11 +80,13 @@ def ieee_div(x, y):
 
 @triton.jit
 def clip_box(x1, y1, x2, y2, height, width):
-    """(x1, y1, x2, y2) clamped to ``[0, width] x [0, height]``."""
-    x1 = tl.minimum(tl.maximum(x1, 0.0), width)
-    y1 = tl.minimum(tl.maximum(y1, 0.0), height)
-    x2 = tl.minimum(tl.maximum(x2, 0.0), width)
-    y2 = tl.minimum(tl.maximum(y2, 0.0), height)
+    """(x1, y1, x2, y2) clamped to ``[0, width] x [0, height]``; NaN stays NaN, as through
+    ``torch.clamp`` (Triton's default minimum and maximum return the other operand)."""
+    nan = tl.PropagateNan.ALL
+    x1 = tl.minimum(tl.maximum(x1, 0.0, propagate_nan=nan), width, propagate_nan=nan)
+    y1 = tl.minimum(tl.maximum(y1, 0.0, propagate_nan=nan), height, propagate_nan=nan)
+    x2 = tl.minimum(tl.maximum(x2, 0.0, propagate_nan=nan), width, propagate_nan=nan)
+    y2 = tl.minimum(tl.maximum(y2, 0.0, propagate_nan=nan), height, propagate_nan=nan)
     return x1, y1, x2, y2
 
 

@@ -50,10 +50,15 @@ def _corners(raw0, raw1, raw2, raw3, FMT: tl.constexpr):
 @triton.jit
 def intersection_union(ax1, ay1, ax2, ay2, area_a, bx1, by1, bx2, by2, area_b):
     """Intersection and union areas of box pairs (torchvision's formulas and order); the first box's
-    corners and area broadcast against the second's. Shared with the NMS kernels."""
-    inter_w = tl.minimum(ax2, bx2) - tl.maximum(ax1, bx1)
-    inter_h = tl.minimum(ay2, by2) - tl.maximum(ay1, by1)
-    inter = tl.maximum(inter_w, 0.0) * tl.maximum(inter_h, 0.0)
+    corners and area broadcast against the second's. Shared with the NMS kernels.
+
+    NaN propagates through the minima, maxima and clamps as through torch's (Triton's default
+    returns the other operand): a NaN corner makes the intersection NaN even where the area, from
+    a width and a height, is finite."""
+    nan = tl.PropagateNan.ALL
+    inter_w = tl.minimum(ax2, bx2, propagate_nan=nan) - tl.maximum(ax1, bx1, propagate_nan=nan)
+    inter_h = tl.minimum(ay2, by2, propagate_nan=nan) - tl.maximum(ay1, by1, propagate_nan=nan)
+    inter = tl.maximum(inter_w, 0.0, propagate_nan=nan) * tl.maximum(inter_h, 0.0, propagate_nan=nan)
     return inter, area_a + area_b - inter
 
 

@@ -448,10 +448,25 @@ def mask_loss_backward_triton(grad, labels, scale, num_classes, dtype):
 # ----------------------------------------------------------------------------------------------
 
 
+# Non-finite mask pixels in the matrix-product paste: the Triton kernel (and torchvision's
+# F.interpolate) multiply each tap it reads by its weight, so a NaN tap, or an inf tap read with a
+# zero weight (inf * 0), makes the pixel NaN, and an inf tap read with positive weights makes it
+# inf. The reference multiplies the finite pixels by the weight matrices and marks where non-finite
+# ones land with a second, exact product of small integers: each tap read with positive weights
+# along an axis counts 1 in that axis's tap matrix, read with a zero weight _ZERO_WEIGHT_TAP; a
+# +inf pixel counts _POS_INF, -inf _NEG_INF, NaN _NAN. A pixel reads at most 4 taps, so the sum
+# over its taps holds the number of +inf taps read with positive weights in its lowest 3 bits, of
+# -inf ones in the next 3, and is _NAN or more when any tap makes it NaN; at most 4 * 64**3 = 2**20,
+# exact in fp32.
+_POS_INF, _NEG_INF, _NAN = 1, 8, 64
+_ZERO_WEIGHT_TAP = 64
+
+
 def _resize_matrix(start, end, size, inside, padding, mask_size, compute_dtype):
-    """``[B, P, size, mask_size]``: row ``o`` holds the bilinear weights of image coordinate ``o``
-    on the mask's pixels (zero rows outside the box, the image or the valid rows): the Triton
-    ``_resize_axis`` in PyTorch."""
+    """``([B, P, size, mask_size] weights, taps)``: row ``o`` of the weights holds the bilinear
+    weights of image coordinate ``o`` on the mask's pixels (zero rows outside the box, the image or
+    the valid rows): the Triton ``_resize_axis`` in PyTorch; the taps mark the pixels row ``o``
+    reads, 1 or ``_ZERO_WEIGHT_TAP`` (one of its two taps reads it with a zero weight)."""
     device = start.device
     padded = mask_size + 2 * padding
     coords = torch.arange(size, device=device)
@@ -460,12 +475,34 @@ def _resize_matrix(start, end, size, inside, padding, mask_size, compute_dtype):
     source = (scale * ((coords - start[..., None]).to(compute_dtype) + 0.5) - 0.5).clamp(min=0)
     low = source.floor().clamp(max=padded - 1)
     w_high = (source - low).clamp(0, 1)
+    w_low = 1 - w_high
     high = low + (low < padded - 1).to(low.dtype)
     used = inside & (coords >= start[..., None]) & (coords <= end[..., None])
     weights = torch.zeros((*source.shape, padded), dtype=compute_dtype, device=device)
-    weights.scatter_add_(-1, low.long()[..., None], torch.where(used, 1 - w_high, 0)[..., None])
-    weights.scatter_add_(-1, high.long()[..., None], torch.where(used, w_high, 0)[..., None])
-    return weights[..., padding : padding + mask_size]
+    taps = torch.zeros_like(weights)
+    for index, weight in ((low.long()[..., None], w_low), (high.long()[..., None], w_high)):
+        weights.scatter_add_(-1, index, torch.where(used, weight, 0)[..., None])
+        tap = torch.where(weight == 0, _ZERO_WEIGHT_TAP, 1).to(compute_dtype)
+        taps.scatter_reduce_(-1, index, torch.where(used, tap, 0)[..., None], "amax")
+    inner = slice(padding, padding + mask_size)
+    return weights[..., inner], taps[..., inner]
+
+
+def _paste_values(masks, rows, row_taps, cols, col_taps):
+    """``rows [B, P, H, MH] @ masks [B, P, MH, MW] @ cols [B, P, W, MW]^T`` in the compute dtype,
+    with NaN and inf where the Triton kernel gives them (see ``_NAN``)."""
+    finite = torch.isfinite(masks)
+    values = rows @ (torch.where(finite, masks, 0) @ cols.transpose(-1, -2))
+    # On the CPU reading the check back waits for nothing, and spares finite masks the second product.
+    if masks.device.type == "cpu" and bool(finite.all()):
+        return values
+    codes = torch.where(masks > 0, _POS_INF, _NEG_INF)
+    codes = torch.where(finite, 0, torch.where(masks.isnan(), _NAN, codes)).to(masks.dtype)
+    hits = row_taps @ (codes @ col_taps.transpose(-1, -2))
+    positive, negative = hits % _NEG_INF > 0, hits >= _NEG_INF
+    infinity = torch.where(positive, torch.inf, -torch.inf)
+    non_finite = torch.where((hits >= _NAN) | (positive & negative), torch.nan, infinity)
+    return torch.where(hits == 0, values, non_finite)
 
 
 def paste_masks_reference(masks, boxes, num_valid, image_sizes, out_hw, padding, threshold, out_dtype):
@@ -481,9 +518,9 @@ def paste_masks_reference(masks, boxes, num_valid, image_sizes, out_hw, padding,
     valid = torch.arange(p, device=device) < num_valid.to(device)[:, None]  # [B, P]
     in_image_y = (torch.arange(height, device=device) < image_sizes[:, None, 0, None]) & valid[..., None]
     in_image_x = (torch.arange(width, device=device) < image_sizes[:, None, 1, None]).expand(b, p, width)
-    rows = _resize_matrix(y0, y1, height, in_image_y, padding, mh, compute_dtype)  # [B, P, H, MH]
-    cols = _resize_matrix(x0, x1, width, in_image_x, padding, mw, compute_dtype)  # [B, P, W, MW]
-    values = (rows @ (masks.to(compute_dtype) @ cols.transpose(-1, -2))).to(masks.dtype)
+    rows, row_taps = _resize_matrix(y0, y1, height, in_image_y, padding, mh, compute_dtype)  # [B, P, H, MH]
+    cols, col_taps = _resize_matrix(x0, x1, width, in_image_x, padding, mw, compute_dtype)  # [B, P, W, MW]
+    values = _paste_values(masks.to(compute_dtype), rows, row_taps, cols, col_taps).to(masks.dtype)
     if threshold is None:
         return values.to(out_dtype)
     above = (values > threshold) & in_image_y[..., :, None] & in_image_x[..., None, :]
