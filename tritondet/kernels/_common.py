@@ -78,15 +78,19 @@ def ieee_div(x, y):
 # ----------------------------------------------------------------------------------------------
 
 
+# torch.minimum, torch.maximum and torch.clamp propagate NaN; Triton's default minimum and
+# maximum return the other operand. Kernels that mirror those torch ops pass this.
+PROPAGATE_NAN = tl.constexpr(tl.PropagateNan.ALL)
+
+
 @triton.jit
 def clip_box(x1, y1, x2, y2, height, width):
     """(x1, y1, x2, y2) clamped to ``[0, width] x [0, height]``; NaN stays NaN, as through
-    ``torch.clamp`` (Triton's default minimum and maximum return the other operand)."""
-    nan = tl.PropagateNan.ALL
-    x1 = tl.minimum(tl.maximum(x1, 0.0, propagate_nan=nan), width, propagate_nan=nan)
-    y1 = tl.minimum(tl.maximum(y1, 0.0, propagate_nan=nan), height, propagate_nan=nan)
-    x2 = tl.minimum(tl.maximum(x2, 0.0, propagate_nan=nan), width, propagate_nan=nan)
-    y2 = tl.minimum(tl.maximum(y2, 0.0, propagate_nan=nan), height, propagate_nan=nan)
+    ``torch.clamp``."""
+    x1 = tl.minimum(tl.maximum(x1, 0.0, propagate_nan=PROPAGATE_NAN), width, propagate_nan=PROPAGATE_NAN)
+    y1 = tl.minimum(tl.maximum(y1, 0.0, propagate_nan=PROPAGATE_NAN), height, propagate_nan=PROPAGATE_NAN)
+    x2 = tl.minimum(tl.maximum(x2, 0.0, propagate_nan=PROPAGATE_NAN), width, propagate_nan=PROPAGATE_NAN)
+    y2 = tl.minimum(tl.maximum(y2, 0.0, propagate_nan=PROPAGATE_NAN), height, propagate_nan=PROPAGATE_NAN)
     return x1, y1, x2, y2
 
 
