@@ -174,10 +174,11 @@ def level_area_thresholds(
 def roi_levels_reference(
     rois: torch.Tensor, num_levels: int, k_min: int, canonical_scale: float, canonical_level: float
 ) -> torch.Tensor:
-    """``[K, 5] -> [K]`` int64 level index (0 for a single level): torchvision's LevelMapper in fp32."""
+    """``[K, 5] -> [K]`` int64 level index (0 for a single level): torchvision's LevelMapper in fp32;
+    a NaN or negative area takes level 0, as in :func:`roi_level` (it reaches no threshold)."""
     if num_levels == 1:
         return torch.zeros(rois.shape[0], dtype=torch.int64, device=rois.device)
     boxes = rois[:, 1:].to(torch.float32)
     areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    target = _torchvision_levels(areas, canonical_scale, canonical_level)
+    target = _torchvision_levels(areas, canonical_scale, canonical_level).nan_to_num(nan=k_min)
     return (target.clamp(k_min, k_min + num_levels - 1) - k_min).to(torch.int64)
