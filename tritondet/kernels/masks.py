@@ -462,11 +462,11 @@ _POS_INF, _NEG_INF, _NAN = 1, 8, 64
 _ZERO_WEIGHT_TAP = 64
 
 
-def _resize_matrix(start, end, size, inside, padding, mask_size, compute_dtype):
-    """``([B, P, size, mask_size] weights, taps)``: row ``o`` of the weights holds the bilinear
-    weights of image coordinate ``o`` on the mask's pixels (zero rows outside the box, the image or
-    the valid rows): the Triton ``_resize_axis`` in PyTorch; the taps mark the pixels row ``o``
-    reads, 1 or ``_ZERO_WEIGHT_TAP`` (one of its two taps reads it with a zero weight)."""
+def _resize_matrix(start, end, size, inside, padding, mask_size, compute_dtype, taps: bool = False):
+    """``[B, P, size, mask_size]``: row ``o`` holds the bilinear weights of image coordinate ``o``
+    on the mask's pixels (zero rows outside the box, the image or the valid rows): the Triton
+    ``_resize_axis`` in PyTorch. With ``taps``, the marks of the pixels row ``o`` reads instead: 1,
+    or ``_ZERO_WEIGHT_TAP`` where one of its two taps reads the pixel with a zero weight."""
     device = start.device
     padded = mask_size + 2 * padding
     coords = torch.arange(size, device=device)
@@ -475,27 +475,22 @@ def _resize_matrix(start, end, size, inside, padding, mask_size, compute_dtype):
     source = (scale * ((coords - start[..., None]).to(compute_dtype) + 0.5) - 0.5).clamp(min=0)
     low = source.floor().clamp(max=padded - 1)
     w_high = (source - low).clamp(0, 1)
-    w_low = 1 - w_high
     high = low + (low < padded - 1).to(low.dtype)
     used = inside & (coords >= start[..., None]) & (coords <= end[..., None])
-    weights = torch.zeros((*source.shape, padded), dtype=compute_dtype, device=device)
-    taps = torch.zeros_like(weights)
-    for index, weight in ((low.long()[..., None], w_low), (high.long()[..., None], w_high)):
-        weights.scatter_add_(-1, index, torch.where(used, weight, 0)[..., None])
-        tap = torch.where(weight == 0, _ZERO_WEIGHT_TAP, 1).to(compute_dtype)
-        taps.scatter_reduce_(-1, index, torch.where(used, tap, 0)[..., None], "amax")
-    inner = slice(padding, padding + mask_size)
-    return weights[..., inner], taps[..., inner]
+    matrix = torch.zeros((*source.shape, padded), dtype=compute_dtype, device=device)
+    for index, weight in ((low.long()[..., None], 1 - w_high), (high.long()[..., None], w_high)):
+        if taps:
+            mark = torch.where(weight == 0, _ZERO_WEIGHT_TAP, 1).to(compute_dtype)
+            matrix.scatter_reduce_(-1, index, torch.where(used, mark, 0)[..., None], "amax")
+        else:
+            matrix.scatter_add_(-1, index, torch.where(used, weight, 0)[..., None])
+    return matrix[..., padding : padding + mask_size]
 
 
-def _paste_values(masks, rows, row_taps, cols, col_taps):
-    """``rows [B, P, H, MH] @ masks [B, P, MH, MW] @ cols [B, P, W, MW]^T`` in the compute dtype,
-    with NaN and inf where the Triton kernel gives them (see ``_NAN``)."""
-    finite = torch.isfinite(masks)
-    values = rows @ (torch.where(finite, masks, 0) @ cols.transpose(-1, -2))
-    # On the CPU reading the check back waits for nothing, and spares finite masks the second product.
-    if masks.device.type == "cpu" and bool(finite.all()):
-        return values
+def _with_non_finite(values, masks, finite, row_taps, col_taps):
+    """``values [B, P, H, W]`` (the paste of the finite mask pixels) with NaN and inf where the
+    Triton kernel gives them (see ``_NAN``): ``masks [B, P, MH, MW]``, ``finite`` its mask,
+    ``row_taps [B, P, H, MH]`` and ``col_taps [B, P, W, MW]`` from ``_resize_matrix(taps=True)``."""
     codes = torch.where(masks > 0, _POS_INF, _NEG_INF)
     codes = torch.where(finite, 0, torch.where(masks.isnan(), _NAN, codes)).to(masks.dtype)
     hits = row_taps @ (codes @ col_taps.transpose(-1, -2))
@@ -518,9 +513,17 @@ def paste_masks_reference(masks, boxes, num_valid, image_sizes, out_hw, padding,
     valid = torch.arange(p, device=device) < num_valid.to(device)[:, None]  # [B, P]
     in_image_y = (torch.arange(height, device=device) < image_sizes[:, None, 0, None]) & valid[..., None]
     in_image_x = (torch.arange(width, device=device) < image_sizes[:, None, 1, None]).expand(b, p, width)
-    rows, row_taps = _resize_matrix(y0, y1, height, in_image_y, padding, mh, compute_dtype)  # [B, P, H, MH]
-    cols, col_taps = _resize_matrix(x0, x1, width, in_image_x, padding, mw, compute_dtype)  # [B, P, W, MW]
-    values = _paste_values(masks.to(compute_dtype), rows, row_taps, cols, col_taps).to(masks.dtype)
+    row_axis = (y0, y1, height, in_image_y, padding, mh, compute_dtype)
+    col_axis = (x0, x1, width, in_image_x, padding, mw, compute_dtype)
+    rows, cols = _resize_matrix(*row_axis), _resize_matrix(*col_axis)  # [B, P, H, MH], [B, P, W, MW]
+    pixels = masks.to(compute_dtype)
+    finite = torch.isfinite(pixels)
+    values = rows @ (torch.where(finite, pixels, 0) @ cols.transpose(-1, -2))
+    # On the CPU reading the check back waits for nothing, and spares finite masks the marking.
+    if device.type != "cpu" or not bool(finite.all()):
+        row_taps, col_taps = _resize_matrix(*row_axis, taps=True), _resize_matrix(*col_axis, taps=True)
+        values = _with_non_finite(values, pixels, finite, row_taps, col_taps)
+    values = values.to(masks.dtype)
     if threshold is None:
         return values.to(out_dtype)
     above = (values > threshold) & in_image_y[..., :, None] & in_image_x[..., None, :]
