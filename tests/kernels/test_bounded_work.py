@@ -98,6 +98,23 @@ def test_triton_adaptive_roi_align_visits_only_samples_near_the_map(triton_backe
     assert_close(ops.roi_align(x, large, 1, 1.0, -1, aligned).cpu(), expected, torch.float32)
 
 
+@pytest.mark.parametrize("aligned", [False, True])
+def test_reference_adaptive_roi_align_takes_the_kernels_rule(monkeypatch, device, aligned):
+    """The RoIAlign reference (the CPU path and the test oracle) clamps adaptive sampling grids to
+    the kernels' MAX_GRID and visits only the samples near the map, as the kernels: RoIs of 10^12
+    pixels equal the Triton kernels, and 1e30 corners (grids of 1e29 samples, an OverflowError
+    from torch.arange before) finish with zeros."""
+    x, rois = inputs(device)
+    monkeypatch.setenv("TRITONDET_BACKEND", "triton")
+    expected = ops.roi_align(x, rois, 7, 1.0, -1, aligned).cpu()
+    far = torch.tensor([[0.0, 0.0, 2.0, 1e30, 5.0], [0.0, 1e30, 1e30, 1e30, 1e30], [0.0, -1e30, -1e30, 1e30, 1e30]])
+    for backend in ("reference", "cpu"):
+        monkeypatch.setenv("TRITONDET_BACKEND", backend)
+        assert_close(ops.roi_align(x.cpu(), rois.cpu(), 7, 1.0, -1, aligned), expected, torch.float32)
+        pooled = ops.roi_align(x.cpu(), far, 7, 1.0, -1, aligned)
+        assert_close(pooled, torch.zeros_like(pooled), torch.float32)
+
+
 def test_triton_hostile_rois_multiscale_roi_align(triton_backend, device):
     generator = torch.Generator().manual_seed(7)
     names = ["p2", "p3"]

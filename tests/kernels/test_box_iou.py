@@ -80,6 +80,18 @@ def test_box_formats(backend, device, fmt):
     assert_close(ours, theirs, torch.float32)
 
 
+@pytest.mark.parametrize("fmt", ["xywh", "cxcywh"])
+def test_box_formats_nan_and_inf_where_torchvision(backend, device, fmt):
+    """A NaN (or inf - inf) corner makes the intersection NaN while the area, from a width and a
+    height, stays finite: the IoU is NaN exactly where torchvision's is."""
+    nan, inf = float("nan"), float("inf")
+    boxes1 = torch.tensor([[nan, 1e30, 0.08, 4e-15], [-5.0, 5.1, 0.0, 4.9], [inf, 2.0, inf, 3.0], [1.0, 1.0, 4.0, 4.0]])
+    boxes2 = torch.tensor([[4.0, inf, 0.0, -4.5], [-inf, 0.25, 10.0, 1.0], [2.0, nan, 3.0, 3.0], [2.0, 2.0, 4.0, 4.0]])
+    ours, theirs = both("iou", boxes1.to(device), boxes2.to(device), fmt=fmt)
+    assert torch.equal(ours.isnan().cpu(), theirs.isnan().cpu())
+    assert_close(ours.cpu(), theirs.cpu(), torch.float32)
+
+
 @pytest.mark.parametrize("kind", list(FUNCTIONS))
 def test_non_contiguous_inputs(backend, device, kind):
     generator = torch.Generator().manual_seed(5)

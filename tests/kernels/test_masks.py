@@ -13,7 +13,7 @@ from torchvision.models.detection.roi_heads import paste_masks_in_image as torch
 from torchvision.models.detection.roi_heads import project_masks_on_boxes
 
 from tests.tolerances import FLOAT_DTYPES, assert_close
-from tritondet import ops
+from tritondet import errors, ops
 from tritondet.kernels import masks as masks_kernels
 
 IMAGE = (23, 31)
@@ -69,6 +69,31 @@ def test_paste_matches_torchvision(backend, device, mask_size, padding):
     expected = torchvision_paste(masks, boxes, IMAGE, padding)
     assert ours.shape == expected.shape and ours.dtype == expected.dtype
     assert_close(ours.cpu(), expected, torch.float32)
+
+
+def test_paste_keeps_nan_and_inf_to_the_pixels_that_read_them(backend, device):
+    """A NaN mask pixel, or an inf one read with a zero weight (inf * 0), makes NaN only the image
+    pixels whose bilinear taps read it, an inf pixel read with positive weights makes them inf,
+    +inf and -inf together NaN: torchvision's F.interpolate, not a NaN spread over the whole
+    image by the zero weights of a matrix product."""
+    nan, inf = float("nan"), float("inf")
+    generator = torch.Generator().manual_seed(4)
+    boxes = torch.cat([ODD_BOXES, _boxes_in_and_around(5, *IMAGE, generator)])
+    masks = torch.rand(boxes.shape[0], 1, 5, 5, generator=generator)
+    masks[0::3, 0, 2, 3] = nan
+    masks[1::3, 0, 0, 0] = inf
+    masks[1::3, 0, 4, 1] = -inf
+    masks[2::3, 0, 1, 1] = inf
+    masks[2::3, 0, 1, 2] = -inf
+    masks[2::3, 0, 4, 4] = nan
+    ours = ops.paste_masks_in_image(masks.to(device), boxes.to(device), IMAGE)
+    expected = torchvision_paste(masks, boxes, IMAGE)
+    assert torch.equal(ours.isnan().cpu(), expected.isnan())
+    assert_close(ours.cpu(), expected, torch.float32)
+    num_valid, image_sizes = torch.tensor([boxes.shape[0]]), torch.tensor([IMAGE])
+    args = (masks[None, :, 0], boxes[None], num_valid, image_sizes)
+    thresholded = ops.paste_masks_padded(*(t.to(device) for t in args), IMAGE)
+    assert torch.equal(thresholded.cpu(), expected[None, :, 0] > 0.5)
 
 
 def test_paste_nothing_and_a_box_entirely_outside(backend, device):
@@ -388,3 +413,56 @@ def test_bad_input_is_named():
         ops.mask_loss(logits, labels.float(), targets)
     with pytest.raises(ValueError, match="weights must have shape"):
         ops.mask_loss(logits, labels, targets, torch.ones(3))
+
+
+def test_bad_input_raises_tritondet_errors_naming_the_argument():
+    """The mask ops raise tritondet's errors (caught as ValueError or TypeError and, as
+    torchvision's, as RuntimeError), naming the argument; sizes and thresholds are ints and real
+    numbers, never strings."""
+    masks, boxes = torch.rand(2, 1, 5, 5), torch.rand(2, 4)
+    padded = (torch.rand(1, 2, 5, 5), torch.rand(1, 2, 4), torch.tensor([2]), torch.tensor([IMAGE]), IMAGE)
+    proposals, matched, count = torch.rand(1, 2, 4), torch.zeros(1, 2, dtype=torch.int64), torch.tensor([1])
+    gt_masks = torch.zeros(1, 1, 4, 4, dtype=torch.bool)
+    type_errors = [
+        ("img_shape", lambda: ops.paste_masks_in_image(masks, boxes, "67")),
+        ("img_shape", lambda: ops.paste_masks_in_image(masks, boxes, (6.0, 7))),
+        ("padding", lambda: ops.paste_masks_in_image(masks, boxes, IMAGE, "1")),
+        ("out_hw", lambda: ops.paste_masks_padded(*padded[:4], "66")),
+        ("threshold", lambda: ops.paste_masks_padded(*padded, threshold="0.5")),
+        ("num_valid", lambda: ops.paste_masks_padded(*padded[:2], torch.tensor([2.0]), *padded[3:])),
+        ("gt_masks", lambda: ops.mask_targets("masks", count, proposals, matched, count, 3)),
+        ("M", lambda: ops.mask_targets(gt_masks, count, proposals, matched, count, "3")),
+    ]
+    for name, call in type_errors:
+        with pytest.raises(errors.ArgumentTypeError, match=name):
+            call()
+    value_errors = [
+        ("masks", lambda: ops.paste_masks_in_image(torch.rand(2, 2, 5, 5), boxes, IMAGE)),
+        ("img_shape", lambda: ops.paste_masks_in_image(masks, boxes, (-1, 5))),
+        ("padding", lambda: ops.paste_masks_in_image(masks, boxes, IMAGE, padding=-1)),
+        ("out_dtype", lambda: ops.paste_masks_padded(*padded, threshold=None)),
+        ("gt_masks", lambda: ops.mask_targets([], count, proposals, matched, count, 3)),
+        ("M", lambda: ops.mask_targets(gt_masks, count, proposals, matched, count, 0)),
+        ("targets", lambda: ops.mask_loss(torch.rand(2, 3, 4, 4), count.expand(2), torch.rand(2, 3, 4))),
+    ]
+    for name, call in value_errors:
+        with pytest.raises(errors.ArgumentValueError, match=name):
+            call()
+
+
+def test_mask_targets_of_huge_proposals_bound_their_work(monkeypatch):
+    """Proposals with 1e30 corners: the RoIAlign reference (CPU path and oracle) clamps the
+    adaptive sampling grid as the kernels do and visits only the samples near the mask, so it
+    finishes (no OverflowError, no grid of 1e30 samples); ordinary rows still equal torchvision.
+    (The Triton kernel visits the same samples; in the interpreter that takes minutes.)"""
+    generator = torch.Generator().manual_seed(6)
+    gt_masks = torch.rand(1, 2, 6, 5, generator=generator) > 0.5
+    proposals = torch.tensor([[[0, 0, 1e30, 3.0], [1, 1, 4, 5], [-1e30, -1e30, 1e30, 1e30], [1e30, 0, 1e30, 2]]])
+    matched = torch.tensor([[0, 1, 0, 1]])
+    expected = project_masks_on_boxes(gt_masks[0], proposals[0, 1:2], matched[0, 1:2], 3)
+    for backend in ("reference", "cpu"):
+        monkeypatch.setenv("TRITONDET_BACKEND", backend)
+        targets = ops.mask_targets(gt_masks, torch.tensor([2]), proposals, matched, torch.tensor([4]), 3)
+        assert torch.isfinite(targets).all()
+        assert_close(targets[0, 1:2], expected.float(), torch.float32)
+        assert_close(targets[0, [0, 2, 3]], torch.zeros(3, 3, 3), torch.float32)

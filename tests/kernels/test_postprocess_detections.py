@@ -79,6 +79,22 @@ def test_backends_agree_on_candidates_and_detections(monkeypatch, device):
         assert_close(ours, reference, torch.float32)
 
 
+def test_nan_boxes_are_dropped_as_torchvision(backend, device):
+    """A proposal with an infinite corner decodes to a NaN corner (inf - inf), a NaN proposal to NaN
+    corners; clipping keeps NaN (torch.clamp's rule), so every backend drops these boxes where
+    torchvision's remove_small_boxes does (a NaN side is not >= min_size)."""
+    logits, deltas, proposals, sizes = head_outputs(1, 12, 3, seed=3, device=device)
+    proposals[0, :4, 2] = float("inf")
+    proposals[0, 4:6] = float("nan")
+    num_valid = torch.tensor([12], device=device)
+    ours = ops.postprocess_detections(logits, deltas, proposals, num_valid, sizes, WEIGHTS, 0.0)
+    expected = torchvision_detections(
+        *(t.cpu() for t in (logits, deltas, proposals, sizes, num_valid)), 0.0, 0.5, 100
+    )  # fmt: skip
+    assert sum(len(e) for e in expected[2]) > 0
+    assert_same(ours, expected)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
 def test_head_dtypes_compute_in_fp32(backend, device, dtype):
     logits, deltas, proposals, sizes = head_outputs(2, 30, 4, seed=2, device=device, dtype=dtype)

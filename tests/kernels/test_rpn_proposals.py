@@ -31,7 +31,9 @@ def head_outputs(config, padded, batch, seed, dtype=torch.float32, delta_scale=0
     return objectness, deltas
 
 
-def torchvision_proposals(config, padded, image_sizes, objectness, deltas, top_n, nms_thresh=0.7, score_thresh=0.0):
+def torchvision_proposals(
+    config, padded, image_sizes, objectness, deltas, top_n, nms_thresh=0.7, score_thresh=0.0, min_size=1e-3
+):
     """torchvision's RPN forward minus the head: anchors, BoxCoder.decode, filter_proposals."""
     sizes, ratios, _ = config
     batch = objectness[0].shape[0]
@@ -49,6 +51,7 @@ def torchvision_proposals(config, padded, image_sizes, objectness, deltas, top_n
         nms_thresh,
         score_thresh,
     )
+    rpn.min_size = min_size
     anchors = rpn.anchor_generator(images, objectness)
     counts = [o[0].numel() for o in objectness]
     flat_objectness, flat_deltas = concat_box_prediction_layers(objectness, deltas)
@@ -166,6 +169,18 @@ def test_extreme_deltas_and_boxes_outside_the_image(backend, device):
     result = ours(config, image_sizes, objectness, deltas, top_n)
     assert_same_proposals(result, expected, top_n)
     assert torch.isfinite(result[0]).all()
+
+
+def test_nan_boxes_are_dropped_as_torchvision(backend, device):
+    """NaN deltas decode to NaN boxes; clipping keeps NaN (torch.clamp's rule), so even with
+    min_size 0 every backend drops them, as torchvision's remove_small_boxes does."""
+    config = PAPER
+    padded, image_sizes, top_n = (96, 128), [(90, 120)], (60, 30)
+    objectness, deltas = head_outputs(config, padded, 1, seed=11, device=device)
+    deltas[0][:, 0::4, :2] = float("nan")
+    objectness[0][:, 0, :2] = 10.0  # the NaN boxes score highest
+    expected = torchvision_proposals(config, padded, image_sizes, objectness, deltas, top_n, min_size=0.0)
+    assert_same_proposals(ours(config, image_sizes, objectness, deltas, top_n, min_size=0.0), expected, top_n)
 
 
 def test_score_threshold_leaves_zero_valid(backend, device):

@@ -36,7 +36,7 @@ from torchvision.models.detection.roi_heads import expand_boxes, project_masks_o
 from torchvision.models.detection.roi_heads import paste_masks_in_image as torchvision_paste
 
 from tests.tolerances import TOLERANCES
-from tritondet import _backend, ops
+from tritondet import _backend, errors, ops
 
 NAN, INF = math.nan, math.inf
 # Coordinates a detector should survive: ordinary values, degenerate ones, overflow and non-finite.
@@ -740,31 +740,7 @@ for _module, _init in (
 
 
 # What the fuzz finds that is not fixed yet, by op: the class of the outcome and an example.
-def _unnamed(example: str) -> str:
-    return f"unnamed error (argument validation): {example} raises a TypeError that names no argument"
-
-
-KNOWN_FAILURES: dict[str, str] = {
-    "anchor_targets": _unnamed("a str bg_iou_thresh ('0.5' <= float)"),
-    "complete_box_iou": _unnamed("eps=None (float(None))"),
-    "decode_boxes": _unnamed("bbox_xform_clip=None (float(None))"),
-    "distance_box_iou": _unnamed("eps=None (float(None))"),
-    "match_boxes": _unnamed("low=None (None <= float)"),
-    "postprocess_detections": _unnamed("nms_thresh=None (float(None))"),
-    "proposal_targets": _unnamed("fg_iou_thresh=None (float <= None)"),
-    "rpn_proposals": _unnamed("min_size=None (float(None))"),
-    "MultiScaleRoIAlign": "unclear error (argument validation): ZeroDivisionError on a zero image shape or output size",
-    **dict.fromkeys(
-        ("paste_masks_in_image", "paste_masks_padded"),
-        "backends disagree (value semantics): the reference (and cpu) paste, a product of weight matrices, spreads a "
-        "NaN mask pixel over the whole image (NaN times the zero weights); torchvision and triton keep NaN to the "
-        "pixels whose taps read it",
-    ),
-    "mask_targets": "unclear error (value semantics): a 1e30 proposal corner gives the RoIAlign reference "
-    "(cpu, reference) an adaptive sampling grid of int(ceil(1e30 / M)) samples: OverflowError from torch.arange",
-    "box_iou": "backends disagree (value semantics): on the triton backend, fmt 'cxcywh' with NaN and inf corners "
-    "gives NaN in other places than the reference",
-}
+KNOWN_FAILURES: dict[str, str] = {}
 
 
 def _with_known_failure(name: str):
@@ -843,6 +819,75 @@ def check_example(name: str, case: Case, make, monkeypatch) -> None:
         with time_limit(TIME_LIMIT):
             expected = _reference_result(name, make, monkeypatch)
     assert_same(result, expected, _input_dtype(args))
+
+
+def _pair(n=2):
+    return torch.tensor([[0.0, 0.0, 4.0, 4.0], [1.0, 1.0, 5.0, 6.0]])[:n]
+
+
+def _scalar_cases():
+    """(op, the argument, a call with it None or a str): the findings of the fuzz, one per argument."""
+    boxes = _pair()
+    gt, count = boxes[None], torch.tensor([2])
+    rpn = (
+        [torch.zeros(1, 2, 2, 2)],
+        [torch.zeros(1, 8, 2, 2)],
+        torch.tensor([[16, 16]]),
+        ((16,),),
+        ((0.5, 1.0),),
+        (8,),
+        4,
+        2,
+    )
+    post = (torch.zeros(2, 3), torch.zeros(2, 12), boxes[None], torch.tensor([2]), torch.tensor([[16, 16]]))
+    return [
+        ("eps", lambda v: ops.complete_box_iou(boxes, boxes, eps=v)),
+        ("eps", lambda v: ops.distance_box_iou(boxes, boxes, eps=v)),
+        ("bbox_xform_clip", lambda v: ops.decode_boxes(torch.zeros(2, 4), boxes, (1, 1, 1, 1), v)),
+        ("high", lambda v: ops.match_boxes(boxes, gt, count, v, 0.3)),
+        ("low", lambda v: ops.match_boxes(boxes, gt, count, 0.7, v)),
+        ("fg_iou_thresh", lambda v: ops.anchor_targets(boxes, gt, count, fg_iou_thresh=v)),
+        ("bg_iou_thresh", lambda v: ops.anchor_targets(boxes, gt, count, bg_iou_thresh=v)),
+        ("positive_fraction", lambda v: ops.anchor_targets(boxes, gt, count, positive_fraction=v)),
+        ("fg_iou_thresh", lambda v: ops.proposal_targets(gt, gt, torch.ones(1, 2, dtype=torch.int64), count, 3, fg_iou_thresh=v)),
+        ("bg_iou_thresh_low", lambda v: ops.proposal_targets(gt, gt, torch.ones(1, 2, dtype=torch.int64), count, 3, bg_iou_thresh_low=v)),
+        ("nms_thresh", lambda v: ops.rpn_proposals(*rpn, nms_thresh=v)),
+        ("min_size", lambda v: ops.rpn_proposals(*rpn, min_size=v)),
+        ("score_thresh", lambda v: ops.rpn_proposals(*rpn, score_thresh=v)),
+        ("score_thresh", lambda v: ops.postprocess_detections(*post, score_thresh=v)),
+        ("nms_thresh", lambda v: ops.postprocess_detections(*post, nms_thresh=v)),
+        ("min_size", lambda v: ops.postprocess_detections(*post, min_size=v)),
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("value", [None, "0.5"])
+@pytest.mark.parametrize("name,call", _scalar_cases(), ids=[f"{i}-{case[0]}" for i, case in enumerate(_scalar_cases())])
+def test_float_arguments_of_the_wrong_type_are_named(name, call, value):
+    with pytest.raises(errors.ArgumentTypeError, match=f"^{name} must be a real number"):
+        call(value)
+
+
+@pytest.mark.parametrize("image_shapes", [[(0, 0)], [(0, 32), (0, 20)]])
+def test_multiscale_roi_align_names_a_zero_image_height(image_shapes):
+    """torchvision divides by the image height (ZeroDivisionError); ours names the argument."""
+    x = {"p2": torch.rand(len(image_shapes), 2, 8, 8)}
+    boxes = [_pair() for _ in image_shapes]
+    with pytest.raises(errors.ArgumentValueError, match="image_shapes"):
+        ops.MultiScaleRoIAlign(["p2"], 2, 2)(x, boxes, image_shapes)
+
+
+def test_multiscale_roi_align_nan_and_inverted_boxes_take_level_0_on_every_backend(monkeypatch):
+    """A NaN or negative box area reaches no level threshold: level 0 in the kernel, and in the
+    reference (an int64 cast of NaN before: IndexError)."""
+    generator = torch.Generator().manual_seed(2)
+    x = {"p2": torch.randn(1, 2, 8, 8, generator=generator), "p3": torch.randn(1, 2, 4, 4, generator=generator)}
+    boxes = [torch.tensor([[0.0, 0.0, 0.0, NAN], [9.0, 1.0, 2.0, 30.0], [1.0, 2.0, 20.0, 25.0]])]
+    pooled = {}
+    for backend in ("triton", "reference", "cpu"):
+        monkeypatch.setenv(_backend.BACKEND_VARIABLE, backend)
+        pooled[backend] = ops.MultiScaleRoIAlign(["p2", "p3"], 2, 2)(x, boxes, [(32, 32)])
+    assert_same(pooled["reference"], pooled["triton"], torch.float32)
+    assert_same(pooled["cpu"], pooled["triton"], torch.float32)
 
 
 def test_every_public_op_has_a_strategy():

@@ -81,13 +81,19 @@ def ieee_div(x, y):
 # ----------------------------------------------------------------------------------------------
 
 
+# torch.minimum, torch.maximum and torch.clamp propagate NaN; Triton's default minimum and
+# maximum return the other operand. Kernels that mirror those torch ops pass this.
+PROPAGATE_NAN = tl.constexpr(tl.PropagateNan.ALL)
+
+
 @triton.jit
 def clip_box(x1, y1, x2, y2, height, width):
-    """(x1, y1, x2, y2) clamped to ``[0, width] x [0, height]``."""
-    x1 = tl.minimum(tl.maximum(x1, 0.0), width)
-    y1 = tl.minimum(tl.maximum(y1, 0.0), height)
-    x2 = tl.minimum(tl.maximum(x2, 0.0), width)
-    y2 = tl.minimum(tl.maximum(y2, 0.0), height)
+    """(x1, y1, x2, y2) clamped to ``[0, width] x [0, height]``; NaN stays NaN, as through
+    ``torch.clamp``."""
+    x1 = tl.minimum(tl.maximum(x1, 0.0, propagate_nan=PROPAGATE_NAN), width, propagate_nan=PROPAGATE_NAN)
+    y1 = tl.minimum(tl.maximum(y1, 0.0, propagate_nan=PROPAGATE_NAN), height, propagate_nan=PROPAGATE_NAN)
+    x2 = tl.minimum(tl.maximum(x2, 0.0, propagate_nan=PROPAGATE_NAN), width, propagate_nan=PROPAGATE_NAN)
+    y2 = tl.minimum(tl.maximum(y2, 0.0, propagate_nan=PROPAGATE_NAN), height, propagate_nan=PROPAGATE_NAN)
     return x1, y1, x2, y2
 
 
@@ -171,10 +177,11 @@ def level_area_thresholds(
 def roi_levels_reference(
     rois: torch.Tensor, num_levels: int, k_min: int, canonical_scale: float, canonical_level: float
 ) -> torch.Tensor:
-    """``[K, 5] -> [K]`` int64 level index (0 for a single level): torchvision's LevelMapper in fp32."""
+    """``[K, 5] -> [K]`` int64 level index (0 for a single level): torchvision's LevelMapper in fp32;
+    a NaN or negative area takes level 0, as in :func:`roi_level` (it reaches no threshold)."""
     if num_levels == 1:
         return torch.zeros(rois.shape[0], dtype=torch.int64, device=rois.device)
     boxes = rois[:, 1:].to(torch.float32)
     areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    target = _torchvision_levels(areas, canonical_scale, canonical_level)
+    target = _torchvision_levels(areas, canonical_scale, canonical_level).nan_to_num(nan=k_min)
     return (target.clamp(k_min, k_min + num_levels - 1) - k_min).to(torch.int64)

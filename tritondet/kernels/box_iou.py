@@ -23,7 +23,7 @@ import triton.language as tl
 
 from .._backend import use_fast_cpu, use_triton
 from ._aot import KernelSpec
-from ._common import NO_FP_FUSION, NUM_WARPS, compute_dtype_of, ieee_div, split_program
+from ._common import NO_FP_FUSION, NUM_WARPS, PROPAGATE_NAN, compute_dtype_of, ieee_div, split_program
 from ._launch import launch
 
 KINDS = ("iou", "giou", "diou", "ciou")
@@ -50,10 +50,14 @@ def _corners(raw0, raw1, raw2, raw3, FMT: tl.constexpr):
 @triton.jit
 def intersection_union(ax1, ay1, ax2, ay2, area_a, bx1, by1, bx2, by2, area_b):
     """Intersection and union areas of box pairs (torchvision's formulas and order); the first box's
-    corners and area broadcast against the second's. Shared with the NMS kernels."""
-    inter_w = tl.minimum(ax2, bx2) - tl.maximum(ax1, bx1)
-    inter_h = tl.minimum(ay2, by2) - tl.maximum(ay1, by1)
-    inter = tl.maximum(inter_w, 0.0) * tl.maximum(inter_h, 0.0)
+    corners and area broadcast against the second's. Shared with the NMS kernels.
+
+    NaN propagates through the minima, maxima and clamps as through torch's: a NaN corner makes
+    the intersection NaN even where the area, from a width and a height, is finite."""
+    inter_w = tl.minimum(ax2, bx2, propagate_nan=PROPAGATE_NAN) - tl.maximum(ax1, bx1, propagate_nan=PROPAGATE_NAN)
+    inter_h = tl.minimum(ay2, by2, propagate_nan=PROPAGATE_NAN) - tl.maximum(ay1, by1, propagate_nan=PROPAGATE_NAN)
+    width = tl.maximum(inter_w, 0.0, propagate_nan=PROPAGATE_NAN)
+    inter = width * tl.maximum(inter_h, 0.0, propagate_nan=PROPAGATE_NAN)
     return inter, area_a + area_b - inter
 
 

@@ -38,7 +38,7 @@ from .._backend import use_fast_cpu, use_triton
 from ._aot import KernelSpec
 from ._common import NO_FP_FUSION, NUM_WARPS, compute_dtype_of, ieee_div
 from ._launch import device_table, launch
-from .roi_align import axis_samples, bin_grid, bin_sample_sums, bin_spans, roi_align_reference
+from .roi_align import MAX_GRID, axis_samples, bin_grid, bin_sample_sums, bin_spans, roi_align_reference
 
 # ----------------------------------------------------------------------------------------------
 # Triton kernels
@@ -435,10 +435,26 @@ def mask_loss_backward_triton(grad, labels, scale, num_classes, dtype):
 # ----------------------------------------------------------------------------------------------
 
 
-def _resize_matrix(start, end, coords, inside, padding, mask_size, compute_dtype):
+# Non-finite mask pixels in the matrix-product paste: the Triton kernel (and torchvision's
+# F.interpolate) multiply each tap it reads by its weight, so a NaN tap, or an inf tap read with a
+# zero weight (inf * 0), makes the pixel NaN, and an inf tap read with positive weights makes it
+# inf. The reference multiplies the finite pixels by the weight matrices and marks where non-finite
+# ones land with a second, exact product of small integers: each tap read with positive weights
+# along an axis counts 1 in that axis's tap matrix, read with a zero weight _ZERO_WEIGHT_TAP; a
+# +inf pixel counts _POS_INF, -inf _NEG_INF, NaN _NAN. A pixel reads at most 4 taps, so the sum
+# over its taps holds the number of +inf taps read with positive weights in its lowest 3 bits, of
+# -inf ones in the next 3, and is _NAN or more when any tap makes it NaN; at most 4 * 64**3 = 2**20,
+# exact in fp32.
+_POS_INF, _NEG_INF, _NAN = 1, 8, 64
+_ZERO_WEIGHT_TAP = 64
+
+
+def _resize_matrix(start, end, coords, inside, padding, mask_size, compute_dtype, taps: bool = False):
     """``[..., len(coords), mask_size]``: row ``o`` holds the bilinear weights of image coordinate
     ``coords[o]`` on the mask's pixels (zero rows outside the box ``[start, end]`` (``[...]``) and
-    where ``inside`` is false): the Triton ``_resize_axis`` in PyTorch."""
+    where ``inside`` is false): the Triton ``_resize_axis`` in PyTorch. With ``taps``, the marks of
+    the pixels row ``o`` reads instead: 1, or ``_ZERO_WEIGHT_TAP`` where one of its two taps reads
+    the pixel with a zero weight."""
     device = start.device
     padded = mask_size + 2 * padding
     box = (end - start + 1).clamp(min=1).to(compute_dtype)
@@ -448,10 +464,27 @@ def _resize_matrix(start, end, coords, inside, padding, mask_size, compute_dtype
     w_high = (source - low).clamp(0, 1)
     high = low + (low < padded - 1).to(low.dtype)
     used = inside & (coords >= start[..., None]) & (coords <= end[..., None])
-    weights = torch.zeros((*source.shape, padded), dtype=compute_dtype, device=device)
-    weights.scatter_add_(-1, low.long()[..., None], torch.where(used, 1 - w_high, 0)[..., None])
-    weights.scatter_add_(-1, high.long()[..., None], torch.where(used, w_high, 0)[..., None])
-    return weights[..., padding : padding + mask_size]
+    matrix = torch.zeros((*source.shape, padded), dtype=compute_dtype, device=device)
+    for index, weight in ((low.long()[..., None], 1 - w_high), (high.long()[..., None], w_high)):
+        if taps:
+            mark = torch.where(weight == 0, _ZERO_WEIGHT_TAP, 1).to(compute_dtype)
+            matrix.scatter_reduce_(-1, index, torch.where(used, mark, 0)[..., None], "amax")
+        else:
+            matrix.scatter_add_(-1, index, torch.where(used, weight, 0)[..., None])
+    return matrix[..., padding : padding + mask_size]
+
+
+def _with_non_finite(values, masks, finite, row_taps, col_taps):
+    """``values [B, P, H, W]`` (the paste of the finite mask pixels) with NaN and inf where the
+    Triton kernel gives them (see ``_NAN``): ``masks [B, P, MH, MW]``, ``finite`` its mask,
+    ``row_taps [B, P, H, MH]`` and ``col_taps [B, P, W, MW]`` from ``_resize_matrix(taps=True)``."""
+    codes = torch.where(masks > 0, _POS_INF, _NEG_INF)
+    codes = torch.where(finite, 0, torch.where(masks.isnan(), _NAN, codes)).to(masks.dtype)
+    hits = row_taps @ (codes @ col_taps.transpose(-1, -2))
+    positive, negative = hits % _NEG_INF > 0, hits >= _NEG_INF
+    infinity = torch.where(positive, torch.inf, -torch.inf)
+    non_finite = torch.where((hits >= _NAN) | (positive & negative), torch.nan, infinity)
+    return torch.where(hits == 0, values, non_finite)
 
 
 def paste_masks_reference(masks, boxes, num_valid, image_sizes, out_hw, padding, threshold, out_dtype):
@@ -467,8 +500,8 @@ def paste_masks_reference(masks, boxes, num_valid, image_sizes, out_hw, padding,
     valid = torch.arange(p, device=device) < num_valid.to(device)[:, None]  # [B, P]
     in_image_y = (torch.arange(height, device=device) < image_sizes[:, None, 0, None]) & valid[..., None]
     in_image_x = (torch.arange(width, device=device) < image_sizes[:, None, 1, None]).expand(b, p, width)
-    rows = _resize_matrix(y0, y1, torch.arange(height, device=device), in_image_y, padding, mh, compute_dtype)
-    cols = _resize_matrix(x0, x1, torch.arange(width, device=device), in_image_x, padding, mw, compute_dtype)
+    rows = (y0, y1, torch.arange(height, device=device), in_image_y, padding, mh, compute_dtype)
+    cols = (x0, x1, torch.arange(width, device=device), in_image_x, padding, mw, compute_dtype)
     values = _resized(masks, rows, cols)  # [B, P, H, W]
     if threshold is None:
         return values.to(out_dtype)
@@ -483,10 +516,20 @@ def paste_masks_reference(masks, boxes, num_valid, image_sizes, out_hw, padding,
 WINDOWED_PASTE_PIXELS = 2**17
 
 
-def _resized(masks: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """``masks [..., MH, MW]`` resized by the weights ``rows [..., H, MH]`` and ``cols [..., W, MW]``
-    -> ``[..., H, W]`` in the masks' dtype (computed in the weights' dtype)."""
-    return (rows @ (masks.to(rows.dtype) @ cols.transpose(-1, -2))).to(masks.dtype)
+def _resized(masks: torch.Tensor, row_axis: tuple, col_axis: tuple) -> torch.Tensor:
+    """``masks [..., MH, MW]`` resized by the weights :func:`_resize_matrix` gives for ``row_axis``
+    (``[..., H, MH]``) and ``col_axis`` (``[..., W, MW]``, their arguments) -> ``[..., H, W]`` in the
+    masks' dtype (computed in the weights'), non-finite pixels landing where the kernel's taps put
+    them (see ``_NAN``)."""
+    rows, cols = _resize_matrix(*row_axis), _resize_matrix(*col_axis)
+    pixels = masks.to(rows.dtype)
+    finite = torch.isfinite(pixels)
+    values = rows @ (torch.where(finite, pixels, 0) @ cols.transpose(-1, -2))
+    # On the CPU reading the check back waits for nothing, and spares finite masks the marking.
+    if masks.device.type != "cpu" or not bool(finite.all()):
+        row_taps, col_taps = _resize_matrix(*row_axis, taps=True), _resize_matrix(*col_axis, taps=True)
+        values = _with_non_finite(values, pixels, finite, row_taps, col_taps)
+    return values.to(masks.dtype)
 
 
 def paste_masks_cpu(masks, boxes, num_valid, image_sizes, out_hw, padding, threshold, out_dtype):
@@ -513,8 +556,8 @@ def paste_masks_cpu(masks, boxes, num_valid, image_sizes, out_hw, padding, thres
             if top >= bottom or left >= right:
                 continue
             corners = torch.tensor([x0, y0, x1, y1])
-            rows = _resize_matrix(corners[1], corners[3], torch.arange(top, bottom), yes, padding, mh, compute_dtype)
-            cols = _resize_matrix(corners[0], corners[2], torch.arange(left, right), yes, padding, mw, compute_dtype)
+            rows = (corners[1], corners[3], torch.arange(top, bottom), yes, padding, mh, compute_dtype)
+            cols = (corners[0], corners[2], torch.arange(left, right), yes, padding, mw, compute_dtype)
             values = _resized(masks[image, row], rows, cols)
             out[image, row, top:bottom, left:right] = values if threshold is None else values > threshold
     return out
@@ -550,7 +593,7 @@ def _axis_windows(first, bin_size, grid, bins: int, extent: int) -> list[tuple[t
     extents = torch.full_like(grid, extent, dtype=torch.int64)
     for samples in grid.unique().tolist():
         members = (grid == samples).nonzero().squeeze(1)
-        taps, weights = axis_samples(first[members], bin_size[members], extents[members], int(samples), bins, True)
+        taps, weights = axis_samples(first[members], bin_size[members], extents[members], samples, bins, True)
         taps, weights = taps.flatten(1), weights.flatten(1)
         touched = weights != 0
         start = torch.where(touched, taps, extent).amin(1)
@@ -586,9 +629,10 @@ def mask_targets_cpu(gt_masks, gt_sizes, gt_count, proposals, matched_idxs, num_
         height, width = gt_sizes[2 * image : 2 * image + 2]
         x1, y1, x2, y2 = boxes[image, members].unbind(1)
         # torchvision's roi_align at spatial scale 1, aligned=False: RoIs of at least 1 x 1 pixel,
-        # ceil(RoI / M) samples per bin on each axis.
+        # ceil(RoI / M) samples per bin on each axis (clamped as the kernels clamp them).
         roi_h, roi_w = (y2 - y1).clamp(min=1.0), (x2 - x1).clamp(min=1.0)
-        grid_h, grid_w = torch.ceil(roi_h / mask_size), torch.ceil(roi_w / mask_size)
+        grid_h = torch.ceil(roi_h / mask_size).clamp(max=MAX_GRID.value)
+        grid_w = torch.ceil(roi_w / mask_size).clamp(max=MAX_GRID.value)
         rows = _axis_windows(y1, roi_h / mask_size, grid_h, mask_size, height)
         cols = _axis_windows(x1, roi_w / mask_size, grid_w, mask_size, width)
         planes = gt_masks[image]

@@ -748,26 +748,51 @@ def _axis_taps(coord: torch.Tensor, size: torch.Tensor, used: torch.Tensor):
     return torch.stack([low, high], -1).to(torch.int64), torch.stack([w_low, w_high], -1)
 
 
+def _sample_span_reference(origin, bin_size, grid: float, size):
+    """Reference of ``_sample_span`` for bins ``[...]`` sharing one sampling grid: (first, count)
+    int64 of the samples that can land in ``[-1, size]``, the only ones the kernels visit."""
+    step = bin_size / max(grid, 1.0)
+    pad = 1.0 + (origin.abs() + bin_size.abs()) * SPAN_MARGIN.value
+    a = (-1.0 - pad - origin) / step - 1.5
+    b = (size + pad - origin) / step + 0.5
+    # A zero step puts every sample at the origin.
+    flat_inside = (origin >= -1.0) & (origin <= size)
+    lo = torch.where(step == 0, torch.where(flat_inside, 0.0, grid), torch.minimum(a, b))
+    hi = torch.where(step == 0, torch.where(flat_inside, grid, 0.0), torch.maximum(a, b))
+    ok = lo <= hi  # false for NaN
+    first = torch.where(ok, lo.floor().clamp(0, grid), 0.0)
+    end = torch.where(ok, hi.ceil().clamp(0, grid), 0.0)
+    return first.long(), (end - first).clamp(min=0).long()
+
+
 def axis_samples(
-    first: torch.Tensor, bin_size: torch.Tensor, extent: torch.Tensor, samples: int, bins: int, adaptive: bool
+    first: torch.Tensor, bin_size: torch.Tensor, extent: torch.Tensor, samples: float, bins: int, adaptive: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One axis of RoIAlign's samples for G RoIs of ``samples`` samples per bin: ``first [G]`` (the
-    RoI's start in map pixels), ``bin_size [G]``, ``extent [G]`` (the map's size on this axis) ->
-    (map rows ``[G, bins, T, taps]`` int64, their bilinear weights, summed over the bin's samples
-    for an ``adaptive`` grid of 3 or more samples). Sample positions follow torchvision's formula in
-    its order of operations."""
+    """One axis of RoIAlign's samples for G RoIs of ``samples`` samples per bin (the grid, clamped
+    to ``MAX_GRID``): ``first [G]`` (the RoI's start in map pixels), ``bin_size [G]``, ``extent [G]``
+    (the map's size on this axis) -> (map rows ``[G, bins, T, taps]`` int64, their bilinear weights,
+    summed over the bin's samples for an ``adaptive`` grid visiting 3 or more samples). Only the
+    samples that can reach the map are visited, as the kernels visit them (bounded work whatever
+    the RoI's size); positions follow torchvision's formula in its order of operations."""
     device, compute_dtype = first.device, first.dtype
-    i = torch.arange(samples, device=device, dtype=compute_dtype)
     p = torch.arange(bins, device=device, dtype=compute_dtype)
-    bin_size = bin_size[:, None, None]
-    coord = first[:, None, None] + p[:, None] * bin_size + ((i + 0.5) * bin_size) / samples
-    used = torch.ones_like(coord, dtype=torch.bool)
-    taps, tap_weights = _axis_taps(coord, extent[:, None, None], used)  # [G, bins, samples, 2]
-    if not adaptive or samples < 3:
+    bin_size = bin_size[:, None]
+    origin = first[:, None] + p * bin_size  # [G, bins]
+    first_sample, span = _sample_span_reference(origin, bin_size, samples, extent[:, None])
+    visits = int(span.max()) if span.numel() else 0
+    j = torch.arange(visits, device=device)
+    i = (first_sample[..., None] + j).to(compute_dtype)
+    coord = origin[..., None] + ((i + 0.5) * bin_size[..., None]) / samples
+    used = j < span[..., None]
+    taps, tap_weights = _axis_taps(coord, extent[:, None, None], used)  # [G, bins, visits, 2]
+    if not adaptive or visits < 3:
         return taps, tap_weights
-    # Adaptive grids sample about once per pixel, so the 2 * samples taps of a bin hit at
-    # most samples + 2 consecutive rows: sum them into that window (fewer matrix entries).
-    window = samples + 2
+    # An adaptive grid below MAX_GRID samples at most once per pixel, so the 2 * visits taps of a
+    # bin hit at most visits + 2 consecutive rows from the first one: sum them into that window
+    # (fewer matrix entries); a clamped grid samples more sparsely, its window is the whole axis.
+    # Either way, at most the map's rows.
+    extent_max = int(extent.max())
+    window = min(visits + 2, extent_max) if samples < MAX_GRID.value else extent_max
     first_tap = taps[:, :, :1, :1]
     # Out-of-map samples have weight 0, so clamping their position is harmless.
     relative = (taps - first_tap).clamp(0, window - 1).flatten(2)
@@ -822,14 +847,15 @@ def _sampling_matrix(
         grid_w = torch.full_like(bin_w, sampling_ratio)
     else:
         grid_h, grid_w = torch.ceil(roi_h / ph_count), torch.ceil(roi_w / pw_count)
-    grid_h = torch.where(valid, grid_h, 0).clamp(min=0)
-    grid_w = torch.where(valid, grid_w, 0).clamp(min=0)
+    # bin_grid's clamp: the sample counts (and so the sample positions and the divisor) are the kernels'.
+    grid_h = torch.where(valid, grid_h, 0).clamp(0, MAX_GRID.value)
+    grid_w = torch.where(valid, grid_w, 0).clamp(0, MAX_GRID.value)
     count = (grid_h * grid_w).clamp(min=1)
     image_start = level_start + b.where(valid, 0).to(torch.int64) * heights * widths
     # RoIs grouped by sampling grid (one group when sampling_ratio > 0; a few dozen at most for
     # adaptive grids): each group's samples are a dense broadcast with no padding. The grid sizes
     # are read on the host, fine on the CPU path.
-    grids = (grid_h * (grid_w.max() + 1 if k else 1) + grid_w).long()
+    grids = grid_h.long() * (grid_w.long().max() + 1 if k else 1) + grid_w.long()
     order = torch.argsort(grids, stable=True)
     _, group_sizes = torch.unique_consecutive(grids[order], return_counts=True)
     columns, weights, row_counts = [], [], []
@@ -837,7 +863,7 @@ def _sampling_matrix(
     for size in group_sizes.tolist():
         members = order[start : start + size]
         start += size
-        gh, gw = int(grid_h[members[0]]), int(grid_w[members[0]])
+        gh, gw = float(grid_h[members[0]]), float(grid_w[members[0]])
 
         adaptive = sampling_ratio <= 0
         y_taps, y_weights = axis_samples(start_h[members], bin_h[members], heights[members], gh, ph_count, adaptive)

@@ -290,14 +290,17 @@ def candidates_from_anchors(
     max_count = max(counts)
     k = candidate_count(counts, pre_nms_top_n)
     # (y, x, anchor) order, as torchvision's permute_and_flatten.
-    logits = [o.permute(0, 2, 3, 1).reshape(batch, -1).float() for o in objectness]
+    # Explicit sizes, not -1: a reshape of zero elements (B = 0) cannot infer a dimension.
+    logits = [o.permute(0, 2, 3, 1).reshape(batch, c).float() for o, c in zip(objectness, counts, strict=True)]
     top_logits, top_index = _pad_levels(logits, max_count, float("-inf")).topk(k, dim=2)  # [N, L, K]
     # Built on the device (no host-to-device copy): candidate j of level l is one of its top n.
     top_n = torch.stack([torch.full((), min(c, pre_nms_top_n), device=device) for c in counts])
     selected = torch.arange(k, device=device) < top_n[:, None]
     top_codes, top_anchors = [], []
     for level, (d, level_anchors) in enumerate(zip(deltas, anchors.split(counts), strict=True)):
-        codes = d.reshape(batch, d.shape[1] // 4, 4, *d.shape[2:]).permute(0, 3, 4, 1, 2).reshape(batch, -1, 4)
+        codes = (
+            d.reshape(batch, d.shape[1] // 4, 4, *d.shape[2:]).permute(0, 3, 4, 1, 2).reshape(batch, counts[level], 4)
+        )
         # Picks past the level's anchors (not selected) read an appended zero row: no empty gather.
         codes = torch.cat([codes.float(), codes.new_zeros((batch, 1, 4), dtype=torch.float32)], dim=1)
         level_anchors = torch.cat([level_anchors, level_anchors.new_zeros((1, 4))])

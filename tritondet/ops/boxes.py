@@ -10,7 +10,15 @@ from torch import Tensor
 from ..errors import ArgumentValueError
 from ..kernels import box_coder as _box_coder_family
 from ..kernels import box_iou as _box_iou_family
-from ._checks import box_coder_weights, check_choice, check_floating, check_same_device, check_tensor, traced_call
+from ._checks import (
+    box_coder_weights,
+    check_choice,
+    check_floating,
+    check_real,
+    check_same_device,
+    check_tensor,
+    traced_call,
+)
 
 _ROTATED_FORMATS = ("cxcywhr", "xywhr", "xyxyxyxy")
 
@@ -100,6 +108,7 @@ def distance_box_iou(boxes1: Tensor, boxes2: Tensor, eps: float = 1e-7) -> Tenso
         traced = traced_call(distance_box_iou, boxes1, boxes2, eps)
         if traced is not None:
             return traced
+        check_real("eps", eps)
     return _pairwise(boxes1, boxes2, "diou", eps=eps)
 
 
@@ -117,6 +126,7 @@ def complete_box_iou(boxes1: Tensor, boxes2: Tensor, eps: float = 1e-7) -> Tenso
         traced = traced_call(complete_box_iou, boxes1, boxes2, eps)
         if traced is not None:
             return traced
+        check_real("eps", eps)
     return _pairwise(boxes1, boxes2, "ciou", eps=eps)
 
 
@@ -207,6 +217,6 @@ def decode_boxes(
         raise ArgumentValueError(f"weights must be non-zero to decode, got {values}")
     shape = deltas.shape
     result = torch.ops.tritondet.decode_boxes(
-        deltas.reshape(-1, shape[-1]), boxes.reshape(-1, 4), values, float(bbox_xform_clip)
+        deltas.reshape(-1, shape[-1]), boxes.reshape(-1, 4), values, check_real("bbox_xform_clip", bbox_xform_clip)
     )
     return result.to(deltas.dtype).reshape(shape)

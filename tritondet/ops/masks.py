@@ -11,49 +11,38 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._checks import check_counts, check_floating, check_same_device, check_tensor
+from ..errors import ArgumentTypeError, ArgumentValueError
+from ._checks import check_counts, check_floating, check_int, check_real, check_same_device, check_tensor
 
 
 def _check_mask_stack(name: str, value, dims: int) -> Tensor:
     check_floating(name, check_tensor(name, value))
     if value.dim() != dims:
-        raise ValueError(f"{name} must have {dims} dimensions, got shape {tuple(value.shape)}")
+        raise ArgumentValueError(f"{name} must have {dims} dimensions, got shape {tuple(value.shape)}")
     if value.shape[-1] == 0 or value.shape[-2] == 0:
-        raise ValueError(f"{name} must have masks of at least 1 x 1 pixels, got shape {tuple(value.shape)}")
+        raise ArgumentValueError(f"{name} must have masks of at least 1 x 1 pixels, got shape {tuple(value.shape)}")
     return value
 
 
 def _check_boxes(name: str, boxes, shape: tuple[int, ...]) -> Tensor:
     check_floating(name, check_tensor(name, boxes, last_dim=4))
     if tuple(boxes.shape[:-1]) != shape:
-        raise ValueError(f"{name} must have shape {[*shape, 4]}, got shape {tuple(boxes.shape)}")
+        raise ArgumentValueError(f"{name} must have shape {[*shape, 4]}, got shape {tuple(boxes.shape)}")
     return boxes
 
 
 def _check_size(name: str, value) -> tuple[int, int]:
-    try:
-        height, width = (int(v) for v in value)
-    except (TypeError, ValueError) as error:
-        raise TypeError(f"{name} must be a pair of ints (height, width), got {value!r}") from error
-    if height < 0 or width < 0:
-        raise ValueError(f"{name} must not be negative, got {value!r}")
-    return height, width
-
-
-def _check_padding(padding) -> int:
-    if isinstance(padding, bool) or not isinstance(padding, int):
-        raise TypeError(f"padding must be an int, got {type(padding).__name__}")
-    if padding < 0:
-        raise ValueError(f"padding must not be negative, got {padding}")
-    return padding
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise ArgumentTypeError(f"{name} must be a pair of ints (height, width), got {value!r}")
+    return check_int(f"{name}[0]", value[0], minimum=0), check_int(f"{name}[1]", value[1], minimum=0)
 
 
 def _check_per_image(name: str, value, batch: int, trailing: tuple[int, ...] = ()) -> Tensor:
     check_tensor(name, value)
     if value.is_floating_point():
-        raise TypeError(f"{name} must be an integer tensor, got dtype {value.dtype}")
+        raise ArgumentTypeError(f"{name} must be an integer tensor, got dtype {value.dtype}")
     if tuple(value.shape) != (batch, *trailing):
-        raise ValueError(f"{name} must have shape {[batch, *trailing]}, got shape {tuple(value.shape)}")
+        raise ArgumentValueError(f"{name} must have shape {[batch, *trailing]}, got shape {tuple(value.shape)}")
     return value
 
 
@@ -74,11 +63,11 @@ def paste_masks_in_image(masks: Tensor, boxes: Tensor, img_shape: tuple[int, int
     """
     _check_mask_stack("masks", masks, 4)
     if masks.shape[1] != 1:
-        raise ValueError(f"masks must have shape [K, 1, M, M], got shape {tuple(masks.shape)}")
+        raise ArgumentValueError(f"masks must have shape [K, 1, M, M], got shape {tuple(masks.shape)}")
     _check_boxes("boxes", boxes, (masks.shape[0],))
     check_same_device(masks=masks, boxes=boxes)
     height, width = _check_size("img_shape", img_shape)
-    padding = _check_padding(padding)
+    check_int("padding", padding, minimum=0)
     pasted = torch.ops.tritondet.paste_masks(
         masks[None, :, 0], boxes[None], None, None, height, width, padding, None, masks.dtype
     )
@@ -122,11 +111,11 @@ def paste_masks_padded(
     height, width = _check_size("out_hw", out_hw)
     if threshold is None:
         if not out_dtype.is_floating_point:
-            raise ValueError(f"out_dtype must be a float dtype when threshold is None, got {out_dtype}")
+            raise ArgumentValueError(f"out_dtype must be a float dtype when threshold is None, got {out_dtype}")
     else:
         if out_dtype not in (torch.bool, torch.uint8):
-            raise ValueError(f"out_dtype must be torch.bool or torch.uint8 with a threshold, got {out_dtype}")
-        threshold = float(threshold)
+            raise ArgumentValueError(f"out_dtype must be torch.bool or torch.uint8 with a threshold, got {out_dtype}")
+        threshold = check_real("threshold", threshold)
     check_counts("num_valid", num_valid, slots)
     return torch.ops.tritondet.paste_masks(masks, boxes, num_valid, image_sizes, height, width, 1, threshold, out_dtype)
 
@@ -135,7 +124,7 @@ def _check_mask_pixels(name: str, masks: Tensor) -> None:
     """Masks ``[..., G, H, W]``, if any (G > 0), have at least 1 x 1 pixels: RoIAlign reads a
     pixel of every matched mask."""
     if masks.shape[-3] and not (masks.shape[-2] and masks.shape[-1]):
-        raise ValueError(f"{name} must have masks of at least 1 x 1 pixels, got shape {tuple(masks.shape)}")
+        raise ArgumentValueError(f"{name} must have masks of at least 1 x 1 pixels, got shape {tuple(masks.shape)}")
 
 
 def _dense_gt_masks(gt_masks, batch: int, device: torch.device) -> tuple[Tensor, list[int]]:
@@ -143,22 +132,22 @@ def _dense_gt_masks(gt_masks, batch: int, device: torch.device) -> tuple[Tensor,
     ``[G_b, H_b, W_b]`` masks is copied into one zero-padded tensor (a loop over images)."""
     if isinstance(gt_masks, Tensor):
         if gt_masks.dim() != 4 or gt_masks.shape[0] != batch:
-            raise ValueError(f"gt_masks must have shape [{batch}, G, H, W], got shape {tuple(gt_masks.shape)}")
+            raise ArgumentValueError(f"gt_masks must have shape [{batch}, G, H, W], got shape {tuple(gt_masks.shape)}")
         _check_mask_pixels("gt_masks", gt_masks)
         return gt_masks, list(gt_masks.shape[-2:]) * batch
     if not isinstance(gt_masks, (list, tuple)) or not all(isinstance(m, Tensor) for m in gt_masks):
-        raise TypeError(
+        raise ArgumentTypeError(
             f"gt_masks must be a Tensor[B, G, H, W] or a list of Tensor[G, H, W], got {type(gt_masks).__name__}"
         )
     if len(gt_masks) != batch:
-        raise ValueError(f"gt_masks must hold {batch} images' masks, got {len(gt_masks)}")
+        raise ArgumentValueError(f"gt_masks must hold {batch} images' masks, got {len(gt_masks)}")
     for i, masks in enumerate(gt_masks):
         if masks.dim() != 3:
-            raise ValueError(f"gt_masks[{i}] must have shape [G, H, W], got shape {tuple(masks.shape)}")
+            raise ArgumentValueError(f"gt_masks[{i}] must have shape [G, H, W], got shape {tuple(masks.shape)}")
         _check_mask_pixels(f"gt_masks[{i}]", masks)
     dtypes = {m.dtype for m in gt_masks}
     if len(dtypes) > 1:
-        raise TypeError(f"gt_masks must share one dtype, got {sorted(map(str, dtypes))}")
+        raise ArgumentTypeError(f"gt_masks must share one dtype, got {sorted(map(str, dtypes))}")
     shape = [max((m.shape[d] for m in gt_masks), default=0) for d in range(3)]
     dense = torch.zeros((batch, *shape), dtype=gt_masks[0].dtype if gt_masks else torch.uint8, device=device)
     for image, masks in enumerate(gt_masks):
@@ -193,10 +182,9 @@ def mask_targets(
     """
     check_floating("proposals", check_tensor("proposals", proposals, last_dim=4))
     if proposals.dim() != 3:
-        raise ValueError(f"proposals must have shape [B, P, 4], got shape {tuple(proposals.shape)}")
+        raise ArgumentValueError(f"proposals must have shape [B, P, 4], got shape {tuple(proposals.shape)}")
     batch, slots = proposals.shape[:2]
-    if isinstance(M, bool) or not isinstance(M, int) or M <= 0:
-        raise ValueError(f"M must be a positive int, got {M!r}")
+    check_int("M", M, minimum=1)
     _check_per_image("gt_count", gt_count, batch)
     _check_per_image("matched_idxs", matched_idxs, batch, (slots,))
     _check_per_image("num_valid", num_valid, batch)
@@ -204,7 +192,7 @@ def mask_targets(
     dense, sizes = _dense_gt_masks(gt_masks, batch, proposals.device)
     check_same_device(proposals=proposals, gt_masks=dense)
     if dense.dtype not in (torch.bool, torch.uint8) and not dense.is_floating_point():
-        raise TypeError(f"gt_masks must hold bool, uint8 or float values, got dtype {dense.dtype}")
+        raise ArgumentTypeError(f"gt_masks must hold bool, uint8 or float values, got dtype {dense.dtype}")
     check_counts("gt_count", gt_count, dense.shape[1])
     check_counts("num_valid", num_valid, slots)
     return torch.ops.tritondet.mask_targets(dense, sizes, gt_count, proposals, matched_idxs, num_valid, M)
@@ -220,7 +208,7 @@ def _check_labels(labels: Tensor, num_classes: int, weights: Tensor | None) -> N
     try:
         torch._assert_async(counted.all(), message)
     except RuntimeError as error:
-        raise ValueError(message) from error
+        raise ArgumentValueError(message) from error
 
 
 def mask_loss(mask_logits: Tensor, labels: Tensor, targets: Tensor, weights: Tensor | None = None) -> Tensor:
@@ -241,16 +229,16 @@ def mask_loss(mask_logits: Tensor, labels: Tensor, targets: Tensor, weights: Ten
     """
     check_floating("mask_logits", check_tensor("mask_logits", mask_logits))
     if mask_logits.dim() != 4 or mask_logits.shape[-1] != mask_logits.shape[-2]:
-        raise ValueError(f"mask_logits must have shape [K, C, M, M], got shape {tuple(mask_logits.shape)}")
+        raise ArgumentValueError(f"mask_logits must have shape [K, C, M, M], got shape {tuple(mask_logits.shape)}")
     k, c, m = mask_logits.shape[0], mask_logits.shape[1], mask_logits.shape[-1]
     _check_per_image("labels", labels, k)
     check_floating("targets", check_tensor("targets", targets))
     if tuple(targets.shape) != (k, m, m):
-        raise ValueError(f"targets must have shape {[k, m, m]}, got shape {tuple(targets.shape)}")
+        raise ArgumentValueError(f"targets must have shape {[k, m, m]}, got shape {tuple(targets.shape)}")
     if weights is not None:
         check_tensor("weights", weights)
         if tuple(weights.shape) != (k,):
-            raise ValueError(f"weights must have shape [{k}], got shape {tuple(weights.shape)}")
+            raise ArgumentValueError(f"weights must have shape [{k}], got shape {tuple(weights.shape)}")
         check_same_device(mask_logits=mask_logits, weights=weights)
     check_same_device(mask_logits=mask_logits, labels=labels, targets=targets)
     _check_labels(labels, c, weights)

@@ -238,6 +238,12 @@ def level_scales(features: list[Tensor], image_shapes: list[tuple[int, int]]) ->
     largest_height = 0
     for height, _ in image_shapes:
         largest_height = max(largest_height, height)
+    if not torch.jit.is_scripting():
+        if largest_height <= 0:
+            raise ArgumentValueError(f"image_shapes must hold an image of positive height, got {image_shapes}")
+        for level, feature in enumerate(features):
+            if feature.shape[-2] == 0:
+                raise ArgumentValueError(f"features[{level}] has height 0: a map without rows has no scale")
     # log2 as log / log(2): TorchScript has no math.log2; the rounding absorbs the last-bit error.
     scales: list[float] = []
     for feature in features:

@@ -11,7 +11,15 @@ from ..kernels import anchors as _anchors_family
 from ..kernels import box_coder as _box_coder_family
 from ..kernels import rpn_proposals as _rpn_family
 from ..kernels._common import MAX_LEVELS
-from ._checks import box_coder_weights, check_counts, check_floating, check_int, check_same_device, check_tensor
+from ._checks import (
+    box_coder_weights,
+    check_counts,
+    check_floating,
+    check_int,
+    check_real,
+    check_same_device,
+    check_tensor,
+)
 
 
 def grid_anchors(
@@ -217,9 +225,9 @@ def rpn_proposals(
         counts,
         pre_nms_top_n,
         post_nms_top_n,
-        float(nms_thresh),
-        float(min_size),
-        float(score_thresh),
+        check_real("nms_thresh", nms_thresh),
+        check_real("min_size", min_size),
+        check_real("score_thresh", score_thresh),
         _box_coder_family.DEFAULT_XFORM_CLIP,
     )
     return boxes, scores, num_valid
@@ -306,9 +314,9 @@ def postprocess_detections(
         num_valid.to(torch.int64),
         image_sizes,
         box_coder_weights(weights),
-        float(score_thresh),
-        float(nms_thresh),
+        check_real("score_thresh", score_thresh),
+        check_real("nms_thresh", nms_thresh),
         detections_per_img,
-        float(min_size),
+        check_real("min_size", min_size),
         _box_coder_family.DEFAULT_XFORM_CLIP,
     )

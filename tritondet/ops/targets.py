@@ -8,7 +8,7 @@ from torch import Tensor
 
 from ..errors import ArgumentTypeError, ArgumentValueError
 from ..kernels import targets as _targets_family
-from ._checks import box_coder_weights, check_counts, check_floating, check_same_device, check_tensor
+from ._checks import box_coder_weights, check_counts, check_floating, check_real, check_same_device, check_tensor
 
 
 def _check_gt(gt_boxes: Tensor, gt_count) -> Tensor:
@@ -64,6 +64,8 @@ def match_boxes(
         Tensor[B, A] int64: matched ground-truth index, -1 (below ``low``) or -2 (between);
         -1 everywhere for images without ground truth (torchvision raises there).
     """
+    check_real("high", high)
+    check_real("low", low)
     if not low <= high:
         raise ArgumentValueError(f"low must be <= high, got low={low} and high={high}")
     gt_count = _check_gt(gt_boxes, gt_count)
@@ -81,6 +83,7 @@ def match_boxes(
 def _check_sampling(batch_size_per_image: int, positive_fraction: float, generator, device: torch.device) -> None:
     if isinstance(batch_size_per_image, bool) or not isinstance(batch_size_per_image, int) or batch_size_per_image < 0:
         raise ArgumentValueError(f"batch_size_per_image must be a non-negative int, got {batch_size_per_image!r}")
+    check_real("positive_fraction", positive_fraction)
     if not 0.0 <= positive_fraction <= 1.0:
         raise ArgumentValueError(f"positive_fraction must lie in [0, 1], got {positive_fraction!r}")
     if generator is not None and not isinstance(generator, torch.Generator):
@@ -157,6 +160,8 @@ def anchor_targets(
         at sampled foreground), matched_idx ``[B, A]`` (see :func:`match_boxes`).
     """
     values = _check_weights(weights)
+    check_real("fg_iou_thresh", fg_iou_thresh)
+    check_real("bg_iou_thresh", bg_iou_thresh)
     if not bg_iou_thresh <= fg_iou_thresh:
         raise ArgumentValueError(f"bg_iou_thresh must be <= fg_iou_thresh, got {bg_iou_thresh} and {fg_iou_thresh}")
     gt_count = _check_gt(gt_boxes, gt_count)
@@ -215,6 +220,9 @@ def proposal_targets(
         regression_weights ``[B, S, C, 4]``, matched_idx ``[B, S]``, sampled_idx ``[B, S]``.
     """
     values = _check_weights(weights)
+    check_real("bg_iou_thresh_low", bg_iou_thresh_low)
+    check_real("bg_iou_thresh", bg_iou_thresh)
+    check_real("fg_iou_thresh", fg_iou_thresh)
     if not bg_iou_thresh_low <= bg_iou_thresh <= fg_iou_thresh:
         raise ArgumentValueError(
             "need bg_iou_thresh_low <= bg_iou_thresh <= fg_iou_thresh, got "
