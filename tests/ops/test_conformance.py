@@ -260,6 +260,14 @@ def test_batched_nms_of_empty_boxes_returns_early_as_torchvision():
         assert result.dtype == expected.dtype == torch.int64 and result.shape == expected.shape == (0,)
 
 
+def test_rotated_box_iou_stays_torchvisions_where_torchvision_names_are_rebound(monkeypatch):
+    boxes = torch.tensor([[5.0, 5, 4, 4, 0], [6, 5, 4, 2, 30]])
+    expected = torchvision.ops.box_iou(boxes, boxes, fmt="cxcywhr")
+    monkeypatch.setattr(torchvision.ops.boxes, "box_iou", ops.box_iou)
+    monkeypatch.setattr(torchvision.ops, "box_iou", ops.box_iou)
+    torch.testing.assert_close(ops.box_iou(boxes, boxes, fmt="cxcywhr"), expected)
+
+
 @pytest.fixture
 def patched():
     with warnings.catch_warnings():

@@ -21,6 +21,9 @@ from ._checks import (
 )
 
 _ROTATED_FORMATS = ("cxcywhr", "xywhr", "xyxyxyxy")
+# torchvision's own function, bound at import: the rotated formats stay torchvision's even where
+# torchvision.ops.boxes.box_iou is rebound to this module's box_iou.
+_torchvision_box_iou = torchvision.ops.boxes.box_iou
 
 
 def _check_pairwise(boxes1, boxes2) -> None:
@@ -72,8 +75,7 @@ def box_iou(boxes1: Tensor, boxes2: Tensor, fmt: str = "xyxy") -> Tensor:
         if traced is not None:
             return traced
         if fmt in _ROTATED_FORMATS:
-            # torchvision's own function even where torchvision.ops.box_iou is rebound to this one.
-            return torchvision.ops.boxes.box_iou(boxes1, boxes2, fmt=fmt)
+            return _torchvision_box_iou(boxes1, boxes2, fmt=fmt)
         check_choice("fmt", fmt, _box_iou_family.BOX_FORMATS + _ROTATED_FORMATS)
     return _pairwise(boxes1, boxes2, "iou", fmt)
 
