@@ -164,15 +164,22 @@ def test_forward_padded_rescales_to_original_sizes():
     torch.testing.assert_close(scaled, boxes * 2)
 
 
-def test_forward_padded_compiles_fullgraph():
-    ours = FasterRCNN.from_torchvision(torchvision_twin(roi_heads=dict(score_thresh=0.0))).eval()
+def assert_forward_padded_compiles(model) -> None:
+    """``model.forward_padded`` compiled whole (``fullgraph=True``) gives eager mode's outputs on
+    :func:`_padded_batch`."""
     images, sizes = _padded_batch()
-    compiled = torch.compile(ours.forward_padded, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(model.forward_padded, fullgraph=True, backend="aot_eager")
     with torch.no_grad():
-        expected = ours.forward_padded(images, sizes)
+        expected = model.forward_padded(images, sizes)
         actual = compiled(images, sizes)
     for a, b in zip(actual, expected, strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_forward_padded_compiles_fullgraph():
+    assert_forward_padded_compiles(
+        FasterRCNN.from_torchvision(torchvision_twin(roi_heads=dict(score_thresh=0.0))).eval()
+    )
 
 
 def _stage_rows(costs) -> str:

@@ -20,7 +20,7 @@ import torchvision
 from PIL import Image
 from pycocotools import mask as coco_mask
 
-from tests.detector.test_detector import _padded_batch, padded_and_listed, tiny_images
+from tests.detector.test_detector import _padded_batch, assert_forward_padded_compiles, padded_and_listed, tiny_images
 from tests.detector.test_detector_training import DETERMINISTIC, _step, tiny_targets
 from tritondet import cli
 from tritondet.bench.inputs import assert_same_detections, torchvision_twin
@@ -181,14 +181,7 @@ def test_forward_padded_masks_at_original_sizes():
 
 
 def test_forward_padded_compiles_fullgraph():
-    ours = MaskRCNN.from_torchvision(mask_twin(roi_heads=dict(score_thresh=0.0))).eval()
-    images, sizes = _padded_batch()
-    compiled = torch.compile(ours.forward_padded, fullgraph=True, backend="aot_eager")
-    with torch.no_grad():
-        expected = ours.forward_padded(images, sizes)
-        actual = compiled(images, sizes)
-    for a, b in zip(actual, expected, strict=True):
-        torch.testing.assert_close(a, b)
+    assert_forward_padded_compiles(MaskRCNN.from_torchvision(mask_twin(roi_heads=dict(score_thresh=0.0))).eval())
 
 
 @pytest.mark.parametrize(
