@@ -1060,30 +1060,29 @@ def merged_top_cpu(
     keys = keys[..., :length]
     merged_key = keys.new_full((batch, max_output), float("inf"))
     merged_index = torch.zeros((batch, max_output), dtype=torch.int64, device=keys.device)
-    taking_part = keys < float("inf")
-    # taken_before[b, s, j]: candidates of segment s at positions < j.
-    taken_before = torch.nn.functional.pad(taking_part.cumsum(2), (1, 0))
+    segment_start = torch.arange(segments + 1, device=keys.device) * length  # flat [S * L] positions
     position = torch.arange(length, device=keys.device)
     for image in range(batch if max_output > 0 else 0):
-        image_keys, image_taking_part = keys[image], taking_part[image]
-        where = image_taking_part.nonzero()  # [candidates, 2]: (segment, position), segment by segment
-        candidate_keys = image_keys[image_taking_part]
+        image_keys = keys[image]
+        flat_keys = image_keys.reshape(-1)
+        where = (flat_keys < float("inf")).nonzero().squeeze(1)  # the candidates' flat positions, ascending
+        candidate_keys = flat_keys[where]
+        flat_boxes = ranked[image].reshape(-1, 4)
         total = candidate_keys.shape[0]
-        counts = image_taking_part.sum(1).tolist()
-        first = [0, *numpy.cumsum(counts).tolist()]  # each segment's first candidate in where
+        first = torch.searchsorted(where, segment_start).tolist()  # each segment's first candidate in where
         kept = torch.zeros(total, dtype=torch.bool, device=keys.device)
         kept_boxes = [ranked.new_empty(0, 4) for _ in range(segments)]
-        done = [0] * segments  # each segment's candidates already through NMS
+        reached = first[:-1]  # each segment's end (in where) of the candidates already through NMS
         wanted = min(total, math.ceil(_PREFIX_FACTOR * max_output))
         while wanted > 0:
             cut = candidate_keys.kthvalue(wanted).values
             last = torch.where(image_keys <= cut, position, -1).amax(1)  # -1: no key <= cut
-            reach = taken_before[image].gather(1, (last + 1)[:, None]).squeeze(1).tolist()
+            reach = torch.searchsorted(where, segment_start[:-1] + last, right=True).tolist()
             for segment in range(segments):
-                begin, end = first[segment] + done[segment], first[segment] + reach[segment]
+                begin, end = reached[segment], reach[segment]
                 if end <= begin:
                     continue
-                new_boxes = ranked[image, segment].index_select(0, where[begin:end, 1])
+                new_boxes = flat_boxes.index_select(0, where[begin:end])
                 earlier = kept_boxes[segment]
                 if earlier.shape[0]:  # the new candidates no earlier kept box suppresses, NMS among them
                     alive = (~_overlaps_above(new_boxes, earlier, iou_threshold).any(1)).nonzero().squeeze(1)
@@ -1092,16 +1091,15 @@ def merged_top_cpu(
                     new_kept = greedy_keep_cpu(new_boxes, iou_threshold)
                 kept[begin + new_kept] = True
                 kept_boxes[segment] = torch.cat([earlier, new_boxes[new_kept]])
-                done[segment] = reach[segment]
+                reached[segment] = end
             if wanted == total or int((kept & (candidate_keys <= cut)).sum()) >= max_output:
                 break
             wanted = min(total, 2 * wanted)
-        kept_at = kept.nonzero().squeeze(1)  # segment by segment, by position: the merge's tie order
+        kept_at = kept.nonzero().squeeze(1)  # by flat position: the merge's order among equal keys
         image_merged_key, order = torch.sort(candidate_keys[kept_at], stable=True)
         count = min(max_output, order.shape[0])
-        segment_and_position = where[kept_at[order[:count]]]
         merged_key[image, :count] = image_merged_key[:count]
-        merged_index[image, :count] = segment_and_position[:, 0] * length + segment_and_position[:, 1]
+        merged_index[image, :count] = where[kept_at[order[:count]]]
     return merged_key, merged_index
 
 
