@@ -539,12 +539,15 @@ def chain_boxes(n, step=2.0):
 
 @pytest.mark.parametrize("max_output", [1, 2, 5, 6, 19, 40, 100])
 @pytest.mark.parametrize("prefix_factor", [1, 2])
-def test_padded_cpu_prefix_resumes_exactly(monkeypatch, nms_inputs_seen, max_output, prefix_factor):
+@pytest.mark.parametrize("small_first_pass", [0, 32])
+def test_padded_cpu_prefix_resumes_exactly(monkeypatch, nms_inputs_seen, max_output, prefix_factor, small_first_pass):
     """A chain keeps boxes 0, 2, 4, ...: a first prefix of m boxes keeps about m / 2, so the cut
     grows, and box m's fate depends on box m - 1's (kept or suppressed in the previous pass): a
     resumed pass that forgot the kept boxes, or counted suppressed ones as kept, or a cut that
-    dropped a box a longer prefix keeps, changes the result."""
+    dropped a box a longer prefix keeps, changes the result. First passes of up to
+    ``small_first_pass`` candidates take the vectorized NMS."""
     monkeypatch.setattr(nms_kernels, "_PREFIX_FACTOR", prefix_factor)
+    monkeypatch.setattr(nms_kernels, "_SMALL_FIRST_PASS", small_first_pass)
     boxes = chain_boxes(60)[None]
     scores = torch.linspace(0.9, 0.2, 60)[None]
     reference, cpu = on_backends(monkeypatch, lambda: ops.batched_nms_padded(boxes, scores, 0.5, max_output))
@@ -552,10 +555,10 @@ def test_padded_cpu_prefix_resumes_exactly(monkeypatch, nms_inputs_seen, max_out
     kept = min(max_output, 30)
     assert cpu[4].tolist() == [kept] and cpu[3][0, :kept].tolist() == list(range(0, 2 * kept, 2))
     assert torch.equal(cpu[3][0, :kept], torchvision.ops.nms(boxes[0], scores[0], 0.5)[:max_output])
-    if max_output < 30:  # the cut stopped early: some candidates never went through NMS
-        assert sum(nms_inputs_seen) < 60 or prefix_factor * max_output >= 60
-    if prefix_factor * max_output < 2 * kept - 1 and max_output < 30:
-        assert len(nms_inputs_seen) >= 2  # the growth step ran
+    if small_first_pass == 0 and max_output < 30:  # every pass in greedy_keep_cpu
+        assert sum(nms_inputs_seen) < 60 or prefix_factor * max_output >= 60  # the cut stopped early
+        if prefix_factor * max_output < 2 * kept - 1:
+            assert len(nms_inputs_seen) >= 2  # the growth step ran
 
 
 def clustered_inputs(batch, n, num_classes, copies, seed, tie_levels=None):
