@@ -1105,7 +1105,9 @@ def merged_top_cpu(
                 at = begin[:, None] + torch.arange(int((end - begin).max()), device=keys.device)
                 taking_part = at < end[:, None]
                 at = torch.where(taking_part, at, begin[:, None])
-                keep = _padded_segment_keep_reference(flat_boxes[where[at]], taking_part, iou_threshold, False)
+                keep = _padded_segment_keep_reference(
+                    flat_boxes[where[at]], taking_part, iou_threshold, sync_free=False
+                )
                 kept[at[keep]] = True
             if wanted == total or int((kept & (candidate_keys <= cut)).sum()) >= max_output:
                 break
