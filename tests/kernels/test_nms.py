@@ -13,6 +13,8 @@ from tests.kernels import nms_loops
 from tests.tolerances import FLOAT_DTYPES, assert_close
 from tritondet import ops
 from tritondet.bench.inputs import random_boxes, special_boxes
+from tritondet.kernels import nms as nms_kernels
+from tritondet.kernels.nms import greedy_keep_cpu
 from tritondet.measure.dispatch_audit import DispatchCounter, NoHostSync
 
 
@@ -491,6 +493,169 @@ def test_padded_bad_input_is_named():
         ops.batched_nms_padded(torch.zeros(2, 3, 4), torch.zeros(2, 3), 0.5, -1)
     with pytest.raises(ValueError, match="pre_nms_top_n"):
         ops.batched_nms_padded(torch.zeros(2, 3, 4), torch.zeros(2, 3), 0.5, 4, pre_nms_top_n=-2)
+
+
+# ----------------------------------------------------------------------------------------------
+# The fast CPU path's prefix cut (nms_kernels.merged_top_cpu): NMS only on each image's best
+# candidates, grown until max_output kept boxes are known; bit for bit the reference's result.
+# ----------------------------------------------------------------------------------------------
+
+
+def on_backends(monkeypatch, run, backends=("reference", "cpu")):
+    """``run()``'s outputs on each backend."""
+    outputs = []
+    for name in backends:
+        monkeypatch.setenv("TRITONDET_BACKEND", name)
+        outputs.append(run())
+    return outputs
+
+
+def assert_identical(ours, theirs):
+    """Equal values (NaN where NaN), shapes, dtypes and order."""
+    for mine, expected in zip(ours, theirs, strict=True):
+        assert mine.dtype == expected.dtype and mine.shape == expected.shape
+        torch.testing.assert_close(mine, expected, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.fixture
+def nms_inputs_seen(monkeypatch):
+    """The sizes of every box set the fast CPU path's greedy NMS sees (a list, appended to)."""
+    sizes = []
+
+    def counting(ranked, iou_threshold):
+        sizes.append(ranked.shape[0])
+        return greedy_keep_cpu(ranked, iou_threshold)
+
+    monkeypatch.setattr(nms_kernels, "greedy_keep_cpu", counting)
+    return sizes
+
+
+def chain_boxes(n, step=2.0):
+    """``[n, 4]``: squares of side 10 shifted by ``step``: IoU 2/3 with the next, 3/7 with the one
+    after; at IoU threshold 0.5 greedy NMS keeps every other box."""
+    x = torch.arange(n, dtype=torch.float32) * step
+    return torch.stack([x, torch.zeros(n), x + 10, torch.full((n,), 10.0)], dim=1)
+
+
+@pytest.mark.parametrize("max_output", [1, 2, 5, 6, 19, 40, 100])
+@pytest.mark.parametrize("prefix_factor", [1, 2])
+@pytest.mark.parametrize("small_first_pass", [0, 32])
+def test_padded_cpu_prefix_resumes_exactly(monkeypatch, nms_inputs_seen, max_output, prefix_factor, small_first_pass):
+    """A chain keeps boxes 0, 2, 4, ...: a first prefix of m boxes keeps about m / 2, so the cut
+    grows, and box m's fate depends on box m - 1's (kept or suppressed in the previous pass): a
+    resumed pass that forgot the kept boxes, or counted suppressed ones as kept, or a cut that
+    dropped a box a longer prefix keeps, changes the result. First passes of up to
+    ``small_first_pass`` candidates take the vectorized NMS."""
+    monkeypatch.setattr(nms_kernels, "_PREFIX_FACTOR", prefix_factor)
+    monkeypatch.setattr(nms_kernels, "_SMALL_FIRST_PASS", small_first_pass)
+    boxes = chain_boxes(60)[None]
+    scores = torch.linspace(0.9, 0.2, 60)[None]
+    reference, cpu = on_backends(monkeypatch, lambda: ops.batched_nms_padded(boxes, scores, 0.5, max_output))
+    assert_identical(cpu, reference)
+    kept = min(max_output, 30)
+    assert cpu[4].tolist() == [kept] and cpu[3][0, :kept].tolist() == list(range(0, 2 * kept, 2))
+    assert torch.equal(cpu[3][0, :kept], torchvision.ops.nms(boxes[0], scores[0], 0.5)[:max_output])
+    if small_first_pass == 0 and max_output < 30:  # every pass in greedy_keep_cpu
+        assert sum(nms_inputs_seen) < 60 or prefix_factor * max_output >= 60  # the cut stopped early
+        if prefix_factor * max_output < 2 * kept - 1:
+            assert len(nms_inputs_seen) >= 2  # the growth step ran
+
+
+def clustered_inputs(batch, n, num_classes, copies, seed, tie_levels=None):
+    """Class-specific ``[B, n, C, 4]`` boxes in clusters of ``copies`` near-identical boxes (all but
+    one of each cluster suppressed at IoU 0.5) and ``[B, n, C]`` scores, rounded to ``tie_levels``
+    values when given (ties within and across classes)."""
+    generator = torch.Generator().manual_seed(seed)
+    centers = random_boxes(-(-n // copies) * num_classes, generator=generator, scale=200.0, batch=(batch,))
+    centers = centers.reshape(batch, -1, 1, num_classes, 4).expand(-1, -1, copies, -1, -1)
+    jitter = torch.rand(batch, centers.shape[1], copies, num_classes, 4, generator=generator)
+    boxes = (centers + jitter).reshape(batch, -1, num_classes, 4)[:, :n].contiguous()
+    scores = torch.rand(batch, n, num_classes, generator=generator)
+    if tie_levels is not None:
+        scores = (scores * tie_levels).floor() / tie_levels
+    return boxes, scores
+
+
+def _scenario(name):
+    """(boxes, scores, max_output, score_threshold) of a named prefix-cut scenario."""
+    if name == "clusters":  # growth: a prefix of 2 * D keeps about D / 2
+        boxes, scores = clustered_inputs(2, 90, 5, copies=4, seed=1)
+        return boxes, scores, 40, 0.05
+    if name == "ties":  # 4 score values: ties straddle every cut, within and across classes
+        boxes, scores = clustered_inputs(2, 60, 4, copies=2, seed=2, tie_levels=4)
+        return boxes, scores, 25, 0.0
+    if name == "all_tied":
+        boxes, scores = clustered_inputs(1, 50, 3, copies=3, seed=3)
+        return boxes, torch.full_like(scores, 0.5), 7, 0.1
+    if name == "empty_classes":  # classes 1 and 3 have no candidate
+        boxes, scores = clustered_inputs(2, 40, 5, copies=2, seed=4)
+        scores[..., 1] = 0.0
+        scores[..., 3] = 0.01
+        return boxes, scores, 12, 0.05
+    if name == "non_finite":  # +inf scores lead, NaN and -inf never pass; NaN and inf corners
+        boxes, scores = clustered_inputs(2, 40, 3, copies=2, seed=5)
+        scores[0, ::5, 0], scores[0, 1::7, 1], scores[1, ::3, 2] = float("inf"), float("nan"), float("-inf")
+        boxes[0, ::6, 0, 2], boxes[1, ::4, 1, 0] = float("nan"), float("inf")
+        return boxes, scores, 15, 0.1
+    if name == "different_images":  # none, one huge class (the blocked NMS), little suppression
+        boxes, scores = clustered_inputs(3, 2000, 2, copies=2, seed=6)
+        scores[0] = 0.0
+        scores[1, :, 1] = 0.0
+        boxes[2] = random_boxes(4000, scale=2000.0, batch=(1,)).reshape(2000, 2, 4)
+        return boxes, scores, 900, 0.05
+    raise ValueError(name)
+
+
+PREFIX_SCENARIOS = ["clusters", "ties", "all_tied", "empty_classes", "non_finite", "different_images"]
+
+
+@pytest.mark.parametrize("name", PREFIX_SCENARIOS)
+@pytest.mark.parametrize("prefix_factor", [1, 2])
+def test_padded_cpu_prefix_cut_equals_reference(monkeypatch, name, prefix_factor):
+    monkeypatch.setattr(nms_kernels, "_PREFIX_FACTOR", prefix_factor)
+    boxes, scores, max_output, score_threshold = _scenario(name)
+    for limit in (max_output, 10_000):  # fewer than the kept boxes, and more
+        run = lambda limit=limit: ops.batched_nms_padded(boxes, scores, 0.5, limit, score_threshold)
+        reference, cpu = on_backends(monkeypatch, run)
+        assert_identical(cpu, reference)
+        if name in ("clusters", "empty_classes", "different_images"):  # no ties: torchvision's result
+            check_padded(cpu, padded_expected(boxes, scores, 0.5, limit, score_threshold), limit)
+
+
+# (seed, copies, max_output): a cut that took each segment's count of keys <= t fails the first,
+# one that counted kept keys above t toward max_output fails the other two (found by search).
+@pytest.mark.parametrize("seed,copies,max_output", [(0, 1, 3), (4, 2, 3), (41, 3, 8)])
+def test_padded_nms_cpu_cut_is_positional(monkeypatch, seed, copies, max_output):
+    """padded_nms's segments in rank order with keys out of order (as a sigmoid's rounding could
+    leave them) and holes (+inf keys, as the RPN's dropped candidates): the cut covers each
+    segment up to its last key <= t and counts only the kept keys <= t."""
+    monkeypatch.setattr(nms_kernels, "_PREFIX_FACTOR", 1)
+    boxes, scores = clustered_inputs(2, 40, 3, copies=copies, seed=seed, tie_levels=64)
+    ranked = boxes.permute(0, 2, 1, 3).contiguous()  # [B, S = 3, L = 40, 4]
+    keys = -scores.permute(0, 2, 1).sort(dim=2, descending=True).values
+    keys = keys.reshape(2, 3, 20, 2).flip(3).reshape(2, 3, 40).contiguous()  # pairs out of order
+    order = torch.arange(40).expand(2, 3, 40).contiguous()
+    labels = (order, 40, 3, False)
+    for holes in (False, True):
+        if holes:
+            keys[0, 0, 3::5], keys[1, 2, :7] = float("inf"), float("inf")
+        run = lambda: nms_kernels.padded_nms(ranked, keys, 0.5, max_output, torch.float32, torch.float32, labels)
+        reference, cpu = on_backends(monkeypatch, run)
+        assert_identical(cpu, reference)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("class_agnostic", [False, True])
+def test_padded_cpu_prefix_cut_dtypes(monkeypatch, dtype, class_agnostic):
+    monkeypatch.setattr(nms_kernels, "_PREFIX_FACTOR", 1)
+    boxes, scores = clustered_inputs(2, 50, 3, copies=3, seed=7, tie_levels=16)
+    boxes, scores = boxes.to(dtype), scores.to(dtype)
+    if class_agnostic:
+        boxes = boxes[:, :, 0].contiguous()
+    run = lambda: ops.batched_nms_padded(boxes, scores, 0.5, 20, 0.1, class_agnostic, pre_nms_top_n=40)
+    reference, cpu = on_backends(monkeypatch, run)
+    assert cpu[0].dtype == cpu[1].dtype == dtype
+    assert_identical(cpu, reference)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from torchvision.models.detection.roi_heads import RoIHeads
 
 from tests.tolerances import assert_close
 from tritondet import ops
+from tritondet.kernels import nms as nms_kernels
 from tritondet.measure.dispatch_audit import DispatchCounter, NoHostSync
 
 WEIGHTS = (10.0, 10.0, 5.0, 5.0)
@@ -77,6 +78,29 @@ def test_backends_agree_on_candidates_and_detections(monkeypatch, device):
         results[backend] = ops.postprocess_detections(logits, deltas, proposals, num_valid, sizes, WEIGHTS, 0.0)
     for ours, reference in zip(results["triton"], results["reference"], strict=True):
         assert_close(ours, reference, torch.float32)
+
+
+@pytest.mark.parametrize("detections", [1, 6, 40, 500])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_cpu_prefix_cut_equals_reference(monkeypatch, detections, dtype):
+    """The fast CPU path's NMS stops at each image's detections_per_img kept boxes (see
+    nms.merged_top_cpu), bit for bit the reference's result: three images, the last with
+    one proposal repeated (every class one cluster: heavy suppression) and logits in few values
+    (ties across and within classes)."""
+    monkeypatch.setattr(nms_kernels, "_PREFIX_FACTOR", 1)
+    logits, deltas, proposals, sizes = head_outputs(3, 60, 6, seed=21, dtype=dtype, spread=1.0)
+    proposals[2] = proposals[2, :1] + torch.linspace(0, 2, 60)[:, None]
+    logits[120:] = logits[120:].round()
+    num_valid = torch.tensor([60, 23, 60])
+    outputs = {}
+    for backend in ("reference", "cpu"):
+        monkeypatch.setenv("TRITONDET_BACKEND", backend)
+        outputs[backend] = ops.postprocess_detections(
+            logits, deltas, proposals, num_valid, sizes, WEIGHTS, 0.05, 0.5, detections
+        )  # fmt: skip
+    for mine, expected in zip(outputs["cpu"], outputs["reference"], strict=True):
+        assert mine.dtype == expected.dtype
+        torch.testing.assert_close(mine, expected, rtol=0, atol=0)
 
 
 def test_nan_boxes_are_dropped_as_torchvision(backend, device):

@@ -9,6 +9,7 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead, concat_box_prediction_layers
 
 from tritondet import ops
+from tritondet.kernels import nms as nms_kernels
 from tritondet.kernels.anchors import anchor_parameters, normalize_config
 from tritondet.kernels.box_coder import DEFAULT_XFORM_CLIP
 from tritondet.measure.dispatch_audit import DispatchCounter, NoHostSync
@@ -227,6 +228,47 @@ def test_non_contiguous_heads(backend, device):
     sliced = [torch.cat([o, o], dim=0)[1::2] for o in objectness]
     sliced = [torch.cat([torch.zeros_like(o), o])[o.shape[0] :] for o in objectness]
     assert_same_proposals(ours(config, image_sizes, sliced, channels_last, top_n), expected, top_n)
+
+
+@pytest.mark.parametrize("post_nms_top_n", [1, 37, 150, 2000])
+@pytest.mark.parametrize("prefix_factor", [1, 2])
+def test_cpu_prefix_cut_equals_reference(monkeypatch, post_nms_top_n, prefix_factor):
+    """The fast CPU path's NMS stops at each image's post_nms_top_n kept proposals (see
+    nms.merged_top_cpu), bit for bit the reference's result: image 0 with undecoded boxes (the
+    anchors themselves: neighbours overlap, heavy suppression) and logits in 8 values (ties across
+    and within levels straddling every cut), image 1 spread out (little suppression)."""
+    monkeypatch.setattr(nms_kernels, "_PREFIX_FACTOR", prefix_factor)
+    config, padded, image_sizes = (((32,), (64,)), ((0.5, 1.0, 2.0),) * 2, [8, 16]), (96, 128), [(90, 121), (96, 100)]
+    objectness, deltas = head_outputs(config, padded, 2, seed=13, delta_scale=2.0)
+    objectness = [torch.cat([(o[:1] * 2).round() / 2, o[1:]]) for o in objectness]
+    deltas = [torch.cat([torch.zeros_like(d[:1]), d[1:]]) for d in deltas]
+    assert_cpu_equals_reference(monkeypatch, config, image_sizes, objectness, deltas, (150, post_nms_top_n))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("min_size", [1e-3, 0.0])
+def test_cpu_candidates_equal_reference(monkeypatch, dtype, min_size):
+    """The fast CPU path picks the selected candidates' deltas and anchors only: the reference's
+    candidates bit for bit, with channels-last deltas, an empty level, a level smaller than
+    pre_nms_top_n, and -inf logits (which tie with the padding of the shorter levels)."""
+    config = (((32,), (64,), (128,)), ((0.5, 1.0, 2.0),) * 3, [8, 16, 32])
+    padded, image_sizes = (96, 128), [(90, 121), (96, 100)]
+    objectness, deltas = head_outputs(config, padded, 2, seed=14, dtype=dtype)
+    objectness[1][1] = float("-inf")
+    deltas[0] = deltas[0].contiguous(memory_format=torch.channels_last)
+    assert_cpu_equals_reference(monkeypatch, config, image_sizes, objectness, deltas, (150, 100), min_size=min_size)
+    empty = [objectness[0], objectness[1][:, :, :0], objectness[2]], [deltas[0], deltas[1][:, :, :0], deltas[2]]
+    assert_cpu_equals_reference(monkeypatch, config, image_sizes, *empty, (150, 100), min_size=min_size)
+
+
+def assert_cpu_equals_reference(monkeypatch, config, image_sizes, objectness, deltas, top_n, **kwargs):
+    outputs = {}
+    for backend in ("reference", "cpu"):
+        monkeypatch.setenv("TRITONDET_BACKEND", backend)
+        outputs[backend] = ours(config, image_sizes, objectness, deltas, top_n, nms_thresh=0.6, **kwargs)
+    for mine, expected in zip(outputs["cpu"], outputs["reference"], strict=True):
+        assert mine.dtype == expected.dtype
+        torch.testing.assert_close(mine, expected, rtol=0, atol=0)
 
 
 def test_no_host_sync_and_launch_count(backend, device):

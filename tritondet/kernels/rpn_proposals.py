@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._backend import use_triton
+from .._backend import use_fast_cpu, use_triton
 from ._aot import KernelSpec
 from ._common import NUM_WARPS, clip_box, clip_to_images, level_pointers, pick_level, split_program
 from ._launch import launch
@@ -285,17 +285,8 @@ def candidates_from_anchors(
     (level, y, x, anchor) order. The boxes keep their gradient to ``deltas`` (the detector's joint
     training path); selection, decoding, clipping and the tests are those of the kernels."""
     batch = image_sizes.shape[0]
-    device = image_sizes.device
     counts = _level_counts(objectness)
-    max_count = max(counts)
-    k = candidate_count(counts, pre_nms_top_n)
-    # (y, x, anchor) order, as torchvision's permute_and_flatten.
-    # Explicit sizes, not -1: a reshape of zero elements (B = 0) cannot infer a dimension.
-    logits = [o.permute(0, 2, 3, 1).reshape(batch, c).float() for o, c in zip(objectness, counts, strict=True)]
-    top_logits, top_index = _pad_levels(logits, max_count, float("-inf")).topk(k, dim=2)  # [N, L, K]
-    # Built on the device (no host-to-device copy): candidate j of level l is one of its top n.
-    top_n = torch.stack([torch.full((), min(c, pre_nms_top_n), device=device) for c in counts])
-    selected = torch.arange(k, device=device) < top_n[:, None]
+    top_logits, top_index = _top_logits(objectness, counts, pre_nms_top_n)
     top_codes, top_anchors = [], []
     for level, (d, level_anchors) in enumerate(zip(deltas, anchors.split(counts), strict=True)):
         codes = (
@@ -307,12 +298,73 @@ def candidates_from_anchors(
         index = top_index[:, level].clamp(max=counts[level])
         top_codes.append(codes.gather(1, index[..., None].expand(-1, -1, 4)))
         top_anchors.append(level_anchors[index])
+    return _decoded_candidates(
+        top_codes, top_anchors, top_logits, counts, image_sizes, pre_nms_top_n, min_size, score_thresh, clip
+    )
+
+
+def _top_logits(objectness: list[torch.Tensor], counts: list[int], pre_nms_top_n: int):
+    """Each level's best ``K`` logits and their anchors' indices, ``[N, L, K]`` fp32 and int64
+    (picks past a level's anchors when it has fewer than K: -inf and an index >= its count)."""
+    batch = objectness[0].shape[0]
+    # (y, x, anchor) order, as torchvision's permute_and_flatten.
+    # Explicit sizes, not -1: a reshape of zero elements (B = 0) cannot infer a dimension.
+    logits = [o.permute(0, 2, 3, 1).reshape(batch, c).float() for o, c in zip(objectness, counts, strict=True)]
+    return _pad_levels(logits, max(counts), float("-inf")).topk(candidate_count(counts, pre_nms_top_n), dim=2)
+
+
+def _decoded_candidates(
+    top_codes, top_anchors, top_logits, counts, image_sizes, pre_nms_top_n, min_size, score_thresh, clip
+):  # fmt: skip
+    """``boxes [N, L, K, 4]``, ``keys [N, L, K]`` from each level's ``[N, K, 4]`` picked deltas and
+    anchors (zeros past the level's anchors) and :func:`_top_logits`."""
+    device = image_sizes.device
+    # Built on the device (no host-to-device copy): candidate j of level l is one of its top n.
+    top_n = torch.stack([torch.full((), min(c, pre_nms_top_n), device=device) for c in counts])
+    selected = torch.arange(top_logits.shape[2], device=device) < top_n[:, None]
     boxes = decode_reference(torch.stack(top_codes, 1), torch.stack(top_anchors, 1), list(RPN_WEIGHTS), clip)
     boxes = clip_to_images(boxes, image_sizes)
     probability = torch.sigmoid(top_logits.detach())
     keep = selected & (boxes[..., 2] - boxes[..., 0] >= min_size) & (boxes[..., 3] - boxes[..., 1] >= min_size)
     keep = keep & (probability >= score_thresh)
     return torch.where(selected[..., None], boxes, 0.0), torch.where(keep, -probability, float("inf"))
+
+
+def rpn_candidates_cpu(
+    objectness, deltas, image_sizes, strides, anchor_sizes, anchor_ratios, anchors_per_level, pre_nms_top_n,
+    min_size, score_thresh, clip,
+):  # fmt: skip
+    """The fast CPU path of :func:`rpn_candidates_reference`, the same tensors: the deltas and
+    anchors of the selected candidates only (``K`` per level, not every anchor of the level)."""
+    batch, device = image_sizes.shape[0], image_sizes.device
+    counts = _level_counts(objectness)
+    top_logits, top_index = _top_logits(objectness, counts, pre_nms_top_n)
+    # The anchors of a one-position grid are the base anchors (plus a shift of exactly 0).
+    base = grid_anchors_reference(
+        [1, 1] * len(objectness), strides, anchor_sizes, anchor_ratios, anchors_per_level, device
+    ).split(anchors_per_level)
+    image = torch.arange(batch, device=device)[:, None]
+    top_codes, top_anchors = [], []
+    for level, (d, count) in enumerate(zip(deltas, counts, strict=True)):
+        num_anchors, width = anchors_per_level[level], d.shape[3]
+        index = top_index[:, level]
+        # Picks past the level's anchors read zeros, as the reference's appended zero row.
+        real = (index < count)[..., None]
+        index = index.clamp(max=max(count - 1, 0))
+        a, position = index % num_anchors, index // num_anchors
+        y, x = position // width, position % width
+        codes = (
+            d.unflatten(1, (num_anchors, 4))[image, a, :, y, x].float()
+            if count
+            else real.new_zeros((*index.shape, 4), dtype=torch.float32)
+        )
+        top_codes.append(torch.where(real, codes, 0.0))
+        # Integer shifts plus fp32 base anchors: the reference's anchor values, bit for bit.
+        shift = torch.stack([x * strides[2 * level + 1], y * strides[2 * level]], dim=-1).repeat(1, 1, 2)
+        top_anchors.append(torch.where(real, shift + base[level][a], 0.0))
+    return _decoded_candidates(
+        top_codes, top_anchors, top_logits, counts, image_sizes, pre_nms_top_n, min_size, score_thresh, clip
+    )
 
 
 def select_proposals(
@@ -342,6 +394,8 @@ def _candidates(
     args = (objectness, deltas, image_sizes, strides, anchor_sizes, anchor_ratios, anchors_per_level)
     if use_triton(image_sizes.device):
         return rpn_candidates_triton(*args, pre_nms_top_n, min_size, score_thresh, clip)
+    if use_fast_cpu(image_sizes.device, calls_torchvision=False):
+        return rpn_candidates_cpu(*args, pre_nms_top_n, min_size, score_thresh, clip)
     return rpn_candidates_reference(*args, pre_nms_top_n, min_size, score_thresh, clip)
 
 
