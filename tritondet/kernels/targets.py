@@ -16,7 +16,6 @@ from typing import NamedTuple
 
 import torch
 
-from .._backend import use_fast_cpu
 from ._common import compute_dtype_of
 from .matcher import BELOW_FLOOR
 
@@ -106,35 +105,21 @@ def anchor_targets(
     return AnchorTargets(labels, regression, matched)
 
 
-def _class_rows_cpu(
-    encoded: torch.Tensor, labels: torch.Tensor, foreground: torch.Tensor, num_classes: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The fast CPU path's class-specific regression targets and weights, ``[B, S, C, 4]`` each:
-    ``encoded [B, S, 4]`` and 1 in the label's row of the ``foreground [B, S]`` slots, 0 elsewhere.
-    Zeros with one row scattered per slot (a zero row into class 0 for background and padding):
-    the reference's values without its ``[B, S, C, 4]`` mask and selects (ten times faster)."""
-    batch, slots = labels.shape
-    shape = (batch, slots, num_classes, 4)
-    rows = labels.clamp(min=0)[..., None, None].expand(batch, slots, 1, 4)
-    regression = encoded.new_zeros(shape).scatter_(2, rows, torch.where(foreground[..., None], encoded, 0)[:, :, None])
-    weights = foreground[..., None, None].to(encoded.dtype).expand(batch, slots, 1, 4)
-    return regression, encoded.new_zeros(shape).scatter_(2, rows, weights)
-
-
 class ProposalTargets(NamedTuple):
     """S = batch_size_per_image slots per image, sampled positives and negatives first in index order.
 
     proposals ``[B, S, 4]``: the sampled boxes (zeros in padding slots);
     labels ``[B, S]`` int64: matched ground truth's class for foreground, 0 background, -1 padding;
-    regression_targets ``[B, S, C, 4]``: encoded matched ground truth in the label's class row, 0 elsewhere;
-    regression_weights ``[B, S, C, 4]``: 1 where regression_targets is a foreground target, else 0;
+    regression_targets ``[B, S, 4]``: the encoded matched ground truth of foreground slots, 0 elsewhere:
+    the target of the label's class row of the class-specific regressor (the paper's ``[B, S, C, 4]``
+    targets are zero outside that row and weighted 0 there, so the loss gathers the predicted
+    deltas of the label's class, as torchvision's ``fastrcnn_loss``, instead of building them);
     matched_idx ``[B, S]`` int64: matched ground-truth index for foreground, -1 otherwise;
     sampled_idx ``[B, S]`` int64: index into ``cat([proposals, gt_boxes], 1)``, -1 for padding."""
 
     proposals: torch.Tensor
     labels: torch.Tensor
     regression_targets: torch.Tensor
-    regression_weights: torch.Tensor
     matched_idx: torch.Tensor
     sampled_idx: torch.Tensor
 
@@ -145,7 +130,6 @@ def proposal_targets(
     gt_boxes: torch.Tensor,
     gt_labels: torch.Tensor,
     gt_count: torch.Tensor,
-    num_classes: int,
     fg_iou_thresh: float,
     bg_iou_thresh: float,
     bg_iou_thresh_low: float,
@@ -197,19 +181,10 @@ def proposal_targets(
 
     matched_gt = _gather_boxes(gt_boxes, gt_index).to(compute_dtype)
     encoded = _encode(matched_gt, sampled_boxes, weights)  # [B, S, 4]
-    if use_fast_cpu(device):
-        regression, regression_weights = _class_rows_cpu(encoded, labels, foreground, num_classes)
-    else:
-        classes = torch.arange(num_classes, device=device)
-        class_rows = (classes == labels[..., None]) & foreground[..., None]  # [B, S, C]
-        row_mask = class_rows[..., None].expand(batch, batch_size_per_image, num_classes, 4)
-        regression = torch.where(row_mask, encoded[:, :, None, :], 0)
-        regression_weights = row_mask.to(compute_dtype)
     return ProposalTargets(
         sampled_boxes,
         labels,
-        regression,
-        regression_weights,
+        torch.where(foreground[..., None], encoded, 0),
         torch.where(foreground, sampled_matched, -1),
         torch.where(filled, index, -1),
     )
