@@ -10,6 +10,7 @@ from torchvision.models.detection.rpn import RegionProposalNetwork
 from tests.tolerances import assert_close
 from tritondet import ops
 from tritondet.bench.inputs import random_boxes
+from tritondet.kernels import targets as targets_family
 from tritondet.measure.dispatch_audit import NoHostSync
 
 # ---------------------------------------------------------------------------------------------
@@ -38,6 +39,29 @@ def test_counts_follow_torchvision_rule(device, size, fraction, n, num_pos):
     theirs_pos, theirs_neg = BalancedPositiveNegativeSampler(size, fraction)(list(labels.cpu()))
     assert pos.sum(1).tolist() == [int(m.sum()) for m in theirs_pos]
     assert neg.sum(1).tolist() == [int(m.sum()) for m in theirs_neg]
+
+
+@pytest.mark.parametrize("size,fraction", [(512, 0.25), (7, 0.3), (64, 1.0), (64, 0.0), (0, 0.5)])
+@pytest.mark.parametrize("n,num_pos", [(2020, None), (301, 3), (50, 0), (20, 20), (1, 1), (0, None)])
+def test_proposal_sampler_takes_sample_balanced_sets_in_index_order(device, size, fraction, n, num_pos):
+    """The proposal target layer's sampled slots: ``sample_balanced``'s sets for the same keys (the
+    same generator state), compacted to the front in index order; odd sizes, fewer candidates than
+    slots, no positives, only positives, every value of the matcher (-3 and -2 never sampled)."""
+    generator = torch.Generator().manual_seed(n + size)
+    matched = random_matches(3, n, generator, num_pos).to(device)
+    matched[1, ::5] = -3  # the proposal layer's padding and below-floor code
+    matched[2] = -1  # all background
+    index, filled = targets_family._sampled_slots(
+        matched, targets_family._sample_keys(matched, torch.Generator(device).manual_seed(0)), size, fraction
+    )
+    pos, neg = ops.sample_balanced(matched, size, fraction, torch.Generator(device).manual_seed(0))
+    assert index.shape == filled.shape == (3, size) and index.dtype == torch.int64
+    for row in range(3):
+        expected = (pos[row] | neg[row]).nonzero()[:, 0]
+        assert int(filled[row].sum()) == expected.numel()
+        assert bool(filled[row, : expected.numel()].all())  # the filled slots are a prefix
+        assert torch.equal(index[row, : expected.numel()], expected)
+        assert bool(((index[row] >= 0) & (index[row] < max(n, 1))).all())  # every slot gatherable
 
 
 def test_fraction_respected_and_batch_filled(device):
@@ -200,12 +224,9 @@ def test_proposal_targets_match_torchvision_roi_heads(backend, device, size):
         if foreground.any():
             fg_pos = [p for p, f in zip(positions, foreground[filled].tolist(), strict=True) if f]
             expected = coder.encode_single(gt_boxes[b][matched[b][fg_pos]], props[b][fg_pos])
-            rows = ours.regression_targets[b].cpu()[foreground, ours.labels[b].cpu()[foreground]]
-            assert_close(rows, expected, torch.float32)
-        weights = ours.regression_weights[b].cpu()
-        assert weights.sum() == 4 * foreground.sum()
-        assert not ours.regression_targets[b].cpu()[weights == 0].any()
-    assert ours.regression_targets.shape == (3, size, num_classes, 4)
+            assert_close(ours.regression_targets[b].cpu()[foreground], expected, torch.float32)
+        assert not ours.regression_targets[b].cpu()[~foreground].any()
+    assert ours.regression_targets.shape == (3, size, 4)
 
 
 def test_background_band_of_fast_rcnn(backend, device):
@@ -307,7 +328,7 @@ def test_sampler_and_target_layers_compile_fullgraph(backend, device):
     fn = lambda p, g, labels, c: ops.proposal_targets(p, g, labels, c, 4, batch_size_per_image=32)
     compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")(proposals, gt_boxes, gt_labels, gt_count)
     eager = fn(proposals, gt_boxes, gt_labels, gt_count)
-    assert compiled.regression_targets.shape == eager.regression_targets.shape == (2, 32, 4, 4)
+    assert compiled.regression_targets.shape == eager.regression_targets.shape == (2, 32, 4)
     assert torch.equal((compiled.labels > 0).sum(1), (eager.labels > 0).sum(1))
 
 

@@ -161,13 +161,15 @@ class RoIHeads(nn.Module):
         sampled = (targets.labels >= 0).to(torch.float32).view(-1)
         num_sampled = sampled.sum().clamp(min=1.0)
         ce = F.cross_entropy(class_logits.float(), targets.labels.clamp(min=0).view(-1), reduction="none")
+        # The class-specific regressor's loss counts only each foreground slot's label row (its
+        # targets and weights are zero elsewhere): gather that row's deltas, as torchvision's fastrcnn_loss.
+        label_rows = targets.labels.clamp(min=0)[..., None, None].expand(batch, slots, 1, 4)
+        label_deltas = box_regression.view(batch, slots, -1, 4).gather(2, label_rows).squeeze(2)  # [B, S, 4]
         box = F.smooth_l1_loss(
-            box_regression.float().view(batch, slots, -1, 4),
-            targets.regression_targets.float(),
-            beta=config.smooth_l1_beta,
-            reduction="none",
+            label_deltas.float(), targets.regression_targets.float(), beta=config.smooth_l1_beta, reduction="none"
         )
+        foreground = (targets.labels > 0)[..., None]
         return {
             "loss_classifier": (ce * sampled).sum() / num_sampled,
-            "loss_box_reg": (box * targets.regression_weights).sum() / num_sampled,
+            "loss_box_reg": torch.where(foreground, box, 0).sum() / num_sampled,
         }

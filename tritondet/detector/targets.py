@@ -3,8 +3,9 @@
 Shapes: B images, G ground-truth slots (the first ``count[b]`` real), A anchors, P proposals.
 
 The anchor target layer (RPN labels and regression targets) and the proposal target layer (box-head
-samples, labels, class-specific targets) are :func:`tritondet.ops.anchor_targets` and
-:func:`tritondet.ops.proposal_targets`: batched, fixed shapes, no host sync. This module turns
+samples, labels, the regression target of each sample's class row) are
+:func:`tritondet.ops.anchor_targets` and :func:`tritondet.ops.proposal_targets`: batched, fixed
+shapes, no host sync. This module turns
 torchvision-style ``targets`` (a list of dicts) into their padded inputs.
 """
 

@@ -320,8 +320,10 @@ def _matches_from_iou(
     else:
         best, best_idx = iou.max(dim=1)
     matched = torch.where(best < low, BELOW_LOW_THRESHOLD, best_idx)
-    matched = torch.where((best >= low) & (best < high), BETWEEN_THRESHOLDS, matched)
-    matched = torch.where(best < floor, BELOW_FLOOR, matched)
+    if low < high:  # else the band [low, high) is empty
+        matched = torch.where((best >= low) & (best < high), BETWEEN_THRESHOLDS, matched)
+    if floor > float("-inf"):  # else nothing lies below the floor
+        matched = torch.where(best < floor, BELOW_FLOOR, matched)
     if allow_low_quality_matches and num_gt > 0 and num_anchors > 0:
         gt_max = iou.amax(dim=2, keepdim=True)  # [B, G, 1]
         attains = ((iou == gt_max) & valid[..., None]).any(dim=1)
@@ -338,15 +340,21 @@ def match_boxes_cpu(
     floor: float,
     allow_low_quality_matches: bool,
 ) -> torch.Tensor:
-    """The fast CPU path, the reference's result: image by image on its real ground truth only
-    (host read: the counts), never the ``[B, G, A]`` matrix, the IoU computed in place."""
-    matched = torch.full((gt_boxes.shape[0], anchors.shape[1]), BELOW_LOW_THRESHOLD, device=anchors.device)
-    for image, count in enumerate(gt_count.tolist()):
-        if count > 0:
-            image_anchors = anchors[min(image, anchors.shape[0] - 1)]
-            iou = pairwise_iou_cpu(gt_boxes[image, :count], image_anchors, "iou", "xyxy")[None]  # [1, G_image, A]
-            valid = torch.ones((1, count), dtype=torch.bool, device=anchors.device)
-            matched[image] = _matches_from_iou(iou, valid, high, low, floor, allow_low_quality_matches)[0]
+    """The fast CPU path, the reference's result: every image in one pass over the ground-truth
+    slots some image uses (host read: the largest count), the IoU computed in place; the few
+    padding rows of images with fewer boxes cost less than a pass of small ops per image."""
+    counts = gt_count.tolist()
+    num_gt = max(counts, default=0)
+    if num_gt == 0:
+        return torch.full((gt_boxes.shape[0], anchors.shape[1]), BELOW_LOW_THRESHOLD, device=anchors.device)
+    gt_boxes = gt_boxes[:, :num_gt]
+    iou = pairwise_iou_cpu(gt_boxes, anchors, "iou", "xyxy")  # [B, G_used, A]
+    valid = torch.arange(num_gt, device=gt_boxes.device) < gt_count[:, None]  # [B, G_used]
+    if min(counts) < num_gt:  # padding rows: never anyone's best
+        iou.masked_fill_(~valid[..., None], float("-inf"))
+    matched = _matches_from_iou(iou, valid, high, low, floor, allow_low_quality_matches)
+    if min(counts) == 0:
+        matched = torch.where(gt_count[:, None] > 0, matched, BELOW_LOW_THRESHOLD)
     return matched
 
 

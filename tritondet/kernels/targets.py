@@ -16,9 +16,8 @@ from typing import NamedTuple
 
 import torch
 
-from .._backend import use_fast_cpu
 from ._common import compute_dtype_of
-from .matcher import BELOW_FLOOR
+from .matcher import BELOW_FLOOR, BELOW_LOW_THRESHOLD
 
 # Keys of non-members: above every torch.rand key in [0, 1), so members are taken first.
 _NON_MEMBER_KEY = 2.0
@@ -29,6 +28,12 @@ def _smallest_keys_mask(keys: torch.Tensor, members: torch.Tensor, counts: torch
     order = torch.where(members, keys, _NON_MEMBER_KEY).topk(k, dim=1, largest=False).indices  # [B, k]
     chosen = torch.arange(k, device=keys.device) < counts[:, None]
     return torch.zeros_like(members).scatter_(1, order, chosen)
+
+
+def _sample_keys(matched_idx: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One uniform key per ``[B, N]`` element, from ``generator``: fp64, whose 2^53 values make
+    ties (which topk breaks by position) practically impossible."""
+    return torch.rand(matched_idx.shape, generator=generator, dtype=torch.float64, device=matched_idx.device)
 
 
 def sample_balanced(
@@ -45,14 +50,13 @@ def sample_balanced(
     random subset. One fp64 uniform key per element (from ``generator``) and two fixed-size
     ``topk`` calls replace torchvision's per-image ``randperm``, so nothing waits for the device.
     """
-    batch, n = matched_idx.shape
+    n = matched_idx.shape[1]
     positive = matched_idx >= 0
-    negative = matched_idx == -1
+    negative = matched_idx == BELOW_LOW_THRESHOLD
     max_positive = int(batch_size_per_image * positive_fraction)
     num_pos = positive.sum(dim=1).clamp(max=max_positive)
     num_neg = torch.minimum(negative.sum(dim=1), batch_size_per_image - num_pos)
-    # fp64 keys: 2^53 values make ties (which topk breaks by position) practically impossible.
-    keys = torch.rand((batch, n), generator=generator, dtype=torch.float64, device=matched_idx.device)
+    keys = _sample_keys(matched_idx, generator)
     pos_mask = _smallest_keys_mask(keys, positive, num_pos, min(max_positive, n))
     neg_mask = _smallest_keys_mask(keys, negative, num_neg, min(batch_size_per_image, n))
     return pos_mask, neg_mask
@@ -106,19 +110,37 @@ def anchor_targets(
     return AnchorTargets(labels, regression, matched)
 
 
-def _class_rows_cpu(
-    encoded: torch.Tensor, labels: torch.Tensor, foreground: torch.Tensor, num_classes: int
+def _sampled_slots(
+    matched: torch.Tensor, keys: torch.Tensor, batch_size_per_image: int, positive_fraction: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The fast CPU path's class-specific regression targets and weights, ``[B, S, C, 4]`` each:
-    ``encoded [B, S, 4]`` and 1 in the label's row of the ``foreground [B, S]`` slots, 0 elsewhere.
-    Zeros with one row scattered per slot (a zero row into class 0 for background and padding):
-    the reference's values without its ``[B, S, C, 4]`` mask and selects (ten times faster)."""
-    batch, slots = labels.shape
-    shape = (batch, slots, num_classes, 4)
-    rows = labels.clamp(min=0)[..., None, None].expand(batch, slots, 1, 4)
-    regression = encoded.new_zeros(shape).scatter_(2, rows, torch.where(foreground[..., None], encoded, 0)[:, :, None])
-    weights = foreground[..., None, None].to(encoded.dtype).expand(batch, slots, 1, 4)
-    return regression, encoded.new_zeros(shape).scatter_(2, rows, weights)
+    """:func:`sample_balanced` on the drawn ``keys [B, N]``, compacted: ``[B, N]`` matched indices
+    -> (index ``[B, S]`` into N, the sampled candidates first in index order, torchvision's order;
+    filled ``[B, S]`` bool, the slots holding one), S = ``batch_size_per_image``.
+
+    The same sets as :func:`sample_balanced` with the same keys, in a third of its small ops (they
+    cost more than their arithmetic at 512 slots): the sampled positives are those whose key is at
+    most the ``int(S * positive_fraction)``-th smallest positive key (every positive when there are
+    fewer); one ``topk`` then takes them (key -1), the negatives by key and, in unfilled slots,
+    non-members; a sort puts the slots in index order. Fixed shapes, no host sync. (Equal keys
+    at the cut, which fp64 keys make practically impossible, would be taken together.)"""
+    batch, num_candidates = matched.shape
+    positive = matched >= 0
+    max_positive = min(int(batch_size_per_image * positive_fraction), num_candidates)
+    if max_positive == 0:
+        positive = torch.zeros_like(positive)
+    else:
+        member_keys = torch.where(positive, keys, _NON_MEMBER_KEY)
+        positive &= keys <= member_keys.kthvalue(max_positive, dim=1, keepdim=True).values
+    negative_keys = torch.where(matched == BELOW_LOW_THRESHOLD, keys, _NON_MEMBER_KEY)
+    slots = min(batch_size_per_image, num_candidates)
+    taken, index = torch.where(positive, -1.0, negative_keys).topk(slots, dim=1, largest=False)
+    filled = taken < _NON_MEMBER_KEY  # a prefix: topk sorts its values
+    index = torch.where(filled, index, num_candidates - 1).sort(dim=1).values  # unfilled slots last
+    pad = batch_size_per_image - slots
+    if pad:  # fewer candidates than slots: pad statically
+        index = torch.cat([index, index.new_zeros((batch, pad))], dim=1)
+        filled = torch.cat([filled, filled.new_zeros((batch, pad))], dim=1)
+    return index, filled
 
 
 class ProposalTargets(NamedTuple):
@@ -126,15 +148,16 @@ class ProposalTargets(NamedTuple):
 
     proposals ``[B, S, 4]``: the sampled boxes (zeros in padding slots);
     labels ``[B, S]`` int64: matched ground truth's class for foreground, 0 background, -1 padding;
-    regression_targets ``[B, S, C, 4]``: encoded matched ground truth in the label's class row, 0 elsewhere;
-    regression_weights ``[B, S, C, 4]``: 1 where regression_targets is a foreground target, else 0;
+    regression_targets ``[B, S, 4]``: the encoded matched ground truth of foreground slots, 0 elsewhere:
+    the target of the label's class row of the class-specific regressor (the paper's ``[B, S, C, 4]``
+    targets are zero outside that row and weighted 0 there, so the loss gathers the predicted
+    deltas of the label's class, as torchvision's ``fastrcnn_loss``, instead of building them);
     matched_idx ``[B, S]`` int64: matched ground-truth index for foreground, -1 otherwise;
     sampled_idx ``[B, S]`` int64: index into ``cat([proposals, gt_boxes], 1)``, -1 for padding."""
 
     proposals: torch.Tensor
     labels: torch.Tensor
     regression_targets: torch.Tensor
-    regression_weights: torch.Tensor
     matched_idx: torch.Tensor
     sampled_idx: torch.Tensor
 
@@ -145,7 +168,6 @@ def proposal_targets(
     gt_boxes: torch.Tensor,
     gt_labels: torch.Tensor,
     gt_count: torch.Tensor,
-    num_classes: int,
     fg_iou_thresh: float,
     bg_iou_thresh: float,
     bg_iou_thresh_low: float,
@@ -158,7 +180,6 @@ def proposal_targets(
     batch, num_proposals, num_gt = proposals.shape[0], proposals.shape[1], gt_boxes.shape[1]
     device = proposals.device
     candidates = torch.cat([proposals, gt_boxes], dim=1)  # [B, P + G, 4]: ground truth appended
-    num_candidates = num_proposals + num_gt
     valid = torch.cat(
         [
             torch.arange(num_proposals, device=device) < proposal_count[:, None],
@@ -171,19 +192,7 @@ def proposal_targets(
         candidates, gt_boxes, gt_count, fg_iou_thresh, bg_iou_thresh, bg_iou_thresh_low, False
     )
     matched = torch.where(valid, matched, BELOW_FLOOR)
-    pos_mask, neg_mask = sample_balanced(matched, batch_size_per_image, positive_fraction, generator)
-
-    # Compact the sampled candidates to the front in index order (torchvision's order).
-    positions = torch.arange(num_candidates, device=device).expand(batch, num_candidates)
-    sampled = pos_mask | neg_mask
-    order_keys = torch.where(sampled, positions, positions + num_candidates)
-    slots = min(batch_size_per_image, num_candidates)
-    index = order_keys.topk(slots, dim=1, largest=False).indices  # [B, slots], sorted ascending
-    filled = torch.arange(slots, device=device) < sampled.sum(dim=1)[:, None]
-    pad = batch_size_per_image - slots
-    if pad:  # fewer candidates than slots: pad statically
-        index = torch.cat([index, index.new_zeros((batch, pad))], dim=1)
-        filled = torch.cat([filled, filled.new_zeros((batch, pad))], dim=1)
+    index, filled = _sampled_slots(matched, _sample_keys(matched, generator), batch_size_per_image, positive_fraction)
 
     compute_dtype = compute_dtype_of(candidates.dtype)
     sampled_boxes = torch.where(filled[..., None], _gather_boxes(candidates, index), 0).to(compute_dtype)
@@ -197,19 +206,10 @@ def proposal_targets(
 
     matched_gt = _gather_boxes(gt_boxes, gt_index).to(compute_dtype)
     encoded = _encode(matched_gt, sampled_boxes, weights)  # [B, S, 4]
-    if use_fast_cpu(device):
-        regression, regression_weights = _class_rows_cpu(encoded, labels, foreground, num_classes)
-    else:
-        classes = torch.arange(num_classes, device=device)
-        class_rows = (classes == labels[..., None]) & foreground[..., None]  # [B, S, C]
-        row_mask = class_rows[..., None].expand(batch, batch_size_per_image, num_classes, 4)
-        regression = torch.where(row_mask, encoded[:, :, None, :], 0)
-        regression_weights = row_mask.to(compute_dtype)
     return ProposalTargets(
         sampled_boxes,
         labels,
-        regression,
-        regression_weights,
+        torch.where(foreground[..., None], encoded, 0),
         torch.where(foreground, sampled_matched, -1),
         torch.where(filled, index, -1),
     )

@@ -204,7 +204,13 @@ def proposal_targets(
     above it), takes background from ``[bg_iou_thresh_low, bg_iou_thresh)`` (torchvision: 0.0 and
     0.5; Girshick's Fast R-CNN: 0.1 and 0.5; IoUs below ``bg_iou_thresh_low`` are ignored), samples
     ``batch_size_per_image`` with ``positive_fraction`` foreground (torchvision 512 / 0.25, the
-    original 128 / 0.25) and encodes class-specific regression targets with ``weights``.
+    original 128 / 0.25) and encodes the regression targets with ``weights``.
+
+    The class-specific regression targets of the paper (``[B, S, C, 4]``: the encoded box in the
+    label's class row, zero and weighted 0 in every other row) are returned compactly, as
+    torchvision's ``select_training_samples`` does: ``regression_targets [B, S, 4]`` beside
+    ``labels``; the loss gathers the predicted deltas of each foreground slot's label (see
+    ``tritondet.detector.roi_heads``).
 
     Args:
         proposals (Tensor[B, P, 4]): xyxy proposals, padded; the first ``proposal_count[b]`` are real.
@@ -216,8 +222,9 @@ def proposal_targets(
 
     Returns:
         ProposalTargets with S = ``batch_size_per_image`` slots per image: proposals ``[B, S, 4]``,
-        labels ``[B, S]`` (class, 0 background, -1 padding), regression_targets and
-        regression_weights ``[B, S, C, 4]``, matched_idx ``[B, S]``, sampled_idx ``[B, S]``.
+        labels ``[B, S]`` (class, 0 background, -1 padding), regression_targets ``[B, S, 4]``
+        (fp32, fp64 for fp64 boxes; the label's class row: zero except at foreground),
+        matched_idx ``[B, S]``, sampled_idx ``[B, S]``.
     """
     values = _check_weights(weights)
     check_real("bg_iou_thresh_low", bg_iou_thresh_low)
@@ -267,7 +274,6 @@ def proposal_targets(
         gt_boxes.to(proposals.dtype),
         gt_labels.to(proposals.device),
         gt_count,
-        num_classes,
         fg_iou_thresh,
         bg_iou_thresh,
         bg_iou_thresh_low,
