@@ -1033,7 +1033,8 @@ def merged_keys_reference(ranked: torch.Tensor, keys: torch.Tensor, iou_threshol
 # first 1004 proposals are suppressed, and fewer of the first detections. Measured on the bench
 # (proposals, detections of 8 images): 1.25 to 1.5 is fastest, 1 needs a second pass (25-70%
 # slower), 2 does needless NMS work (~50% slower) and 3 more. A miss doubles the prefix, so the
-# work stays within a constant factor of what the needed prefix takes.
+# work stays within a constant factor of what the needed prefix takes. :func:`batched_nms_padded_cpu`
+# takes its cut at the same count of candidates and doubles it the same way.
 _PREFIX_FACTOR = 1.5
 # A first pass over at most this many candidates of a segment joins one vectorized NMS per image
 # and pass (:func:`_padded_segment_keep_reference`, whose in-block fixed point costs up to this many
@@ -1205,7 +1206,8 @@ def batched_nms_padded_cpu(
     :func:`gather_detections_reference` on them give the kept candidates with key <= cut, which
     precede every other kept one (greedy NMS is prefix-stable, see :func:`merged_top_cpu`). When
     fewer than D are kept and candidates lie past the cut, the image starts again with twice the
-    candidates. Host reads: each image's candidate count and, per pass, kept count.
+    candidates. Host reads, per image and pass: the widest segment's count and the kept count,
+    besides :func:`merged_top_cpu`'s.
     """
     n, num_classes, segments, pool = _pool_shape(scores, class_agnostic)
     keys = candidate_keys_reference(scores, score_threshold, class_agnostic)
