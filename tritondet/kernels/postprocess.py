@@ -163,7 +163,7 @@ def detection_candidates_triton(
 
 
 # ----------------------------------------------------------------------------------------------
-# Reference: vectorized PyTorch, the test oracle and the CPU path.
+# Reference (the test oracle) and the fast CPU path: vectorized PyTorch.
 # ----------------------------------------------------------------------------------------------
 
 
