@@ -1,6 +1,7 @@
 """NMS family: nms and batched_nms against torchvision and a loop-level reference, the sync-free
 padded batched NMS, and soft-NMS, on both backends."""
 
+import functools
 import math
 
 import pytest
@@ -656,6 +657,75 @@ def test_padded_cpu_prefix_cut_dtypes(monkeypatch, dtype, class_agnostic):
     reference, cpu = on_backends(monkeypatch, run)
     assert cpu[0].dtype == cpu[1].dtype == dtype
     assert_identical(cpu, reference)
+
+
+# The fast CPU path ranks only each image's candidates up to a cut
+# (nms_kernels.batched_nms_padded_cpu), starting again with twice as many while too few are kept.
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["clusters", "ties", "all_tied", "empty_classes", "non_finite"])
+@pytest.mark.parametrize("class_agnostic", [False, True])
+@pytest.mark.parametrize("pre_nms_top_n", [None, 1, 3, 20])
+def test_padded_cpu_cut_with_pre_nms_top_n_equals_reference(monkeypatch, name, class_agnostic, pre_nms_top_n):
+    """Ties at the cut (the tie scenarios), and pre_nms_top_n shorter than a segment's candidates
+    up to the cut: the cut's candidates are cut again at each segment's first pre_nms_top_n."""
+    monkeypatch.setattr(nms_kernels, "_PREFIX_FACTOR", 1)
+    boxes, scores, max_output, score_threshold = _scenario(name)
+    if class_agnostic:
+        boxes = boxes[:, :, 0].contiguous()
+    run = lambda: ops.batched_nms_padded(boxes, scores, 0.5, max_output, score_threshold, class_agnostic, pre_nms_top_n)
+    reference, cpu = on_backends(monkeypatch, run)
+    assert_identical(cpu, reference)
+
+
+def test_padded_cpu_ranks_only_up_to_the_cut(monkeypatch):
+    """Clusters of 4 near-identical boxes: a cut of D candidates keeps fewer than D, so each image
+    starts again with twice the candidates; the first pass takes far fewer than all of them."""
+    monkeypatch.setattr(nms_kernels, "_PREFIX_FACTOR", 1)
+    boxes, scores, max_output, score_threshold = _scenario("clusters")
+    taken = []
+    merged_top_cpu = nms_kernels.merged_top_cpu
+
+    def counting(ranked, keys, iou_threshold, limit):
+        taken.append(int((keys < float("inf")).sum()))
+        return merged_top_cpu(ranked, keys, iou_threshold, limit)
+
+    monkeypatch.setattr(nms_kernels, "merged_top_cpu", counting)
+    run = lambda: ops.batched_nms_padded(boxes, scores, 0.5, max_output, score_threshold)
+    reference, cpu = on_backends(monkeypatch, run)
+    assert_identical(cpu, reference)
+    candidates = int((scores[0] > score_threshold).sum())
+    assert len(taken) > boxes.shape[0]  # some image started again
+    assert max_output <= taken[0] < candidates and taken[1] >= 2 * max_output
+    assert cpu[4].tolist() == [max_output] * boxes.shape[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_padded_cpu_cut_without_candidates(monkeypatch, dtype):
+    """No candidate in an image (scores at or below the threshold, NaN, no boxes), max_output 0,
+    single-class [B, N] scores: the reference's zeros and counts."""
+    boxes, scores = clustered_inputs(3, 20, 3, copies=2, seed=8, tie_levels=8)
+    boxes, scores = boxes.to(dtype), scores.to(dtype)
+    scores[1] = 0.25
+    scores[2, :, 1] = float("nan")
+    cases = [
+        (boxes, scores, 10, 0.25),  # image 1: every score equals the threshold
+        (boxes, torch.zeros_like(scores), 10, 0.0),  # no candidate anywhere
+        (boxes[:, :0], scores[:, :0], 10, 0.0),  # no boxes
+        (boxes, scores, 0, 0.0),
+        (boxes[:, :, 0], scores[:, :, 0], 4, 0.3),  # one class, [B, N] scores
+    ]
+    for case_boxes, case_scores, max_output, threshold in cases:
+        for class_agnostic in (False, True):
+            if class_agnostic and case_boxes.dim() == 4:
+                case_boxes = case_boxes[:, :, 0].contiguous()
+            run = functools.partial(
+                ops.batched_nms_padded, case_boxes, case_scores, 0.5, max_output, threshold, class_agnostic
+            )
+            reference, cpu = on_backends(monkeypatch, run)
+            assert_identical(cpu, reference)
+            assert cpu[0].dtype == cpu[1].dtype == dtype
 
 
 # ----------------------------------------------------------------------------------------------

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torchvision.models.detection.roi_heads import RoIHeads
@@ -9,6 +11,7 @@ from torchvision.models.detection.roi_heads import RoIHeads
 from tests.tolerances import assert_close
 from tritondet import ops
 from tritondet.kernels import nms as nms_kernels
+from tritondet.kernels import postprocess as postprocess_kernels
 from tritondet.measure.dispatch_audit import DispatchCounter, NoHostSync
 
 WEIGHTS = (10.0, 10.0, 5.0, 5.0)
@@ -210,3 +213,20 @@ def test_bad_input_is_named():
         ops.postprocess_detections(logits.long(), deltas, proposals, num_valid, sizes)
     with pytest.raises(ValueError, match="detections_per_img"):
         ops.postprocess_detections(logits, deltas, proposals, num_valid, sizes, detections_per_img=-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_cpu_candidates_equal_reference(dtype):
+    """detection_candidates_cpu (decoded by decode_cpu, clipped in place) against the reference, bit
+    for bit: infinite and NaN proposals, clamped deltas, padding rows, an image without proposals,
+    non-contiguous head outputs."""
+    logits, deltas, proposals, sizes = head_outputs(3, 50, 7, seed=5, dtype=dtype)
+    proposals[0, :3, 2] = float("inf")
+    proposals[1, 3:5] = float("nan")
+    deltas = torch.stack([deltas, deltas], dim=-1)[..., 1]
+    args = (logits, deltas, proposals, torch.tensor([50, 31, 0]), sizes, WEIGHTS, 1e-2, math.log(1000.0 / 16))
+    reference = postprocess_kernels.detection_candidates_reference(*args)
+    cpu = postprocess_kernels.detection_candidates_cpu(*args)
+    for mine, expected in zip(cpu, reference, strict=True):
+        assert mine.dtype == expected.dtype == torch.float32 and mine.shape == expected.shape
+        torch.testing.assert_close(mine, expected, rtol=0, atol=0, equal_nan=True)

@@ -1033,7 +1033,8 @@ def merged_keys_reference(ranked: torch.Tensor, keys: torch.Tensor, iou_threshol
 # first 1004 proposals are suppressed, and fewer of the first detections. Measured on the bench
 # (proposals, detections of 8 images): 1.25 to 1.5 is fastest, 1 needs a second pass (25-70%
 # slower), 2 does needless NMS work (~50% slower) and 3 more. A miss doubles the prefix, so the
-# work stays within a constant factor of what the needed prefix takes.
+# work stays within a constant factor of what the needed prefix takes. :func:`batched_nms_padded_cpu`
+# takes its cut at the same count of candidates and doubles it the same way.
 _PREFIX_FACTOR = 1.5
 # A first pass over at most this many candidates of a segment joins one vectorized NMS per image
 # and pass (:func:`_padded_segment_keep_reference`, whose in-block fixed point costs up to this many
@@ -1185,6 +1186,66 @@ def padded_nms(
     return gather(merged_key, merged_index, ranked, max_output, boxes_dtype, scores_dtype, labels)
 
 
+def batched_nms_padded_cpu(
+    boxes: torch.Tensor,
+    scores: torch.Tensor,
+    iou_threshold: float,
+    max_output: int,
+    score_threshold: float,
+    class_agnostic: bool,
+    length: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The fast CPU path of :func:`batched_nms_padded_impl` for B >= 1 images (``length``: each
+    segment's first candidates taking part, ``pre_nms_top_n`` or the pool size), the reference's
+    result bit for bit: each image sorts, ranks and gathers only the candidates whose key is at
+    most a cut.
+
+    The cut is the key of the image's ``_PREFIX_FACTOR * D``-th best candidate (ties at it
+    included). Those candidates are each segment's first ones in the reference's order (by key,
+    ties by pool position), cut at ``length``; :func:`merged_top_cpu` and
+    :func:`gather_detections_reference` on them give the kept candidates with key <= cut, which
+    precede every other kept one (greedy NMS is prefix-stable, see :func:`merged_top_cpu`). When
+    fewer than D are kept and candidates lie past the cut, the image starts again with twice the
+    candidates. Host reads, per image and pass: the widest segment's count and the kept count,
+    besides :func:`merged_top_cpu`'s.
+    """
+    n, num_classes, segments, pool = _pool_shape(scores, class_agnostic)
+    keys = candidate_keys_reference(scores, score_threshold, class_agnostic)
+    outputs = []
+    for image in range(scores.shape[0]):
+        flat_keys = keys[image].reshape(-1)
+        candidate_keys = flat_keys[flat_keys < float("inf")]
+        total = candidate_keys.shape[0]
+        wanted = min(total, max(1, math.ceil(_PREFIX_FACTOR * max_output)))
+        while True:
+            cut = candidate_keys.kthvalue(wanted).values if total > 0 else float("-inf")
+            # The candidates with key <= cut by (segment, key, pool position): the reference's order.
+            chosen = (flat_keys <= cut).nonzero().squeeze(1)
+            chosen = chosen[torch.sort(flat_keys[chosen], stable=True).indices]
+            segment, by_segment = torch.sort(chosen // max(pool, 1), stable=True)
+            chosen = chosen[by_segment]
+            counts = torch.bincount(segment, minlength=segments)
+            rank = torch.arange(chosen.shape[0], device=keys.device) - (counts.cumsum(0) - counts)[segment]
+            width = min(length, int(counts.max()) if chosen.shape[0] > 0 else 0)
+            inside = rank < width
+            segment, rank, chosen = segment[inside], rank[inside], chosen[inside]
+            order = torch.zeros((1, segments, width), dtype=torch.int64, device=keys.device)
+            order[0, segment, rank] = chosen % max(pool, 1)
+            chosen_keys = keys.new_full((1, segments, width), float("inf"))
+            chosen_keys[0, segment, rank] = flat_keys[chosen]
+            ranked = rank_boxes_reference(boxes[image : image + 1], order, width, num_classes, class_agnostic)
+            merged_key, merged_index = merged_top_cpu(ranked, chosen_keys, iou_threshold, max_output)
+            labels = (order, n, num_classes, class_agnostic)
+            detections = gather_detections_reference(
+                merged_key, merged_index, ranked, max_output, boxes.dtype, scores.dtype, labels
+            )
+            if wanted == total or int(detections[-1][0]) >= max_output:
+                break
+            wanted = min(total, 2 * wanted)
+        outputs.append(detections)
+    return tuple(torch.cat(parts) for parts in zip(*outputs, strict=True))
+
+
 def batched_nms_padded_impl(
     boxes: torch.Tensor,
     scores: torch.Tensor,
@@ -1198,6 +1259,8 @@ def batched_nms_padded_impl(
     backend 5 launches and 2 sorts, whatever the data."""
     n, num_classes, _, pool = _pool_shape(scores, class_agnostic)
     length = pool if pre_nms_top_n is None else min(pool, pre_nms_top_n)
+    if use_fast_cpu(scores.device) and scores.shape[0] > 0:
+        return batched_nms_padded_cpu(boxes, scores, iou_threshold, max_output, score_threshold, class_agnostic, length)
     triton_path = use_triton(scores.device)
     keys = (candidate_keys_triton if triton_path else candidate_keys_reference)(scores, score_threshold, class_agnostic)
     keys, order = torch.sort(keys, dim=-1, stable=True)  # ties keep input order
