@@ -86,6 +86,7 @@ from ..mask_rcnn import MASK_LOSS_NAMES
 from .checkpoints import model_description, restore_checkpoint, resume_checkpoint, save_checkpoint
 from .distributed import average_buffers, init_distributed, is_distributed, max_over_ranks
 from .schedule import Step, final_model, learning_rate, prepare_step, schedule_steps
+from .threads import ThreadChooser, thread_candidates
 from .train_config import TrainConfig, build_model, dataset_paths, model_config_of, resolve_device
 
 # Progress-bar names of the loss terms.
@@ -113,25 +114,29 @@ def train(config: TrainConfig, model: nn.Module | None = None) -> dict:
     generator=...)`` and return the four :data:`LOSS_NAMES` terms in training mode, and its checkpoints
     are not for :func:`~.checkpoints.load_checkpoint`.
     """
-    run = _Run.start(config, model)
+    default_threads = torch.get_num_threads()  # the thread chooser's changes end with the run
     try:
-        for number, step in enumerate(run.steps, start=1):
-            _begin_step(run, step, number)
-            batches = _batches(run)
-            stop = run.iteration - run.step_start >= step.iterations
-            while not stop:
-                epoch, images, targets = next(batches)
-                losses, lr = _train_iteration(run, step, images, targets)
-                stop = _account(run, step, losses, len(images))
-                run.log.record(run, step.name, epoch, lr, force=stop)
-                _save_checkpoints(run, force=stop)
-            batches.close()
-            _end_step(run, step, number)
+        run = _Run.start(config, model)
+        try:
+            for number, step in enumerate(run.steps, start=1):
+                _begin_step(run, step, number)
+                batches = _batches(run)
+                stop = run.iteration - run.step_start >= step.iterations
+                while not stop:
+                    epoch, images, targets = next(batches)
+                    losses, lr = _train_iteration(run, step, images, targets)
+                    stop = _account(run, step, losses, len(images))
+                    run.log.record(run, step.name, epoch, lr, force=stop)
+                    _save_checkpoints(run, force=stop)
+                batches.close()
+                _end_step(run, step, number)
+        finally:
+            run.log.close()
+        if run.alternating:
+            run.model = final_model(run.steps)
+        return _finish(run)
     finally:
-        run.log.close()
-    if run.alternating:
-        run.model = final_model(run.steps)
-    return _finish(run)
+        torch.set_num_threads(default_threads)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -167,6 +172,7 @@ class _Run:
     step_seconds_start: float = 0.0
     progress: float = 0.0  # of the current step: the larger of its iterations' and its time's fraction
     trained_parameters: list[nn.Parameter] = field(default_factory=list)  # the current step's, clipped together
+    thread_chooser: ThreadChooser | None = None  # on the CPU without config.threads
 
     @property
     def main(self) -> bool:
@@ -222,9 +228,15 @@ class _Run:
         resumed_from = None if resume is None else iteration
         loss_names = LOSS_NAMES if model_config.mask is None else MASK_LOSS_NAMES
         log = _TrainingLog(output_dir, rank == 0 and config.progress, resumed_from, rank == 0, loss_names)
+        thread_chooser = None
+        if device.type == "cpu" and config.threads is not None:
+            torch.set_num_threads(config.threads)
+        elif device.type == "cpu":
+            thread_chooser = ThreadChooser(thread_candidates(torch.get_num_threads()))
         return cls(
             config, start_time, device, rank, world_size, output_dir, train_set, val_set, loader, num_workers,
             model_config, model, forward, optimizer, sampling, steps, log, iteration, trained_seconds,
+            thread_chooser=thread_chooser,
         )  # fmt: skip
 
     def snapshot(self, saved: nn.Module) -> dict:
@@ -351,7 +363,9 @@ def _train_iteration(
 
 
 def _record_time(run: _Run, seconds: float) -> None:
-    """Count one more iteration of ``seconds``; update the running mean speed."""
+    """Count one more iteration of ``seconds``; update the running mean speed and the thread chooser."""
+    if run.thread_chooser is not None:
+        run.thread_chooser.observe(seconds)
     run.iteration += 1
     run.trained_seconds += seconds
     previous = run.seconds_per_iteration
@@ -419,6 +433,7 @@ def _finish(run: _Run) -> dict:
         "output_dir": str(run.output_dir),
         "model": run.model,
         "metrics": None,
+        "threads": torch.get_num_threads(),
     }
     if run.config.evaluate:
         val_loader = make_data_loader(

@@ -69,6 +69,9 @@ class TrainConfig:
     # Bookkeeping.
     seed: int = 0
     num_workers: int | None = None  # default: 2 on CUDA, 0 on the CPU (the model needs both cores there)
+    # torch's intra-op threads on the CPU; None: the fastest of 1 and torch's default, timed while training
+    # and re-timed every two minutes (engine.threads.ThreadChooser: other processes make more threads slower).
+    threads: int | None = None
     checkpoint_every: int = 500
     log_every: int = 10
     resume: str | None = None  # a checkpoint path, or "auto": output_dir/last.pt if it exists
@@ -92,7 +95,7 @@ class TrainConfig:
             check(name, getattr(self, name) >= 1, "at least 1")
         for name in ("warmup_iters", "seed", "num_workers"):
             check(name, getattr(self, name) is None or getattr(self, name) >= 0, "non-negative")
-        for name in ("min_size", "max_size"):
+        for name in ("min_size", "max_size", "threads"):
             check(name, getattr(self, name) is None or getattr(self, name) >= 1, "at least 1")
         for name in ("lr", "clip_grad_norm", "gamma"):
             check(name, _finite(getattr(self, name)) and getattr(self, name) > 0, "a positive number")
