@@ -120,6 +120,7 @@ _TRAIN_HELP = {
     "amp": "bf16 autocast (CUDA only)",
     "resume": "a checkpoint to resume from, or 'auto' (output_dir/last.pt if present)",
     "num_workers": "data loader workers (default: 2 on CUDA, 0 on the CPU)",
+    "image_cache_mb": "decoded training images kept in memory up to this many MiB (0: decode every time)",
     "threads": "intra-op threads on the CPU (default: the faster of 1 and torch's default, re-timed while training)",
     "schedule": "joint (approximate joint training) or alternating (the paper's 4-step training, Section 3.2)",
     "alternating_split": "the 4 alternating steps' shares of the iterations and of the time budget",

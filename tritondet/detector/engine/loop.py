@@ -268,8 +268,9 @@ def _datasets(config: TrainConfig, rank: int) -> tuple[CocoDetection, CocoDetect
     train_tf = DetectionTransform(train=True)
     on_bad = config.on_bad_data
     train_set = CocoDetection(
-        train_images, train_annotations, train_tf, on_bad, remove_images_without_annotations=True, masks=config.masks
-    )
+        train_images, train_annotations, train_tf, on_bad, remove_images_without_annotations=True, masks=config.masks,
+        image_cache_bytes=config.image_cache_mb * 2**20,
+    )  # fmt: skip
     return train_set, CocoDetection(val_images, val_annotations, on_bad=on_bad)
 
 

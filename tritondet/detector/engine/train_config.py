@@ -42,6 +42,9 @@ class TrainConfig:
     train_annotations: str | None = None
     val_images: str | None = None
     val_annotations: str | None = None
+    # Decoded training images kept in memory, up to this many MiB (uint8: the synthetic train split takes
+    # ~0.5 GiB, so every epoch after the first skips PNG decoding); 0: decode every time.
+    image_cache_mb: int = 1024
     # Bad annotations and unreadable images: "skip" (with a warning naming each) or "raise".
     on_bad_data: str = "skip"
     # Model: a preset of MODEL_PRESETS; min_size/max_size override its image sizes when set.
@@ -93,7 +96,7 @@ class TrainConfig:
         check("on_bad_data", self.on_bad_data in BAD_DATA_CHOICES, f"one of {BAD_DATA_CHOICES}")
         for name in ("iterations", "batch_size", "checkpoint_every", "log_every", "num_train", "num_val"):
             check(name, getattr(self, name) >= 1, "at least 1")
-        for name in ("warmup_iters", "seed", "num_workers"):
+        for name in ("warmup_iters", "seed", "num_workers", "image_cache_mb"):
             check(name, getattr(self, name) is None or getattr(self, name) >= 0, "non-negative")
         for name in ("min_size", "max_size", "threads"):
             check(name, getattr(self, name) is None or getattr(self, name) >= 1, "at least 1")
