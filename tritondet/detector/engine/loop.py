@@ -213,6 +213,8 @@ class _Run:
         model_config = model_config_of(config, train_set.num_classes)
         torch.manual_seed(config.seed)  # the same initial weights on every rank, however the data was made
         model = (build_model(model_config) if model is None else model).to(device)
+        if device.type == "cpu":  # oneDNN's convolutions run faster on channels-last maps than on NCHW ones
+            model = model.to(memory_format=torch.channels_last)
         sampling = torch.Generator(device=device).manual_seed(config.seed + rank)
         steps = schedule_steps(config, model)
         optimizer = _optimizer(config, (model,))
@@ -285,6 +287,7 @@ def _optimizer(config: TrainConfig, modules: tuple[nn.Module, ...]) -> torch.opt
         [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=config.lr,
         momentum=config.momentum,
+        foreach=True,  # one fused update per parameter group; torch's default loops per tensor on the CPU
     )
 
 
@@ -357,7 +360,7 @@ def _train_iteration(
         raise FloatingPointError(f"iteration {run.iteration}: the loss is {float(loss)}; lower the lr")
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    nn.utils.clip_grad_norm_(run.trained_parameters, run.config.clip_grad_norm)
+    nn.utils.clip_grad_norm_(run.trained_parameters, run.config.clip_grad_norm, foreach=True)  # as the SGD step
     run.optimizer.step()
     _record_time(run, time.monotonic() - begin)
     return losses, lr
