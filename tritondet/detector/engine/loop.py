@@ -54,10 +54,17 @@ Multi-process: launched by ``torchrun --nproc_per_node N -m tritondet.cli train 
 batch size is per process), logs and checkpoints on rank 0 only, and evaluates every rank's share of
 the val split, gathered with :func:`~tritondet.detector.evaluate.gather_predictions`.
 
+Speed on a CPU: the intra-op thread count is the faster of 1 and torch's default, timed on the training
+iterations themselves and re-timed every two minutes (:class:`~.threads.ThreadChooser`; ``threads`` fixes
+it), the convolutions run on channels-last maps, the SGD step and the gradient clipping are foreach
+(fused) updates, and decoded training images stay in memory up to ``image_cache_mb``.
+
 Reproducibility: ``seed`` fixes the model's initialization, the data order, the flips and the
-detector's anchor/RoI sampling (rank r samples with ``seed + r``), so a CPU run repeats exactly.
-Resuming from a checkpoint taken at an epoch boundary repeats the uninterrupted run exactly; from
-the middle of an epoch the skipped batches are re-drawn, so the flips may differ.
+detector's anchor/RoI sampling (rank r samples with ``seed + r``), so a CPU run with a fixed
+``threads`` repeats exactly (the timed choice may differ between runs, and a different thread count
+can change the order of floating-point sums). Resuming from a checkpoint taken at an epoch boundary
+repeats the uninterrupted run exactly; from the middle of an epoch the skipped batches are re-drawn,
+so the flips may differ.
 """
 
 from __future__ import annotations
