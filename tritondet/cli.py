@@ -120,6 +120,8 @@ _TRAIN_HELP = {
     "amp": "bf16 autocast (CUDA only)",
     "resume": "a checkpoint to resume from, or 'auto' (output_dir/last.pt if present)",
     "num_workers": "data loader workers (default: 2 on CUDA, 0 on the CPU)",
+    "image_cache_mb": "decoded training images kept in memory up to this many MiB (0: decode every time)",
+    "threads": "intra-op threads on the CPU (default: the faster of 1 and torch's default, re-timed while training)",
     "schedule": "joint (approximate joint training) or alternating (the paper's 4-step training, Section 3.2)",
     "alternating_split": "the 4 alternating steps' shares of the iterations and of the time budget",
     "on_bad_data": "bad annotations and unreadable images: skip (a warning names each) or raise (stop at once)",
@@ -168,6 +170,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     minutes = result["total_seconds"] / 60
     print(
         f"trained {result['iteration']} iterations in {result['trained_seconds'] / 60:.1f} min ({minutes:.1f} min in all)"
+        f", {result['threads']} intra-op threads at the end"
     )
     if result["metrics"] is not None:
         _print_metrics(result["metrics"], f"on the val split ({result['output_dir']})")

@@ -181,6 +181,38 @@ def test_coco_dataset_samples(tiny_set):
     assert target["boxes"][0].tolist() == [x, y, x + w, y + h]
 
 
+def test_image_cache_serves_the_uncached_samples(tiny_set, tmp_path):
+    """Cached decoded images give the same samples, flips included, however many epochs; the cache
+    stops growing at its byte budget and a kept image no longer needs its file."""
+    import shutil
+
+    image_dir = tmp_path / "train"
+    shutil.copytree(tiny_set.train_images, image_dir)
+
+    def dataset(cache_bytes):
+        transform = DetectionTransform(train=True, generator=torch.Generator().manual_seed(0))
+        return CocoDetection(image_dir, tiny_set.train_annotations, transform, image_cache_bytes=cache_bytes)
+
+    uncached, cached = dataset(0), dataset(2**30)
+    for _ in range(3):  # the first epoch fills the cache, the next ones read it
+        for index in range(len(uncached)):
+            (image, target), (cached_image, cached_target) = uncached[index], cached[index]
+            assert torch.equal(cached_image, image)
+            assert torch.equal(cached_target["boxes"], target["boxes"])
+            assert torch.equal(cached_target["labels"], target["labels"])
+            assert cached_target["image_id"] == target["image_id"]
+    first_image_bytes = cached[0][0].numel()
+    budget = CocoDetection(image_dir, tiny_set.train_annotations, image_cache_bytes=first_image_bytes)
+    budget[0], budget[1]
+    assert list(budget._decoded) == [0] and budget._decoded_bytes == first_image_bytes
+    path = budget._samples[0].path
+    expected = read_image(path)
+    path.unlink()
+    assert torch.equal(budget[0][0], expected)  # served from memory
+    with pytest.raises(ValueError, match="image_cache_bytes"):
+        dataset(-1)
+
+
 def write_coco(tmp_path, images, annotations, categories):
     image_dir = tmp_path / "images"
     image_dir.mkdir(exist_ok=True)

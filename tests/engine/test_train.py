@@ -16,6 +16,7 @@ import torch.multiprocessing as mp
 from tritondet import cli
 from tritondet.detector import data
 from tritondet.detector.engine import TrainConfig, build_model, learning_rate, load_checkpoint, train
+from tritondet.detector.engine.threads import thread_candidates
 from tritondet.detector.visualize import pipeline_stages
 
 NUM_TRAIN, NUM_VAL = 8, 4
@@ -72,7 +73,7 @@ def test_learning_rate_schedule():
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("model", "nope"), ("iterations", 0), ("lr", -1.0), ("lr_steps", (1.5,)), ("max_minutes", 0.0)],
+    [("model", "nope"), ("iterations", 0), ("lr", -1.0), ("lr_steps", (1.5,)), ("max_minutes", 0.0), ("threads", 0)],
 )
 def test_bad_config(field, value):
     with pytest.raises(ValueError, match=field):
@@ -133,8 +134,10 @@ def test_pipeline_stages_boxes(data_root, tmp_path):
 
 
 def test_resume_repeats_the_uninterrupted_run(data_root, tmp_path):
-    straight = train(tiny_config(data_root, tmp_path / "a"))  # 8 iterations, 4 per epoch, checkpoint at 4
-    resumed = train(tiny_config(data_root, tmp_path / "b", resume=str(tmp_path / "a" / "checkpoint_0000004.pt")))
+    # 8 iterations, 4 per epoch, checkpoint at 4; a fixed thread count, as in test_same_seed_same_run.
+    straight = train(tiny_config(data_root, tmp_path / "a", threads=1))
+    checkpoint = str(tmp_path / "a" / "checkpoint_0000004.pt")
+    resumed = train(tiny_config(data_root, tmp_path / "b", resume=checkpoint, threads=1))
     assert resumed["iteration"] == 8
     assert [int(r["iteration"]) for r in read_log(tmp_path / "b" / "log.csv")] == [5, 6, 7, 8]
     for name, value in straight["model"].state_dict().items():
@@ -145,11 +148,22 @@ def test_resume_repeats_the_uninterrupted_run(data_root, tmp_path):
 
 
 def test_same_seed_same_run(data_root, tmp_path):
-    first = train(tiny_config(data_root, tmp_path / "a", iterations=3))
-    second = train(tiny_config(data_root, tmp_path / "b", iterations=3))
+    # A fixed thread count: the timed choice may differ between runs, and with it the order of float sums.
+    first = train(tiny_config(data_root, tmp_path / "a", iterations=3, threads=1))
+    second = train(tiny_config(data_root, tmp_path / "b", iterations=3, threads=1))
     assert read_log(tmp_path / "a" / "log.csv") != []
     for name, value in first["model"].state_dict().items():
         torch.testing.assert_close(second["model"].state_dict()[name], value, atol=0, rtol=0, msg=name)
+
+
+def test_thread_count_chosen_then_restored(data_root, tmp_path):
+    before = torch.get_num_threads()
+    result = train(tiny_config(data_root, tmp_path / "chosen", iterations=4))
+    assert result["threads"] in thread_candidates(before)
+    assert torch.get_num_threads() == before
+    result = train(tiny_config(data_root, tmp_path / "fixed", iterations=2, threads=1))
+    assert result["threads"] == 1
+    assert torch.get_num_threads() == before
 
 
 def _free_port() -> int:

@@ -60,16 +60,20 @@ def read_image(path: str | os.PathLike, image_id: int | None = None) -> torch.Te
 
     Raises :class:`~.errors.InputError` naming the file (and ``image_id``, when given) when it is missing,
     empty, truncated or not an image of those formats."""
+    return _read_pixels(path, image_id).float().div_(255.0)
+
+
+def _read_pixels(path: str | os.PathLike, image_id: int | None) -> torch.Tensor:
+    """:func:`read_image`'s decoded ``Tensor[3, H, W]`` uint8, before the conversion to [0, 1]."""
     path = Path(path)
     try:
         if not path.is_file():
             raise RuntimeError("it is a directory" if path.is_dir() else "no such file")
-        pixels = decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
+        return decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
     except RuntimeError as error:
         which = "" if image_id is None else f" (image id {image_id})"
         reason = _DECODER_LOCATION.sub("", str(error).strip())
         raise InputError(f"cannot read image {path}{which}: {reason}") from error
-    return pixels.float().div_(255.0)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -113,18 +117,27 @@ class DetectionDataset(Dataset):
 
     An image file that cannot be decoded (truncated, corrupt) raises :class:`~.errors.InputError` with
     ``on_bad="raise"``; with ``"skip"`` it is reported in a warning (once per file) and the sample is
-    ``None``, which :func:`~.loader.collate_detection` leaves out of its batch."""
+    ``None``, which :func:`~.loader.collate_detection` leaves out of its batch.
+
+    ``image_cache_bytes``: decoded images (uint8, ``3 * H * W`` bytes each) are kept in memory, first
+    come first kept, until they fill this many bytes; later reads of a kept image skip the file and the
+    decoder and serve the same sample. Each ``DataLoader`` worker process fills its own cache."""
 
     categories: list[str]
     label_to_category_id: dict[int, int]
     coco: COCO
 
-    def __init__(self, transforms: Callable | None, on_bad: str) -> None:
+    def __init__(self, transforms: Callable | None, on_bad: str, image_cache_bytes: int = 0) -> None:
         check_choice("on_bad", on_bad, BAD_DATA_CHOICES)
+        if image_cache_bytes < 0:
+            raise ValueError(f"image_cache_bytes must be non-negative, got {image_cache_bytes}")
         self.transforms = transforms
         self.on_bad = on_bad
+        self.image_cache_bytes = image_cache_bytes
         self._samples: list[Sample] = []
         self._unreadable: set[Path] = set()  # images already reported
+        self._decoded: dict[int, torch.Tensor] = {}  # sample index -> Tensor[3, H, W] uint8
+        self._decoded_bytes = 0
 
     def __len__(self) -> int:
         return len(self._samples)
@@ -141,7 +154,7 @@ class DetectionDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict] | None:
         sample = self._samples[index]
         try:
-            image = read_image(sample.path, sample.image_id)
+            image = self._pixels(index, sample).float().div_(255.0)  # read_image's conversion
         except InputError as error:
             if self.on_bad == "raise":
                 raise
@@ -167,6 +180,16 @@ class DetectionDataset(Dataset):
             image, target = self.transforms(image, target)
         return image, target
 
+    def _pixels(self, index: int, sample: Sample) -> torch.Tensor:
+        """Sample ``index``'s image as ``Tensor[3, H, W]`` uint8: from the cache, or decoded (and kept if it fits)."""
+        pixels = self._decoded.get(index)
+        if pixels is None:
+            pixels = _read_pixels(sample.path, sample.image_id)
+            if self._decoded_bytes + pixels.numel() <= self.image_cache_bytes:
+                self._decoded[index] = pixels
+                self._decoded_bytes += pixels.numel()
+        return pixels
+
 
 class CocoDetection(DetectionDataset):
     """A COCO-format detection dataset: an image folder and an instances JSON, read with pycocotools.
@@ -185,6 +208,7 @@ class CocoDetection(DetectionDataset):
             pixel wide or tall (evaluation keeps every image).
         masks: also serve ``target["masks"]`` (instance segmentation); annotations without a
             ``segmentation`` are then bad data.
+        image_cache_bytes: keep decoded images in memory up to this many bytes (see :class:`DetectionDataset`).
 
     Raises :class:`~.errors.InputError` naming ``annotation_file`` when it cannot be read, is not valid JSON
     (with the line and column), is not a COCO instances file (a missing key, a category without id or name,
@@ -203,8 +227,9 @@ class CocoDetection(DetectionDataset):
         on_bad: str = "skip",
         remove_images_without_annotations: bool = False,
         masks: bool = False,
+        image_cache_bytes: int = 0,
     ) -> None:
-        super().__init__(transforms, on_bad)
+        super().__init__(transforms, on_bad, image_cache_bytes)
         self.image_dir = Path(image_dir)
         self.annotation_file = Path(annotation_file)
         if not self.image_dir.is_dir():

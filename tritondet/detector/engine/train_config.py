@@ -42,6 +42,9 @@ class TrainConfig:
     train_annotations: str | None = None
     val_images: str | None = None
     val_annotations: str | None = None
+    # Decoded training images kept in memory, up to this many MiB (uint8: the synthetic train split takes
+    # ~0.5 GiB, so every epoch after the first skips PNG decoding); 0: decode every time.
+    image_cache_mb: int = 1024
     # Bad annotations and unreadable images: "skip" (with a warning naming each) or "raise".
     on_bad_data: str = "skip"
     # Model: a preset of MODEL_PRESETS; min_size/max_size override its image sizes when set.
@@ -69,6 +72,9 @@ class TrainConfig:
     # Bookkeeping.
     seed: int = 0
     num_workers: int | None = None  # default: 2 on CUDA, 0 on the CPU (the model needs both cores there)
+    # torch's intra-op threads on the CPU; None: the fastest of 1 and torch's default, timed while training
+    # and re-timed every two minutes (engine.threads.ThreadChooser: other processes make more threads slower).
+    threads: int | None = None
     checkpoint_every: int = 500
     log_every: int = 10
     resume: str | None = None  # a checkpoint path, or "auto": output_dir/last.pt if it exists
@@ -90,9 +96,9 @@ class TrainConfig:
         check("on_bad_data", self.on_bad_data in BAD_DATA_CHOICES, f"one of {BAD_DATA_CHOICES}")
         for name in ("iterations", "batch_size", "checkpoint_every", "log_every", "num_train", "num_val"):
             check(name, getattr(self, name) >= 1, "at least 1")
-        for name in ("warmup_iters", "seed", "num_workers"):
+        for name in ("warmup_iters", "seed", "num_workers", "image_cache_mb"):
             check(name, getattr(self, name) is None or getattr(self, name) >= 0, "non-negative")
-        for name in ("min_size", "max_size"):
+        for name in ("min_size", "max_size", "threads"):
             check(name, getattr(self, name) is None or getattr(self, name) >= 1, "at least 1")
         for name in ("lr", "clip_grad_norm", "gamma"):
             check(name, _finite(getattr(self, name)) and getattr(self, name) > 0, "a positive number")
