@@ -193,7 +193,8 @@ def test_measure_compares_the_same_work_and_fills_a_row():
     )
     row = harness.measure(case)
     assert row.op == "box_iou" and row.device == "cpu" and row.ours_backend == "cpu"
-    assert row.ratio == pytest.approx(row.torchvision_ms / row.ours_ms)
+    # The CPU ratio is the median of paired rounds' ratios (tests/bench/test_harness_timing.py).
+    assert row.ratio > 0 and row.timed_rounds >= harness.CPU_MIN_ROUNDS
     assert row.ours_ms_q20 <= row.ours_ms <= row.ours_ms_q80
     assert row.ours_gbps is None  # a CUDA-only figure
     # The 50x7 IoU matrix (1400 bytes) is allocated at least once on each side.

@@ -53,6 +53,73 @@ def test_dtypes_follow_torchvision(backend, device, kind, dtype):
     assert_close(ours, pairwise_iou_reference(boxes1, boxes2, kind), torch.float32)
 
 
+# Mixed dtypes: torchvision computes each set's areas (centers, aspect angles) in its own dtype and
+# promotes afterwards; an fp32 area added to an fp64 one differs from a promoted-first fp64 area.
+MIXED_DTYPES = [
+    (torch.float32, torch.float64),
+    (torch.float64, torch.float32),
+    (torch.float16, torch.float32),
+    (torch.float32, torch.float16),
+    (torch.bfloat16, torch.float64),
+    (torch.int32, torch.float64),
+    (torch.float64, torch.int64),
+]
+
+
+@pytest.mark.parametrize("kind", list(FUNCTIONS))
+@pytest.mark.parametrize("dtypes", MIXED_DTYPES, ids=lambda d: "-".join(str(t).removeprefix("torch.") for t in d))
+def test_mixed_dtypes_equal_torchvision_bit_for_bit(backend, device, kind, dtypes):
+    """Bit for bit torchvision's CPU result (xyxy boxes: torchvision upcasts half-precision
+    corners before the areas, as we do) and its dtype, in both argument orders, on the boxes' own
+    values (fp64 coordinates that an fp32 area rounds)."""
+    generator = torch.Generator().manual_seed(37)
+    boxes1 = random_boxes(41, generator=generator).double() + torch.rand(
+        41, 4, generator=generator, dtype=torch.float64
+    )
+    boxes2 = random_boxes(67, generator=generator).double() + torch.rand(
+        67, 4, generator=generator, dtype=torch.float64
+    )
+    boxes1, boxes2 = boxes1.to(dtypes[0]), boxes2.to(dtypes[1])
+    name = FUNCTIONS[kind]
+    expected = getattr(torchvision.ops, name)(boxes1, boxes2)
+    ours = getattr(ops, name)(boxes1.to(device), boxes2.to(device)).cpu()
+    assert ours.dtype == expected.dtype
+    assert torch.equal(ours, expected)
+    if torch.float64 in dtypes and torch.float32 in dtypes:  # promoting first would not be exact
+        promoted = getattr(torchvision.ops, name)(boxes1.double(), boxes2.double())
+        assert not torch.equal(promoted, expected)
+
+
+@pytest.mark.parametrize("fmt", ["xywh", "cxcywh"])
+@pytest.mark.parametrize("dtypes", MIXED_DTYPES[:2])
+def test_mixed_dtypes_in_box_formats_equal_torchvision_bit_for_bit(backend, device, fmt, dtypes):
+    """The xywh and cxcywh corners, like the areas, in each set's own dtype."""
+    generator = torch.Generator().manual_seed(41)
+    boxes1 = random_boxes(23, generator=generator).double() / 3
+    boxes2 = random_boxes(19, generator=generator).double() / 7
+    boxes1, boxes2 = boxes1.to(dtypes[0]), boxes2.to(dtypes[1])
+    expected = torchvision.ops.box_iou(boxes1, boxes2, fmt=fmt)
+    ours = ops.box_iou(boxes1.to(device), boxes2.to(device), fmt=fmt).cpu()
+    assert ours.dtype == expected.dtype
+    assert torch.equal(ours, expected)
+
+
+@pytest.mark.parametrize("kind", list(FUNCTIONS))
+def test_mixed_dtype_gradients_match_torchvision(backend, device, kind):
+    generator = torch.Generator().manual_seed(43)
+    boxes1 = random_boxes(6, generator=generator).to(device)
+    boxes2 = random_boxes(5, generator=generator).double().to(device)
+    weights = torch.rand(6, 5, generator=generator, dtype=torch.float64).to(device)
+    grads = []
+    for fn in (getattr(ops, FUNCTIONS[kind]), getattr(torchvision.ops, FUNCTIONS[kind])):
+        leaf1, leaf2 = boxes1.clone().requires_grad_(), boxes2.clone().requires_grad_()
+        (fn(leaf1, leaf2) * weights).sum().backward()
+        grads.append((leaf1.grad, leaf2.grad))
+    for ours, theirs in zip(grads[0], grads[1], strict=True):
+        assert ours.dtype == theirs.dtype
+        assert_close(ours, theirs, ours.dtype)
+
+
 @pytest.mark.parametrize("kind", list(FUNCTIONS))
 def test_special_boxes_including_nan_positions(backend, device, kind):
     boxes = special_boxes().to(device)

@@ -335,6 +335,63 @@ def test_multiscale_levels_at_the_boundaries_match_torchvision(backend, device):
     assert_close(ours(x, [boxes], [(512, 512)]), theirs(x, [boxes], [(512, 512)]), torch.float32)
 
 
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_multiscale_boxes_on_no_level_pool_to_zeros_as_torchvision(backend, device, deterministic):
+    """A box whose area is negative (inverted on one axis) or NaN has ``sqrt(area) = NaN``, which
+    torchvision's CPU LevelMapper casts to int64 (INT64_MIN on x86): no level, so its row and
+    gradient are zeros. A zero-area box is on the first level, a box inverted on both axes (a
+    positive area) on its area's level."""
+    generator = torch.Generator().manual_seed(47)
+    x, boxes, image_shapes = fpn_inputs(generator)
+    nan = float("nan")
+    no_level = torch.tensor(
+        [
+            [30.0, 10.0, 5.0, 40.0],  # x2 < x1
+            [3.0, 40.0, 50.0, 2.0],  # y2 < y1
+            [20.0, 20.0, 19.5, 60.0],  # x2 just below x1
+            [-3e38, 5.0, 3e38, 5.0],  # finite corners, inf * 0 = NaN area
+            [nan, 5.0, 20.0, 30.0],  # a NaN corner
+        ]
+    )
+    on_a_level = torch.tensor(
+        [
+            [10.0, 10.0, 10.0, 30.0],  # zero width
+            [12.0, 7.0, 12.0, 7.0],  # a point
+            [60.0, 50.0, 8.0, 4.0],  # inverted on both axes
+        ]
+    )
+    # No-level boxes interleaved with normal ones in both images.
+    boxes = [
+        torch.cat([boxes[0][:3], no_level[:3], boxes[0][3:], on_a_level]),
+        torch.cat([no_level[3:], boxes[1], on_a_level[:1]]),
+    ]
+    names = ["p2", "p3", "p4", "p5"]
+    no_level_rows = torch.tensor([3, 4, 5, 13, 14])
+    grad = torch.randn(sum(len(b) for b in boxes), 2, 3, 3, generator=generator)
+    theirs_maps = OrderedDict((k, v.clone().requires_grad_()) for k, v in x.items())
+    theirs = torchvision.ops.MultiScaleRoIAlign(names, 3, 2, canonical_scale=32)(theirs_maps, boxes, image_shapes)
+    theirs.backward(grad)
+    ours_maps = OrderedDict((k, v.to(device, copy=True).requires_grad_()) for k, v in x.items())
+    pooler = ops.MultiScaleRoIAlign(names, 3, 2, canonical_scale=32, canonical_level=4)
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        ours = pooler(ours_maps, [b.to(device) for b in boxes], image_shapes)
+        ours.backward(grad.to(device))
+        # The no-level rows alone: no gradient reaches any map.
+        no_level_maps = OrderedDict((k, v.to(device, copy=True).requires_grad_()) for k, v in x.items())
+        pooler(no_level_maps, [b.to(device) for b in boxes], image_shapes)[no_level_rows.to(device)].sum().backward()
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert torch.equal(theirs[no_level_rows], torch.zeros_like(theirs[no_level_rows]))
+    assert torch.equal(ours[no_level_rows.to(device)].cpu(), theirs[no_level_rows])
+    others = torch.ones(len(theirs), dtype=torch.bool).index_fill(0, no_level_rows, False)
+    assert (theirs[others].abs().sum((1, 2, 3)) > 0).all()  # every other box is pooled
+    assert_close(ours.cpu(), theirs, torch.float32)
+    for name in names:
+        assert_close(ours_maps[name].grad.cpu(), theirs_maps[name].grad, torch.float32)
+        assert torch.equal(no_level_maps[name].grad, torch.zeros_like(no_level_maps[name].grad))
+
+
 def test_multiscale_infers_the_scales_of_every_call(backend, device):
     generator = torch.Generator().manual_seed(41)
     names = ["p2", "p3", "p4", "p5"]

@@ -876,9 +876,9 @@ def test_multiscale_roi_align_names_a_zero_image_height(image_shapes):
         ops.MultiScaleRoIAlign(["p2"], 2, 2)(x, boxes, image_shapes)
 
 
-def test_multiscale_roi_align_nan_and_inverted_boxes_take_level_0_on_every_backend(monkeypatch):
-    """A NaN or negative box area reaches no level threshold: level 0 in the kernel, and in the
-    reference (an int64 cast of NaN before: IndexError)."""
+def test_multiscale_roi_align_nan_and_inverted_boxes_pool_to_zeros_on_every_backend(monkeypatch):
+    """A NaN or negative box area is on no level (torchvision's CPU LevelMapper): zeros on every
+    backend, never an int64 cast of NaN (an IndexError in the reference before)."""
     generator = torch.Generator().manual_seed(2)
     x = {"p2": torch.randn(1, 2, 8, 8, generator=generator), "p3": torch.randn(1, 2, 4, 4, generator=generator)}
     boxes = [torch.tensor([[0.0, 0.0, 0.0, NAN], [9.0, 1.0, 2.0, 30.0], [1.0, 2.0, 20.0, 25.0]])]
@@ -888,6 +888,7 @@ def test_multiscale_roi_align_nan_and_inverted_boxes_take_level_0_on_every_backe
         pooled[backend] = ops.MultiScaleRoIAlign(["p2", "p3"], 2, 2)(x, boxes, [(32, 32)])
     assert_same(pooled["reference"], pooled["triton"], torch.float32)
     assert_same(pooled["cpu"], pooled["triton"], torch.float32)
+    assert torch.equal(pooled["triton"][:2], torch.zeros_like(pooled["triton"][:2]))
 
 
 def test_every_public_op_has_a_strategy():

@@ -8,10 +8,15 @@ and for the pytest-benchmark entry points in ``benchmarks/`` alike. For every ca
 - counts per call, on both sides, device launches (Triton launches plus the ATen ops that launch
   a device kernel), host syncs and all ATen ops, net of the Triton interpreter's argument copies
   (:func:`tritondet.measure.dispatch_audit.measure_costs`): exact figures, not timings;
-- times both sides (unless ``timed=False``): on CUDA with ``triton.testing.do_bench`` (warm-up,
-  then the median and the 20th/80th percentiles), with the achieved GB/s against the device's peak
-  DRAM bandwidth; on the CPU our CPU path against torchvision's CPU op, the median of a few calls
-  within a short time budget; on both, the peak memory of one call
+- times both sides (unless ``timed=False``): on CUDA with ``triton.testing.do_bench`` per side
+  (warm-up, then the median and the 20th/80th percentiles), with the achieved GB/s against the
+  device's peak DRAM bandwidth, the ratio being torchvision's median over ours; on the CPU our CPU
+  path against torchvision's CPU op in paired rounds (:func:`time_paired_cpu`: after one warm-up
+  call of each, every round calls ours once and torchvision's once, in alternating order, until a
+  time budget is spent and at least a minimum number of rounds is done), each side's median and
+  percentiles over its calls, the ratio being the median of the rounds' ratios (torchvision's
+  call over ours in the same round), so that a load swing on a shared machine, which hits both
+  calls of a round alike, cancels out of the ratio; on both, the peak memory of one call
   (:func:`tritondet.measure.memory.peak_allocated_bytes`).
 
 A :class:`CountCase` (e.g. one stage of the detector, :mod:`tritondet.bench.cases.post_processing`)
@@ -44,10 +49,16 @@ from ..measure.memory import peak_allocated_bytes
 SIZES_VARIABLE = "TRITONDET_BENCH_SIZES"
 SIZE_SETS = ("tiny", "quick", "full")
 
-# CPU timing: at most this many timed calls, stopping once they have taken this long (the CPU
-# figures are for orientation, and the machines are shared).
-CPU_REPEATS = 5
-CPU_BUDGET_S = 2.0
+# CPU timing in paired rounds (time_paired_cpu). Rounds go on until both sides together have
+# taken this long: a few seconds per case keeps `tritondet bench --quick` within minutes.
+CPU_BUDGET_S = 3.0
+# ... but at least this many rounds, however long they take: the median of 7 per-round ratios
+# stays put when one or two rounds are hit by another process on a shared machine (and 7 rounds
+# of the slowest full-size case, ~1 s a call, are ~15 s).
+CPU_MIN_ROUNDS = 7
+# ... and at most this many: past it the median ratio of a microsecond op no longer moves, and the
+# budget would otherwise buy hundreds of thousands of rounds.
+CPU_MAX_ROUNDS = 200
 # CPU threads for both sides (TRITONDET_BENCH_THREADS, default 1): on a shared machine two OpenMP
 # threads contend with other processes and a 1 ms op can take 60 ms; one thread times stably.
 THREADS_VARIABLE = "TRITONDET_BENCH_THREADS"
@@ -69,7 +80,9 @@ class Row:
     torchvision_ms: float | None
     torchvision_ms_q20: float | None
     torchvision_ms_q80: float | None
-    ratio: float  # torchvision_ms / ours_ms; without times torchvision_aten_ops / ours_aten_ops
+    # Timed: torchvision's time over ours (CPU: the median of the paired rounds' ratios; CUDA: the
+    # ratio of the medians); without times torchvision_aten_ops / ours_aten_ops.
+    ratio: float
     ours_launches: int
     torchvision_launches: int
     ours_syncs: int
@@ -83,6 +96,7 @@ class Row:
     ours_peak_mem: int | None = None  # peak bytes allocated during one call (timed rows)
     torchvision_peak_mem: int | None = None
     device_name: str = ""
+    timed_rounds: int | None = None  # CPU: the paired rounds behind the times and the ratio
 
 
 def bench_sizes() -> str:
@@ -193,6 +207,16 @@ class Timing:
     peak_mem: int | None = None
 
 
+@dataclasses.dataclass
+class PairedTiming:
+    """Both sides' timings and their ratio (torchvision over ours: above 1 ours is faster)."""
+
+    ours: Timing
+    torchvision: Timing
+    ratio: float  # CPU: the median of the rounds' ratios; CUDA: the ratio of the medians
+    rounds: int | None = None  # CPU: the paired rounds timed
+
+
 def _time_cuda(fn: Callable[[], Any], grad_to_none) -> Timing:
     import triton.testing
 
@@ -215,32 +239,68 @@ def timing_threads(device: torch.device) -> Iterator[None]:
         torch.set_num_threads(saved)
 
 
-def _time_cpu(fn: Callable[[], Any], grad_to_none) -> Timing:
-    """The calls :func:`measure` makes before timing (the check and the count) are the warm-up;
-    one more call after the timed ones measures the peak memory (profiled, so never timed)."""
-    with timing_threads(torch.device("cpu")):
-        timing = _time_cpu_samples(fn, grad_to_none)
-        _reset_grads(grad_to_none)
-        timing.peak_mem = peak_allocated_bytes(fn, torch.device("cpu"))
-    return timing
-
-
-def _time_cpu_samples(fn: Callable[[], Any], grad_to_none) -> Timing:
-    samples: list[float] = []
-    started = time.perf_counter()
-    while len(samples) < CPU_REPEATS and (not samples or time.perf_counter() - started < CPU_BUDGET_S):
-        _reset_grads(grad_to_none)
-        begin = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - begin) * 1e3)
+def _timing(samples: list[float]) -> Timing:
+    """The median and the 20th and 80th percentiles of ``samples`` (ms)."""
     if len(samples) == 1:
         return Timing(samples[0], samples[0], samples[0])
     cuts = statistics.quantiles(samples, n=5, method="inclusive")  # the 20th, 40th, 60th, 80th percentiles
     return Timing(statistics.median(samples), cuts[0], cuts[-1])
 
 
-def time_call(fn: Callable[[], Any], device: torch.device, grad_to_none=()) -> Timing:
-    return _time_cuda(fn, grad_to_none) if device.type == "cuda" else _time_cpu(fn, grad_to_none)
+def _timed_ms(fn: Callable[[], Any], grad_to_none) -> float:
+    _reset_grads(grad_to_none)
+    begin = time.perf_counter()
+    fn()
+    return (time.perf_counter() - begin) * 1e3
+
+
+def time_paired_cpu(
+    ours: Callable[[], Any],
+    torchvision: Callable[[], Any],
+    grad_to_none=(),
+    *,
+    budget_s: float = CPU_BUDGET_S,
+    min_rounds: int = CPU_MIN_ROUNDS,
+    max_rounds: int = CPU_MAX_ROUNDS,
+) -> PairedTiming:
+    """Both sides timed in paired rounds on the CPU: one warm-up call of each, then rounds of one
+    call of each (ours first in even rounds, torchvision's first in odd ones, so neither side
+    always runs on the other's warm caches) until ``budget_s`` has passed and at least
+    ``min_rounds`` are done (at most ``max_rounds``). Each side's median and percentiles are over
+    its own calls; the ratio is the median over the rounds of torchvision's time over ours, so a
+    slowdown that hits both calls of a round (another process on a shared machine) cancels out.
+    One more call of each after the rounds measures its peak memory (profiled, so never timed)."""
+    with timing_threads(torch.device("cpu")):
+        _timed_ms(ours, grad_to_none)
+        _timed_ms(torchvision, grad_to_none)
+        ours_ms: list[float] = []
+        theirs_ms: list[float] = []
+        started = time.perf_counter()
+        while len(ours_ms) < max_rounds and (len(ours_ms) < min_rounds or time.perf_counter() - started < budget_s):
+            if len(ours_ms) % 2 == 0:
+                ours_ms.append(_timed_ms(ours, grad_to_none))
+                theirs_ms.append(_timed_ms(torchvision, grad_to_none))
+            else:
+                theirs_ms.append(_timed_ms(torchvision, grad_to_none))
+                ours_ms.append(_timed_ms(ours, grad_to_none))
+        ratio = statistics.median(theirs / mine for mine, theirs in zip(ours_ms, theirs_ms, strict=True))
+        ours_timing, theirs_timing = _timing(ours_ms), _timing(theirs_ms)
+        _reset_grads(grad_to_none)
+        ours_timing.peak_mem = peak_allocated_bytes(ours, torch.device("cpu"))
+        _reset_grads(grad_to_none)
+        theirs_timing.peak_mem = peak_allocated_bytes(torchvision, torch.device("cpu"))
+    return PairedTiming(ours_timing, theirs_timing, ratio, len(ours_ms))
+
+
+def time_pair(
+    ours: Callable[[], Any], torchvision: Callable[[], Any], device: torch.device, grad_to_none=()
+) -> PairedTiming:
+    """Both sides timed: on CUDA each with ``do_bench``, the ratio that of the medians; on the CPU
+    in paired rounds (:func:`time_paired_cpu`)."""
+    if device.type != "cuda":
+        return time_paired_cpu(ours, torchvision, grad_to_none)
+    ours_timing, theirs_timing = _time_cuda(ours, grad_to_none), _time_cuda(torchvision, grad_to_none)
+    return PairedTiming(ours_timing, theirs_timing, theirs_timing.median_ms / ours_timing.median_ms)
 
 
 def peak_bandwidth_gbps(device: torch.device) -> float | None:
@@ -298,12 +358,12 @@ def _check(case: Case, bound: Bound) -> None:
         torch.testing.assert_close(ours, theirs)
 
 
-def _row(
-    case: Case | CountCase, ours: Counts, theirs: Counts, ours_time: Timing | None, theirs_time: Timing | None
-) -> Row:
-    """The row of ``case``: timed if both timings are given, else counted only (the ATen-op ratio)."""
+def _row(case: Case | CountCase, ours: Counts, theirs: Counts, timing: PairedTiming | None) -> Row:
+    """The row of ``case``: timed if ``timing`` is given, else counted only (the ATen-op ratio)."""
     cuda = case.device.type == "cuda"
-    timed = ours_time is not None and theirs_time is not None
+    timed = timing is not None
+    ours_time = timing and timing.ours
+    theirs_time = timing and timing.torchvision
     min_bytes = case.min_bytes if isinstance(case, Case) else 0  # a CountCase moves no bytes of its own
     gbps = lambda timing: min_bytes / timing.median_ms / 1e6 if timed and cuda else None
     return Row(
@@ -318,7 +378,7 @@ def _row(
         torchvision_ms=theirs_time and theirs_time.median_ms,
         torchvision_ms_q20=theirs_time and theirs_time.q20_ms,
         torchvision_ms_q80=theirs_time and theirs_time.q80_ms,
-        ratio=theirs_time.median_ms / ours_time.median_ms if timed else theirs.aten_ops / ours.aten_ops,
+        ratio=timing.ratio if timed else theirs.aten_ops / ours.aten_ops,
         ours_launches=ours.launches,
         torchvision_launches=theirs.launches,
         ours_syncs=ours.syncs,
@@ -332,6 +392,7 @@ def _row(
         ours_peak_mem=ours_time and ours_time.peak_mem,
         torchvision_peak_mem=theirs_time and theirs_time.peak_mem,
         device_name=torch.cuda.get_device_name(case.device) if cuda else "cpu",
+        timed_rounds=timing and timing.rounds,
     )
 
 
@@ -340,12 +401,10 @@ def measure(case: Case | CountCase, *, timed: bool = True) -> Row:
     (unless ``timed`` is false or the case is a :class:`CountCase`). Raises if the results differ."""
     if isinstance(case, CountCase):
         ours, theirs = case.costs()
-        return _row(case, Counts.of(ours), Counts.of(theirs), None, None)
+        return _row(case, Counts.of(ours), Counts.of(theirs), None)
     bound = bind(case)
     _check(case, bound)
     ours, theirs = count(bound.ours, bound.leaves), count(bound.torchvision, bound.leaves)
     if not timed:
-        return _row(case, ours, theirs, None, None)
-    ours_time = time_call(bound.ours, case.device, bound.leaves)
-    theirs_time = time_call(bound.torchvision, case.device, bound.leaves)
-    return _row(case, ours, theirs, ours_time, theirs_time)
+        return _row(case, ours, theirs, None)
+    return _row(case, ours, theirs, time_pair(bound.ours, bound.torchvision, case.device, bound.leaves))

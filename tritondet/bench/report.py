@@ -4,7 +4,9 @@ The measuring itself is :func:`tritondet.bench.harness.measure` (one module per 
 :mod:`tritondet.bench.cases`, each case running our op and torchvision's on the same inputs in one
 process).
 
-``ratio`` is torchvision's median time over ours: above 1 ours is faster. Rows that are counted
+``ratio`` is torchvision's time over ours: above 1 ours is faster. On the CPU the two sides are
+timed in paired rounds (one call of each per round) and the ratio is the median of the rounds'
+ratios; on CUDA it is torchvision's median time over ours. Rows that are counted
 but not timed (the detector's post-processing stages, :mod:`tritondet.bench.cases.post_processing`) have
 no times, and their ratio is torchvision's ATen ops over ours. ``launches`` counts
 Triton kernel launches plus the ATen ops that launch a device kernel (every op but views and
@@ -157,7 +159,11 @@ def markdown_report(
     lines += [f"- {key}: {value}" for key, value in environment.items()]
     lines += [
         "",
-        "ratio = torchvision time / ours (above 1: ours is faster), median of the timed calls.",
+        "ratio = torchvision time / ours (above 1: ours is faster). On the CPU both sides are timed in paired",
+        "rounds (after a warm-up call of each, one call of ours and one of torchvision's per round, in",
+        "alternating order): ours ms and torchvision ms are each side's median call, the ratio is the median",
+        "of the rounds' ratios, so load from other processes, hitting both calls of a round, cancels out.",
+        "On CUDA each side is timed with triton.testing.do_bench and the ratio is that of the medians.",
         "launches, syncs and ATen ops are per call, ours / torchvision: Triton launches plus ATen ops that",
         "launch a device kernel, ops that make the host wait for the device, all ATen ops; counted exactly,",
         "not timed. Rows without times are counted only (the detector's post-processing stages): their",
@@ -200,6 +206,7 @@ def environment(sizes: str, cpu_threads: int) -> dict[str, str]:
         "device": device,
         "torch / torchvision / triton": f"{torch.__version__} / {torchvision.__version__} / {triton.__version__}",
         "sizes": sizes,
+        "load average (1, 5, 15 min) after the run": ", ".join(f"{load:.2f}" for load in os.getloadavg()),
     }
 
 

@@ -31,6 +31,8 @@ NO_FP_FUSION = {"enable_fp_fusion": False}
 MAX_LEVELS = 5
 # The level boundaries a RoI's area is compared with (see roi_level).
 _LEVEL_BOUNDARIES = tl.constexpr(MAX_LEVELS - 1)
+# The level index of a RoI on no level (see roi_level): it matches no map, so it pools to zeros.
+NO_LEVEL = tl.constexpr(-1)
 # torchvision's LevelMapper epsilon.
 LEVEL_EPS = 1e-6
 # The level mapper (k_min, canonical_scale, canonical_level) of a single-level RoIAlign: one map,
@@ -130,18 +132,23 @@ def pick_level(level, p0, p1, p2, p3, p4):
 
 
 @triton.jit
-def roi_level(x1, y1, x2, y2, level_areas_ptr):
-    """FPN Eqn. (1) as torchvision's LevelMapper: the level index (0 = k_min) of a RoI.
+def roi_level(x1, y1, x2, y2, level_areas_ptr, num_levels):
+    """FPN Eqn. (1) as torchvision's LevelMapper: the level index (0 = k_min) of a RoI, or
+    ``NO_LEVEL`` when there are several levels and its fp32 area is negative or NaN.
 
     ``level_areas_ptr`` holds :func:`level_area_thresholds` (fp32 ``[MAX_LEVELS - 1]``): the level
     is the number of thresholds the fp32 area reaches, bit for bit torchvision's fp32
-    ``floor(k0 + log2(sqrt(area) / s0) + eps)`` without a transcendental on the GPU.
+    ``floor(k0 + log2(sqrt(area) / s0) + eps)`` without a transcendental on the GPU. Where
+    ``sqrt(area)`` is NaN, torchvision's CPU LevelMapper casts NaN to int64 (INT64_MIN on x86), a
+    level no map has, and the RoI pools to zeros; so does this one on every device. The area is
+    tested as a float and never converted to an int (a GPU turns NaN into 0).
     """
     area = (x2.to(tl.float32) - x1.to(tl.float32)) * (y2.to(tl.float32) - y1.to(tl.float32))
     level = tl.zeros_like(area).to(tl.int32)
     for boundary in tl.static_range(_LEVEL_BOUNDARIES):
         level += (area >= tl.load(level_areas_ptr + boundary)).to(tl.int32)
-    return level
+    on_a_level = (area >= 0.0) | (num_levels == 1)  # false for NaN; -0.0 is on level 0
+    return tl.where(on_a_level, level, NO_LEVEL)
 
 
 def _torchvision_levels(areas: torch.Tensor, canonical_scale: float, canonical_level: float) -> torch.Tensor:
@@ -178,10 +185,11 @@ def roi_levels_reference(
     rois: torch.Tensor, num_levels: int, k_min: int, canonical_scale: float, canonical_level: float
 ) -> torch.Tensor:
     """``[K, 5] -> [K]`` int64 level index (0 for a single level): torchvision's LevelMapper in fp32;
-    a NaN or negative area takes level 0, as in :func:`roi_level` (it reaches no threshold)."""
+    ``NO_LEVEL`` where its ``sqrt(area)`` is NaN (a negative or NaN area), as :func:`roi_level`."""
     if num_levels == 1:
         return torch.zeros(rois.shape[0], dtype=torch.int64, device=rois.device)
     boxes = rois[:, 1:].to(torch.float32)
     areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
     target = _torchvision_levels(areas, canonical_scale, canonical_level).nan_to_num(nan=k_min)
-    return (target.clamp(k_min, k_min + num_levels - 1) - k_min).to(torch.int64)
+    level = (target.clamp(k_min, k_min + num_levels - 1) - k_min).to(torch.int64)
+    return level.where(areas >= 0, NO_LEVEL.value)

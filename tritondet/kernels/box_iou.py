@@ -8,7 +8,10 @@ path) -> ``torch.library`` registration (dispatch, fake kernel, autograd) -> AOT
 Numerics: boxes are upcast to the compute dtype as they are loaded (fp16/bf16/integers -> fp32,
 fp64 stays fp64) and every operation follows torchvision's formulas in torchvision's order, so fp32
 and fp64 results equal torchvision's and NaN appears exactly where torchvision's does (0/0 for two
-empty boxes). torchvision forms the corner extents of fp16/bf16 boxes in half precision before
+empty boxes). Two sets of different dtypes are not promoted first: as torchvision, each set's
+per-box terms (corners of the xywh and cxcywh formats, areas, centers, aspect angles) are computed
+in its own compute dtype, and the pairwise terms in the promoted one (fp32 boxes beside fp64 boxes:
+fp32 areas added to fp64 areas), bit for bit torchvision's. torchvision forms the corner extents of fp16/bf16 boxes in half precision before
 upcasting; we do not, so there our results are the more accurate ones and differ from
 torchvision's by at most that rounding (the fp16/bf16 rows of the tests' tolerance table).
 """
@@ -45,6 +48,21 @@ def _corners(raw0, raw1, raw2, raw3, FMT: tl.constexpr):
         half_w = raw2 * 0.5
         half_h = raw3 * 0.5
         return raw0 - half_w, raw1 - half_h, raw0 + half_w, raw1 + half_h
+
+
+@triton.jit
+def _box_terms(raw0, raw1, raw2, raw3, FMT: tl.constexpr, compute_dtype: tl.constexpr):
+    """(x1, y1, x2, y2, area, center x, center y) of boxes stored in format FMT, computed in the
+    dtype of the loaded values (the set's own compute dtype, as torchvision), then converted to
+    the pair's ``compute_dtype``."""
+    x1, y1, x2, y2 = _corners(raw0, raw1, raw2, raw3, FMT)
+    area = (x2 - x1) * (y2 - y1) if FMT == 0 else raw2 * raw3
+    center_x = (x1 + x2) * 0.5
+    center_y = (y1 + y2) * 0.5
+    return (
+        x1.to(compute_dtype), y1.to(compute_dtype), x2.to(compute_dtype), y2.to(compute_dtype),
+        area.to(compute_dtype), center_x.to(compute_dtype), center_y.to(compute_dtype),
+    )  # fmt: skip
 
 
 @triton.jit
@@ -97,7 +115,7 @@ def _pairwise_iou_kernel(
     # meta-parameters
     KIND: tl.constexpr,  # 0 iou, 1 giou, 2 diou, 3 ciou
     FMT: tl.constexpr,  # 0 xyxy, 1 xywh, 2 cxcywh (only for KIND 0, as torchvision)
-    COMPUTE_FP64: tl.constexpr,
+    COMPUTE_FP64: tl.constexpr,  # the pairs' compute dtype; each set's own is its pointer's
     BLOCK_N: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):
@@ -110,27 +128,24 @@ def _pairwise_iou_kernel(
     row_ok = rows < N
     col_ok = cols < M
     compute_dtype = tl.float64 if COMPUTE_FP64 else tl.float32
+    # Each set's per-box terms in its own compute dtype (fp64 boxes beside fp32 ones, see the launcher).
+    dtype1 = tl.float64 if boxes1_ptr.dtype.element_ty == tl.float64 else tl.float32
+    dtype2 = tl.float64 if boxes2_ptr.dtype.element_ty == tl.float64 else tl.float32
 
     p1 = boxes1_ptr + batch * stride1_b + rows.to(tl.int64) * stride1_n
     p2 = boxes2_ptr + batch * stride2_b + cols.to(tl.int64) * stride2_m
     # Upcast on load: no arithmetic in half precision (the Triton interpreter has no bf16 math).
-    r0 = tl.load(p1, mask=row_ok, other=0).to(compute_dtype)
-    r1 = tl.load(p1 + stride1_c, mask=row_ok, other=0).to(compute_dtype)
-    r2 = tl.load(p1 + 2 * stride1_c, mask=row_ok, other=0).to(compute_dtype)
-    r3 = tl.load(p1 + 3 * stride1_c, mask=row_ok, other=0).to(compute_dtype)
-    c0 = tl.load(p2, mask=col_ok, other=0).to(compute_dtype)
-    c1 = tl.load(p2 + stride2_c, mask=col_ok, other=0).to(compute_dtype)
-    c2 = tl.load(p2 + 2 * stride2_c, mask=col_ok, other=0).to(compute_dtype)
-    c3 = tl.load(p2 + 3 * stride2_c, mask=col_ok, other=0).to(compute_dtype)
+    r0 = tl.load(p1, mask=row_ok, other=0).to(dtype1)
+    r1 = tl.load(p1 + stride1_c, mask=row_ok, other=0).to(dtype1)
+    r2 = tl.load(p1 + 2 * stride1_c, mask=row_ok, other=0).to(dtype1)
+    r3 = tl.load(p1 + 3 * stride1_c, mask=row_ok, other=0).to(dtype1)
+    c0 = tl.load(p2, mask=col_ok, other=0).to(dtype2)
+    c1 = tl.load(p2 + stride2_c, mask=col_ok, other=0).to(dtype2)
+    c2 = tl.load(p2 + 2 * stride2_c, mask=col_ok, other=0).to(dtype2)
+    c3 = tl.load(p2 + 3 * stride2_c, mask=col_ok, other=0).to(dtype2)
 
-    ax1, ay1, ax2, ay2 = _corners(r0, r1, r2, r3, FMT)
-    bx1, by1, bx2, by2 = _corners(c0, c1, c2, c3, FMT)
-    if FMT == 0:
-        area_a = (ax2 - ax1) * (ay2 - ay1)
-        area_b = (bx2 - bx1) * (by2 - by1)
-    else:
-        area_a = r2 * r3
-        area_b = c2 * c3
+    ax1, ay1, ax2, ay2, area_a, center_ax, center_ay = _box_terms(r0, r1, r2, r3, FMT, compute_dtype)
+    bx1, by1, bx2, by2, area_b, center_bx, center_by = _box_terms(c0, c1, c2, c3, FMT, compute_dtype)
 
     iou, union = pairwise_iou_tile(ax1, ay1, ax2, ay2, area_a, bx1, by1, bx2, by2, area_b)
 
@@ -144,8 +159,8 @@ def _pairwise_iou_kernel(
             result = iou - ieee_div(hull_area - union, hull_area)
         else:
             diagonal_sq = hull_w * hull_w + hull_h * hull_h + eps
-            dx = (ax1 + ax2)[:, None] * 0.5 - (bx1 + bx2)[None, :] * 0.5
-            dy = (ay1 + ay2)[:, None] * 0.5 - (by1 + by2)[None, :] * 0.5
+            dx = center_ax[:, None] - center_bx[None, :]
+            dy = center_ay[:, None] - center_by[None, :]
             result = iou - ieee_div(dx * dx + dy * dy, diagonal_sq)
             if KIND == 3:
                 aspect_a = tl.load(aspect1_ptr + batch * N + rows, mask=row_ok, other=0)
@@ -170,9 +185,10 @@ def _tile_shape(compute_dtype: torch.dtype) -> tuple[int, int]:
     return (8, 64) if compute_dtype == torch.float64 else (16, 64)
 
 
-def _aspect_angles(boxes: torch.Tensor, compute_dtype: torch.dtype) -> torch.Tensor:
-    """``[..., K, 4]`` xyxy boxes -> ``[..., K]`` atan(w / h), CIoU's per-box aspect term."""
-    boxes = boxes.to(compute_dtype)
+def _aspect_angles(boxes: torch.Tensor) -> torch.Tensor:
+    """``[..., K, 4]`` xyxy boxes -> ``[..., K]`` atan(w / h), CIoU's per-box aspect term, in the
+    boxes' own compute dtype."""
+    boxes = _upcast(boxes)
     return torch.atan((boxes[..., 2] - boxes[..., 0]) / (boxes[..., 3] - boxes[..., 1]))
 
 
@@ -207,15 +223,19 @@ def _iou_arguments(boxes1, boxes2, aspect1, aspect2, out, kind: str, fmt: str, e
 def pairwise_iou_triton(
     boxes1: torch.Tensor, boxes2: torch.Tensor, kind: str, fmt: str = "xyxy", eps: float = 1e-7
 ) -> torch.Tensor:
-    """``[B, N, 4] x [B, M, 4] -> [B, N, M]`` on the Triton kernel; one launch (two more for CIoU)."""
+    """``[B, N, 4] x [B, M, 4] -> [B, N, M]`` on the Triton kernel; one launch (two more for CIoU).
+
+    Boxes of one float dtype are read as stored; integer boxes, and two sets of different dtypes,
+    are read from copies in their own compute dtype (fp32 or fp64: every value kept), so the
+    kernel's specializations are one dtype for both sets, or fp32 beside fp64."""
     batch, n, m = boxes1.shape[0], boxes1.shape[1], boxes2.shape[1]
-    compute_dtype = compute_dtype_of(boxes1.dtype)
-    if not boxes1.is_floating_point():  # integer boxes: one fp32 copy, then the fp32 kernel
-        boxes1, boxes2 = boxes1.float(), boxes2.float()
+    compute_dtype = iou_dtype(boxes1.dtype, boxes2.dtype)
+    if boxes1.dtype != boxes2.dtype or not boxes1.is_floating_point():
+        boxes1, boxes2 = _upcast(boxes1), _upcast(boxes2)
     out = torch.empty((batch, n, m), dtype=compute_dtype, device=boxes1.device)
     if kind == "ciou":
-        aspect1 = _aspect_angles(boxes1, compute_dtype).contiguous()
-        aspect2 = _aspect_angles(boxes2, compute_dtype).contiguous()
+        aspect1 = _aspect_angles(boxes1).to(compute_dtype).contiguous()
+        aspect2 = _aspect_angles(boxes2).to(compute_dtype).contiguous()
     else:
         aspect1 = aspect2 = out  # never read: KIND is a constexpr
     args, meta = _iou_arguments(boxes1, boxes2, aspect1, aspect2, out, kind, fmt, eps)
@@ -232,6 +252,11 @@ def pairwise_iou_triton(
 def _upcast(t: torch.Tensor) -> torch.Tensor:
     """Boxes in their compute dtype: fp64 stays fp64, everything else becomes fp32."""
     return t.to(compute_dtype_of(t.dtype))
+
+
+def iou_dtype(dtype1: torch.dtype, dtype2: torch.dtype) -> torch.dtype:
+    """The dtype of the IoUs of boxes of ``dtype1`` and ``dtype2``: fp64 if either is fp64, else fp32."""
+    return compute_dtype_of(torch.promote_types(dtype1, dtype2))
 
 
 def _to_corners(boxes: torch.Tensor, fmt: str) -> torch.Tensor:
@@ -271,7 +296,8 @@ def pairwise_iou_reference(
 ) -> torch.Tensor:
     """``[..., N, 4] x [..., M, 4] -> [..., N, M]``: ``kind`` in iou/giou/diou/ciou, torchvision's math.
 
-    Boxes are upcast first (see the module docstring), integers to fp32.
+    Each set is upcast to its own compute dtype (see the module docstring), integers to fp32; the
+    pairwise terms promote.
     """
     boxes1, boxes2 = _upcast(boxes1), _upcast(boxes2)
     iou, union = iou_and_union(boxes1, boxes2, fmt)
@@ -288,7 +314,7 @@ def pairwise_iou_reference(
     diou = iou - (offset[..., 0] ** 2 + offset[..., 1] ** 2) / diagonal_sq
     if kind == "diou":
         return diou
-    aspect_gap = _aspect_angles(boxes1, iou.dtype)[..., :, None] - _aspect_angles(boxes2, iou.dtype)[..., None, :]
+    aspect_gap = _aspect_angles(boxes1)[..., :, None] - _aspect_angles(boxes2)[..., None, :]
     v = CIOU_FACTOR.value * aspect_gap**2
     with torch.no_grad():
         alpha = v / (1 - iou + v + eps)
@@ -324,7 +350,7 @@ def pairwise_iou_cpu(boxes1: torch.Tensor, boxes2: torch.Tensor, kind: str, fmt:
 
 @torch.library.custom_op("tritondet::pairwise_box_iou", mutates_args=())
 def pairwise_box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor, kind: str, fmt: str, eps: float) -> torch.Tensor:
-    """``[B, N, 4] x [B, M, 4] -> [B, N, M]`` (fp32, or fp64 for fp64 boxes)."""
+    """``[B, N, 4] x [B, M, 4] -> [B, N, M]`` (fp32, or fp64 when either set is fp64)."""
     if use_triton(boxes1.device):
         return pairwise_iou_triton(boxes1, boxes2, kind, fmt, eps)
     if kind in ("iou", "giou") and use_fast_cpu(boxes1.device):
@@ -334,7 +360,7 @@ def pairwise_box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor, kind: str, fmt:
 
 @pairwise_box_iou.register_fake
 def _(boxes1, boxes2, kind, fmt, eps):
-    dtype = compute_dtype_of(boxes1.dtype)
+    dtype = iou_dtype(boxes1.dtype, boxes2.dtype)
     return boxes1.new_empty((boxes1.shape[0], boxes1.shape[1], boxes2.shape[1]), dtype=dtype)
 
 
@@ -356,18 +382,22 @@ pairwise_box_iou.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ----------------------------------------------------------------------------------------------
-# Ahead-of-time specializations: every (dtype, kind, format) the launcher can produce.
+# Ahead-of-time specializations: every (dtypes, kind, format) the launcher can produce.
 # ----------------------------------------------------------------------------------------------
 
 
 def _aot_specs() -> list[KernelSpec]:
     specs = []
-    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-        boxes, out = torch.empty((1, 1, 4), dtype=dtype), torch.empty((1, 1, 1), dtype=compute_dtype_of(dtype))
+    # One dtype for both sets, or fp32 beside fp64 (the launcher's copies of mixed dtypes).
+    same = [(dtype, dtype) for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)]
+    for dtype1, dtype2 in [*same, (torch.float32, torch.float64), (torch.float64, torch.float32)]:
+        boxes1, boxes2 = torch.empty((1, 1, 4), dtype=dtype1), torch.empty((1, 1, 4), dtype=dtype2)
+        out = torch.empty((1, 1, 1), dtype=iou_dtype(dtype1, dtype2))
+        names = [str(dtype).removeprefix("torch.") for dtype in dict.fromkeys((dtype1, dtype2))]
         for kind in KINDS:
             for fmt in BOX_FORMATS if kind == "iou" else ("xyxy",):
-                args, meta = _iou_arguments(boxes, boxes, out, out, out, kind, fmt, 1e-7)
-                label = f"{str(dtype).removeprefix('torch.')},{kind},{fmt}"
+                args, meta = _iou_arguments(boxes1, boxes2, out, out, out, kind, fmt, 1e-7)
+                label = f"{'/'.join(names)},{kind},{fmt}"
                 specs.append(KernelSpec.from_example(_pairwise_iou_kernel, args, meta, label))
     return specs
 

@@ -17,7 +17,8 @@ scattering (one program owns each tile of the input gradient and visits the RoIs
 gradient is bitwise identical run to run, needs no float atomics and no per-RoI buffers.
 
 Out-of-bounds safety: a RoI whose batch index is not an integer in ``[0, N)`` (or whose corners are
-not finite) samples nothing: its output is zero and it receives no gradient.
+not finite) samples nothing: its output is zero and it receives no gradient. So does a RoI of
+several levels whose area is negative or NaN (on no level, ``_common.roi_level``).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from .._backend import use_fast_cpu, use_triton
 from ._aot import KernelSpec
 from ._common import (
     NO_FP_FUSION,
+    NO_LEVEL,
     NUM_WARPS,
     SINGLE_LEVEL_MAPPER,
     compute_dtype_of,
@@ -247,7 +249,7 @@ def bin_sample_sums(
 @triton.jit
 def _pooled_bins(
     rois_ptr, geometry_ptr, scales_ptr, level_areas_ptr, ptr0, ptr1, ptr2, ptr3, ptr4,
-    N, C, PH, PW, stride_rk, stride_rc, sampling_ratio, aligned,
+    N, C, PH, PW, stride_rk, stride_rc, sampling_ratio, aligned, num_levels,
     COLUMN: tl.constexpr, COMPUTE_FP64: tl.constexpr, POSITION_SENSITIVE: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):  # fmt: skip
@@ -258,7 +260,10 @@ def _pooled_bins(
     k, channels, bins, c_ok, p_ok, ph, pw = roi_bin_tile(C, PH, PW, BLOCK_C, BLOCK_P)
     compute_dtype = tl.float64 if COMPUTE_FP64 else tl.float32
     batch, valid, x1, y1, x2, y2 = load_roi(rois_ptr, k, stride_rk, stride_rc, N, compute_dtype)
-    level = roi_level(x1, y1, x2, y2, level_areas_ptr)
+    level = roi_level(x1, y1, x2, y2, level_areas_ptr, num_levels)
+    # A RoI on no level samples nothing (zero output, no gradient); it reads level 0's table.
+    valid = valid & (level != NO_LEVEL)
+    level = tl.maximum(level, 0)
     H, W, base, chan_offsets, stride_h, stride_w = _level_view(
         geometry_ptr, level, batch, channels, bins, PH, PW, ptr0, ptr1, ptr2, ptr3, ptr4, COLUMN, POSITION_SENSITIVE
     )
@@ -318,7 +323,7 @@ def _roi_align_fwd_kernel(
         origin_y, first_y, span_y, bin_h, grid_h, origin_x, first_x, span_x, bin_w, grid_w, count,
     ) = _pooled_bins(
         rois_ptr, geometry_ptr, scales_ptr, level_areas_ptr, feat0, feat1, feat2, feat3, feat4,
-        N, C, PH, PW, stride_rk, stride_rc, sampling_ratio, aligned,
+        N, C, PH, PW, stride_rk, stride_rc, sampling_ratio, aligned, num_levels,
         2, COMPUTE_FP64, POSITION_SENSITIVE, BLOCK_C, BLOCK_P,
     )  # fmt: skip
     acc = bin_sample_sums(
@@ -371,7 +376,7 @@ def _roi_align_bwd_atomic_kernel(
         origin_y, first_y, span_y, bin_h, grid_h, origin_x, first_x, span_x, bin_w, grid_w, count,
     ) = _pooled_bins(
         rois_ptr, geometry_ptr, scales_ptr, level_areas_ptr, grad0, grad1, grad2, grad3, grad4,
-        N, C, PH, PW, stride_rk, stride_rc, sampling_ratio, aligned,
+        N, C, PH, PW, stride_rk, stride_rc, sampling_ratio, aligned, num_levels,
         6, COMPUTE_FP64, POSITION_SENSITIVE, BLOCK_C, BLOCK_P,
     )  # fmt: skip
     grad = ieee_div(tl.load(grad_out_ptr + out_offsets, mask=mask_cp, other=0).to(compute_dtype), count)
@@ -467,7 +472,7 @@ def _roi_align_bwd_gather_kernel(
     acc = tl.zeros((BLOCK_C, TILE_H * TILE_W), dtype=compute_dtype)
     for k in range(K):
         batch, valid, x1, y1, x2, y2 = load_roi(rois_ptr, k, stride_rk, stride_rc, N, compute_dtype)
-        this_level = roi_level(x1, y1, x2, y2, level_areas_ptr)
+        this_level = roi_level(x1, y1, x2, y2, level_areas_ptr, num_levels)  # NO_LEVEL matches no tile
         start_h, start_w, bin_h, bin_w, grid_h, grid_w, count = bin_grid(
             x1, y1, x2, y2, scale, aligned, PH, PW, sampling_ratio, valid
         )
@@ -827,6 +832,9 @@ def _sampling_matrix(
     ph_count, pw_count = output_size
     k = rois.shape[0]
     level = roi_levels_reference(rois, num_levels, *mapper)
+    # A RoI on no level samples nothing (below); it reads level 0's sizes.
+    on_a_level = level != NO_LEVEL.value
+    level = level.clamp(min=0)
     heights = torch.tensor([f.shape[2] for f in features], device=device)[level]
     widths = torch.tensor([f.shape[3] for f in features], device=device)[level]
     pixels = [n * f.shape[2] * f.shape[3] for f in features]
@@ -835,7 +843,7 @@ def _sampling_matrix(
 
     b, x1, y1, x2, y2 = rois.unbind(1)
     finite = torch.isfinite(rois[:, 1:]).all(1)
-    valid = (b >= 0) & (b < n) & (b == b.floor()) & finite
+    valid = (b >= 0) & (b < n) & (b == b.floor()) & finite & on_a_level
     offset = 0.5 if aligned else 0.0
     start_w, start_h = x1 * scale - offset, y1 * scale - offset
     roi_w, roi_h = x2 * scale - offset - start_w, y2 * scale - offset - start_h

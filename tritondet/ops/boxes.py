@@ -43,9 +43,6 @@ def _pairwise(boxes1: Tensor, boxes2: Tensor, kind: str, fmt: str = "xyxy", eps:
     """``[..., N, 4] x [..., M, 4] -> [..., N, M]`` with broadcast leading dimensions."""
     if not torch.jit.is_scripting():
         _check_pairwise(boxes1, boxes2)
-    if boxes1.dtype != boxes2.dtype:
-        common = torch.promote_types(boxes1.dtype, boxes2.dtype)
-        boxes1, boxes2 = boxes1.to(common), boxes2.to(common)
     n, m = boxes1.shape[-2], boxes2.shape[-2]
     batch_shape = torch.broadcast_shapes(boxes1.shape[:-2], boxes2.shape[:-2])
     batch = 1
@@ -68,7 +65,10 @@ def box_iou(boxes1: Tensor, boxes2: Tensor, fmt: str = "xyxy") -> Tensor:
             ``"cxcywhr"``, ``"xywhr"`` and ``"xyxyxyxy"`` are passed to torchvision's rotated op.
 
     Returns:
-        Tensor[..., N, M]: fp32 (fp64 for fp64 boxes), NaN where the union is zero.
+        Tensor[..., N, M]: fp32 (fp64 if either set is fp64), NaN where the union is zero. Sets of
+        different dtypes are not promoted first: as torchvision, each set's areas (and the other
+        per-box terms of the IoU family) are computed in its own dtype, the pairwise terms in the
+        promoted one.
     """
     if not torch.jit.is_scripting():
         traced = traced_call(box_iou, boxes1, boxes2, fmt)
@@ -87,7 +87,7 @@ def generalized_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
         boxes1 (Tensor[..., N, 4]), boxes2 (Tensor[..., M, 4]).
 
     Returns:
-        Tensor[..., N, M]: fp32 (fp64 for fp64 boxes).
+        Tensor[..., N, M]: fp32 (fp64 if either set is fp64).
     """
     if not torch.jit.is_scripting():
         traced = traced_call(generalized_box_iou, boxes1, boxes2)
@@ -104,7 +104,7 @@ def distance_box_iou(boxes1: Tensor, boxes2: Tensor, eps: float = 1e-7) -> Tenso
         eps (float): added to the squared hull diagonal against division by zero.
 
     Returns:
-        Tensor[..., N, M]: fp32 (fp64 for fp64 boxes).
+        Tensor[..., N, M]: fp32 (fp64 if either set is fp64).
     """
     if not torch.jit.is_scripting():
         traced = traced_call(distance_box_iou, boxes1, boxes2, eps)
@@ -122,7 +122,7 @@ def complete_box_iou(boxes1: Tensor, boxes2: Tensor, eps: float = 1e-7) -> Tenso
         eps (float): added to denominators against division by zero.
 
     Returns:
-        Tensor[..., N, M]: fp32 (fp64 for fp64 boxes).
+        Tensor[..., N, M]: fp32 (fp64 if either set is fp64).
     """
     if not torch.jit.is_scripting():
         traced = traced_call(complete_box_iou, boxes1, boxes2, eps)
@@ -139,7 +139,7 @@ def batched_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
         boxes1 (Tensor[B, N, 4]), boxes2 (Tensor[B, M, 4]): ``(x1, y1, x2, y2)`` boxes.
 
     Returns:
-        Tensor[B, N, M]: fp32 (fp64 for fp64 boxes).
+        Tensor[B, N, M]: fp32 (fp64 if either set is fp64).
     """
     check_tensor("boxes1", boxes1, last_dim=4)
     check_tensor("boxes2", boxes2, last_dim=4)

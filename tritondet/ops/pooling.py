@@ -324,6 +324,13 @@ class MultiScaleRoIAlign(torch.nn.Module):
     from a small table in the kernel), without per-level gathers or host syncs. At most
     ``MAX_LEVELS`` (5) levels.
 
+    With several levels, a box whose area is negative (inverted on one axis) or NaN is on no
+    level: its row is zeros and it passes no gradient. That is torchvision's result on the CPU,
+    where its LevelMapper casts ``sqrt(area) = NaN`` to int64 (INT64_MIN on x86), matching no
+    level; on CUDA torchvision's cast differs (a GPU converts NaN to 0, which is a level when the
+    first map is level 0). Ours is the same on every device and backend. A zero-area box is on
+    the first level.
+
     Args:
         featmap_names (List[str]): the keys of the feature maps to pool from.
         output_size (int or Tuple[int, int]): ``(PH, PW)``.
