@@ -301,8 +301,8 @@ def _scale_pair_(values: torch.Tensor, factors: list[float]) -> torch.Tensor:
 
 def encode_cpu(reference_boxes: torch.Tensor, proposals: torch.Tensor, weights: list[float]) -> torch.Tensor:
     """The fast CPU path of :func:`encode_reference`, ``[N, 4] x [N, 4] -> [N, 4]`` contiguous:
-    the same formulas in the same order, bit for bit the same values, in a third of its small ops
-    (they cost more than their arithmetic at a thousand rows): both box sets as one ``[2, N, 4]``
+    the same formulas in the same order, bit for bit the same values, in few small ops (they
+    cost more than their arithmetic at a thousand rows): both box sets as one ``[2, N, 4]``
     tensor whose corners pair x with y, so each formula is one pass over ``(x, y)`` pairs of both
     sets, updated in place and written into the result's ``(dx, dy)`` and ``(dw, dh)`` halves."""
     compute_dtype = compute_dtype_of(reference_boxes.dtype)
