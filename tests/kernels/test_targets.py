@@ -51,9 +51,10 @@ def test_proposal_sampler_takes_sample_balanced_sets_in_index_order(device, size
     matched = random_matches(3, n, generator, num_pos).to(device)
     matched[1, ::5] = -3  # the proposal layer's padding and below-floor code
     matched[2] = -1  # all background
-    index, filled = targets_family._sampled_slots(
+    index, unfilled = targets_family._sampled_slots(
         matched, targets_family._sample_keys(matched, torch.Generator(device).manual_seed(0)), size, fraction
     )
+    filled = ~unfilled
     pos, neg = ops.sample_balanced(matched, size, fraction, torch.Generator(device).manual_seed(0))
     assert index.shape == filled.shape == (3, size) and index.dtype == torch.int64
     for row in range(3):

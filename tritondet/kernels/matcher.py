@@ -310,23 +310,33 @@ def match_boxes_reference(
 
 
 def _matches_from_iou(
-    iou: torch.Tensor, valid: torch.Tensor, high: float, low: float, floor: float, allow_low_quality_matches: bool
+    iou: torch.Tensor,
+    valid: torch.Tensor | None,
+    high: float,
+    low: float,
+    floor: float,
+    allow_low_quality_matches: bool,
 ) -> torch.Tensor:
-    """``[B, G, A]`` IoU (-inf on padding rows), ``[B, G]`` real rows -> ``[B, A]`` int64 matches."""
+    """``[B, G, A]`` IoU (-inf on padding rows), ``[B, G]`` real rows (None: every row is) ->
+    ``[B, A]`` int64 matches."""
     batch, num_gt, num_anchors = iou.shape
     if num_gt == 0:
         best = iou.new_full((batch, num_anchors), float("-inf"))
         best_idx = torch.zeros((batch, num_anchors), dtype=torch.int64, device=iou.device)
     else:
         best, best_idx = iou.max(dim=1)
-    matched = torch.where(best < low, BELOW_LOW_THRESHOLD, best_idx)
-    if low < high:  # else the band [low, high) is empty
-        matched = torch.where((best >= low) & (best < high), BETWEEN_THRESHOLDS, matched)
+    matched = best_idx
+    if low < high:  # else the band [low, high) is empty; below it, overwritten next
+        matched = torch.where(best < high, BETWEEN_THRESHOLDS, matched)
+    matched = torch.where(best < low, BELOW_LOW_THRESHOLD, matched)
     if floor > float("-inf"):  # else nothing lies below the floor
         matched = torch.where(best < floor, BELOW_FLOOR, matched)
     if allow_low_quality_matches and num_gt > 0 and num_anchors > 0:
         gt_max = iou.amax(dim=2, keepdim=True)  # [B, G, 1]
-        attains = ((iou == gt_max) & valid[..., None]).any(dim=1)
+        attains = iou == gt_max
+        if valid is not None:  # padding rows' -inf equals their -inf maximum
+            attains &= valid[..., None]
+        attains = attains.any(dim=1)
         matched = torch.where(attains, best_idx, matched)
     return matched
 
@@ -347,10 +357,12 @@ def match_boxes_cpu(
     num_gt = max(counts, default=0)
     if num_gt == 0:
         return torch.full((gt_boxes.shape[0], anchors.shape[1]), BELOW_LOW_THRESHOLD, device=anchors.device)
-    gt_boxes = gt_boxes[:, :num_gt]
+    if num_gt < gt_boxes.shape[1]:
+        gt_boxes = gt_boxes[:, :num_gt]
     iou = pairwise_iou_cpu(gt_boxes, anchors, "iou", "xyxy")  # [B, G_used, A]
-    valid = torch.arange(num_gt, device=gt_boxes.device) < gt_count[:, None]  # [B, G_used]
+    valid = None
     if min(counts) < num_gt:  # padding rows: never anyone's best
+        valid = torch.arange(num_gt, device=gt_boxes.device) < gt_count[:, None]  # [B, G_used]
         iou.masked_fill_(~valid[..., None], float("-inf"))
     matched = _matches_from_iou(iou, valid, high, low, floor, allow_low_quality_matches)
     if min(counts) == 0:

@@ -115,7 +115,7 @@ def _sampled_slots(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`sample_balanced` on the drawn ``keys [B, N]``, compacted: ``[B, N]`` matched indices
     -> (index ``[B, S]`` into N, the sampled candidates first in index order, torchvision's order;
-    filled ``[B, S]`` bool, the slots holding one), S = ``batch_size_per_image``.
+    unfilled ``[B, S]`` bool, the slots holding none), S = ``batch_size_per_image``.
 
     The same sets as :func:`sample_balanced` with the same keys, in a third of its small ops (they
     cost more than their arithmetic at 512 slots): the sampled positives are those whose key is at
@@ -124,23 +124,23 @@ def _sampled_slots(
     non-members; a sort puts the slots in index order. Fixed shapes, no host sync. (Equal keys
     at the cut, which fp64 keys make practically impossible, would be taken together.)"""
     batch, num_candidates = matched.shape
-    positive = matched >= 0
     max_positive = min(int(batch_size_per_image * positive_fraction), num_candidates)
-    if max_positive == 0:
-        positive = torch.zeros_like(positive)
-    else:
-        member_keys = torch.where(positive, keys, _NON_MEMBER_KEY)
-        positive &= keys <= member_keys.kthvalue(max_positive, dim=1, keepdim=True).values
-    negative_keys = torch.where(matched == BELOW_LOW_THRESHOLD, keys, _NON_MEMBER_KEY)
+    slot_keys = keys.masked_fill(matched != BELOW_LOW_THRESHOLD, _NON_MEMBER_KEY)  # negatives' keys
+    if max_positive > 0:
+        member_keys = keys.masked_fill(matched < 0, _NON_MEMBER_KEY)
+        # Every key is below 1: the cut of fewer positives than max_positive (a non-member's key)
+        # lowered to 1 takes them all and no non-member.
+        cut = member_keys.kthvalue(max_positive, dim=1, keepdim=True).values.clamp_(max=1.0)
+        slot_keys.masked_fill_(member_keys <= cut, -1.0)
     slots = min(batch_size_per_image, num_candidates)
-    taken, index = torch.where(positive, -1.0, negative_keys).topk(slots, dim=1, largest=False)
-    filled = taken < _NON_MEMBER_KEY  # a prefix: topk sorts its values
-    index = torch.where(filled, index, num_candidates - 1).sort(dim=1).values  # unfilled slots last
+    taken, index = slot_keys.topk(slots, dim=1, largest=False)
+    unfilled = taken >= _NON_MEMBER_KEY  # a suffix: topk sorts its values
+    index = index.masked_fill_(unfilled, num_candidates - 1).sort(dim=1).values  # unfilled slots last
     pad = batch_size_per_image - slots
     if pad:  # fewer candidates than slots: pad statically
         index = torch.cat([index, index.new_zeros((batch, pad))], dim=1)
-        filled = torch.cat([filled, filled.new_zeros((batch, pad))], dim=1)
-    return index, filled
+        unfilled = torch.cat([unfilled, unfilled.new_ones((batch, pad))], dim=1)
+    return index, unfilled
 
 
 class ProposalTargets(NamedTuple):
@@ -180,10 +180,10 @@ def proposal_targets(
     batch, num_proposals, num_gt = proposals.shape[0], proposals.shape[1], gt_boxes.shape[1]
     device = proposals.device
     candidates = torch.cat([proposals, gt_boxes], dim=1)  # [B, P + G, 4]: ground truth appended
-    valid = torch.cat(
+    padding = torch.cat(
         [
-            torch.arange(num_proposals, device=device) < proposal_count[:, None],
-            torch.arange(num_gt, device=device) < gt_count[:, None],
+            torch.arange(num_proposals, device=device) >= proposal_count[:, None],
+            torch.arange(num_gt, device=device) >= gt_count[:, None],
         ],
         dim=1,
     )
@@ -191,27 +191,28 @@ def proposal_targets(
     matched = torch.ops.tritondet.match_boxes(
         candidates, gt_boxes, gt_count, fg_iou_thresh, bg_iou_thresh, bg_iou_thresh_low, False
     )
-    matched = torch.where(valid, matched, BELOW_FLOOR)
-    index, filled = _sampled_slots(matched, _sample_keys(matched, generator), batch_size_per_image, positive_fraction)
+    matched.masked_fill_(padding, BELOW_FLOOR)
+    index, unfilled = _sampled_slots(matched, _sample_keys(matched, generator), batch_size_per_image, positive_fraction)
 
     compute_dtype = compute_dtype_of(candidates.dtype)
-    sampled_boxes = torch.where(filled[..., None], _gather_boxes(candidates, index), 0).to(compute_dtype)
-    sampled_matched = matched.gather(1, index)
-    foreground = filled & (sampled_matched >= 0)
+    sampled_boxes = _gather_boxes(candidates, index).masked_fill_(unfilled[..., None], 0).to(compute_dtype)
+    # Sampled slots hold foreground (>= 0) or background (BELOW_LOW_THRESHOLD, -1): with the
+    # unfilled slots set to -1 too, these are the output's matched indices.
+    sampled_matched = matched.gather(1, index).masked_fill_(unfilled, BELOW_LOW_THRESHOLD)
+    background = sampled_matched < 0  # background and unfilled slots
     gt_index = sampled_matched.clamp(min=0)
     if num_gt == 0:
         gt_labels = gt_labels.new_zeros((batch, 1))
-    labels = torch.where(foreground, gt_labels.gather(1, gt_index).to(torch.int64), 0)
-    labels = torch.where(filled, labels, -1)
+    labels = gt_labels.gather(1, gt_index).to(torch.int64).masked_fill_(background, 0).masked_fill_(unfilled, -1)
 
     matched_gt = _gather_boxes(gt_boxes, gt_index).to(compute_dtype)
     encoded = _encode(matched_gt, sampled_boxes, weights)  # [B, S, 4]
     return ProposalTargets(
         sampled_boxes,
         labels,
-        torch.where(foreground[..., None], encoded, 0),
-        torch.where(foreground, sampled_matched, -1),
-        torch.where(filled, index, -1),
+        encoded.masked_fill_(background[..., None], 0),
+        sampled_matched,
+        index.masked_fill_(unfilled, -1),
     )
 
 
