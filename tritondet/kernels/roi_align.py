@@ -924,24 +924,14 @@ def roi_align_reference(
 ) -> torch.Tensor:
     """``L x [N, C, H_l, W_l], [K, 5] -> [K, C, PH, PW]`` contiguous, in the features' dtype."""
     first = features[0]
+    compute_dtype = compute_dtype_of(first.dtype)
     matrix, order = _sampling_matrix(features, rois, scales, output_size, sampling_ratio, aligned, mapper)
-    if rois.shape[0] == 0:
-        return first.new_empty((0, first.shape[1], *output_size))
-    return _bins_from_rows(
-        matrix, order, _pixel_rows(features, compute_dtype_of(first.dtype)), output_size, first.dtype
-    )
-
-
-def _bins_from_rows(
-    matrix: torch.Tensor, order: torch.Tensor, rows: torch.Tensor, output_size: tuple[int, int], dtype: torch.dtype
-) -> torch.Tensor:
-    """:func:`_sampling_matrix`'s CSR ``[K * PH * PW, P]`` and ``[K]`` order, pixel rows ``[P, C]``
-    -> ``[K, C, PH, PW]`` contiguous in ``dtype``, the RoIs back in their input order."""
-    (ph, pw), c = output_size, rows.shape[1]
-    k = order.shape[0]
-    grouped = _sparse_mm(matrix, rows).reshape(k, ph * pw, c)
+    k, (ph, pw), c = rois.shape[0], output_size, first.shape[1]
+    if k == 0:
+        return first.new_empty((0, c, ph, pw))
+    grouped = _sparse_mm(matrix, _pixel_rows(features, compute_dtype)).reshape(k, ph * pw, c)
     out = torch.empty_like(grouped).index_copy_(0, order, grouped)
-    return out.reshape(k, ph, pw, c).permute(0, 3, 1, 2).contiguous().to(dtype)
+    return out.reshape(k, ph, pw, c).permute(0, 3, 1, 2).contiguous().to(first.dtype)
 
 
 def roi_align_backward_reference(
@@ -1012,11 +1002,13 @@ def _roi_align_touched(
     output_size: tuple[int, int],
     sampling_ratio: int,
     aligned: bool,
-) -> torch.Tensor:
-    """:func:`roi_align_reference` on one level ``[N, C, H, W]`` and ``[K, 5]`` (K > 0) -> ``[K, C,
-    PH, PW]``, gathering only the pixels the RoIs' taps read as rows of channels instead of the
-    whole map: on an NCHW map that gather is the one layout copy, and the RoIs of a training batch
-    read about 40% of P2 (the same products summed in the same order, so the same values)."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`roi_align_reference` on one level ``[N, C, H, W]`` and ``[K, 5]`` (K > 0) -> (bins
+    ``[K, C, PH, PW]`` (a permuted view) in the map's dtype, RoIs grouped by sampling grid;
+    ``[K]`` the RoI of each). Only the pixels the RoIs' taps read are gathered as rows of channels,
+    not the whole map: on an NCHW map that gather is the one layout copy, and the RoIs of a
+    training batch read about 40% of P2 (the same products summed in the same order, so the same
+    values as the reference)."""
     matrix, order = _sampling_matrix(
         [level_features], rois, [scale], output_size, sampling_ratio, aligned, SINGLE_LEVEL_MAPPER
     )
@@ -1026,9 +1018,9 @@ def _roi_align_touched(
     image_pixels = level_features.flatten(2).transpose(1, 2)
     rows = image_pixels[pixels // (height * width), pixels % (height * width)]
     compact = _csr(matrix.crow_indices(), compact_columns, matrix.values(), (matrix.shape[0], pixels.shape[0]))
-    return _bins_from_rows(
-        compact, order, rows.to(compute_dtype_of(level_features.dtype)).contiguous(), output_size, level_features.dtype
-    )
+    grouped = _sparse_mm(compact, rows.to(compute_dtype_of(level_features.dtype)).contiguous())
+    bins = grouped.reshape(rois.shape[0], *output_size, -1).permute(0, 3, 1, 2)
+    return bins.to(level_features.dtype), order
 
 
 def _level_members(rois: torch.Tensor, num_levels: int, mapper: tuple[int, float, float]) -> list:
@@ -1059,7 +1051,9 @@ def roi_align_cpu(
         if level_rois.shape[0] == 0:
             continue
         if _reference_pays_off(level_features, level_rois.shape[0], output_size):
-            pooled = _roi_align_touched(level_features, level_rois, scale, output_size, sampling_ratio, aligned)
+            pooled, order = _roi_align_touched(level_features, level_rois, scale, output_size, sampling_ratio, aligned)
+            # Straight from the grouped bins into the output: one strided copy per level.
+            members = order if isinstance(members, slice) else members[order]
         else:
             level_rois = level_rois.to(level_features.dtype)
             pooled = torch.ops.torchvision.roi_align(
