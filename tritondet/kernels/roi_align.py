@@ -1003,6 +1003,39 @@ def _reference_pays_off(level_features: torch.Tensor, count: int, output_size: t
     return count * output_size[0] * output_size[1] * _REFERENCE_PIXELS_PER_BIN >= n * height * width
 
 
+def _roi_align_touched(
+    level_features: torch.Tensor,
+    rois: torch.Tensor,
+    scale: float,
+    output_size: tuple[int, int],
+    sampling_ratio: int,
+    aligned: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`roi_align_reference` on one level ``[N, C, H, W]`` and ``[K, 5]`` (K > 0) -> (bins
+    ``[K, C, PH, PW]`` (a permuted view) in the map's dtype, RoIs grouped by sampling grid;
+    ``[K]`` the RoI of each). Unless the map already is its pixel rows (channels_last in the
+    compute dtype), only the pixels the RoIs' taps read are gathered as rows of channels, not the
+    whole map: that gather is the one layout copy, and the RoIs of a training batch read about 40%
+    of P2 (the same products summed in the same order, so the same values as the reference)."""
+    matrix, order = _sampling_matrix(
+        [level_features], rois, [scale], output_size, sampling_ratio, aligned, SINGLE_LEVEL_MAPPER
+    )
+    compute_dtype = compute_dtype_of(level_features.dtype)
+    if level_features.dtype == compute_dtype and level_features.permute(0, 2, 3, 1).is_contiguous():
+        # A channels_last map already is its pixel rows: nothing to gather.
+        grouped = _sparse_mm(matrix, _pixel_rows([level_features], compute_dtype))
+    else:
+        height, width = level_features.shape[2:]
+        pixels, compact_columns = torch.unique(matrix.col_indices(), return_inverse=True)
+        # [N, H * W, C], a view for NCHW and channels_last maps alike.
+        image_pixels = level_features.flatten(2).transpose(1, 2)
+        rows = image_pixels[pixels // (height * width), pixels % (height * width)]
+        compact = _csr(matrix.crow_indices(), compact_columns, matrix.values(), (matrix.shape[0], pixels.shape[0]))
+        grouped = _sparse_mm(compact, rows.to(compute_dtype).contiguous())
+    bins = grouped.reshape(rois.shape[0], *output_size, -1).permute(0, 3, 1, 2)
+    return bins.to(level_features.dtype), order
+
+
 def _level_members(rois: torch.Tensor, num_levels: int, mapper: tuple[int, float, float]) -> list:
     """Each level's RoIs: all of them for one level, else indices (torchvision's LevelMapper rule)."""
     if num_levels == 1:
@@ -1031,7 +1064,9 @@ def roi_align_cpu(
         if level_rois.shape[0] == 0:
             continue
         if _reference_pays_off(level_features, level_rois.shape[0], output_size):
-            pooled = roi_align_reference([level_features], level_rois, [scale], output_size, sampling_ratio, aligned)
+            pooled, order = _roi_align_touched(level_features, level_rois, scale, output_size, sampling_ratio, aligned)
+            # Straight from the grouped bins into the output: one strided copy per level.
+            members = order if isinstance(members, slice) else members[order]
         else:
             level_rois = level_rois.to(level_features.dtype)
             pooled = torch.ops.torchvision.roi_align(
