@@ -26,7 +26,7 @@ import triton.language as tl
 
 from .._backend import use_fast_cpu, use_triton
 from ._aot import KernelSpec
-from ._common import NO_FP_FUSION, NUM_WARPS, PROPAGATE_NAN, compute_dtype_of, ieee_div, split_program
+from ._common import NO_FP_FUSION, NUM_WARPS, compute_dtype_of, ieee_div, split_program
 from ._launch import launch
 
 KINDS = ("iou", "giou", "diou", "ciou")
@@ -66,16 +66,35 @@ def _box_terms(raw0, raw1, raw2, raw3, FMT: tl.constexpr, compute_dtype: tl.cons
 
 
 @triton.jit
+def _torch_maximum(a, b):
+    """``torch.maximum(a, b)`` exactly: NaN from either side, and ``a`` on a tie, so ``max(+0, -0)``
+    is +0 and ``max(-0, +0)`` is -0 (a hardware or NumPy maximum picks either zero, and the sign of
+    a zero extent decides the sign of an infinite GIoU)."""
+    return tl.where((b > a) | (b != b), b, a)
+
+
+@triton.jit
+def _torch_minimum(a, b):
+    """``torch.minimum(a, b)`` exactly: NaN from either side, and ``a`` on a tie."""
+    return tl.where((b < a) | (b != b), b, a)
+
+
+@triton.jit
+def _clamp_min_zero(x):
+    """``x.clamp(min=0)`` exactly: -0 and NaN pass unchanged."""
+    return tl.where(x < 0.0, 0.0, x)
+
+
+@triton.jit
 def intersection_union(ax1, ay1, ax2, ay2, area_a, bx1, by1, bx2, by2, area_b):
     """Intersection and union areas of box pairs (torchvision's formulas and order); the first box's
     corners and area broadcast against the second's. Shared with the NMS kernels.
 
     NaN propagates through the minima, maxima and clamps as through torch's: a NaN corner makes
-    the intersection NaN even where the area, from a width and a height, is finite."""
-    inter_w = tl.minimum(ax2, bx2, propagate_nan=PROPAGATE_NAN) - tl.maximum(ax1, bx1, propagate_nan=PROPAGATE_NAN)
-    inter_h = tl.minimum(ay2, by2, propagate_nan=PROPAGATE_NAN) - tl.maximum(ay1, by1, propagate_nan=PROPAGATE_NAN)
-    width = tl.maximum(inter_w, 0.0, propagate_nan=PROPAGATE_NAN)
-    inter = width * tl.maximum(inter_h, 0.0, propagate_nan=PROPAGATE_NAN)
+    the intersection NaN even where the area, from a width and a height, is finite; signed zeros
+    come out as torch's too (see ``_torch_maximum``)."""
+    width = _clamp_min_zero(_torch_minimum(ax2, bx2) - _torch_maximum(ax1, bx1))
+    inter = width * _clamp_min_zero(_torch_minimum(ay2, by2) - _torch_maximum(ay1, by1))
     return inter, area_a + area_b - inter
 
 
@@ -152,8 +171,12 @@ def _pairwise_iou_kernel(
     if KIND == 0:
         result = iou
     else:
-        hull_w = tl.maximum(tl.maximum(ax2[:, None], bx2[None, :]) - tl.minimum(ax1[:, None], bx1[None, :]), 0.0)
-        hull_h = tl.maximum(tl.maximum(ay2[:, None], by2[None, :]) - tl.minimum(ay1[:, None], by1[None, :]), 0.0)
+        hull_w = _clamp_min_zero(
+            _torch_maximum(ax2[:, None], bx2[None, :]) - _torch_minimum(ax1[:, None], bx1[None, :])
+        )
+        hull_h = _clamp_min_zero(
+            _torch_maximum(ay2[:, None], by2[None, :]) - _torch_minimum(ay1[:, None], by1[None, :])
+        )
         if KIND == 1:
             hull_area = hull_w * hull_h
             result = iou - ieee_div(hull_area - union, hull_area)
