@@ -26,7 +26,7 @@ import triton.language as tl
 
 from .._backend import use_fast_cpu, use_triton
 from ._aot import KernelSpec
-from ._common import NO_FP_FUSION, NUM_WARPS, compute_dtype_of, ieee_div, split_program
+from ._common import NO_FP_FUSION, NUM_WARPS, PROPAGATE_NAN, compute_dtype_of, ieee_div, split_program
 from ._launch import launch
 
 KINDS = ("iou", "giou", "diou", "ciou")
@@ -91,10 +91,11 @@ def intersection_union(ax1, ay1, ax2, ay2, area_a, bx1, by1, bx2, by2, area_b):
     corners and area broadcast against the second's. Shared with the NMS kernels.
 
     NaN propagates through the minima, maxima and clamps as through torch's: a NaN corner makes
-    the intersection NaN even where the area, from a width and a height, is finite; signed zeros
-    come out as torch's too (see ``_torch_maximum``)."""
-    width = _clamp_min_zero(_torch_minimum(ax2, bx2) - _torch_maximum(ax1, bx1))
-    inter = width * _clamp_min_zero(_torch_minimum(ay2, by2) - _torch_maximum(ay1, by1))
+    the intersection NaN even where the area, from a width and a height, is finite."""
+    inter_w = tl.minimum(ax2, bx2, propagate_nan=PROPAGATE_NAN) - tl.maximum(ax1, bx1, propagate_nan=PROPAGATE_NAN)
+    inter_h = tl.minimum(ay2, by2, propagate_nan=PROPAGATE_NAN) - tl.maximum(ay1, by1, propagate_nan=PROPAGATE_NAN)
+    width = tl.maximum(inter_w, 0.0, propagate_nan=PROPAGATE_NAN)
+    inter = width * tl.maximum(inter_h, 0.0, propagate_nan=PROPAGATE_NAN)
     return inter, area_a + area_b - inter
 
 
