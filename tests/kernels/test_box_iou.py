@@ -129,6 +129,18 @@ def test_special_boxes_including_nan_positions(backend, device, kind):
 
 
 @pytest.mark.parametrize("kind", list(FUNCTIONS))
+def test_negative_zero_hull_keeps_its_sign_as_torchvision(backend, device, kind):
+    # A degenerate hull of width -0: torch's clamp keeps -0, so the GIoU's hull area is -0 and
+    # its quotient +inf rather than -inf.
+    boxes1 = torch.tensor([[0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, -3.0]], device=device)
+    boxes2 = torch.tensor([[0.0, 1.0, 1.0, -0.0]], device=device)
+    ours, theirs = both(kind, boxes1, boxes2)
+    assert torch.equal(ours.isnan(), theirs.isnan())
+    assert torch.equal(ours.nan_to_num(), theirs.nan_to_num())
+    assert torch.equal(ours.signbit(), theirs.signbit())
+
+
+@pytest.mark.parametrize("kind", list(FUNCTIONS))
 def test_huge_and_tiny_coordinates(backend, device, kind):
     generator = torch.Generator().manual_seed(3)
     for scale in (1e6, 1e-2):

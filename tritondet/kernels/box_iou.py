@@ -66,6 +66,26 @@ def _box_terms(raw0, raw1, raw2, raw3, FMT: tl.constexpr, compute_dtype: tl.cons
 
 
 @triton.jit
+def _torch_maximum(a, b):
+    """``torch.maximum(a, b)`` exactly: NaN from either side, and ``a`` on a tie, so ``max(+0, -0)``
+    is +0 and ``max(-0, +0)`` is -0 (a hardware or NumPy maximum picks either zero, and the sign of
+    a zero extent decides the sign of an infinite GIoU)."""
+    return tl.where((b > a) | (b != b), b, a)
+
+
+@triton.jit
+def _torch_minimum(a, b):
+    """``torch.minimum(a, b)`` exactly: NaN from either side, and ``a`` on a tie."""
+    return tl.where((b < a) | (b != b), b, a)
+
+
+@triton.jit
+def _clamp_min_zero(x):
+    """``x.clamp(min=0)`` exactly: -0 and NaN pass unchanged."""
+    return tl.where(x < 0.0, 0.0, x)
+
+
+@triton.jit
 def intersection_union(ax1, ay1, ax2, ay2, area_a, bx1, by1, bx2, by2, area_b):
     """Intersection and union areas of box pairs (torchvision's formulas and order); the first box's
     corners and area broadcast against the second's. Shared with the NMS kernels.
@@ -152,8 +172,12 @@ def _pairwise_iou_kernel(
     if KIND == 0:
         result = iou
     else:
-        hull_w = tl.maximum(tl.maximum(ax2[:, None], bx2[None, :]) - tl.minimum(ax1[:, None], bx1[None, :]), 0.0)
-        hull_h = tl.maximum(tl.maximum(ay2[:, None], by2[None, :]) - tl.minimum(ay1[:, None], by1[None, :]), 0.0)
+        hull_w = _clamp_min_zero(
+            _torch_maximum(ax2[:, None], bx2[None, :]) - _torch_minimum(ax1[:, None], bx1[None, :])
+        )
+        hull_h = _clamp_min_zero(
+            _torch_maximum(ay2[:, None], by2[None, :]) - _torch_minimum(ay1[:, None], by1[None, :])
+        )
         if KIND == 1:
             hull_area = hull_w * hull_h
             result = iou - ieee_div(hull_area - union, hull_area)
