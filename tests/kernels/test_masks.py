@@ -350,6 +350,20 @@ def test_mask_loss_of_no_rois_is_zero_with_a_zero_gradient(backend, device):
     assert loss.item() == 0.0 and loss.shape == () and leaf.grad.shape == leaf.shape
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_mask_loss_backward_cpu_equals_reference_bit_for_bit(dtype):
+    generator = torch.Generator().manual_seed(31)
+    grad = torch.randn(6, 5, 5, generator=generator, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    grad[3] = float("nan")  # an unlabelled row's gradient is never read
+    labels = torch.tensor([2, -1, 0, 4, 3, 2])  # -1 and 4 (= C) label no channel
+    scale = torch.tensor(0.37, dtype=grad.dtype)
+    ours = masks_kernels.mask_loss_backward_cpu(grad, labels, scale, 4, dtype)
+    expected = masks_kernels.mask_loss_backward_reference(grad, labels, scale, 4, dtype)
+    assert ours.dtype == expected.dtype == dtype and ours.shape == expected.shape == (6, 4, 5, 5)
+    assert torch.equal(ours, expected)  # no NaN reaches either: rows labelling no channel stay 0
+    assert not ours[[1, 3]].any()
+
+
 def test_mask_loss_gradcheck_opcheck_and_compile(backend, device):
     generator = torch.Generator().manual_seed(29)
     logits, labels, targets = _loss_inputs(generator, k=3, c=2, m=3, dtype=torch.float64)

@@ -291,32 +291,22 @@ def _centre_size_cpu(boxes: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return width.mul(0.5).add_(boxes[:, 0]), height.mul(0.5).add_(boxes[:, 1]), width, height
 
 
-def _scale_pair_(values: torch.Tensor, factors: list[float]) -> torch.Tensor:
-    """``[N, 2]`` ``values`` times ``factors`` per column, in place: one scalar pass when the two
-    factors are equal (none when both are 1), else one pass with a ``[2]`` tensor of them."""
-    if factors[0] == factors[1]:
-        return _scale_(values, factors[0])
-    return values.mul_(torch.tensor(factors, dtype=values.dtype, device=values.device))
-
-
 def encode_cpu(reference_boxes: torch.Tensor, proposals: torch.Tensor, weights: list[float]) -> torch.Tensor:
     """The fast CPU path of :func:`encode_reference`, ``[N, 4] x [N, 4] -> [N, 4]`` contiguous:
-    the same formulas in the same order, bit for bit the same values, in few small ops (they
-    cost more than their arithmetic at a thousand rows): both box sets as one ``[2, N, 4]``
-    tensor whose corners pair x with y, so each formula is one pass over ``(x, y)`` pairs of both
-    sets, updated in place and written into the result's ``(dx, dy)`` and ``(dw, dh)`` halves."""
+    the same formulas in the same order, updated in place and written into the result's columns
+    (half the passes over memory), bit for bit the same values. Each pass runs over contiguous
+    coordinate planes, so it stays vectorized at the RPN's 558,558 anchors: a layout pairing x
+    with y makes fewer small ops but ran at 0.37x torchvision's speed there (paired bench)."""
     compute_dtype = compute_dtype_of(reference_boxes.dtype)
-    n = reference_boxes.shape[0]
-    boxes = torch.stack((proposals, reference_boxes)).to(compute_dtype)  # [2, N, 4]
-    low, high = boxes.view(2, n, 2, 2).unbind(2)  # [2, N, 2]: (x1, y1), (x2, y2)
-    size = high - low  # (w, h)
-    centre = size.mul(0.5).add_(low)  # (cx, cy)
-    (ex_ctr, gt_ctr), (ex_size, gt_size) = centre.unbind(0), size.unbind(0)
-    out = torch.empty((n, 2, 2), dtype=compute_dtype, device=boxes.device)
-    offsets, scales = out.unbind(1)  # [N, 2]: (dx, dy), (dw, dh)
-    _scale_pair_(torch.sub(gt_ctr, ex_ctr, out=offsets), weights[:2]).div_(ex_size)
-    _scale_pair_(torch.div(gt_size, ex_size, out=scales).log_(), weights[2:])
-    return out.view(n, 4)
+    wx, wy, ww, wh = weights
+    ex_ctr_x, ex_ctr_y, ex_w, ex_h = _centre_size_cpu(proposals.to(compute_dtype))
+    gt_ctr_x, gt_ctr_y, gt_w, gt_h = _centre_size_cpu(reference_boxes.to(compute_dtype))
+    out = torch.empty((ex_w.shape[0], 4), dtype=compute_dtype, device=ex_w.device)
+    torch.div(_scale_(gt_ctr_x.sub_(ex_ctr_x), wx), ex_w, out=out[:, 0])
+    torch.div(_scale_(gt_ctr_y.sub_(ex_ctr_y), wy), ex_h, out=out[:, 1])
+    _scale_(torch.log(gt_w.div_(ex_w), out=out[:, 2]), ww)
+    _scale_(torch.log(gt_h.div_(ex_h), out=out[:, 3]), wh)
+    return out
 
 
 def _unweighted(codes: torch.Tensor, weight: float) -> torch.Tensor:

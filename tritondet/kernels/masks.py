@@ -667,6 +667,15 @@ def mask_loss_backward_reference(grad, labels, scale, num_classes, dtype):
     return torch.where(labelled, grad[:, None] * scale, 0).to(dtype)
 
 
+def mask_loss_backward_cpu(grad, labels, scale, num_classes, dtype):
+    """The fast CPU path of :func:`mask_loss_backward_reference`, the same ``[K, C, M, M]``: a
+    zeroed buffer and one scatter of the labelled channels, no select over every channel."""
+    out = torch.zeros((grad.shape[0], num_classes, *grad.shape[1:]), dtype=dtype, device=grad.device)
+    rows = ((labels >= 0) & (labels < num_classes)).nonzero().squeeze(1)
+    out[rows, labels[rows]] = (grad[rows] * scale).to(dtype)
+    return out
+
+
 # ----------------------------------------------------------------------------------------------
 # torch.library registration
 # ----------------------------------------------------------------------------------------------
@@ -765,6 +774,8 @@ def mask_loss_backward_op(
     """``[K, M, M], [K], [] -> [K, C, M, M]`` of ``dtype``: ``grad * scale`` in each RoI's labelled channel, 0 elsewhere."""
     if use_triton(grad.device):
         return mask_loss_backward_triton(grad, labels, scale, num_classes, dtype)
+    if use_fast_cpu(grad.device, calls_torchvision=False):
+        return mask_loss_backward_cpu(grad, labels, scale, num_classes, dtype)
     return mask_loss_backward_reference(grad, labels, scale, num_classes, dtype)
 
 
