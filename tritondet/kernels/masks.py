@@ -669,10 +669,15 @@ def mask_loss_backward_reference(grad, labels, scale, num_classes, dtype):
 
 def mask_loss_backward_cpu(grad, labels, scale, num_classes, dtype):
     """The fast CPU path of :func:`mask_loss_backward_reference`, the same ``[K, C, M, M]``: a
-    zeroed buffer and one scatter of the labelled channels, no select over every channel."""
+    zeroed buffer and one scatter of each row's labelled channel, no select over every channel. A
+    row labelling no channel writes a zero into channel 0 (its own row, already zero)."""
     out = torch.zeros((grad.shape[0], num_classes, *grad.shape[1:]), dtype=dtype, device=grad.device)
-    rows = ((labels >= 0) & (labels < num_classes)).nonzero().squeeze(1)
-    out[rows, labels[rows]] = (grad[rows] * scale).to(dtype)
+    if num_classes == 0:
+        return out
+    labelled = (labels >= 0) & (labels < num_classes)
+    channel = torch.where(labelled, labels, 0)
+    rows = torch.arange(grad.shape[0], device=grad.device)
+    out[rows, channel] = torch.where(labelled[:, None, None], grad * scale, 0).to(dtype)
     return out
 
 
