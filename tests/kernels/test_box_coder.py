@@ -67,6 +67,18 @@ def test_extreme_deltas_are_clamped_before_exp(backend, device):
     assert_close(custom, BoxCoder(RPN_WEIGHTS, bbox_xform_clip=1.0).decode_single(deltas, boxes), torch.float32)
 
 
+# (0.1, 0.3, 0.7, 1/3) have no exact fp32 value; neither has the default clip, log(1000 / 16).
+@pytest.mark.parametrize("weights", [RPN_WEIGHTS, (0.1, 0.3, 0.7, 1 / 3)])
+def test_fp64_decode_uses_fp64_weights_and_clip(backend, device, weights):
+    boxes = torch.tensor([[0.0, 0.0, 0.0, 1.0], [1.0, 2.0, 11.0, 7.0]], dtype=torch.float64, device=device)
+    # Row 0: dh = 10 is clamped to the clip; row 1 decodes below it, through every weight.
+    deltas = torch.tensor([[0.0, 0.0, 0.0, 10.0], [0.3, -0.7, 0.2, 0.5]], dtype=torch.float64, device=device)
+    ours = ops.decode_boxes(deltas, boxes, weights)
+    assert ours.dtype == torch.float64
+    assert torch.equal(ours, decode_reference(deltas, boxes, list(weights), math.log(1000.0 / 16)))
+    assert torch.equal(ours, BoxCoder(weights).decode_single(deltas, boxes))
+
+
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 def test_dtypes(backend, device, dtype):
     gt, anchors = _pair(65, 5, scale=60.0)

@@ -29,7 +29,7 @@ import triton.language as tl
 from .._backend import use_fast_cpu, use_triton
 from ._aot import KernelSpec
 from ._common import NUM_WARPS, compute_dtype_of, ieee_div
-from ._launch import launch
+from ._launch import device_table, launch
 
 DEFAULT_XFORM_CLIP = math.log(1000.0 / 16)
 RPN_WEIGHTS = (1.0, 1.0, 1.0, 1.0)
@@ -40,7 +40,8 @@ BOX_HEAD_WEIGHTS = (10.0, 10.0, 5.0, 5.0)
 def decode_box(x1, y1, x2, y2, dx, dy, dw, dh, wx, wy, ww, wh, clip):
     """Decode one set of deltas against the box (x1, y1, x2, y2): torchvision's order of operations.
 
-    Coordinates and deltas are in the compute dtype; the weights and ``clip`` are fp32 scalars.
+    Coordinates, deltas, the weights and ``clip`` are in the compute dtype (an fp32 scalar argument
+    in an fp64 computation would round ``clip``, ``log(1000 / 16)``, and weights such as 0.1).
     """
     width = x2 - x1
     height = y2 - y1
@@ -129,12 +130,7 @@ def _decode_kernel(
     stride_deltas_c,
     stride_boxes_n,
     stride_boxes_c,
-    # scalars
-    wx,
-    wy,
-    ww,
-    wh,
-    clip,
+    coder_ptr,  # [5] (wx, wy, ww, wh, clip) in the compute dtype: :func:`box_coder_table`
     # meta-parameters
     COMPUTE_FP64: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -143,6 +139,11 @@ def _decode_kernel(
     ok = pairs < tl.cast(N, tl.int64) * K
     rows = pairs // K
     compute_dtype = tl.float64 if COMPUTE_FP64 else tl.float32
+    wx = tl.load(coder_ptr)
+    wy = tl.load(coder_ptr + 1)
+    ww = tl.load(coder_ptr + 2)
+    wh = tl.load(coder_ptr + 3)
+    clip = tl.load(coder_ptr + 4)
     pb = boxes_ptr + rows * stride_boxes_n
     x1 = tl.load(pb, mask=ok, other=0).to(compute_dtype)
     y1 = tl.load(pb + stride_boxes_c, mask=ok, other=0).to(compute_dtype)
@@ -210,6 +211,15 @@ def encode_triton(reference_boxes: torch.Tensor, proposals: torch.Tensor, weight
     return out
 
 
+def box_coder_table(weights, clip: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``[5]`` ``(wx, wy, ww, wh, clip)`` in ``dtype`` on ``device``, cached (``_launch.device_table``).
+
+    Triton types a Python float argument as fp32, so a kernel computing in fp64 reads its weights
+    and clip from this table instead; in fp32 the loaded values are those fp32 arguments would be.
+    """
+    return device_table([*(float(w) for w in weights), float(clip)], dtype, device)
+
+
 def _decode_arguments(deltas, boxes, out, weights, clip) -> tuple[tuple, dict]:
     """``(args, meta)`` of :func:`_decode_kernel` (see :func:`_encode_arguments`)."""
     args = (
@@ -220,8 +230,7 @@ def _decode_arguments(deltas, boxes, out, weights, clip) -> tuple[tuple, dict]:
         deltas.shape[1] // 4,
         *deltas.stride(),
         *boxes.stride(),
-        *[float(w) for w in weights],
-        float(clip),
+        box_coder_table(weights, clip, out.dtype, out.device),
     )
     meta = {"COMPUTE_FP64": out.dtype == torch.float64, "BLOCK": _block_size(out.dtype), "num_warps": NUM_WARPS}
     return args, meta
