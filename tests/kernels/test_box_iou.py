@@ -105,22 +105,6 @@ def test_mixed_dtypes_in_box_formats_equal_torchvision_bit_for_bit(backend, devi
 
 
 @pytest.mark.parametrize("kind", list(FUNCTIONS))
-def test_mixed_dtype_gradients_match_torchvision(backend, device, kind):
-    generator = torch.Generator().manual_seed(43)
-    boxes1 = random_boxes(6, generator=generator).to(device)
-    boxes2 = random_boxes(5, generator=generator).double().to(device)
-    weights = torch.rand(6, 5, generator=generator, dtype=torch.float64).to(device)
-    grads = []
-    for fn in (getattr(ops, FUNCTIONS[kind]), getattr(torchvision.ops, FUNCTIONS[kind])):
-        leaf1, leaf2 = boxes1.clone().requires_grad_(), boxes2.clone().requires_grad_()
-        (fn(leaf1, leaf2) * weights).sum().backward()
-        grads.append((leaf1.grad, leaf2.grad))
-    for ours, theirs in zip(grads[0], grads[1], strict=True):
-        assert ours.dtype == theirs.dtype
-        assert_close(ours, theirs, ours.dtype)
-
-
-@pytest.mark.parametrize("kind", list(FUNCTIONS))
 def test_special_boxes_including_nan_positions(backend, device, kind):
     boxes = special_boxes().to(device)
     ours, theirs = both(kind, boxes, boxes)
@@ -201,10 +185,12 @@ def test_batched_box_iou_equals_per_image_box_iou(backend, device):
         assert_close(batched[image], torchvision.ops.box_iou(boxes1[image], boxes2[image]), torch.float32)
 
 
+# (seed, boxes1 dtype): both sets fp64, and fp32 beside fp64 (each set's gradient in its own dtype).
+@pytest.mark.parametrize(("seed", "dtype1"), [(17, torch.float64), (43, torch.float32)])
 @pytest.mark.parametrize("kind", list(FUNCTIONS))
-def test_gradients_match_torchvision(backend, device, kind):
-    generator = torch.Generator().manual_seed(17)
-    boxes1 = random_boxes(6, generator=generator).double().to(device)
+def test_gradients_match_torchvision(backend, device, kind, seed, dtype1):
+    generator = torch.Generator().manual_seed(seed)
+    boxes1 = random_boxes(6, generator=generator).to(dtype1).to(device)
     boxes2 = random_boxes(5, generator=generator).double().to(device)
     weights = torch.rand(6, 5, generator=generator, dtype=torch.float64).to(device)
     grads = []
@@ -213,7 +199,8 @@ def test_gradients_match_torchvision(backend, device, kind):
         (fn(leaf1, leaf2) * weights).sum().backward()
         grads.append((leaf1.grad, leaf2.grad))
     for ours, theirs in zip(grads[0], grads[1], strict=True):
-        assert_close(ours, theirs, torch.float64)
+        assert ours.dtype == theirs.dtype
+        assert_close(ours, theirs, ours.dtype)
 
 
 # Not CIoU: its trade-off weight alpha is held constant in the backward by definition (torchvision
