@@ -1059,8 +1059,8 @@ def merged_top_cpu(
     they are the image's D first. Each image takes its cut from its own candidates' keys (the key
     of its ``_PREFIX_FACTOR * D``-th best), runs greedy NMS on every segment's prefix
     (:func:`greedy_keep_cpu`; the first passes of at most ``_SMALL_FIRST_PASS`` candidates all in
-    one :func:`_padded_segment_keep_reference`) and, while fewer than D kept keys are <= t, doubles the prefix and resumes the segments whose
-    prefix grew: a new candidate is kept exactly when no earlier kept box suppresses it, so the
+    one :func:`_padded_segment_keep_reference`) and, while fewer than D kept keys are <= t,
+    doubles the prefix and resumes the segments whose prefix grew: a new candidate is kept exactly when no earlier kept box suppresses it, so the
     new candidates that the segment's kept boxes leave go through greedy NMS among themselves.
     Host reads: the candidate counts and the prefix lengths of every pass.
     """
