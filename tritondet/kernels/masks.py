@@ -661,6 +661,28 @@ def mask_loss_reference(logits, labels, targets, weights):
     return loss.sum(), grad
 
 
+def mask_loss_cpu(logits, labels, targets, weights):
+    """The fast CPU path of :func:`mask_loss_reference`, bit for bit the same ``(weighted loss
+    sum, [K, M, M] labelled-channel gradient of that sum)``: the loss in one fused ATen call
+    (``binary_cross_entropy_with_logits``, whose eager kernel is the reference's ``(1 - t) * x -
+    logsigmoid(x)``) and the gradient updated in place, with no mask, weight or intermediate
+    ``[K, M, M]`` tensor beyond the gathered logits, the loss and the gradient. Rows that do not
+    count are filled with 0 after the arithmetic, so their (unread) logits never reach the sum."""
+    compute_dtype = compute_dtype_of(logits.dtype)
+    k, c = logits.shape[:2]
+    counted = ((labels >= 0) & (labels < c))[:, None, None]
+    x = logits[torch.arange(k, device=logits.device), labels.clamp(0, max(c - 1, 0))].to(compute_dtype)
+    t = targets.to(compute_dtype)
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(x, t, reduction="none")
+    grad = torch.sigmoid(x).sub_(t)
+    if weights is not None:
+        weight = weights.to(compute_dtype)[:, None, None]
+        counted = counted & (weight > 0)
+        loss.mul_(weight)
+        grad.mul_(weight)
+    return loss.masked_fill_(~counted, 0).sum(), grad.masked_fill_(~counted, 0)
+
+
 def mask_loss_backward_reference(grad, labels, scale, num_classes, dtype):
     channels = torch.arange(num_classes, device=grad.device)
     labelled = channels[None, :, None, None] == labels[:, None, None, None]
@@ -752,6 +774,8 @@ def mask_loss_op(
     the mean loss in the logits' dtype and the gradient of the loss sum, in the compute dtype."""
     if use_triton(logits.device):
         total, grad = mask_loss_triton(logits, labels, targets, weights)
+    elif use_fast_cpu(logits.device, calls_torchvision=False):
+        total, grad = mask_loss_cpu(logits, labels, targets, weights)
     else:
         total, grad = mask_loss_reference(logits, labels, targets, weights)
     return (total / loss_denominator(weights, logits.shape)).to(logits.dtype), grad
