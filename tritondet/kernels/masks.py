@@ -720,8 +720,9 @@ def _zeros_on_huge_pages(shape, dtype, device) -> torch.Tensor:
 
 def mask_loss_backward_cpu(grad, labels, scale, num_classes, dtype):
     """The fast CPU path of :func:`mask_loss_backward_reference`, the same ``[K, C, M, M]``: a
-    zeroed buffer and one scatter of each row's labelled channel, no select over every channel. A
-    row labelling no channel writes a zero into channel 0 (its own row, already zero)."""
+    zeroed buffer (on huge pages, :func:`_zeros_on_huge_pages`) and one scatter of each row's
+    labelled channel, no select over every channel. A row labelling no channel writes a zero into
+    channel 0 (its own row, already zero)."""
     out = _zeros_on_huge_pages((grad.shape[0], num_classes, *grad.shape[1:]), dtype, grad.device)
     if num_classes == 0:
         return out
