@@ -243,11 +243,11 @@ def grid_anchors_cpu(grid_sizes, strides, anchor_sizes, anchor_ratios, anchors_p
     """The fast CPU path of :func:`grid_anchors_reference`, bit for bit the same ``[sum_l H_l W_l
     A_l, 4]``. Each level is one ``addcmul`` written straight into its slice of the output, viewed
     ``[H, W A 4]``: a grid row ``[W A 4]`` (the base anchors, their x coordinates shifted by the
-    column's x; ``W A 4`` values) plus the y shifts ``[H, 1]`` times the y coordinates' mask
-    ``(0, 1, 0, 1, ...)`` (one for every level). No meshgrid, stack, ``[H W, 1, 4]`` shift tensor or concatenation, and
-    each output row is one contiguous run. The integer shifts are rounded to fp32 first, as type
-    promotion rounds them in the reference and torchvision; the mask's products are exact, so
-    every coordinate is rounded once, by the reference's add."""
+    column's x) plus the y shifts ``[H, 1]`` times the y coordinates' mask ``(0, 1, 0, 1, ...)``
+    (one mask for every level). No meshgrid, stack, ``[H W, 1, 4]`` shift tensor or
+    concatenation, and each output row is one contiguous run. The integer shifts are rounded to
+    fp32 first, as type promotion rounds them in the reference and torchvision; the mask's
+    products are exact, so every coordinate is rounded once, by the reference's add."""
     sizes = torch.tensor(anchor_sizes, dtype=torch.float32, device=device)
     ratios = torch.tensor(anchor_ratios, dtype=torch.float32, device=device)
     counts = [grid_sizes[2 * i] * grid_sizes[2 * i + 1] * a for i, a in enumerate(anchors_per_level)]

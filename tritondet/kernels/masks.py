@@ -20,8 +20,8 @@ H x W images.
   channel's gradient, which the backward scales and spreads into the ``C`` channels.
 
 Order of this file: Triton kernels -> argument builders and host launchers -> pure-PyTorch
-references (vectorized: the test oracle, and the CPU path of the pasting and the loss) and the
-mask targets' fast CPU path -> ``torch.library`` registration -> AOT specializations.
+references (vectorized: the test oracle) and the fast CPU paths beside them -> ``torch.library``
+registration -> AOT specializations.
 
 Numerics: fp32 (fp64 for fp64 inputs), fp16/bf16 upcast as loaded; divisions whose result is
 floored or compared are IEEE (``ieee_div``). Box expansion runs in PyTorch on the boxes' dtype in
@@ -434,7 +434,7 @@ def mask_loss_backward_triton(grad, labels, scale, num_classes, dtype):
 
 
 # ----------------------------------------------------------------------------------------------
-# References: vectorized PyTorch (the test oracle); the mask targets' fast CPU path
+# References: vectorized PyTorch (the test oracle); the fast CPU paths
 # ----------------------------------------------------------------------------------------------
 
 
@@ -667,10 +667,11 @@ def mask_loss_reference(logits, labels, targets, weights):
 def mask_loss_cpu(logits, labels, targets, weights):
     """The fast CPU path of :func:`mask_loss_reference`, bit for bit the same ``(weighted loss
     sum, [K, M, M] labelled-channel gradient of that sum)``: the loss in one fused ATen call
-    (``binary_cross_entropy_with_logits``, whose eager kernel is the reference's ``(1 - t) * x -
-    logsigmoid(x)``) and the gradient updated in place, with no mask, weight or intermediate
-    ``[K, M, M]`` tensor beyond the gathered logits, the loss and the gradient. Rows that do not
-    count are filled with 0 after the arithmetic, so their (unread) logits never reach the sum."""
+    (``binary_cross_entropy_with_logits``, whose eager kernel computes the reference's ``(1 - t) *
+    x - logsigmoid(x)``), the gradient updated in place; three ``[K, M, M]`` tensors of ours (the
+    gathered logits, the loss, the gradient) where the reference makes a dozen. Rows that do not
+    count are filled with 0 after the arithmetic, so their logits (NaN in padded rows, say) reach
+    neither the sum nor the gradient."""
     compute_dtype = compute_dtype_of(logits.dtype)
     k, c = logits.shape[:2]
     counted = ((labels >= 0) & (labels < c))[:, None, None]
@@ -714,7 +715,7 @@ def _zeros_on_huge_pages(shape, dtype, device) -> torch.Tensor:
     if _madvise is not None and out.device.type == "cpu" and nbytes >= 2 * _HUGE_PAGE_BYTES:
         start = -(-out.data_ptr() // _HUGE_PAGE_BYTES) * _HUGE_PAGE_BYTES
         end = (out.data_ptr() + nbytes) // _HUGE_PAGE_BYTES * _HUGE_PAGE_BYTES
-        _madvise(start, end - start, mmap.MADV_HUGEPAGE)
+        _madvise(start, end - start, mmap.MADV_HUGEPAGE)  # advice only: a refusal changes nothing
     return out.zero_()
 
 
