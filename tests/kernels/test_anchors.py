@@ -6,7 +6,7 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator as Torchvi
 from torchvision.models.detection.image_list import ImageList
 
 from tritondet import ops
-from tritondet.kernels.anchors import grid_anchors_reference
+from tritondet.kernels.anchors import grid_anchors_cpu, grid_anchors_reference
 
 FPN = (((32,), (64,), (128,), (256,), (512,)), ((0.5, 1.0, 2.0),) * 5)
 PAPER = (((128, 256, 512),), ((0.5, 1.0, 2.0),))
@@ -88,6 +88,19 @@ def test_kernel_equals_reference_bit_for_bit(monkeypatch, device):
     monkeypatch.setenv("TRITONDET_BACKEND", "triton")
     ours = torch.ops.tritondet.grid_anchors(*args)
     torch.testing.assert_close(ours, grid_anchors_reference(*args), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "grid_sizes,strides",
+    [([7, 11, 3, 5], [16, 16, 32, 32]), ([0, 4, 3, 5], [8, 8, 13, 14]), ([2, 0, 1, 1], [5, 3, 7, 9])],
+)
+def test_cpu_path_equals_reference_bit_for_bit(grid_sizes, strides):
+    """Empty levels included, and sizes whose base anchors round to -0.0 (0.5: half extents of
+    +-0.25), which the shifts' +0.0 turns into +0.0 in both."""
+    args = (grid_sizes, strides, [10.0, 23.0, 0.5, 31.0, 64.0], [0.3, 1.7, 1.0, 1.0, 0.5], [3, 2], torch.device("cpu"))
+    ours, expected = grid_anchors_cpu(*args), grid_anchors_reference(*args)
+    assert ours.shape == expected.shape and ours.dtype == expected.dtype == torch.float32
+    assert torch.equal(ours.view(torch.int32), expected.view(torch.int32))  # the sign of zero too
 
 
 def test_grid_anchors_function_and_compile(backend, device):

@@ -364,6 +364,41 @@ def test_mask_loss_backward_cpu_equals_reference_bit_for_bit(dtype):
     assert not ours[[1, 3]].any()
 
 
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_mask_loss_cpu_equals_reference_bit_for_bit(dtype):
+    generator = torch.Generator().manual_seed(37)
+    logits, labels, targets = _loss_inputs(generator, k=8, dtype=dtype)
+    logits[2] = float("nan")  # rows that do not count: their logits never reach the sum
+    labels[[1, 4]] = torch.tensor([-1, 4])  # -1 and 4 (= C) label no channel
+    targets[5] = torch.rand(5, 5, generator=generator) * 3 - 1  # soft targets outside [0, 1]
+    weights = torch.tensor([1.0, 1.0, 0.0, 2.5, 1.0, 0.5, float("nan"), -1.0])
+    for args in (
+        (logits, labels, targets, None),
+        (logits.transpose(2, 3), labels, targets.to(dtype), weights.to(dtype)),  # any strides and dtypes
+        (logits, labels.clamp(0, 3), targets, None),  # every row counts: logits[2] reaches the sum
+    ):
+        ours = masks_kernels.mask_loss_cpu(*args)
+        expected = masks_kernels.mask_loss_reference(*args)
+        for mine, theirs in zip(ours, expected, strict=True):
+            assert mine.dtype == theirs.dtype and mine.stride() == theirs.stride()
+            torch.testing.assert_close(mine, theirs, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_mask_loss_backward_cpu_equals_reference_over_huge_pages(dtype):
+    """A gradient buffer of several huge pages (its zero fill runs on advised memory) is still the
+    reference's, bit for bit."""
+    generator = torch.Generator().manual_seed(41)
+    grad = torch.randn(
+        40, 28, 28, generator=generator, dtype=torch.float64 if dtype == torch.float64 else torch.float32
+    )
+    labels = torch.randint(-1, 92, (40,), generator=generator)  # -1 and 91 (= C) label no channel
+    scale = torch.tensor(0.37, dtype=grad.dtype)
+    ours = masks_kernels.mask_loss_backward_cpu(grad, labels, scale, 91, dtype)
+    assert ours.numel() * ours.element_size() >= 2 * masks_kernels._HUGE_PAGE_BYTES
+    assert torch.equal(ours, masks_kernels.mask_loss_backward_reference(grad, labels, scale, 91, dtype))
+
+
 def test_mask_loss_gradcheck_opcheck_and_compile(backend, device):
     generator = torch.Generator().manual_seed(29)
     logits, labels, targets = _loss_inputs(generator, k=3, c=2, m=3, dtype=torch.float64)

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._backend import use_triton
+from .._backend import use_fast_cpu, use_triton
 from ._aot import KernelSpec
 from ._common import NO_FP_FUSION, NUM_WARPS
 from ._launch import device_table, launch
@@ -204,7 +204,7 @@ def grid_anchors_triton(grid_sizes, strides, anchor_sizes, anchor_ratios, anchor
 
 
 # ----------------------------------------------------------------------------------------------
-# Reference: vectorized PyTorch (a loop over the few levels), the test oracle and the CPU path.
+# Reference: vectorized PyTorch (a loop over the few levels), the test oracle; the fast CPU path.
 # ----------------------------------------------------------------------------------------------
 
 
@@ -239,6 +239,34 @@ def grid_anchors_reference(grid_sizes, strides, anchor_sizes, anchor_ratios, anc
     return torch.cat(levels)
 
 
+def grid_anchors_cpu(grid_sizes, strides, anchor_sizes, anchor_ratios, anchors_per_level, device):
+    """The fast CPU path of :func:`grid_anchors_reference`, bit for bit the same ``[sum_l H_l W_l
+    A_l, 4]``. Each level is one ``addcmul`` written straight into its slice of the output, viewed
+    ``[H, W A 4]``: a grid row ``[W A 4]`` (the base anchors, their x coordinates shifted by the
+    column's x) plus the y shifts ``[H, 1]`` times the y coordinates' mask ``(0, 1, 0, 1, ...)``
+    (one mask for every level). No meshgrid, stack, ``[H W, 1, 4]`` shift tensor or
+    concatenation, and each output row is one contiguous run. The integer shifts are rounded to
+    fp32 first, as type promotion rounds them in the reference and torchvision; the mask's
+    products are exact, so every coordinate is rounded once, by the reference's add."""
+    sizes = torch.tensor(anchor_sizes, dtype=torch.float32, device=device)
+    ratios = torch.tensor(anchor_ratios, dtype=torch.float32, device=device)
+    counts = [grid_sizes[2 * i] * grid_sizes[2 * i + 1] * a for i, a in enumerate(anchors_per_level)]
+    row_sizes = [grid_sizes[2 * i + 1] * a * 4 for i, a in enumerate(anchors_per_level)]
+    out = torch.empty((sum(counts), 4), dtype=torch.float32, device=device)
+    is_y = torch.tensor([0.0, 1.0], device=device).repeat(max(row_sizes) // 2)
+    offset = 0
+    for level, base in enumerate(_base_anchors(sizes, ratios).split(anchors_per_level)):
+        height, width, row_size = grid_sizes[2 * level], grid_sizes[2 * level + 1], row_sizes[level]
+        shift_x = (torch.arange(width, device=device) * strides[2 * level + 1]).to(torch.float32)
+        shift_y = (torch.arange(height, device=device) * strides[2 * level]).to(torch.float32)
+        row = base.view(1, -1, 2, 2).repeat(width, 1, 1, 1)  # [W, A, corner, (x, y)]
+        row[..., 0] += shift_x[:, None, None]
+        level_out = out[offset : offset + counts[level]].view(height, row_size)
+        torch.addcmul(row.view(1, row_size), shift_y[:, None], is_y[:row_size], out=level_out)
+        offset += counts[level]
+    return out
+
+
 # ----------------------------------------------------------------------------------------------
 # torch.library registration (not differentiable: anchors depend on no tensor)
 # ----------------------------------------------------------------------------------------------
@@ -257,6 +285,8 @@ def grid_anchors(
     :func:`level_table`)."""
     if use_triton(device):
         return grid_anchors_triton(grid_sizes, strides, anchor_sizes, anchor_ratios, anchors_per_level, device)
+    if use_fast_cpu(device, calls_torchvision=False):
+        return grid_anchors_cpu(grid_sizes, strides, anchor_sizes, anchor_ratios, anchors_per_level, device)
     return grid_anchors_reference(grid_sizes, strides, anchor_sizes, anchor_ratios, anchors_per_level, device)
 
 
