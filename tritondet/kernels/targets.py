@@ -156,12 +156,14 @@ def _sampled_slots_cpu(
     ``>= 0``) and ``negative`` (matched ``== -1``) ``[B, N]``: the same (index ``[B, S]``, unfilled
     ``[B, S]``) at the filled slots (an unfilled slot's index is 0, the output masks it).
 
-    The same cuts, each a ``kthvalue``, take the place of ``topk`` and ``sort``: the sampled
-    candidates are those whose slot key (chosen positives -1, negatives their key, non-members 2)
-    is at most the ``min(S, N)``-th smallest, lowered to 1 (every member when there are fewer); a
-    cumulative sum numbers them in index order, and one ``scatter`` writes each index to its slot
-    (the unsampled ones to a column dropped after). Equal keys at a cut, which fp64 keys make
-    practically impossible, would be taken together, the slots past S dropped."""
+    The same cuts, each a ``kthvalue``, take the place of ``topk`` and ``sort`` (the positives' cut
+    only when some image has more positives than it takes: a host read of their counts): the
+    sampled candidates are those whose slot key (chosen positives -1, negatives their key,
+    non-members 2) is at most the ``min(S, N)``-th smallest, lowered to 1 (every member when there
+    are fewer); a cumulative sum numbers them in index order, and one ``scatter`` writes each index
+    to its slot (the unsampled ones to a column dropped after). Equal keys at a cut, which fp64
+    keys make practically impossible, would be taken together, the extras past slot S written to
+    its last slot."""
     batch, num_candidates = positive.shape
     max_positive = min(int(batch_size_per_image * positive_fraction), num_candidates)
     slots = min(batch_size_per_image, num_candidates)
@@ -171,9 +173,12 @@ def _sampled_slots_cpu(
         )
     slot_keys = torch.where(negative, keys, _NON_MEMBER_KEY)
     if max_positive > 0:
-        member_keys = torch.where(positive, keys, _NON_MEMBER_KEY)
-        cut = member_keys.kthvalue(max_positive, dim=1, keepdim=True).values.clamp_(max=1.0)
-        slot_keys.masked_fill_(member_keys <= cut, -1.0)
+        chosen = positive  # every positive, unless some image has more than max_positive (host read)
+        if max(positive.sum(dim=1).tolist()) > max_positive:
+            member_keys = torch.where(positive, keys, _NON_MEMBER_KEY)
+            cut = member_keys.kthvalue(max_positive, dim=1, keepdim=True).values.clamp_(max=1.0)
+            chosen = member_keys <= cut
+        slot_keys.masked_fill_(chosen, -1.0)
     cut = slot_keys.kthvalue(slots, dim=1, keepdim=True).values.clamp_(max=1.0)
     sampled = slot_keys <= cut  # [B, N]
     slot = sampled.cumsum(1)  # [B, N]: 1 + the slot of a sampled candidate
