@@ -156,14 +156,12 @@ def _sampled_slots_cpu(
     ``>= 0``) and ``negative`` (matched ``== -1``) ``[B, N]``: the same (index ``[B, S]``, unfilled
     ``[B, S]``) at the filled slots (an unfilled slot's index is 0, the output masks it).
 
-    The same cuts, each a ``kthvalue``, take the place of ``topk`` and ``sort`` (the positives' cut
-    only when some image has more positives than it takes: a host read of their counts): the
-    sampled candidates are those whose slot key (chosen positives -1, negatives their key,
-    non-members 2) is at most the ``min(S, N)``-th smallest, lowered to 1 (every member when there
-    are fewer); a cumulative sum numbers them in index order, and one ``scatter`` writes each index
-    to its slot (the unsampled ones to a column dropped after). Equal keys at a cut, which fp64
-    keys make practically impossible, would be taken together, the extras past slot S written to
-    its last slot."""
+    The same cuts, each a ``kthvalue``, take the place of ``topk`` and ``sort``: the sampled
+    candidates are those whose slot key (chosen positives -1, negatives their key, non-members 2)
+    is at most the ``min(S, N)``-th smallest, lowered to 1 (every member when there are fewer); a
+    cumulative sum numbers them in index order, and one ``scatter`` writes each index to its slot
+    (the unsampled ones to a column dropped after). Equal keys at a cut, which fp64 keys make
+    practically impossible, would be taken together, the extras past slot S dropped."""
     batch, num_candidates = positive.shape
     max_positive = min(int(batch_size_per_image * positive_fraction), num_candidates)
     slots = min(batch_size_per_image, num_candidates)
@@ -173,21 +171,18 @@ def _sampled_slots_cpu(
         )
     slot_keys = torch.where(negative, keys, _NON_MEMBER_KEY)
     if max_positive > 0:
-        chosen = positive  # every positive, unless some image has more than max_positive (host read)
-        if max(positive.sum(dim=1).tolist()) > max_positive:
-            member_keys = torch.where(positive, keys, _NON_MEMBER_KEY)
-            cut = member_keys.kthvalue(max_positive, dim=1, keepdim=True).values.clamp_(max=1.0)
-            chosen = member_keys <= cut
-        slot_keys.masked_fill_(chosen, -1.0)
+        member_keys = torch.where(positive, keys, _NON_MEMBER_KEY)
+        cut = member_keys.kthvalue(max_positive, dim=1, keepdim=True).values.clamp_(max=1.0)
+        slot_keys.masked_fill_(member_keys <= cut, -1.0)
     cut = slot_keys.kthvalue(slots, dim=1, keepdim=True).values.clamp_(max=1.0)
     sampled = slot_keys <= cut  # [B, N]
     slot = sampled.cumsum(1)  # [B, N]: 1 + the slot of a sampled candidate
     unfilled = torch.arange(batch_size_per_image, device=positive.device) >= slot[:, -1:]
-    # Column 0 collects the unsampled candidates; the clamp keeps tied extras in range.
-    target = slot.mul_(sampled).clamp_(max=batch_size_per_image)
+    # Column 0 collects the unsampled candidates; N columns more hold every candidate.
+    width = 1 + max(num_candidates, batch_size_per_image)
     candidates = torch.arange(num_candidates, device=positive.device).expand(batch, num_candidates)
-    index = positive.new_zeros((batch, batch_size_per_image + 1), dtype=torch.int64).scatter_(1, target, candidates)
-    return index[:, 1:], unfilled
+    index = positive.new_zeros((batch, width), dtype=torch.int64).scatter_(1, slot.mul_(sampled), candidates)
+    return index[:, 1 : batch_size_per_image + 1], unfilled
 
 
 class ProposalTargets(NamedTuple):
@@ -296,8 +291,10 @@ def proposal_targets_cpu(
         iou, _ = ground_truth_iou_cpu(candidates, gt_boxes, gt_count, counts)  # [B, G_used, P + G]
         best = iou.amax(dim=1)
         # The matcher's classes: a NaN best (some NaN IoU) is foreground, as Tensor.max takes it.
-        positive = best.lt(fg_iou_thresh).logical_not_()
-        negative = best.lt(bg_iou_thresh).logical_and_(best >= bg_iou_thresh_low)
+        below_fg = best < fg_iou_thresh
+        positive = ~below_fg
+        below_bg = below_fg if bg_iou_thresh == fg_iou_thresh else best < bg_iou_thresh
+        negative = below_bg.logical_and_(best >= bg_iou_thresh_low)
         if min(counts) == 0:  # images without ground truth: every candidate is background
             negative.logical_or_(gt_count[:, None] == 0)
     else:
