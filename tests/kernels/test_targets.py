@@ -399,7 +399,9 @@ def test_proposal_targets_fast_cpu_path_is_the_reference(monkeypatch):
 @pytest.mark.parametrize("seed", range(8))
 def test_proposal_targets_fast_cpu_path_is_the_reference_on_edge_cases(monkeypatch, seed):
     """Padding of either set, images without ground truth, no ground truth at all, a NaN and an
-    empty proposal, identical ground truth, every box dtype, odd slot counts and fractions."""
+    empty proposal, a NaN ground truth (every IoU of its image NaN) and an empty one (a NaN IoU
+    with the empty proposal only), identical ground truth, every box dtype, odd slot counts and
+    fractions."""
     generator = torch.Generator().manual_seed(seed)
     batch, num_proposals, num_gt = 3, 40 + seed, (0, 1, 4, 5)[seed % 4]
     gt_boxes = random_boxes(num_gt, generator=generator, batch=(batch,), scale=50.0)
@@ -410,6 +412,9 @@ def test_proposal_targets_fast_cpu_path_is_the_reference_on_edge_cases(monkeypat
     proposals = torch.cat([near, far], dim=1)
     proposals[0, 1] = float("nan")
     proposals[1, 2] = torch.tensor([5.0, 5.0, 5.0, 5.0])
+    if num_gt > 1 and seed % 3 == 0:
+        gt_boxes[0, 1] = float("nan")
+        gt_boxes[1, 0] = torch.tensor([5.0, 5.0, 5.0, 5.0])
     dtype = (torch.float32, torch.float64, torch.float16, torch.bfloat16)[seed % 4]
     kwargs = {
         "proposal_count": None if seed % 2 else torch.tensor([num_proposals, 3, num_proposals - 1]),

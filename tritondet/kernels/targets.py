@@ -165,10 +165,9 @@ def _sampled_slots_cpu(
     batch, num_candidates = positive.shape
     max_positive = min(int(batch_size_per_image * positive_fraction), num_candidates)
     slots = min(batch_size_per_image, num_candidates)
-    if slots == 0:
-        return positive.new_zeros((batch, batch_size_per_image), dtype=torch.int64), positive.new_ones(
-            (batch, batch_size_per_image)
-        )
+    if slots == 0:  # no slots or no candidates: every slot unfilled
+        unfilled = positive.new_ones((batch, batch_size_per_image))
+        return torch.zeros_like(unfilled, dtype=torch.int64), unfilled
     slot_keys = torch.where(negative, keys, _NON_MEMBER_KEY)
     if max_positive > 0:
         member_keys = torch.where(positive, keys, _NON_MEMBER_KEY)
