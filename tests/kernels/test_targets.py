@@ -65,6 +65,22 @@ def test_proposal_sampler_takes_sample_balanced_sets_in_index_order(device, size
         assert bool(((index[row] >= 0) & (index[row] < max(n, 1))).all())  # every slot gatherable
 
 
+@pytest.mark.parametrize("size,fraction", [(512, 0.25), (7, 0.3), (64, 1.0), (64, 0.0), (0, 0.5)])
+@pytest.mark.parametrize("n,num_pos", [(2020, None), (301, 3), (50, 0), (20, 20), (1, 1), (0, None)])
+def test_cpu_proposal_sampler_fills_the_same_slots(size, fraction, n, num_pos):
+    """The CPU path's slots (from the candidates' masks) are the fixed-shape sampler's for the same keys."""
+    matched = random_matches(3, n, torch.Generator().manual_seed(n + size), num_pos)
+    matched[1, ::5] = -3
+    matched[2] = -1
+    keys = targets_family._sample_keys(matched, torch.Generator().manual_seed(0))
+    index, unfilled = targets_family._sampled_slots(matched, keys, size, fraction)
+    cpu_index, cpu_unfilled = targets_family._sampled_slots_cpu(matched >= 0, matched == -1, keys, size, fraction)
+    assert cpu_index.shape == cpu_unfilled.shape == (3, size) and cpu_index.dtype == torch.int64
+    assert torch.equal(cpu_unfilled, unfilled)
+    assert torch.equal(cpu_index[~unfilled], index[~unfilled])
+    assert bool(((cpu_index >= 0) & (cpu_index < max(n, 1))).all())  # every slot gatherable
+
+
 def test_fraction_respected_and_batch_filled(device):
     matched = random_matches(3, 5000, torch.Generator().manual_seed(1)).to(device)
     pos, neg = ops.sample_balanced(matched, 512, 0.25, torch.Generator(device).manual_seed(0))
@@ -378,3 +394,48 @@ def test_proposal_targets_fast_cpu_path_is_the_reference(monkeypatch):
     for ours, reference in zip(results["cpu"], results["reference"], strict=True):
         assert ours.dtype == reference.dtype and ours.shape == reference.shape
         torch.testing.assert_close(ours, reference, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_proposal_targets_fast_cpu_path_is_the_reference_on_edge_cases(monkeypatch, seed):
+    """Padding of either set, images without ground truth, no ground truth at all, a NaN and an
+    empty proposal, a NaN ground truth (every IoU of its image NaN) and an empty one (a NaN IoU
+    with the empty proposal only), identical ground truth, every box dtype, odd slot counts and
+    fractions."""
+    generator = torch.Generator().manual_seed(seed)
+    batch, num_proposals, num_gt = 3, 40 + seed, (0, 1, 4, 5)[seed % 4]
+    gt_boxes = random_boxes(num_gt, generator=generator, batch=(batch,), scale=50.0)
+    if num_gt > 1:
+        gt_boxes[0, 1] = gt_boxes[0, 0]
+    near = (gt_boxes.repeat(1, 5, 1) + torch.randn(batch, 5 * num_gt, 4, generator=generator) * 3)[:, :num_proposals]
+    far = random_boxes(num_proposals - near.shape[1], generator=generator, batch=(batch,), scale=50.0)
+    proposals = torch.cat([near, far], dim=1)
+    proposals[0, 1] = float("nan")
+    proposals[1, 2] = torch.tensor([5.0, 5.0, 5.0, 5.0])
+    if num_gt > 1 and seed % 3 == 0:
+        gt_boxes[0, 1] = float("nan")
+        gt_boxes[1, 0] = torch.tensor([5.0, 5.0, 5.0, 5.0])
+    dtype = (torch.float32, torch.float64, torch.float16, torch.bfloat16)[seed % 4]
+    kwargs = {
+        "proposal_count": None if seed % 2 else torch.tensor([num_proposals, 3, num_proposals - 1]),
+        "batch_size_per_image": (512, 16, 7, 64)[seed % 4],
+        "positive_fraction": (0.25, 0.5, 1.0, 0.0)[seed // 2 % 4],
+        "bg_iou_thresh_low": (0.0, 0.1)[seed % 2],
+    }
+    gt_count = torch.tensor([num_gt, max(num_gt - 1, 0), 0])
+    gt_labels = torch.randint(1, 5, (batch, num_gt), generator=generator)
+    results = {}
+    for name in ("reference", "cpu"):
+        monkeypatch.setenv("TRITONDET_BACKEND", name)
+        results[name] = ops.proposal_targets(
+            proposals.to(dtype),
+            gt_boxes.to(dtype),
+            gt_labels,
+            gt_count,
+            5,
+            generator=torch.Generator().manual_seed(0),
+            **kwargs,
+        )
+    for ours, reference in zip(results["cpu"], results["reference"], strict=True):
+        assert ours.dtype == reference.dtype and ours.shape == reference.shape
+        torch.testing.assert_close(ours, reference, rtol=0, atol=0, equal_nan=True)

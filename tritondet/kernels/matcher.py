@@ -341,6 +341,25 @@ def _matches_from_iou(
     return matched
 
 
+def ground_truth_iou_cpu(
+    anchors: torch.Tensor, gt_boxes: torch.Tensor, gt_count: torch.Tensor, counts: list[int]
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``[B, A, 4] x [B, G, 4]`` with ``counts = gt_count.tolist()`` (largest ``G_used > 0``) ->
+    (IoU ``[B, G_used, A]``, ``-inf`` on the padding rows; the real rows ``[B, G_used]``, None when
+    every row is real): every image in one pass over the ground-truth slots some image uses, the
+    IoU computed in place; the few padding rows of images with fewer boxes cost less than a pass
+    of small ops per image."""
+    num_gt = max(counts)
+    if num_gt < gt_boxes.shape[1]:
+        gt_boxes = gt_boxes[:, :num_gt]
+    iou = pairwise_iou_cpu(gt_boxes, anchors, "iou", "xyxy")  # [B, G_used, A]
+    valid = None
+    if min(counts) < num_gt:  # padding rows: never anyone's best
+        valid = torch.arange(num_gt, device=gt_boxes.device) < gt_count[:, None]  # [B, G_used]
+        iou.masked_fill_(~valid[..., None], float("-inf"))
+    return iou, valid
+
+
 def match_boxes_cpu(
     anchors: torch.Tensor,
     gt_boxes: torch.Tensor,
@@ -350,20 +369,12 @@ def match_boxes_cpu(
     floor: float,
     allow_low_quality_matches: bool,
 ) -> torch.Tensor:
-    """The fast CPU path, the reference's result: every image in one pass over the ground-truth
-    slots some image uses (host read: the largest count), the IoU computed in place; the few
-    padding rows of images with fewer boxes cost less than a pass of small ops per image."""
+    """The fast CPU path, the reference's result on :func:`ground_truth_iou_cpu`'s matrix (host
+    read: the counts)."""
     counts = gt_count.tolist()
-    num_gt = max(counts, default=0)
-    if num_gt == 0:
+    if max(counts, default=0) == 0:
         return torch.full((gt_boxes.shape[0], anchors.shape[1]), BELOW_LOW_THRESHOLD, device=anchors.device)
-    if num_gt < gt_boxes.shape[1]:
-        gt_boxes = gt_boxes[:, :num_gt]
-    iou = pairwise_iou_cpu(gt_boxes, anchors, "iou", "xyxy")  # [B, G_used, A]
-    valid = None
-    if min(counts) < num_gt:  # padding rows: never anyone's best
-        valid = torch.arange(num_gt, device=gt_boxes.device) < gt_count[:, None]  # [B, G_used]
-        iou.masked_fill_(~valid[..., None], float("-inf"))
+    iou, valid = ground_truth_iou_cpu(anchors, gt_boxes, gt_count, counts)
     matched = _matches_from_iou(iou, valid, high, low, floor, allow_low_quality_matches)
     if min(counts) == 0:
         matched = torch.where(gt_count[:, None] > 0, matched, BELOW_LOW_THRESHOLD)

@@ -16,8 +16,10 @@ from typing import NamedTuple
 
 import torch
 
+from .._backend import use_fast_cpu
 from ._common import compute_dtype_of
-from .matcher import BELOW_FLOOR, BELOW_LOW_THRESHOLD
+from .box_coder import encode_cpu
+from .matcher import BELOW_FLOOR, BELOW_LOW_THRESHOLD, ground_truth_iou_cpu
 
 # Keys of non-members: above every torch.rand key in [0, 1), so members are taken first.
 _NON_MEMBER_KEY = 2.0
@@ -143,6 +145,45 @@ def _sampled_slots(
     return index, unfilled
 
 
+def _sampled_slots_cpu(
+    positive: torch.Tensor,
+    negative: torch.Tensor,
+    keys: torch.Tensor,
+    batch_size_per_image: int,
+    positive_fraction: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fast CPU path of :func:`_sampled_slots`, from the candidates' masks ``positive`` (matched
+    ``>= 0``) and ``negative`` (matched ``== -1``) ``[B, N]``: the same (index ``[B, S]``, unfilled
+    ``[B, S]``) at the filled slots (an unfilled slot's index is 0, the output masks it).
+
+    The same cuts, each a ``kthvalue``, take the place of ``topk`` and ``sort``: the sampled
+    candidates are those whose slot key (chosen positives -1, negatives their key, non-members 2)
+    is at most the ``min(S, N)``-th smallest, lowered to 1 (every member when there are fewer); a
+    cumulative sum numbers them in index order, and one ``scatter`` writes each index to its slot
+    (the unsampled ones to a column dropped after). Equal keys at a cut, which fp64 keys make
+    practically impossible, would be taken together, the extras past slot S dropped."""
+    batch, num_candidates = positive.shape
+    max_positive = min(int(batch_size_per_image * positive_fraction), num_candidates)
+    slots = min(batch_size_per_image, num_candidates)
+    if slots == 0:  # no slots or no candidates: every slot unfilled
+        unfilled = positive.new_ones((batch, batch_size_per_image))
+        return torch.zeros_like(unfilled, dtype=torch.int64), unfilled
+    slot_keys = torch.where(negative, keys, _NON_MEMBER_KEY)
+    if max_positive > 0:
+        member_keys = torch.where(positive, keys, _NON_MEMBER_KEY)
+        cut = member_keys.kthvalue(max_positive, dim=1, keepdim=True).values.clamp_(max=1.0)
+        slot_keys.masked_fill_(member_keys <= cut, -1.0)
+    cut = slot_keys.kthvalue(slots, dim=1, keepdim=True).values.clamp_(max=1.0)
+    sampled = slot_keys <= cut  # [B, N]
+    slot = sampled.cumsum(1)  # [B, N]: 1 + the slot of a sampled candidate
+    unfilled = torch.arange(batch_size_per_image, device=positive.device) >= slot[:, -1:]
+    # Column 0 collects the unsampled candidates; N columns more hold every candidate.
+    width = 1 + max(num_candidates, batch_size_per_image)
+    candidates = torch.arange(num_candidates, device=positive.device).expand(batch, num_candidates)
+    index = positive.new_zeros((batch, width), dtype=torch.int64).scatter_(1, slot.mul_(sampled), candidates)
+    return index[:, 1 : batch_size_per_image + 1], unfilled
+
+
 class ProposalTargets(NamedTuple):
     """S = batch_size_per_image slots per image, sampled positives and negatives first in index order.
 
@@ -177,6 +218,11 @@ def proposal_targets(
     generator: torch.Generator | None,
 ) -> ProposalTargets:
     """Proposal target layer on validated inputs (see ``tritondet.ops.proposal_targets``)."""
+    args = (proposals, proposal_count, gt_boxes, gt_labels, gt_count, fg_iou_thresh, bg_iou_thresh, bg_iou_thresh_low)
+    # The CPU path reads the counts and sizes its steps from them: not while compiling, where the
+    # fixed-shape path traces in one graph.
+    if use_fast_cpu(proposals.device, calls_torchvision=False) and not torch.compiler.is_compiling():
+        return proposal_targets_cpu(*args, batch_size_per_image, positive_fraction, weights, generator)
     batch, num_proposals, num_gt = proposals.shape[0], proposals.shape[1], gt_boxes.shape[1]
     device = proposals.device
     candidates = torch.cat([proposals, gt_boxes], dim=1)  # [B, P + G, 4]: ground truth appended
@@ -213,6 +259,77 @@ def proposal_targets(
         encoded.masked_fill_(background[..., None], 0),
         sampled_matched,
         index.masked_fill_(unfilled, -1),
+    )
+
+
+def proposal_targets_cpu(
+    proposals: torch.Tensor,
+    proposal_count: torch.Tensor,
+    gt_boxes: torch.Tensor,
+    gt_labels: torch.Tensor,
+    gt_count: torch.Tensor,
+    fg_iou_thresh: float,
+    bg_iou_thresh: float,
+    bg_iou_thresh_low: float,
+    batch_size_per_image: int,
+    positive_fraction: float,
+    weights: tuple[float, ...],
+    generator: torch.Generator | None,
+) -> ProposalTargets:
+    """The fast CPU path of :func:`proposal_targets`, its result for the same ``generator`` state
+    (host read: the counts). Matching needs only each candidate's best IoU (``amax``, a tenth of
+    ``Tensor.max``'s time over the ground truth) to class it foreground or background; the
+    matched index (``Tensor.max``'s, as the matcher's) is taken for the S sampled slots only. The
+    slots come from :func:`_sampled_slots_cpu`, the targets from the box coder's CPU path."""
+    batch, num_proposals, num_gt = proposals.shape[0], proposals.shape[1], gt_boxes.shape[1]
+    device = proposals.device
+    candidates = torch.cat([proposals, gt_boxes], dim=1)  # [B, P + G, 4]: ground truth appended
+    counts = gt_count.tolist()
+    iou = None
+    if max(counts, default=0) > 0:
+        iou, _ = ground_truth_iou_cpu(candidates, gt_boxes, gt_count, counts)  # [B, G_used, P + G]
+        best = iou.amax(dim=1)
+        # The matcher's classes: a NaN best (some NaN IoU) is foreground, as Tensor.max takes it.
+        below_fg = best < fg_iou_thresh
+        positive = ~below_fg
+        below_bg = below_fg if bg_iou_thresh == fg_iou_thresh else best < bg_iou_thresh
+        negative = below_bg.logical_and_(best >= bg_iou_thresh_low)
+        if min(counts) == 0:  # images without ground truth: every candidate is background
+            negative.logical_or_(gt_count[:, None] == 0)
+    else:
+        positive = torch.zeros(candidates.shape[:2], dtype=torch.bool, device=device)
+        negative = torch.ones_like(positive)
+    if min(proposal_count.tolist(), default=num_proposals) < num_proposals or min(counts, default=num_gt) < num_gt:
+        padding = torch.cat(
+            [
+                torch.arange(num_proposals, device=device) >= proposal_count[:, None],
+                torch.arange(num_gt, device=device) >= gt_count[:, None],
+            ],
+            dim=1,
+        )
+        positive.masked_fill_(padding, False)
+        negative.masked_fill_(padding, False)
+    keys = _sample_keys(positive, generator)
+    index, unfilled = _sampled_slots_cpu(positive, negative, keys, batch_size_per_image, positive_fraction)
+
+    compute_dtype = compute_dtype_of(candidates.dtype)
+    sampled_boxes = _gather_boxes(candidates, index).masked_fill_(unfilled[..., None], 0).to(compute_dtype)
+    background = positive.gather(1, index).logical_not_().logical_or_(unfilled)  # background and unfilled slots
+    if iou is None:
+        gt_index = torch.zeros_like(index)
+    else:
+        gt_index = iou.gather(2, index[:, None].expand(-1, iou.shape[1], -1)).max(dim=1).indices
+    if num_gt == 0:
+        gt_labels = gt_labels.new_zeros((batch, 1))
+    labels = gt_labels.gather(1, gt_index).to(torch.int64).masked_fill_(background, 0).masked_fill_(unfilled, -1)
+    matched_gt = _gather_boxes(gt_boxes, gt_index).to(compute_dtype)
+    encoded = encode_cpu(matched_gt.reshape(-1, 4), sampled_boxes.reshape(-1, 4), list(weights))
+    return ProposalTargets(
+        sampled_boxes,
+        labels,
+        encoded.reshape(matched_gt.shape).masked_fill_(background[..., None], 0),
+        gt_index.masked_fill(background, BELOW_LOW_THRESHOLD),
+        index.masked_fill(unfilled, -1),
     )
 
 
