@@ -493,7 +493,8 @@ class _TrainingLog:
             self.writer = SummaryWriter(output_dir / "tensorboard")
         except ImportError:  # TensorBoard is optional
             self.writer = None
-        fields = ("iteration", "step", "epoch", "lr", "loss", *loss_names, "images_per_s", "elapsed_s")
+        # threads: the intra-op thread count the row's last iteration ran with (see ThreadChooser).
+        fields = ("iteration", "step", "epoch", "lr", "loss", *loss_names, "images_per_s", "threads", "elapsed_s")
         kept = [] if resumed_from is None else _logged_rows(self.csv_path, resumed_from)
         temporary = self.csv_path.with_suffix(".tmp")
         with open(temporary, "w", newline="") as file:
@@ -534,6 +535,7 @@ class _TrainingLog:
         means = {name: self.sums[name] / self.counts[name] for name in self.sums}
         row = {"iteration": iteration, "step": step_name, "epoch": epoch, "lr": f"{lr:.6g}"}
         row["images_per_s"] = f"{speed:.3f}"
+        row["threads"] = torch.get_num_threads()
         row.update({name: f"{value:.5f}" for name, value in means.items()})
         row["elapsed_s"] = f"{trained_seconds:.1f}"
         self.rows.writerow(row)
