@@ -88,7 +88,7 @@ from .. import evaluate, visualize
 from ..config import FasterRCNNConfig
 from ..data import CocoDetection, DetectionTransform, make_data_loader
 from ..data.errors import InputError
-from ..faster_rcnn import LOSS_NAMES
+from ..faster_rcnn import LOSS_NAMES, convolution_memory_format
 from ..mask_rcnn import MASK_LOSS_NAMES
 from .checkpoints import model_description, restore_checkpoint, resume_checkpoint, save_checkpoint
 from .distributed import average_buffers, init_distributed, is_distributed, max_over_ranks
@@ -220,8 +220,8 @@ class _Run:
         model_config = model_config_of(config, train_set.num_classes)
         torch.manual_seed(config.seed)  # the same initial weights on every rank, however the data was made
         model = (build_model(model_config) if model is None else model).to(device)
-        if device.type == "cpu":  # oneDNN's convolutions run faster on channels-last maps than on NCHW ones
-            model = model.to(memory_format=torch.channels_last)
+        # The weights in the layout the convolutions run in (the model converts its input): no reorder per call.
+        model = model.to(memory_format=convolution_memory_format(device))
         sampling = torch.Generator(device=device).manual_seed(config.seed + rank)
         steps = schedule_steps(config, model)
         optimizer = _optimizer(config, (model,))
