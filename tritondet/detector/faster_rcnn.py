@@ -64,13 +64,27 @@ def build_transform(config: TransformConfig) -> GeneralizedRCNNTransform:
 
 def normalize_padded(images: Tensor, image_sizes: Tensor, mean: Tensor, std: Tensor) -> Tensor:
     """``(images - mean) / std`` with the padding (outside ``image_sizes``) zero, as torchvision
-    pads after normalizing. ``images [B, 3, H, W]``, ``image_sizes [B, 2]`` (h, w); no host sync."""
+    pads after normalizing, in :func:`convolution_layout`. ``images [B, 3, H, W]``, ``image_sizes [B, 2]``
+    (h, w); no host sync."""
     normalized = (images - mean.to(images)[:, None, None]) / std.to(images)[:, None, None]
     rows = torch.arange(images.shape[-2], device=images.device)
     cols = torch.arange(images.shape[-1], device=images.device)
     sizes = image_sizes.to(images.device)
     inside = (rows[None, :, None] < sizes[:, 0, None, None]) & (cols[None, None, :] < sizes[:, 1, None, None])
-    return normalized * inside[:, None].to(normalized.dtype)
+    return convolution_layout(normalized * inside[:, None].to(normalized.dtype))
+
+
+def convolution_memory_format(device: torch.device) -> torch.memory_format:
+    """The memory layout the backbone's convolutions run fastest in on ``device``: channels-last on
+    the CPU (oneDNN's kernels take NHWC maps without reordering them: 1.15x the ``small_cpu`` model's
+    inference and 1.1x its training step against NCHW, one thread), NCHW elsewhere (not measured)."""
+    return torch.channels_last if device.type == "cpu" else torch.contiguous_format
+
+
+def convolution_layout(images: Tensor) -> Tensor:
+    """``images [B, 3, H, W]`` in :func:`convolution_memory_format` (the convolutions' outputs, and
+    so every feature map, keep it)."""
+    return images.contiguous(memory_format=convolution_memory_format(images.device))
 
 
 def check_padded_batch(images, image_sizes) -> None:
@@ -214,7 +228,7 @@ class FasterRCNN(nn.Module):
         original_sizes = [tuple(image.shape[-2:]) for image in images]
         image_list, targets = self.transform(images, targets)
         image_shapes = [tuple(int(v) for v in size) for size in image_list.image_sizes]
-        padded = image_list.tensors
+        padded = convolution_layout(image_list.tensors)
         image_sizes = torch.tensor(image_shapes, dtype=torch.int64).to(padded.device, non_blocking=True)
         return padded, image_sizes, image_shapes, targets, original_sizes
 

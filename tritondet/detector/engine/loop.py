@@ -88,7 +88,7 @@ from .. import evaluate, visualize
 from ..config import FasterRCNNConfig
 from ..data import CocoDetection, DetectionTransform, make_data_loader
 from ..data.errors import InputError
-from ..faster_rcnn import LOSS_NAMES
+from ..faster_rcnn import LOSS_NAMES, convolution_memory_format
 from ..mask_rcnn import MASK_LOSS_NAMES
 from .checkpoints import model_description, restore_checkpoint, resume_checkpoint, save_checkpoint
 from .distributed import average_buffers, init_distributed, is_distributed, max_over_ranks
@@ -220,8 +220,8 @@ class _Run:
         model_config = model_config_of(config, train_set.num_classes)
         torch.manual_seed(config.seed)  # the same initial weights on every rank, however the data was made
         model = (build_model(model_config) if model is None else model).to(device)
-        if device.type == "cpu":  # oneDNN's convolutions run faster on channels-last maps than on NCHW ones
-            model = model.to(memory_format=torch.channels_last)
+        # The weights in the layout the convolutions run in (the model converts its input): no reorder per call.
+        model = model.to(memory_format=convolution_memory_format(device))
         sampling = torch.Generator(device=device).manual_seed(config.seed + rank)
         steps = schedule_steps(config, model)
         optimizer = _optimizer(config, (model,))
@@ -493,7 +493,8 @@ class _TrainingLog:
             self.writer = SummaryWriter(output_dir / "tensorboard")
         except ImportError:  # TensorBoard is optional
             self.writer = None
-        fields = ("iteration", "step", "epoch", "lr", "loss", *loss_names, "images_per_s", "elapsed_s")
+        # threads: the intra-op thread count the row's last iteration ran with (see ThreadChooser).
+        fields = ("iteration", "step", "epoch", "lr", "loss", *loss_names, "images_per_s", "threads", "elapsed_s")
         kept = [] if resumed_from is None else _logged_rows(self.csv_path, resumed_from)
         temporary = self.csv_path.with_suffix(".tmp")
         with open(temporary, "w", newline="") as file:
@@ -534,6 +535,7 @@ class _TrainingLog:
         means = {name: self.sums[name] / self.counts[name] for name in self.sums}
         row = {"iteration": iteration, "step": step_name, "epoch": epoch, "lr": f"{lr:.6g}"}
         row["images_per_s"] = f"{speed:.3f}"
+        row["threads"] = torch.get_num_threads()
         row.update({name: f"{value:.5f}" for name, value in means.items()})
         row["elapsed_s"] = f"{trained_seconds:.1f}"
         self.rows.writerow(row)
