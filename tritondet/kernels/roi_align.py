@@ -1031,6 +1031,12 @@ def _reference_pays_off(level_features: torch.Tensor, count: int, output_size: t
     return count * output_size[0] * output_size[1] * _REFERENCE_PIXELS_PER_BIN >= n * height * width
 
 
+def _corner_not_finite(level_features: torch.Tensor) -> bool:
+    """Whether pixel (0, 0) of some image and channel is inf or NaN: torchvision's CPU forward
+    multiplies each sample off the map by 0 at that pixel (NaN then), where ours skips the sample."""
+    return not bool(torch.isfinite(level_features[:, :, 0, 0]).all())
+
+
 def _roi_align_touched(
     level_features: torch.Tensor,
     rois: torch.Tensor,
@@ -1091,7 +1097,7 @@ def roi_align_cpu(
         level_rois = rois[members]
         if level_rois.shape[0] == 0:
             continue
-        if _reference_pays_off(level_features, level_rois.shape[0], output_size):
+        if _reference_pays_off(level_features, level_rois.shape[0], output_size) or _corner_not_finite(level_features):
             pooled, order = _roi_align_touched(level_features, level_rois, scale, output_size, sampling_ratio, aligned)
             # Straight from the grouped bins into the output: one strided copy per level.
             members = order if isinstance(members, slice) else members[order]
