@@ -830,6 +830,10 @@ def axis_samples(
     return rows[..., None], weights[..., None]  # [G, bins, window + zeros, 1]
 
 
+# The offset of a map row or column no sample reads (see _sampling_matrix).
+_UNREAD = -(2**40)
+
+
 def _csr(crow, columns, values, size) -> torch.Tensor:
     """A CSR tensor without invariant checks (rows are built in order) or the beta warning."""
     with warnings.catch_warnings():
@@ -900,17 +904,23 @@ def _sampling_matrix(
         adaptive = sampling_ratio <= 0
         y_taps, y_weights = axis_samples(start_h[members], bin_h[members], heights[members], gh, ph_count, adaptive)
         x_taps, x_weights = axis_samples(start_w[members], bin_w[members], widths[members], gw, pw_count, adaptive)
+        # A row or column no sample reads (-1) moves its entries' columns far below 0 (a map has
+        # fewer than 2**40 pixels): one comparison finds them.
+        y_taps, x_taps = y_taps.where(y_taps >= 0, _UNREAD), x_taps.where(x_taps >= 0, _UNREAD)
         row_offset = (y_taps * widths[members, None, None, None])[:, :, None, :, None, :, None]
         group_columns = image_start[members, None, None, None, None, None, None] + row_offset
         group_columns = group_columns + x_taps[:, None, :, None, :, None, :]  # [G, PH, PW, gh, gw, 2, 2] (or windows)
         group_weights = y_weights[:, :, None, :, None, :, None] * x_weights[:, None, :, None, :, None, :]
-        group_weights = group_weights / count[members, None, None, None, None, None, None]
-        # Only the pixels a sample reads (row and column both read), each bin's entries in order.
-        read = (y_taps >= 0)[:, :, None, :, None, :, None] & (x_taps >= 0)[:, None, :, None, :, None, :]
-        read = read.expand(group_columns.shape).reshape(size * ph_count * pw_count, -1)
-        columns.append(group_columns.reshape(read.shape)[read])
-        weights.append(group_weights.reshape(read.shape)[read])
+        group_weights = (group_weights / count[members, None, None, None, None, None, None]).reshape(-1)
+        read = (group_columns >= 0).reshape(size * ph_count * pw_count, -1)
+        group_columns = group_columns.reshape(-1)
         row_counts.append(read.sum(1))
+        if not bool(read.all()):
+            # Only the pixels a sample reads, each bin's entries in order.
+            kept = read.reshape(-1).nonzero().squeeze(1)
+            group_columns, group_weights = group_columns.index_select(0, kept), group_weights.index_select(0, kept)
+        columns.append(group_columns)
+        weights.append(group_weights)
     crow = torch.zeros(k * ph_count * pw_count + 1, dtype=torch.int64, device=device)
     if k:
         torch.cumsum(torch.cat(row_counts), 0, out=crow[1:])
