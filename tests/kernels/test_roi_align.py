@@ -146,6 +146,18 @@ def test_a_sample_off_the_map_reads_no_pixel(backend, device, corner):
         assert_close(ours, torchvision.ops.roi_align(finite, rois, (2, 3), 1.0, 2, aligned), torch.float32)
 
 
+@pytest.mark.parametrize("spatial_scale,aligned", [(2.0, True), (-1.0, False), (-0.5, True)])
+def test_inverted_boxes_and_negative_scales_sample_backwards_as_torchvision(backend, device, spatial_scale, aligned):
+    """A negative bin size walks a bin's samples backwards: those on the map are all visited."""
+    x = torch.randn(1, 2, 1, 2, generator=torch.Generator().manual_seed(13))
+    rois = torch.tensor([[0.0, -6.5, 7.0, 1.0, -3.5], [0.0, 3.0, 7.5, 2.5, 0.5], [0.0, -0.5, -0.5, -2.5, -1.5]])
+    expected = torchvision.ops.roi_align(x, rois, (2, 3), spatial_scale, 5, aligned)
+    assert expected.abs().sum() > 0
+    assert_close(
+        ops.roi_align(x.to(device), rois.to(device), (2, 3), spatial_scale, 5, aligned), expected, torch.float32
+    )
+
+
 def test_box_list_and_empty_boxes(backend, device):
     generator = torch.Generator().manual_seed(11)
     x = features(3, 2, 13, 17, generator).to(device)
