@@ -9,6 +9,8 @@ from torchvision.models.detection._utils import BoxCoder
 from tests.tolerances import FLOAT_DTYPES, assert_close
 from tritondet import ops
 from tritondet.bench.inputs import random_boxes
+from tritondet.kernels import box_coder
+from tritondet.kernels._aot import kernel_name
 from tritondet.kernels.box_coder import BOX_HEAD_WEIGHTS, RPN_WEIGHTS, decode_reference, encode_reference
 
 WEIGHTS = [RPN_WEIGHTS, BOX_HEAD_WEIGHTS]
@@ -77,6 +79,28 @@ def test_fp64_decode_uses_fp64_weights_and_clip(backend, device, weights):
     assert ours.dtype == torch.float64
     assert torch.equal(ours, decode_reference(deltas, boxes, list(weights), math.log(1000.0 / 16)))
     assert torch.equal(ours, BoxCoder(weights).decode_single(deltas, boxes))
+
+
+# 0.1, 1/3, 7.3 and 1e-3 have no exact fp32 value: an fp32 weight would round every delta.
+def test_fp64_encode_uses_fp64_weights(backend, device):
+    weights = (0.1, 1 / 3, 7.3, 1e-3)
+    gt = torch.tensor([[1.0, 2.0, 11.0, 7.0], [0.5, -3.0, 40.25, 9.0], [3.0, 3.0, 4.0, 5.0]], dtype=torch.float64)
+    anchors = torch.tensor([[0.0, 0.0, 10.0, 10.0], [2.0, -1.0, 33.0, 12.5], [2.5, 1.0, 6.0, 4.0]], dtype=torch.float64)
+    gt, anchors = gt.to(device), anchors.to(device)
+    ours = ops.encode_boxes(gt, anchors, weights)
+    assert ours.dtype == torch.float64
+    # Our formula is torchvision's in its order of operations: the same bits.
+    assert torch.equal(ours, encode_reference(gt, anchors, list(weights)))
+    assert torch.equal(ours, BoxCoder(weights).encode_single(gt, anchors))
+
+
+def test_fp64_kernels_take_no_fp32_scalar():
+    """The interpreter computes a float argument in fp64, a GPU in fp32 (Triton types it so): an
+    fp64 box coder kernel reads its weights and clip from a table in its dtype instead."""
+    fp64_specs = [spec for spec in box_coder.AOT_SPECS if spec.constexprs["COMPUTE_FP64"]]
+    assert {kernel_name(spec.kernel) for spec in fp64_specs} == {"_encode_kernel", "_decode_kernel"}
+    for spec in fp64_specs:
+        assert "fp32" not in spec.signature.values(), (spec.label, spec.signature)
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)

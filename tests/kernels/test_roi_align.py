@@ -130,6 +130,34 @@ def test_hand_computed_values_on_a_4x4_map(backend, device):
     assert pool((-2.0, -2.0, -1.0, -1.0), 1, 1, False) == [0.0]
 
 
+@pytest.mark.parametrize("corner", [float("inf"), float("nan")])
+def test_a_sample_off_the_map_reads_no_pixel(backend, device, corner):
+    """torchvision's CPU kernel multiplies a sample off the map by 0 at pixel (0, 0) of its image
+    and channel (NaN when that pixel is not finite); its CUDA kernel and every backend of ours skip
+    the sample. The map is large enough for the fast CPU path to choose torchvision's kernel."""
+    x = torch.randn(2, 3, 40, 48, generator=torch.Generator().manual_seed(12))
+    x[:, 1, 0, 0] = corner
+    rois = torch.tensor([[1.0, 30.0, 20.0, 60.0, 50.0], [0.0, -9.0, 5.0, 8.0, 12.0]])
+    finite = x.clone()
+    finite[:, :, 0, 0] = 0.0  # read by no sample of these RoIs
+    for aligned in (False, True):
+        ours = ops.roi_align(x.to(device), rois.to(device), (2, 3), 1.0, 2, aligned)
+        assert torch.isfinite(ours).all()
+        assert_close(ours, torchvision.ops.roi_align(finite, rois, (2, 3), 1.0, 2, aligned), torch.float32)
+
+
+@pytest.mark.parametrize("spatial_scale,aligned", [(2.0, True), (-1.0, False), (-0.5, True)])
+def test_inverted_boxes_and_negative_scales_sample_backwards_as_torchvision(backend, device, spatial_scale, aligned):
+    """A negative bin size walks a bin's samples backwards: those on the map are all visited."""
+    x = torch.randn(1, 2, 1, 2, generator=torch.Generator().manual_seed(13))
+    rois = torch.tensor([[0.0, -6.5, 7.0, 1.0, -3.5], [0.0, 3.0, 7.5, 2.5, 0.5], [0.0, -0.5, -0.5, -2.5, -1.5]])
+    expected = torchvision.ops.roi_align(x, rois, (2, 3), spatial_scale, 5, aligned)
+    assert expected.abs().sum() > 0
+    assert_close(
+        ops.roi_align(x.to(device), rois.to(device), (2, 3), spatial_scale, 5, aligned), expected, torch.float32
+    )
+
+
 def test_box_list_and_empty_boxes(backend, device):
     generator = torch.Generator().manual_seed(11)
     x = features(3, 2, 13, 17, generator).to(device)

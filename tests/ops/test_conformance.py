@@ -311,3 +311,64 @@ def test_patched_roi_align_raises_on_a_bad_batch_index_as_ops_does(patched):
     with pytest.raises(ValueError, match="batch index") as ops_error:
         ops.roi_align(x, rois, 2)
     assert type(patched_error.value) is type(ops_error.value)
+
+
+def _non_finite_map(channels: int) -> torch.Tensor:
+    """``[1, channels, 7, 8]`` with inf, -inf and NaN pixels, none at (0, 0): torchvision's CPU
+    RoIAlign multiplies a sample off the map by 0 at pixel (0, 0) (CUDA's kernel and ours skip it)."""
+    x = torch.randn(1, channels, 7, 8, generator=torch.Generator().manual_seed(4))
+    x[0, 0, 3, 4] = float("inf")
+    x[0, -1, 6, 7] = float("-inf")
+    x[0, channels // 2, 1, 2] = float("nan")
+    x[0, 1, 4, 4] = float("inf")
+    return x
+
+
+# Boxes on the map, inverted, partly and wholly off it, and of zero size, in half pixels (sample
+# positions on whole pixels: taps of weight 0), large enough for bins of 3 samples and more.
+_SIGNED_ROIS = torch.tensor(
+    [
+        [0, 0.0, 0.0, 7.0, 6.0],
+        [0, 7.5, 6.0, 0.5, 1.0],
+        [0, -2.0, -3.0, 4.5, 5.0],
+        [0, -1.0, -2.0, -4.0, -4.5],
+        [0, -8.0, -0.5, -0.5, -6.5],
+        [0, -0.3, -0.2, -7.5, -6.5],
+        [0, 3.0, 3.0, 3.0, 3.0],
+        [0, 12.0, 1.0, 20.0, 5.0],
+    ]
+)
+
+
+@pytest.mark.parametrize("spatial_scale", [1.0, -1.0, -0.5])
+@pytest.mark.parametrize("sampling_ratio", [-1, 2])
+@pytest.mark.parametrize("op", ["roi_align", "roi_align_aligned", "ps_roi_align"])
+def test_non_finite_features_and_negative_scales_pool_as_torchvision(backend, op, spatial_scale, sampling_ratio):
+    """Forward and backward (with a non-finite gradient too): NaN exactly where torchvision has
+    NaN, inf where inf, whatever the sign of the scale or of the boxes."""
+    name = op.removesuffix("_aligned")
+    kwargs = {"output_size": 2, "spatial_scale": spatial_scale, "sampling_ratio": sampling_ratio}
+    if name == "roi_align":
+        kwargs["aligned"] = op.endswith("_aligned")
+    rois = _SIGNED_ROIS
+    if sampling_ratio <= 0:
+        # An adaptive grid has no sample in a box of no extent on the map: torchvision divides
+        # 0 by 0 there, our ops return 0 (tests/kernels cover it).
+        offset = 0.5 if kwargs.get("aligned", True) else 0.0
+        width = (rois[:, 3] * spatial_scale - offset) - (rois[:, 1] * spatial_scale - offset)
+        height = (rois[:, 4] * spatial_scale - offset) - (rois[:, 2] * spatial_scale - offset)
+        if not kwargs.get("aligned", True):
+            width, height = width.clamp(min=1.0), height.clamp(min=1.0)
+        rois = rois[(width > 0) & (height > 0)]
+    x = _non_finite_map(8)
+    grad = torch.randn(rois.shape[0], 8 // 4 if name == "ps_roi_align" else 8, 2, 2)
+    grad[1, 0, 1, 1] = float("inf")
+    results = []
+    for pool in (getattr(ops, name), getattr(torchvision.ops, name)):
+        features = x.clone().requires_grad_()
+        pooled = pool(features, rois, **kwargs)
+        pooled.backward(grad)
+        results.append((pooled.detach(), features.grad))
+    (ours, our_grad), (theirs, their_grad) = results
+    torch.testing.assert_close(ours, theirs, equal_nan=True)
+    torch.testing.assert_close(our_grad, their_grad, equal_nan=True)

@@ -54,10 +54,12 @@ def ps_roi_align_cpu(
         input.to(compute_dtype), rois, spatial_scale, *output_size, sampling_ratio
     )
     if sampling_ratio <= 0:
-        # An adaptive grid has no sample in an RoI of zero width or height: torchvision divides
-        # 0 by 0 there, our op returns 0.
+        # An adaptive grid has no sample in an RoI of zero or negative width or height on the map
+        # (a negative scale flips the RoI): torchvision divides 0 by 0 there, our op returns 0.
         _, x1, y1, x2, y2 = rois.unbind(1)
-        out[~((x2 > x1) & (y2 > y1))] = 0
+        width = (x2 * spatial_scale - 0.5) - (x1 * spatial_scale - 0.5)
+        height = (y2 * spatial_scale - 0.5) - (y1 * spatial_scale - 0.5)
+        out[~((width > 0) & (height > 0))] = 0
     return out.contiguous().to(input.dtype)
 
 

@@ -72,11 +72,7 @@ def _encode_kernel(
     stride_ref_c,
     stride_prop_n,
     stride_prop_c,
-    # scalars
-    wx,
-    wy,
-    ww,
-    wh,
+    coder_ptr,  # [5] (wx, wy, ww, wh, unused clip) in the compute dtype: :func:`box_coder_table`
     # meta-parameters
     COMPUTE_FP64: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -84,6 +80,10 @@ def _encode_kernel(
     rows = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = rows < N
     compute_dtype = tl.float64 if COMPUTE_FP64 else tl.float32
+    wx = tl.load(coder_ptr)
+    wy = tl.load(coder_ptr + 1)
+    ww = tl.load(coder_ptr + 2)
+    wh = tl.load(coder_ptr + 3)
     pr = reference_ptr + rows * stride_ref_n
     pp = proposals_ptr + rows * stride_prop_n
     # Upcast on load: no arithmetic in half precision (the Triton interpreter has no bf16 math).
@@ -185,6 +185,16 @@ def _block_size(compute_dtype: torch.dtype) -> int:
     return 128 if compute_dtype == torch.float64 else 256
 
 
+def box_coder_table(weights, clip: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``[5]`` ``(wx, wy, ww, wh, clip)`` in ``dtype`` on ``device``, cached (``_launch.device_table``).
+
+    Triton types a Python float argument as fp32, so the encode and decode kernels, computing in
+    fp64 for fp64 boxes, read their weights (and clip) from this table instead; in fp32 the
+    loaded values are those fp32 arguments would be.
+    """
+    return device_table([*(float(w) for w in weights), float(clip)], dtype, device)
+
+
 def _encode_arguments(reference_boxes, proposals, out, weights) -> tuple[tuple, dict]:
     """``(args, meta)`` of :func:`_encode_kernel`: what the launcher passes and what the
     ahead-of-time specs are derived from."""
@@ -195,7 +205,8 @@ def _encode_arguments(reference_boxes, proposals, out, weights) -> tuple[tuple, 
         reference_boxes.shape[0],
         *reference_boxes.stride(),
         *proposals.stride(),
-        *[float(w) for w in weights],
+        # Encoding clips nothing: the table's clip entry is never read.
+        box_coder_table(weights, math.inf, out.dtype, out.device),
     )
     meta = {"COMPUTE_FP64": out.dtype == torch.float64, "BLOCK": _block_size(out.dtype), "num_warps": NUM_WARPS}
     return args, meta
@@ -209,15 +220,6 @@ def encode_triton(reference_boxes: torch.Tensor, proposals: torch.Tensor, weight
     args, meta = _encode_arguments(reference_boxes, proposals, out, weights)
     launch(_encode_kernel, (triton.cdiv(n, meta["BLOCK"]),), *args, **meta)
     return out
-
-
-def box_coder_table(weights, clip: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """``[5]`` ``(wx, wy, ww, wh, clip)`` in ``dtype`` on ``device``, cached (``_launch.device_table``).
-
-    Triton types a Python float argument as fp32, so a kernel computing in fp64 reads its weights
-    and clip from this table instead; in fp32 the loaded values are those fp32 arguments would be.
-    """
-    return device_table([*(float(w) for w in weights), float(clip)], dtype, device)
 
 
 def _decode_arguments(deltas, boxes, out, weights, clip) -> tuple[tuple, dict]:

@@ -152,17 +152,18 @@ def _sample_span(origin, bin_size, grid, size):
     """(first, count) int32 of the samples ``i`` in ``[0, grid)`` of a bin, at ``origin + (i + 0.5)
     * bin_size / grid``, that can land in ``[-1, size]`` (the others have no bilinear tap and add
     nothing). The interval is widened by ``pad``: one pixel plus a relative margin covering the
-    rounding of the positions, and by one sample at each end; with an adaptive grid (at most two
-    samples per pixel) that is at most ``2 * (size + 1 + 2 * pad) + 4`` samples, however large
-    the RoI."""
+    rounding of the positions, and by one sample at each end (either end first: a negative step,
+    from an inverted RoI or a negative scale, walks the samples backwards); with an adaptive grid
+    (at most two samples per pixel) that is at most ``2 * (size + 1 + 2 * pad) + 4`` samples,
+    however large the RoI."""
     step = ieee_div(bin_size, tl.maximum(grid, 1.0))
     pad = 1.0 + (tl.abs(origin) + tl.abs(bin_size)) * SPAN_MARGIN
-    a = ieee_div(-1.0 - pad - origin, step) - 1.5
-    b = ieee_div(size + pad - origin, step) + 0.5
+    a = ieee_div(-1.0 - pad - origin, step) - 0.5
+    b = ieee_div(size + pad - origin, step) - 0.5
     # A zero step puts every sample at the origin.
     flat_inside = (origin >= -1.0) & (origin <= size)
-    lo = tl.where(step == 0, tl.where(flat_inside, 0.0, grid), tl.minimum(a, b))
-    hi = tl.where(step == 0, tl.where(flat_inside, grid, 0.0), tl.maximum(a, b))
+    lo = tl.where(step == 0, tl.where(flat_inside, 0.0, grid), tl.minimum(a, b) - 1.0)
+    hi = tl.where(step == 0, tl.where(flat_inside, grid, 0.0), tl.maximum(a, b) + 1.0)
     ok = lo <= hi  # false for NaN
     first = tl.where(ok, tl.minimum(tl.maximum(tl.floor(lo), 0.0), grid), 0.0)
     end = tl.where(ok, tl.minimum(tl.maximum(tl.ceil(hi), 0.0), grid), 0.0)
@@ -739,7 +740,8 @@ def roi_align_backward_triton(
 
 
 def _axis_taps(coord: torch.Tensor, size: torch.Tensor, used: torch.Tensor):
-    """Reference of ``axis_weights``: taps ``[..., 2]`` (low, high) and their weights."""
+    """Reference of ``axis_weights``: taps ``[..., 2]`` (low, high), their weights, and whether
+    the sample counts (``[...]``: in ``used`` and within one pixel of the map)."""
     size = size.to(coord.dtype)
     inside = (coord >= -1.0) & (coord <= size) & used
     c = torch.where(inside, coord.clamp(min=0), 0)
@@ -750,7 +752,7 @@ def _axis_taps(coord: torch.Tensor, size: torch.Tensor, used: torch.Tensor):
     c = torch.where(at_edge, low, c)
     w_high = torch.where(inside, c - low, 0)
     w_low = torch.where(inside, 1 - (c - low), 0)
-    return torch.stack([low, high], -1).to(torch.int64), torch.stack([w_low, w_high], -1)
+    return torch.stack([low, high], -1).to(torch.int64), torch.stack([w_low, w_high], -1), inside
 
 
 def _sample_span_reference(origin, bin_size, grid: float, size):
@@ -758,16 +760,23 @@ def _sample_span_reference(origin, bin_size, grid: float, size):
     int64 of the samples that can land in ``[-1, size]``, the only ones the kernels visit."""
     step = bin_size / max(grid, 1.0)
     pad = 1.0 + (origin.abs() + bin_size.abs()) * SPAN_MARGIN.value
-    a = (-1.0 - pad - origin) / step - 1.5
-    b = (size + pad - origin) / step + 0.5
+    a = (-1.0 - pad - origin) / step - 0.5
+    b = (size + pad - origin) / step - 0.5
     # A zero step puts every sample at the origin.
     flat_inside = (origin >= -1.0) & (origin <= size)
-    lo = torch.where(step == 0, torch.where(flat_inside, 0.0, grid), torch.minimum(a, b))
-    hi = torch.where(step == 0, torch.where(flat_inside, grid, 0.0), torch.maximum(a, b))
+    lo = torch.where(step == 0, torch.where(flat_inside, 0.0, grid), torch.minimum(a, b) - 1.0)
+    hi = torch.where(step == 0, torch.where(flat_inside, grid, 0.0), torch.maximum(a, b) + 1.0)
     ok = lo <= hi  # false for NaN
     first = torch.where(ok, lo.floor().clamp(0, grid), 0.0)
     end = torch.where(ok, hi.ceil().clamp(0, grid), 0.0)
     return first.long(), (end - first).clamp(min=0).long()
+
+
+def _window_hits(relative: torch.Tensor, taps: torch.Tensor, window: int) -> torch.Tensor:
+    """``[G, bins, window]`` bool: the window slots ``relative [G, bins, T]`` reaches on one of
+    ``taps [G, bins, T / 2, 2]``."""
+    hits = relative.new_zeros(*relative.shape[:2], window)
+    return hits.scatter_add_(2, relative, taps.flatten(2).to(relative.dtype)) > 0
 
 
 def axis_samples(
@@ -778,7 +787,13 @@ def axis_samples(
     (the map's size on this axis) -> (map rows ``[G, bins, T, taps]`` int64, their bilinear weights,
     summed over the bin's samples for an ``adaptive`` grid visiting 3 or more samples). Only the
     samples that can reach the map are visited, as the kernels visit them (bounded work whatever
-    the RoI's size); positions follow torchvision's formula in its order of operations."""
+    the RoI's size); positions follow torchvision's formula in its order of operations.
+
+    A row of -1 (weight 0) is read by no sample: a sample more than a pixel off the map, or a row
+    of a summed window no sample taps. Every tap of a counted sample is a row, weight 0 included
+    (torchvision multiplies it: 0 * inf is NaN); a summed window adds each row tapped with weight
+    0 once more with weight 0, so that a non-finite pixel there is NaN as in torchvision, not the
+    product of its summed weight."""
     device, compute_dtype = first.device, first.dtype
     p = torch.arange(bins, device=device, dtype=compute_dtype)
     bin_size = bin_size[:, None]
@@ -789,9 +804,10 @@ def axis_samples(
     i = (first_sample[..., None] + j).to(compute_dtype)
     coord = origin[..., None] + ((i + 0.5) * bin_size[..., None]) / samples
     used = j < span[..., None]
-    taps, tap_weights = _axis_taps(coord, extent[:, None, None], used)  # [G, bins, visits, 2]
+    taps, tap_weights, counted = _axis_taps(coord, extent[:, None, None], used)  # [G, bins, visits, 2]
+    counted = counted[..., None].expand_as(taps)
     if not adaptive or visits < 3:
-        return taps, tap_weights
+        return taps.where(counted, -1), tap_weights
     # An adaptive grid below MAX_GRID samples at most once per pixel, so the 2 * visits taps of a
     # bin hit at most visits + 2 consecutive rows from the first one: sum them into that window
     # (fewer matrix entries); a clamped grid samples more sparsely, its window is the whole axis.
@@ -799,11 +815,23 @@ def axis_samples(
     extent_max = int(extent.max())
     window = min(visits + 2, extent_max) if samples < MAX_GRID.value else extent_max
     first_tap = taps[:, :, :1, :1]
-    # Out-of-map samples have weight 0, so clamping their position is harmless.
+    # Out-of-map samples have weight 0 and count nowhere, so clamping their position is harmless.
     relative = (taps - first_tap).clamp(0, window - 1).flatten(2)
     dense = tap_weights.new_zeros(*taps.shape[:2], window).scatter_add_(2, relative, tap_weights.flatten(2))
+    hits = _window_hits(relative, counted, window)
+    zero_hits = _window_hits(relative, counted & (tap_weights == 0), window)
     rows = (first_tap[..., 0] + torch.arange(window, device=device)).clamp(max=extent[:, None, None] - 1)
-    return rows[..., None], dense[..., None]  # [G, bins, window, 1]
+    # The rows tapped with weight 0, first in each bin (a few: one per sample at most).
+    zero_count = int(zero_hits.sum(2).max())
+    zero_slots = torch.argsort(zero_hits.to(torch.uint8), dim=2, descending=True, stable=True)[..., :zero_count]
+    zero_rows = rows.gather(2, zero_slots).where(zero_hits.gather(2, zero_slots), -1)
+    rows = torch.cat([rows.where(hits, -1), zero_rows], 2)
+    weights = torch.cat([dense, dense.new_zeros(zero_rows.shape)], 2)
+    return rows[..., None], weights[..., None]  # [G, bins, window + zeros, 1]
+
+
+# The offset of a map row or column no sample reads (see _sampling_matrix).
+_UNREAD = -(2**40)
 
 
 def _csr(crow, columns, values, size) -> torch.Tensor:
@@ -876,13 +904,23 @@ def _sampling_matrix(
         adaptive = sampling_ratio <= 0
         y_taps, y_weights = axis_samples(start_h[members], bin_h[members], heights[members], gh, ph_count, adaptive)
         x_taps, x_weights = axis_samples(start_w[members], bin_w[members], widths[members], gw, pw_count, adaptive)
+        # A row or column no sample reads (-1) moves its entries' columns far below 0 (a map has
+        # fewer than 2**40 pixels): one comparison finds them.
+        y_taps, x_taps = y_taps.where(y_taps >= 0, _UNREAD), x_taps.where(x_taps >= 0, _UNREAD)
         row_offset = (y_taps * widths[members, None, None, None])[:, :, None, :, None, :, None]
         group_columns = image_start[members, None, None, None, None, None, None] + row_offset
         group_columns = group_columns + x_taps[:, None, :, None, :, None, :]  # [G, PH, PW, gh, gw, 2, 2] (or windows)
         group_weights = y_weights[:, :, None, :, None, :, None] * x_weights[:, None, :, None, :, None, :]
-        columns.append(group_columns.reshape(-1))
-        weights.append((group_weights / count[members, None, None, None, None, None, None]).reshape(-1))
-        row_counts.append(torch.full((size * ph_count * pw_count,), group_columns[0, 0, 0].numel(), device=device))
+        group_weights = (group_weights / count[members, None, None, None, None, None, None]).reshape(-1)
+        read = (group_columns >= 0).reshape(size * ph_count * pw_count, -1)
+        group_columns = group_columns.reshape(-1)
+        row_counts.append(read.sum(1))
+        if not bool(read.all()):
+            # Only the pixels a sample reads, each bin's entries in order.
+            kept = read.reshape(-1).nonzero().squeeze(1)
+            group_columns, group_weights = group_columns.index_select(0, kept), group_weights.index_select(0, kept)
+        columns.append(group_columns)
+        weights.append(group_weights)
     crow = torch.zeros(k * ph_count * pw_count + 1, dtype=torch.int64, device=device)
     if k:
         torch.cumsum(torch.cat(row_counts), 0, out=crow[1:])
@@ -1003,6 +1041,12 @@ def _reference_pays_off(level_features: torch.Tensor, count: int, output_size: t
     return count * output_size[0] * output_size[1] * _REFERENCE_PIXELS_PER_BIN >= n * height * width
 
 
+def _corner_not_finite(level_features: torch.Tensor) -> bool:
+    """Whether pixel (0, 0) of some image and channel is inf or NaN: torchvision's CPU forward
+    multiplies each sample off the map by 0 at that pixel (NaN then), where ours skips the sample."""
+    return not bool(torch.isfinite(level_features[:, :, 0, 0]).all())
+
+
 def _roi_align_touched(
     level_features: torch.Tensor,
     rois: torch.Tensor,
@@ -1063,7 +1107,7 @@ def roi_align_cpu(
         level_rois = rois[members]
         if level_rois.shape[0] == 0:
             continue
-        if _reference_pays_off(level_features, level_rois.shape[0], output_size):
+        if _reference_pays_off(level_features, level_rois.shape[0], output_size) or _corner_not_finite(level_features):
             pooled, order = _roi_align_touched(level_features, level_rois, scale, output_size, sampling_ratio, aligned)
             # Straight from the grouped bins into the output: one strided copy per level.
             members = order if isinstance(members, slice) else members[order]
