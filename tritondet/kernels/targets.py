@@ -184,6 +184,19 @@ def _sampled_slots_cpu(
     return index[:, 1 : batch_size_per_image + 1], unfilled
 
 
+def _candidate_padding(
+    proposal_count: torch.Tensor, gt_count: torch.Tensor, num_proposals: int, num_gt: int, device: torch.device
+) -> torch.Tensor:
+    """``[B, P + G]`` bool: the padding slots of the candidates ``cat([proposals, gt_boxes], 1)``."""
+    return torch.cat(
+        [
+            torch.arange(num_proposals, device=device) >= proposal_count[:, None],
+            torch.arange(num_gt, device=device) >= gt_count[:, None],
+        ],
+        dim=1,
+    )
+
+
 class ProposalTargets(NamedTuple):
     """S = batch_size_per_image slots per image, sampled positives and negatives first in index order.
 
@@ -226,13 +239,7 @@ def proposal_targets(
     batch, num_proposals, num_gt = proposals.shape[0], proposals.shape[1], gt_boxes.shape[1]
     device = proposals.device
     candidates = torch.cat([proposals, gt_boxes], dim=1)  # [B, P + G, 4]: ground truth appended
-    padding = torch.cat(
-        [
-            torch.arange(num_proposals, device=device) >= proposal_count[:, None],
-            torch.arange(num_gt, device=device) >= gt_count[:, None],
-        ],
-        dim=1,
-    )
+    padding = _candidate_padding(proposal_count, gt_count, num_proposals, num_gt, device)
     # >= fg: foreground; [bg_low, bg_high): background (-1); below bg_low and padding: -3, never sampled.
     matched = torch.ops.tritondet.match_boxes(
         candidates, gt_boxes, gt_count, fg_iou_thresh, bg_iou_thresh, bg_iou_thresh_low, False
@@ -300,13 +307,7 @@ def proposal_targets_cpu(
         positive = torch.zeros(candidates.shape[:2], dtype=torch.bool, device=device)
         negative = torch.ones_like(positive)
     if min(proposal_count.tolist(), default=num_proposals) < num_proposals or min(counts, default=num_gt) < num_gt:
-        padding = torch.cat(
-            [
-                torch.arange(num_proposals, device=device) >= proposal_count[:, None],
-                torch.arange(num_gt, device=device) >= gt_count[:, None],
-            ],
-            dim=1,
-        )
+        padding = _candidate_padding(proposal_count, gt_count, num_proposals, num_gt, device)
         positive.masked_fill_(padding, False)
         negative.masked_fill_(padding, False)
     keys = _sample_keys(positive, generator)
