@@ -10,6 +10,7 @@ from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead, con
 
 from tritondet import ops
 from tritondet.kernels import nms as nms_kernels
+from tritondet.kernels import rpn_proposals as rpn_kernels
 from tritondet.kernels.anchors import anchor_parameters, normalize_config
 from tritondet.kernels.box_coder import DEFAULT_XFORM_CLIP
 from tritondet.measure.dispatch_audit import DispatchCounter, NoHostSync
@@ -182,6 +183,60 @@ def test_nan_boxes_are_dropped_as_torchvision(backend, device):
     objectness[0][:, 0, :2] = 10.0  # the NaN boxes score highest
     expected = torchvision_proposals(config, padded, image_sizes, objectness, deltas, top_n, min_size=0.0)
     assert_same_proposals(ours(config, image_sizes, objectness, deltas, top_n, min_size=0.0), expected, top_n)
+
+
+def test_minus_inf_logits_of_a_small_level_stay_its_own_picks(backend, device):
+    """A level smaller than the largest one pads its top-k buffer; its -inf (score 0) anchors must
+    still be picked over the padding (a -inf pad tied with them, and the picks read anchors and
+    deltas past the level: found by the fuzz on the Triton path)."""
+    config = (((16,), (32,)), ((0.5, 1.0),) * 2, [8, 16])
+    padded, image_sizes, top_n = (64, 64), [(64, 64), (48, 64)], (100, 200)
+    objectness, deltas = head_outputs(config, padded, 2, seed=5, device=device)
+    small = objectness[1]  # [2, 2, 4, 4]: 32 anchors per image, fewer than pre_nms_top_n
+    small[:, 0, :2] = float("-inf")
+    small[1, 1, 3, 3] = float("nan")  # ranks first, dropped by the score test as in torchvision
+    expected = torchvision_proposals(config, padded, image_sizes, objectness, deltas, top_n, min_size=0.0)
+    result = ours(config, image_sizes, objectness, deltas, top_n, min_size=0.0)
+    assert_same_proposals(result, expected, top_n)
+    assert all((scores == 0).any() for scores in expected[1])  # -inf anchors kept at score 0
+
+
+def test_logit_keys_rank_as_topk():
+    specials = [float("nan"), -float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1e-45, -1e-45, 3.4e38, -3.4e38]
+    logits = torch.cat([torch.tensor(specials), torch.randn(200) * 10])
+    keys = rpn_kernels.logit_keys(logits)
+    assert keys.dtype == torch.int32 and (keys > rpn_kernels.PADDING_KEY.value).all()
+    # Equal logits have equal keys (NaN of either sign, -0.0 and 0.0); order as topk's, NaN first.
+    ranked = logits.topk(logits.numel()).values
+    ranked_keys = rpn_kernels.logit_keys(ranked)
+    assert (ranked_keys[1:] <= ranked_keys[:-1]).all()
+    same = (ranked[1:] == ranked[:-1]) | (ranked[1:].isnan() & ranked[:-1].isnan())
+    assert torch.equal(ranked_keys[1:] == ranked_keys[:-1], same)
+    back = rpn_kernels.key_logits(keys)
+    torch.testing.assert_close(back, torch.where(logits.isnan(), float("nan"), logits), equal_nan=True, rtol=0, atol=0)
+    assert rpn_kernels.key_logits(torch.tensor([rpn_kernels.PADDING_KEY.value], dtype=torch.int32)).item() == -float(
+        "inf"
+    )
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_float_ranking_equals_the_keys_without_a_padding_tie(monkeypatch, seed):
+    """The CPU's shortcut (a float top-k padded with -inf when no short level has a -inf logit)
+    picks the anchors of the keys' top-k in the same order, ties included (the kernels' order)."""
+    generator = torch.Generator().manual_seed(seed)
+    values = torch.tensor([0.0, -0.0, 1.0, float("nan"), -float("nan"), float("inf"), -3.0])
+    shapes = [(2, 3, 6, 5), (2, 3, 3, 3), (2, 3, 1, 2)]
+    objectness = [values[torch.randint(len(values), shape, generator=generator)] for shape in shapes]
+    objectness[0].view(-1)[:4] = -float("inf")  # the longest level has no padding to tie with
+    counts = [3 * h * w for _, _, h, w in shapes]
+    assert not rpn_kernels._padding_ties([o.permute(0, 2, 3, 1).reshape(2, -1) for o in objectness], counts)
+    for top_n in (1000, 20, 5):
+        shortcut = rpn_kernels._top_logits(objectness, counts, top_n)
+        monkeypatch.setattr(rpn_kernels, "_padding_ties", lambda *_: True)
+        keys = rpn_kernels._top_logits(objectness, counts, top_n)
+        monkeypatch.undo()
+        assert torch.equal(shortcut[1], keys[1])
+        torch.testing.assert_close(shortcut[0], keys[0], equal_nan=True, rtol=0, atol=0)
 
 
 def test_score_threshold_leaves_zero_valid(backend, device):

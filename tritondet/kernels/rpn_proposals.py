@@ -12,10 +12,12 @@ Stages, each one launch for all images and levels (the level table of
 :mod:`tritondet.kernels.anchors` carries every level's grid, anchors and head strides; the head
 outputs of the (at most ``MAX_LEVELS``) levels are pointer arguments):
 
-1. ``_gather_objectness_kernel``: logits of every level in (y, x, anchor) order into one
-   ``[N, L, max_l H_l W_l A_l]`` fp32 buffer padded with -inf; ``torch.topk`` then selects the
-   ``min(pre_nms_top_n, H_l W_l A_l)`` best anchors of every level and image at once, in
-   decreasing order (the sigmoid keeps that order, so it is the NMS rank order).
+1. ``_gather_objectness_kernel``: the logits of every level in (y, x, anchor) order, as int32
+   rank keys (:func:`logit_keys`), into one ``[N, L, max_l H_l W_l A_l]`` buffer padded with a key
+   below every logit (-inf included: a level's -inf anchors are still its own picks);
+   ``torch.topk`` then selects the ``min(pre_nms_top_n, H_l W_l A_l)`` best anchors of every level
+   and image at once, in decreasing order (the sigmoid keeps that order, so it is the NMS rank
+   order).
 2. ``_decode_proposals_kernel``: for each selected anchor, the anchor from (level, y, x, a) in
    registers, its 4 deltas read from the head output, decoding (weights 1, ``dw``/``dh`` clamped to
    ``log(1000 / 16)``), clipping to the image, the small-box test (``w, h >= min_size``), sigmoid and
@@ -64,11 +66,52 @@ def _grid_position(index, row_ptr):
     return position // width, position % width, a
 
 
+# Rank keys: an fp32 logit's bits as an int32 that orders as torch.topk orders the logits (NaN
+# above +inf, -0.0 with 0.0), so that the padding of the per-level buffer can rank strictly below
+# every logit, -inf included (a float pad of -inf ties with a real -inf logit and topk may pick
+# the pad, an anchor past the level, in its place).
+PADDING_KEY = tl.constexpr(-(2**31))
+# XOR with the magnitude bits turns a negative float's sign-magnitude bits into a two's complement
+# order: larger magnitudes rank lower.
+_NEGATIVE_FLIP = tl.constexpr(0x7FFFFFFF)
+
+
+@triton.jit
+def _logit_key(logits):
+    """int32 rank keys of fp32 ``logits`` (see :func:`logit_keys`)."""
+    canonical = tl.where(logits != logits, float("nan"), logits + 0.0)
+    bits = canonical.to(tl.int32, bitcast=True)
+    return tl.where(bits < 0, bits ^ _NEGATIVE_FLIP, bits)
+
+
+@triton.jit
+def _key_logit(keys):
+    """The fp32 logits of int32 rank keys (see :func:`key_logits`)."""
+    bits = tl.where(keys < 0, keys ^ _NEGATIVE_FLIP, keys)
+    return bits.to(tl.float32, bitcast=True)
+
+
+def logit_keys(logits: torch.Tensor) -> torch.Tensor:
+    """``[...]`` fp32 logits -> ``[...]`` int32 keys ranking as ``torch.topk`` ranks the logits:
+    NaN (one canonical NaN, whatever its sign) above +inf, -0.0 as 0.0, -inf above
+    ``PADDING_KEY``."""
+    canonical = torch.where(logits.isnan(), float("nan"), logits + 0.0)
+    bits = canonical.view(torch.int32)
+    return torch.where(bits < 0, bits ^ _NEGATIVE_FLIP.value, bits)
+
+
+def key_logits(keys: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`logit_keys`: ``[...]`` int32 keys -> fp32 logits (-inf for
+    ``PADDING_KEY``)."""
+    bits = torch.where(keys < 0, keys ^ _NEGATIVE_FLIP.value, keys)
+    return torch.where(keys == PADDING_KEY.value, float("-inf"), bits.view(torch.float32))
+
+
 @triton.jit
 def _gather_objectness_kernel(
     # pointers
     table_ptr,  # [L, row_width] int64 level table (with the heads' strides)
-    out_ptr,  # [N, L, max_count] fp32 contiguous logits, -inf past each level's count
+    out_ptr,  # [N, L, max_count] int32 contiguous rank keys, PADDING_KEY past each level's count
     objectness0,  # [N, A_l, H_l, W_l] logits of each level, any strides; unused levels repeat level 0
     objectness1,
     objectness2,
@@ -95,8 +138,9 @@ def _gather_objectness_kernel(
         + y * tl.load(row_ptr + F_OBJECTNESS_STRIDES + 2)
         + x * tl.load(row_ptr + F_OBJECTNESS_STRIDES + 3)
     )
-    logits = tl.load(objectness + offset, mask=in_level, other=float("-inf")).to(tl.float32)
-    tl.store(out_ptr + (image * num_levels + level) * max_count + index, logits, mask=index < max_count)
+    logits = tl.load(objectness + offset, mask=in_level, other=0).to(tl.float32)
+    keys = tl.where(in_level, _logit_key(logits), PADDING_KEY)
+    tl.store(out_ptr + (image * num_levels + level) * max_count + index, keys, mask=index < max_count)
 
 
 @triton.jit
@@ -108,7 +152,7 @@ def _decode_proposals_kernel(
     deltas2,
     deltas3,
     deltas4,
-    top_logits_ptr,  # [N, L, K] fp32 contiguous: the best logits of each level
+    top_keys_ptr,  # [N, L, K] int32 contiguous: the rank keys of each level's best logits
     top_index_ptr,  # [N, L, K] int64 contiguous: their anchors' indices within the level
     image_sizes_ptr,  # [N, 2] fp32 contiguous (height, width)
     boxes_ptr,  # [N, L, K, 4] fp32 contiguous
@@ -133,8 +177,11 @@ def _decode_proposals_kernel(
     in_buffer = j < K
     selected = j < tl.minimum(count, pre_nms_top_n)  # torchvision's per-level top n
     top = (image * num_levels + level) * K + j
-    logits = tl.load(top_logits_ptr + top, mask=selected, other=0.0)
+    logits = _key_logit(tl.load(top_keys_ptr + top, mask=selected, other=0))
     index = tl.load(top_index_ptr + top, mask=selected, other=0).to(tl.int32)
+    # A selected pick is one of the level's anchors (the padding ranks below them all); the mask
+    # keeps the reads inside the head outputs whatever topk returns.
+    selected = selected & (index < count)
     y, x, a = _grid_position(index, row_ptr)
     ax1, ay1, ax2, ay2 = level_anchor(row_ptr, y, x, a)
 
@@ -195,12 +242,12 @@ def _gather_arguments(table, logits, objectness) -> tuple[tuple, dict]:
 
 
 def _decode_arguments(
-    table, deltas, top_logits, top_index, image_sizes, boxes, keys, pre_nms_top_n, min_size, score_thresh, clip
+    table, deltas, top_keys, top_index, image_sizes, boxes, keys, pre_nms_top_n, min_size, score_thresh, clip
 ):  # fmt: skip
     args = (
         table,
         *level_pointers(deltas),
-        top_logits,
+        top_keys,
         top_index,
         image_sizes,
         boxes,
@@ -229,16 +276,16 @@ def rpn_candidates_triton(
     table = level_table(
         grid_sizes, strides, anchor_sizes, anchor_ratios, anchors_per_level, device, heads=(objectness, deltas)
     )
-    logits = torch.empty((batch, num_levels, max_count), dtype=torch.float32, device=device)
+    rank_keys = torch.empty((batch, num_levels, max_count), dtype=torch.int32, device=device)
     grid = (batch * triton.cdiv(max_count, _GATHER_BLOCK), num_levels)
-    args, meta = _gather_arguments(table, logits, objectness)
+    args, meta = _gather_arguments(table, rank_keys, objectness)
     launch(_gather_objectness_kernel, grid, *args, **meta)
-    top_logits, top_index = logits.topk(k, dim=2)
+    top_keys, top_index = rank_keys.topk(k, dim=2)
     boxes = torch.empty((batch, num_levels, k, 4), dtype=torch.float32, device=device)
     keys = torch.empty((batch, num_levels, k), dtype=torch.float32, device=device)
     sizes = image_sizes.to(torch.float32).contiguous()
     args, meta = _decode_arguments(
-        table, deltas, top_logits, top_index, sizes, boxes, keys, pre_nms_top_n, min_size, score_thresh, clip
+        table, deltas, top_keys, top_index, sizes, boxes, keys, pre_nms_top_n, min_size, score_thresh, clip
     )
     launch(_decode_proposals_kernel, (batch * triton.cdiv(k, _DECODE_BLOCK), num_levels), *args, **meta)
     return boxes, keys
@@ -305,12 +352,28 @@ def candidates_from_anchors(
 
 def _top_logits(objectness: list[torch.Tensor], counts: list[int], pre_nms_top_n: int):
     """Each level's best ``K`` logits and their anchors' indices, ``[N, L, K]`` fp32 and int64
-    (picks past a level's anchors when it has fewer than K: -inf and an index >= its count)."""
+    (picks past a level's anchors when it has fewer than K: -inf and an index >= its count), ranked
+    by the kernels' :func:`logit_keys`."""
     batch = objectness[0].shape[0]
     # (y, x, anchor) order, as torchvision's permute_and_flatten.
     # Explicit sizes, not -1: a reshape of zero elements (B = 0) cannot infer a dimension.
     logits = [o.permute(0, 2, 3, 1).reshape(batch, c).float() for o, c in zip(objectness, counts, strict=True)]
-    return _pad_levels(logits, max(counts), float("-inf")).topk(candidate_count(counts, pre_nms_top_n), dim=2)
+    k, length = candidate_count(counts, pre_nms_top_n), max(counts)
+    if not _padding_ties(logits, counts):
+        # The -inf padding ranks below every logit, as PADDING_KEY does: the same comparisons, the
+        # same picks in the same order, without the keys' passes over every anchor.
+        return _pad_levels(logits, length, float("-inf")).topk(k, dim=2)
+    top_keys, top_index = _pad_levels([logit_keys(t) for t in logits], length, PADDING_KEY.value).topk(k, dim=2)
+    return key_logits(top_keys), top_index
+
+
+def _padding_ties(logits: list[torch.Tensor], counts: list[int]) -> bool:
+    """Whether a -inf pad could tie with a -inf logit of a level shorter than the longest one: on
+    the CPU only when it does (a host read of a few small levels, nothing to stall); elsewhere
+    always (no host sync; the keys' passes are cheap on a GPU)."""
+    if logits[0].device.type != "cpu":
+        return True
+    return any(bool(t.isneginf().any()) for t, count in zip(logits, counts, strict=True) if count < max(counts))
 
 
 def _decoded_candidates(
@@ -473,13 +536,14 @@ def _(objectness, deltas, image_sizes, strides, anchor_sizes, anchor_ratios, anc
 def _aot_specs() -> list[KernelSpec]:
     specs = []
     table = torch.zeros((1, FIXED_COLUMNS), dtype=torch.int64)
-    logits, index = torch.empty((1, 1, 1)), torch.zeros((1, 1, 1), dtype=torch.int64)
-    image_sizes, boxes = torch.zeros((1, 2)), torch.empty((1, 1, 1, 4))
+    rank_keys, index = torch.zeros((1, 1, 1), dtype=torch.int32), torch.zeros((1, 1, 1), dtype=torch.int64)
+    image_sizes, boxes, keys = torch.zeros((1, 2)), torch.empty((1, 1, 1, 4)), torch.empty((1, 1, 1))
     for dtype in HEAD_DTYPES:
         label = f"head {str(dtype).removeprefix('torch.')}"
         head = [torch.empty((1, 1, 1, 1), dtype=dtype)]
-        specs.append(KernelSpec.from_example(_gather_objectness_kernel, *_gather_arguments(table, logits, head), label))
-        args, meta = _decode_arguments(table, head, logits, index, image_sizes, boxes, logits, 1000, 0.0, 0.0, 1.0)
+        gather = _gather_arguments(table, rank_keys, head)
+        specs.append(KernelSpec.from_example(_gather_objectness_kernel, *gather, label))
+        args, meta = _decode_arguments(table, head, rank_keys, index, image_sizes, boxes, keys, 1000, 0.0, 0.0, 1.0)
         specs.append(KernelSpec.from_example(_decode_proposals_kernel, args, meta, label))
     return specs
 
