@@ -28,6 +28,7 @@ suppresses or precedes a box with a finite score.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import numpy
 import torch
@@ -1044,6 +1045,17 @@ _PREFIX_FACTOR = 1.5
 _SMALL_FIRST_PASS = 8
 
 
+def _prefix_cuts(candidate_keys: torch.Tensor, max_output: int) -> Iterator[tuple[torch.Tensor | float, bool]]:
+    """The cuts of the fast CPU paths' passes over ``candidate_keys [T]``: ``(cut, last)``, the key
+    of the ``_PREFIX_FACTOR * max_output``-th best candidate (at least the first; -inf when there
+    are none), then of twice as many per further pass; ``last`` once the cut takes every candidate."""
+    total = candidate_keys.shape[0]
+    wanted = min(total, max(1, math.ceil(_PREFIX_FACTOR * max_output)))
+    while True:
+        yield (candidate_keys.kthvalue(wanted).values if total > 0 else float("-inf")), wanted == total
+        wanted = min(total, 2 * wanted)
+
+
 def merged_top_cpu(
     ranked: torch.Tensor, keys: torch.Tensor, iou_threshold: float, max_output: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1080,9 +1092,7 @@ def merged_top_cpu(
         first = torch.searchsorted(where, segment_start).tolist()  # each segment's first candidate in where
         kept = torch.zeros(total, dtype=torch.bool, device=keys.device)
         reached = first[:-1]  # each segment's end (in where) of the candidates already through NMS
-        wanted = min(total, math.ceil(_PREFIX_FACTOR * max_output))
-        while wanted > 0:
-            cut = candidate_keys.kthvalue(wanted).values
+        for cut, every_candidate in _prefix_cuts(candidate_keys, max_output) if total > 0 else ():
             last = torch.where(image_keys <= cut, position, -1).amax(1)  # -1: no key <= cut
             reach = torch.searchsorted(where, segment_start[:-1] + last, right=True).tolist()
             small = []  # (begin, end) of first passes over few candidates: one vectorized NMS
@@ -1110,9 +1120,8 @@ def merged_top_cpu(
                     flat_boxes[where[at]], taking_part, iou_threshold, sync_free=False
                 )
                 kept[at[keep]] = True
-            if wanted == total or int((kept & (candidate_keys <= cut)).sum()) >= max_output:
+            if every_candidate or int((kept & (candidate_keys <= cut)).sum()) >= max_output:
                 break
-            wanted = min(total, 2 * wanted)
         kept_at = kept.nonzero().squeeze(1)  # by flat position: the merge's order among equal keys
         image_merged_key, order = torch.sort(candidate_keys[kept_at], stable=True)
         count = min(max_output, order.shape[0])
@@ -1215,10 +1224,7 @@ def batched_nms_padded_cpu(
     for image in range(scores.shape[0]):
         flat_keys = keys[image].reshape(-1)
         candidate_keys = flat_keys[flat_keys < float("inf")]
-        total = candidate_keys.shape[0]
-        wanted = min(total, max(1, math.ceil(_PREFIX_FACTOR * max_output)))
-        while True:
-            cut = candidate_keys.kthvalue(wanted).values if total > 0 else float("-inf")
+        for cut, every_candidate in _prefix_cuts(candidate_keys, max_output):
             # The candidates with key <= cut by (segment, key, pool position): the reference's order.
             chosen = (flat_keys <= cut).nonzero().squeeze(1)
             chosen = chosen[torch.sort(flat_keys[chosen], stable=True).indices]
@@ -1239,9 +1245,8 @@ def batched_nms_padded_cpu(
             detections = gather_detections_reference(
                 merged_key, merged_index, ranked, max_output, boxes.dtype, scores.dtype, labels
             )
-            if wanted == total or int(detections[-1][0]) >= max_output:
+            if every_candidate or int(detections[-1][0]) >= max_output:
                 break
-            wanted = min(total, 2 * wanted)
         outputs.append(detections)
     return tuple(torch.cat(parts) for parts in zip(*outputs, strict=True))
 
