@@ -350,16 +350,17 @@ def candidates_from_anchors(
     )
 
 
-def _top_logits(objectness: list[torch.Tensor], counts: list[int], pre_nms_top_n: int):
+def _top_logits(objectness: list[torch.Tensor], counts: list[int], pre_nms_top_n: int, host_reads: bool = False):
     """Each level's best ``K`` logits and their anchors' indices, ``[N, L, K]`` fp32 and int64
     (picks past a level's anchors when it has fewer than K: -inf and an index >= its count), ranked
-    by the kernels' :func:`logit_keys`."""
+    by the kernels' :func:`logit_keys`. With ``host_reads`` (the fast CPU path) the keys are built
+    only when a pad could tie with a logit (one host read)."""
     batch = objectness[0].shape[0]
     # (y, x, anchor) order, as torchvision's permute_and_flatten.
     # Explicit sizes, not -1: a reshape of zero elements (B = 0) cannot infer a dimension.
     logits = [o.permute(0, 2, 3, 1).reshape(batch, c).float() for o, c in zip(objectness, counts, strict=True)]
     k, length = candidate_count(counts, pre_nms_top_n), max(counts)
-    if not _padding_ties(logits, counts):
+    if host_reads and not _padding_ties(logits, counts):
         # The -inf padding ranks below every logit, as PADDING_KEY does: the same comparisons, the
         # same picks in the same order, without the keys' passes over every anchor.
         return _pad_levels(logits, length, float("-inf")).topk(k, dim=2)
@@ -368,11 +369,7 @@ def _top_logits(objectness: list[torch.Tensor], counts: list[int], pre_nms_top_n
 
 
 def _padding_ties(logits: list[torch.Tensor], counts: list[int]) -> bool:
-    """Whether a -inf pad could tie with a -inf logit of a level shorter than the longest one: on
-    the CPU only when it does (a host read of a few small levels, nothing to stall); elsewhere
-    always (no host sync; the keys' passes are cheap on a GPU)."""
-    if logits[0].device.type != "cpu":
-        return True
+    """Whether a level shorter than the longest one (padded with -inf) has a -inf logit."""
     return any(bool(t.isneginf().any()) for t, count in zip(logits, counts, strict=True) if count < max(counts))
 
 
@@ -401,7 +398,7 @@ def rpn_candidates_cpu(
     anchors of the selected candidates only (``K`` per level, not every anchor of the level)."""
     batch, device = image_sizes.shape[0], image_sizes.device
     counts = _level_counts(objectness)
-    top_logits, top_index = _top_logits(objectness, counts, pre_nms_top_n)
+    top_logits, top_index = _top_logits(objectness, counts, pre_nms_top_n, host_reads=True)
     # The anchors of a one-position grid are the base anchors (plus a shift of exactly 0).
     base = grid_anchors_reference(
         [1, 1] * len(objectness), strides, anchor_sizes, anchor_ratios, anchors_per_level, device
