@@ -78,6 +78,27 @@ def ieee_div(x, y):
         return tl.div_rn(x, tl.cast(y, tl.float32))
 
 
+@triton.jit
+def load_four(ptr, stride, mask, other_first, other_last, compute_dtype: tl.constexpr):
+    """The four values ``stride`` elements apart from ``ptr`` (any shape): a box's (x1, y1, x2,
+    y2) or its deltas (dx, dy, dw, dh), upcast on load (no arithmetic in half precision: the
+    Triton interpreter has no bf16 math). Masked-off lanes read ``other_first`` for the first two
+    and ``other_last`` for the last two."""
+    v0 = tl.load(ptr, mask=mask, other=other_first).to(compute_dtype)
+    v1 = tl.load(ptr + stride, mask=mask, other=other_first).to(compute_dtype)
+    v2 = tl.load(ptr + 2 * stride, mask=mask, other=other_last).to(compute_dtype)
+    v3 = tl.load(ptr + 3 * stride, mask=mask, other=other_last).to(compute_dtype)
+    return v0, v1, v2, v3
+
+
+@triton.jit
+def load_box_and_area(ptr, stride, mask, compute_dtype: tl.constexpr):
+    """:func:`load_four` of xyxy boxes (0 on masked-off lanes) and their areas (torchvision's
+    formula)."""
+    x1, y1, x2, y2 = load_four(ptr, stride, mask, 0, 0, compute_dtype)
+    return x1, y1, x2, y2, (x2 - x1) * (y2 - y1)
+
+
 # ----------------------------------------------------------------------------------------------
 # Clipping boxes to their image: torchvision's clip_boxes_to_image, clamp(min=0, max=size)
 # ----------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ import triton.language as tl
 
 from .._backend import use_fast_cpu, use_triton
 from ._aot import KernelSpec
-from ._common import NUM_WARPS, compute_dtype_of, ieee_div
+from ._common import NUM_WARPS, compute_dtype_of, ieee_div, load_four
 from ._launch import device_table, launch
 
 DEFAULT_XFORM_CLIP = math.log(1000.0 / 16)
@@ -86,15 +86,9 @@ def _encode_kernel(
     wh = tl.load(coder_ptr + 3)
     pr = reference_ptr + rows * stride_ref_n
     pp = proposals_ptr + rows * stride_prop_n
-    # Upcast on load: no arithmetic in half precision (the Triton interpreter has no bf16 math).
-    gx1 = tl.load(pr, mask=ok, other=0).to(compute_dtype)
-    gy1 = tl.load(pr + stride_ref_c, mask=ok, other=0).to(compute_dtype)
-    gx2 = tl.load(pr + 2 * stride_ref_c, mask=ok, other=1).to(compute_dtype)
-    gy2 = tl.load(pr + 3 * stride_ref_c, mask=ok, other=1).to(compute_dtype)
-    px1 = tl.load(pp, mask=ok, other=0).to(compute_dtype)
-    py1 = tl.load(pp + stride_prop_c, mask=ok, other=0).to(compute_dtype)
-    px2 = tl.load(pp + 2 * stride_prop_c, mask=ok, other=1).to(compute_dtype)
-    py2 = tl.load(pp + 3 * stride_prop_c, mask=ok, other=1).to(compute_dtype)
+    # Masked-off lanes read unit boxes: no division by a zero width there.
+    gx1, gy1, gx2, gy2 = load_four(pr, stride_ref_c, ok, 0, 1, compute_dtype)
+    px1, py1, px2, py2 = load_four(pp, stride_prop_c, ok, 0, 1, compute_dtype)
 
     ex_w = px2 - px1
     ex_h = py2 - py1
@@ -145,15 +139,9 @@ def _decode_kernel(
     wh = tl.load(coder_ptr + 3)
     clip = tl.load(coder_ptr + 4)
     pb = boxes_ptr + rows * stride_boxes_n
-    x1 = tl.load(pb, mask=ok, other=0).to(compute_dtype)
-    y1 = tl.load(pb + stride_boxes_c, mask=ok, other=0).to(compute_dtype)
-    x2 = tl.load(pb + 2 * stride_boxes_c, mask=ok, other=0).to(compute_dtype)
-    y2 = tl.load(pb + 3 * stride_boxes_c, mask=ok, other=0).to(compute_dtype)
+    x1, y1, x2, y2 = load_four(pb, stride_boxes_c, ok, 0, 0, compute_dtype)
     pd = deltas_ptr + rows * stride_deltas_n + (pairs - rows * K) * 4 * stride_deltas_c
-    dx = tl.load(pd, mask=ok, other=0).to(compute_dtype)
-    dy = tl.load(pd + stride_deltas_c, mask=ok, other=0).to(compute_dtype)
-    dw = tl.load(pd + 2 * stride_deltas_c, mask=ok, other=0).to(compute_dtype)
-    dh = tl.load(pd + 3 * stride_deltas_c, mask=ok, other=0).to(compute_dtype)
+    dx, dy, dw, dh = load_four(pd, stride_deltas_c, ok, 0, 0, compute_dtype)
     bx1, by1, bx2, by2 = decode_box(
         x1,
         y1,

@@ -26,7 +26,7 @@ import triton.language as tl
 
 from .._backend import use_fast_cpu, use_triton
 from ._aot import KernelSpec
-from ._common import NO_FP_FUSION, NUM_WARPS, PROPAGATE_NAN, compute_dtype_of, ieee_div, split_program
+from ._common import NO_FP_FUSION, NUM_WARPS, PROPAGATE_NAN, compute_dtype_of, ieee_div, load_four, split_program
 from ._launch import launch
 
 KINDS = ("iou", "giou", "diou", "ciou")
@@ -154,15 +154,8 @@ def _pairwise_iou_kernel(
 
     p1 = boxes1_ptr + batch * stride1_b + rows.to(tl.int64) * stride1_n
     p2 = boxes2_ptr + batch * stride2_b + cols.to(tl.int64) * stride2_m
-    # Upcast on load: no arithmetic in half precision (the Triton interpreter has no bf16 math).
-    r0 = tl.load(p1, mask=row_ok, other=0).to(dtype1)
-    r1 = tl.load(p1 + stride1_c, mask=row_ok, other=0).to(dtype1)
-    r2 = tl.load(p1 + 2 * stride1_c, mask=row_ok, other=0).to(dtype1)
-    r3 = tl.load(p1 + 3 * stride1_c, mask=row_ok, other=0).to(dtype1)
-    c0 = tl.load(p2, mask=col_ok, other=0).to(dtype2)
-    c1 = tl.load(p2 + stride2_c, mask=col_ok, other=0).to(dtype2)
-    c2 = tl.load(p2 + 2 * stride2_c, mask=col_ok, other=0).to(dtype2)
-    c3 = tl.load(p2 + 3 * stride2_c, mask=col_ok, other=0).to(dtype2)
+    r0, r1, r2, r3 = load_four(p1, stride1_c, row_ok, 0, 0, dtype1)
+    c0, c1, c2, c3 = load_four(p2, stride2_c, col_ok, 0, 0, dtype2)
 
     ax1, ay1, ax2, ay2, area_a, center_ax, center_ay = _box_terms(r0, r1, r2, r3, FMT, compute_dtype)
     bx1, by1, bx2, by2, area_b, center_bx, center_by = _box_terms(c0, c1, c2, c3, FMT, compute_dtype)

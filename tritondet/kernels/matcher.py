@@ -41,23 +41,13 @@ import triton.language as tl
 
 from .._backend import use_fast_cpu, use_triton
 from ._aot import KernelSpec
-from ._common import NO_FP_FUSION, NUM_WARPS, compute_dtype_of, split_program
+from ._common import NO_FP_FUSION, NUM_WARPS, compute_dtype_of, load_box_and_area, split_program
 from ._launch import device_table, launch
 from .box_iou import pairwise_iou_cpu, pairwise_iou_reference, pairwise_iou_tile
 
 BELOW_LOW_THRESHOLD = -1
 BETWEEN_THRESHOLDS = -2
 BELOW_FLOOR = -3
-
-
-@triton.jit
-def _load_corners(ptr, offsets, mask, stride_c, compute_dtype: tl.constexpr):
-    """Upcast xyxy corners and the area of the boxes at ``ptr + offsets``."""
-    x1 = tl.load(ptr + offsets, mask=mask, other=0).to(compute_dtype)
-    y1 = tl.load(ptr + offsets + stride_c, mask=mask, other=0).to(compute_dtype)
-    x2 = tl.load(ptr + offsets + 2 * stride_c, mask=mask, other=0).to(compute_dtype)
-    y2 = tl.load(ptr + offsets + 3 * stride_c, mask=mask, other=0).to(compute_dtype)
-    return x1, y1, x2, y2, (x2 - x1) * (y2 - y1)
 
 
 @triton.jit
@@ -88,11 +78,10 @@ def _anchor_tile(
     batch, pid_a = split_program(tl.cdiv(A, BLOCK_A))
     rows = pid_a * BLOCK_A + tl.arange(0, BLOCK_A)
     row_ok = rows < A
-    ax1, ay1, ax2, ay2, area_a = _load_corners(
-        anchors_ptr + batch * stride_anchor_b,
-        rows.to(tl.int64) * stride_anchor_a,
-        row_ok,
+    ax1, ay1, ax2, ay2, area_a = load_box_and_area(
+        anchors_ptr + batch * stride_anchor_b + rows.to(tl.int64) * stride_anchor_a,
         stride_anchor_c,
+        row_ok,
         compute_dtype,
     )
     return batch, rows, row_ok, ax1, ay1, ax2, ay2, area_a
@@ -107,8 +96,8 @@ def _gt_tile_iou(
     ``g0 + [0, BLOCK_G)`` (of ``count``) against the anchor tile."""
     cols = g0 + tl.arange(0, BLOCK_G)
     col_ok = cols < count
-    bx1, by1, bx2, by2, area_b = _load_corners(
-        gt_ptr + batch * stride_gt_b, cols.to(tl.int64) * stride_gt_g, col_ok, stride_gt_c, compute_dtype
+    bx1, by1, bx2, by2, area_b = load_box_and_area(
+        gt_ptr + batch * stride_gt_b + cols.to(tl.int64) * stride_gt_g, stride_gt_c, col_ok, compute_dtype
     )
     iou, _ = pairwise_iou_tile(ax1, ay1, ax2, ay2, area_a, bx1, by1, bx2, by2, area_b)
     return cols, col_ok, iou

@@ -37,23 +37,13 @@ import triton.language as tl
 
 from .._backend import use_fast_cpu, use_triton
 from ._aot import KernelSpec
-from ._common import NO_FP_FUSION, NUM_WARPS, compute_dtype_of, ieee_div
+from ._common import NO_FP_FUSION, NUM_WARPS, compute_dtype_of, ieee_div, load_box_and_area
 from ._cpu import greedy_keep
 from ._launch import launch
 from .box_iou import intersection_union, iou_and_union
 
 SOFT_NMS_METHODS = ("linear", "gaussian")
 _METHOD_CODE = {method: code for code, method in enumerate(SOFT_NMS_METHODS)}
-
-
-@triton.jit
-def _load_box(ptr, ok, dtype):
-    """Corners and area of boxes stored as contiguous rows of 4 (torchvision's area formula)."""
-    x1 = tl.load(ptr, mask=ok, other=0).to(dtype)
-    y1 = tl.load(ptr + 1, mask=ok, other=0).to(dtype)
-    x2 = tl.load(ptr + 2, mask=ok, other=0).to(dtype)
-    y2 = tl.load(ptr + 3, mask=ok, other=0).to(dtype)
-    return x1, y1, x2, y2, (x2 - x1) * (y2 - y1)
 
 
 @triton.jit
@@ -71,8 +61,8 @@ def _write_mask_tile(
     bits = tl.arange(0, 32)
     cols = words[:, None] * 32 + bits[None, :]  # [WORDS, 32]
     row_ok = rows < n
-    ax1, ay1, ax2, ay2, area_a = _load_box(boxes_ptr + (start + rows) * 4, row_ok, dtype)
-    bx1, by1, bx2, by2, area_b = _load_box(boxes_ptr + (start + cols) * 4, cols < n, dtype)
+    ax1, ay1, ax2, ay2, area_a = load_box_and_area(boxes_ptr + (start + rows) * 4, 1, row_ok, dtype)
+    bx1, by1, bx2, by2, area_b = load_box_and_area(boxes_ptr + (start + cols) * 4, 1, cols < n, dtype)
     inter, union = intersection_union(
         ax1[:, None, None], ay1[:, None, None], ax2[:, None, None], ay2[:, None, None], area_a[:, None, None],
         bx1[None, :, :], by1[None, :, :], bx2[None, :, :], by2[None, :, :], area_b[None, :, :],
@@ -419,12 +409,12 @@ def _soft_nms_kernel(
             tl.store(kept_scores_ptr + count, best_score)
             count += 1
             box = boxes_ptr + best_index.to(tl.int64) * 4
-            ax1, ay1, ax2, ay2, area_a = _load_box(box, True, dtype)
+            ax1, ay1, ax2, ay2, area_a = load_box_and_area(box, 1, True, dtype)
             for chunk in range(0, N, BLOCK):
                 offsets = chunk + lanes
                 ok = offsets < N
                 s = tl.load(scores_ptr + offsets, mask=ok, other=-float("inf")).to(dtype)
-                bx1, by1, bx2, by2, area_b = _load_box(boxes_ptr + offsets.to(tl.int64) * 4, ok, dtype)
+                bx1, by1, bx2, by2, area_b = load_box_and_area(boxes_ptr + offsets.to(tl.int64) * 4, 1, ok, dtype)
                 inter, union = intersection_union(ax1, ay1, ax2, ay2, area_a, bx1, by1, bx2, by2, area_b)
                 iou = ieee_div(inter, union)
                 iou = tl.where(iou == iou, iou, 0.0)  # a NaN IoU (zero or infinite areas) is no overlap

@@ -22,7 +22,7 @@ import triton.language as tl
 
 from .._backend import use_fast_cpu, use_triton
 from ._aot import KernelSpec
-from ._common import NUM_WARPS, clip_box, clip_to_images, ieee_div
+from ._common import NUM_WARPS, clip_box, clip_to_images, ieee_div, load_four
 from ._launch import launch
 from .box_coder import decode_box, decode_cpu, decode_reference
 from .nms import batched_nms_padded_impl
@@ -83,10 +83,7 @@ def _detection_candidates_kernel(
         total += tl.sum(tl.where(ok, tl.exp(x - largest[:, None]), 0.0), 1)
 
     pp = proposals_ptr + image * stride_proposals_b + proposal * stride_proposals_p
-    px1 = tl.load(pp, mask=row_ok, other=0).to(tl.float32)[:, None]
-    py1 = tl.load(pp + stride_proposals_xy, mask=row_ok, other=0).to(tl.float32)[:, None]
-    px2 = tl.load(pp + 2 * stride_proposals_xy, mask=row_ok, other=0).to(tl.float32)[:, None]
-    py2 = tl.load(pp + 3 * stride_proposals_xy, mask=row_ok, other=0).to(tl.float32)[:, None]
+    px1, py1, px2, py2 = load_four(pp[:, None], stride_proposals_xy, row_ok[:, None], 0, 0, tl.float32)
     height = tl.load(image_sizes_ptr + image * 2, mask=row_ok, other=0)[:, None]
     width = tl.load(image_sizes_ptr + image * 2 + 1, mask=row_ok, other=0)[:, None]
     real = (proposal < tl.load(num_valid_ptr + image, mask=row_ok, other=0))[:, None]
@@ -96,10 +93,7 @@ def _detection_candidates_kernel(
         x = tl.load(logits + cls[None, :] * stride_logits_c, mask=ok, other=float("-inf")).to(tl.float32)
         probability = ieee_div(tl.exp(x - largest[:, None]), total[:, None])
         pd = deltas_ptr + row[:, None] * stride_deltas_r + (4 * cls)[None, :] * stride_deltas_c
-        dx = tl.load(pd, mask=ok, other=0).to(tl.float32)
-        dy = tl.load(pd + stride_deltas_c, mask=ok, other=0).to(tl.float32)
-        dw = tl.load(pd + 2 * stride_deltas_c, mask=ok, other=0).to(tl.float32)
-        dh = tl.load(pd + 3 * stride_deltas_c, mask=ok, other=0).to(tl.float32)
+        dx, dy, dw, dh = load_four(pd, stride_deltas_c, ok, 0, 0, tl.float32)
         x1, y1, x2, y2 = decode_box(px1, py1, px2, py2, dx, dy, dw, dh, wx, wy, ww, wh, clip)
         x1, y1, x2, y2 = clip_box(x1, y1, x2, y2, height, width)
         keep = real & (cls >= 1)[None, :] & ((x2 - x1) >= min_size) & ((y2 - y1) >= min_size)

@@ -36,7 +36,7 @@ import triton.language as tl
 
 from .._backend import use_fast_cpu, use_triton
 from ._aot import KernelSpec
-from ._common import NUM_WARPS, clip_box, clip_to_images, level_pointers, pick_level, split_program
+from ._common import NUM_WARPS, clip_box, clip_to_images, level_pointers, load_four, pick_level, split_program
 from ._launch import launch
 from .anchors import (
     F_DELTAS_STRIDES,
@@ -193,10 +193,7 @@ def _decode_proposals_kernel(
         + y * tl.load(row_ptr + F_DELTAS_STRIDES + 2)
         + x * tl.load(row_ptr + F_DELTAS_STRIDES + 3)
     )
-    dx = tl.load(pd, mask=selected, other=0).to(tl.float32)
-    dy = tl.load(pd + stride_c, mask=selected, other=0).to(tl.float32)
-    dw = tl.load(pd + 2 * stride_c, mask=selected, other=0).to(tl.float32)
-    dh = tl.load(pd + 3 * stride_c, mask=selected, other=0).to(tl.float32)
+    dx, dy, dw, dh = load_four(pd, stride_c, selected, 0, 0, tl.float32)
     x1, y1, x2, y2 = decode_box(ax1, ay1, ax2, ay2, dx, dy, dw, dh, 1.0, 1.0, 1.0, 1.0, clip)
 
     # Clip to the image before padding (torchvision's clip_boxes_to_image: clamp(min=0, max=size)).
