@@ -1080,8 +1080,8 @@ def _corner_not_finite(level_features: torch.Tensor) -> bool:
 
 
 def _touched_pixels(columns: torch.Tensor, pixel_count: int) -> torch.Tensor:
-    """``[pixel_count]`` bool: the pixels ``columns [E]`` read, by one scatter (linear where
-    ``torch.unique``'s sort is not: 2 ms in place of 29 ms for 1M taps on a 2 x 80 x 120 map)."""
+    """``[pixel_count]`` bool: the pixels ``columns [E]`` read, by one linear scatter (2 ms for the
+    1M taps of 1400 RoIs on a 2 x 80 x 120 map, where ``torch.unique`` sorts them in 29 ms)."""
     return torch.zeros(pixel_count, dtype=torch.bool, device=columns.device).index_fill_(0, columns, True)
 
 
