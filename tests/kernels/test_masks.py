@@ -14,6 +14,7 @@ from torchvision.models.detection.roi_heads import project_masks_on_boxes
 
 from tests.tolerances import FLOAT_DTYPES, assert_close
 from tritondet import errors, ops
+from tritondet.kernels import _cpu
 from tritondet.kernels import masks as masks_kernels
 
 IMAGE = (23, 31)
@@ -395,7 +396,7 @@ def test_mask_loss_backward_cpu_equals_reference_over_huge_pages(dtype):
     labels = torch.randint(-1, 92, (40,), generator=generator)  # -1 and 91 (= C) label no channel
     scale = torch.tensor(0.37, dtype=grad.dtype)
     ours = masks_kernels.mask_loss_backward_cpu(grad, labels, scale, 91, dtype)
-    assert ours.numel() * ours.element_size() >= 2 * masks_kernels._HUGE_PAGE_BYTES
+    assert ours.numel() * ours.element_size() >= 2 * _cpu.HUGE_PAGE_BYTES
     assert torch.equal(ours, masks_kernels.mask_loss_backward_reference(grad, labels, scale, 91, dtype))
 
 

@@ -482,3 +482,31 @@ def test_multiscale_one_launch_no_host_sync_and_gradients(device, monkeypatch):
     expected.backward(grad)
     for name in names:
         assert_close(x[name].grad, leaves[name].grad, torch.float64)
+
+
+# The fast CPU path's choices (the order it pools a level's RoIs in, how many bins it computes at a
+# time, the whole map or only its touched pixels as rows of channels) change no value.
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize(
+    "full_copy_share,band_rows,block_bytes,sampling_ratio,aligned",
+    [(0.0, 4, 1 << 20, 2, False), (2.0, 1, 1, -1, True), (0.5, 10**6, 4096, 0, False)],
+)
+def test_fast_cpu_sparse_path_is_the_reference_bit_for_bit(
+    monkeypatch, layout, dtype, full_copy_share, band_rows, block_bytes, sampling_ratio, aligned
+):
+    monkeypatch.setattr(family, "_REFERENCE_PIXELS_PER_BIN", 10**9)  # the sparse path on every level
+    monkeypatch.setattr(family, "_FULL_COPY_SHARE", full_copy_share)
+    monkeypatch.setattr(family, "_BAND_ROWS", band_rows)
+    monkeypatch.setattr(family, "_BLOCK_BYTES", block_bytes)
+    x, boxes, image_shapes = fpn_inputs(torch.Generator().manual_seed(37), channels=5)
+    maps = [x[f"p{level}"].to(dtype).contiguous(memory_format=layout) for level in range(2, 6)]
+    rois = torch.cat([torch.cat([torch.full((len(b), 1), float(i)), b], 1) for i, b in enumerate(boxes)])
+    rois = torch.cat([rois, torch.tensor([[1.0, 30.0, 20.0, 10.0, 40.0]])]).to(
+        torch.promote_types(dtype, torch.float32)
+    )
+    scales, k_min = level_scales(maps, image_shapes)
+    args = (rois, scales, (7, 5), sampling_ratio, aligned, (k_min, 32.0, 4.0))
+    ours = family.roi_align_cpu(maps, *args)
+    assert torch.equal(ours, family.roi_align_reference(maps, *args))
+    assert not ours[-1].any()  # the inverted box is on no level: zeros in an uninitialized output

@@ -1,5 +1,5 @@
 """The fast CPU path's thin wrappers over torchvision's C++ kernels, where those compute exactly
-what our ops promise.
+what our ops promise, and :func:`empty_on_huge_pages` for its large fresh buffers.
 
 Shapes: boxes ``[N, 4]`` xyxy; features ``[N, C, H, W]`` (one per FPN level); rois ``[K, 5]``
 (batch index, x1, y1, x2, y2); pooled outputs ``[K, C, PH, PW]``.
@@ -14,10 +14,38 @@ run the reference otherwise.
 
 from __future__ import annotations
 
+import ctypes
+import mmap
+
 import torch
 import torchvision  # noqa: F401  (registers torch.ops.torchvision)
 
 from ._common import compute_dtype_of
+
+# A CPU buffer spanning at least two huge pages (2 MiB each on x86-64 and most arm64 kernels) is
+# advised huge before it is first written: a fresh buffer's first touch costs one page fault per
+# page, which at 4 KiB pages is most of a zero fill (about 25 of 29 ms for the 73 MB gradient of
+# 256 RoIs x 91 classes x 28 x 28 on the project's machine), at 2 MiB pages 512 times fewer faults.
+HUGE_PAGE_BYTES = 2 << 20
+if hasattr(mmap, "MADV_HUGEPAGE"):
+    _madvise = ctypes.CDLL(None, use_errno=True).madvise
+    _madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+else:
+    _madvise = None  # no transparent huge pages (not Linux)
+
+
+def empty_on_huge_pages(shape, dtype, device) -> torch.Tensor:
+    """``torch.empty(shape, dtype=dtype, device=device)``; on the CPU, the huge-page-aligned span
+    of a buffer of two huge pages or more is advised ``MADV_HUGEPAGE`` before anything touches it
+    (the kernel backs it with transparent huge pages where they are enabled for advised memory;
+    elsewhere the advice changes nothing)."""
+    out = torch.empty(shape, dtype=dtype, device=device)
+    nbytes = out.numel() * out.element_size()
+    if _madvise is not None and out.device.type == "cpu" and nbytes >= 2 * HUGE_PAGE_BYTES:
+        start = -(-out.data_ptr() // HUGE_PAGE_BYTES) * HUGE_PAGE_BYTES
+        end = (out.data_ptr() + nbytes) // HUGE_PAGE_BYTES * HUGE_PAGE_BYTES
+        _madvise(start, end - start, mmap.MADV_HUGEPAGE)  # advice only: a refusal changes nothing
+    return out
 
 
 def greedy_keep(ranked: torch.Tensor, iou_threshold: float) -> torch.Tensor:

@@ -30,9 +30,6 @@ torchvision's order of operations, so the integer boxes are torchvision's exactl
 
 from __future__ import annotations
 
-import ctypes
-import mmap
-
 import torch
 import triton
 import triton.language as tl
@@ -40,6 +37,7 @@ import triton.language as tl
 from .._backend import use_fast_cpu, use_triton
 from ._aot import KernelSpec
 from ._common import NO_FP_FUSION, NUM_WARPS, compute_dtype_of, ieee_div
+from ._cpu import empty_on_huge_pages
 from ._launch import device_table, launch
 from .roi_align import MAX_GRID, axis_samples, bin_grid, bin_sample_sums, bin_spans, roi_align_reference
 
@@ -693,38 +691,12 @@ def mask_loss_backward_reference(grad, labels, scale, num_classes, dtype):
     return torch.where(labelled, grad[:, None] * scale, 0).to(dtype)
 
 
-# A CPU buffer spanning at least two huge pages (2 MiB each on x86-64 and most arm64 kernels) is
-# advised huge before its zero fill: a fresh buffer's first touch costs one page fault per page,
-# which at 4 KiB pages is most of the fill (about 25 of 29 ms for the 73 MB gradient of 256 RoIs
-# x 91 classes x 28 x 28 on the project's machine), at 2 MiB pages 512 times fewer faults.
-_HUGE_PAGE_BYTES = 2 << 20
-if hasattr(mmap, "MADV_HUGEPAGE"):
-    _madvise = ctypes.CDLL(None, use_errno=True).madvise
-    _madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-else:
-    _madvise = None  # no transparent huge pages (not Linux)
-
-
-def _zeros_on_huge_pages(shape, dtype, device) -> torch.Tensor:
-    """``torch.zeros(shape, dtype=dtype, device=device)``; on the CPU, the huge-page-aligned span
-    of a buffer of two huge pages or more is advised ``MADV_HUGEPAGE`` before the fill first
-    touches it (the kernel backs it with transparent huge pages where they are enabled for
-    advised memory; elsewhere the advice changes nothing)."""
-    out = torch.empty(shape, dtype=dtype, device=device)
-    nbytes = out.numel() * out.element_size()
-    if _madvise is not None and out.device.type == "cpu" and nbytes >= 2 * _HUGE_PAGE_BYTES:
-        start = -(-out.data_ptr() // _HUGE_PAGE_BYTES) * _HUGE_PAGE_BYTES
-        end = (out.data_ptr() + nbytes) // _HUGE_PAGE_BYTES * _HUGE_PAGE_BYTES
-        _madvise(start, end - start, mmap.MADV_HUGEPAGE)  # advice only: a refusal changes nothing
-    return out.zero_()
-
-
 def mask_loss_backward_cpu(grad, labels, scale, num_classes, dtype):
     """The fast CPU path of :func:`mask_loss_backward_reference`, the same ``[K, C, M, M]``: a
-    zeroed buffer (on huge pages, :func:`_zeros_on_huge_pages`) and one scatter of each row's
+    zeroed buffer (on huge pages, :func:`~._cpu.empty_on_huge_pages`) and one scatter of each row's
     labelled channel, no select over every channel. A row labelling no channel writes a zero into
     channel 0 (its own row, already zero)."""
-    out = _zeros_on_huge_pages((grad.shape[0], num_classes, *grad.shape[1:]), dtype, grad.device)
+    out = empty_on_huge_pages((grad.shape[0], num_classes, *grad.shape[1:]), dtype, grad.device).zero_()
     if num_classes == 0:
         return out
     labelled = (labels >= 0) & (labels < num_classes)

@@ -4,7 +4,8 @@ The FPN levels of one 800x1333 image (padded to 800x1344): P2 200x336 (stride 4)
 P4 50x84, P5 25x42, 256 channels, two images (a training batch); 512 and 2048 RoIs (the box
 head's sampled proposals in training, and more) pooled to 7x7 with sampling ratio 2, as
 torchvision's Faster R-CNN does. ``roi_align`` runs on P2, the largest map; ``MultiScaleRoIAlign``
-over all four levels. fp32 and bf16, NCHW and channels_last.
+over all four levels. fp32 and bf16, NCHW and channels_last. ``MultiScaleRoIAlign``'s forward also
+runs at inference's 2000 RoIs (the 1000 proposals kept per image at test time), fp32 NCHW.
 
 torchvision has no bf16 kernel: for bf16 its side converts the features to fp32 and the result
 back, which is what a user of torchvision has to do.
@@ -41,6 +42,9 @@ _CASES = {
     "quick": {"roi": [(512, torch.float32, NCHW)], "multi": [(512, torch.float32, NCHW)]},
     "full": {"roi": _EVERY, "multi": _EVERY},
 }
+# The detector's inference: 1000 proposals per image pooled from all levels, forward only
+# (torchvision takes about a second per call on the CPU).
+_INFERENCE = {"tiny": [], "quick": [(2000, torch.float32, NCHW)], "full": [(2000, torch.float32, NCHW)]}
 _CPU_FULL = {
     ("roi", False): [(512, torch.float32, NCHW), (512, torch.float32, NHWC), (512, torch.bfloat16, NCHW)],
     ("roi", True): [(512, torch.float32, NCHW), (512, torch.float32, NHWC)],
@@ -190,5 +194,7 @@ def cases(device: torch.device, sizes: str) -> list[Case]:
     for kind, make in (("roi", _roi_align_case), ("multi", _multiscale_case)):
         for backward in (False, True):
             chosen = _CPU_FULL[kind, backward] if device.type == "cpu" and sizes == "full" else _CASES[sizes][kind]
+            if kind == "multi" and not backward:
+                chosen = chosen + _INFERENCE[sizes]
             result += [make(count, sizes, dtype, layout, device, backward) for count, dtype, layout in chosen]
     return result
