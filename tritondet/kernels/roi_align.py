@@ -867,7 +867,8 @@ def axis_samples(
     bin_size = bin_size[:, None]
     origin = first[:, None] + p * bin_size  # [G, bins]
     first_sample, span = _sample_span_reference(origin, bin_size, samples, extent[:, None])
-    visits = int(span.max()) if span.numel() else 0
+    # One visit at least (unused where no sample lands on the map): callers reduce over the visits.
+    visits = max(int(span.max()), 1) if span.numel() else 0
     j = torch.arange(visits, device=device)
     i = (first_sample[..., None] + j).to(compute_dtype)
     coord = _sample_positions(i, origin[..., None], bin_size[..., None], samples)
