@@ -253,7 +253,7 @@ def _sample_spans_kernel(origin_ptr, bin_grid_ptr, out_ptr, size, B: tl.constexp
 
 def _on_map(i, origin, bin_size, grid, size):
     """Whether sample ``i`` (int64) of each bin exists and lands in ``[-1, size]``."""
-    coord = family._sample_positions(i.to(origin.dtype), origin, bin_size, grid)
+    coord = family._sample_position_reference(i.to(origin.dtype), origin, bin_size, grid)
     return (coord >= -1) & (coord <= size) & (i >= 0) & (i < grid)
 
 
@@ -273,7 +273,7 @@ def test_sample_spans_are_exact_bounded_and_the_kernels(device, dtype):
         for bin_size, grid in ((magnitude.to(dtype), adaptive), (-magnitude.to(dtype), 3.0)):
             samples = torch.randint(0, int(grid), (1, count), generator=generator).to(dtype)
             offsets = torch.rand((1, count), generator=generator, dtype=torch.float64) * (size + 3) - 2
-            origin = offsets.to(dtype) - family._sample_positions(samples, 0.0, bin_size, grid)
+            origin = offsets.to(dtype) - family._sample_position_reference(samples, 0.0, bin_size, grid)
             first, span = family._sample_span_reference(origin, bin_size, grid, extent)
             bins = (origin, bin_size, grid, size)
             assert not _on_map(first - 1, *bins).any() and not _on_map(first + span, *bins).any()

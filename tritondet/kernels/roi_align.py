@@ -154,7 +154,7 @@ def bin_grid(x1, y1, x2, y2, scale, aligned, PH, PW, sampling_ratio, valid):
 
 
 @triton.jit
-def sample_position(i, origin, bin_size, grid):
+def _sample_position(i, origin, bin_size, grid):
     """Position of sample ``i`` (int32) of a bin along one axis, torchvision's formula in its order
     of operations: ``origin + (i + 0.5) * bin_size / grid``."""
     return origin + ieee_div((i + 0.5) * bin_size, grid)
@@ -178,7 +178,7 @@ def _samples_before(lo, hi, limit, OR_AT: tl.constexpr, direction, origin, bin_s
     about log2(hi - lo) steps."""
     while _any_open(lo, hi):
         mid = (lo + hi) // 2
-        key = direction * sample_position(mid, origin, bin_size, grid)
+        key = direction * _sample_position(mid, origin, bin_size, grid)
         before = key < limit
         if OR_AT:
             before = before | (key == limit)
@@ -190,7 +190,7 @@ def _samples_before(lo, hi, limit, OR_AT: tl.constexpr, direction, origin, bin_s
 
 @triton.jit
 def _sample_span(origin, bin_size, grid, size):
-    """(first, count) int32: the samples ``i`` in ``[0, grid)`` of a bin (:func:`sample_position`)
+    """(first, count) int32: the samples ``i`` in ``[0, grid)`` of a bin (:func:`_sample_position`)
     that land in ``[-1, size]``, the only ones with a bilinear tap (:func:`axis_weights`). Their
     positions increase with ``i`` for a positive bin size and decrease for a negative one (an
     inverted RoI or a negative scale walks the samples backwards), so the samples on the map are
@@ -237,7 +237,7 @@ def sample_taps(step, first, span, origin, bin_size, grid, size, stride):
     """Sample ``first + step`` of a bin along one axis, at ``origin + (i + 0.5) * bin_size / grid``:
     the element offsets (int64, ``stride`` per pixel) of its low and high bilinear taps, their
     weights, and whether it counts (within the bin's ``span`` and the map's reach)."""
-    coord = sample_position(first + step, origin, bin_size, grid)
+    coord = _sample_position(first + step, origin, bin_size, grid)
     low, high, w_low, w_high, inside = axis_weights(coord, size)
     return low.to(tl.int64) * stride, high.to(tl.int64) * stride, w_low, w_high, inside & (step < span)
 
@@ -549,7 +549,7 @@ def _roi_align_bwd_gather_kernel(
                     wy = tl.zeros((TILE_H * TILE_W,), dtype=compute_dtype)
                     first_y, span_y = _called_sample_span(bin_y0, bin_h, grid_h, H)
                     for iy in range(first_y, first_y + span_y):
-                        wy += _axis_tap_weight(sample_position(iy, bin_y0, bin_h, grid_h), H, rows)
+                        wy += _axis_tap_weight(_sample_position(iy, bin_y0, bin_h, grid_h), H, rows)
                     for pw in range(PW):
                         bin_x0 = start_w + pw * bin_w
                         near_x = (tl.minimum(bin_x0, bin_x0 + bin_w) <= tile_x0 + TILE_W) & (
@@ -565,7 +565,7 @@ def _roi_align_bwd_gather_kernel(
                             wx = tl.zeros((TILE_H * TILE_W,), dtype=compute_dtype)
                             first_x, span_x = _called_sample_span(bin_x0, bin_w, grid_w, W)
                             for ix in range(first_x, first_x + span_x):
-                                wx += _axis_tap_weight(sample_position(ix, bin_x0, bin_w, grid_w), W, cols)
+                                wx += _axis_tap_weight(_sample_position(ix, bin_x0, bin_w, grid_w), W, cols)
                             acc += grad[:, None] * (wy * wx)[None, :]
     in_map = (rows < H) & (cols < W)
     base = pick_level(level, grad0, grad1, grad2, grad3, grad4) + image.to(tl.int64) * tl.load(geometry + 6)
@@ -804,8 +804,8 @@ def _axis_taps(coord: torch.Tensor, size: torch.Tensor, used: torch.Tensor):
     return torch.stack([low, high], -1).to(torch.int64), torch.stack([w_low, w_high], -1), inside
 
 
-def _sample_positions(i, origin, bin_size, grid: float):
-    """Reference of ``sample_position``: the positions of samples ``i`` (integers in the compute
+def _sample_position_reference(i, origin, bin_size, grid: float):
+    """Reference of ``_sample_position``: the positions of samples ``i`` (integers in the compute
     dtype) of bins at ``origin`` of ``bin_size`` sampling ``grid`` samples (broadcast together)."""
     return origin + ((i + 0.5) * bin_size) / grid
 
@@ -816,7 +816,7 @@ def _samples_before_reference(lo, hi, limit, or_at: bool, direction, origin, bin
     halvings."""
     for _ in range(samples.bit_length()):
         mid = (lo + hi) // 2
-        key = direction * _sample_positions(mid.to(origin.dtype), origin, bin_size, grid)
+        key = direction * _sample_position_reference(mid.to(origin.dtype), origin, bin_size, grid)
         before = key <= limit if or_at else key < limit
         open_bracket = lo < hi
         lo = torch.where(open_bracket & before, mid + 1, lo)
@@ -871,7 +871,7 @@ def axis_samples(
     visits = max(int(span.max()), 1) if span.numel() else 0
     j = torch.arange(visits, device=device)
     i = (first_sample[..., None] + j).to(compute_dtype)
-    coord = _sample_positions(i, origin[..., None], bin_size[..., None], samples)
+    coord = _sample_position_reference(i, origin[..., None], bin_size[..., None], samples)
     used = j < span[..., None]
     taps, tap_weights, counted = _axis_taps(coord, extent[:, None, None], used)  # [G, bins, visits, 2]
     counted = counted[..., None].expand_as(taps)
