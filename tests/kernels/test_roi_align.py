@@ -1,11 +1,16 @@
 """RoIAlign and MultiScaleRoIAlign against torchvision and our reference, on both backends."""
 
+import itertools
+import math
 from collections import OrderedDict
 
 import pytest
 import torch
 import torchvision
+import triton
+import triton.language as tl
 
+from tests.ops.test_fuzz import time_limit
 from tests.tolerances import ATOMIC_NONDET_TOL, FLOAT_DTYPES, assert_close
 from tritondet import ops
 from tritondet.kernels import roi_align as family
@@ -14,6 +19,9 @@ from tritondet.ops.pooling import level_scales
 
 OUTPUT_SIZES = [1, 7, (7, 5)]
 SAMPLING_RATIOS = [-1, 0, 1, 2]
+# Wall-clock limit (seconds) of one backend's forward and backward on a few huge RoIs: about a
+# second in the interpreter, a hang fails instead of stalling the run.
+HUGE_ROI_SECONDS = 30
 
 
 def make_rois(k: int, images: int, height: int, width: int, scale: float, generator) -> torch.Tensor:
@@ -156,6 +164,129 @@ def test_inverted_boxes_and_negative_scales_sample_backwards_as_torchvision(back
     assert_close(
         ops.roi_align(x.to(device), rois.to(device), (2, 3), spatial_scale, 5, aligned), expected, torch.float32
     )
+
+
+# RoIs of about 2**63 map pixels (the int64 cast of 1e30 or inf) around the map, along a row and
+# across it, and one of ~10**9 pixels (adaptive grids past MAX_GRID): far beyond fp32's pixel resolution.
+HUGE_ROIS = [
+    [0.0, -9.2e18, -9.2e18, 5.0, 5.0],
+    [0.0, 0.0, 0.0, 9.2e18, 10.0],
+    [0.0, -9.2e18, 1.0, 9.2e18, 4.0],
+    [0.0, -3e9, -1e9, 6.0, 4e9],
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("sampling_ratio", [0, 2])
+@pytest.mark.parametrize("aligned", [False, True])
+def test_huge_rois_take_bounded_work_alike_on_every_backend(monkeypatch, device, dtype, sampling_ratio, aligned):
+    """Forward, atomic and deterministic backward finish quickly on every backend with the same
+    values; with a fixed grid they equal torchvision's (its adaptive grid would loop ~2**120 times
+    per bin, and so hung the kernels' span of samples near the map before)."""
+    generator = torch.Generator().manual_seed(19)
+    x = features(1, 2, 6, 7, generator, dtype).to(device)
+    rois = torch.tensor(HUGE_ROIS, dtype=dtype, device=device)
+    grad = torch.randn(rois.shape[0], 2, 2, 3, generator=generator, dtype=dtype).to(device)
+    results = {}
+    for backend, deterministic in itertools.product(("reference", "cpu", "triton"), (False, True)):
+        monkeypatch.setenv("TRITONDET_BACKEND", backend)
+        torch.use_deterministic_algorithms(deterministic)
+        try:
+            with time_limit(HUGE_ROI_SECONDS):
+                leaf = x.clone().requires_grad_()
+                out = ops.roi_align(leaf, rois, (2, 3), 1.0, sampling_ratio, aligned)
+                out.backward(grad)
+        finally:
+            torch.use_deterministic_algorithms(False)
+        results[backend, deterministic] = (out, leaf.grad)
+    expected = results["reference", False]
+    if sampling_ratio > 0:
+        leaf = x.cpu().requires_grad_()
+        out = torchvision.ops.roi_align(leaf, rois.cpu(), (2, 3), 1.0, sampling_ratio, aligned)
+        out.backward(grad.cpu())
+        expected = (out, leaf.grad)
+    for (out, input_grad), key in zip(results.values(), results, strict=True):
+        assert_close(out.cpu(), expected[0], dtype, msg=f"{key}")
+        assert_close(input_grad.cpu(), expected[1], dtype, msg=f"{key}")
+
+
+@pytest.mark.parametrize("sampling_ratio", [-1, 2])
+def test_huge_rois_skip_torchvisions_kernel_on_the_fast_cpu_path(monkeypatch, device, sampling_ratio):
+    """On a map where the fast CPU path would call torchvision's kernel, huge RoIs with an
+    adaptive grid go to the reference instead (torchvision would loop ~2**120 times per bin), on
+    RoIAlign, MultiScaleRoIAlign and PSRoIAlign, forward and backward: every backend agrees."""
+    generator = torch.Generator().manual_seed(29)
+    x = features(2, 4, 40, 48, generator).to(device)
+    rois = torch.tensor([[1.0, 30.0, 20.0, 60.0, 50.0], *HUGE_ROIS], device=device)
+    grad = torch.randn(rois.shape[0], 4, 2, 2, generator=generator).to(device)
+    calls = {
+        "roi_align": lambda t: ops.roi_align(t, rois, 2, 0.5, sampling_ratio),
+        "multiscale": lambda t: ops.MultiScaleRoIAlign(["p2", "p3"], 2, sampling_ratio)(
+            OrderedDict(p2=t, p3=t[:, :, ::2, ::2]), [rois[:3, 1:], rois[3:, 1:]], [(160, 192)] * 2
+        ),
+        "ps_roi_align": lambda t: ops.ps_roi_align(t, rois, 2, 0.5, sampling_ratio),
+    }
+    for name, call in calls.items():
+        results = {}
+        for backend in ("reference", "cpu", "triton"):
+            monkeypatch.setenv("TRITONDET_BACKEND", backend)
+            with time_limit(HUGE_ROI_SECONDS):
+                leaf = x.clone().requires_grad_()
+                out = call(leaf)
+                out.backward(grad[:, : out.shape[1]])
+            results[backend] = (out.cpu(), leaf.grad.cpu())
+        for backend in ("cpu", "triton"):
+            assert_close(results[backend][0], results["reference"][0], torch.float32, msg=f"{name} {backend}")
+            assert_close(results[backend][1], results["reference"][1], torch.float32, msg=f"{name} {backend}")
+
+
+@triton.jit
+def _sample_spans_kernel(origin_ptr, bin_grid_ptr, out_ptr, size, B: tl.constexpr):
+    """The kernels' (first, count) of B bins at ``origin_ptr [B]`` of one bin size and grid (``bin_grid_ptr``)."""
+    bins = tl.arange(0, B)
+    first, span = family._sample_span(
+        tl.load(origin_ptr + bins), tl.load(bin_grid_ptr), tl.load(bin_grid_ptr + 1), size
+    )
+    tl.store(out_ptr + bins, first)
+    tl.store(out_ptr + B + bins, span)
+
+
+def _on_map(i, origin, bin_size, grid, size):
+    """Whether sample ``i`` (int64) of each bin exists and lands in ``[-1, size]``."""
+    coord = family._sample_position_reference(i.to(origin.dtype), origin, bin_size, grid)
+    return (coord >= -1) & (coord <= size) & (i >= 0) & (i < grid)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sample_spans_are_exact_bounded_and_the_kernels(device, dtype):
+    """The samples a bin visits are exactly those within a pixel of the map (the samples before and
+    after the span land outside ``[-1, size]``, its ends inside), at most ``2 * size + 4`` of them
+    with an adaptive grid, for bins of a pixel to beyond fp32's resolution (short of overflowing
+    it), their origins placed so that the map falls among the samples, and for a fixed grid walked
+    backwards; the kernels' spans are the reference's."""
+    generator = torch.Generator().manual_seed(23)
+    size, count = 7, 64
+    extent = torch.tensor([[size]])
+    for exponent in (-0.5, 0.0, 0.5, 1.0, 2.0, 4.0, 6.0, 6.8, 6.95, 7.5, 12.0, 18.0, 30.0, 31.0):
+        magnitude = 10.0**exponent * (1 + torch.rand((1, 1), generator=generator, dtype=torch.float64))
+        adaptive = float(min(math.ceil(magnitude.item()), family.MAX_GRID.value))
+        for bin_size, grid in ((magnitude.to(dtype), adaptive), (-magnitude.to(dtype), 3.0)):
+            samples = torch.randint(0, int(grid), (1, count), generator=generator).to(dtype)
+            offsets = torch.rand((1, count), generator=generator, dtype=torch.float64) * (size + 3) - 2
+            origin = offsets.to(dtype) - family._sample_position_reference(samples, 0.0, bin_size, grid)
+            first, span = family._sample_span_reference(origin, bin_size, grid, extent)
+            bins = (origin, bin_size, grid, size)
+            assert not _on_map(first - 1, *bins).any() and not _on_map(first + span, *bins).any()
+            assert _on_map(first, *bins)[span > 0].all() and _on_map(first + span - 1, *bins)[span > 0].all()
+            assert (span > 0).any() and (span <= 2 * size + 4).all()
+            out = torch.empty(2 * count, dtype=torch.int32, device=device)
+            bin_grid = torch.tensor([bin_size.item(), grid], dtype=dtype, device=device)
+            _sample_spans_kernel[(1,)](origin[0].to(device), bin_grid, out, size, B=count)
+            assert torch.equal(out.cpu().long(), torch.cat([first[0], span[0]]))
+    # A zero bin size puts every sample at the origin; a non-finite origin none on the map.
+    origin = torch.tensor([[3.0, -2.0, float("inf"), float("nan")]], dtype=dtype)
+    first, span = family._sample_span_reference(origin, torch.zeros((1, 1), dtype=dtype), 4.0, extent)
+    assert span.tolist() == [[4, 0, 0, 0]] and first[0, 0] == 0
 
 
 def test_box_list_and_empty_boxes(backend, device):

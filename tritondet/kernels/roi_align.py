@@ -16,6 +16,12 @@ forward. With ``torch.use_deterministic_algorithms(True)`` the backward gathers 
 scattering (one program owns each tile of the input gradient and visits the RoIs in order), so the
 gradient is bitwise identical run to run, needs no float atomics and no per-RoI buffers.
 
+Bounded work: a bin visits only its samples within a pixel of the map (``_sample_span``, exact, about
+``(size + 1) / step`` per axis), so a RoI of any size costs at most a few times the map per bin.
+torchvision's adaptive grid (``ceil(bin)`` samples per axis) is capped at ``MAX_GRID`` = 2**23: a bin
+of more map pixels, beyond fp32's pixel resolution (where torchvision's own loop never finishes),
+samples that grid, on every backend.
+
 Out-of-bounds safety: a RoI whose batch index is not an integer in ``[0, N)`` (or whose corners are
 not finite) samples nothing: its output is zero and it receives no gradient. So does a RoI of
 several levels whose area is negative or NaN (on no level, ``_common.roi_level``).
@@ -51,12 +57,12 @@ from ._launch import device_table, launch
 
 # Per-level geometry table columns (int64): H, W, then the feature's and the gradient's strides.
 _GEOMETRY_COLUMNS = tl.constexpr(10)
-# Largest sample grid per bin axis: sample indices stay int32 (torchvision's own int count
-# overflows past 2**31; a RoI needs over 2**30 pixels per bin side to reach this).
-MAX_GRID = tl.constexpr(2.0**30)
-# Relative rounding margin of the sample positions when their span is bounded (fp32 rounds
-# each of the few operations forming a position by 2**-24 of its magnitude).
-SPAN_MARGIN = tl.constexpr(2.0**-16)
+# Largest sample grid per bin axis. Below 2**23, fp32 holds every sample's ``i + 0.5`` exactly and
+# consecutive sample positions stay apart (a few at most share one), so the samples near the map
+# number about (size + 1) / step (_sample_span): bounded work. A bin of more map pixels samples
+# this grid, on every backend: beyond fp32's pixel resolution, where torchvision's own adaptive
+# loop (2**46 or more samples per bin) never finishes.
+MAX_GRID = tl.constexpr(2.0**23)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -148,26 +154,71 @@ def bin_grid(x1, y1, x2, y2, scale, aligned, PH, PW, sampling_ratio, valid):
 
 
 @triton.jit
+def _sample_position(i, origin, bin_size, grid):
+    """Position of sample ``i`` (int32) of a bin along one axis, torchvision's formula in its order
+    of operations: ``origin + (i + 0.5) * bin_size / grid``."""
+    return origin + ieee_div((i + 0.5) * bin_size, grid)
+
+
+@triton.jit
+def _any_open(lo, hi):
+    """Whether a bracket ``[lo, hi)`` of one bin (a scalar: the deterministic backward's) or of a
+    vector of bins is still open."""
+    if lo.numel == 1:
+        return hi > lo
+    else:
+        return tl.max(hi - lo, 0) > 0
+
+
+@triton.jit
+def _samples_before(lo, hi, limit, OR_AT: tl.constexpr, direction, origin, bin_size, grid):
+    """How many samples of ``[0, hi)`` (int32; the first ``lo`` of them do) lie before ``limit``:
+    ``direction * position < limit`` (``<=`` with ``OR_AT``). Positions are monotone in the sample
+    (each rounding is), so these samples are a prefix: bisection in the positions' own arithmetic,
+    about log2(hi - lo) steps."""
+    while _any_open(lo, hi):
+        mid = (lo + hi) // 2
+        key = direction * _sample_position(mid, origin, bin_size, grid)
+        before = key < limit
+        if OR_AT:
+            before = before | (key == limit)
+        open_bracket = lo < hi
+        lo = tl.where(open_bracket & before, mid + 1, lo)
+        hi = tl.where(open_bracket & ~before, mid, hi)
+    return lo
+
+
+@triton.jit
 def _sample_span(origin, bin_size, grid, size):
-    """(first, count) int32 of the samples ``i`` in ``[0, grid)`` of a bin, at ``origin + (i + 0.5)
-    * bin_size / grid``, that can land in ``[-1, size]`` (the others have no bilinear tap and add
-    nothing). The interval is widened by ``pad``: one pixel plus a relative margin covering the
-    rounding of the positions, and by one sample at each end (either end first: a negative step,
-    from an inverted RoI or a negative scale, walks the samples backwards); with an adaptive grid
-    (at most two samples per pixel) that is at most ``2 * (size + 1 + 2 * pad) + 4`` samples,
-    however large the RoI."""
-    step = ieee_div(bin_size, tl.maximum(grid, 1.0))
-    pad = 1.0 + (tl.abs(origin) + tl.abs(bin_size)) * SPAN_MARGIN
-    a = ieee_div(-1.0 - pad - origin, step) - 0.5
-    b = ieee_div(size + pad - origin, step) - 0.5
-    # A zero step puts every sample at the origin.
-    flat_inside = (origin >= -1.0) & (origin <= size)
-    lo = tl.where(step == 0, tl.where(flat_inside, 0.0, grid), tl.minimum(a, b) - 1.0)
-    hi = tl.where(step == 0, tl.where(flat_inside, grid, 0.0), tl.maximum(a, b) + 1.0)
-    ok = lo <= hi  # false for NaN
-    first = tl.where(ok, tl.minimum(tl.maximum(tl.floor(lo), 0.0), grid), 0.0)
-    end = tl.where(ok, tl.minimum(tl.maximum(tl.ceil(hi), 0.0), grid), 0.0)
-    return first.to(tl.int32), tl.maximum(end - first, 0.0).to(tl.int32)
+    """(first, count) int32: the samples ``i`` in ``[0, grid)`` of a bin (:func:`_sample_position`)
+    that land in ``[-1, size]``, the only ones with a bilinear tap (:func:`axis_weights`). Their
+    positions increase with ``i`` for a positive bin size and decrease for a negative one (an
+    inverted RoI or a negative scale walks the samples backwards), so the samples on the map are
+    consecutive and :func:`_samples_before` finds both ends exactly. Consecutive positions are about
+    a step apart (``MAX_GRID``): about ``(size + 1) / step`` samples, at most ``2 * size + 4`` with an
+    adaptive grid (step >= 1/2 unless the grid is one sample), however large the RoI. A non-finite
+    origin or bin size puts no sample on the map."""
+    backwards = bin_size < 0
+    # direction * position grows with i; the map is [low, high] in those units.
+    direction = tl.where(backwards, -1.0, 1.0)
+    low = tl.where(backwards, -size, -1.0)
+    high = tl.where(backwards, 1.0, size)
+    # |v| < inf and grid > 0 are false for NaN. (Nested where: the interpreter cannot & a vector
+    # of bins with a RoI's scalar.)
+    samples = tl.where((tl.abs(bin_size) < float("inf")) & (grid > 0), grid, 0.0)
+    samples = tl.where(tl.abs(origin) < float("inf"), samples, 0.0).to(tl.int32)
+    none = tl.zeros_like(samples)
+    first = _samples_before(none, samples, low, False, direction, origin, bin_size, grid)
+    end = _samples_before(first, samples, high, True, direction, origin, bin_size, grid)
+    return first, end - first
+
+
+@triton.jit(noinline=True)
+def _called_sample_span(origin, bin_size, grid, size):
+    """:func:`_sample_span` of one bin as a call, for the deterministic backward: its bisection
+    loops inlined into that kernel's loop nest spilled 24-40 bytes of registers on sm_80/sm_90
+    (`tritondet compile-report`); called, none."""
+    return _sample_span(origin, bin_size, grid, size)
 
 
 @triton.jit
@@ -186,7 +237,7 @@ def sample_taps(step, first, span, origin, bin_size, grid, size, stride):
     """Sample ``first + step`` of a bin along one axis, at ``origin + (i + 0.5) * bin_size / grid``:
     the element offsets (int64, ``stride`` per pixel) of its low and high bilinear taps, their
     weights, and whether it counts (within the bin's ``span`` and the map's reach)."""
-    coord = origin + ieee_div((first + step + 0.5) * bin_size, grid)
+    coord = _sample_position(first + step, origin, bin_size, grid)
     low, high, w_low, w_high, inside = axis_weights(coord, size)
     return low.to(tl.int64) * stride, high.to(tl.int64) * stride, w_low, w_high, inside & (step < span)
 
@@ -496,10 +547,9 @@ def _roi_align_bwd_gather_kernel(
                 )
                 if near_y:
                     wy = tl.zeros((TILE_H * TILE_W,), dtype=compute_dtype)
-                    first_y, span_y = _sample_span(bin_y0, bin_h, grid_h, H)
+                    first_y, span_y = _called_sample_span(bin_y0, bin_h, grid_h, H)
                     for iy in range(first_y, first_y + span_y):
-                        y = bin_y0 + ieee_div((iy + 0.5) * bin_h, grid_h)
-                        wy += _axis_tap_weight(y, H, rows)
+                        wy += _axis_tap_weight(_sample_position(iy, bin_y0, bin_h, grid_h), H, rows)
                     for pw in range(PW):
                         bin_x0 = start_w + pw * bin_w
                         near_x = (tl.minimum(bin_x0, bin_x0 + bin_w) <= tile_x0 + TILE_W) & (
@@ -513,10 +563,9 @@ def _roi_align_bwd_gather_kernel(
                                 tl.load(grad_row + ph * PW + pw, mask=grad_mask, other=0).to(compute_dtype), count
                             )
                             wx = tl.zeros((TILE_H * TILE_W,), dtype=compute_dtype)
-                            first_x, span_x = _sample_span(bin_x0, bin_w, grid_w, W)
+                            first_x, span_x = _called_sample_span(bin_x0, bin_w, grid_w, W)
                             for ix in range(first_x, first_x + span_x):
-                                x = bin_x0 + ieee_div((ix + 0.5) * bin_w, grid_w)
-                                wx += _axis_tap_weight(x, W, cols)
+                                wx += _axis_tap_weight(_sample_position(ix, bin_x0, bin_w, grid_w), W, cols)
                             acc += grad[:, None] * (wy * wx)[None, :]
     in_map = (rows < H) & (cols < W)
     base = pick_level(level, grad0, grad1, grad2, grad3, grad4) + image.to(tl.int64) * tl.load(geometry + 6)
@@ -755,21 +804,40 @@ def _axis_taps(coord: torch.Tensor, size: torch.Tensor, used: torch.Tensor):
     return torch.stack([low, high], -1).to(torch.int64), torch.stack([w_low, w_high], -1), inside
 
 
+def _sample_position_reference(i, origin, bin_size, grid: float):
+    """Reference of ``_sample_position``: the positions of samples ``i`` (integers in the compute
+    dtype) of bins at ``origin`` of ``bin_size`` sampling ``grid`` samples (broadcast together)."""
+    return origin + ((i + 0.5) * bin_size) / grid
+
+
+def _samples_before_reference(lo, hi, limit, or_at: bool, direction, origin, bin_size, grid: float, samples: int):
+    """Reference of ``_samples_before`` for bins ``[...]`` sharing one sampling grid (``hi`` at
+    most ``samples``): the same bisection, its int64 brackets closed after ``bit_length(samples)``
+    halvings."""
+    for _ in range(samples.bit_length()):
+        mid = (lo + hi) // 2
+        key = direction * _sample_position_reference(mid.to(origin.dtype), origin, bin_size, grid)
+        before = key <= limit if or_at else key < limit
+        open_bracket = lo < hi
+        lo = torch.where(open_bracket & before, mid + 1, lo)
+        hi = torch.where(open_bracket & ~before, mid, hi)
+    return lo
+
+
 def _sample_span_reference(origin, bin_size, grid: float, size):
     """Reference of ``_sample_span`` for bins ``[...]`` sharing one sampling grid: (first, count)
-    int64 of the samples that can land in ``[-1, size]``, the only ones the kernels visit."""
-    step = bin_size / max(grid, 1.0)
-    pad = 1.0 + (origin.abs() + bin_size.abs()) * SPAN_MARGIN.value
-    a = (-1.0 - pad - origin) / step - 0.5
-    b = (size + pad - origin) / step - 0.5
-    # A zero step puts every sample at the origin.
-    flat_inside = (origin >= -1.0) & (origin <= size)
-    lo = torch.where(step == 0, torch.where(flat_inside, 0.0, grid), torch.minimum(a, b) - 1.0)
-    hi = torch.where(step == 0, torch.where(flat_inside, grid, 0.0), torch.maximum(a, b) + 1.0)
-    ok = lo <= hi  # false for NaN
-    first = torch.where(ok, lo.floor().clamp(0, grid), 0.0)
-    end = torch.where(ok, hi.ceil().clamp(0, grid), 0.0)
-    return first.long(), (end - first).clamp(min=0).long()
+    int64 of the samples that land in ``[-1, size]``, the only ones the kernels visit."""
+    backwards = bin_size < 0
+    size = size.to(origin.dtype)
+    direction = torch.where(backwards, -1.0, 1.0).to(origin.dtype)
+    low = torch.where(backwards, -size, -1.0)
+    high = torch.where(backwards, 1.0, size)
+    count = int(grid) if grid > 0 else 0  # not NaN
+    samples = torch.where(origin.isfinite() & bin_size.isfinite(), count, 0)
+    bisect = (direction, origin, bin_size, grid, count)
+    first = _samples_before_reference(torch.zeros_like(samples), samples, low, False, *bisect)
+    end = _samples_before_reference(first, samples, high, True, *bisect)
+    return first, end - first
 
 
 def _window_hits(relative: torch.Tensor, taps: torch.Tensor, window: int) -> torch.Tensor:
@@ -799,10 +867,11 @@ def axis_samples(
     bin_size = bin_size[:, None]
     origin = first[:, None] + p * bin_size  # [G, bins]
     first_sample, span = _sample_span_reference(origin, bin_size, samples, extent[:, None])
-    visits = int(span.max()) if span.numel() else 0
+    # One visit at least (unused where no sample lands on the map): callers reduce over the visits.
+    visits = max(int(span.max()), 1) if span.numel() else 0
     j = torch.arange(visits, device=device)
     i = (first_sample[..., None] + j).to(compute_dtype)
-    coord = origin[..., None] + ((i + 0.5) * bin_size[..., None]) / samples
+    coord = _sample_position_reference(i, origin[..., None], bin_size[..., None], samples)
     used = j < span[..., None]
     taps, tap_weights, counted = _axis_taps(coord, extent[:, None, None], used)  # [G, bins, visits, 2]
     counted = counted[..., None].expand_as(taps)
@@ -1231,6 +1300,25 @@ def roi_align_backward_cpu(
 # torch.library registration: one forward and one backward op for one or several levels.
 # ----------------------------------------------------------------------------------------------
 
+# torchvision's CPU kernels visit (and its forward first precomputes) every sample of an adaptive
+# grid, ceil(bin) per axis: up to this many per bin (bins of 256 x 256 map pixels, far beyond a
+# detector's) a RoI takes them milliseconds; past it the reference, whose work the map bounds,
+# takes the call (a RoI beyond fp32's pixel resolution would loop 2**46 times or more per bin).
+_TORCHVISION_SAMPLES_PER_BIN = 2**16
+
+
+def _torchvision_finishes(
+    rois: torch.Tensor, scales: list[float], output_size: tuple[int, int], sampling_ratio: int
+) -> bool:
+    """Whether torchvision's CPU kernels visit at most ``_TORCHVISION_SAMPLES_PER_BIN`` samples in
+    every bin of ``rois`` ``[K, 5]`` (finite; one host read): always with a fixed grid; with an
+    adaptive one, bounded from above by the finest scale and the RoIs' absolute extents."""
+    if sampling_ratio > 0 or rois.shape[0] == 0:
+        return True
+    extents = (rois[:, 3:] - rois[:, 1:3]).double().abs() * max(abs(scale) for scale in scales)
+    grid = torch.ceil(extents / torch.tensor(output_size[::-1], dtype=torch.float64, device=rois.device)).clamp(min=1)
+    return bool((grid.prod(1) <= _TORCHVISION_SAMPLES_PER_BIN).all())
+
 
 @torch.library.custom_op("tritondet::roi_align", mutates_args=())
 def roi_align_op(
@@ -1251,7 +1339,11 @@ def roi_align_op(
         return features[0].new_zeros((rois.shape[0], features[0].shape[1], pooled_height, pooled_width))
     if use_triton(rois.device):
         return roi_align_triton(features, rois, *args)
-    if use_fast_cpu(rois.device) and torchvision_reads(rois, features[0].shape[0]):
+    if (
+        use_fast_cpu(rois.device)
+        and torchvision_reads(rois, features[0].shape[0])
+        and _torchvision_finishes(rois, scales, (pooled_height, pooled_width), sampling_ratio)
+    ):
         return roi_align_cpu(features, rois, *args)
     return roi_align_reference(features, rois, *args)
 
@@ -1282,7 +1374,11 @@ def roi_align_backward_op(
         return [torch.zeros_like(f) for f in features]
     if use_triton(rois.device):
         return roi_align_backward_triton(grad, features, rois, *args)
-    if use_fast_cpu(rois.device) and torchvision_reads(rois, features[0].shape[0]):
+    if (
+        use_fast_cpu(rois.device)
+        and torchvision_reads(rois, features[0].shape[0])
+        and _torchvision_finishes(rois, scales, (pooled_height, pooled_width), sampling_ratio)
+    ):
         return roi_align_backward_cpu(grad, features, rois, *args)
     return roi_align_backward_reference(grad, features, rois, *args)
 
@@ -1343,7 +1439,11 @@ def ps_roi_align_op(
         return input.new_zeros((rois.shape[0], input.shape[1] // (pooled_height * pooled_width), *size))
     if use_triton(rois.device):
         return roi_align_triton([input], rois, [spatial_scale], size, sampling_ratio, True, SINGLE_LEVEL_MAPPER, True)
-    if use_fast_cpu(rois.device) and torchvision_reads(rois, input.shape[0]):
+    if (
+        use_fast_cpu(rois.device)
+        and torchvision_reads(rois, input.shape[0])
+        and _torchvision_finishes(rois, [spatial_scale], size, sampling_ratio)
+    ):
         return ps_roi_align_cpu(input, rois, spatial_scale, size, sampling_ratio)
     return ps_roi_align_reference(input, rois, spatial_scale, size, sampling_ratio).contiguous()
 
@@ -1371,7 +1471,11 @@ def ps_roi_align_backward_op(
     if use_triton(rois.device):
         args = ([spatial_scale], size, sampling_ratio, True, SINGLE_LEVEL_MAPPER, True)
         return roi_align_backward_triton(grad, [input], rois, *args)[0]
-    if use_fast_cpu(rois.device) and torchvision_reads(rois, input.shape[0]):
+    if (
+        use_fast_cpu(rois.device)
+        and torchvision_reads(rois, input.shape[0])
+        and _torchvision_finishes(rois, [spatial_scale], size, sampling_ratio)
+    ):
         channels = _diagonal_index(grad.shape[1], *size, grad.device)[0]
         return ps_roi_align_backward_cpu(grad, input, rois, spatial_scale, size, sampling_ratio, channels)
     full = grad.new_zeros((rois.shape[0], input.shape[1], *size))
