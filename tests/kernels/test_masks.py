@@ -503,14 +503,14 @@ def test_bad_input_raises_tritondet_errors_naming_the_argument():
 def test_mask_targets_of_huge_proposals_bound_their_work(monkeypatch):
     """Proposals with 1e30 corners: the RoIAlign reference (CPU path and oracle) clamps the
     adaptive sampling grid as the kernels do and visits only the samples near the mask, so it
-    finishes (no OverflowError, no grid of 1e30 samples); ordinary rows still equal torchvision.
-    (The Triton kernel visits the same samples; in the interpreter that takes minutes.)"""
+    finishes (no OverflowError, no grid of 1e30 samples), and so does the Triton kernel (exact
+    sample spans); ordinary rows still equal torchvision."""
     generator = torch.Generator().manual_seed(6)
     gt_masks = torch.rand(1, 2, 6, 5, generator=generator) > 0.5
     proposals = torch.tensor([[[0, 0, 1e30, 3.0], [1, 1, 4, 5], [-1e30, -1e30, 1e30, 1e30], [1e30, 0, 1e30, 2]]])
     matched = torch.tensor([[0, 1, 0, 1]])
     expected = project_masks_on_boxes(gt_masks[0], proposals[0, 1:2], matched[0, 1:2], 3)
-    for backend in ("reference", "cpu"):
+    for backend in ("reference", "cpu", "triton"):
         monkeypatch.setenv("TRITONDET_BACKEND", backend)
         targets = ops.mask_targets(gt_masks, torch.tensor([2]), proposals, matched, torch.tensor([4]), 3)
         assert torch.isfinite(targets).all()
