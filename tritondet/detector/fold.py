@@ -19,7 +19,7 @@ is gone and the result differs only by rounding. The modules and their state dic
 
 :func:`run_layers` runs a ``nn.Sequential`` (or torchvision's ``IntermediateLayerGetter``) of
 torchvision ResNet stages, blocks, convolutions and norms so; :func:`run_fpn` runs torchvision's
-``FeaturePyramidNetwork`` on such convolutions, its top-down path an in-place broadcast add.
+``FeaturePyramidNetwork`` on such convolutions, its top-down path an in-place broadcast add at inference.
 """
 
 from __future__ import annotations
@@ -141,14 +141,16 @@ def run_layers(layers: nn.Sequential, x: Tensor) -> Tensor | OrderedDict[str, Te
     return outputs if returned is not None else x
 
 
-def upsample_add_(lateral: Tensor, top: Tensor) -> Tensor:
-    """``lateral += F.interpolate(top, size=lateral.shape[-2:], mode="nearest")`` in place
-    (``lateral [B, C, H, W]``, ``top [B, C, h, w]``): when ``H, W = 2h, 2w`` (every FPN level of an
-    image padded to a multiple of the coarsest stride) a broadcast add of ``top`` over 2x2 blocks,
-    with no upsampled map (the same sums: nearest neighbour takes row ``i // 2``, column ``j // 2``)."""
+def upsample_add(lateral: Tensor, top: Tensor) -> Tensor:
+    """``lateral + F.interpolate(top, size=lateral.shape[-2:], mode="nearest")`` (``lateral [B, C, H, W]``,
+    ``top [B, C, h, w]``). Unless autograd records it, when ``H, W = 2h, 2w`` (every FPN level of an
+    image padded to a multiple of the coarsest stride): in place, a broadcast add of ``top`` over 2x2
+    blocks of ``lateral`` with no upsampled map (the same sums: nearest neighbour takes row ``i // 2``,
+    column ``j // 2``); under autograd an in-place add on a view would copy the whole gradient back."""
     height, width = top.shape[-2:]
-    if tuple(lateral.shape[-2:]) != (2 * height, 2 * width):
-        return lateral.add_(F.interpolate(top, size=lateral.shape[-2:], mode="nearest"))
+    recorded = torch.is_grad_enabled() and (lateral.requires_grad or top.requires_grad)
+    if recorded or tuple(lateral.shape[-2:]) != (2 * height, 2 * width):
+        return lateral + F.interpolate(top, size=lateral.shape[-2:], mode="nearest")
     blocks = lateral.unflatten(3, (width, 2)).unflatten(2, (height, 2))  # [B, C, h, 2, w, 2], a view
     blocks.add_(top[:, :, :, None, :, None])
     return lateral
@@ -156,12 +158,12 @@ def upsample_add_(lateral: Tensor, top: Tensor) -> Tensor:
 
 def run_fpn(fpn: FeaturePyramidNetwork, features: OrderedDict[str, Tensor]) -> OrderedDict[str, Tensor]:
     """torchvision's ``FeaturePyramidNetwork.forward`` on ``features`` (finest level first) with its
-    convolutions through :func:`run_layers` and the top-down sum by :func:`upsample_add_`."""
+    convolutions through :func:`run_layers` and the top-down sum by :func:`upsample_add`."""
     names, maps = list(features), list(features.values())
     last_inner = run_layers(fpn.inner_blocks[-1], maps[-1])
     results = [run_layers(fpn.layer_blocks[-1], last_inner)]
     for level in range(len(maps) - 2, -1, -1):
-        last_inner = upsample_add_(run_layers(fpn.inner_blocks[level], maps[level]), last_inner)
+        last_inner = upsample_add(run_layers(fpn.inner_blocks[level], maps[level]), last_inner)
         results.insert(0, run_layers(fpn.layer_blocks[level], last_inner))
     if fpn.extra_blocks is not None:
         results, names = fpn.extra_blocks(results, maps, names)
