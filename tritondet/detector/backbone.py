@@ -3,8 +3,8 @@
 Every backbone maps ``images [B, 3, H, W]`` to an ordered dict of feature maps ``[B, C, H_l, W_l]``
 and has ``out_channels`` (C). FPN: keys ``"0".."L-1"`` for the returned ResNet stages plus
 ``"pool"`` (torchvision's ``BackboneWithFPN``, so its state-dict keys are torchvision's); single
-level: one key ``"0"`` at stride 16. :func:`backbone_features` runs either with the batch norms folded
-into the convolutions (:mod:`.fold`). :class:`LiteBackbone`: the ``lite`` preset's narrow ResNet-like
+level: one key ``"0"`` at stride 16. :func:`backbone_features` runs either with its frozen batch norms
+folded into the convolutions (:mod:`.fold`). :class:`LiteBackbone`: the ``lite`` preset's narrow ResNet-like
 network with an FPN, for training from scratch on a CPU.
 """
 
@@ -49,7 +49,7 @@ class SingleLevelBackbone(nn.Module):
 
 def backbone_features(backbone: nn.Module, images: Tensor) -> OrderedDict[str, Tensor]:
     """``backbone(images)``: ``images [B, 3, H, W]`` -> the ordered dict of feature maps; torchvision's
-    ``BackboneWithFPN`` (a ResNet body) with its batch norms folded into its convolutions
+    ``BackboneWithFPN`` (a ResNet body) with its frozen batch norms folded into its convolutions
     (:func:`.fold.run_layers`, :func:`.fold.run_fpn`), any other backbone by its own ``forward``."""
     if isinstance(backbone, BackboneWithFPN):
         return run_fpn(backbone.fpn, run_layers(backbone.body, images))

@@ -48,8 +48,9 @@ def convolution_memory_format(device: torch.device) -> torch.memory_format:
 def foldable(norm: nn.Module | None) -> bool:
     """Whether ``norm`` is a frozen batch norm (torchvision's ``FrozenBatchNorm2d``), folded into the
     convolution before it. An ``nn.BatchNorm2d`` in eval mode is the same map but runs as it is: its
-    models (``small_cpu``) are compared with torchvision's at rounding level, and folding changes the
-    rounding enough to flip near-tie proposals of an untrained model against torchvision's."""
+    models (``small_cpu``) are compared with torchvision's at rounding level, folding it changes the
+    rounding enough to flip a near-tie proposal of the untrained benchmark model, and it gained
+    nothing beyond the timing noise there (one thread, paired rounds)."""
     return isinstance(norm, FrozenBatchNorm2d)
 
 
