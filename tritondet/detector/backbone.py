@@ -3,7 +3,8 @@
 Every backbone maps ``images [B, 3, H, W]`` to an ordered dict of feature maps ``[B, C, H_l, W_l]``
 and has ``out_channels`` (C). FPN: keys ``"0".."L-1"`` for the returned ResNet stages plus
 ``"pool"`` (torchvision's ``BackboneWithFPN``, so its state-dict keys are torchvision's); single
-level: one key ``"0"`` at stride 16. :class:`LiteBackbone`: the ``lite`` preset's narrow ResNet-like
+level: one key ``"0"`` at stride 16. :func:`backbone_features` runs either with its frozen batch norms
+folded into the convolutions (:mod:`.fold`). :class:`LiteBackbone`: the ``lite`` preset's narrow ResNet-like
 network with an FPN, for training from scratch on a CPU.
 """
 
@@ -21,6 +22,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from .config import BackboneConfig
+from .fold import run_fpn, run_layers
 
 _RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 _RESNET_STAGES = ("layer4", "layer3", "layer2", "layer1", "conv1")
@@ -39,10 +41,19 @@ class SingleLevelBackbone(nn.Module):
         self.out_channels = out_channels
 
     def forward(self, images: Tensor) -> OrderedDict[str, Tensor]:
-        features = self.body(images)
+        features = run_layers(self.body, images)
         if isinstance(features, dict):
             features = next(iter(features.values()))
         return OrderedDict([("0", features)])
+
+
+def backbone_features(backbone: nn.Module, images: Tensor) -> OrderedDict[str, Tensor]:
+    """``backbone(images)``: ``images [B, 3, H, W]`` -> the ordered dict of feature maps; torchvision's
+    ``BackboneWithFPN`` (a ResNet body) with its frozen batch norms folded into its convolutions
+    (:func:`.fold.run_layers`, :func:`.fold.run_fpn`), any other backbone by its own ``forward``."""
+    if isinstance(backbone, BackboneWithFPN):
+        return run_fpn(backbone.fpn, run_layers(backbone.body, images))
+    return backbone(images)
 
 
 def _freeze_resnet(body: nn.Module, trainable_layers: int) -> None:

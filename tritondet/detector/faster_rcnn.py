@@ -28,8 +28,9 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from .. import ops
 from ..ops._checks import check_counts
-from .backbone import build_backbone, feature_strides
+from .backbone import backbone_features, build_backbone, feature_strides
 from .config import FasterRCNNConfig, TransformConfig, resnet50_fpn
+from .fold import convolution_memory_format
 from .roi_heads import RoIHeads
 from .rpn import RegionProposalNetwork
 from .targets import GroundTruth, check_targets, pack_targets
@@ -72,13 +73,6 @@ def normalize_padded(images: Tensor, image_sizes: Tensor, mean: Tensor, std: Ten
     sizes = image_sizes.to(images.device)
     inside = (rows[None, :, None] < sizes[:, 0, None, None]) & (cols[None, None, :] < sizes[:, 1, None, None])
     return convolution_layout(normalized * inside[:, None].to(normalized.dtype))
-
-
-def convolution_memory_format(device: torch.device) -> torch.memory_format:
-    """The memory layout the backbone's convolutions run fastest in on ``device``: channels-last on
-    the CPU (oneDNN's kernels take NHWC maps without reordering them: 1.15x the ``small_cpu`` model's
-    inference and 1.1x its training step against NCHW, one thread), NCHW elsewhere (not measured)."""
-    return torch.channels_last if device.type == "cpu" else torch.contiguous_format
 
 
 def convolution_layout(images: Tensor) -> Tensor:
@@ -168,7 +162,7 @@ class FasterRCNN(nn.Module):
 
     def _proposals(self, padded: Tensor, image_sizes: Tensor) -> tuple[dict[str, Tensor], Tensor, Tensor]:
         """Backbone features, and the RPN's (detached) proposals ``[B, P, 4]`` with ``num_valid [B]``."""
-        features = self.backbone(padded)
+        features = backbone_features(self.backbone, padded)
         levels = list(features.values())
         objectness, deltas = self.rpn.head(levels)
         strides = feature_strides(levels, tuple(padded.shape[-2:]))
@@ -193,7 +187,7 @@ class FasterRCNN(nn.Module):
         proposer: FasterRCNN | None = None,
     ) -> dict[str, Tensor]:
         gt = self._ground_truth(targets, padded.device)
-        features = self.backbone(padded)
+        features = backbone_features(self.backbone, padded)
         levels = list(features.values())
         strides = feature_strides(levels, tuple(padded.shape[-2:]))
         if rpn or proposer is None:

@@ -1,0 +1,161 @@
+"""The backbone with its frozen batch norms folded into the convolutions (tritondet.detector.fold):
+the module's own forward within rounding, gradients to the convolutions only, the folded weights
+cached exactly as long as their sources are unchanged, the state dict untouched, the FPN's top-down
+sum exact. ResNet-18 FPN of the ``tiny`` configuration on 64-pixel maps."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from tests.tolerances import TOLERANCES
+from tritondet.detector import resnet_c4, tiny
+from tritondet.detector.backbone import backbone_features, build_backbone
+from tritondet.detector.faster_rcnn import convolution_layout
+from tritondet.detector.fold import convolution_weights, foldable, run_layers, upsample_add
+
+
+def _randomize_norms(backbone: nn.Module, seed: int = 0) -> nn.Module:
+    """Frozen norms with statistics and affine terms away from the identity (as trained ones are)."""
+    generator = torch.Generator().manual_seed(seed)
+    for norm in backbone.modules():
+        if isinstance(norm, FrozenBatchNorm2d):
+            channels = norm.weight.shape[0]
+            norm.weight.copy_(torch.rand(channels, generator=generator) + 0.5)
+            norm.bias.copy_(torch.randn(channels, generator=generator) * 0.1)
+            norm.running_mean.copy_(torch.randn(channels, generator=generator) * 0.1)
+            norm.running_var.copy_(torch.rand(channels, generator=generator) + 0.5)
+    return backbone
+
+
+def _backbone(config=None) -> nn.Module:
+    torch.manual_seed(0)
+    return _randomize_norms(build_backbone((config or tiny()).backbone)).eval()
+
+
+def _images(batch: int = 2, height: int = 64, width: int = 96) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(1)
+    return convolution_layout(torch.randn(batch, 3, height, width, generator=generator))
+
+
+def _assert_rounding_level(actual: torch.Tensor, expected: torch.Tensor, msg: str = "") -> None:
+    """Equal up to rounding: within the tolerance table's relative bound of ``expected``'s largest
+    magnitude (a deep random network's small outputs are sums that cancel, so their own relative
+    error is large; running the same module channels-last instead of NCHW differs by ~2e-6 of it)."""
+    assert actual.dtype == expected.dtype, msg
+    atol = TOLERANCES[expected.dtype][1] * expected.abs().max().item()
+    torch.testing.assert_close(actual, expected, atol=atol, rtol=0, msg=msg)
+
+
+def _assert_same_features(actual, expected) -> None:
+    assert list(actual) == list(expected)
+    for name in expected:
+        assert actual[name].is_contiguous(memory_format=torch.channels_last), name
+        _assert_rounding_level(actual[name], expected[name], msg=name)
+
+
+def test_folded_fpn_backbone_computes_the_modules_forward():
+    backbone = _backbone()
+    images = _images()
+    with torch.no_grad():
+        _assert_same_features(backbone_features(backbone, images), backbone(images))
+
+
+def test_folded_single_level_backbone_computes_the_modules_forward():
+    backbone = _backbone(resnet_c4())
+    images = _images()
+    with torch.no_grad():
+        expected = backbone.body(images)["0"]
+        actual = backbone(images)["0"]  # SingleLevelBackbone runs its body through run_layers
+    _assert_rounding_level(actual, expected)
+
+
+def test_only_frozen_batch_norms_fold():
+    assert foldable(FrozenBatchNorm2d(4))
+    assert not foldable(nn.BatchNorm2d(4).eval())  # runs as it is, see foldable's docstring
+    assert not foldable(nn.BatchNorm2d(4))
+    assert not foldable(None)
+    layers = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU()).eval()
+    images = _images()
+    with torch.no_grad():
+        torch.testing.assert_close(run_layers(layers, images), layers(images), rtol=0, atol=0)
+
+
+def test_gradients_reach_the_convolutions_through_the_per_call_fold():
+    ours = _backbone().train()
+    theirs = copy.deepcopy(ours)
+    images = _images()
+    features = backbone_features(ours, images)
+    sum((f * f).mean() for f in features.values()).backward()
+    expected = theirs(images)
+    sum((f * f).mean() for f in expected.values()).backward()
+    grads = {name: p.grad for name, p in ours.named_parameters() if p.grad is not None}
+    expected_grads = {name: p.grad for name, p in theirs.named_parameters() if p.grad is not None}
+    assert set(grads) == set(expected_grads) and grads
+    for name, grad in expected_grads.items():
+        _assert_rounding_level(grads[name], grad, msg=name)
+    assert all(not b.requires_grad for b in ours.buffers())
+
+
+def test_folded_weights_are_cached_without_autograd_and_fresh_under_it():
+    backbone = _backbone()
+    conv, norm = backbone.body.conv1, backbone.body.bn1
+    with torch.no_grad():
+        weight, bias = convolution_weights(conv, norm)
+        assert convolution_weights(conv, norm)[0] is weight
+    assert weight.is_contiguous(memory_format=torch.channels_last)
+    scale = norm.weight * (norm.running_var + norm.eps).rsqrt()  # FrozenBatchNorm2d's, exactly
+    torch.testing.assert_close(weight, conv.weight * scale[:, None, None, None], rtol=0, atol=0)
+    torch.testing.assert_close(bias, norm.bias - norm.running_mean * scale, rtol=0, atol=0)
+    fresh, _ = convolution_weights(conv, norm)  # grad mode, weight requiring grad: recorded, per call
+    assert fresh is not weight and fresh.grad_fn is not None
+    frozen = nn.Conv2d(3, 4, 1).requires_grad_(False)
+    assert convolution_weights(frozen)[0] is convolution_weights(frozen)[0]  # nothing to record: cached
+
+
+@pytest.mark.parametrize("change", ["load_state_dict", "optimizer_step", "norm_buffer", "dtype"])
+def test_the_cache_follows_every_change_of_the_weights(change):
+    backbone = _backbone()
+    images = _images()
+    with torch.no_grad():
+        backbone_features(backbone, images)  # fills the cache
+    if change == "load_state_dict":
+        other = _randomize_norms(build_backbone(tiny().backbone), seed=5)
+        backbone.load_state_dict(other.state_dict())
+    elif change == "optimizer_step":
+        backbone.body.conv1.weight.grad = torch.ones_like(backbone.body.conv1.weight)
+        torch.optim.SGD(backbone.parameters(), lr=0.1).step()
+    elif change == "norm_buffer":
+        backbone.body.layer1[0].bn1.running_var.mul_(2)
+    else:
+        backbone.double()
+        images = images.double()
+    with torch.no_grad():
+        actual, expected = backbone_features(backbone, images), backbone(images)
+    _assert_same_features(actual, expected)
+
+
+def test_running_the_folded_backbone_leaves_the_state_dict_as_it_was():
+    backbone = _backbone()
+    before = {name: value.clone() for name, value in backbone.state_dict().items()}
+    with torch.no_grad():
+        backbone_features(backbone, _images())
+    backbone_features(backbone.train(), _images())
+    after = backbone.state_dict()
+    assert list(after) == list(before)
+    for name, value in before.items():
+        assert torch.equal(after[name], value), name
+
+
+@pytest.mark.parametrize("top_size", [(4, 6), (3, 5)])
+def test_upsample_add_is_the_nearest_upsampling_plus_the_lateral_exactly(top_size):
+    generator = torch.Generator().manual_seed(2)
+    lateral = convolution_layout(torch.randn(2, 8, 8, 12, generator=generator))
+    top = convolution_layout(torch.randn(2, 8, *top_size, generator=generator))
+    expected = lateral + F.interpolate(top, size=lateral.shape[-2:], mode="nearest")
+    torch.testing.assert_close(upsample_add(lateral.clone(), top), expected, rtol=0, atol=0)
