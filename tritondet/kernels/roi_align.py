@@ -1014,11 +1014,12 @@ def _transpose(matrix: torch.Tensor) -> torch.Tensor:
     return _csr(crow_t, row_of_entry[by_column], matrix.values()[by_column], (cols, rows))
 
 
-def _pixel_rows(features: list[torch.Tensor], compute_dtype: torch.dtype) -> torch.Tensor:
+def _pixel_rows(features: list[torch.Tensor], compute_dtype: torch.dtype, by_image: bool = False) -> torch.Tensor:
     """``[sum_l N * H_l * W_l, C]`` contiguous: every level's pixels as rows of channels (no copy
-    for one channels_last map in the compute dtype; fresh memory on huge pages otherwise). An NCHW
-    map is copied image by image as a 2-D transpose, which PyTorch tiles: about twice as fast as
-    the 4-D permuted copy at 256 x 200 x 336."""
+    for one channels_last map in the compute dtype; fresh memory on huge pages otherwise). With
+    ``by_image`` (the fast CPU path) an NCHW map is copied image by image as a 2-D transpose, which
+    PyTorch tiles: about twice as fast as the 4-D permuted copy at 256 x 200 x 336; without it (the
+    reference) one copy per level, the same ops whatever the batch."""
     first = features[0]
     if len(features) == 1 and first.dtype == compute_dtype and first.permute(0, 2, 3, 1).is_contiguous():
         return first.permute(0, 2, 3, 1).reshape(-1, first.shape[1])
@@ -1026,7 +1027,7 @@ def _pixel_rows(features: list[torch.Tensor], compute_dtype: torch.dtype) -> tor
     rows = empty_on_huge_pages((sum(pixels), first.shape[1]), compute_dtype, first.device)
     for f, level_rows in zip(features, rows.split(pixels), strict=True):
         n, c, h, w = f.shape
-        if f.is_contiguous():
+        if by_image and f.is_contiguous():
             for image, image_rows in enumerate(level_rows.split(h * w)):
                 image_rows.copy_(f[image].view(c, h * w).t())
         else:
@@ -1194,7 +1195,7 @@ def _pool_level_into(
         touched = _touched_pixels(columns, matrix.shape[1])
         pixels = touched.nonzero().squeeze(1)
     if touched is None or pixels.shape[0] >= _FULL_COPY_SHARE * touched.shape[0]:
-        rows = _pixel_rows([level_features], compute_dtype)
+        rows = _pixel_rows([level_features], compute_dtype, by_image=True)
     else:
         columns = (torch.cumsum(touched, 0) - 1).index_select(0, columns)
         height, width = level_features.shape[2:]
