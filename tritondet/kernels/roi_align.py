@@ -1308,12 +1308,16 @@ def roi_align_backward_cpu(
 _TORCHVISION_SAMPLES_PER_BIN = 2**16
 
 
-def _torchvision_finishes(
-    rois: torch.Tensor, scales: list[float], output_size: tuple[int, int], sampling_ratio: int
+def _fast_cpu_takes(
+    rois: torch.Tensor, batch_size: int, scales: list[float], output_size: tuple[int, int], sampling_ratio: int
 ) -> bool:
-    """Whether torchvision's CPU kernels visit at most ``_TORCHVISION_SAMPLES_PER_BIN`` samples in
-    every bin of ``rois`` ``[K, 5]`` (finite; one host read): always with a fixed grid; with an
-    adaptive one, bounded from above by the finest scale and the RoIs' absolute extents."""
+    """Whether the fast CPU path (torchvision's CPU kernels, or our pooling where it pays off) takes
+    ``rois`` ``[K, 5]``: on CPU tensors, RoIs torchvision's kernels may read
+    (:func:`torchvision_reads`) and whose every bin they visit in at most
+    ``_TORCHVISION_SAMPLES_PER_BIN`` samples (one host read each): always with a fixed grid; with
+    an adaptive one, bounded from above by the finest scale and the RoIs' absolute extents."""
+    if not (use_fast_cpu(rois.device) and torchvision_reads(rois, batch_size)):
+        return False
     if sampling_ratio > 0 or rois.shape[0] == 0:
         return True
     extents = (rois[:, 3:] - rois[:, 1:3]).double().abs() * max(abs(scale) for scale in scales)
@@ -1340,11 +1344,7 @@ def roi_align_op(
         return features[0].new_zeros((rois.shape[0], features[0].shape[1], pooled_height, pooled_width))
     if use_triton(rois.device):
         return roi_align_triton(features, rois, *args)
-    if (
-        use_fast_cpu(rois.device)
-        and torchvision_reads(rois, features[0].shape[0])
-        and _torchvision_finishes(rois, scales, (pooled_height, pooled_width), sampling_ratio)
-    ):
+    if _fast_cpu_takes(rois, features[0].shape[0], scales, (pooled_height, pooled_width), sampling_ratio):
         return roi_align_cpu(features, rois, *args)
     return roi_align_reference(features, rois, *args)
 
@@ -1375,11 +1375,7 @@ def roi_align_backward_op(
         return [torch.zeros_like(f) for f in features]
     if use_triton(rois.device):
         return roi_align_backward_triton(grad, features, rois, *args)
-    if (
-        use_fast_cpu(rois.device)
-        and torchvision_reads(rois, features[0].shape[0])
-        and _torchvision_finishes(rois, scales, (pooled_height, pooled_width), sampling_ratio)
-    ):
+    if _fast_cpu_takes(rois, features[0].shape[0], scales, (pooled_height, pooled_width), sampling_ratio):
         return roi_align_backward_cpu(grad, features, rois, *args)
     return roi_align_backward_reference(grad, features, rois, *args)
 
@@ -1440,11 +1436,7 @@ def ps_roi_align_op(
         return input.new_zeros((rois.shape[0], input.shape[1] // (pooled_height * pooled_width), *size))
     if use_triton(rois.device):
         return roi_align_triton([input], rois, [spatial_scale], size, sampling_ratio, True, SINGLE_LEVEL_MAPPER, True)
-    if (
-        use_fast_cpu(rois.device)
-        and torchvision_reads(rois, input.shape[0])
-        and _torchvision_finishes(rois, [spatial_scale], size, sampling_ratio)
-    ):
+    if _fast_cpu_takes(rois, input.shape[0], [spatial_scale], size, sampling_ratio):
         return ps_roi_align_cpu(input, rois, spatial_scale, size, sampling_ratio)
     return ps_roi_align_reference(input, rois, spatial_scale, size, sampling_ratio).contiguous()
 
@@ -1472,11 +1464,7 @@ def ps_roi_align_backward_op(
     if use_triton(rois.device):
         args = ([spatial_scale], size, sampling_ratio, True, SINGLE_LEVEL_MAPPER, True)
         return roi_align_backward_triton(grad, [input], rois, *args)[0]
-    if (
-        use_fast_cpu(rois.device)
-        and torchvision_reads(rois, input.shape[0])
-        and _torchvision_finishes(rois, [spatial_scale], size, sampling_ratio)
-    ):
+    if _fast_cpu_takes(rois, input.shape[0], [spatial_scale], size, sampling_ratio):
         channels = _diagonal_index(grad.shape[1], *size, grad.device)[0]
         return ps_roi_align_backward_cpu(grad, input, rois, spatial_scale, size, sampling_ratio, channels)
     full = grad.new_zeros((rois.shape[0], input.shape[1], *size))
