@@ -17,7 +17,7 @@ from tests.tolerances import TOLERANCES
 from tritondet.detector import resnet_c4, tiny
 from tritondet.detector.backbone import backbone_features, build_backbone
 from tritondet.detector.faster_rcnn import convolution_layout
-from tritondet.detector.fold import convolution_weights, foldable, run_layers, upsample_add
+from tritondet.detector.fold import convolution_weights, foldable, lay_out, run_layers, upsample_add
 
 
 def _randomize_norms(backbone: nn.Module, seed: int = 0) -> nn.Module:
@@ -159,3 +159,30 @@ def test_upsample_add_is_the_nearest_upsampling_plus_the_lateral_exactly(top_siz
     top = convolution_layout(torch.randn(2, 8, *top_size, generator=generator))
     expected = lateral + F.interpolate(top, size=lateral.shape[-2:], mode="nearest")
     torch.testing.assert_close(upsample_add(lateral.clone(), top), expected, rtol=0, atol=0)
+
+
+def test_training_lays_the_convolution_weights_out_channels_last_in_place():
+    backbone = _backbone().train()
+    conv_weights = {name: p for name, p in backbone.named_parameters() if p.dim() == 4}
+    values = {name: p.detach().clone() for name, p in conv_weights.items()}
+    optimizer = torch.optim.SGD(backbone.parameters(), lr=0.1, momentum=0.9)
+    assert not all(p.is_contiguous(memory_format=torch.channels_last) for p in conv_weights.values())
+    features = backbone_features(backbone, _images())
+    for name, parameter in backbone.named_parameters():
+        if parameter.dim() == 4:
+            assert parameter is conv_weights[name], name  # the optimizer's Parameter, relaid in place
+            assert parameter.is_contiguous(memory_format=torch.channels_last), name
+            assert torch.equal(parameter, values[name]), name
+    sum((f * f).mean() for f in features.values()).backward()
+    assert all(p.grad.is_contiguous(memory_format=torch.channels_last) for p in conv_weights.values())
+    optimizer.step()
+    assert any(not torch.equal(p, values[name]) for name, p in conv_weights.items())
+
+
+def test_laying_out_keeps_an_existing_gradient_in_step():
+    conv = nn.Conv2d(4, 6, 3)
+    conv.weight.grad = torch.randn_like(conv.weight)
+    grad = conv.weight.grad.clone()
+    lay_out(conv.weight, torch.channels_last)
+    assert conv.weight.grad.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(conv.weight.grad, grad)

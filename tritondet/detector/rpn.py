@@ -25,6 +25,7 @@ from .. import ops
 from ..kernels import rpn_proposals
 from ..kernels.box_coder import DEFAULT_XFORM_CLIP
 from .config import AnchorConfig, RPNConfig
+from .fold import convolve, run_layers
 from .targets import GroundTruth, anchor_target_layer
 
 
@@ -62,12 +63,12 @@ class RPNHead(nn.Module):
         and deltas (L x ``[B, 4A, H_l, W_l]``)."""
         objectness, deltas = [], []
         for feature in features:
-            hidden = self.conv(feature)
-            logits = self.cls_logits(hidden)
+            hidden = run_layers(self.conv, feature)
+            logits = convolve(self.cls_logits, hidden)
             if self.objectness == "softmax":
                 logits = logits[:, self.num_anchors :] - logits[:, : self.num_anchors]
             objectness.append(logits)
-            deltas.append(self.bbox_pred(hidden))
+            deltas.append(convolve(self.bbox_pred, hidden))
         return objectness, deltas
 
 

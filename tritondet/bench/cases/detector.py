@@ -1,6 +1,7 @@
 """Detector level: our Faster R-CNN against torchvision's on the same weights and images.
 
-Inference (``model(images)``) and one training step (losses + backward), for the tiny test
+Inference (``model(images)``) and one training step (``zero_grad(set_to_none=True)``, losses,
+backward: a training loop's step without the optimizer's update), for the tiny test
 configuration (``tiny`` sizes), the small CPU configuration (``quick``) and torchvision's
 ``fasterrcnn_resnet50_fpn`` at 800x1333 (``full``). Our model is built from torchvision's with
 ``FasterRCNN.from_torchvision``, so both sides hold identical weights; inference results are
@@ -107,6 +108,7 @@ def _training_case(preset, height, width, batch, device, layout) -> Case:
 
     def step(model):
         def call(images, targets):
+            model.zero_grad(set_to_none=True)  # as a training loop does: the step makes fresh gradients
             losses = model(images, targets)
             sum(losses.values()).backward()
             return {name: value.detach() for name, value in losses.items()}
