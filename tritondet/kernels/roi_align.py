@@ -903,6 +903,23 @@ def axis_samples(
 _UNREAD = -(2**40)
 
 
+def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.cat(parts)``, without copying a single part (a fixed sampling grid makes one group:
+    its million entries at 2000 RoIs would be copied for nothing)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _rois_last(axis: torch.Tensor) -> torch.Tensor:
+    """``[G, bins, T, taps]`` -> ``[bins, T, taps, G]`` contiguous (small: one axis's taps)."""
+    return axis.permute(1, 2, 3, 0).contiguous()
+
+
+def _rois_first(product: torch.Tensor) -> torch.Tensor:
+    """``[..., G]`` contiguous -> its ``G * rest`` values RoI-major (``[G, ...]`` flattened), by one
+    2-D transposed copy, which PyTorch tiles."""
+    return product.reshape(-1, product.shape[-1]).t().reshape(-1)
+
+
 def _csr(crow, columns, values, size) -> torch.Tensor:
     """A CSR tensor without invariant checks (rows are built in order) or the beta warning."""
     with warnings.catch_warnings():
@@ -976,13 +993,14 @@ def _sampling_matrix(
         # A row or column no sample reads (-1) moves its entries' columns far below 0 (a map has
         # fewer than 2**40 pixels): one comparison finds them.
         y_taps, x_taps = y_taps.where(y_taps >= 0, _UNREAD), x_taps.where(x_taps >= 0, _UNREAD)
-        row_offset = (y_taps * widths[members, None, None, None])[:, :, None, :, None, :, None]
-        group_columns = image_start[members, None, None, None, None, None, None] + row_offset
-        group_columns = group_columns + x_taps[:, None, :, None, :, None, :]  # [G, PH, PW, gh, gw, 2, 2] (or windows)
-        group_weights = y_weights[:, :, None, :, None, :, None] * x_weights[:, None, :, None, :, None, :]
-        group_weights = (group_weights / count[members, None, None, None, None, None, None]).reshape(-1)
+        # The products over [PH, PW, gh, gw, 2, 2] (or windows) run with the RoIs innermost (inner
+        # loops of G elements, where RoI-major ones would loop over 2), then one tiled transpose
+        # makes them RoI-major: the same values, the broadcasts 1.7x faster (1400 RoIs, one thread).
+        y_rows = (_rois_last(y_taps) * widths[members] + image_start[members])[:, None, :, None, :, None]
+        group_columns = _rois_first(y_rows + _rois_last(x_taps)[None, :, None, :, None, :])
+        y_weights, x_weights = _rois_last(y_weights)[:, None, :, None, :, None], _rois_last(x_weights)
+        group_weights = _rois_first(y_weights * x_weights[None, :, None, :, None, :] / count[members])
         read = (group_columns >= 0).reshape(size * ph_count * pw_count, -1)
-        group_columns = group_columns.reshape(-1)
         row_counts.append(read.sum(1))
         if not bool(read.all()):
             # Only the pixels a sample reads, each bin's entries in order.
@@ -992,11 +1010,11 @@ def _sampling_matrix(
         weights.append(group_weights)
     crow = torch.zeros(k * ph_count * pw_count + 1, dtype=torch.int64, device=device)
     if k:
-        torch.cumsum(torch.cat(row_counts), 0, out=crow[1:])
+        torch.cumsum(_joined(row_counts), 0, out=crow[1:])
     matrix = _csr(
         crow,
-        torch.cat(columns) if k else crow[:0],
-        torch.cat(weights).to(compute_dtype) if k else crow[:0].to(compute_dtype),
+        _joined(columns) if k else crow[:0],
+        _joined(weights).to(compute_dtype) if k else crow[:0].to(compute_dtype),
         (k * ph_count * pw_count, sum(pixels)),
     )
     return matrix, order
@@ -1008,7 +1026,10 @@ def _transpose(matrix: torch.Tensor) -> torch.Tensor:
     columns = matrix.col_indices()
     crow = matrix.crow_indices()
     row_of_entry = torch.repeat_interleave(torch.arange(rows, device=columns.device), crow.diff())
-    by_column = torch.argsort(columns, stable=True)
+    # int32 keys sort in half the time of int64 ones (1.2 ms for the 180k entries of a training
+    # batch's P2 RoIs, one thread); a map has fewer than 2**31 pixels but for absurd sizes.
+    keys = columns.to(torch.int32) if cols < 2**31 else columns
+    by_column = torch.argsort(keys, stable=True)
     crow_t = torch.zeros(cols + 1, dtype=torch.int64, device=columns.device)
     torch.cumsum(torch.bincount(columns, minlength=cols), 0, out=crow_t[1:])
     entries = (row_of_entry.index_select(0, by_column), matrix.values().index_select(0, by_column))
