@@ -18,12 +18,12 @@ from torch import Tensor
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
 from .. import ops
-from .backbone import feature_strides
+from .backbone import backbone_features, feature_strides
 from .data import read_image, resize_boxes
 from .data.errors import InputError
 from .engine.checkpoints import load_checkpoint
 from .engine.train_config import resolve_device
-from .faster_rcnn import FasterRCNN
+from .faster_rcnn import FasterRCNN, convolution_layout
 from .mask_rcnn import MASK_LOSS_NAMES
 
 _CURVE_COLORS = ((0, 0, 0), (214, 39, 40), (31, 119, 180), (44, 160, 44), (255, 127, 14), (148, 103, 189))
@@ -164,9 +164,9 @@ def pipeline_stages(model: FasterRCNN, image: Tensor, top: int = 30) -> dict[str
     """
     model.eval()
     image_list, _ = model.transform([image])
-    padded = image_list.tensors
+    padded = convolution_layout(image_list.tensors)
     height, width = image_list.image_sizes[0]
-    levels = list(model.backbone(padded).values())
+    levels = list(backbone_features(model.backbone, padded).values())  # as the model runs it
     strides = feature_strides(levels, tuple(padded.shape[-2:]))
     anchors = ops.grid_anchors(
         [tuple(f.shape[-2:]) for f in levels], strides, model.config.anchors.sizes,

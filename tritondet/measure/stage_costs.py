@@ -59,8 +59,8 @@ from torchvision.models.detection import transform
 from torchvision.models.detection.roi_heads import maskrcnn_inference
 from torchvision.models.detection.rpn import concat_box_prediction_layers
 
-from ..detector.backbone import feature_strides
-from ..detector.faster_rcnn import FasterRCNN
+from ..detector.backbone import backbone_features, feature_strides
+from ..detector.faster_rcnn import FasterRCNN, convolution_layout
 from ..detector.mask_rcnn import MaskRCNN
 from .dispatch_audit import Costs, measure_costs
 
@@ -89,10 +89,10 @@ def post_processing_costs(model: FasterRCNN, images: list[Tensor]) -> StageCosts
     _check_inference(model, images)
     with torch.no_grad():
         image_list, _ = model.transform(list(images))
-        padded = image_list.tensors
+        padded = convolution_layout(image_list.tensors)
         shapes = [tuple(int(v) for v in size) for size in image_list.image_sizes]
         image_sizes = torch.tensor(shapes, dtype=torch.int64, device=padded.device)
-        features = model.backbone(padded)
+        features = backbone_features(model.backbone, padded)  # as the model runs it
         levels = list(features.values())
         objectness, deltas = model.rpn.head(levels)
         strides = feature_strides(levels, tuple(padded.shape[-2:]))
