@@ -17,7 +17,14 @@ from tests.tolerances import TOLERANCES
 from tritondet.detector import resnet_c4, tiny
 from tritondet.detector.backbone import backbone_features, build_backbone
 from tritondet.detector.faster_rcnn import convolution_layout
-from tritondet.detector.fold import convolution_weights, foldable, lay_out, run_layers, upsample_add
+from tritondet.detector.fold import (
+    convolution_weights,
+    convolve_siblings,
+    foldable,
+    lay_out,
+    run_layers,
+    upsample_add,
+)
 
 
 def _randomize_norms(backbone: nn.Module, seed: int = 0) -> nn.Module:
@@ -186,3 +193,31 @@ def test_laying_out_keeps_an_existing_gradient_in_step():
     lay_out(conv.weight, torch.channels_last)
     assert conv.weight.grad.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(conv.weight.grad, grad)
+
+
+@pytest.mark.parametrize("layout", [torch.channels_last, torch.contiguous_format])
+def test_sibling_pointwise_convolutions_are_the_modules_outputs_and_gradients(layout):
+    torch.manual_seed(3)
+    convs = [nn.Conv2d(8, 3, 1), nn.Conv2d(8, 12, 1)]
+    x = torch.randn(2, 8, 5, 7).contiguous(memory_format=layout).requires_grad_()
+    x_theirs = x.detach().clone().requires_grad_()
+    ours = convolve_siblings(convs, x)
+    theirs = [conv(x_theirs) for conv in convs]
+    weights = [torch.randn_like(t) for t in theirs]
+    sum((o * w).sum() for o, w in zip(ours, weights, strict=True)).backward()
+    ours_grads = [x.grad] + [p.grad.clone() for conv in convs for p in conv.parameters()]
+    for conv in convs:
+        conv.zero_grad()
+    sum((t * w).sum() for t, w in zip(theirs, weights, strict=True)).backward()
+    theirs_grads = [x_theirs.grad] + [p.grad for conv in convs for p in conv.parameters()]
+    for mine, expected in zip(ours + ours_grads, theirs + theirs_grads, strict=True):
+        assert mine.shape == expected.shape
+        _assert_rounding_level(mine, expected)
+
+
+def test_siblings_that_are_not_pointwise_run_one_by_one():
+    convs = [nn.Conv2d(8, 3, 3, padding=1), nn.Conv2d(8, 4, 1)]
+    x = convolution_layout(torch.randn(2, 8, 5, 7))
+    with torch.no_grad():
+        for mine, conv in zip(convolve_siblings(convs, x), convs, strict=True):
+            torch.testing.assert_close(mine, conv(x), rtol=0, atol=0)

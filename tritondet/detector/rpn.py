@@ -25,7 +25,7 @@ from .. import ops
 from ..kernels import rpn_proposals
 from ..kernels.box_coder import DEFAULT_XFORM_CLIP
 from .config import AnchorConfig, RPNConfig
-from .fold import convolve, run_layers
+from .fold import convolve_siblings, run_layers
 from .targets import GroundTruth, anchor_target_layer
 
 
@@ -64,11 +64,11 @@ class RPNHead(nn.Module):
         objectness, deltas = [], []
         for feature in features:
             hidden = run_layers(self.conv, feature)
-            logits = convolve(self.cls_logits, hidden)
+            logits, level_deltas = convolve_siblings([self.cls_logits, self.bbox_pred], hidden)
             if self.objectness == "softmax":
                 logits = logits[:, self.num_anchors :] - logits[:, : self.num_anchors]
             objectness.append(logits)
-            deltas.append(convolve(self.bbox_pred, hidden))
+            deltas.append(level_deltas)
         return objectness, deltas
 
 
