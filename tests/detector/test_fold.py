@@ -14,7 +14,7 @@ from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from tests.tolerances import TOLERANCES
-from tritondet.detector import resnet_c4, tiny
+from tritondet.detector import fold, resnet_c4, tiny
 from tritondet.detector.backbone import backbone_features, build_backbone
 from tritondet.detector.faster_rcnn import convolution_layout
 from tritondet.detector.fold import (
@@ -196,9 +196,10 @@ def test_laying_out_keeps_an_existing_gradient_in_step():
 
 
 @pytest.mark.parametrize("layout", [torch.channels_last, torch.contiguous_format])
-def test_sibling_pointwise_convolutions_are_the_modules_outputs_and_gradients(layout):
+@pytest.mark.parametrize("out_channels", [(3, 12), (1,), (3, 12, 5)])
+def test_sibling_pointwise_convolutions_are_the_modules_outputs_and_gradients(layout, out_channels):
     torch.manual_seed(3)
-    convs = [nn.Conv2d(8, 3, 1), nn.Conv2d(8, 12, 1)]
+    convs = [nn.Conv2d(8, channels, 1) for channels in out_channels]
     x = torch.randn(2, 8, 5, 7).contiguous(memory_format=layout).requires_grad_()
     x_theirs = x.detach().clone().requires_grad_()
     ours = convolve_siblings(convs, x)
@@ -213,6 +214,31 @@ def test_sibling_pointwise_convolutions_are_the_modules_outputs_and_gradients(la
     for mine, expected in zip(ours + ours_grads, theirs + theirs_grads, strict=True):
         assert mine.shape == expected.shape
         _assert_rounding_level(mine, expected)
+
+
+@pytest.mark.parametrize("out_channels", [(3, 12), (4, 12), (3, 12, 5)])
+def test_sibling_product_padding_changes_no_bit(monkeypatch, out_channels):
+    """The stacked weights padded to ``_GEMM_OUTPUT_MULTIPLE`` rows give the unpadded product's
+    outputs and gradients bit for bit (sums of 15 (the RPN head's), 16 (no padding) and 20 output
+    channels; a single one is a matrix-vector product unpadded, equal at rounding level only: the
+    test against the modules covers it)."""
+    torch.manual_seed(4)
+    convs = [nn.Conv2d(32, channels, 1) for channels in out_channels]
+    x = convolution_layout(torch.randn(2, 32, 9, 13))
+
+    def outputs_and_gradients():
+        source = x.clone().requires_grad_()
+        for conv in convs:
+            conv.zero_grad(set_to_none=True)
+        outputs = convolve_siblings(convs, source)
+        assert [tuple(o.shape) for o in outputs] == [(2, c, 9, 13) for c in out_channels]
+        sum((o * (index + 1)).sum() for index, o in enumerate(outputs)).backward()
+        return [o.detach() for o in outputs] + [source.grad] + [p.grad for conv in convs for p in conv.parameters()]
+
+    padded = outputs_and_gradients()
+    monkeypatch.setattr(fold, "_GEMM_OUTPUT_MULTIPLE", 1)
+    for mine, unpadded in zip(padded, outputs_and_gradients(), strict=True):
+        assert torch.equal(mine, unpadded)
 
 
 def test_siblings_that_are_not_pointwise_run_one_by_one():
