@@ -19,6 +19,7 @@ from tritondet.detector.backbone import backbone_features, build_backbone
 from tritondet.detector.faster_rcnn import convolution_layout
 from tritondet.detector.fold import (
     convolution_weights,
+    convolve,
     convolve_siblings,
     foldable,
     lay_out,
@@ -193,6 +194,104 @@ def test_laying_out_keeps_an_existing_gradient_in_step():
     lay_out(conv.weight, torch.channels_last)
     assert conv.weight.grad.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(conv.weight.grad, grad)
+
+
+def _packings(conv: nn.Conv2d) -> dict:
+    """The input shapes ``conv`` holds a oneDNN-packed weight for, with the packings."""
+    packed = fold._PACKED.get(conv)
+    return {} if packed is None else dict(packed[1])
+
+
+def _plain_convolution(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """``F.conv2d`` on the weight ``convolve`` uses (cached, channels-last): the bits to equal."""
+    weight, bias = convolution_weights(conv)
+    return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+@pytest.mark.skipif(not fold._ONEDNN_PACKING, reason="this PyTorch build has no packed oneDNN convolution")
+@pytest.mark.parametrize(
+    ("conv", "input_shape"),
+    [
+        (nn.Conv2d(16, 24, 3, padding=1), (2, 16, 13, 17)),
+        (nn.Conv2d(3, 8, 7, stride=2, padding=3, bias=False), (2, 3, 33, 21)),
+        (nn.Conv2d(16, 16, 3, stride=2, padding=1, dilation=1), (3, 16, 9, 11)),
+        (nn.Conv2d(16, 8, 3, padding=2, dilation=2, groups=2), (2, 16, 10, 12)),
+    ],
+    ids=["3x3", "7x7-stride2-nobias", "3x3-stride2", "dilated-grouped"],
+)
+def test_prepacked_convolutions_give_the_bits_of_conv2d(conv, input_shape):
+    """Convolutions PyTorch runs by oneDNN run on a weight packed once per input shape: the same
+    values bit for bit and layout as ``F.conv2d``, the packing reused until the shape changes."""
+    torch.manual_seed(5)
+    conv = conv.requires_grad_(False)
+    x = convolution_layout(torch.randn(input_shape))
+    with torch.no_grad():
+        out = convolve(conv, x)
+        packing = _packings(conv)[tuple(x.shape)]
+        again = convolve(conv, x)
+    assert _packings(conv)[tuple(x.shape)] is packing
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(out, _plain_convolution(conv, x)) and torch.equal(again, out)
+
+
+@pytest.mark.skipif(not fold._ONEDNN_PACKING, reason="this PyTorch build has no packed oneDNN convolution")
+@pytest.mark.filterwarnings("ignore:TF32 acceleration")  # torch.backends.mkldnn.flags on a CPU-only build
+def test_convolutions_pytorch_runs_natively_or_under_autograd_are_not_packed():
+    """Where PyTorch would not use oneDNN (a 1x1 convolution on one thread, a small single image, oneDNN
+    switched off) or autograd records the call, the convolution is ``F.conv2d`` itself."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cases = [
+            (nn.Conv2d(16, 8, 1), (2, 16, 9, 11)),  # PyTorch's native 1x1 kernel on one thread
+            (nn.Conv2d(16, 8, 3, padding=1), (1, 16, 5, 7)),  # one small image: its native kernel
+        ]
+        for conv, shape in cases:
+            conv.requires_grad_(False)
+            x = convolution_layout(torch.randn(shape))
+            with torch.no_grad():
+                assert torch.equal(convolve(conv, x), _plain_convolution(conv, x))
+            assert not _packings(conv)
+    finally:
+        torch.set_num_threads(threads)
+    conv = nn.Conv2d(16, 8, 3, padding=1).requires_grad_(False)
+    x = convolution_layout(torch.randn(2, 16, 9, 11))
+    with torch.no_grad(), torch.backends.mkldnn.flags(enabled=False):
+        assert torch.equal(convolve(conv, x), _plain_convolution(conv, x))
+    assert not _packings(conv)
+    source = x.clone().requires_grad_()
+    convolve(conv, source).square().sum().backward()  # a frozen convolution inside a trained network
+    expected = x.clone().requires_grad_()
+    _plain_convolution(conv, expected).square().sum().backward()
+    assert not _packings(conv) and torch.equal(source.grad, expected.grad)
+
+
+@pytest.mark.skipif(not fold._ONEDNN_PACKING, reason="this PyTorch build has no packed oneDNN convolution")
+def test_packings_follow_the_weights_and_keep_the_latest_shapes():
+    torch.manual_seed(6)
+    conv = nn.Conv2d(8, 8, 3, padding=1).requires_grad_(False)
+    shapes = [(2, 8, 6 + size, 7) for size in range(fold._PACKED_SHAPES + 2)]
+    with torch.no_grad():
+        for shape in shapes:
+            x = convolution_layout(torch.randn(shape))
+            assert torch.equal(convolve(conv, x), _plain_convolution(conv, x))
+        assert list(_packings(conv)) == shapes[-fold._PACKED_SHAPES :]  # the oldest two dropped
+        conv.weight.mul_(-2)  # any change of the weight makes a new cached weight, packed afresh
+        assert torch.equal(convolve(conv, x), _plain_convolution(conv, x))
+        assert list(_packings(conv)) == [shapes[-1]]
+
+
+def test_the_packed_backbone_gives_the_unpacked_backbones_bits(monkeypatch):
+    """The ``tiny`` FPN backbone at inference: the same feature maps with packing on and off."""
+    backbone = _backbone()
+    images = _images()
+    with torch.no_grad():
+        packed = backbone_features(backbone, images)
+        assert any(_packings(conv) for conv in backbone.modules() if isinstance(conv, nn.Conv2d))
+        monkeypatch.setattr(fold, "_ONEDNN_PACKING", False)
+        unpacked = backbone_features(backbone, images)
+    for name, features in unpacked.items():
+        assert torch.equal(packed[name], features), name
 
 
 @pytest.mark.parametrize("layout", [torch.channels_last, torch.contiguous_format])

@@ -17,6 +17,8 @@ is gone and the result differs only by rounding. The modules and their state dic
   convolution then reorders no weight per call) until a source tensor changes: the cache is keyed
   on every source's storage, ``_version`` (bumped by ``load_state_dict``, optimizer steps and any
   in-place write), device and dtype. A plain convolution's weight is cached in that layout the same way.
+  Where PyTorch runs the convolution by oneDNN, that weight is also packed once per input shape into
+  the blocked layout oneDNN reads (:func:`_prepacked_convolution`: the same bits, no reorder per call).
 
 :func:`run_layers` runs a ``nn.Sequential`` (or torchvision's ``IntermediateLayerGetter``) of
 torchvision ResNet stages, blocks, convolutions and norms so; :func:`run_fpn` runs torchvision's
@@ -37,6 +39,23 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 # conv module -> (key of its sources, weight, bias); an entry dies with its module.
 _CACHE: weakref.WeakKeyDictionary[nn.Conv2d, tuple[tuple, Tensor, Tensor | None]] = weakref.WeakKeyDictionary()
+# conv module -> (its cached weight, that weight packed by oneDNN per input shape, most recent last).
+_PACKED: weakref.WeakKeyDictionary[nn.Conv2d, tuple[Tensor, OrderedDict[tuple[int, ...], Tensor]]] = (
+    weakref.WeakKeyDictionary()
+)
+# Input shapes a convolution keeps a packed weight for: the RPN head's convolution runs on every FPN
+# level (5) of a batch; one more shape than this drops the least recently used packing.
+_PACKED_SHAPES = 8
+# PyTorch's own ops for a convolution by oneDNN on a weight packed ahead (what Inductor's frozen CPU
+# graphs call); absent from some builds, where every convolution runs by F.conv2d.
+_ONEDNN_PACKING = all(
+    hasattr(namespace, name)
+    for namespace, name in (
+        (torch.ops.mkldnn, "_convolution_pointwise"),
+        (torch._C._nn, "mkldnn_reorder_conv2d_weight"),
+        (torch._C, "_select_conv_backend"),
+    )
+)
 
 
 def convolution_memory_format(device: torch.device) -> torch.memory_format:
@@ -114,7 +133,50 @@ def convolve(conv: nn.Conv2d, x: Tensor, norm: nn.Module | None = None) -> Tenso
     if norm is not None and not foldable(norm):
         return norm(convolve(conv, x))
     weight, bias = convolution_weights(conv, norm)
+    out = _prepacked_convolution(conv, x, weight, bias)
+    if out is not None:
+        return out
     return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+def _prepacked_convolution(conv: nn.Conv2d, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | None:
+    """``F.conv2d(x, weight, bias, ...)`` by oneDNN on ``weight`` (the cached ``[C_out, C_in, k, k]`` of
+    :func:`convolution_weights`) packed ahead into the blocked layout its kernel reads for ``x``'s
+    shape, the packing kept until the weight changes (per input shape, :data:`_PACKED_SHAPES` of
+    them). ``F.conv2d`` reorders the weight into that layout on every call (29 reorders, ~11 ms of
+    ``small_cpu``'s 430 ms inference on one thread); this gives its bits (the same oneDNN primitive).
+    None where the convolution is to run by ``F.conv2d``: autograd records it, ``x`` is not a
+    channels-last fp32 CPU map, or PyTorch would not run it by oneDNN (its native 1x1, small or
+    single-image kernels: other sums)."""
+    if not _ONEDNN_PACKING or torch.compiler.is_compiling() or (torch.is_grad_enabled() and x.requires_grad):
+        return None
+    cached = _CACHE.get(conv)
+    if cached is None or cached[1] is not weight or weight.requires_grad:
+        return None
+    if not (x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous(memory_format=torch.channels_last)):
+        return None
+    padding, stride, dilation = list(conv.padding), list(conv.stride), list(conv.dilation)
+    backend = torch._C._select_conv_backend(
+        x, weight, bias, stride, padding, dilation, False, [0, 0], conv.groups, None
+    )
+    if backend != torch._C._ConvBackend.Mkldnn:
+        return None
+    packed = _PACKED.get(conv)
+    if packed is None or packed[0] is not weight:
+        packed = _PACKED[conv] = (weight, OrderedDict())
+    packings, shape = packed[1], tuple(x.shape)
+    if shape in packings:
+        packings.move_to_end(shape)
+    else:
+        onednn_weight = weight.to_mkldnn()
+        packings[shape] = torch._C._nn.mkldnn_reorder_conv2d_weight(
+            onednn_weight, padding, stride, dilation, conv.groups, list(shape)
+        )
+        if len(packings) > _PACKED_SHAPES:
+            packings.popitem(last=False)
+    return torch.ops.mkldnn._convolution_pointwise(
+        x, packings[shape], bias, padding, stride, dilation, conv.groups, "none", [], ""
+    )
 
 
 def _pointwise(conv: nn.Conv2d) -> bool:
