@@ -279,6 +279,14 @@ def test_packings_follow_the_weights_and_keep_the_latest_shapes():
         conv.weight.mul_(-2)  # any change of the weight makes a new cached weight, packed afresh
         assert torch.equal(convolve(conv, x), _plain_convolution(conv, x))
         assert list(_packings(conv)) == [shapes[-1]]
+    trained = nn.Conv2d(8, 8, 3, padding=1)  # a trained model's weight: channels-last, requiring grad
+    lay_out(trained.weight, torch.channels_last)
+    with torch.no_grad():
+        assert torch.equal(convolve(trained, x), _plain_convolution(trained, x))
+        assert list(_packings(trained)) == [shapes[-1]]
+        assert convolution_weights(trained)[0] is trained.weight  # cached as it is: the parameter itself
+        trained.weight.mul_(-2)  # an optimizer step's in-place write: the same tensor, new values
+        assert torch.equal(convolve(trained, x), _plain_convolution(trained, x))
 
 
 def test_the_packed_backbone_gives_the_unpacked_backbones_bits(monkeypatch):

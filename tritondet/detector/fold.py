@@ -39,8 +39,10 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 # conv module -> (key of its sources, weight, bias); an entry dies with its module.
 _CACHE: weakref.WeakKeyDictionary[nn.Conv2d, tuple[tuple, Tensor, Tensor | None]] = weakref.WeakKeyDictionary()
-# conv module -> (its cached weight, that weight packed by oneDNN per input shape, most recent last).
-_PACKED: weakref.WeakKeyDictionary[nn.Conv2d, tuple[Tensor, OrderedDict[tuple[int, ...], Tensor]]] = (
+# conv module -> (the key of its cached weight in _CACHE, that weight packed by oneDNN per input shape,
+# most recent last). The key, not the weight's identity: a cached weight can be the parameter itself,
+# changed in place.
+_PACKED: weakref.WeakKeyDictionary[nn.Conv2d, tuple[tuple, OrderedDict[tuple[int, ...], Tensor]]] = (
     weakref.WeakKeyDictionary()
 )
 # Input shapes a convolution keeps a packed weight for: the RPN head's convolution runs on every FPN
@@ -148,22 +150,21 @@ def _prepacked_convolution(conv: nn.Conv2d, x: Tensor, weight: Tensor, bias: Ten
     None where the convolution is to run by ``F.conv2d``: autograd records it, ``x`` is not a
     channels-last fp32 CPU map, or PyTorch would not run it by oneDNN (its native 1x1, small or
     single-image kernels: other sums)."""
-    if not _ONEDNN_PACKING or torch.compiler.is_compiling() or (torch.is_grad_enabled() and x.requires_grad):
+    recorded = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
+    if not _ONEDNN_PACKING or torch.compiler.is_compiling() or recorded:
         return None
     cached = _CACHE.get(conv)
-    if cached is None or cached[1] is not weight or weight.requires_grad:
+    if cached is None or cached[1] is not weight:  # the weight of this call is not the cached one
         return None
     if not (x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous(memory_format=torch.channels_last)):
         return None
     padding, stride, dilation = list(conv.padding), list(conv.stride), list(conv.dilation)
-    backend = torch._C._select_conv_backend(
-        x, weight, bias, stride, padding, dilation, False, [0, 0], conv.groups, None
-    )
+    backend = torch._C._select_conv_backend(x, weight, bias, stride, padding, dilation, False, [0, 0], conv.groups)
     if backend != torch._C._ConvBackend.Mkldnn:
         return None
     packed = _PACKED.get(conv)
-    if packed is None or packed[0] is not weight:
-        packed = _PACKED[conv] = (weight, OrderedDict())
+    if packed is None or packed[0] != cached[0]:  # the cache's key: every source's storage and version
+        packed = _PACKED[conv] = (cached[0], OrderedDict())
     packings, shape = packed[1], tuple(x.shape)
     if shape in packings:
         packings.move_to_end(shape)
